@@ -1,0 +1,4 @@
+from services.auth.app import build
+from services.core.server import run
+
+run("auth", build)

@@ -1,0 +1,1 @@
+"""Cache service: response cache for deterministic requests and rate-limit counters."""

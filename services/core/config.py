@@ -1,0 +1,143 @@
+"""Typed settings from PARLEY_* environment variables.
+
+Each service declares a frozen dataclass whose fields have laptop-friendly defaults; `load()` reads
+`PARLEY_<FIELD>` for each field, converts it to the field's type and checks its bounds. A bad value
+stops start-up with a message that names the variable, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+PREFIX = "PARLEY_"
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+def setting(default: Any, *, min: float | None = None, max: float | None = None,
+            choices: tuple[str, ...] | None = None, secret: bool = False, help: str = "") -> Any:
+    """A settings field with bounds. `secret` fields are never printed."""
+    meta = {"min": min, "max": max, "choices": choices, "secret": secret, "help": help}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed; use a tuple")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def _convert(raw: str, kind: Any, name: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if raw == "":
+            return None
+        return _convert(raw, args[0], name)
+    if origin is tuple:
+        (item,) = typing.get_args(kind)[:1]
+        return tuple(_convert(part.strip(), item, name) for part in raw.split(",") if part.strip())
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{name}={raw!r}: expected true or false")
+    if kind is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+    if kind is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a number") from None
+    if kind is Path:
+        return Path(raw).expanduser()
+    if kind is str:
+        return raw
+    raise TypeError(f"unsupported settings type {kind!r} for {name}")
+
+
+def _check(value: Any, field: dataclasses.Field, name: str) -> None:
+    meta = field.metadata
+    shown = "(secret)" if meta.get("secret") else repr(value)
+    if meta.get("min") is not None and value is not None and value < meta["min"]:
+        raise ConfigError(f"{name}={shown}: must be at least {meta['min']}")
+    if meta.get("max") is not None and value is not None and value > meta["max"]:
+        raise ConfigError(f"{name}={shown}: must be at most {meta['max']}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{name}={shown}: expected one of {', '.join(choices)}")
+
+
+def load(cls: type[T], env: Mapping[str, str] | None = None) -> T:
+    """Builds `cls` from the environment, raising ConfigError on the first bad value."""
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = env_name(field.name)
+        if name in env:
+            value = _convert(env[name], hints[field.name], name)
+        else:
+            value = field.default
+        _check(value, field, name)
+        values[field.name] = value
+    settings = cls(**values)
+    validate = getattr(settings, "validate", None)
+    if validate is not None:
+        validate()
+    return settings
+
+
+def describe(settings: Any) -> dict[str, Any]:
+    """The settings as a dict for a start-up log line, with secrets masked."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if field.metadata.get("secret"):
+            value = "***" if value else ""
+        elif isinstance(value, Path):
+            value = str(value)
+        out[field.name] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonSettings:
+    """Settings every service reads: where to listen, where the others are, logging."""
+
+    host: str = setting("127.0.0.1", help="address to bind gRPC servers to")
+    auth_port: int = setting(50051, min=0, max=65535)
+    session_port: int = setting(50052, min=0, max=65535)
+    cache_port: int = setting(50053, min=0, max=65535)
+    inference_port: int = setting(50054, min=0, max=65535)
+    # Where to reach each service; empty means 127.0.0.1:<its port>.
+    auth_target: str = setting("")
+    session_target: str = setting("")
+    cache_target: str = setting("")
+    inference_target: str = setting("")
+    data_dir: Path = setting(Path(".parley"), help="where SQLite files and keys live")
+    log_level: str = setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    shutdown_grace_seconds: float = setting(10.0, min=0)
+
+    def port_of(self, service: str) -> int:
+        return int(getattr(self, f"{service}_port"))
+
+    def target_of(self, service: str) -> str:
+        return getattr(self, f"{service}_target") or f"127.0.0.1:{self.port_of(service)}"

@@ -1,0 +1,77 @@
+"""The one place exceptions become gRPC statuses.
+
+Handlers raise domain exceptions (core.errors); this interceptor aborts the call with the precise
+code and message. Anything else is a bug: it is logged once with its traceback and the caller gets
+INTERNAL without internals. ResourceExhausted.retry_after travels as `retry-after` metadata, which
+Envoy turns into a Retry-After header.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from services.core.errors import ParleyError, status_of
+
+log = logging.getLogger("parley.rpc")
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    """Aborts the call for `exc` (always raises)."""
+    code, message = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("unhandled error in %s", method, exc_info=exc, extra={"fields": {"method": method}})
+    retry_after = getattr(exc, "retry_after", None) if isinstance(exc, ParleyError) else None
+    if retry_after is not None:
+        context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(retry_after)))),))
+    await context.abort(code, message)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status right here
+            await abort_with(context, exc, method)
+
+    return handler
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status right here
+            await abort_with(context, exc, method)
+
+    return handler
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method), **codec)
+        return handler  # client-streaming methods: none in Parley's contracts

@@ -1,0 +1,1 @@
+"""The Envoy gateway: its configuration is generated here from one source (envoy_config.py)."""

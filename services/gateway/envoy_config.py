@@ -1,0 +1,299 @@
+"""Generates Envoy's configuration — the same generator serves `make run`, the tests and the
+Kubernetes ConfigMap; only the settings differ.
+
+    python -m services.gateway.envoy_config --out build/envoy.yaml
+
+What the config does:
+- grpc_json_transcoder: REST/JSON <-> gRPC from the descriptor set, snake_case JSON, every scalar
+  printed, server streams as SSE, gRPC errors as JSON bodies with the matching HTTP status, and 404
+  for a path no RPC binds.
+- CORS for PARLEY_CORS_ORIGINS; same-origin only when it is empty.
+- routes by gRPC method: streaming RPCs have no timeout, unary ones a bounded one. Internal services
+  (credential verification, response cache, rate limits) are not routed at all.
+- GET /healthz: 200 only when every upstream answers grpc.health.v1 SERVING; 503 naming the others.
+- active gRPC health checks of each upstream, a JSON access log on stdout, admin on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from services.core import config
+from services.core.config import setting
+
+SERVICES = ("auth", "session", "cache", "inference")
+
+# gRPC services the gateway exposes (REST and native gRPC); internal ones are deliberately absent.
+PUBLIC_SERVICES = {
+    "auth": ("parley.auth.v1.AuthService",),
+    "session": ("parley.session.v1.SessionService",),
+    "cache": ("parley.cache.v1.CacheService",),
+    "inference": ("parley.inference.v1.InferenceService",),
+}
+
+# Server-streaming methods: they may run as long as generation does.
+STREAMING_METHODS = {
+    "session": ("/parley.session.v1.SessionService/Chat",),
+    "inference": (
+        "/parley.inference.v1.InferenceService/Generate",
+        "/parley.inference.v1.InferenceService/CreateChatCompletion",
+    ),
+}
+
+UNARY_TIMEOUT = {"auth": "30s", "session": "30s", "cache": "10s", "inference": "600s"}  # loads are slow
+
+# Local replies (Envoy's own 404/503/504…) get the same JSON shape as transcoded gRPC errors.
+LOCAL_REPLY_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 429: 8, 503: 14, 504: 4}
+
+HEALTHZ_LUA = """
+local CLUSTERS = {%s}
+-- A grpc.health.v1 HealthCheckRequest for the whole server: an empty message, gRPC-framed.
+local REQUEST = "\\0\\0\\0\\0\\0"
+function envoy_on_request(handle)
+  if handle:headers():get(":path") ~= "/healthz" then
+    return
+  end
+  local unhealthy = {}
+  for _, cluster in ipairs(CLUSTERS) do
+    local headers, body = handle:httpCall(cluster, {
+      [":method"] = "POST",
+      [":path"] = "/grpc.health.v1.Health/Check",
+      [":authority"] = cluster,
+      ["content-type"] = "application/grpc",
+      ["te"] = "trailers",
+    }, REQUEST, 1000)
+    -- SERVING is status = 1: the message bytes 0x08 0x01 at the end of the frame.
+    if headers == nil or headers[":status"] ~= "200" or body == nil or string.sub(body, -2) ~= "\\8\\1" then
+      table.insert(unhealthy, '"' .. cluster .. '"')
+    end
+  end
+  if #unhealthy == 0 then
+    handle:respond({[":status"] = "200", ["content-type"] = "application/json", ["cache-control"] = "no-store"},
+      '{"status":"SERVING"}')
+  else
+    handle:respond({[":status"] = "503", ["content-type"] = "application/json", ["cache-control"] = "no-store"},
+      '{"status":"NOT_SERVING","unhealthy":[' .. table.concat(unhealthy, ",") .. ']}')
+  end
+end
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySettings:
+    http_host: str = setting("127.0.0.1", help="address Envoy listens on")
+    http_port: int = setting(8080, min=0, max=65535)
+    admin_port: int = setting(9901, min=0, max=65535, help="Envoy admin, always on 127.0.0.1")
+    cors_origins: tuple[str, ...] = setting((), help="comma-separated origins allowed by CORS")
+    descriptor_path: Path = setting(Path("build/parley.pb"))
+    health_check_interval_seconds: float = setting(2.0, min=0.1)
+
+
+def _cluster(name: str, target: str, interval: float) -> dict[str, Any]:
+    host, _, port = target.rpartition(":")
+    return {
+        "name": name,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_ONLY",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}]}
+            ],
+        },
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": f"{interval}s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "no_traffic_interval": f"{interval}s",
+                "grpc_health_check": {},
+            }
+        ],
+    }
+
+
+def _routes() -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = [
+        # Answered by the Lua filter before routing; the route only has to exist.
+        {"match": {"path": "/healthz"}, "route": {"cluster": "auth"}},
+    ]
+    for service, paths in STREAMING_METHODS.items():
+        for path in paths:
+            routes.append({"match": {"path": path}, "route": {"cluster": service, "timeout": "0s"}})
+    for service, names in PUBLIC_SERVICES.items():
+        for name in names:
+            routes.append(
+                {"match": {"prefix": f"/{name}/"}, "route": {"cluster": service, "timeout": UNARY_TIMEOUT[service]}}
+            )
+    return routes
+
+
+def _cors(origins: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"exact": origin} for origin in origins],
+        "allow_methods": "GET, POST, PATCH, DELETE, OPTIONS",
+        "allow_headers": "authorization, content-type, x-request-id, traceparent, tracestate, x-grpc-web, grpc-timeout",
+        "expose_headers": "retry-after, x-request-id, x-parley-cache, grpc-status, grpc-message",
+        "max_age": "600",
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    not_healthz = {
+        "header_filter": {"header": {"name": ":path", "string_match": {"exact": "/healthz"}, "invert_match": True}}
+    }
+    mappers = []
+    for http_status, grpc_code in LOCAL_REPLY_GRPC_CODES.items():
+        mappers.append(
+            {
+                "filter": {
+                    "and_filter": {
+                        "filters": [
+                            {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": http_status, "runtime_key": f"parley.local_reply.{http_status}"}}}},
+                            not_healthz,
+                        ]
+                    }
+                },
+                "body_format_override": {
+                    "json_format": {"code": grpc_code, "message": "%LOCAL_REPLY_BODY%"},
+                    "content_type": "application/json",
+                },
+            }
+        )
+    return {"mappers": mappers}
+
+
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS%",
+    "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "bytes_sent": "%BYTES_SENT%",
+    "upstream": "%UPSTREAM_CLUSTER%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "user_agent": "%REQ(USER-AGENT)%",
+    "service": "gateway",
+}
+
+
+def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
+    descriptor = str(gateway.descriptor_path.resolve())
+    lua = HEALTHZ_LUA % ", ".join(f'"{s}"' for s in SERVICES)
+    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": _routes()}
+    if gateway.cors_origins:
+        virtual_host["typed_per_filter_config"] = {"envoy.filters.http.cors": _cors(gateway.cors_origins)}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "parley",
+        "codec_type": "AUTO",
+        "generate_request_id": True,
+        # Without this a client waits ~1 s for the close when an upstream dies mid-stream.
+        "delayed_close_timeout": "0s",
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                },
+            }
+        ],
+        "local_reply_config": _local_reply_config(),
+        "route_config": {"name": "parley", "virtual_hosts": [virtual_host]},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.cors",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+            },
+            {
+                "name": "envoy.filters.http.lua",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": lua},
+                },
+            },
+            {
+                "name": "envoy.filters.http.grpc_json_transcoder",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                    "proto_descriptor": descriptor,
+                    "services": [name for names in PUBLIC_SERVICES.values() for name in names],
+                    "print_options": {
+                        "add_whitespace": False,
+                        "always_print_primitive_fields": True,
+                        "always_print_enums_as_ints": False,
+                        "preserve_proto_field_names": True,
+                        "stream_sse_style_delimited": True,
+                    },
+                    "convert_grpc_status": True,
+                    "case_insensitive_enum_parsing": True,
+                    "request_validation_options": {"reject_unknown_method": True},
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": gateway.admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "http",
+                    "address": {"socket_address": {"address": gateway.http_host, "port_value": gateway.http_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                _cluster(s, common.target_of(s), gateway.health_check_interval_seconds) for s in SERVICES
+            ],
+        },
+    }
+
+
+def render(gateway: GatewaySettings, common: config.CommonSettings) -> str:
+    # JSON is valid YAML; no YAML library needed.
+    return json.dumps(build(gateway, common), indent=2) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    try:
+        text = render(config.load(GatewaySettings), config.load(config.CommonSettings))
+    except config.ConfigError as exc:
+        raise SystemExit(f"gateway: configuration error: {exc}") from None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

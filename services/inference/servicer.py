@@ -1,0 +1,155 @@
+"""gRPC <-> domain translation for the inference service. Behaviour lives in service.py,
+registry.py and the engines; this file only converts messages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.api import httpbody_pb2
+from parley.inference.v1 import inference_pb2 as pb
+from parley.inference.v1 import inference_pb2_grpc
+
+from services.core.errors import InvalidArgument
+from services.inference import openai_compat
+from services.inference.engines.base import Usage
+from services.inference.hardware import Hardware, choose
+from services.inference.registry import ModelRecord, ModelRegistry
+from services.inference.service import GenerationService, SamplingInput
+
+STATES = {
+    "available": pb.MODEL_STATE_AVAILABLE,
+    "loading": pb.MODEL_STATE_LOADING,
+    "ready": pb.MODEL_STATE_READY,
+    "failed": pb.MODEL_STATE_FAILED,
+}
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
+
+
+def model_pb(record: ModelRecord) -> pb.Model:
+    entry = record.entry
+    fingerprint = entry.fingerprint()
+    created = int(fingerprint.rsplit("-", 1)[1]) if fingerprint else 0
+    context = record.engine.context_length if record.engine else (entry.context_length or 0)
+    return pb.Model(
+        id=entry.id, object="model", created=created, owned_by=entry.owned_by, state=STATES[record.state],
+        engine=record.settings.engine if record.settings else entry.engine, source=entry.source,
+        context_length=context, memory_mib=record.memory_mib, error=record.error, fingerprint=fingerprint,
+    )
+
+
+def usage_pb(usage: Usage | None) -> pb.Usage:
+    usage = usage or Usage()
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens, cached_prompt_tokens=usage.cached_prompt_tokens,
+        time_to_first_token_ms=usage.time_to_first_token_ms,
+    )
+
+
+def sampling_input(params: pb.SamplingParams) -> SamplingInput:
+    has = params.HasField
+    return SamplingInput(
+        temperature=params.temperature if has("temperature") else None,
+        top_p=params.top_p if has("top_p") else None,
+        top_k=params.top_k if has("top_k") else None,
+        repetition_penalty=params.repetition_penalty if has("repetition_penalty") else None,
+        seed=params.seed if has("seed") else None,
+        max_tokens=params.max_tokens if has("max_tokens") else None,
+        stop=list(params.stop),
+    )
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    return context.time_remaining()
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, registry: ModelRegistry, generation: GenerationService, hardware: Hardware) -> None:
+        self.registry = registry
+        self.generation = generation
+        self.hardware = hardware
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        records = sorted(self.registry.records.values(), key=lambda r: r.entry.id)
+        return pb.ListModelsResponse(object="list", data=[model_pb(r) for r in records])
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+        return model_pb(self.registry.get(request.id))
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+        return model_pb(await self.registry.load(request.id))
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+        return model_pb(await self.registry.unload(request.id))
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        stream = self.generation.generate(
+            request.model, messages, request.prompt, sampling_input(request.sampling), _timeout(context)
+        )
+        async for _, chunk in stream:
+            if chunk.finish_reason is None:
+                yield pb.GenerateResponse(text=chunk.text)
+            else:
+                yield pb.GenerateResponse(text=chunk.text, finish_reason=FINISH[chunk.finish_reason], usage=usage_pb(chunk.usage))
+
+    async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        total, per_message, context_length = await self.generation.count_tokens(request.model, messages)
+        return pb.CountTokensResponse(total_tokens=total, message_tokens=per_message, context_length=context_length)
+
+    async def CreateChatCompletion(
+        self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        body = request.http_body
+        if body.content_type and "json" not in body.content_type:
+            raise InvalidArgument(f"expected an application/json body, got {body.content_type}")
+        req = openai_compat.parse_request(body.data)
+        stream = self.generation.generate(req.model, req.messages, "", req.sampling, _timeout(context))
+        writer: openai_compat.CompletionWriter | None = None
+        parts: list[str] = []
+        async for record, chunk in stream:
+            if writer is None:
+                writer = openai_compat.CompletionWriter(record.entry.id, record.entry.fingerprint())
+                if req.stream:
+                    # The first message fixes the HTTP content type of the whole response.
+                    yield _sse(writer.chunk({"role": "assistant", "content": ""}, include_usage=req.include_usage))
+            if req.stream:
+                if chunk.text:
+                    yield _sse(writer.chunk({"content": chunk.text}, include_usage=req.include_usage))
+                if chunk.finish_reason is not None:
+                    yield _sse(writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage))
+                    if req.include_usage:
+                        yield _sse(writer.usage_chunk(chunk.usage))
+                    yield _sse(writer.DONE)
+            else:
+                parts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    yield httpbody_pb2.HttpBody(
+                        content_type="application/json",
+                        data=writer.complete("".join(parts), chunk.finish_reason, chunk.usage),
+                    )
+
+    async def GetHardware(self, request: pb.GetHardwareRequest, context: grpc.aio.ServicerContext) -> pb.GetHardwareResponse:
+        hw = self.hardware
+        chosen = choose(hw, self.registry.settings, self.registry.get(self.registry.settings.default_model).entry.engine)
+        return pb.GetHardwareResponse(
+            detected=pb.HardwareInfo(
+                physical_cores=hw.physical_cores, logical_cpus=hw.logical_cpus,
+                total_memory_mib=hw.total_memory_mib, available_memory_mib=hw.available_memory_mib,
+                cuda_devices=[pb.CudaDevice(index=d.index, name=d.name, total_memory_mib=d.total_memory_mib,
+                                            free_memory_mib=d.free_memory_mib) for d in hw.cuda_devices],
+                mps_available=hw.mps_available, llama_gpu_offload=hw.llama_gpu_offload,
+                torch_available=hw.torch_available,
+            ),
+            chosen=pb.EngineSettings(
+                engine=chosen.engine, device=chosen.device, threads=chosen.threads, gpu_layers=chosen.gpu_layers,
+                dtype=chosen.dtype, quantization=chosen.quantization, context_length=chosen.context_length,
+                parallel_slots=chosen.parallel_slots, reasons=chosen.reasons,
+            ),
+        )
+
+
+def _sse(data: bytes) -> httpbody_pb2.HttpBody:
+    return httpbody_pb2.HttpBody(content_type="text/event-stream", data=data)

@@ -1,0 +1,32 @@
+"""The inference service's settings (PARLEY_* environment variables)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from services.core.config import ConfigError, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    models_file: Path | None = setting(None, help="JSON catalogue of models; default: the bundled model")
+    default_model: str = setting("smollm2-135m-instruct")
+    engine: str = setting("auto", choices=("auto", "llama.cpp", "torch"))
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:N or mps")
+    threads: int = setting(0, min=0, help="CPU threads per engine; 0 = physical cores")
+    gpu_layers: int | None = setting(None, min=-1, help="llama.cpp layers on the GPU; -1 = all")
+    dtype: str = setting("auto", choices=("auto", "float32", "float16", "bfloat16"))
+    quantization: str = setting("none", choices=("none", "8bit", "4bit"))
+    context_length: int = setting(4096, min=128, help="context window per slot, in tokens")
+    parallel_slots: int = setting(0, min=0, help="concurrent generations per model; 0 = auto")
+    queue_depth: int = setting(16, min=0, help="requests that may wait for a slot before 429")
+    memory_budget_mib: int = setting(0, min=0, help="memory for loaded models; 0 = 75% of what is free")
+    keep_alive_seconds: float = setting(1800.0, min=0, help="idle time before a model unloads; 0 = never")
+    max_tokens: int = setting(1024, min=1, help="default max_tokens when a request sets none")
+    preload: bool = setting(True, help="load the default model at start-up (health waits for it)")
+    request_timeout_seconds: float = setting(600.0, min=1, help="deadline when the caller sets none")
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"PARLEY_DEVICE={self.device!r}: expected auto, cpu, cuda, cuda:N or mps")

@@ -1,0 +1,1 @@
+"""Session service: saved conversations and the streaming chat turn."""

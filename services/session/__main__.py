@@ -1,0 +1,4 @@
+from services.core.server import run
+from services.session.app import build
+
+run("session", build)

