@@ -11,6 +11,7 @@ What the config does:
 - routes by gRPC method: streaming RPCs have no timeout, unary ones a bounded one. Internal services
   (credential verification, response cache, rate limits) are not routed at all.
 - GET /healthz: 200 only when every upstream answers grpc.health.v1 SERVING; 503 naming the others.
+- errors on the OpenAI-compatible paths are rewritten into OpenAI's {"error": {...}} JSON.
 - active gRPC health checks of each upstream, a JSON access log on stdout, admin on loopback only.
 """
 
@@ -49,14 +50,16 @@ UNARY_TIMEOUT = {"auth": "30s", "session": "30s", "cache": "10s", "inference": "
 # Local replies (Envoy's own 404/503/504…) get the same JSON shape as transcoded gRPC errors.
 LOCAL_REPLY_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 429: 8, 503: 14, 504: 4}
 
-HEALTHZ_LUA = """
+GATEWAY_LUA = """
 local CLUSTERS = {%s}
 -- A grpc.health.v1 HealthCheckRequest for the whole server: an empty message, gRPC-framed.
-local REQUEST = "\\0\\0\\0\\0\\0"
-function envoy_on_request(handle)
-  if handle:headers():get(":path") ~= "/healthz" then
-    return
-  end
+local HEALTH_REQUEST = "\\0\\0\\0\\0\\0"
+-- OpenAI error types by HTTP status, for the OpenAI-compatible paths.
+local OPENAI_TYPES = {["400"] = "invalid_request_error", ["401"] = "authentication_error",
+  ["403"] = "permission_error", ["404"] = "not_found_error", ["409"] = "conflict_error",
+  ["429"] = "rate_limit_error"}
+
+local function healthz(handle)
   local unhealthy = {}
   for _, cluster in ipairs(CLUSTERS) do
     local headers, body = handle:httpCall(cluster, {
@@ -65,19 +68,61 @@ function envoy_on_request(handle)
       [":authority"] = cluster,
       ["content-type"] = "application/grpc",
       ["te"] = "trailers",
-    }, REQUEST, 1000)
+    }, HEALTH_REQUEST, 1000)
     -- SERVING is status = 1: the message bytes 0x08 0x01 at the end of the frame.
     if headers == nil or headers[":status"] ~= "200" or body == nil or string.sub(body, -2) ~= "\\8\\1" then
       table.insert(unhealthy, '"' .. cluster .. '"')
     end
   end
+  local headers = {["content-type"] = "application/json", ["cache-control"] = "no-store"}
   if #unhealthy == 0 then
-    handle:respond({[":status"] = "200", ["content-type"] = "application/json", ["cache-control"] = "no-store"},
-      '{"status":"SERVING"}')
+    headers[":status"] = "200"
+    handle:respond(headers, '{"status":"SERVING"}')
   else
-    handle:respond({[":status"] = "503", ["content-type"] = "application/json", ["cache-control"] = "no-store"},
-      '{"status":"NOT_SERVING","unhealthy":[' .. table.concat(unhealthy, ",") .. ']}')
+    headers[":status"] = "503"
+    handle:respond(headers, '{"status":"NOT_SERVING","unhealthy":[' .. table.concat(unhealthy, ",") .. ']}')
   end
+end
+
+function envoy_on_request(handle)
+  local path = handle:headers():get(":path") or ""
+  if path == "/healthz" then
+    healthz(handle)
+  elseif string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1 then
+    handle:streamInfo():dynamicMetadata():set("parley", "openai", "1")
+  end
+end
+
+-- Errors on OpenAI-compatible paths take OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+-- Only error responses are buffered; successful streams pass untouched.
+function envoy_on_response(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get("parley")
+  if meta == nil or meta["openai"] ~= "1" then
+    return
+  end
+  local status = handle:headers():get(":status") or "200"
+  if tonumber(status) < 400 then
+    return
+  end
+  local body = handle:body()
+  local text = body and body:getBytes(0, body:length()) or ""
+  local message = '"request failed"'
+  local start = string.find(text, '"message":', 1, true)
+  if start then
+    local rest = string.sub(text, start + 10)
+    local stop = string.find(rest, ',"details":', 1, true)
+    if stop then
+      message = string.sub(rest, 1, stop - 1)
+    else
+      message = (string.gsub(rest, "}%%s*$", ""))
+    end
+  end
+  local kind = OPENAI_TYPES[status] or "server_error"
+  local rewritten = '{"error":{"message":' .. message .. ',"type":"' .. kind .. '","param":null,"code":"' .. kind .. '"}}'
+  if body then
+    body:setBytes(rewritten)
+  end
+  handle:headers():replace("content-type", "application/json")
 end
 """
 
@@ -194,7 +239,7 @@ ACCESS_LOG_FORMAT = {
 
 def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
     descriptor = str(gateway.descriptor_path.resolve())
-    lua = HEALTHZ_LUA % ", ".join(f'"{s}"' for s in SERVICES)
+    lua = GATEWAY_LUA % ", ".join(f'"{s}"' for s in SERVICES)
     virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": _routes()}
     if gateway.cors_origins:
         virtual_host["typed_per_filter_config"] = {"envoy.filters.http.cors": _cors(gateway.cors_origins)}

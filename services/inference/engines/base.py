@@ -166,8 +166,8 @@ class Engine(ABC):
 
     @abstractmethod
     def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling, threads: int) -> Iterator[int]:
-        """Evaluates `prompt` in `slot` (reusing what the slot holds) and yields sampled tokens.
-        Must leave slot.tokens equal to what its state holds when it stops."""
+        """Evaluates `prompt` in `slot` and yields sampled tokens. It reuses what the slot holds
+        unless slot.tokens is empty, and leaves slot.tokens equal to what its state holds."""
 
     def prompt_tokens(self, messages: Sequence[dict[str, str]] | None, prompt: str | None) -> list[int]:
         text = self._render(messages) if messages else (prompt or "")
@@ -213,6 +213,10 @@ class Engine(ABC):
         with self._active_lock:
             self._active += 1
         try:
+            if sampling.seed is not None:
+                # A seed promises repeatable output, and logits from a cached prefix differ in the
+                # last bits from a fresh prefill: seeded requests always evaluate the whole prompt.
+                slot.tokens = []
             reused = max(0, min(common_prefix(slot.tokens, prompt), len(prompt) - 1))
             usage = Usage(prompt_tokens=len(prompt), cached_prompt_tokens=reused)
             matcher = StopMatcher(sampling.stop)

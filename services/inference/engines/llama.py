@@ -9,6 +9,7 @@ which is what makes the scheduler's prefix-affinity pay off.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator, Sequence
 
 from services.core.errors import InvalidArgument
@@ -120,8 +121,9 @@ class LlamaCppEngine(Engine):
     def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling, threads: int) -> Iterator[int]:
         llm = slot.state
         self._llama_cpp.llama_set_n_threads(llm.ctx, threads, self.settings.threads)
-        if sampling.seed is not None:
-            llm.set_seed(sampling.seed)
+        if not slot.tokens:
+            llm.reset()
+        llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
         try:
             yield from llm.generate(
                 prompt,

@@ -1,0 +1,215 @@
+"""The inference service through Envoy with the real bundled model: the official openai SDK,
+OpenAI's error shape, the native Generate stream, queue-full, cancellation and context overflow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+from parley.inference.v1 import inference_pb2 as pb
+from parley.inference.v1 import inference_pb2_grpc
+
+from services.stack import Stack
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused-until-auth", max_retries=0)
+
+
+def test_openai_sdk_lists_models(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert MODEL in [m.id for m in models.data]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_openai_sdk_non_streaming_completion(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=16, temperature=0,
+    )
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens > 0
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+
+def test_openai_sdk_streaming_completion_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}],
+        max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 3 and text.strip()
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_streaming_is_incremental_and_ends_with_done(base_url: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "max_tokens": 60, "stream": True, "temperature": 0}
+    arrivals = []
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append((time.monotonic(), line[6:]))
+    assert arrivals[-1][1] == "[DONE]"
+    assert arrivals[-2][1] != "[DONE]" and json.loads(arrivals[-2][1])["choices"][0]["finish_reason"] is not None
+    assert len(arrivals) > 20
+    assert arrivals[-1][0] - arrivals[0][0] > 0.1  # ~60 tokens came over time, not in one burst
+
+
+def test_stop_sequences_as_string_or_list(client: openai.OpenAI) -> None:
+    for stop in ("3", ["3", "three"]):
+        completion = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Count from 1 to 5 with digits, comma separated."}],
+            max_tokens=40, temperature=0, stop=stop,
+        )
+        assert "3" not in completion.choices[0].message.content
+
+
+def test_seeded_sampling_is_repeatable(client: openai.OpenAI) -> None:
+    def ask() -> str:
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Write a word."}], max_tokens=10,
+            temperature=1.0, seed=1234,
+        ).choices[0].message.content
+
+    assert ask() == ask()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "nope"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400, "stop"),
+    ],
+)
+def test_errors_come_back_in_openai_shape(base_url: str, body: dict, status: int, words: str) -> None:
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert words in error["message"]
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+def test_invalid_json_body_is_400(base_url: str) -> None:
+    response = httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "JSON" in response.json()["error"]["message"]
+
+
+def test_openai_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+
+
+def test_prompt_longer_than_context_is_400_with_both_counts(base_url: str) -> None:
+    long = "word " * 3000  # the shared stack runs a 2048-token context
+    response = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": long}]})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "2048" in message and "context window" in message
+    prompt_tokens = int(message.split("the prompt is ")[1].split(" tokens")[0])
+    assert prompt_tokens > 2048
+
+
+def test_native_generate_stream_over_grpc(stack: Stack) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        request = pb.GenerateRequest(
+            model=MODEL, messages=[pb.ChatMessage(role="user", content="Say hello")],
+            sampling=pb.SamplingParams(max_tokens=8, temperature=0),
+        )
+        replies = list(stub.Generate(request, timeout=60))
+    assert replies[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert replies[-1].usage.completion_tokens == (8 if replies[-1].finish_reason == pb.FINISH_REASON_LENGTH else replies[-1].usage.completion_tokens)
+    assert replies[-1].usage.time_to_first_token_ms > 0
+    assert "".join(r.text for r in replies).strip()
+
+
+def test_native_generate_sse_through_envoy(base_url: str) -> None:
+    events = []
+    with httpx.stream("POST", f"{base_url}/v1/models/{MODEL}:generate",
+                      json={"messages": [{"role": "user", "content": "Hi"}], "sampling": {"max_tokens": 5}}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP")
+    assert events[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_bad_sampling_parameter_over_grpc_is_invalid_argument(stack: Stack) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        request = pb.GenerateRequest(model=MODEL, prompt="x", sampling=pb.SamplingParams(top_p=1.5))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(request, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_p" in info.value.details()
+
+
+async def _long_stream(base_url: str, results: list, max_tokens: int = 300) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": max_tokens,
+            "stream": True, "temperature": 0.8}
+    async with httpx.AsyncClient(timeout=120) as http:
+        async with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                results.append((response.status_code, response.headers.get("retry-after"), response.json()))
+                return
+            async for _ in response.aiter_lines():
+                pass
+            results.append((200, None, None))
+
+
+async def test_queue_full_is_429_with_retry_after(base_url: str) -> None:
+    # Two slots and a queue of two: of six simultaneous long requests, some must be refused.
+    results: list = []
+    await asyncio.gather(*(_long_stream(base_url, results, max_tokens=120) for _ in range(6)))
+    refused = [r for r in results if r[0] == 429]
+    assert refused, results
+    assert all(r[1] is not None and int(r[1]) >= 1 for r in refused)
+    assert "busy" in refused[0][2]["error"]["message"] and refused[0][2]["error"]["type"] == "rate_limit_error"
+    assert sum(r[0] == 200 for r in results) >= 2
+
+
+async def test_client_disconnect_frees_the_slots(base_url: str) -> None:
+    """Fill both slots and the queue with endless streams, walk away, and the capacity is back at once."""
+
+    async def open_and_abandon() -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+                "max_tokens": 1500, "stream": True, "temperature": 0.9}
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                seen = 0
+                async for line in response.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen >= 3:
+                        break  # closes the connection mid-stream
+
+    await asyncio.gather(open_and_abandon(), open_and_abandon())
+    await asyncio.sleep(0.15)
+    # Both slots must be free again: two more requests start without queueing behind 1500-token stories.
+    started = time.monotonic()
+    results: list = []
+    await asyncio.gather(*(_long_stream(base_url, results, max_tokens=5) for _ in range(4)))
+    assert [r[0] for r in results] == [200] * 4
+    assert time.monotonic() - started < 10
