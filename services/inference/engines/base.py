@@ -95,11 +95,10 @@ class StopMatcher:
     def feed(self, data: bytes) -> str:
         """Returns the text that is safe to emit now."""
         self._pending += self._decoder.decode(data)
-        for stop in self._stop:
-            at = self._pending.find(stop)
-            if at != -1:
-                out, self._pending, self.stopped = self._pending[:at], "", True
-                return out
+        found = [at for at in (self._pending.find(stop) for stop in self._stop) if at != -1]
+        if found:
+            out, self._pending, self.stopped = self._pending[: min(found)], "", True
+            return out
         if self._hold == 0:
             out, self._pending = self._pending, ""
             return out

@@ -1,0 +1,289 @@
+"""AuthStore: users, refresh tokens, API keys and signing keys in one SQLite file (WAL mode).
+
+Methods are synchronous and serialized by a lock on one connection; the async service calls them
+through asyncio.to_thread. The schema is versioned by a `schema_migrations` table: each entry of
+MIGRATIONS runs once, in order, in its own transaction. The file is created mode 0600 because it
+holds private signing keys and password hashes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.core.errors import AlreadyExists
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        username_key TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        roles TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE refresh_tokens (
+        id TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        family_id TEXT NOT NULL,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL,
+        revoked_at REAL
+    );
+    CREATE INDEX refresh_tokens_family ON refresh_tokens(family_id);
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        secret_hash TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        last_used_at REAL,
+        revoked_at REAL
+    );
+    CREATE INDEX api_keys_user ON api_keys(user_id, created_at, id);
+    CREATE TABLE signing_keys (
+        kid TEXT PRIMARY KEY,
+        private_pem TEXT NOT NULL,
+        public_x TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        retired_at REAL,
+        verify_until REAL
+    );
+    """,
+)
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    id: str
+    username: str
+    password_hash: str
+    roles: tuple[str, ...]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RefreshRecord:
+    id: str
+    family_id: str
+    user_id: str
+    expires_at: float
+    used_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    id: str
+    user_id: str
+    name: str
+    prefix: str
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class SigningKeyRecord:
+    kid: str
+    private_pem: str
+    public_x: str
+    created_at: float
+    retired_at: float | None
+    verify_until: float | None
+
+
+def _user(row: sqlite3.Row) -> UserRecord:
+    return UserRecord(row["id"], row["username"], row["password_hash"],
+                      tuple(r for r in row["roles"].split(",") if r), row["created_at"])
+
+
+def _api_key(row: sqlite3.Row) -> ApiKeyRecord:
+    return ApiKeyRecord(row["id"], row["user_id"], row["name"], row["prefix"], row["created_at"],
+                        row["expires_at"], row["last_used_at"], row["revoked_at"])
+
+
+def _signing_key(row: sqlite3.Row) -> SigningKeyRecord:
+    return SigningKeyRecord(row["kid"], row["private_pem"], row["public_x"], row["created_at"],
+                            row["retired_at"], row["verify_until"])
+
+
+class AuthStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE so that concurrent processes (the CLI) queue up."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+            done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
+            for version, script in enumerate(MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                for statement in (s.strip() for s in script.split(";")):
+                    if statement:
+                        db.execute(statement)
+                db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+
+    def schema_version(self) -> int:
+        return int(self._read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0])
+
+    # Users
+
+    def create_user(self, username: str, username_key: str, password_hash: str, roles: tuple[str, ...]) -> UserRecord:
+        user = UserRecord(uuid.uuid4().hex, username, password_hash, roles, time.time())
+        try:
+            with self._tx() as db:
+                db.execute("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?)",
+                           (user.id, username, username_key, password_hash, ",".join(roles), user.created_at))
+        except sqlite3.IntegrityError:
+            raise AlreadyExists("that username is taken") from None
+        return user
+
+    def user_by_key(self, username_key: str) -> UserRecord | None:
+        rows = self._read("SELECT * FROM users WHERE username_key = ?", (username_key,))
+        return _user(rows[0]) if rows else None
+
+    def user_by_id(self, user_id: str) -> UserRecord | None:
+        rows = self._read("SELECT * FROM users WHERE id = ?", (user_id,))
+        return _user(rows[0]) if rows else None
+
+    def set_password_hash(self, user_id: str, password_hash: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
+
+    def set_roles(self, user_id: str, roles: tuple[str, ...]) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE users SET roles = ? WHERE id = ?", (",".join(roles), user_id))
+
+    # Refresh tokens
+
+    def add_refresh_token(self, token_hash: str, family_id: str, user_id: str, expires_at: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                       (uuid.uuid4().hex, token_hash, family_id, user_id, time.time(), expires_at))
+
+    def refresh_token(self, token_hash: str) -> RefreshRecord | None:
+        rows = self._read("SELECT * FROM refresh_tokens WHERE token_hash = ?", (token_hash,))
+        if not rows:
+            return None
+        r = rows[0]
+        return RefreshRecord(r["id"], r["family_id"], r["user_id"], r["expires_at"], r["used_at"], r["revoked_at"])
+
+    def rotate_refresh_token(self, old_id: str, new_hash: str, family_id: str, user_id: str,
+                             expires_at: float) -> bool:
+        """Marks the old token used and stores its successor, atomically. False if the old one was
+        used or revoked meanwhile (a concurrent refresh won: the caller treats this as re-use)."""
+        now = time.time()
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE refresh_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL AND revoked_at IS NULL",
+                (now, old_id))
+            if cursor.rowcount != 1:
+                return False
+            db.execute("INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                       (uuid.uuid4().hex, new_hash, family_id, user_id, now, expires_at))
+        return True
+
+    def revoke_family(self, family_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
+                       (time.time(), family_id))
+
+    def revoke_user_refresh_tokens(self, user_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE refresh_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL",
+                       (time.time(), user_id))
+
+    # API keys
+
+    def add_api_key(self, user_id: str, name: str, prefix: str, secret_hash: str,
+                    expires_at: float | None) -> ApiKeyRecord:
+        key = ApiKeyRecord(uuid.uuid4().hex, user_id, name, prefix, time.time(), expires_at, None, None)
+        with self._tx() as db:
+            db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                       (key.id, user_id, name, prefix, secret_hash, key.created_at, expires_at))
+        return key
+
+    def count_api_keys(self, user_id: str) -> int:
+        return int(self._read("SELECT COUNT(*) FROM api_keys WHERE user_id = ? AND revoked_at IS NULL",
+                              (user_id,))[0][0])
+
+    def list_api_keys(self, user_id: str, after: tuple[float, str] | None, limit: int) -> list[ApiKeyRecord]:
+        created, key_id = after or (-1.0, "")
+        rows = self._read(
+            "SELECT * FROM api_keys WHERE user_id = ? AND revoked_at IS NULL AND (created_at, id) > (?, ?)"
+            " ORDER BY created_at, id LIMIT ?", (user_id, created, key_id, limit))
+        return [_api_key(r) for r in rows]
+
+    def api_key_by_hash(self, secret_hash: str) -> ApiKeyRecord | None:
+        rows = self._read("SELECT * FROM api_keys WHERE secret_hash = ?", (secret_hash,))
+        return _api_key(rows[0]) if rows else None
+
+    def touch_api_key(self, key_id: str, when: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (when, key_id))
+
+    def revoke_api_key(self, user_id: str, key_id: str) -> bool:
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
+                (time.time(), key_id, user_id))
+            return cursor.rowcount == 1
+
+    # Signing keys
+
+    def signing_keys(self) -> list[SigningKeyRecord]:
+        return [_signing_key(r) for r in self._read("SELECT * FROM signing_keys ORDER BY created_at")]
+
+    def add_signing_key(self, kid: str, private_pem: str, public_x: str, retire_after: float) -> None:
+        """Stores a new current key; the previous current key retires and verifies until
+        now + `retire_after` (the longest lifetime of a token it signed). Expired keys are dropped."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE signing_keys SET retired_at = ?, verify_until = ? WHERE retired_at IS NULL",
+                       (now, now + retire_after))
+            db.execute("DELETE FROM signing_keys WHERE verify_until IS NOT NULL AND verify_until < ?", (now,))
+            db.execute("INSERT INTO signing_keys VALUES (?, ?, ?, ?, NULL, NULL)", (kid, private_pem, public_x, now))

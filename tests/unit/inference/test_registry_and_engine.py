@@ -1,0 +1,158 @@
+"""The model registry and the llama.cpp engine in-process, with the real bundled model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from services.core import config
+from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.inference.hardware import probe
+from services.inference.registry import BUNDLED, CatalogueEntry, ModelRegistry
+from services.inference.service import GenerationService, SamplingInput
+from services.inference.settings import InferenceSettings
+
+MODEL = BUNDLED["id"]
+
+
+def make_registry(tmp_path: Path, entries: list[dict] | None = None, **env: str) -> tuple[ModelRegistry, GenerationService]:
+    values = {"PARLEY_PARALLEL_SLOTS": "1", "PARLEY_CONTEXT_LENGTH": "1024", "PARLEY_QUEUE_DEPTH": "0", **env}
+    if entries is not None:
+        path = tmp_path / "models.json"
+        path.write_text(json.dumps(entries))
+        values["PARLEY_MODELS_FILE"] = str(path)
+    settings = config.load(InferenceSettings, values)
+    registry = ModelRegistry(settings, probe())
+    return registry, GenerationService(registry, settings)
+
+
+def copy_of_bundled(tmp_path: Path, name: str) -> dict:
+    target = tmp_path / f"{name}.gguf"
+    shutil.copyfile(CatalogueEntry(**BUNDLED).path(), target)
+    return {"id": name, "source": str(target)}
+
+
+async def collect(generation: GenerationService, model: str, text: str, **sampling) -> tuple[str, object]:
+    parts, last = [], None
+    async for _, chunk in generation.generate(model, [{"role": "user", "content": text}], "", SamplingInput(**sampling)):
+        parts.append(chunk.text)
+        last = chunk
+    return "".join(parts), last
+
+
+async def test_model_loads_on_first_use_and_unloads(tmp_path: Path) -> None:
+    registry, generation = make_registry(tmp_path)
+    assert registry.get(MODEL).state == "available"
+    text, last = await collect(generation, MODEL, "Hi", max_tokens=4, temperature=0)
+    assert registry.get(MODEL).state == "ready" and last.usage.completion_tokens >= 1
+    await registry.unload(MODEL)
+    assert registry.get(MODEL).state == "available" and registry.get(MODEL).engine is None
+    await registry.close()
+
+
+async def test_unknown_and_malformed_models(tmp_path: Path) -> None:
+    registry, generation = make_registry(tmp_path)
+    with pytest.raises(NotFound):
+        await collect(generation, "missing-model", "Hi")
+    with pytest.raises(InvalidArgument):
+        await collect(generation, "../etc/passwd", "Hi")
+
+
+async def test_failed_load_reports_its_reason(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    registry, _ = make_registry(tmp_path, [BUNDLED, {"id": "broken", "source": str(broken)}])
+    with pytest.raises(Unavailable, match="failed to load"):
+        await registry.load("broken")
+    record = registry.get("broken")
+    assert record.state == "failed" and record.error
+
+
+async def test_budget_evicts_the_least_recently_used_idle_model(tmp_path: Path) -> None:
+    entries = [BUNDLED, copy_of_bundled(tmp_path, "second"), copy_of_bundled(tmp_path, "third")]
+    registry, generation = make_registry(tmp_path, entries, PARLEY_MEMORY_BUDGET_MIB="250")
+    await registry.load(MODEL)
+    await registry.load("second")
+    assert registry.get(MODEL).state == "available"  # evicted: the budget holds about one model
+    assert registry.get("second").state == "ready"
+    await registry.close()
+
+
+async def test_budget_refuses_when_every_loaded_model_is_busy(tmp_path: Path) -> None:
+    entries = [BUNDLED, copy_of_bundled(tmp_path, "second")]
+    registry, _ = make_registry(tmp_path, entries, PARLEY_MEMORY_BUDGET_MIB="250")
+    busy = await registry.acquire(MODEL)
+    with pytest.raises(ResourceExhausted, match="PARLEY_MEMORY_BUDGET_MIB"):
+        await registry.load("second")
+    assert registry.get(MODEL).state == "ready"
+    registry.done(busy)
+    await registry.close()
+
+
+async def test_idle_models_unload_after_keep_alive(tmp_path: Path) -> None:
+    registry, _ = make_registry(tmp_path, PARLEY_KEEP_ALIVE_SECONDS="0.4")
+    await registry.load(MODEL)
+    registry.start_reaper()
+    await asyncio.sleep(1.0)
+    assert registry.get(MODEL).state == "available"
+    await registry.close()
+
+
+async def test_next_turn_reuses_the_cached_prefix(tmp_path: Path) -> None:
+    registry, generation = make_registry(tmp_path, PARLEY_PARALLEL_SLOTS="2")
+    chat = [{"role": "user", "content": "Tell me about the sea in one sentence."}]
+    first_text, first = await collect(generation, MODEL, chat[0]["content"], max_tokens=20, temperature=0)
+    chat += [{"role": "assistant", "content": first_text}, {"role": "user", "content": "And the sky?"}]
+    last = None
+    async for _, chunk in generation.generate(MODEL, chat, "", SamplingInput(max_tokens=5, temperature=0)):
+        last = chunk
+    # Everything up to the end of the first prompt (at least) came from the slot's KV cache.
+    assert last.usage.cached_prompt_tokens >= first.usage.prompt_tokens - 1
+    await registry.close()
+
+
+async def test_cancellation_frees_the_slot_within_100_ms(tmp_path: Path) -> None:
+    registry, generation = make_registry(tmp_path)
+    await registry.load(MODEL)
+    pool = registry.get(MODEL).pool
+    received = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in generation.generate(MODEL, [{"role": "user", "content": "Tell a long story."}], "",
+                                           SamplingInput(max_tokens=2000)):
+            received.set()
+
+    task = asyncio.create_task(consume())
+    await received.wait()
+    assert pool.running == 1
+    cancelled_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    while pool.running:
+        await asyncio.sleep(0.001)
+    assert time.monotonic() - cancelled_at < 0.1
+    await registry.close()
+
+
+async def test_count_tokens_matches_the_prompt(tmp_path: Path) -> None:
+    registry, generation = make_registry(tmp_path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    total, per_message, context = await generation.count_tokens(MODEL, messages)
+    assert context == 1024 and len(per_message) == 2 and all(n > 0 for n in per_message)
+    _, last = await collect(generation, MODEL, "x", max_tokens=1)  # warm
+    engine = registry.get(MODEL).engine
+    assert total == len(engine.prompt_tokens(messages, None))
+    await registry.close()
+
+
+def test_catalogue_rejects_bad_entries(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="model id"):
+        make_registry(tmp_path, [{"id": "bad id!", "source": "/x"}, BUNDLED])
+    with pytest.raises(config.ConfigError, match="PARLEY_DEFAULT_MODEL"):
+        make_registry(tmp_path, [{"id": "other", "source": "/x"}])

@@ -1,0 +1,50 @@
+"""Slot choice and admission, with plain Slot objects (no engine)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.core.errors import ResourceExhausted
+from services.inference.engines.base import Slot
+from services.inference.scheduler import SlotPool
+
+
+async def test_prefers_the_slot_holding_the_longest_prefix() -> None:
+    slots = [Slot(0, tokens=[1, 2, 3]), Slot(1, tokens=[1, 2, 3, 4, 5, 6]), Slot(2, tokens=[9])]
+    pool = SlotPool(slots, queue_depth=1)
+    assert (await pool.acquire([1, 2, 3, 4, 5, 6, 7, 8])).index == 1
+    # That slot is busy now: the next best is taken.
+    assert (await pool.acquire([1, 2, 3, 4, 5, 6, 7, 8])).index == 0
+
+
+async def test_ties_go_to_the_least_recently_used_slot() -> None:
+    slots = [Slot(0, last_used=5.0), Slot(1, last_used=1.0), Slot(2, last_used=3.0)]
+    pool = SlotPool(slots, queue_depth=0)
+    assert (await pool.acquire([7])).index == 1
+
+
+async def test_waits_in_a_bounded_queue_then_refuses() -> None:
+    pool = SlotPool([Slot(0)], queue_depth=1)
+    first = await pool.acquire([1])
+    waiter = asyncio.ensure_future(pool.acquire([1]))
+    await asyncio.sleep(0)
+    assert pool.waiting == 1
+    with pytest.raises(ResourceExhausted) as info:
+        await pool.acquire([1])
+    assert info.value.retry_after and "queue depth 1" in info.value.message
+    await pool.release(first)
+    assert (await waiter) is first
+    assert pool.waiting == 0
+
+
+async def test_cancelled_waiter_leaves_the_queue() -> None:
+    pool = SlotPool([Slot(0)], queue_depth=1)
+    await pool.acquire([1])
+    waiter = asyncio.ensure_future(pool.acquire([1]))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pool.waiting == 0
