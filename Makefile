@@ -40,8 +40,10 @@ gen: $(INSTALLED)
 	$(PY) tools/gen.py 2> >(grep -v '^Writing mypy' >&2)
 	touch $(GENERATED)
 
+# `npm ci` trips over the lockfile's optional per-platform buf packages (npm 11); `npm install`
+# honours the same lockfile without that check.
 $(BUF): package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
 run: setup

@@ -1,0 +1,174 @@
+"""transformers causal LMs on CUDA, MPS or CPU.
+
+`source` is a Hugging Face model folder, or a .gguf file that transformers dequantizes (it needs the
+`gguf` package). Nothing is downloaded: loading is local-only. On CUDA, 8-bit or 4-bit weights come
+from bitsandbytes (PARLEY_QUANTIZATION). Each slot keeps its own KV cache (a DynamicCache) and the
+tokens it holds; a new prompt only evaluates what differs from them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from services.inference.engines.base import Engine, EngineError, Sampling, Slot, common_prefix
+
+
+class TorchEngine(Engine):
+    engine_name = "torch"
+
+    def _load(self) -> None:
+        try:
+            import torch
+            import transformers
+        except ImportError as exc:
+            raise EngineError(f"the torch engine needs torch and transformers (pip install -r requirements/torch.txt): {exc}") from exc
+        self._torch = torch
+        transformers.utils.logging.disable_progress_bar()  # JSON logs only
+        path = Path(self.path)
+        if not path.exists():
+            raise EngineError(f"model not found: {path}")
+        source: dict[str, Any] = {"local_files_only": True}
+        folder = path
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise EngineError(f"{path}: the torch engine loads a model folder or a .gguf file")
+            folder, source["gguf_file"] = path.parent, path.name
+        device = self.settings.device
+        dtype = getattr(torch, self.settings.dtype)
+        kwargs: dict[str, Any] = {"dtype": dtype, **source, **self.params.get("torch", {})}
+        if self.settings.quantization:
+            if not device.startswith("cuda"):
+                raise EngineError("8-bit/4-bit quantization needs CUDA (bitsandbytes)")
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_8bit=self.settings.quantization == "8bit",
+                load_in_4bit=self.settings.quantization == "4bit",
+                bnb_4bit_compute_dtype=dtype,
+            )
+            kwargs["device_map"] = device
+        if device == "cpu":
+            torch.set_num_threads(self.settings.threads)
+        try:
+            self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), **source)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise EngineError(f"transformers could not load {path}: {exc}") from exc
+        if not self.settings.quantization:
+            model = model.to(device)
+        self._model = model.eval()
+        self._device = device
+        trained = getattr(model.config, "max_position_embeddings", None) or self.settings.context_length
+        self.context_length = min(self.settings.context_length, int(trained))
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self._tokenizer.eos_token_id is not None:
+            eos_ids.add(self._tokenizer.eos_token_id)
+        self._eos = eos_ids
+        self._byte_decoder = _byte_decoder(self._tokenizer)
+        self._params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) // 2**20
+        self.slots = [Slot(index=i) for i in range(self.settings.parallel_slots)]
+
+    def _close(self) -> None:
+        self._model = None
+        super()._close()
+        if getattr(self, "_torch", None) is not None and self._device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+    def memory_mib(self) -> int:
+        return self._params_mib + 64 * len(self.slots) if self.slots else 0
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "dtype": self.settings.dtype, "quantization": self.settings.quantization}
+
+    def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self._tokenizer.chat_template is None:
+            raise EngineError(f"model {self.model_id} has no chat template; send a raw prompt instead")
+        return self._tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _tokenize(self, text: str) -> list[int]:
+        # The chat template already wrote any BOS it wants.
+        return list(self._tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _detokenize(self, token: int) -> bytes:
+        piece = self._tokenizer.convert_ids_to_tokens(token)
+        if self._byte_decoder is not None and piece and all(c in self._byte_decoder for c in piece):
+            return bytes(self._byte_decoder[c] for c in piece)
+        if piece and piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            return bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
+        if piece and "▁" in piece:
+            return piece.replace("▁", " ").encode()
+        return self._tokenizer.decode([token]).encode()
+
+    def _is_end(self, token: int) -> bool:
+        return token in self._eos
+
+    def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling, threads: int) -> Iterator[int]:
+        torch = self._torch
+        from transformers import DynamicCache, LogitsProcessorList
+        from transformers.generation.logits_process import (
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        cache = slot.state
+        reuse = min(common_prefix(slot.tokens, prompt), len(prompt) - 1) if slot.tokens else 0
+        if cache is not None and reuse > 0:
+            held = cache.get_seq_length()
+            if held > reuse:
+                cache.crop(reuse - held)  # transformers 5: a negative count of tokens to drop
+        else:
+            cache, reuse = DynamicCache(), 0
+        evaluated = list(prompt[:reuse])
+        processors = LogitsProcessorList()
+        if sampling.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+        if sampling.temperature > 0:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k > 0:
+                processors.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                processors.append(TopPLogitsWarper(sampling.top_p))
+        generator = torch.Generator(device=self._device if self._device != "mps" else "cpu")
+        generator.manual_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
+        pending = prompt[reuse:]
+        try:
+            with torch.inference_mode():
+                while True:
+                    ids = torch.tensor([pending], device=self._device)
+                    out = self._model(input_ids=ids, past_key_values=cache, use_cache=True)
+                    cache = out.past_key_values
+                    evaluated.extend(pending)
+                    history = torch.tensor([evaluated], device=self._device)
+                    scores = processors(history, out.logits[:, -1, :].float())
+                    if sampling.temperature > 0:
+                        probs = torch.softmax(scores, dim=-1)
+                        token = int(torch.multinomial(probs.cpu() if self._device == "mps" else probs, 1,
+                                                      generator=generator)[0, 0])
+                    else:
+                        token = int(torch.argmax(scores, dim=-1)[0])
+                    yield token
+                    pending = [token]
+        finally:
+            slot.state, slot.tokens = cache, evaluated
+
+
+def _byte_decoder(tokenizer: Any) -> dict[str, int] | None:
+    """GPT-2 style byte-level BPE maps bytes to printable characters; this is the inverse map."""
+    vocab = tokenizer.get_vocab()
+    if not any(piece.startswith("Ġ") for piece in vocab):
+        return None
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
