@@ -213,3 +213,35 @@ async def test_client_disconnect_frees_the_slots(base_url: str) -> None:
     await asyncio.gather(*(_long_stream(base_url, results, max_tokens=5) for _ in range(4)))
     assert [r[0] for r in results] == [200] * 4
     assert time.monotonic() - started < 10
+
+
+def test_grpc_deadline_is_honoured_and_frees_the_slot(stack: Stack) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        request = pb.GenerateRequest(model=MODEL, messages=[pb.ChatMessage(role="user", content="Tell a long story")],
+                                     sampling=pb.SamplingParams(max_tokens=1500))
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(request, timeout=0.5))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 2
+        # Both slots are usable again right away.
+        quick = pb.GenerateRequest(model=MODEL, prompt="Hi", sampling=pb.SamplingParams(max_tokens=2))
+        for _ in range(2):
+            assert list(stub.Generate(quick, timeout=30))[-1].usage.completion_tokens >= 1
+
+
+def test_load_and_unload_through_rest(base_url: str) -> None:
+    unloaded = httpx.post(f"{base_url}/v1/models/{MODEL}:unload", json={}, timeout=60)
+    assert unloaded.status_code == 200 and unloaded.json()["state"] == "MODEL_STATE_AVAILABLE"
+    assert unloaded.json()["memory_mib"] == 0
+    loaded = httpx.post(f"{base_url}/v1/models/{MODEL}:load", json={}, timeout=120)
+    assert loaded.status_code == 200 and loaded.json()["state"] == "MODEL_STATE_READY"
+    assert loaded.json()["memory_mib"] > 50
+    assert httpx.post(f"{base_url}/v1/models/nope:load", json={}).status_code == 404
+
+
+def test_hardware_report(base_url: str) -> None:
+    report = httpx.get(f"{base_url}/v1/admin/hardware").json()
+    assert report["detected"]["physical_cores"] >= 1
+    assert report["chosen"]["engine"] == "llama.cpp" and report["chosen"]["reasons"]
