@@ -1,20 +1,56 @@
-"""Wires the auth service's servicers into a ServiceSpec."""
+"""Wires the auth service: settings, store, domain service, servicers and the identity interceptor."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 
+from services.auth.service import AuthService
+from services.auth.servicer import AuthServicer, CredentialServicer
+from services.auth.settings import AuthSettings
+from services.auth.store import AuthStore
+from services.core import config
 from services.core.config import CommonSettings
+from services.core.identity import CredentialVerifier, IdentityInterceptor, IdentitySettings
 from services.core.server import Registration, ServiceSpec
 
+DB_NAME = "auth.db"
 
-class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    """Behaviour arrives with the auth issue; until then every RPC answers UNIMPLEMENTED."""
+log = logging.getLogger("parley.auth")
 
 
-async def build(common: CommonSettings) -> ServiceSpec:
-    name = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+async def build(common: CommonSettings, settings: AuthSettings | None = None,
+                identity_settings: IdentitySettings | None = None) -> ServiceSpec:
+    settings = settings or config.load(AuthSettings)
+    identity_settings = identity_settings or config.load(IdentitySettings)
+    log.info("settings", extra={"fields": {**config.describe(settings), **config.describe(identity_settings)}})
+    store = AuthStore(common.data_dir / DB_NAME)
+    service = AuthService(store, settings, identity_settings)
+    try:
+        await service.start()
+    except BaseException:
+        store.close()
+        raise
+    # The auth service verifies credentials in-process: same checks as every other service, but
+    # keys and API keys come straight from its store, so a revoked key stops working at once.
+    verifier = CredentialVerifier(service.jwks, service.verify_api_key,
+                                  dataclasses.replace(identity_settings, api_key_cache_seconds=0,
+                                                      jwks_refetch_seconds=0))
+
+    async def close() -> None:
+        store.close()
+
+    descriptor = auth_pb2.DESCRIPTOR.services_by_name
     return ServiceSpec(
         name="auth",
-        registrations=[Registration(name, auth_pb2_grpc.add_AuthServiceServicer_to_server, AuthServicer())],
+        registrations=[
+            Registration(descriptor["AuthService"].full_name, auth_pb2_grpc.add_AuthServiceServicer_to_server,
+                         AuthServicer(service)),
+            Registration(descriptor["CredentialService"].full_name,
+                         auth_pb2_grpc.add_CredentialServiceServicer_to_server, CredentialServicer(service)),
+        ],
+        close=close,
+        interceptors=[IdentityInterceptor(verifier)],
     )

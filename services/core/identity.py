@@ -11,10 +11,9 @@ metadata). The credential is either
 Handlers read the caller with `current_identity()`; to call another service on the caller's behalf
 they attach `forward_credentials()` as metadata. Role checks raise PERMISSION_DENIED.
 
-Wiring a service (other than auth):
+Wiring a service (other than auth), inside its async build(common):
 
-    verifier = identity.CredentialVerifier.remote(common)
-    ServiceSpec(..., interceptors=[identity.IdentityInterceptor(verifier)])
+    ServiceSpec(..., interceptors=[identity.interceptor(common, roles={"/pkg.Svc/AdminOnly": ("admin",)})])
 """
 
 from __future__ import annotations
@@ -336,7 +335,8 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
 
         return handler
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]],
+                     method: str) -> Callable[..., AsyncIterator[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 identity = await self._identify(context, method)
@@ -353,3 +353,10 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
                     _current.reset(token)
 
         return handler
+
+
+def interceptor(common: config.CommonSettings, roles: Mapping[str, Collection[str]] | None = None,
+                settings: IdentitySettings | None = None) -> IdentityInterceptor:
+    """The interceptor for a service other than auth: verifies through the auth service at
+    common.auth_target. Call it inside the service's async build() (it opens a gRPC channel)."""
+    return IdentityInterceptor(CredentialVerifier.remote(common, settings), roles=roles)
