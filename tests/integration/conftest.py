@@ -4,12 +4,46 @@ on free loopback ports with a temporary data dir."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services.stack import Stack, free_port
+
+
+ADMIN_PASSWORD = "Shared-Stack-Root-Pw-7"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A signed-in account: its access token and an API key."""
+
+    username: str
+    token: str
+    api_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+def sign_in(base_url: str, username: str, password: str, register: bool = False) -> Caller:
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        path = "/v1/auth/register" if register else "/v1/auth/login"
+        answer = http.post(path, json={"username": username, "password": password})
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["tokens"]["access_token"]
+        key = http.post("/v1/api-keys", json={"name": "tests"}, headers={"authorization": f"Bearer {token}"})
+        assert key.status_code == 200, key.text
+        return Caller(username, token, key.json()["secret"])
 
 
 def stack_env(data_dir: Path, **overrides: str) -> dict[str, str]:
@@ -24,6 +58,7 @@ def stack_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         "PARLEY_ALLOW_REGISTRATION": "true",
         "PARLEY_HEALTH_CHECK_INTERVAL_SECONDS": "0.5",
         "PARLEY_SHUTDOWN_GRACE_SECONDS": "2",
+        "PARLEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
     }
     env.update(overrides)
     return env
@@ -52,6 +87,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture
 def base_url(stack: Stack) -> str:
     return stack.url
+
+
+@pytest.fixture(scope="session")
+def admin(stack: Stack) -> Caller:
+    return sign_in(stack.url, "admin", ADMIN_PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def user(stack: Stack) -> Caller:
+    return sign_in(stack.url, f"user-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
 
 
 def artifacts_dir() -> Path:

@@ -41,11 +41,10 @@ def test_unknown_path_is_a_json_404(base_url: str) -> None:
 
 
 def test_grpc_error_becomes_json_with_http_status(base_url: str) -> None:
-    response = httpx.get(f"{base_url}/v1/models/no-such-model")
-    assert response.status_code == 404
+    response = httpx.get(f"{base_url}/v1/users/me")
+    assert response.status_code == 401
     body = response.json()
-    assert body["code"] == grpc.StatusCode.NOT_FOUND.value[0]
-    assert "no-such-model" in body["message"]
+    assert body["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0] and body["message"]
 
 
 @pytest.mark.parametrize("service", sorted(PUBLIC))

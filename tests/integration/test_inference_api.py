@@ -15,13 +15,15 @@ from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
 from services.stack import Stack
+from tests.integration.conftest import Caller
 
 MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture
-def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused-until-auth", max_retries=0)
+def client(base_url: str, user: Caller) -> openai.OpenAI:
+    # An API key as the SDK's api_key, exactly as an OpenAI user would configure it.
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=user.api_key, max_retries=0)
 
 
 def test_openai_sdk_lists_models(client: openai.OpenAI) -> None:
@@ -55,11 +57,11 @@ def test_openai_sdk_streaming_completion_with_usage(client: openai.OpenAI) -> No
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
-def test_streaming_is_incremental_and_ends_with_done(base_url: str) -> None:
+def test_streaming_is_incremental_and_ends_with_done(base_url: str, user: Caller) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
             "max_tokens": 60, "stream": True, "temperature": 0}
     arrivals = []
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60, headers=user.headers) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("data: "):
@@ -100,16 +102,17 @@ def test_seeded_sampling_is_repeatable(client: openai.OpenAI) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400, "stop"),
     ],
 )
-def test_errors_come_back_in_openai_shape(base_url: str, body: dict, status: int, words: str) -> None:
-    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30)
+def test_errors_come_back_in_openai_shape(base_url: str, user: Caller, body: dict, status: int, words: str) -> None:
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30, headers=user.headers)
     assert response.status_code == status
     error = response.json()["error"]
     assert words in error["message"]
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
 
 
-def test_invalid_json_body_is_400(base_url: str) -> None:
-    response = httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+def test_invalid_json_body_is_400(base_url: str, user: Caller) -> None:
+    response = httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json", **user.headers})
     assert response.status_code == 400
     assert "JSON" in response.json()["error"]["message"]
 
@@ -121,9 +124,10 @@ def test_openai_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
 
 
-def test_prompt_longer_than_context_is_400_with_both_counts(base_url: str) -> None:
+def test_prompt_longer_than_context_is_400_with_both_counts(base_url: str, user: Caller) -> None:
     long = "word " * 3000  # the shared stack runs a 2048-token context
-    response = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": long}]})
+    response = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": long}]},
+                          headers=user.headers)
     assert response.status_code == 400
     message = response.json()["error"]["message"]
     assert "2048" in message and "context window" in message
@@ -131,23 +135,23 @@ def test_prompt_longer_than_context_is_400_with_both_counts(base_url: str) -> No
     assert prompt_tokens > 2048
 
 
-def test_native_generate_stream_over_grpc(stack: Stack) -> None:
+def test_native_generate_stream_over_grpc(stack: Stack, user: Caller) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         request = pb.GenerateRequest(
             model=MODEL, messages=[pb.ChatMessage(role="user", content="Say hello")],
             sampling=pb.SamplingParams(max_tokens=8, temperature=0),
         )
-        replies = list(stub.Generate(request, timeout=60))
+        replies = list(stub.Generate(request, timeout=60, metadata=user.metadata))
     assert replies[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     assert replies[-1].usage.completion_tokens == (8 if replies[-1].finish_reason == pb.FINISH_REASON_LENGTH else replies[-1].usage.completion_tokens)
     assert replies[-1].usage.time_to_first_token_ms > 0
     assert "".join(r.text for r in replies).strip()
 
 
-def test_native_generate_sse_through_envoy(base_url: str) -> None:
+def test_native_generate_sse_through_envoy(base_url: str, user: Caller) -> None:
     events = []
-    with httpx.stream("POST", f"{base_url}/v1/models/{MODEL}:generate",
+    with httpx.stream("POST", f"{base_url}/v1/models/{MODEL}:generate", headers=user.headers,
                       json={"messages": [{"role": "user", "content": "Hi"}], "sampling": {"max_tokens": 5}}) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
@@ -155,20 +159,20 @@ def test_native_generate_sse_through_envoy(base_url: str) -> None:
     assert events[-1]["usage"]["completion_tokens"] >= 1
 
 
-def test_bad_sampling_parameter_over_grpc_is_invalid_argument(stack: Stack) -> None:
+def test_bad_sampling_parameter_over_grpc_is_invalid_argument(stack: Stack, user: Caller) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         request = pb.GenerateRequest(model=MODEL, prompt="x", sampling=pb.SamplingParams(top_p=1.5))
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.Generate(request, timeout=30))
+            list(stub.Generate(request, timeout=30, metadata=user.metadata))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "top_p" in info.value.details()
 
 
-async def _long_stream(base_url: str, results: list, max_tokens: int = 300) -> None:
+async def _long_stream(base_url: str, user: Caller, results: list, max_tokens: int = 300) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": max_tokens,
             "stream": True, "temperature": 0.8}
-    async with httpx.AsyncClient(timeout=120) as http:
+    async with httpx.AsyncClient(timeout=120, headers=user.headers) as http:
         async with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 await response.aread()
@@ -179,10 +183,10 @@ async def _long_stream(base_url: str, results: list, max_tokens: int = 300) -> N
             results.append((200, None, None))
 
 
-async def test_queue_full_is_429_with_retry_after(base_url: str) -> None:
+async def test_queue_full_is_429_with_retry_after(base_url: str, user: Caller) -> None:
     # Two slots and a queue of two: of six simultaneous long requests, some must be refused.
     results: list = []
-    await asyncio.gather(*(_long_stream(base_url, results, max_tokens=120) for _ in range(6)))
+    await asyncio.gather(*(_long_stream(base_url, user, results, max_tokens=120) for _ in range(6)))
     refused = [r for r in results if r[0] == 429]
     assert refused, results
     assert all(r[1] is not None and int(r[1]) >= 1 for r in refused)
@@ -190,13 +194,13 @@ async def test_queue_full_is_429_with_retry_after(base_url: str) -> None:
     assert sum(r[0] == 200 for r in results) >= 2
 
 
-async def test_client_disconnect_frees_the_slots(base_url: str) -> None:
+async def test_client_disconnect_frees_the_slots(base_url: str, user: Caller) -> None:
     """Fill both slots and the queue with endless streams, walk away, and the capacity is back at once."""
 
     async def open_and_abandon() -> None:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
                 "max_tokens": 1500, "stream": True, "temperature": 0.9}
-        async with httpx.AsyncClient(timeout=60) as http:
+        async with httpx.AsyncClient(timeout=60, headers=user.headers) as http:
             async with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
                 assert response.status_code == 200
                 seen = 0
@@ -210,38 +214,50 @@ async def test_client_disconnect_frees_the_slots(base_url: str) -> None:
     # Both slots must be free again: two more requests start without queueing behind 1500-token stories.
     started = time.monotonic()
     results: list = []
-    await asyncio.gather(*(_long_stream(base_url, results, max_tokens=5) for _ in range(4)))
+    await asyncio.gather(*(_long_stream(base_url, user, results, max_tokens=5) for _ in range(4)))
     assert [r[0] for r in results] == [200] * 4
     assert time.monotonic() - started < 10
 
 
-def test_grpc_deadline_is_honoured_and_frees_the_slot(stack: Stack) -> None:
+def test_grpc_deadline_is_honoured_and_frees_the_slot(stack: Stack, user: Caller) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        request = pb.GenerateRequest(model=MODEL, messages=[pb.ChatMessage(role="user", content="Tell a long story")],
-                                     sampling=pb.SamplingParams(max_tokens=1500))
+        # A raw counting prompt at temperature 0 runs far past the deadline instead of ending early.
+        request = pb.GenerateRequest(model=MODEL, prompt="1, 2, 3, 4, 5, 6, 7,",
+                                     sampling=pb.SamplingParams(max_tokens=1500, temperature=0))
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.Generate(request, timeout=0.5))
+            list(stub.Generate(request, timeout=0.5, metadata=user.metadata))
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 2
         # Both slots are usable again right away.
         quick = pb.GenerateRequest(model=MODEL, prompt="Hi", sampling=pb.SamplingParams(max_tokens=2))
         for _ in range(2):
-            assert list(stub.Generate(quick, timeout=30))[-1].usage.completion_tokens >= 1
+            assert list(stub.Generate(quick, timeout=30, metadata=user.metadata))[-1].usage.completion_tokens >= 1
 
 
-def test_load_and_unload_through_rest(base_url: str) -> None:
-    unloaded = httpx.post(f"{base_url}/v1/models/{MODEL}:unload", json={}, timeout=60)
+def test_load_and_unload_through_rest(base_url: str, admin: Caller, user: Caller) -> None:
+    refused = httpx.post(f"{base_url}/v1/models/{MODEL}:unload", json={}, headers=user.headers)
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+    unloaded = httpx.post(f"{base_url}/v1/models/{MODEL}:unload", json={}, timeout=60, headers=admin.headers)
     assert unloaded.status_code == 200 and unloaded.json()["state"] == "MODEL_STATE_AVAILABLE"
     assert unloaded.json()["memory_mib"] == 0
-    loaded = httpx.post(f"{base_url}/v1/models/{MODEL}:load", json={}, timeout=120)
+    loaded = httpx.post(f"{base_url}/v1/models/{MODEL}:load", json={}, timeout=120, headers=admin.headers)
     assert loaded.status_code == 200 and loaded.json()["state"] == "MODEL_STATE_READY"
     assert loaded.json()["memory_mib"] > 50
-    assert httpx.post(f"{base_url}/v1/models/nope:load", json={}).status_code == 404
+    assert httpx.post(f"{base_url}/v1/models/nope:load", json={}, headers=admin.headers).status_code == 404
 
 
-def test_hardware_report(base_url: str) -> None:
-    report = httpx.get(f"{base_url}/v1/admin/hardware").json()
+def test_hardware_report_is_for_admins(base_url: str, admin: Caller, user: Caller) -> None:
+    assert httpx.get(f"{base_url}/v1/admin/hardware", headers=user.headers).status_code == 403
+    report = httpx.get(f"{base_url}/v1/admin/hardware", headers=admin.headers).json()
     assert report["detected"]["physical_cores"] >= 1
     assert report["chosen"]["engine"] == "llama.cpp" and report["chosen"]["reasons"]
+
+
+def test_openai_paths_need_a_credential(base_url: str, client: openai.OpenAI) -> None:
+    response = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    anonymous = openai.OpenAI(base_url=f"{base_url}/v1", api_key="pk-not-a-real-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
