@@ -196,6 +196,8 @@ class ModelRegistry:
             raise ResourceExhausted(f"model {model_id!r} is serving {record.active} request(s); retry later", retry_after=5)
         engine, record.engine, record.pool = record.engine, None, None
         record.state = "available"
+        # A cancelled generation's worker may still be finishing its last token.
+        await asyncio.gather(*(slot.worker for slot in engine.slots if slot.worker is not None), return_exceptions=True)
         await engine.close()
         log.info("model unloaded", extra={"fields": {"model": model_id}})
         return record

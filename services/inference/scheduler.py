@@ -56,7 +56,19 @@ class SlotPool:
             slot.busy = True
             return slot
 
-    async def release(self, slot: Slot) -> None:
+    def release(self, slot: Slot) -> None:
+        """Frees the slot once its worker thread has stopped — never earlier, because a llama.cpp
+        context must not be used by two threads. Synchronous, so a cancelled caller cannot skip it."""
+        worker = slot.worker
+        if worker is not None and not worker.done():
+            worker.add_done_callback(lambda _: self._free(slot))
+        else:
+            self._free(slot)
+
+    def _free(self, slot: Slot) -> None:
+        slot.busy, slot.worker = False, None
+        asyncio.ensure_future(self._wake())
+
+    async def _wake(self) -> None:
         async with self._changed:
-            slot.busy = False
             self._changed.notify()

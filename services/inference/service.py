@@ -114,29 +114,10 @@ class GenerationService:
             except TimeoutError:
                 raise DeadlineExceeded("the deadline passed while waiting for a free generation slot") from None
             try:
-                async for chunk in _until(engine.generate(slot, tokens, sampling, started), deadline):
+                async for chunk in engine.generate(slot, tokens, sampling, started, deadline):
                     yield record, chunk
             finally:
-                await pool.release(slot)
+                pool.release(slot)
         finally:
             self.registry.done(record)
 
-
-async def _until(chunks: AsyncIterator[Chunk], deadline: float) -> AsyncIterator[Chunk]:
-    """Passes chunks through until the deadline, then ends with finish_reason 'cancelled'."""
-    iterator = chunks.__aiter__()
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                chunk = await asyncio.wait_for(iterator.__anext__(), timeout=max(0.001, remaining))
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                yield Chunk(finish_reason="cancelled")
-                return
-            yield chunk
-            if chunk.finish_reason is not None:
-                return
-    finally:
-        await iterator.aclose()  # type: ignore[attr-defined]

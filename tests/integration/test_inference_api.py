@@ -226,10 +226,14 @@ def test_grpc_deadline_is_honoured_and_frees_the_slot(stack: Stack, user: Caller
         request = pb.GenerateRequest(model=MODEL, prompt="1, 2, 3, 4, 5, 6, 7,",
                                      sampling=pb.SamplingParams(max_tokens=1500, temperature=0))
         started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as info:
-            list(stub.Generate(request, timeout=0.5, metadata=user.metadata))
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - started < 2
+        # Either side may act first: the client's deadline fires (DEADLINE_EXCEEDED), or the server,
+        # which sees the same deadline, ends the stream with finish reason CANCELLED.
+        try:
+            replies = list(stub.Generate(request, timeout=0.5, metadata=user.metadata))
+            assert replies[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 1.0
         # Both slots are usable again right away.
         quick = pb.GenerateRequest(model=MODEL, prompt="Hi", sampling=pb.SamplingParams(max_tokens=2))
         for _ in range(2):

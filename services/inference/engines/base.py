@@ -69,6 +69,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # what the state holds
     last_used: float = 0.0
     busy: bool = False
+    worker: "asyncio.Future[None] | None" = None  # the running generation's thread
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -184,8 +185,11 @@ class Engine(ABC):
         return total, per_message
 
     # --- generation ------------------------------------------------------------------------
-    async def generate(self, slot: Slot, prompt: list[int], sampling: Sampling, started: float) -> AsyncIterator[Chunk]:
-        """Streams chunks from `slot`. Cancelling the consumer stops the worker at the next token."""
+    async def generate(self, slot: Slot, prompt: list[int], sampling: Sampling, started: float,
+                       deadline: float | None = None) -> AsyncIterator[Chunk]:
+        """Streams chunks from `slot` until the end, the deadline (finish reason "cancelled") or the
+        consumer's cancellation; either way the worker stops at its next token. `slot.worker` is the
+        worker's future: the slot is not free until it is done (see SlotPool.release)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         cancel = threading.Event()
@@ -193,19 +197,26 @@ class Engine(ABC):
         def emit(item: Chunk | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        worker = loop.run_in_executor(None, self._run, slot, prompt, sampling, started, cancel, emit)
+        slot.worker = loop.run_in_executor(None, self._run, slot, prompt, sampling, started, cancel, emit)
         try:
             while True:
-                item = await queue.get()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=remaining)
+                except TimeoutError:
+                    yield Chunk(finish_reason="cancelled")
+                    return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
                 if item.finish_reason is not None:
-                    break
+                    # The worker has sent its last chunk and is returning: wait for it, so the slot
+                    # is free (and warm) by the time the caller can ask for the next turn.
+                    await asyncio.shield(slot.worker)
+                    yield item
+                    return
+                yield item
         finally:
             cancel.set()
-            # The worker notices within one token; wait so the slot is really free when released.
-            await asyncio.shield(worker)
 
     def _run(self, slot: Slot, prompt: list[int], sampling: Sampling, started: float,
              cancel: threading.Event, emit: Any) -> None:

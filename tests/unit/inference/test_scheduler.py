@@ -34,7 +34,7 @@ async def test_waits_in_a_bounded_queue_then_refuses() -> None:
     with pytest.raises(ResourceExhausted) as info:
         await pool.acquire([1])
     assert info.value.retry_after and "queue depth 1" in info.value.message
-    await pool.release(first)
+    pool.release(first)
     assert (await waiter) is first
     assert pool.waiting == 0
 
@@ -48,3 +48,15 @@ async def test_cancelled_waiter_leaves_the_queue() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert pool.waiting == 0
+
+
+async def test_a_slot_stays_busy_until_its_worker_thread_stops() -> None:
+    pool = SlotPool([Slot(0)], queue_depth=1)
+    slot = await pool.acquire([1])
+    slot.worker = asyncio.get_running_loop().create_future()
+    pool.release(slot)  # the caller is gone, but the worker is still decoding
+    await asyncio.sleep(0.01)
+    assert slot.busy and pool.running == 1
+    slot.worker.set_result(None)
+    await asyncio.sleep(0.01)
+    assert not slot.busy and (await pool.acquire([1])) is slot
