@@ -10,7 +10,6 @@ from google.api import httpbody_pb2
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
-from services.core.errors import InvalidArgument
 from services.inference import openai_compat
 from services.inference.engines.base import Usage
 from services.inference.hardware import Hardware, choose
@@ -102,10 +101,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def CreateChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        body = request.http_body
-        if body.content_type and "json" not in body.content_type:
-            raise InvalidArgument(f"expected an application/json body, got {body.content_type}")
-        req = openai_compat.parse_request(body.data)
+        # Like OpenAI's own API, the body must be JSON whatever content type the client declared.
+        req = openai_compat.parse_request(request.http_body.data)
         stream = self.generation.generate(req.model, req.messages, "", req.sampling, _timeout(context))
         writer: openai_compat.CompletionWriter | None = None
         parts: list[str] = []

@@ -59,6 +59,7 @@ def stack_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         "PARLEY_HEALTH_CHECK_INTERVAL_SECONDS": "0.5",
         "PARLEY_SHUTDOWN_GRACE_SECONDS": "2",
         "PARLEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "PARLEY_API_KEY_CACHE_SECONDS": "1",
     }
     env.update(overrides)
     return env

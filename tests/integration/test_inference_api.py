@@ -265,3 +265,14 @@ def test_openai_paths_need_a_credential(base_url: str, client: openai.OpenAI) ->
     anonymous = openai.OpenAI(base_url=f"{base_url}/v1", api_key="pk-not-a-real-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         anonymous.models.list()
+
+
+def test_api_key_create_use_revoke_through_the_openai_sdk(base_url: str, user: Caller) -> None:
+    created = httpx.post(f"{base_url}/v1/api-keys", json={"name": "sdk"}, headers=user.headers).json()
+    sdk = openai.OpenAI(base_url=f"{base_url}/v1", api_key=created["secret"], max_retries=0)
+    assert MODEL in [m.id for m in sdk.models.list().data]
+    revoked = httpx.delete(f"{base_url}/v1/api-keys/{created['api_key']['id']}", headers=user.headers)
+    assert revoked.status_code == 200
+    time.sleep(1.5)  # the shared stack trusts a verified key for 1 s (PARLEY_API_KEY_CACHE_SECONDS)
+    with pytest.raises(openai.AuthenticationError):
+        sdk.models.list()
