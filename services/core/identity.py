@@ -37,7 +37,7 @@ from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.core import config
 from services.core.config import setting
 from services.core.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
-from services.core.interceptors import abort_with
+from services.core.interceptors import abort_with, rewrap
 
 log = logging.getLogger("parley.identity")
 
@@ -311,15 +311,7 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or self.is_public(method):
             return handler
-        codec = {"request_deserializer": handler.request_deserializer,
-                 "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(handler.unary_unary, method), **codec)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler.unary_stream, method), **codec)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(handler.stream_unary, method), **codec)
-        return grpc.stream_stream_rpc_method_handler(self._wrap_stream(handler.stream_stream, method), **codec)
+        return rewrap(handler, method, self._wrap_unary, self._wrap_stream)
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -56,6 +56,25 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
     return handler
 
 
+Wrap = Callable[[Callable[..., Any], str], Callable[..., Any]]
+
+
+def rewrap(handler: grpc.RpcMethodHandler, method: str, unary: Wrap, stream: Wrap) -> grpc.RpcMethodHandler:
+    """A copy of `handler` whose behaviour is wrapped: `unary` for methods returning one message,
+    `stream` for server-streaming ones. Every Parley interceptor builds its handlers here."""
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, method), **codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream, method), **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary, method), **codec)
+    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream, method), **codec)
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
@@ -65,13 +84,4 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **codec)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method), **codec)
-        return handler  # client-streaming methods: none in Parley's contracts
+        return rewrap(handler, handler_call_details.method, _wrap_unary, _wrap_stream)
