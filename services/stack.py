@@ -149,14 +149,6 @@ class Stack:
                 process.popen.kill()
                 process.popen.wait()
 
-    def restart(self, name: str) -> None:
-        """Stops one process and starts it again with the same settings."""
-        process = next(p for p in self.processes if p.name == name)
-        process.popen.send_signal(signal.SIGTERM)
-        process.popen.wait(timeout=15)
-        self.processes.remove(process)
-        self._spawn(name, [sys.executable, "-m", f"services.{name}"])
-
 
 def main() -> int:
     env = {"PARLEY_ALLOW_REGISTRATION": os.environ.get("PARLEY_ALLOW_REGISTRATION", "true")}

@@ -102,7 +102,8 @@ class GenerationService:
         try:
             engine, pool = record.engine, record.pool
             assert engine is not None and pool is not None
-            tokens = engine.prompt_tokens(messages, prompt)
+            # Template rendering and tokenizing block; keep them off the loop that streams other requests.
+            tokens = await asyncio.to_thread(engine.prompt_tokens, messages, prompt)
             if len(tokens) >= engine.context_length:
                 raise InvalidArgument(
                     f"the prompt is {len(tokens)} tokens but model {record.entry.id!r} has a context window "
