@@ -34,7 +34,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 
-from services.core import config
+from services.core import channels, config
 from services.core.config import setting
 from services.core.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
 from services.core.interceptors import abort_with, rewrap
@@ -163,7 +163,7 @@ class CredentialVerifier:
     def remote(cls, common: config.CommonSettings, settings: IdentitySettings | None = None,
                channel: grpc.aio.Channel | None = None) -> CredentialVerifier:
         """A verifier that asks the auth service (at common.auth_target) for keys and API keys."""
-        channel = channel or grpc.aio.insecure_channel(common.target_of("auth"))
+        channel = channel or channels.open_channel(common, "auth")
         auth = auth_pb2_grpc.AuthServiceStub(channel)
         credentials = auth_pb2_grpc.CredentialServiceStub(channel)
 
