@@ -126,7 +126,8 @@ class ModelRegistry:
         self._reaper: asyncio.Task[None] | None = None
 
     def get(self, model_id: str) -> ModelRecord:
-        record = self.records.get(model_id)
+        """The model with this id; an empty id means the default model."""
+        record = self.records.get(model_id or self.settings.default_model)
         if record is None:
             raise NotFound(f"model {model_id!r} not found; GET /v1/models lists the available models")
         return record
@@ -206,7 +207,7 @@ class ModelRegistry:
         """A ready model, loaded now if needed. The caller must call `done()` when finished."""
         if model_id and not MODEL_ID.match(model_id):
             raise InvalidArgument(f"model id {model_id!r} is malformed")
-        record = self.get(model_id or self.settings.default_model)
+        record = self.get(model_id)
         if record.state != "ready":
             record = await self.load(record.entry.id)
         record.active += 1

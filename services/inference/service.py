@@ -8,12 +8,11 @@ the deadline or the caller's cancellation.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 from services.core.errors import DeadlineExceeded, InvalidArgument
+from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.inference.engines.base import Chunk, Sampling
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
@@ -21,35 +20,9 @@ from services.inference.settings import InferenceSettings
 ROLES = ("system", "user", "assistant")
 
 
-@dataclass(frozen=True)
-class SamplingInput:
-    """Sampling parameters as a caller sent them: None means not set."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    max_tokens: int | None = None
-    stop: Sequence[str] = ()
-
-
 def resolve_sampling(given: SamplingInput, settings: InferenceSettings) -> Sampling:
-    """Applies defaults and rejects out-of-range values with INVALID_ARGUMENT."""
-
-    def check(name: str, value: float | None, low: float, high: float) -> None:
-        if value is not None and (math.isnan(value) or not low <= value <= high):
-            raise InvalidArgument(f"{name} must be between {low} and {high}, got {value}")
-
-    check("temperature", given.temperature, 0.0, 2.0)
-    check("top_p", given.top_p, 0.0, 1.0)
-    check("top_k", given.top_k, 0, 1000)
-    check("repetition_penalty", given.repetition_penalty, 0.5, 2.0)
-    check("max_tokens", given.max_tokens, 1, 1_000_000)
-    if given.top_p is not None and given.top_p == 0.0:
-        raise InvalidArgument("top_p must be greater than 0")
-    if len(given.stop) > 8 or any(not s or len(s) > 256 for s in given.stop):
-        raise InvalidArgument("stop takes at most 8 non-empty sequences of at most 256 characters")
+    """Applies defaults; out-of-range values are rejected with INVALID_ARGUMENT."""
+    validate_sampling(given)
     return Sampling(
         temperature=0.7 if given.temperature is None else given.temperature,
         top_p=1.0 if given.top_p is None else given.top_p,

@@ -10,11 +10,12 @@ from google.api import httpbody_pb2
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
+from services.core import sampling
 from services.inference import openai_compat
 from services.inference.engines.base import Usage
 from services.inference.hardware import Hardware, choose
 from services.inference.registry import ModelRecord, ModelRegistry
-from services.inference.service import GenerationService, SamplingInput
+from services.inference.service import GenerationService
 
 STATES = {
     "available": pb.MODEL_STATE_AVAILABLE,
@@ -46,19 +47,6 @@ def usage_pb(usage: Usage | None) -> pb.Usage:
     )
 
 
-def sampling_input(params: pb.SamplingParams) -> SamplingInput:
-    has = params.HasField
-    return SamplingInput(
-        temperature=params.temperature if has("temperature") else None,
-        top_p=params.top_p if has("top_p") else None,
-        top_k=params.top_k if has("top_k") else None,
-        repetition_penalty=params.repetition_penalty if has("repetition_penalty") else None,
-        seed=params.seed if has("seed") else None,
-        max_tokens=params.max_tokens if has("max_tokens") else None,
-        stop=list(params.stop),
-    )
-
-
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return context.time_remaining()
 
@@ -85,7 +73,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         stream = self.generation.generate(
-            request.model, messages, request.prompt, sampling_input(request.sampling), _timeout(context)
+            request.model, messages, request.prompt, sampling.from_proto(request.sampling), _timeout(context)
         )
         async for _, chunk in stream:
             if chunk.finish_reason is None:
