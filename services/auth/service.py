@@ -61,12 +61,14 @@ class AuthService:
         self.hasher = PasswordHasher(settings.argon2_time_cost, settings.argon2_memory_kib,
                                      settings.argon2_parallelism)
         self.tokens = TokenIssuer(store, identity.jwt_issuer, identity.jwt_audience,
-                                  settings.access_token_ttl_seconds)
+                                  settings.access_token_ttl_seconds, settings.signing_keys_dir)
         self.throttle = LoginThrottle(settings)
 
     async def start(self) -> None:
         """Loads (or creates) the signing keys and creates the admin user if asked to."""
         await asyncio.to_thread(self.tokens.load)
+        source = str(self.tokens.keys_dir) if self.tokens.keys_dir is not None else "store"
+        log.info("signing keys loaded", extra={"fields": {"source": source, "signing_kid": self.tokens.signing_kid}})
         if self.settings.admin_password:
             try:
                 created = await self.create_admin_if_missing(self.settings.admin_password)

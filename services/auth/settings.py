@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from services.core.config import ConfigError, setting
 
@@ -15,6 +16,9 @@ class AuthSettings:
     allow_registration: bool = setting(False, help="let anyone create an account with Register")
     admin_password: str = setting("", secret=True,
                                   help="if set when no `admin` user exists, creates it with the admin role")
+    signing_keys_dir: Path | None = setting(
+        None, help="read-only directory of Ed25519 PEM keys (e.g. a Kubernetes Secret); the file whose name "
+                   "sorts last signs. Unset: keys are made and rotated in the store")
     access_token_ttl_seconds: int = setting(900, min=30, max=86400)
     refresh_token_ttl_seconds: int = setting(30 * 86400, min=60, max=365 * 86400)
     # argon2id: OWASP's baseline (19 MiB, 2 passes, 1 lane). Tests lower these.
