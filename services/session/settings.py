@@ -1,0 +1,21 @@
+"""The session service's settings (PARLEY_* environment variables)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.core.config import setting
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSettings:
+    max_message_chars: int = setting(100_000, min=1, help="longest chat message accepted (the context window decides the rest)")
+    max_system_prompt_chars: int = setting(32_000, min=0)
+    max_title_chars: int = setting(200, min=1)
+    default_page_size: int = setting(50, min=1, max=1000)
+    max_page_size: int = setting(200, min=1, max=1000)
+    answer_reserve_tokens: int = setting(
+        512, min=1, help="context kept free for the answer when the history is trimmed and the turn sets no max_tokens")
+    checkpoint_seconds: float = setting(
+        2.0, min=0.1, help="how often a partial answer is saved while it streams (survives a crash of this service)")
+    inference_timeout_seconds: float = setting(600.0, min=1, help="deadline of one answer's generation")

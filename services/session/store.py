@@ -1,0 +1,234 @@
+"""Where conversations live: the SessionStore interface and its SQLite implementation.
+
+The interface is what the session service needs and nothing more, so a PostgreSQL implementation
+can fill it later (several session replicas need a shared database; SQLite allows one writer
+process). Every method that takes an `owner` only ever sees that owner's rows: a session of someone
+else is NOT_FOUND, exactly as a session that does not exist.
+
+Ordering: sessions newest activity first (update_time, then id, descending); messages oldest first
+(an insertion sequence). Pages continue from a cursor, so rows added meanwhile neither repeat nor
+vanish from later pages.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.core.errors import NotFound
+from services.core.sqlite import Database
+
+ROLE_USER = "user"
+ROLE_ASSISTANT = "assistant"
+STATUS_COMPLETE = "complete"
+STATUS_INCOMPLETE = "incomplete"
+STATUS_ERROR = "error"
+
+# Fields of a session that update_session may change.
+EDITABLE = ("title", "model", "system_prompt", "sampling")
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        title TEXT NOT NULL,
+        model TEXT NOT NULL,
+        system_prompt TEXT NOT NULL,
+        sampling TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX sessions_owner_recent ON sessions(owner, updated_at DESC, id DESC);
+    CREATE TABLE messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        model TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        status TEXT NOT NULL,
+        error TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX messages_session ON messages(session_id, seq);
+    """,
+)
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    id: str
+    owner: str
+    title: str
+    model: str
+    system_prompt: str
+    # Sampling defaults as a JSON object of SamplingParams fields (only those that were set).
+    sampling: Mapping[str, Any]
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    id: str
+    session_id: str
+    role: str
+    content: str
+    model: str
+    status: str
+    created_at: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+    seq: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class SessionCursor:
+    """Where a page of sessions ends."""
+
+    updated_at: float
+    id: str
+
+
+class SessionStore(abc.ABC):
+    @abc.abstractmethod
+    def create_session(self, owner: str, *, title: str, model: str, system_prompt: str,
+                       sampling: Mapping[str, Any]) -> SessionRecord: ...
+
+    @abc.abstractmethod
+    def get_session(self, owner: str, session_id: str) -> SessionRecord: ...
+
+    @abc.abstractmethod
+    def list_sessions(self, owner: str, limit: int, after: SessionCursor | None) -> list[SessionRecord]: ...
+
+    @abc.abstractmethod
+    def update_session(self, owner: str, session_id: str, changes: Mapping[str, Any]) -> SessionRecord: ...
+
+    @abc.abstractmethod
+    def delete_session(self, owner: str, session_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def start_turn(self, owner: str, session_id: str, content: str, model: str, title: str) -> tuple[MessageRecord, MessageRecord]:
+        """Stores the user's message and an empty, incomplete assistant message in one transaction
+        (and `title` if the session has none yet); returns both."""
+
+    @abc.abstractmethod
+    def save_answer(self, message_id: str, *, content: str, status: str, prompt_tokens: int = 0,
+                    completion_tokens: int = 0, error: str = "") -> None:
+        """Overwrites an assistant message with its (partial or final) text and status."""
+
+    @abc.abstractmethod
+    def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+def _session(row: Any) -> SessionRecord:
+    return SessionRecord(row["id"], row["owner"], row["title"], row["model"], row["system_prompt"],
+                         json.loads(row["sampling"]), row["created_at"], row["updated_at"])
+
+
+def _message(row: Any) -> MessageRecord:
+    return MessageRecord(row["id"], row["session_id"], row["role"], row["content"], row["model"], row["status"],
+                         row["created_at"], row["prompt_tokens"], row["completion_tokens"], row["error"], row["seq"])
+
+
+def not_found(session_id: str) -> NotFound:
+    # The same words whether the session never existed or belongs to someone else.
+    return NotFound(f"session {session_id!r} not found")
+
+
+class SqliteSessionStore(SessionStore):
+    def __init__(self, path: Path) -> None:
+        self.db = Database(path, MIGRATIONS)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def create_session(self, owner: str, *, title: str, model: str, system_prompt: str,
+                       sampling: Mapping[str, Any]) -> SessionRecord:
+        now = time.time()
+        record = SessionRecord(uuid.uuid4().hex, owner, title, model, system_prompt, dict(sampling), now, now)
+        with self.db.transaction() as db:
+            db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (record.id, owner, title, model, system_prompt, json.dumps(record.sampling), now, now))
+        return record
+
+    def get_session(self, owner: str, session_id: str) -> SessionRecord:
+        rows = self.db.read("SELECT * FROM sessions WHERE id = ? AND owner = ?", (session_id, owner))
+        if not rows:
+            raise not_found(session_id)
+        return _session(rows[0])
+
+    def list_sessions(self, owner: str, limit: int, after: SessionCursor | None) -> list[SessionRecord]:
+        if after is None:
+            rows = self.db.read("SELECT * FROM sessions WHERE owner = ? ORDER BY updated_at DESC, id DESC LIMIT ?",
+                                (owner, limit))
+        else:
+            rows = self.db.read(
+                "SELECT * FROM sessions WHERE owner = ? AND (updated_at < ? OR (updated_at = ? AND id < ?)) "
+                "ORDER BY updated_at DESC, id DESC LIMIT ?",
+                (owner, after.updated_at, after.updated_at, after.id, limit))
+        return [_session(r) for r in rows]
+
+    def update_session(self, owner: str, session_id: str, changes: Mapping[str, Any]) -> SessionRecord:
+        unknown = set(changes) - set(EDITABLE)
+        if unknown:
+            raise ValueError(f"not editable: {sorted(unknown)}")
+        values = {k: json.dumps(v) if k == "sampling" else v for k, v in changes.items()}
+        with self.db.transaction() as db:
+            assignments = "".join(f"{name} = ?, " for name in values)
+            cursor = db.execute(f"UPDATE sessions SET {assignments}updated_at = ? WHERE id = ? AND owner = ?",
+                                (*values.values(), time.time(), session_id, owner))
+            if cursor.rowcount == 0:
+                raise not_found(session_id)
+        return self.get_session(owner, session_id)
+
+    def delete_session(self, owner: str, session_id: str) -> None:
+        with self.db.transaction() as db:
+            if db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)).rowcount == 0:
+                raise not_found(session_id)
+
+    def start_turn(self, owner: str, session_id: str, content: str, model: str, title: str) -> tuple[MessageRecord, MessageRecord]:
+        now = time.time()
+        user = MessageRecord(uuid.uuid4().hex, session_id, ROLE_USER, content, model, STATUS_COMPLETE, now)
+        # The assistant's row exists from the start, so even a crash mid-answer leaves it (incomplete).
+        assistant = MessageRecord(uuid.uuid4().hex, session_id, ROLE_ASSISTANT, "", model, STATUS_INCOMPLETE, now)
+        with self.db.transaction() as db:
+            cursor = db.execute(
+                "UPDATE sessions SET updated_at = ?, title = CASE WHEN title = '' THEN ? ELSE title END "
+                "WHERE id = ? AND owner = ?", (now, title, session_id, owner))
+            if cursor.rowcount == 0:
+                raise not_found(session_id)
+            for m in (user, assistant):
+                db.execute("INSERT INTO messages (id, session_id, role, content, model, status, created_at) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (m.id, session_id, m.role, m.content, m.model, m.status, now))
+        return user, assistant
+
+    def save_answer(self, message_id: str, *, content: str, status: str, prompt_tokens: int = 0,
+                    completion_tokens: int = 0, error: str = "") -> None:
+        with self.db.transaction() as db:
+            db.execute("UPDATE messages SET content = ?, status = ?, prompt_tokens = ?, completion_tokens = ?, error = ? "
+                       "WHERE id = ?", (content, status, prompt_tokens, completion_tokens, error, message_id))
+
+    def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]:
+        self.get_session(owner, session_id)
+        rows = self.db.read(
+            "SELECT m.* FROM messages m JOIN sessions s ON s.id = m.session_id "
+            "WHERE m.session_id = ? AND s.owner = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
+            (session_id, owner, after_seq, -1 if limit is None else limit))
+        return [_message(r) for r in rows]
+
+    def schema_version(self) -> int:
+        return self.db.schema_version()

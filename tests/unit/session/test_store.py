@@ -1,0 +1,100 @@
+"""SqliteSessionStore: ownership, ordering, paging cursors, turns and migrations, on real SQLite files."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from services.core.errors import NotFound
+from services.session.store import (
+    MIGRATIONS, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, SessionCursor, SqliteSessionStore,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteSessionStore:
+    s = SqliteSessionStore(tmp_path / "session.db")
+    yield s
+    s.close()
+
+
+def new(store: SqliteSessionStore, owner: str = "alice", title: str = "") -> str:
+    return store.create_session(owner, title=title, model="", system_prompt="", sampling={}).id
+
+
+def test_wal_mode_schema_version_and_private_file(tmp_path: Path) -> None:
+    store = SqliteSessionStore(tmp_path / "s.db")
+    assert store.schema_version() == len(MIGRATIONS)
+    store.close()
+    assert (tmp_path / "s.db").stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # Reopening does not re-run migrations (they would fail on existing tables).
+    SqliteSessionStore(tmp_path / "s.db").close()
+
+
+def test_another_owner_gets_not_found_for_everything(store: SqliteSessionStore) -> None:
+    sid = new(store, "alice")
+    store.start_turn("alice", sid, "hello", "m", "hello")
+    for call in (
+        lambda: store.get_session("bob", sid),
+        lambda: store.update_session("bob", sid, {"title": "mine now"}),
+        lambda: store.delete_session("bob", sid),
+        lambda: store.list_messages("bob", sid),
+        lambda: store.start_turn("bob", sid, "hi", "m", "hi"),
+    ):
+        with pytest.raises(NotFound) as caught:
+            call()
+        # Same words as for a session that never existed.
+        assert str(caught.value) == str(NotFound(f"session {sid!r} not found"))
+    assert store.get_session("alice", sid).title == "hello"
+    assert [m.content for m in store.list_messages("alice", sid)] == ["hello", ""]
+    assert store.list_sessions("bob", 10, None) == []
+
+
+def test_sessions_newest_activity_first_with_stable_cursor(store: SqliteSessionStore) -> None:
+    ids = [new(store, title=f"s{i}") for i in range(5)]
+    store.start_turn("alice", ids[1], "bump", "m", "")  # now the most recent
+    first = store.list_sessions("alice", 2, None)
+    assert [s.id for s in first] == [ids[1], ids[4]]
+    rest = store.list_sessions("alice", 10, SessionCursor(first[-1].updated_at, first[-1].id))
+    assert [s.id for s in rest] == [ids[3], ids[2], ids[0]]
+
+
+def test_turn_stores_both_messages_sets_title_once_and_answer_updates(store: SqliteSessionStore) -> None:
+    sid = new(store)
+    user, answer = store.start_turn("alice", sid, "What is 2+2?", "m", "What is 2+2?")
+    assert (user.role, user.status, answer.role, answer.status) == ("user", STATUS_COMPLETE, "assistant", STATUS_INCOMPLETE)
+    store.save_answer(answer.id, content="4", status=STATUS_COMPLETE, prompt_tokens=9, completion_tokens=1)
+    store.start_turn("alice", sid, "and 3+3?", "m", "and 3+3?")
+    assert store.get_session("alice", sid).title == "What is 2+2?"
+    messages = store.list_messages("alice", sid)
+    assert [(m.role, m.content, m.status) for m in messages] == [
+        ("user", "What is 2+2?", STATUS_COMPLETE), ("assistant", "4", STATUS_COMPLETE),
+        ("user", "and 3+3?", STATUS_COMPLETE), ("assistant", "", STATUS_INCOMPLETE)]
+    assert (messages[1].prompt_tokens, messages[1].completion_tokens) == (9, 1)
+    # Paging by sequence.
+    assert [m.content for m in store.list_messages("alice", sid, 2, messages[1].seq)] == ["and 3+3?", ""]
+
+
+def test_update_and_delete_cascade(store: SqliteSessionStore) -> None:
+    sid = new(store)
+    store.start_turn("alice", sid, "hi", "m", "hi")
+    updated = store.update_session("alice", sid, {"title": "Renamed", "sampling": {"temperature": 0.2}})
+    assert (updated.title, dict(updated.sampling)) == ("Renamed", {"temperature": 0.2})
+    store.delete_session("alice", sid)
+    with pytest.raises(NotFound):
+        store.get_session("alice", sid)
+    assert store.db.read("SELECT COUNT(*) FROM messages")[0][0] == 0
+    with pytest.raises(NotFound):
+        store.delete_session("alice", sid)
+
+
+def test_error_answer_keeps_partial_text(store: SqliteSessionStore) -> None:
+    sid = new(store)
+    _, answer = store.start_turn("alice", sid, "tell me", "m", "tell me")
+    store.save_answer(answer.id, content="Once upon", status=STATUS_ERROR, error="UNAVAILABLE: gone")
+    stored = store.list_messages("alice", sid)[-1]
+    assert (stored.content, stored.status, stored.error) == ("Once upon", STATUS_ERROR, "UNAVAILABLE: gone")
