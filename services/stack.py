@@ -106,6 +106,14 @@ class Stack:
              "--log-format", '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","service":"gateway","message":"%j"}'],
         )
 
+    def respawn(self, name: str) -> None:
+        """Starts service `name` again after it died (tests kill one to check what survives)."""
+        process = next(p for p in self.processes if p.name == name)
+        if process.popen.poll() is None:
+            raise StackError(f"{name} is still running")
+        self.processes.remove(process)
+        self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+
     def dead(self) -> Process | None:
         return next((p for p in self.processes if p.popen.poll() is not None), None)
 

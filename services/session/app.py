@@ -1,22 +1,44 @@
-"""Wires the session service's servicers into a ServiceSpec."""
+"""Wires the session service: settings, store, clients of inference and cache, servicer, identity."""
 
 from __future__ import annotations
 
+import logging
+
+from parley.inference.v1 import inference_pb2_grpc
 from parley.session.v1 import session_pb2, session_pb2_grpc
 
-from services.core import identity
+from services.cache.client import CacheClient
+from services.core import channels, config, identity
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
+from services.session.service import SessionService
+from services.session.servicer import SessionServicer
+from services.session.settings import SessionSettings
+from services.session.store import SqliteSessionStore
+
+DB_NAME = "session.db"
+
+log = logging.getLogger("parley.session")
 
 
-class SessionServicer(session_pb2_grpc.SessionServiceServicer):
-    """Behaviour arrives with the session issue; until then every RPC answers UNIMPLEMENTED."""
+async def build(common: CommonSettings, settings: SessionSettings | None = None) -> ServiceSpec:
+    settings = settings or config.load(SessionSettings)
+    log.info("settings", extra={"fields": config.describe(settings)})
+    store = SqliteSessionStore(common.data_dir / DB_NAME)
+    inference_channel = channels.open_channel(common, "inference")
+    cache = CacheClient(common)
+    service = SessionService(store, settings, inference_pb2_grpc.InferenceServiceStub(inference_channel), cache)
 
+    async def close() -> None:
+        await service.close()
+        await cache.close()
+        await inference_channel.close()
+        store.close()
 
-async def build(common: CommonSettings) -> ServiceSpec:
     name = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
     return ServiceSpec(
         name="session",
-        registrations=[Registration(name, session_pb2_grpc.add_SessionServiceServicer_to_server, SessionServicer())],
+        registrations=[Registration(name, session_pb2_grpc.add_SessionServiceServicer_to_server, SessionServicer(service))],
+        close=close,
         interceptors=[identity.interceptor(common)],
     )

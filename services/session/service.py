@@ -1,0 +1,330 @@
+"""Conversations and the chat turn: the session service's behaviour, apart from gRPC translation.
+
+A turn (DESIGN.md's main data path): check ownership and input, resolve the model, trim the
+history to the model's context window (counted by inference with the model's tokenizer), store the
+user's message and an empty assistant message in one transaction, then serve the answer from the
+response cache (deterministic requests only) or stream it from inference. The assistant message is
+saved when the stream ends, however it ends: complete; incomplete with the partial text when the
+client goes away; error with the partial text when inference fails. While it streams, the partial
+text is saved every few seconds, so even a crash of this service keeps most of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from parley.cache.v1 import cache_pb2
+from parley.inference.v1 import inference_pb2, inference_pb2_grpc
+from parley.session.v1 import session_pb2
+
+from services.cache.client import CacheClient
+from services.core import sampling as sampling_rules
+from services.core.errors import Aborted, InvalidArgument, NotFound
+from services.core.identity import Identity, current_identity, forward_credentials
+from services.session import history
+from services.session.settings import SessionSettings
+from services.session.store import (
+    ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord, SessionCursor, SessionRecord,
+    SessionStore,
+)
+
+log = logging.getLogger("parley.session")
+
+# Inference routes a conversation's turns to the replica (and slot) that holds its KV cache by this
+# header (Envoy's ring hash in Kubernetes; the slot pool's prefix affinity in-process).
+AFFINITY_HEADER = "x-parley-session-id"
+SAMPLING_FIELDS = frozenset(f.name for f in inference_pb2.SamplingParams.DESCRIPTOR.fields)
+CONTROL_TIMEOUT_SECONDS = 30.0
+
+
+def sampling_to_dict(params: inference_pb2.SamplingParams) -> dict[str, Any]:
+    return json_format.MessageToDict(params, preserving_proto_field_name=True)
+
+
+def sampling_from_dict(values: Mapping[str, Any]) -> inference_pb2.SamplingParams:
+    return json_format.ParseDict(values, inference_pb2.SamplingParams())
+
+
+def merge_sampling(base: inference_pb2.SamplingParams, override: inference_pb2.SamplingParams) -> inference_pb2.SamplingParams:
+    """`base` with every field that `override` sets (a non-empty stop list replaces the base's)."""
+    merged = inference_pb2.SamplingParams()
+    merged.CopyFrom(base)
+    for descriptor, value in override.ListFields():
+        if descriptor.name == "stop":
+            del merged.stop[:]
+            merged.stop.extend(value)
+        else:
+            setattr(merged, descriptor.name, value)
+    return merged
+
+
+def check_sampling(params: inference_pb2.SamplingParams) -> None:
+    sampling_rules.validate(sampling_rules.from_proto(params))
+
+
+def encode_cursor(kind: str, *values: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps([kind, *values]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str, kind: str) -> list[Any]:
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if not isinstance(decoded, list) or not decoded or decoded[0] != kind:
+            raise ValueError(kind)
+        return decoded[1:]
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument("page_token is not valid here; pass the next_page_token of the previous page") from None
+
+
+class SessionService:
+    def __init__(self, store: SessionStore, settings: SessionSettings,
+                 inference: inference_pb2_grpc.InferenceServiceStub, cache: CacheClient) -> None:
+        self.store = store
+        self.settings = settings
+        self.inference = inference
+        self.cache = cache
+        # Sessions with a turn under way (one process owns the SQLite file; see store.py for more).
+        self._running: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # Checks shared by create, update and chat
+
+    def _page_size(self, requested: int) -> int:
+        if requested < 0:
+            raise InvalidArgument("page_size must not be negative")
+        return min(requested or self.settings.default_page_size, self.settings.max_page_size)
+
+    def _check_text(self, name: str, value: str, limit: int) -> None:
+        if len(value) > limit:
+            raise InvalidArgument(f"{name} is {len(value)} characters; the limit is {limit}")
+
+    async def _check_model(self, model: str, who: Identity) -> None:
+        if not model:
+            return
+        try:
+            await self.inference.GetModel(inference_pb2.GetModelRequest(id=model), metadata=forward_credentials(who),
+                                          timeout=CONTROL_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise InvalidArgument(f"unknown model {model!r}; GET /v1/models lists the available models") from None
+            raise
+
+    async def _check_fields(self, fields: Mapping[str, Any], who: Identity) -> None:
+        if "title" in fields:
+            self._check_text("title", fields["title"], self.settings.max_title_chars)
+        if "system_prompt" in fields:
+            self._check_text("system_prompt", fields["system_prompt"], self.settings.max_system_prompt_chars)
+        if "sampling" in fields:
+            check_sampling(sampling_from_dict(fields["sampling"]))
+        if "model" in fields:
+            await self._check_model(fields["model"], who)
+
+    # Sessions
+
+    async def create_session(self, given: session_pb2.Session) -> SessionRecord:
+        who = current_identity()
+        fields = {"title": given.title.strip(), "model": given.model, "system_prompt": given.system_prompt,
+                  "sampling": sampling_to_dict(given.sampling)}
+        await self._check_fields(fields, who)
+        return await asyncio.to_thread(self.store.create_session, who.user_id, **fields)
+
+    async def get_session(self, session_id: str) -> SessionRecord:
+        return await asyncio.to_thread(self.store.get_session, current_identity().user_id, session_id)
+
+    async def list_sessions(self, page_size: int, page_token: str) -> tuple[list[SessionRecord], str]:
+        limit = self._page_size(page_size)
+        after = SessionCursor(*decode_cursor(page_token, "s")) if page_token else None
+        rows = await asyncio.to_thread(self.store.list_sessions, current_identity().user_id, limit + 1, after)
+        if len(rows) <= limit:
+            return rows, ""
+        last = rows[limit - 1]
+        return rows[:limit], encode_cursor("s", last.updated_at, last.id)
+
+    async def update_session(self, given: session_pb2.Session, paths: Sequence[str]) -> SessionRecord:
+        """Applies `paths` of `given` (every non-empty field when `paths` is empty)."""
+        who = current_identity()
+        current = await asyncio.to_thread(self.store.get_session, who.user_id, given.id)
+        if not paths:
+            paths = [name for name in ("title", "model", "system_prompt") if getattr(given, name)]
+            paths += [f"sampling.{d.name}" for d, _ in given.sampling.ListFields()]
+        changes: dict[str, Any] = {}
+        sampling = sampling_from_dict(current.sampling)
+        for path in paths:
+            head, _, rest = path.partition(".")
+            if head in ("title", "model", "system_prompt") and not rest:
+                changes[head] = getattr(given, head).strip() if head == "title" else getattr(given, head)
+            elif head == "sampling" and not rest:
+                sampling.CopyFrom(given.sampling)
+                changes["sampling"] = None
+            elif head == "sampling" and rest in SAMPLING_FIELDS:
+                if rest == "stop":
+                    del sampling.stop[:]
+                    sampling.stop.extend(given.sampling.stop)
+                elif given.sampling.HasField(rest):
+                    setattr(sampling, rest, getattr(given.sampling, rest))
+                else:
+                    sampling.ClearField(rest)
+                changes["sampling"] = None
+            else:
+                raise InvalidArgument(f"update_mask path {path!r} cannot be changed; use title, model, "
+                                      "system_prompt, sampling or sampling.<field>")
+        if "sampling" in changes:
+            changes["sampling"] = sampling_to_dict(sampling)
+        if not changes:
+            return current
+        await self._check_fields(changes, who)
+        return await asyncio.to_thread(self.store.update_session, who.user_id, given.id, changes)
+
+    async def delete_session(self, session_id: str) -> None:
+        await asyncio.to_thread(self.store.delete_session, current_identity().user_id, session_id)
+
+    async def list_messages(self, session_id: str, page_size: int, page_token: str) -> tuple[list[MessageRecord], str]:
+        limit = self._page_size(page_size)
+        after = int(decode_cursor(page_token, "m")[0]) if page_token else 0
+        rows = await asyncio.to_thread(self.store.list_messages, current_identity().user_id, session_id, limit + 1, after)
+        if len(rows) <= limit:
+            return rows, ""
+        return rows[:limit], encode_cursor("m", rows[limit - 1].seq)
+
+    # The chat turn
+
+    async def chat(self, request: session_pb2.ChatRequest) -> AsyncIterator[session_pb2.ChatResponse]:
+        who = current_identity()
+        if not request.content.strip():
+            raise InvalidArgument("content must not be empty")
+        self._check_text("content", request.content, self.settings.max_message_chars)
+        session = await asyncio.to_thread(self.store.get_session, who.user_id, request.session_id)
+        if session.id in self._running:
+            raise Aborted("an answer is already being generated in this session; wait for it or stop it first")
+        self._running.add(session.id)
+        try:
+            async for event in self._turn(who, session, request):
+                yield event
+        finally:
+            self._running.discard(session.id)
+
+    async def _turn(self, who: Identity, session: SessionRecord,
+                    request: session_pb2.ChatRequest) -> AsyncIterator[session_pb2.ChatResponse]:
+        metadata = (*forward_credentials(who), (AFFINITY_HEADER, session.id))
+        params = merge_sampling(sampling_from_dict(session.sampling), request.sampling)
+        check_sampling(params)
+        try:
+            model = await self.inference.GetModel(inference_pb2.GetModelRequest(id=request.model or session.model),
+                                                  metadata=metadata, timeout=CONTROL_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise NotFound(f"model {request.model or session.model!r} not found") from None
+            raise
+        await self.cache.check_rate_limit()
+        messages = await self._prompt(session, request.content, model.id, params, metadata)
+
+        user, answer = await asyncio.to_thread(
+            self.store.start_turn, who.user_id, session.id, request.content, model.id,
+            history.title_from(request.content)[: self.settings.max_title_chars])
+        yield session_pb2.ChatResponse(start=session_pb2.ChatStart(
+            user_message_id=user.id, assistant_message_id=answer.id, model=model.id))
+
+        key = cache_pb2.CompletionKey(model=model.id, model_fingerprint=model.fingerprint, messages=messages,
+                                      sampling=params)
+        hit = await self.cache.lookup(key)
+        if hit is not None:
+            await asyncio.to_thread(self.store.save_answer, answer.id, content=hit.text, status=STATUS_COMPLETE,
+                                    prompt_tokens=hit.usage.prompt_tokens, completion_tokens=hit.usage.completion_tokens)
+            if hit.text:
+                yield session_pb2.ChatResponse(delta=session_pb2.ChatDelta(text=hit.text))
+            yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=hit.usage, finish_reason=hit.finish_reason,
+                                                                     cached=True))
+            return
+
+        async for event in self._generate(answer, model.id, messages, params, metadata, session.id, key):
+            yield event
+
+    async def _prompt(self, session: SessionRecord, content: str, model: str, params: inference_pb2.SamplingParams,
+                      metadata: Sequence[tuple[str, str]]) -> list[inference_pb2.ChatMessage]:
+        """The messages to send: system prompt, as much recent history as fits, the new message."""
+        past = await asyncio.to_thread(self.store.list_messages, session.owner, session.id)
+        turns = [history.Turn("system", session.system_prompt)] if session.system_prompt else []
+        turns += [history.Turn(m.role, m.content) for m in past if m.content]
+        turns.append(history.Turn(ROLE_USER, content))
+        counted = await self.inference.CountTokens(
+            inference_pb2.CountTokensRequest(model=model, messages=[inference_pb2.ChatMessage(role=t.role, content=t.content)
+                                                                     for t in turns]),
+            metadata=metadata, timeout=CONTROL_TIMEOUT_SECONDS)
+        context = counted.context_length
+        reserve = params.max_tokens if params.HasField("max_tokens") else min(self.settings.answer_reserve_tokens, context // 4)
+        if reserve >= context:
+            raise InvalidArgument(f"max_tokens is {reserve} but model {model!r} has a context window of {context} tokens")
+        kept, _ = history.fit(turns, counted.message_tokens, counted.total_tokens, context - reserve,
+                              has_system=bool(session.system_prompt))
+        return [inference_pb2.ChatMessage(role=t.role, content=t.content) for t in kept]
+
+    async def _generate(self, answer: MessageRecord, model: str, messages: list[inference_pb2.ChatMessage],
+                        params: inference_pb2.SamplingParams, metadata: Sequence[tuple[str, str]], session_id: str,
+                        key: cache_pb2.CompletionKey) -> AsyncIterator[session_pb2.ChatResponse]:
+        call = self.inference.Generate(
+            inference_pb2.GenerateRequest(model=model, messages=messages, sampling=params, cache_key=session_id),
+            metadata=metadata, timeout=self.settings.inference_timeout_seconds)
+        parts: list[str] = []
+        last: inference_pb2.GenerateResponse | None = None
+        checkpoint = time.monotonic()
+        try:
+            async for response in call:
+                if response.text:
+                    parts.append(response.text)
+                    yield session_pb2.ChatResponse(delta=session_pb2.ChatDelta(text=response.text))
+                if response.HasField("usage"):
+                    last = response
+                if time.monotonic() - checkpoint >= self.settings.checkpoint_seconds:
+                    await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts),
+                                            status=STATUS_INCOMPLETE)
+                    checkpoint = time.monotonic()
+        except asyncio.CancelledError:
+            # The client went away. Save synchronously: an await here could be cancelled again.
+            call.cancel()
+            self.store.save_answer(answer.id, content="".join(parts), status=STATUS_INCOMPLETE,
+                                   completion_tokens=len(parts))
+            self._in_background(self.cache.record_usage(len(parts)))
+            raise
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or exc.code().name
+            log.warning("generation failed", extra={"fields": {"code": code.name, "session_id": session_id}})
+            await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts), status=STATUS_ERROR,
+                                    completion_tokens=len(parts), error=f"{code.name}: {details}")
+            yield session_pb2.ChatResponse(error=session_pb2.ChatError(code=code.name, message=details))
+            return
+        if last is None:
+            # A stream that ended without its final message: keep what arrived, as incomplete.
+            await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts), status=STATUS_INCOMPLETE,
+                                    completion_tokens=len(parts))
+            yield session_pb2.ChatResponse(error=session_pb2.ChatError(code="UNAVAILABLE",
+                                                                       message="the answer ended unexpectedly"))
+            return
+        text = "".join(parts)
+        status = STATUS_INCOMPLETE if last.finish_reason == inference_pb2.FINISH_REASON_CANCELLED else STATUS_COMPLETE
+        await asyncio.to_thread(self.store.save_answer, answer.id, content=text, status=status,
+                                prompt_tokens=last.usage.prompt_tokens, completion_tokens=last.usage.completion_tokens)
+        # Bookkeeping runs beside the stream: a client that leaves right after `done` must not skip it.
+        self._in_background(self.cache.record_usage(last.usage.total_tokens))
+        if status == STATUS_COMPLETE:
+            self._in_background(self.cache.store(key, cache_pb2.CachedCompletion(
+                text=text, finish_reason=last.finish_reason, usage=last.usage)))
+        yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=last.usage, finish_reason=last.finish_reason))
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Lets bookkeeping started by finished turns complete."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)

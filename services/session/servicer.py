@@ -1,0 +1,76 @@
+"""gRPC <-> domain translation for the session service; behaviour lives in service.py and store.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from parley.session.v1 import session_pb2, session_pb2_grpc
+
+from services.session.service import SessionService, sampling_from_dict
+from services.session.store import (
+    ROLE_ASSISTANT, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord, SessionRecord,
+)
+
+ROLES = {ROLE_USER: session_pb2.MESSAGE_ROLE_USER, ROLE_ASSISTANT: session_pb2.MESSAGE_ROLE_ASSISTANT}
+STATUSES = {
+    STATUS_COMPLETE: session_pb2.MESSAGE_STATUS_COMPLETE,
+    STATUS_INCOMPLETE: session_pb2.MESSAGE_STATUS_INCOMPLETE,
+    STATUS_ERROR: session_pb2.MESSAGE_STATUS_ERROR,
+}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def session_pb(record: SessionRecord) -> session_pb2.Session:
+    return session_pb2.Session(
+        id=record.id, title=record.title, model=record.model, system_prompt=record.system_prompt,
+        sampling=sampling_from_dict(record.sampling), create_time=timestamp(record.created_at),
+        update_time=timestamp(record.updated_at),
+    )
+
+
+def message_pb(record: MessageRecord) -> session_pb2.Message:
+    return session_pb2.Message(
+        id=record.id, session_id=record.session_id, role=ROLES[record.role], content=record.content,
+        model=record.model, prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+        status=STATUSES[record.status], error=record.error, create_time=timestamp(record.created_at),
+    )
+
+
+class SessionServicer(session_pb2_grpc.SessionServiceServicer):
+    def __init__(self, service: SessionService) -> None:
+        self.service = service
+
+    async def CreateSession(self, request: session_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext) -> session_pb2.Session:
+        return session_pb(await self.service.create_session(request.session))
+
+    async def ListSessions(self, request: session_pb2.ListSessionsRequest,
+                           context: grpc.aio.ServicerContext) -> session_pb2.ListSessionsResponse:
+        rows, token = await self.service.list_sessions(request.page_size, request.page_token)
+        return session_pb2.ListSessionsResponse(sessions=[session_pb(r) for r in rows], next_page_token=token)
+
+    async def GetSession(self, request: session_pb2.GetSessionRequest, context: grpc.aio.ServicerContext) -> session_pb2.Session:
+        return session_pb(await self.service.get_session(request.id))
+
+    async def UpdateSession(self, request: session_pb2.UpdateSessionRequest, context: grpc.aio.ServicerContext) -> session_pb2.Session:
+        return session_pb(await self.service.update_session(request.session, list(request.update_mask.paths)))
+
+    async def DeleteSession(self, request: session_pb2.DeleteSessionRequest,
+                            context: grpc.aio.ServicerContext) -> session_pb2.DeleteSessionResponse:
+        await self.service.delete_session(request.id)
+        return session_pb2.DeleteSessionResponse()
+
+    async def ListMessages(self, request: session_pb2.ListMessagesRequest,
+                           context: grpc.aio.ServicerContext) -> session_pb2.ListMessagesResponse:
+        rows, token = await self.service.list_messages(request.session_id, request.page_size, request.page_token)
+        return session_pb2.ListMessagesResponse(messages=[message_pb(r) for r in rows], next_page_token=token)
+
+    async def Chat(self, request: session_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[session_pb2.ChatResponse]:
+        async for event in self.service.chat(request):
+            yield event
