@@ -1,0 +1,171 @@
+"""What survives: a SIGKILLed session service under write load, an inference crash mid-answer, and
+a restart of the whole stack. Nothing acknowledged to a client may be lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.stack import Stack
+from tests.integration.chat import chat, create_session, iter_events, messages, text_of
+from tests.integration.conftest import Caller, sign_in, stack_env
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    data_dir: Path = tmp_path_factory.mktemp("durable")
+    return stack_env(data_dir, PARLEY_PARALLEL_SLOTS="2", PARLEY_CONTEXT_LENGTH="1024",
+                     PARLEY_CHECKPOINT_SECONDS="0.2")
+
+
+@pytest.fixture(scope="module")
+def durable(env: dict[str, str]) -> Iterator[Stack]:
+    stack = Stack(env=env, log_dir=Path(env["PARLEY_DATA_DIR"]) / "logs")
+    stack.start()
+    try:
+        stack.wait_healthy(timeout=180)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def owner(durable: Stack) -> Caller:
+    return sign_in(durable.url, f"durable-{uuid.uuid4().hex[:6]}", "Durable-passphrase-77", register=True)
+
+
+def kill(stack: Stack, name: str) -> None:
+    process = next(p for p in stack.processes if p.name == name)
+    process.popen.kill()
+    process.popen.wait()
+
+
+def restart(stack: Stack, name: str) -> None:
+    stack.respawn(name)
+    stack.wait_healthy(timeout=180)
+
+
+def test_sigkill_during_write_load_loses_nothing_acknowledged(durable: Stack, owner: Caller) -> None:
+    created: list[str] = []              # 200 answered
+    acked_users: dict[str, str] = {}     # user message id -> content (start event received)
+    acked_answers: dict[str, str] = {}   # assistant message id -> text (done event received)
+    started_answers: list[str] = []
+    stop = threading.Event()
+
+    def writer(n: int) -> None:
+        with httpx.Client(base_url=durable.url, timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    answer = http.post("/v1/sessions", json={"title": f"w{n}"}, headers=owner.headers)
+                    if answer.status_code != 200:
+                        continue
+                    sid = answer.json()["id"]
+                    created.append(sid)
+                    content = f"writer {n} says {uuid.uuid4().hex[:8]}"
+                    with http.stream("POST", f"/v1/sessions/{sid}:chat", headers=owner.headers,
+                                     json={"content": content, "sampling": {"max_tokens": 3}}) as response:
+                        text, ids = "", None
+                        for event in iter_events(response):
+                            if "start" in event:
+                                ids = event["start"]
+                                acked_users[ids["user_message_id"]] = content
+                                started_answers.append(ids["assistant_message_id"])
+                            elif "delta" in event:
+                                text += event["delta"]["text"]
+                            elif "done" in event and ids:
+                                acked_answers[ids["assistant_message_id"]] = text
+                except httpx.HTTPError:
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(acked_answers) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill(durable, "session")
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert len(acked_answers) >= 6, "the load never got going"
+
+    restart(durable, "session")
+    with httpx.Client(base_url=durable.url, timeout=30) as http:
+        stored: dict[str, dict] = {}
+        listed = set()
+        token = ""
+        while True:
+            page = http.get("/v1/sessions", params={"page_size": 200, "page_token": token}, headers=owner.headers).json()
+            listed |= {s["id"] for s in page["sessions"]}
+            token = page["next_page_token"]
+            if not token:
+                break
+        for sid in created:
+            stored.update({m["id"]: m for m in messages(http, owner, sid)})
+    assert set(created) <= listed
+    for message_id, content in acked_users.items():
+        assert stored[message_id]["content"] == content
+    for message_id, text in acked_answers.items():
+        assert stored[message_id]["status"] == "MESSAGE_STATUS_COMPLETE" and stored[message_id]["content"] == text
+    # Answers cut by the kill are there too, marked incomplete rather than lost.
+    for message_id in started_answers:
+        assert message_id in stored
+        assert stored[message_id]["status"] in ("MESSAGE_STATUS_COMPLETE", "MESSAGE_STATUS_INCOMPLETE")
+
+
+def test_inference_crash_mid_answer_is_an_error_event_and_keeps_the_partial_text(durable: Stack, owner: Caller) -> None:
+    with httpx.Client(base_url=durable.url, timeout=60) as http:
+        sid = create_session(http, owner)["id"]
+        events = []
+        with http.stream("POST", f"/v1/sessions/{sid}:chat", headers=owner.headers,
+                         json={"content": "Tell a very long story about the sea.",
+                               "sampling": {"max_tokens": 400, "temperature": 0.8}}) as response:
+            for event in iter_events(response):
+                events.append(event)
+                if sum("delta" in e for e in events) == 5:
+                    kill(durable, "inference")
+        assert "start" in events[0] and "error" in events[-1], events[-3:]
+        assert events[-1]["error"]["code"] in ("UNAVAILABLE", "CANCELLED", "INTERNAL")
+        answer = messages(http, owner, sid)[-1]
+        assert answer["status"] == "MESSAGE_STATUS_ERROR" and answer["error"]
+        assert answer["content"] == text_of(events) and answer["content"]
+        # While inference is down a new turn fails cleanly (503) and stores nothing.
+        refused = http.post(f"/v1/sessions/{sid}:chat", json={"content": "Still there?"}, headers=owner.headers)
+        assert refused.status_code == 503, refused.text
+        assert len(messages(http, owner, sid)) == 2
+    restart(durable, "inference")
+    # Session's channel reconnects by itself within its short backoff (services/core/channels.py).
+    with httpx.Client(base_url=durable.url, timeout=60) as http:
+        deadline = time.monotonic() + 5
+        while (answer := http.post(f"/v1/sessions/{sid}:chat", json={"content": "Are you back?",
+                                   "sampling": {"max_tokens": 4}}, headers=owner.headers)).status_code == 503:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.2)
+        assert answer.status_code == 200 and '"done"' in answer.text, answer.text
+
+
+def test_history_survives_a_restart_of_the_whole_stack(durable: Stack, env: dict[str, str], owner: Caller) -> None:
+    with httpx.Client(base_url=durable.url, timeout=60) as http:
+        sid = create_session(http, owner, system_prompt="Be terse.")["id"]
+        chat(http, owner, sid, "Remember the number 42.", sampling={"max_tokens": 8})
+        before = messages(http, owner, sid)
+        session_before = http.get(f"/v1/sessions/{sid}", headers=owner.headers).json()
+    durable.stop()
+    again = Stack(env=env, log_dir=Path(env["PARLEY_DATA_DIR"]) / "logs-restarted")
+    again.start()
+    try:
+        again.wait_healthy(timeout=180)
+        # Signing keys persist too, so the same token still works after the restart.
+        with httpx.Client(base_url=again.url, timeout=60) as http:
+            assert http.get(f"/v1/sessions/{sid}", headers=owner.headers).json() == session_before
+            assert messages(http, owner, sid) == before
+            assert "done" in chat(http, owner, sid, "Which number?", sampling={"max_tokens": 8})[-1]
+            assert len(messages(http, owner, sid)) == 4
+    finally:
+        again.stop()
