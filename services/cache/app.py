@@ -1,23 +1,50 @@
-"""Wires the cache service's servicers into a ServiceSpec."""
+"""Wires the cache service: settings, backend (in-process LRU or Redis), servicers, identity."""
 
 from __future__ import annotations
 
+import logging
+
 from parley.cache.v1 import cache_pb2, cache_pb2_grpc
 
-from services.core import identity
+from services.cache.backends import BackendUnavailable, open_backend
+from services.cache.ratelimit import RateLimiter
+from services.cache.service import ResponseCache
+from services.cache.servicer import CacheServicer, RateLimitServicer, ResponseCacheServicer
+from services.cache.settings import CacheSettings
+from services.core import config, identity
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
 
-
-class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    """Behaviour arrives with the cache issue; until then every RPC answers UNIMPLEMENTED."""
+log = logging.getLogger("parley.cache")
 
 
-async def build(common: CommonSettings) -> ServiceSpec:
-    name = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
-    admin_only = {f"/{name}/{method}": ("admin",) for method in ("FlushCache", "UpdateRateLimit")}
+async def build(common: CommonSettings, settings: CacheSettings | None = None) -> ServiceSpec:
+    settings = settings or config.load(CacheSettings)
+    log.info("settings", extra={"fields": config.describe(settings)})
+    backend = open_backend(settings)
+    cache = ResponseCache(backend, settings)
+    limiter = RateLimiter(backend, settings)
+
+    async def ready() -> None:
+        # Redis being down is a degraded cache, not an unhealthy service: health turns SERVING anyway.
+        try:
+            await backend.ping()
+        except BackendUnavailable:
+            pass
+
+    names = cache_pb2.DESCRIPTOR.services_by_name
+    public = names["CacheService"].full_name
+    admin_only = {f"/{public}/{method}": ("admin",) for method in ("FlushCache", "UpdateRateLimit")}
     return ServiceSpec(
         name="cache",
-        registrations=[Registration(name, cache_pb2_grpc.add_CacheServiceServicer_to_server, CacheServicer())],
+        registrations=[
+            Registration(public, cache_pb2_grpc.add_CacheServiceServicer_to_server, CacheServicer(cache, limiter)),
+            Registration(names["ResponseCacheService"].full_name,
+                         cache_pb2_grpc.add_ResponseCacheServiceServicer_to_server, ResponseCacheServicer(cache)),
+            Registration(names["RateLimitService"].full_name,
+                         cache_pb2_grpc.add_RateLimitServiceServicer_to_server, RateLimitServicer(limiter)),
+        ],
+        ready=ready,
+        close=backend.close,
         interceptors=[identity.interceptor(common, roles=admin_only)],
     )
