@@ -119,6 +119,29 @@ def test_sigkill_during_write_load_loses_nothing_acknowledged(durable: Stack, ow
         assert stored[message_id]["status"] in ("MESSAGE_STATUS_COMPLETE", "MESSAGE_STATUS_INCOMPLETE")
 
 
+def test_partial_answer_is_checkpointed_while_it_streams(durable: Stack, owner: Caller) -> None:
+    """SIGKILL of session mid-answer: the text saved by the last checkpoint (every 0.2 s here) remains."""
+    with httpx.Client(base_url=durable.url, timeout=60) as http:
+        sid = create_session(http, owner)["id"]
+        received = ""
+        began = time.monotonic()
+        try:
+            with http.stream("POST", f"/v1/sessions/{sid}:chat", headers=owner.headers,
+                             json={"content": "Write a long poem about autumn.",
+                                   "sampling": {"max_tokens": 400, "temperature": 0.8}}) as response:
+                for event in iter_events(response):
+                    received += event.get("delta", {}).get("text", "")
+                    if time.monotonic() - began > 1.5 and received:
+                        kill(durable, "session")
+        except httpx.HTTPError:
+            pass  # the stream breaks with the process
+    restart(durable, "session")
+    with httpx.Client(base_url=durable.url, timeout=60) as http:
+        answer = messages(http, owner, sid)[-1]
+    assert answer["status"] == "MESSAGE_STATUS_INCOMPLETE"
+    assert answer["content"] and received.startswith(answer["content"])
+
+
 def test_inference_crash_mid_answer_is_an_error_event_and_keeps_the_partial_text(durable: Stack, owner: Caller) -> None:
     with httpx.Client(base_url=durable.url, timeout=60) as http:
         sid = create_session(http, owner)["id"]
