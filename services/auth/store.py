@@ -1,24 +1,20 @@
-"""AuthStore: users, refresh tokens, API keys and signing keys in one SQLite file (WAL mode).
+"""AuthStore: users, refresh tokens, API keys and signing keys in one SQLite file.
 
-Methods are synchronous and serialized by a lock on one connection; the async service calls them
-through asyncio.to_thread. The schema is versioned by a `schema_migrations` table: each entry of
-MIGRATIONS runs once, in order, in its own transaction. The file is created mode 0600 because it
-holds private signing keys and password hashes.
+The file's handling (WAL, durable commits, migrations, mode 0600 — it holds private signing keys
+and password hashes) is services.core.sqlite's; the async service calls these synchronous methods
+through asyncio.to_thread.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.core.errors import AlreadyExists
+from services.core.sqlite import Database
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -123,52 +119,16 @@ def _signing_key(row: sqlite3.Row) -> SigningKeyRecord:
 
 class AuthStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._migrate()
+        self.db = Database(path, MIGRATIONS)
+        self._tx = self.db.transaction
+        self._read = self.db.read
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; BEGIN IMMEDIATE so that concurrent processes (the CLI) queue up."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
-    def _migrate(self) -> None:
-        with self._tx() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
-            done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            for version, script in enumerate(MIGRATIONS, start=1):
-                if version in done:
-                    continue
-                for statement in (s.strip() for s in script.split(";")):
-                    if statement:
-                        db.execute(statement)
-                db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+        self.db.close()
 
     def schema_version(self) -> int:
-        return int(self._read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0])
+        return self.db.schema_version()
 
     # Users
 
