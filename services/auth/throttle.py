@@ -12,10 +12,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import prometheus_client
+
 from services.auth.settings import AuthSettings
 from services.core.errors import ResourceExhausted
 
 MAX_TRACKED = 100_000  # keys kept before idle ones are dropped; bounds memory under a spray attack
+
+LOGIN_FAILURES = prometheus_client.Counter("parley_auth_login_failures_total", "Sign-ins refused for a wrong username or password")
+LOCKOUTS = prometheus_client.Counter("parley_auth_lockouts_total", "Lockouts started, by what was locked out",
+                                     ["scope"])
 
 
 @dataclass
@@ -70,11 +76,14 @@ class LoginThrottle:
 
     def failed(self, username_key: str, address: str) -> None:
         now = self._clock()
-        for key, limit in (("u:" + username_key, self._s.login_lockout_after),
-                           ("a:" + address, self._s.login_address_lockout_after)):
+        LOGIN_FAILURES.inc()
+        for key, limit, scope in (("u:" + username_key, self._s.login_lockout_after, "username"),
+                                  ("a:" + address, self._s.login_address_lockout_after, "address")):
             counter = self._get(key, now)
             counter.failures.append(now)
             if len(counter.failures) >= limit:
+                if counter.locked_until <= now:
+                    LOCKOUTS.labels(scope).inc()
                 counter.locked_until = now + self._s.login_lockout_seconds
 
     def succeeded(self, username_key: str) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from services.core import config
+from services.core import config, telemetry
 from services.core.server import MAX_MESSAGE_BYTES
 
 # Keepalive keeps long-lived channels usable across idle NAT/conntrack timeouts; message limits match
@@ -27,8 +27,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
-# Client interceptors added to every channel (telemetry registers its own here).
-CLIENT_INTERCEPTORS: list[grpc.aio.ClientInterceptor] = []
+# Client interceptors added to every channel: telemetry's client spans and trace propagation.
+CLIENT_INTERCEPTORS: list[grpc.aio.ClientInterceptor] = telemetry.client_interceptors()
 
 
 def open_channel(common: config.CommonSettings, service: str,

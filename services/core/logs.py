@@ -1,4 +1,6 @@
-"""JSON lines on stdout: one object per record with time, level, service, logger and message.
+"""JSON lines on stdout: one object per record with time, level, service, logger and message, plus
+trace_id and span_id of the current OpenTelemetry span and the request id (Envoy's x-request-id)
+while a request is being handled.
 
 Extra fields passed as `logger.info("...", extra={"fields": {...}})` are merged into the object.
 Message contents, passwords and tokens must never be passed to a log call at info level.
@@ -12,6 +14,8 @@ import sys
 import time
 from contextvars import ContextVar
 from typing import Any
+
+from opentelemetry import trace
 
 # Request-scoped fields (request id, trace ids) that every record of the request carries.
 request_fields: ContextVar[dict[str, str] | None] = ContextVar("request_fields", default=None)
@@ -29,6 +33,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = trace.format_trace_id(span.trace_id)
+            entry["span_id"] = trace.format_span_id(span.span_id)
         entry.update(request_fields.get() or {})
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):

@@ -1,6 +1,7 @@
 """serve(): how every Parley service runs.
 
-A grpc.aio server with the error-mapping interceptor, grpc.health.v1 and server reflection. Health
+A grpc.aio server with the telemetry and error-mapping interceptors, grpc.health.v1 and server
+reflection; in a service process also tracing and a Prometheus endpoint (core.telemetry). Health
 reports NOT_SERVING until the service's `ready` hook has finished (the inference service loads its
 model there), and again as soon as shutdown starts so that load balancers stop sending traffic.
 SIGTERM or SIGINT then drains in-flight calls for up to the grace period before the process exits.
@@ -23,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.core import config, logs
+from services.core import config, logs, telemetry
 from services.core.interceptors import ErrorMappingInterceptor
 
 log = logging.getLogger("parley.server")
@@ -79,7 +80,9 @@ class RunningServer:
 async def start_server(spec: ServiceSpec, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     """Starts the server (NOT_SERVING) and returns it with its bound port."""
     server = grpc.aio.server(
-        interceptors=[*spec.interceptors, ErrorMappingInterceptor()],
+        # Telemetry outermost, so that it sees every call (also those identity refuses) with its final
+        # status; error mapping innermost, so that the others see statuses, not exceptions.
+        interceptors=[telemetry.ServerTelemetry(), *spec.interceptors, ErrorMappingInterceptor()],
         options=SERVER_OPTIONS,
     )
     for registration in spec.registrations:
@@ -102,6 +105,14 @@ async def start_server(spec: ServiceSpec, host: str = "127.0.0.1", port: int = 0
 
 async def serve(spec: ServiceSpec, common: config.CommonSettings) -> None:
     """Runs a service until SIGTERM/SIGINT, then drains and exits."""
+    stop_telemetry = telemetry.start(spec.name, common.host, config.load(telemetry.TelemetrySettings))
+    try:
+        await _serve(spec, common)
+    finally:
+        stop_telemetry()
+
+
+async def _serve(spec: ServiceSpec, common: config.CommonSettings) -> None:
     running = await start_server(spec, common.host, common.port_of(spec.name))
     log.info("listening", extra={"fields": {"address": f"{common.host}:{running.port}"}})
     stop = asyncio.Event()

@@ -13,6 +13,7 @@ What the config does:
 - GET /healthz: 200 only when every upstream answers grpc.health.v1 SERVING; 503 naming the others.
 - errors on the OpenAI-compatible paths are rewritten into OpenAI's {"error": {...}} JSON.
 - active gRPC health checks of each upstream, a JSON access log on stdout, admin on loopback only.
+- optionally (PARLEY_OTLP_COLLECTOR) OpenTelemetry tracing: Envoy's span heads each request's trace.
 - optionally (PARLEY_INFERENCE_LB=ring_hash or maglev, as on Kubernetes) session affinity for
   inference: every address the inference target resolves to (a headless Service) is a host, and a
   consistent hash of the x-parley-session-id header picks one, so a conversation returns to the
@@ -145,6 +146,7 @@ class GatewaySettings:
     health_check_interval_seconds: float = setting(2.0, min=0.1)
     inference_lb: str = setting("round_robin", choices=tuple(INFERENCE_LB_POLICIES),
                                 help=f"ring_hash or maglev: consistent hash on {SESSION_HASH_HEADER}")
+    otlp_collector: str = setting("", help="host:port of an OTLP/gRPC collector: Envoy traces requests there")
 
 
 def _cluster(name: str, target: str, interval: float, lb: str = "round_robin") -> dict[str, Any]:
@@ -202,6 +204,39 @@ def _routes(hash_inference: bool = False) -> list[dict[str, Any]]:
             if route["route"]["cluster"] == "inference":
                 route["route"]["hash_policy"] = [{"header": {"header_name": SESSION_HASH_HEADER}}]
     return routes
+
+
+def _tracing(collector: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Envoy's OpenTelemetry tracer: a span per request, exported to `collector`, whose context it
+    sends upstream as traceparent, so the services' spans join Envoy's trace (an incoming
+    traceparent is continued). Without it Envoy forwards a client's traceparent header untouched."""
+    host, _, port = collector.rpartition(":")
+    cluster = {
+        "name": "otlp_collector",
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "otlp_collector",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}]}],
+        },
+    }
+    tracing = {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otlp_collector"}, "timeout": "1s"},
+                "service_name": "parley-gateway",
+            },
+        },
+    }
+    return tracing, cluster
 
 
 def _cors(origins: tuple[str, ...]) -> dict[str, Any]:
@@ -318,6 +353,10 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
             },
         ],
     }
+    tracing_clusters = []
+    if gateway.otlp_collector:
+        hcm["tracing"], otlp_cluster = _tracing(gateway.otlp_collector)
+        tracing_clusters.append(otlp_cluster)
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": gateway.admin_port}}},
         "static_resources": {
@@ -341,7 +380,7 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
                 _cluster(s, common.target_of(s), gateway.health_check_interval_seconds,
                          gateway.inference_lb if s == "inference" else "round_robin")
                 for s in SERVICES
-            ],
+            ] + tracing_clusters,
         },
     }
 

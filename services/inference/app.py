@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
+import grpc
+from parley.cache.v1 import cache_pb2, cache_pb2_grpc
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from services.core import config, identity
+from services.core import channels, config, identity
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
-from services.inference import hardware
+from services.inference import hardware, metrics
 from services.inference.registry import ModelRegistry
 from services.inference.service import GenerationService
 from services.inference.servicer import InferenceServicer
@@ -25,7 +28,8 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
     settings = settings or config.load(InferenceSettings)
     hw = hardware.probe()
     registry = ModelRegistry(settings, hw)
-    servicer = InferenceServicer(registry, GenerationService(registry, settings), hw)
+    servicer = InferenceServicer(registry, GenerationService(registry, settings), hw, cache_hit_ratio(common))
+    metrics.REGISTRY_GAUGES.watch(registry)
     log.info("hardware", extra={"fields": {"cores": hw.physical_cores, "memory_mib": hw.total_memory_mib,
                                             "cuda": len(hw.cuda_devices), "budget_mib": registry.budget_mib}})
 
@@ -43,3 +47,19 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
         close=registry.close,
         interceptors=[identity.interceptor(common, roles=admin_only)],
     )
+
+
+def cache_hit_ratio(common: CommonSettings) -> Callable[[], Awaitable[float | None]]:
+    """The cache service's hit ratio for the admin summary, or None while it does not answer."""
+    stub = cache_pb2_grpc.CacheServiceStub(channels.open_channel(common, "cache"))
+
+    async def ask() -> float | None:
+        try:
+            stats = await stub.GetCacheStats(cache_pb2.GetCacheStatsRequest(),
+                                             metadata=identity.forward_credentials(), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            log.info("cache statistics unavailable", extra={"fields": {"code": exc.code().name}})
+            return None
+        return stats.hit_ratio
+
+    return ask

@@ -31,6 +31,7 @@ from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.inference.engines import Engine, EngineError, create_engine
 from services.inference.hardware import EngineSettings, Hardware, choose
+from services.inference import metrics
 from services.inference.scheduler import SlotPool
 from services.inference.settings import InferenceSettings
 
@@ -170,6 +171,7 @@ class ModelRegistry:
             record.pool = SlotPool(engine.slots, self.settings.queue_depth)
             record.state, record.last_used = "ready", time.monotonic()
             record.load_seconds = time.monotonic() - started
+            metrics.MODEL_LOAD.labels(model_id).observe(record.load_seconds)
             log.info("model loaded", extra={"fields": {"model": model_id, "seconds": round(record.load_seconds, 2),
                                                          "memory_mib": record.memory_mib, "engine": chosen.engine}})
             return record

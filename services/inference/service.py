@@ -8,12 +8,14 @@ the deadline or the caller's cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 
 from services.core.errors import DeadlineExceeded, InvalidArgument
 from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.inference.engines.base import Chunk, Sampling
+from services.inference.metrics import GenerationTelemetry
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
 
@@ -67,7 +69,28 @@ class GenerationService:
         given: SamplingInput,
         timeout: float | None = None,
     ) -> AsyncIterator[tuple[ModelRecord, Chunk]]:
-        """Yields (model, chunk) pairs; the last chunk carries finish_reason and usage."""
+        """Yields (model, chunk) pairs; the last chunk carries finish_reason and usage. Each
+        generation gets a GenAI span and its metrics (services.inference.metrics)."""
+        observed = GenerationTelemetry(model_id or self.settings.default_model, bool(messages), given)
+        try:
+            async with contextlib.aclosing(self._generate(model_id, messages, prompt, given, timeout)) as stream:
+                async for record, chunk in stream:
+                    observed.chunk(record, chunk)
+                    yield record, chunk
+        except Exception as exc:
+            observed.failed(exc)
+            raise
+        finally:
+            observed.end()
+
+    async def _generate(
+        self,
+        model_id: str,
+        messages: Sequence[dict[str, str]],
+        prompt: str,
+        given: SamplingInput,
+        timeout: float | None = None,
+    ) -> AsyncIterator[tuple[ModelRecord, Chunk]]:
         started = time.monotonic()
         sampling = resolve_sampling(given, self.settings)
         validate_messages(messages, prompt)

@@ -3,7 +3,7 @@ registry.py and the engines; this file only converts messages."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.api import httpbody_pb2
@@ -11,7 +11,7 @@ from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
 from services.core import sampling
-from services.inference import openai_compat
+from services.inference import metrics, openai_compat
 from services.inference.engines.base import Usage
 from services.inference.hardware import Hardware, choose
 from services.inference.registry import ModelRecord, ModelRegistry
@@ -52,10 +52,13 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, generation: GenerationService, hardware: Hardware) -> None:
+    def __init__(self, registry: ModelRegistry, generation: GenerationService, hardware: Hardware,
+                 cache_hit_ratio: Callable[[], Awaitable[float | None]] | None = None) -> None:
         self.registry = registry
         self.generation = generation
         self.hardware = hardware
+        # Asks the cache service; None when it cannot answer.
+        self.cache_hit_ratio = cache_hit_ratio
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         records = sorted(self.registry.records.values(), key=lambda r: r.entry.id)
@@ -133,6 +136,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 dtype=chosen.dtype, quantization=chosen.quantization, context_length=chosen.context_length,
                 parallel_slots=chosen.parallel_slots, reasons=chosen.reasons,
             ),
+        )
+
+    async def GetMetricsSummary(
+        self, request: pb.GetMetricsSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetMetricsSummaryResponse:
+        summary = metrics.RECENT.summary()
+        ready = sorted((r for r in self.registry.records.values() if r.state == "ready"), key=lambda r: r.entry.id)
+        pools = [r.pool for r in ready if r.pool is not None]
+        hit_ratio = await self.cache_hit_ratio() if self.cache_hit_ratio is not None else None
+        return pb.GetMetricsSummaryResponse(
+            requests_total=summary.requests_total,
+            time_to_first_token_p50_ms=summary.ttft_p50_seconds * 1000,
+            time_to_first_token_p95_ms=summary.ttft_p95_seconds * 1000,
+            tokens_per_second=summary.tokens_per_second,
+            cache_hit_ratio=hit_ratio or 0.0,
+            cache_available=hit_ratio is not None,
+            loaded_models=[pb.LoadedModelSummary(id=r.entry.id, memory_mib=r.memory_mib) for r in ready],
+            running_requests=sum(p.running for p in pools),
+            queued_requests=sum(p.waiting for p in pools),
         )
 
 

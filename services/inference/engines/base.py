@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.inference.hardware import EngineSettings
+from services.inference.metrics import token_timer
 
 
 class EngineError(Exception):
@@ -236,6 +237,7 @@ class Engine(ABC):
                 emit(Chunk(finish_reason="length", usage=usage))
                 return
             tokens = self._decode(slot, prompt, sampling, self._threads())
+            tick = token_timer(self.model_id)
             for token in tokens:
                 if cancel.is_set():
                     finish = "cancelled"
@@ -246,6 +248,7 @@ class Engine(ABC):
                     finish = "stop"
                     break
                 usage.completion_tokens += 1
+                tick()
                 text = matcher.feed(self._detokenize(token))
                 if matcher.stopped:
                     if text:
