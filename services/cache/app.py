@@ -18,7 +18,9 @@ from services.core.server import Registration, ServiceSpec
 log = logging.getLogger("parley.cache")
 
 
-async def build(common: CommonSettings, settings: CacheSettings | None = None) -> ServiceSpec:
+async def build(common: CommonSettings, settings: CacheSettings | None = None,
+                verifier: identity.CredentialVerifier | None = None) -> ServiceSpec:
+    """`verifier` replaces the auth service's in tests."""
     settings = settings or config.load(CacheSettings)
     log.info("settings", extra={"fields": config.describe(settings)})
     backend = open_backend(settings)
@@ -46,5 +48,6 @@ async def build(common: CommonSettings, settings: CacheSettings | None = None) -
         ],
         ready=ready,
         close=backend.close,
-        interceptors=[identity.interceptor(common, roles=admin_only)],
+        interceptors=[identity.IdentityInterceptor(verifier, roles=admin_only) if verifier is not None
+                      else identity.interceptor(common, roles=admin_only)],
     )

@@ -4,7 +4,7 @@ Window: a sliding-window counter. Each subject (a user, or an API key) has one c
 calendar minute; the estimate for "the last 60 seconds" is the previous minute's count weighted by
 the part of it still inside the window, plus the current minute's count:
 
-    estimate = previous * (1 - elapsed_fraction_of_this_minute) + current
+    estimate = floor(previous * (1 - elapsed_fraction_of_this_minute)) + current
 
 Unlike a fixed window it does not let a client spend twice the limit across a minute boundary, and
 unlike a log of timestamps it costs two integers per subject. Counters expire on their own (TTL of
@@ -56,21 +56,23 @@ class Decision:
     reason: str = ""
 
 
-def estimate(previous: int, current: int, fraction: float) -> float:
-    return previous * (1.0 - fraction) + current
+def estimate(previous: int, current: int, fraction: float) -> int:
+    # Rounded down, so that a limit of 1 per minute admits again once the minute has turned.
+    return math.floor(previous * (1.0 - fraction)) + current
 
 
 def seconds_until_room(previous: int, current: int, fraction: float, limit: int) -> float:
-    """How long until `estimate + 1 <= limit` when nothing more is added."""
-    room = limit - 1
-    if current <= room:
-        if previous == 0 or estimate(previous, current, fraction) <= room:
-            return 0.0
-        needed = 1.0 - (room - current) / previous
-        return max(0.0, (needed - fraction) * WINDOW_SECONDS)
+    """How long until `estimate + 1 <= limit` when nothing more is added (a hair later, so that a
+    client retrying exactly then is admitted)."""
+    if estimate(previous, current, fraction) + 1 <= limit:
+        return 0.0
+    if current + 1 <= limit:
+        # floor(previous * (1 - f)) <= limit - 1 - current  <=>  f > 1 - (limit - current) / previous
+        needed = 1.0 - (limit - current) / previous
+        return max(0.0, (needed - fraction) * WINDOW_SECONDS) + 0.01
     # The current minute alone is over: wait for it to become the previous one and decay.
-    needed = 1.0 - room / current
-    return (1.0 - fraction) * WINDOW_SECONDS + needed * WINDOW_SECONDS
+    needed = max(0.0, 1.0 - limit / current)
+    return (1.0 - fraction + needed) * WINDOW_SECONDS + 0.01
 
 
 class RateLimiter:
