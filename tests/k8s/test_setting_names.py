@@ -22,10 +22,8 @@ from services.core.config import env_name
 
 NAME = re.compile(r"\bPARLEY_[A-Z0-9]+(?:_[A-Z0-9]+)*\b")
 SHARED_PACKAGE = "core"
-# Names a manifest may set before the settings class that reads them is committed. PARLEY_REDIS_URL:
-# the cache service's Redis URL (replacing REDIS_URL), arriving with services/cache/settings.py in
-# the cache work; drop this entry once that class declares `redis_url`.
-PENDING = {"cache": {"PARLEY_REDIS_URL"}}
+# Names a manifest may set before the settings class that reads them is committed.
+PENDING: dict[str, set[str]] = {}
 
 
 def settings_modules() -> list[str]:
