@@ -26,6 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from services.cache import metrics
 from services.cache.settings import CacheSettings
 
 log = logging.getLogger("parley.cache")
@@ -224,6 +225,7 @@ class RedisBackend:
         return result
 
     def _failed(self, what: str, exc: BaseException) -> None:
+        metrics.REDIS_ERRORS.labels(what).inc()
         if isinstance(exc, TimeoutError):
             error = f"{what}: no answer within {self.timeout * 1000:.0f} ms"
         else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from parley.cache.v1 import cache_pb2
 from parley.inference.v1 import inference_pb2
 
-from services.cache import keys
+from services.cache import keys, metrics
 from services.cache.backends import ENTRY_PREFIX, Backend, BackendUnavailable, EntryStats, RedisBackend
 from services.cache.settings import CacheSettings
 from services.core.errors import Unavailable
@@ -51,15 +51,19 @@ class ResponseCache:
         try:
             raw = await self.backend.lookup(self.entry_key(key, user_id))
         except BackendUnavailable:
+            metrics.MISSES.inc()
             return None
         if raw is None:
+            metrics.MISSES.inc()
             return None
         completion = cache_pb2.CachedCompletion()
         try:
             completion.ParseFromString(raw)
         except Exception:  # noqa: BLE001 - a corrupt entry is a miss, not an error
             log.warning("unreadable cache entry ignored")
+            metrics.MISSES.inc()
             return None
+        metrics.HITS.inc()
         return completion
 
     async def store(self, key: cache_pb2.CompletionKey, completion: cache_pb2.CachedCompletion, user_id: str) -> bool:
