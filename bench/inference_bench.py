@@ -3,8 +3,11 @@
   (a) llama-cpp-python called directly in this process (the baseline)
   (b) the inference service's gRPC Generate stream
   (c) Envoy's REST path, /v1/chat/completions with stream=true (SSE)
+  (d) a saved conversation's turn, POST /v1/sessions/{id}:chat (SSE): session stores both messages,
+      counts the history's tokens and asks the cache before inference generates
 
-plus aggregate throughput for 1, 4 and 8 concurrent streams through Envoy. Every figure is printed
+plus aggregate throughput for 1, 4 and 8 concurrent streams through Envoy, and the time to the
+answer of a deterministic turn served from the response cache. Every figure is printed
 as a ratio against (a). Every request gets a distinct prompt, so no path is helped by a fully cached
 prompt; all paths may reuse the shared chat-template prefix, as llama-cpp-python itself does.
 
@@ -19,6 +22,7 @@ import json
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -29,6 +33,8 @@ from parley.inference.v1 import inference_pb2_grpc
 
 from services.inference.registry import BUNDLED, CatalogueEntry
 from services.stack import Stack, free_port
+
+ADMIN_PASSWORD = f"Bench-{uuid.uuid4().hex}"
 
 MODEL = BUNDLED["id"]
 MAX_TOKENS = 96
@@ -63,7 +69,7 @@ def bench_direct(runs: int, threads: int, context: int) -> tuple[float, float]:
     return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
-def bench_grpc(target: str, runs: int) -> tuple[float, float]:
+def bench_grpc(target: str, runs: int, token: str) -> tuple[float, float]:
     results = []
     with grpc.insecure_channel(target) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -71,7 +77,8 @@ def bench_grpc(target: str, runs: int) -> tuple[float, float]:
             request = pb.GenerateRequest(model=MODEL, messages=[pb.ChatMessage(role="user", content=prompt(100 + i))],
                                          sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
             start = time.perf_counter()
-            stamps = [time.perf_counter() for reply in stub.Generate(request) if reply.text]
+            stamps = [time.perf_counter() for reply in stub.Generate(request, metadata=(("authorization", f"Bearer {token}"),))
+                      if reply.text]
             if i:
                 results.append(rates(stamps, start))
     return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
@@ -82,9 +89,9 @@ def _sse_body(i: int, max_tokens: int = MAX_TOKENS) -> dict:
             "temperature": 0, "stream": True}
 
 
-def bench_rest(url: str, runs: int) -> tuple[float, float]:
+def bench_rest(url: str, runs: int, token: str) -> tuple[float, float]:
     results = []
-    with httpx.Client(timeout=120) as http:
+    with httpx.Client(timeout=120, headers=bearer(token)) as http:
         for i in range(runs + 1):
             start = time.perf_counter()
             stamps = []
@@ -97,7 +104,40 @@ def bench_rest(url: str, runs: int) -> tuple[float, float]:
     return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
-async def bench_concurrent(url: str, streams: int, max_tokens: int = 64) -> float:
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def session_turn(http: httpx.Client, url: str, i: int) -> list[float]:
+    """Token arrival times of one deterministic turn in a new session."""
+    sid = http.post(f"{url}/v1/sessions", json={}).json()["id"]
+    stamps = []
+    body = {"content": prompt(i), "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0}}
+    with http.stream("POST", f"{url}/v1/sessions/{sid}:chat", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and "delta" in (event := json.loads(line[6:])):
+                # A cached answer arrives as one delta; count its tokens at that instant.
+                stamps.append(time.perf_counter())
+    return stamps
+
+
+def bench_session(url: str, runs: int, token: str) -> tuple[tuple[float, float], float]:
+    """((decode tok/s, TTFT ms) of generated turns, median ms to a cached answer of the same turns)."""
+    generated, cached = [], []
+    with httpx.Client(timeout=120, headers=bearer(token)) as http:
+        for i in range(runs + 1):
+            start = time.perf_counter()
+            stamps = session_turn(http, url, 300 + i)
+            if i:
+                generated.append(rates(stamps, start))
+        for i in range(1, runs + 1):
+            start = time.perf_counter()
+            stamps = session_turn(http, url, 300 + i)
+            cached.append((stamps[-1] - start) * 1000)
+    return (statistics.median(r[0] for r in generated), statistics.median(r[1] for r in generated)), statistics.median(cached)
+
+
+async def bench_concurrent(url: str, streams: int, token: str, max_tokens: int = 64) -> float:
     async def one(http: httpx.AsyncClient, i: int) -> int:
         tokens = 0
         async with http.stream("POST", f"{url}/v1/chat/completions", json=_sse_body(1000 + i, max_tokens)) as response:
@@ -106,7 +146,7 @@ async def bench_concurrent(url: str, streams: int, max_tokens: int = 64) -> floa
                     tokens += 1
         return tokens
 
-    async with httpx.AsyncClient(timeout=300) as http:
+    async with httpx.AsyncClient(timeout=300, headers=bearer(token)) as http:
         start = time.perf_counter()
         counts = await asyncio.gather(*(one(http, streams * 10 + i) for i in range(streams)))
         return sum(counts) / (time.perf_counter() - start)
@@ -121,33 +161,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data:
         env = {"PARLEY_DATA_DIR": data, "PARLEY_HTTP_PORT": str(free_port()), "PARLEY_ADMIN_PORT": str(free_port()),
                "PARLEY_CONTEXT_LENGTH": str(context), "PARLEY_PARALLEL_SLOTS": str(args.slots),
-               "PARLEY_QUEUE_DEPTH": "32", "PARLEY_LOG_LEVEL": "WARNING"}
+               "PARLEY_QUEUE_DEPTH": "32", "PARLEY_LOG_LEVEL": "WARNING", "PARLEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
+               # The benchmark's requests would trip a user's default rate limits.
+               "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE": "100000", "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE": "100000000"}
         for name in ("auth", "session", "cache", "inference"):
             env[f"PARLEY_{name.upper()}_PORT"] = str(free_port())
         stack = Stack(env=env, log_dir=Path(data) / "logs")
         stack.start()
         try:
             stack.wait_healthy(timeout=300)
-            threads = stack_threads(stack)
+            token = httpx.post(f"{stack.url}/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD},
+                               timeout=30).json()["tokens"]["access_token"]
+            threads = stack_threads(stack, token)
             direct = bench_direct(args.runs, threads, context)
-            via_grpc = bench_grpc(f"127.0.0.1:{stack.common.port_of('inference')}", args.runs)
-            via_rest = bench_rest(stack.url, args.runs)
-            aggregate = {n: asyncio.run(bench_concurrent(stack.url, n)) for n in (1, 4, 8)}
+            via_grpc = bench_grpc(f"127.0.0.1:{stack.common.port_of('inference')}", args.runs, token)
+            via_rest = bench_rest(stack.url, args.runs, token)
+            via_session, cached_ms = bench_session(stack.url, args.runs, token)
+            aggregate = {n: asyncio.run(bench_concurrent(stack.url, n, token)) for n in (1, 4, 8)}
         finally:
             stack.stop()
     print(f"\nParley inference benchmark — {MODEL}, {threads} threads, greedy, up to {MAX_TOKENS} tokens, "
           f"median of {args.runs} runs\n")
     print(f"{'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'ratio':>7}")
     for name, (decode, ttft) in (("(a) llama-cpp-python in-process", direct), ("(b) gRPC Generate stream", via_grpc),
-                                 ("(c) Envoy REST SSE", via_rest)):
+                                 ("(c) Envoy REST SSE", via_rest), ("(d) session chat turn SSE", via_session)):
         print(f"{name:34} {decode:12.1f} {decode / direct[0]:7.3f} {ttft:9.1f} {ttft / direct[1]:7.3f}")
+    print(f"\n{'cached deterministic turn (d)':34} {cached_ms:9.1f} ms to the whole answer "
+          f"({cached_ms / direct[1]:.3f} of (a)'s TTFT)")
     print(f"\n{'concurrent streams (Envoy REST)':34} {'aggregate tok/s':>15} {'ratio vs (a)':>13}")
     for n, rate in aggregate.items():
         print(f"{n:<34} {rate:15.1f} {rate / direct[0]:13.3f}")
 
 
-def stack_threads(stack: Stack) -> int:
-    with httpx.Client() as http:
+def stack_threads(stack: Stack, token: str) -> int:
+    with httpx.Client(headers=bearer(token)) as http:
         return int(http.get(f"{stack.url}/v1/admin/hardware").json()["chosen"]["threads"])
 
 
