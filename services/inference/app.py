@@ -9,10 +9,12 @@ import grpc
 from parley.cache.v1 import cache_pb2, cache_pb2_grpc
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 
+from services.cache.client import CacheClient
 from services.core import channels, config, identity
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
 from services.inference import hardware, metrics
+from services.inference.chat_completions import ChatCompletions
 from services.inference.registry import ModelRegistry
 from services.inference.service import GenerationService
 from services.inference.servicer import InferenceServicer
@@ -28,7 +30,10 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
     settings = settings or config.load(InferenceSettings)
     hw = hardware.probe()
     registry = ModelRegistry(settings, hw)
-    servicer = InferenceServicer(registry, GenerationService(registry, settings), hw, cache_hit_ratio(common))
+    generation = GenerationService(registry, settings)
+    cache = CacheClient(common)  # rate limits and the response cache for /v1/chat/completions
+    completions = ChatCompletions(generation, registry, cache)
+    servicer = InferenceServicer(registry, generation, hw, cache_hit_ratio(common), completions=completions)
     metrics.REGISTRY_GAUGES.watch(registry)
     log.info("hardware", extra={"fields": {"cores": hw.physical_cores, "memory_mib": hw.total_memory_mib,
                                             "cuda": len(hw.cuda_devices), "budget_mib": registry.budget_mib}})
@@ -38,13 +43,18 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
             await registry.load(settings.default_model)
         registry.start_reaper()
 
+    async def close() -> None:
+        await registry.close()
+        await completions.close()
+        await cache.close()
+
     name = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
     admin_only = {f"/{name}/{method}": ("admin",) for method in ADMIN_METHODS}
     return ServiceSpec(
         name="inference",
         registrations=[Registration(name, inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer)],
         ready=ready,
-        close=registry.close,
+        close=close,
         interceptors=[identity.interceptor(common, roles=admin_only)],
     )
 

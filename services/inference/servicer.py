@@ -11,7 +11,7 @@ from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
 from services.core import sampling
-from services.inference import metrics, openai_compat
+from services.inference import chat_completions, metrics
 from services.inference.engines.base import Usage
 from services.inference.hardware import Hardware, choose
 from services.inference.registry import ModelRecord, ModelRegistry
@@ -53,10 +53,13 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, generation: GenerationService, hardware: Hardware,
-                 cache_hit_ratio: Callable[[], Awaitable[float | None]] | None = None) -> None:
+                 cache_hit_ratio: Callable[[], Awaitable[float | None]] | None = None,
+                 completions: chat_completions.ChatCompletions | None = None) -> None:
         self.registry = registry
         self.generation = generation
         self.hardware = hardware
+        # POST /v1/chat/completions: rate limits, response cache, generation, OpenAI rendering.
+        self.completions = completions or chat_completions.ChatCompletions(generation, registry, cache=None)
         # Asks the cache service; None when it cannot answer.
         self.cache_hit_ratio = cache_hit_ratio
 
@@ -92,32 +95,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def CreateChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async def mark(value: str) -> None:
+            # Initial metadata: Envoy turns it into the HTTP response header x-parley-cache.
+            await context.send_initial_metadata(((chat_completions.CACHE_HEADER, value),))
+
         # Like OpenAI's own API, the body must be JSON whatever content type the client declared.
-        req = openai_compat.parse_request(request.http_body.data)
-        stream = self.generation.generate(req.model, req.messages, "", req.sampling, _timeout(context))
-        writer: openai_compat.CompletionWriter | None = None
-        parts: list[str] = []
-        async for record, chunk in stream:
-            if writer is None:
-                writer = openai_compat.CompletionWriter(record.entry.id, record.entry.fingerprint())
-                if req.stream:
-                    # The first message fixes the HTTP content type of the whole response.
-                    yield _sse(writer.chunk({"role": "assistant", "content": ""}, include_usage=req.include_usage))
-            if req.stream:
-                if chunk.text:
-                    yield _sse(writer.chunk({"content": chunk.text}, include_usage=req.include_usage))
-                if chunk.finish_reason is not None:
-                    yield _sse(writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage))
-                    if req.include_usage:
-                        yield _sse(writer.usage_chunk(chunk.usage))
-                    yield _sse(writer.DONE)
-            else:
-                parts.append(chunk.text)
-                if chunk.finish_reason is not None:
-                    yield httpbody_pb2.HttpBody(
-                        content_type="application/json",
-                        data=writer.complete("".join(parts), chunk.finish_reason, chunk.usage),
-                    )
+        parts = self.completions.create(request.http_body.data, _timeout(context), mark)
+        async for content_type, data in parts:
+            yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
 
     async def GetHardware(self, request: pb.GetHardwareRequest, context: grpc.aio.ServicerContext) -> pb.GetHardwareResponse:
         hw = self.hardware
@@ -157,6 +142,3 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             queued_requests=sum(p.waiting for p in pools),
         )
 
-
-def _sse(data: bytes) -> httpbody_pb2.HttpBody:
-    return httpbody_pb2.HttpBody(content_type="text/event-stream", data=data)

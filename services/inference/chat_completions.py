@@ -1,0 +1,153 @@
+"""POST /v1/chat/completions from request bytes to response bytes: rate limit, response cache,
+generation and OpenAI's JSON or SSE rendering.
+
+Order of a request: parse (400 on a bad body) → rate-limit check (429 with Retry-After) → cache
+lookup when deterministic → either the cached answer, rendered exactly like a generated one, or a
+generation. A complete deterministic answer (finish reason stop or length) is stored afterwards, and
+the tokens are recorded, in background tasks so that neither delays the end of the response.
+The cache service being down changes nothing but speed: see services.cache.client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from parley.cache.v1 import cache_pb2
+from parley.inference.v1 import inference_pb2 as pb
+
+from services.cache.client import CacheClient
+from services.core.errors import ParleyError
+from services.core.sampling import SamplingInput
+from services.inference import openai_compat
+from services.inference.engines.base import Usage
+from services.inference.registry import ModelRegistry
+from services.inference.service import GenerationService
+
+CACHE_HEADER = "x-parley-cache"
+SSE = "text/event-stream"
+JSON = "application/json"
+REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+           "cancelled": pb.FINISH_REASON_CANCELLED}
+REASON_NAMES = {v: k for k, v in REASONS.items()}
+
+Mark = Callable[[str], Awaitable[None]]
+
+
+def sampling_pb(given: SamplingInput) -> pb.SamplingParams:
+    """The sampling parameters as sent (unset stays unset), as the cache key wants them."""
+    fields = {f.name: getattr(given, f.name) for f in dataclasses.fields(given) if f.name != "stop"}
+    return pb.SamplingParams(**{k: v for k, v in fields.items() if v is not None}, stop=list(given.stop))
+
+
+class ChatCompletions:
+    def __init__(self, generation: GenerationService, registry: ModelRegistry, cache: CacheClient | None) -> None:
+        self.generation = generation
+        self.registry = registry
+        self.cache = cache
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _later(self, work: Coroutine[Any, Any, Any]) -> None:
+        # create_task copies the context, so the caller's identity (and credentials) go along.
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=2)
+
+    def _key(self, req: openai_compat.ChatCompletionRequest) -> cache_pb2.CompletionKey | None:
+        if self.cache is None:
+            return None
+        try:
+            sampling = sampling_pb(req.sampling)
+        except (ValueError, TypeError):
+            return None  # out of the proto's range: generation rejects it with a precise message
+        if not CacheClient.is_deterministic(sampling):
+            return None
+        try:
+            entry = self.registry.get(req.model).entry
+        except ParleyError:
+            return None  # generation reports the unknown model with the proper status
+        return cache_pb2.CompletionKey(
+            model=entry.id, model_fingerprint=entry.fingerprint(), sampling=sampling,
+            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in req.messages])
+
+    async def create(self, body: bytes, timeout: float | None, mark: Mark) -> AsyncIterator[tuple[str, bytes]]:
+        """Yields (content type, bytes). `mark` sends the x-parley-cache value before the first bytes."""
+        req = openai_compat.parse_request(body)
+        if self.cache is not None:
+            await self.cache.check_rate_limit()
+        key = self._key(req)
+        cached = await self.cache.lookup(key) if self.cache is not None and key is not None else None
+        if cached is not None:
+            await mark("hit")
+            for part in self._replay(req, key, cached):  # type: ignore[arg-type]
+                yield part
+            return
+        async for part in self._generate(req, key, timeout, mark):
+            yield part
+
+    def _replay(self, req: openai_compat.ChatCompletionRequest, key: cache_pb2.CompletionKey,
+                cached: cache_pb2.CachedCompletion) -> list[tuple[str, bytes]]:
+        """The cached answer in the same shape as a generated one. Its prompt counts as cached."""
+        u = cached.usage
+        usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                      cached_prompt_tokens=u.prompt_tokens)
+        reason = REASON_NAMES.get(cached.finish_reason, "stop")
+        writer = openai_compat.CompletionWriter(key.model, key.model_fingerprint)
+        if not req.stream:
+            return [(JSON, writer.complete(cached.text, reason, usage))]
+        usage_flag = req.include_usage
+        parts = [writer.chunk({"role": "assistant", "content": ""}, include_usage=usage_flag)]
+        if cached.text:
+            parts.append(writer.chunk({"content": cached.text}, include_usage=usage_flag))
+        parts.append(writer.chunk({}, reason, final=True, include_usage=usage_flag))
+        if usage_flag:
+            parts.append(writer.usage_chunk(usage))
+        parts.append(writer.DONE)
+        return [(SSE, p) for p in parts]
+
+    async def _generate(self, req: openai_compat.ChatCompletionRequest, key: cache_pb2.CompletionKey | None,
+                        timeout: float | None, mark: Mark) -> AsyncIterator[tuple[str, bytes]]:
+        stream = self.generation.generate(req.model, req.messages, "", req.sampling, timeout)
+        writer: openai_compat.CompletionWriter | None = None
+        parts: list[str] = []
+        pieces = 0
+        usage: Usage | None = None
+        try:
+            async for record, chunk in stream:
+                if writer is None:
+                    # Only once generation has started: an error before it stays a plain error status.
+                    await mark("miss")
+                    writer = openai_compat.CompletionWriter(record.entry.id, record.entry.fingerprint())
+                    if req.stream:
+                        # The first message fixes the HTTP content type of the whole response.
+                        yield SSE, writer.chunk({"role": "assistant", "content": ""}, include_usage=req.include_usage)
+                parts.append(chunk.text)
+                pieces += bool(chunk.text)
+                if req.stream:
+                    if chunk.text:
+                        yield SSE, writer.chunk({"content": chunk.text}, include_usage=req.include_usage)
+                    if chunk.finish_reason is not None:
+                        yield SSE, writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage)
+                        if req.include_usage:
+                            yield SSE, writer.usage_chunk(chunk.usage)
+                        yield SSE, writer.DONE
+                elif chunk.finish_reason is not None:
+                    yield JSON, writer.complete("".join(parts), chunk.finish_reason, chunk.usage)
+                if chunk.finish_reason is not None:
+                    usage = chunk.usage or Usage()
+                    if key is not None and self.cache is not None and chunk.finish_reason in ("stop", "length"):
+                        self._later(self.cache.store(key, cache_pb2.CachedCompletion(
+                            text="".join(parts), finish_reason=REASONS[chunk.finish_reason],
+                            usage=pb.Usage(prompt_tokens=usage.prompt_tokens,
+                                           completion_tokens=usage.completion_tokens,
+                                           total_tokens=usage.total_tokens))))
+        finally:
+            if self.cache is not None and writer is not None:
+                # A client that leaves early still pays for what was generated (about a token a piece).
+                self._later(self.cache.record_usage(usage.total_tokens if usage is not None else pieces))
