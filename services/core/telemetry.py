@@ -104,7 +104,10 @@ def serve_metrics(host: str, port: int) -> Callable[[], None] | None:
     """Serves the default Prometheus registry on host:port/metrics in a thread; returns its stop function."""
     if port == 0:
         return None
-    server, _thread = prometheus_client.start_http_server(port, addr=host)
+    try:
+        server, _thread = prometheus_client.start_http_server(port, addr=host)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {host}:{port} ({exc.strerror}); set another port or 0") from None
 
     def stop() -> None:
         server.shutdown()
