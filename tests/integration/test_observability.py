@@ -196,8 +196,13 @@ def test_log_lines_of_the_turn_carry_its_trace_and_request_id(traced: Stack, cha
     # Envoy's request id reaches every service that the turn touched: the one in its access log line.
     request_ids = {entry.get("request_id") for entries in lines.values() for entry in entries}
     (request_id,) = request_ids
-    access = [json.loads(raw) for raw in Path(traced.log_dir, "gateway.log").read_text().splitlines()
-              if '"request_id"' in raw and request_id in raw]
+    deadline = time.monotonic() + 15  # Envoy flushes its access log every few seconds
+    while True:
+        access = [json.loads(raw) for raw in Path(traced.log_dir, "gateway.log").read_text().splitlines()
+                  if '"request_id"' in raw and request_id in raw]
+        if access or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert [a["path"] for a in access] == [f"/v1/sessions/{chat_turn['session_id']}:chat"]
     # Message contents never reach the logs.
     for name in ("gateway", "auth", "session", "cache", "inference"):
@@ -259,3 +264,17 @@ def test_admin_metrics_summary(traced: Stack, person: Caller, chat_turn) -> None
     assert summary["loaded_models"] == [{"id": MODEL, "memory_mib": summary["loaded_models"][0]["memory_mib"]}]
     assert summary["loaded_models"][0]["memory_mib"] > 50
     assert summary["running_requests"] == 0 and summary["queued_requests"] == 0
+
+
+def test_without_envoy_tracing_a_clients_traceparent_is_continued(stack: Stack, user: Caller) -> None:
+    """The shared stack exports nothing and Envoy does not trace: the services still continue the
+    caller's trace, as their log lines show."""
+    trace_id = secrets.token_hex(16)
+    headers = {**user.headers, "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    answer = httpx.post(f"{stack.url}/v1/chat/completions", headers=headers, timeout=120, json={
+        "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+    assert answer.status_code == 200, answer.text
+    lines = [json.loads(raw) for raw in Path(stack.log_dir, "inference.log").read_text().splitlines()
+             if trace_id in raw]
+    assert [(e["message"], e["method"]) for e in lines if e["message"] == "rpc"] == [
+        ("rpc", "/parley.inference.v1.InferenceService/CreateChatCompletion")]
