@@ -35,6 +35,7 @@ class CacheClient:
         self._channel = channels.open_channel(common, "cache")
         self._cache = cache_pb2_grpc.ResponseCacheServiceStub(self._channel)
         self._limits = cache_pb2_grpc.RateLimitServiceStub(self._channel)
+        self._stats = cache_pb2_grpc.CacheServiceStub(self._channel)
         self._last_warning: float | None = None
 
     @staticmethod
@@ -106,6 +107,16 @@ class CacheClient:
                 metadata=forward_credentials(), timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001
             self._unreachable("record_usage", exc)
+
+    async def hit_ratio(self) -> float | None:
+        """The response cache's hit ratio (for the admin summary), or None while it does not answer."""
+        try:
+            stats = await self._stats.GetCacheStats(cache_pb2.GetCacheStatsRequest(),
+                                                    metadata=forward_credentials(), timeout=2)
+        except Exception as exc:  # noqa: BLE001
+            self._unreachable("stats", exc)
+            return None
+        return stats.hit_ratio
 
     async def close(self) -> None:
         await self._channel.close()

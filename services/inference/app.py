@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
-import grpc
-from parley.cache.v1 import cache_pb2, cache_pb2_grpc
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.cache.client import CacheClient
-from services.core import channels, config, identity
+from services.core import config, identity
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
 from services.inference import hardware, metrics
@@ -33,7 +30,7 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
     generation = GenerationService(registry, settings)
     cache = CacheClient(common)  # rate limits and the response cache for /v1/chat/completions
     completions = ChatCompletions(generation, registry, cache)
-    servicer = InferenceServicer(registry, generation, hw, cache_hit_ratio(common), completions=completions)
+    servicer = InferenceServicer(registry, generation, hw, cache.hit_ratio, completions=completions)
     metrics.REGISTRY_GAUGES.watch(registry)
     log.info("hardware", extra={"fields": {"cores": hw.physical_cores, "memory_mib": hw.total_memory_mib,
                                             "cuda": len(hw.cuda_devices), "budget_mib": registry.budget_mib}})
@@ -58,18 +55,3 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
         interceptors=[identity.interceptor(common, roles=admin_only)],
     )
 
-
-def cache_hit_ratio(common: CommonSettings) -> Callable[[], Awaitable[float | None]]:
-    """The cache service's hit ratio for the admin summary, or None while it does not answer."""
-    stub = cache_pb2_grpc.CacheServiceStub(channels.open_channel(common, "cache"))
-
-    async def ask() -> float | None:
-        try:
-            stats = await stub.GetCacheStats(cache_pb2.GetCacheStatsRequest(),
-                                             metadata=identity.forward_credentials(), timeout=2)
-        except grpc.aio.AioRpcError as exc:
-            log.info("cache statistics unavailable", extra={"fields": {"code": exc.code().name}})
-            return None
-        return stats.hit_ratio
-
-    return ask
