@@ -10,6 +10,7 @@ What the config does:
 - CORS for PARLEY_CORS_ORIGINS; same-origin only when it is empty.
 - routes by gRPC method: streaming RPCs have no timeout, unary ones a bounded one. Internal services
   (credential verification, response cache, rate limits) are not routed at all.
+- the PWA (web/) at / from direct responses (services/gateway/web_app.py).
 - GET /healthz: 200 only when every upstream answers grpc.health.v1 SERVING; 503 naming the others.
 - errors on the OpenAI-compatible paths are rewritten into OpenAI's {"error": {...}} JSON.
 - active gRPC health checks of each upstream, a JSON access log on stdout, admin on loopback only.
@@ -30,6 +31,7 @@ from typing import Any
 
 from services.core import config
 from services.core.config import setting
+from services.gateway import web_app
 
 SERVICES = ("auth", "session", "cache", "inference")
 
@@ -143,6 +145,7 @@ class GatewaySettings:
     admin_port: int = setting(9901, min=0, max=65535, help="Envoy admin, always on 127.0.0.1")
     cors_origins: tuple[str, ...] = setting((), help="comma-separated origins allowed by CORS")
     descriptor_path: Path = setting(Path("build/parley.pb"))
+    web_dir: Path = setting(web_app.SOURCE, help="the PWA's files, served at / (web/ of the repo)")
     health_check_interval_seconds: float = setting(2.0, min=0.1)
     inference_lb: str = setting("round_robin", choices=tuple(INFERENCE_LB_POLICIES),
                                 help=f"ring_hash or maglev: consistent hash on {SESSION_HASH_HEADER}")
@@ -294,7 +297,7 @@ ACCESS_LOG_FORMAT = {
 def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
     descriptor = str(gateway.descriptor_path.resolve())
     lua = GATEWAY_LUA % ", ".join(f'"{s}"' for s in SERVICES)
-    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": _routes(gateway.inference_lb != "round_robin")}
+    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": web_app.routes(gateway.web_dir.resolve()) + _routes(gateway.inference_lb != "round_robin")}
     if gateway.cors_origins:
         virtual_host["typed_per_filter_config"] = {"envoy.filters.http.cors": _cors(gateway.cors_origins)}
     hcm = {
@@ -316,7 +319,8 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
             }
         ],
         "local_reply_config": _local_reply_config(),
-        "route_config": {"name": "parley", "virtual_hosts": [virtual_host]},
+        "route_config": {"name": "parley", "virtual_hosts": [virtual_host],
+                         "max_direct_response_body_size_bytes": web_app.MAX_BODY_BYTES},
         "http_filters": [
             {
                 "name": "envoy.filters.http.cors",

@@ -1,0 +1,122 @@
+"""Browser fixtures: the real stack (tests/integration/conftest.py) and Debian's Chromium driven by
+Playwright. Playwright comes from PyPI (`playwright`, its driver included); it never downloads a
+browser here: it launches /usr/bin/chromium (`make test` installs Debian's chromium package), each
+time with a fresh temporary profile of its own. Screenshots go to the test artifacts folder."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.stack import Stack
+from tests.integration.conftest import ADMIN_PASSWORD, artifacts_dir, start_stack
+
+CHROMIUM = os.environ.get("PARLEY_TEST_CHROMIUM", "/usr/bin/chromium")
+# Headless, no sandbox (CI runs as root), and nothing that calls out to Google's services: the
+# machine has no network beyond loopback and the package registries.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PASSWORD = "Plenty-long-passphrase-42"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="session")
+def web_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack of the browser tests' own, so their accounts and sessions never meet the API tests'."""
+    running = start_stack(tmp_path_factory.mktemp("web-stack"), PARLEY_CONTEXT_LENGTH="2048")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def web_url(web_stack: Stack) -> str:
+    return web_stack.url
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements/test.txt)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def new_page(browser, web_url: str) -> Iterator[Callable[..., object]]:
+    """Opens pages in fresh browser contexts (own storage, cookies and service workers) and
+    reports any script error on them as a test failure."""
+    contexts = []
+    errors: list[str] = []
+
+    def open_page(viewport: dict[str, int] = DESKTOP, path: str = "/"):
+        context = browser.new_context(viewport=viewport, base_url=web_url)
+        context.set_default_timeout(30_000)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(path)
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+    assert not errors, f"script errors on the page: {errors}"
+
+
+def register(base_url: str, username: str | None = None) -> str:
+    username = username or f"web-{uuid.uuid4().hex[:8]}"
+    answer = httpx.post(f"{base_url}/v1/auth/register", json={"username": username, "password": PASSWORD}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return username
+
+
+def sign_in_page(page, username: str, password: str = PASSWORD) -> None:
+    """Signs in through the form, as a person would."""
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    page.locator('body[data-view="home"]').wait_for(state="attached")  # on a phone the list is the home
+
+
+@pytest.fixture
+def signed_in(new_page, web_url: str) -> Callable[..., object]:
+    """A page signed in as a new user (or as `username`)."""
+
+    def open_signed_in(viewport: dict[str, int] = DESKTOP, username: str | None = None, password: str = PASSWORD):
+        username = username or register(web_url)
+        page = new_page(viewport)
+        sign_in_page(page, username, password)
+        return page
+
+    return open_signed_in
+
+
+@pytest.fixture
+def admin_page(new_page) -> object:
+    page = new_page()
+    sign_in_page(page, "admin", ADMIN_PASSWORD)
+    return page
+
+
+def screenshot(page, name: str) -> Path:
+    folder = artifacts_dir() / "e2e"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=False)
+    return path

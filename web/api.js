@@ -1,0 +1,260 @@
+// The REST API of the gateway (same origin): credentials, silent refresh, errors in plain words and
+// the chat turn's server-sent events read from a POST (EventSource can only GET).
+
+const STORE = "parley.auth";
+
+export class ApiError extends Error {
+  constructor(status, message, { code = 0, retryAfter = null } = {}) {
+    super(message || `HTTP ${status}`);
+    this.name = "ApiError";
+    this.status = status;
+    this.code = code;
+    this.retryAfter = retryAfter;
+  }
+}
+
+export class NetworkError extends Error {
+  constructor() {
+    super("network");
+    this.name = "NetworkError";
+  }
+}
+
+// Seconds to wait, from a Retry-After header (seconds or an HTTP date).
+function retryAfter(response) {
+  const value = response.headers.get("retry-after");
+  if (!value) return null;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return Math.max(0, Math.ceil(seconds));
+  const date = Date.parse(value);
+  return Number.isNaN(date) ? null : Math.max(0, Math.ceil((date - Date.now()) / 1000));
+}
+
+async function errorOf(response) {
+  let message = "";
+  let code = 0;
+  try {
+    const body = await response.json();
+    message = body.message || body.error?.message || "";
+    code = body.code || 0;
+  } catch {
+    // Not JSON: an HTML error page from a proxy, say. The status alone is explained.
+  }
+  return new ApiError(response.status, message, { code, retryAfter: retryAfter(response) });
+}
+
+function seconds(n) {
+  return n === 1 ? "1 second" : `${n} seconds`;
+}
+
+// One sentence a person can act on.
+export function explain(error) {
+  if (error instanceof NetworkError || error?.name === "TypeError") {
+    return navigator.onLine === false
+      ? "You are offline. Reconnect to the network and try again."
+      : "Cannot reach the Parley server. Check your connection and try again.";
+  }
+  if (!(error instanceof ApiError)) return `Something went wrong: ${error?.message || error}`;
+  const detail = error.message && !error.message.startsWith("HTTP ") ? ` (${error.message})` : "";
+  switch (error.status) {
+    case 400:
+      return error.message || "The request was not accepted.";
+    case 401:
+      return "Your sign-in has expired. Please sign in again.";
+    case 403:
+      return "You do not have permission to do that.";
+    case 404:
+      return `Not found${detail}.`;
+    case 409:
+      return error.message || "That conflicts with something that already exists.";
+    case 429:
+      return error.retryAfter !== null
+        ? `Too many requests: the server is busy. Try again in ${seconds(error.retryAfter)}.`
+        : `Too many requests: the server is busy. Wait a moment and try again${detail}.`;
+    case 501:
+      return `The server does not support this yet${detail}.`;
+    case 503:
+      return `The service is unavailable right now${detail}. Try again in a moment.`;
+    case 504:
+      return "The server took too long to answer. Try again.";
+    default:
+      return `The server answered with an error (HTTP ${error.status})${detail}.`;
+  }
+}
+
+// In-band error events of a chat stream carry a gRPC status name.
+export function explainStreamError(event) {
+  const words = {
+    RESOURCE_EXHAUSTED: "The server is busy.",
+    UNAVAILABLE: "The model is unavailable right now.",
+    DEADLINE_EXCEEDED: "The answer took too long and was cut off.",
+    CANCELLED: "The answer was cancelled.",
+    INVALID_ARGUMENT: "The request was not accepted.",
+  };
+  const lead = words[event.code] || "The answer failed.";
+  return event.message ? `${lead} ${event.message}` : lead;
+}
+
+export class Api {
+  constructor({ onSignedOut } = {}) {
+    this.onSignedOut = onSignedOut || (() => {});
+    this.refreshing = null;
+    try {
+      this.auth = JSON.parse(localStorage.getItem(STORE)) || null;
+    } catch {
+      this.auth = null;
+    }
+  }
+
+  get user() {
+    return this.auth?.user || null;
+  }
+
+  get isAdmin() {
+    return (this.user?.roles || []).includes("ROLE_ADMIN");
+  }
+
+  save(auth) {
+    this.auth = auth;
+    if (auth) localStorage.setItem(STORE, JSON.stringify(auth));
+    else localStorage.removeItem(STORE);
+  }
+
+  async signIn(username, password, register = false) {
+    const path = register ? "/v1/auth/register" : "/v1/auth/login";
+    const answer = await this.request("POST", path, { username, password }, { anonymous: true });
+    this.save({ user: answer.user, ...answer.tokens });
+    return answer.user;
+  }
+
+  async signOut() {
+    const refresh = this.auth?.refresh_token;
+    this.save(null);
+    if (refresh) {
+      try {
+        await this.request("POST", "/v1/auth/logout", { refresh_token: refresh }, { anonymous: true });
+      } catch {
+        // Signed out locally either way; the refresh token expires on its own.
+      }
+    }
+  }
+
+  // One refresh at a time, however many requests got a 401 together: refresh tokens rotate, and
+  // re-using an old one revokes the whole family.
+  refresh() {
+    if (!this.refreshing) {
+      const token = this.auth?.refresh_token;
+      this.refreshing = (async () => {
+        if (!token) return false;
+        try {
+          const answer = await this.request("POST", "/v1/auth/refresh", { refresh_token: token }, { anonymous: true });
+          this.save({ ...this.auth, ...answer.tokens });
+          return true;
+        } catch (error) {
+          if (error instanceof ApiError) return false;
+          throw error; // offline: keep the tokens and say so
+        }
+      })().finally(() => {
+        this.refreshing = null;
+      });
+    }
+    return this.refreshing;
+  }
+
+  async fetch(method, path, body, { signal, anonymous = false, accept = "application/json" } = {}) {
+    const send = () => {
+      const headers = { accept };
+      if (body !== undefined) headers["content-type"] = "application/json";
+      if (!anonymous && this.auth?.access_token) headers.authorization = `Bearer ${this.auth.access_token}`;
+      return fetch(path, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal,
+        cache: "no-store",
+      }).catch((error) => {
+        if (error.name === "AbortError") throw error;
+        throw new NetworkError();
+      });
+    };
+    let response = await send();
+    if (response.status === 401 && !anonymous) {
+      if (await this.refresh()) {
+        response = await send();
+      }
+      if (response.status === 401) {
+        this.save(null);
+        this.onSignedOut();
+        throw await errorOf(response);
+      }
+    }
+    if (!response.ok) throw await errorOf(response);
+    return response;
+  }
+
+  async request(method, path, body, options = {}) {
+    const response = await this.fetch(method, path, body, options);
+    const text = await response.text();
+    return text ? JSON.parse(text) : {};
+  }
+
+  get(path) {
+    return this.request("GET", path);
+  }
+
+  // Every page of a list: `key` names the repeated field.
+  async all(path, key) {
+    const items = [];
+    let token = "";
+    do {
+      const sep = path.includes("?") ? "&" : "?";
+      const page = await this.get(`${path}${sep}page_size=100${token ? `&page_token=${encodeURIComponent(token)}` : ""}`);
+      items.push(...(page[key] || []));
+      token = page.next_page_token || "";
+    } while (token);
+    return items;
+  }
+
+  // PATCH a session with an explicit field mask, so that emptied fields are cleared too.
+  updateSession(id, fields) {
+    const camel = (name) => name.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
+    const mask = Object.keys(fields).map(camel).join(",");
+    return this.request("PATCH", `/v1/sessions/${encodeURIComponent(id)}?update_mask=${mask}`, { id, ...fields });
+  }
+
+  // One chat turn: yields the events {start}, {delta}, … {done} or {error} as they arrive.
+  async *chat(sessionId, body, signal) {
+    const response = await this.fetch("POST", `/v1/sessions/${encodeURIComponent(sessionId)}:chat`, body, {
+      signal,
+      accept: "text/event-stream",
+    });
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    try {
+      for (;;) {
+        let chunk;
+        try {
+          chunk = await reader.read();
+        } catch (error) {
+          if (error.name === "AbortError") throw error;
+          throw new NetworkError();
+        }
+        if (chunk.done) break;
+        buffer += chunk.value.replace(/\r\n/g, "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const data = block
+            .split("\n")
+            .filter((line) => line.startsWith("data:"))
+            .map((line) => line.slice(5).trimStart())
+            .join("\n");
+          if (data) yield JSON.parse(data);
+        }
+      }
+    } finally {
+      reader.releaseLock();
+    }
+  }
+}
