@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 GENERATED := build/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: help setup gen run test test-unit lint-protos bench k8s-config clean
+.PHONY: help setup gen run test test-unit lint-protos bench k8s-config browser clean
 
 help:
 	@echo "make run    - start auth, session, cache, inference and Envoy on http://127.0.0.1:8080"
@@ -47,6 +47,15 @@ gen: $(INSTALLED)
 	$(PY) tools/gen.py 2> >(grep -v '^Writing mypy' >&2)
 	touch $(GENERATED)
 
+# Debian's Chromium for the browser tests (tests/e2e drives it with Playwright; no browser is ever
+# downloaded). Installed only when missing; CI runs as root, elsewhere sudo asks.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+browser: $(CHROMIUM)
+
 # `npm ci` trips over the lockfile's optional per-platform buf packages (npm 11); `npm install`
 # honours the same lockfile without that check.
 $(BUF): package.json package-lock.json
@@ -62,7 +71,7 @@ lint-protos: $(BUF) $(GENERATED)
 	$(BUF) format --diff --exit-code protos
 	$(PY) tools/check_breaking.py
 
-test: setup lint-protos $(CHECKOV)
+test: setup lint-protos $(CHECKOV) $(CHROMIUM)
 	$(PY) tools/run_pytest.py tests
 
 test-unit: setup
@@ -77,8 +86,9 @@ K8S_GENERATED := k8s/base/gateway/generated
 k8s-config: $(GENERATED)
 	mkdir -p $(K8S_GENERATED)
 	cp build/parley.pb $(K8S_GENERATED)/parley.pb
+	rm -rf $(K8S_GENERATED)/web && cp -r web $(K8S_GENERATED)/web
 	set -a; . k8s/base/gateway/envoy.env; set +a; $(PY) -m services.gateway.envoy_config --out $(K8S_GENERATED)/envoy.yaml
-	@echo "k8s-config: wrote $(K8S_GENERATED)/envoy.yaml and parley.pb; render with: kubectl kustomize k8s/overlays/<cpu|gpu|dev>"
+	@echo "k8s-config: wrote $(K8S_GENERATED)/envoy.yaml, parley.pb and web/; render with: kubectl kustomize k8s/overlays/<cpu|gpu|dev>"
 
 clean:
 	rm -rf build .parley test-artifacts

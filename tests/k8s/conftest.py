@@ -53,6 +53,7 @@ def write_gateway_config(tree: Path) -> None:
     generated = tree / "base" / "gateway" / "generated"
     generated.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DESCRIPTOR, generated / "parley.pb")
+    shutil.copytree(ROOT / "web", generated / "web")
     script = 'set -a; . k8s/base/gateway/envoy.env; set +a; exec "$0" -m services.gateway.envoy_config --out "$1"'
     subprocess.run(["bash", "-c", script, sys.executable, str(generated / "envoy.yaml")], cwd=ROOT, check=True,
                    capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})

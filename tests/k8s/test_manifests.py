@@ -13,6 +13,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from services.gateway import web_app
 from tests.k8s.conftest import K8S, OVERLAYS, Render
 
 # The oldest Kubernetes release these manifests target (native gRPC probes are GA since 1.27);
@@ -203,7 +204,7 @@ def test_network_policies_allow_exactly_the_calls_each_service_needs(render: Ren
 
 def test_gateway_config_map_carries_the_generated_envoy_config_with_session_affinity(render: Render) -> None:
     deployment = render.get("Deployment", "gateway")
-    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
     config_map = render.get("ConfigMap", volume["configMap"]["name"])
     assert "parley.pb" in config_map["binaryData"]
     envoy = json.loads(config_map["data"]["envoy.yaml"])
@@ -224,6 +225,27 @@ def test_gateway_config_map_carries_the_generated_envoy_config_with_session_affi
     assert render.get("Service", host)["spec"]["ports"][0]["port"] == int(port)
 
 
+def test_gateway_serves_the_web_app_from_its_own_config_map(render: Render) -> None:
+    """Every file Envoy's config names is a key of the mounted gateway-web ConfigMap, and every file
+    of web/ is in it (the configMapGenerator lists them one by one)."""
+    deployment = render.get("Deployment", "gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "web"]
+    web = render.get("ConfigMap", volume["configMap"]["name"])
+    keys = set(web.get("data", {})) | set(web.get("binaryData", {}))
+    assert keys == set(web_app.files())
+    assert "icon-192.png" in web["binaryData"]
+    (envoy_container,) = containers(deployment)
+    (mount,) = [m for m in envoy_container["volumeMounts"] if m["name"] == "web"]
+    assert mount["readOnly"] is True
+    config_map = next(c for c in render.of_kind("ConfigMap") if c["metadata"]["name"].startswith("gateway-envoy"))
+    envoy = json.loads(config_map["data"]["envoy.yaml"])
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    files = {r["direct_response"]["body"]["filename"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
+             if "direct_response" in r}
+    assert files == {f"{mount['mountPath']}/{name}" for name in keys}
+
+
 def test_generated_envoy_config_is_accepted_by_envoy(renders: dict[str, Render], tmp_path: Path) -> None:
     envoy = Path(sys.executable).parent / "envoy"
     if not envoy.exists():
@@ -232,7 +254,9 @@ def test_generated_envoy_config_is_accepted_by_envoy(renders: dict[str, Render],
     config_map = next(c for c in render.of_kind("ConfigMap") if c["metadata"]["name"].startswith("gateway-envoy"))
     text = config_map["data"]["envoy.yaml"]
     descriptor = K8S.parent / "build" / "parley.pb"
-    (tmp_path / "envoy.yaml").write_text(text.replace('"/etc/envoy/parley.pb"', json.dumps(str(descriptor))))
+    text = text.replace('"/etc/envoy/parley.pb"', json.dumps(str(descriptor)))
+    text = text.replace('"/etc/parley/web/', json.dumps(str(K8S.parent / "web") + "/")[:-1])
+    (tmp_path / "envoy.yaml").write_text(text)
     result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
