@@ -182,7 +182,7 @@ def main() -> int:
                 print(f"parley: {stack.describe_death(process)}", file=sys.stderr, flush=True)
                 return 1
             if deadline and stack.health()[0] == 200:
-                print(f"parley: ready at {stack.url}  (logs in {stack.log_dir}; Ctrl-C stops)", flush=True)
+                print(f"parley: ready at {stack.url}  (open it for the web app; logs in {stack.log_dir}; Ctrl-C stops)", flush=True)
                 deadline = 0.0
             elif deadline and time.monotonic() > deadline:
                 print(f"parley: not healthy after 600 s: {stack.health()}", file=sys.stderr, flush=True)

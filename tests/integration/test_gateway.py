@@ -129,6 +129,9 @@ def test_launcher_prints_url_healthz_and_stops_everything_on_sigterm(tmp_path: P
         url = f"http://127.0.0.1:{env['PARLEY_HTTP_PORT']}"
         assert url in lines[-1]
         assert httpx.get(f"{url}/healthz").status_code == 200
+        app = httpx.get(url)  # the printed URL opens the web app
+        assert app.status_code == 200 and app.headers["content-type"].startswith("text/html")
+        assert '<script type="module" src="/app.js">' in app.text
         children = _children_of(process.pid)
         assert len(children) == 5
         process.send_signal(signal.SIGTERM)
