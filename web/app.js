@@ -177,7 +177,7 @@ class App {
         if (location.hash === "#/" || !location.hash) this.route();
         else location.hash = "#/";
       } catch (error) {
-        status.textContent = explain(error);
+        status.textContent = signInError(error, registering);
         password.focus();
       } finally {
         submit.disabled = false;
@@ -483,6 +483,17 @@ class App {
         section(uid("models"), "Models", models, true),
         section(uid("metrics"), "Metrics", metrics)));
   }
+}
+
+// At the door a 401 means a wrong password, not an expired sign-in, and a 429 means too many tries.
+function signInError(error, registering) {
+  if (error?.status === 401) return "Wrong username or password.";
+  if (error?.status === 429) {
+    const wait = error.retryAfter ? ` Try again in ${error.retryAfter} seconds.` : " Wait a while and try again.";
+    return `Too many attempts.${wait}`;
+  }
+  if (error?.status === 403 && registering) return `You cannot register here${error.message ? ` (${error.message})` : ""}. Ask an administrator for an account.`;
+  return explain(error);
 }
 
 function mib(n) {

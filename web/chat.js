@@ -81,6 +81,10 @@ export class ChatView {
         h("div", { class: "chat-tools" },
           h("label", { for: this.modelPicker.id, class: "inline-label" }, "Model"), this.modelPicker, this.settingsButton)),
       this.settings, this.log, this.status, this.composer);
+    // Escape stops a generation wherever the focus is in the chat.
+    this.el.addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && this.controller) this.abort();
+    });
   }
 
   async load() {
@@ -121,8 +125,6 @@ export class ChatView {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       this.composer.requestSubmit();
-    } else if (event.key === "Escape" && this.controller) {
-      this.abort();
     }
   }
 

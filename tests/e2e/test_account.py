@@ -7,7 +7,7 @@ import json
 
 import httpx
 
-from tests.e2e.conftest import screenshot
+from tests.e2e.conftest import register, screenshot
 from tests.e2e.test_chat import new_chat, send
 
 
@@ -115,3 +115,13 @@ def test_admin_page_is_not_offered_to_users(signed_in) -> None:
     assert page.get_by_role("link", name="Admin").count() == 0
     page.goto(page.url.split("#")[0] + "#/admin")
     page.get_by_role("heading", name="Page not found").wait_for()
+
+
+def test_wrong_password_is_said_plainly(new_page, web_url: str) -> None:
+    username = register(web_url)
+    page = new_page()
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill("not-the-right-passphrase-1")
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    page.get_by_text("Wrong username or password.").wait_for()
+    assert page.get_by_label("Password").evaluate("el => el === document.activeElement")
