@@ -31,12 +31,24 @@ CHROMIUM_ARGS = [
 PASSWORD = "Plenty-long-passphrase-42"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
+HERE = Path(__file__).resolve().parent
+
+# What the last browser test releases, so that the stack and Chromium do not idle through the other
+# suites (session-scoped fixtures would otherwise live until the very end).
+_release: list[Callable[[], object]] = []
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if nextitem is None or HERE not in Path(nextitem.path).resolve().parents:
+        while _release:
+            _release.pop()()
 
 
 @pytest.fixture(scope="session")
 def web_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack of the browser tests' own, so their accounts and sessions never meet the API tests'."""
     running = start_stack(tmp_path_factory.mktemp("web-stack"), PARLEY_CONTEXT_LENGTH="2048")
+    _release.append(running.stop)
     yield running
     running.stop()
 
@@ -50,9 +62,13 @@ def web_url(web_stack: Stack) -> str:
 def browser() -> Iterator[object]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements/test.txt)")
-    with sync_api.sync_playwright() as playwright:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright package is missing: `make test` installs requirements/test.txt")
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        _release.append(browser.close)
         yield browser
         browser.close()
 
