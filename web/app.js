@@ -147,7 +147,7 @@ class App {
     const title = h("h1", { id: "view-title", tabindex: "-1" }, "Sign in to Parley");
     const toggle = h("button", { type: "button", class: "link" }, "Create an account instead");
     const hint = h("p", { class: "hint", id: "password-hint", hidden: true },
-      "Use a long passphrase: at least 12 characters, not containing your username.");
+      "Use a long passphrase: 10 characters or more, mixing kinds of characters, not containing your username.");
     password.setAttribute("aria-describedby", "password-hint");
     toggle.addEventListener("click", () => {
       registering = !registering;
