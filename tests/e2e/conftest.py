@@ -38,10 +38,16 @@ HERE = Path(__file__).resolve().parent
 _release: list[Callable[[], object]] = []
 
 
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+def release() -> None:
+    while _release:
+        _release.pop()()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield  # the test's own fixtures (pages, contexts) are finalized first
     if nextitem is None or HERE not in Path(nextitem.path).resolve().parents:
-        while _release:
-            _release.pop()()
+        release()
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +56,7 @@ def web_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running = start_stack(tmp_path_factory.mktemp("web-stack"), PARLEY_CONTEXT_LENGTH="2048")
     _release.append(running.stop)
     yield running
-    running.stop()
+    release()
 
 
 @pytest.fixture(scope="session")
@@ -66,11 +72,14 @@ def browser() -> Iterator[object]:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("the playwright package is missing: `make test` installs requirements/test.txt")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        _release.append(browser.close)
-        yield browser
-        browser.close()
+    # Playwright's sync API keeps an event loop running on this thread until it is stopped; the
+    # asyncio tests that follow need it gone, so stopping it is part of the release.
+    playwright = sync_playwright().start()
+    _release.append(playwright.stop)
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    _release.append(browser.close)
+    yield browser
+    release()
 
 
 @pytest.fixture
