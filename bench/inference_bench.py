@@ -1,4 +1,4 @@
-"""Decode speed and time to first token on the bundled model, along three paths, in one run:
+"""Decode speed and time to first token on the bundled model, along four paths, in one run:
 
   (a) llama-cpp-python called directly in this process (the baseline)
   (b) the inference service's gRPC Generate stream
@@ -6,10 +6,11 @@
   (d) a saved conversation's turn, POST /v1/sessions/{id}:chat (SSE): session stores both messages,
       counts the history's tokens and asks the cache before inference generates
 
-plus aggregate throughput for 1, 4 and 8 concurrent streams through Envoy, and the time to the
-answer of a deterministic turn served from the response cache. Every figure is printed
-as a ratio against (a). Every request gets a distinct prompt, so no path is helped by a fully cached
-prompt; all paths may reuse the shared chat-template prefix, as llama-cpp-python itself does.
+plus the time to the whole answer of a deterministic turn served from the response cache, and
+aggregate throughput for 1, 4 and 8 concurrent streams through Envoy. Every figure is printed as a
+ratio against (a). The paths take turns within each round, so that a slow spell of this shared
+machine weighs on all of them alike. Every request gets a distinct prompt, so no path is helped by a
+fully cached prompt; all paths may reuse the shared chat-template prefix, as llama-cpp-python does.
 
     make bench            # or: .venv/bin/python bench/inference_bench.py [--runs 5]
 """
@@ -23,6 +24,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -35,9 +37,12 @@ from services.inference.registry import BUNDLED, CatalogueEntry
 from services.stack import Stack, free_port
 
 ADMIN_PASSWORD = f"Bench-{uuid.uuid4().hex}"
-
 MODEL = BUNDLED["id"]
 MAX_TOKENS = 96
+
+Run = Callable[[int], list[float]]  # one request with prompt i -> the arrival times of its tokens
+# When a run must prepare before its request (loading the in-process model), it moves its start here.
+RUN_STARTED = [0.0]
 
 
 def prompt(i: int) -> str:
@@ -50,38 +55,39 @@ def rates(stamps: list[float], start: float) -> tuple[float, float]:
     return decode, (stamps[0] - start) * 1000
 
 
-def bench_direct(runs: int, threads: int, context: int) -> tuple[float, float]:
-    llm = Llama(model_path=CatalogueEntry(**BUNDLED).path(), n_ctx=context, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
-    results = []
-    for i in range(runs + 1):
-        start = time.perf_counter()
-        stamps = []
-        stream = llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt(i)}], max_tokens=MAX_TOKENS, temperature=0, stream=True,
-        )
-        for chunk in stream:
-            if chunk["choices"][0]["delta"].get("content"):
-                stamps.append(time.perf_counter())
-        if i:  # the first run warms up
-            results.append(rates(stamps, start))
-    llm.close()
-    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
 
 
-def bench_grpc(target: str, runs: int, token: str) -> tuple[float, float]:
-    results = []
-    with grpc.insecure_channel(target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        for i in range(runs + 1):
-            request = pb.GenerateRequest(model=MODEL, messages=[pb.ChatMessage(role="user", content=prompt(100 + i))],
-                                         sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
-            start = time.perf_counter()
-            stamps = [time.perf_counter() for reply in stub.Generate(request, metadata=(("authorization", f"Bearer {token}"),))
-                      if reply.text]
-            if i:
-                results.append(rates(stamps, start))
-    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+def direct_path(threads: int, context: int) -> Run:
+    """llama-cpp-python in this process. The model is loaded before the clock starts and closed after
+    each request: an idle Llama left open here measurably slows the service's decoding on 2 cores."""
+    def run(i: int) -> list[float]:
+        llm = Llama(model_path=CatalogueEntry(**BUNDLED).path(), n_ctx=context, n_threads=threads,
+                    n_threads_batch=threads, verbose=False)
+        try:
+            llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=1)  # warm, as the service is
+            RUN_STARTED[0] = time.perf_counter()
+            stream = llm.create_chat_completion(
+                messages=[{"role": "user", "content": prompt(i)}], max_tokens=MAX_TOKENS, temperature=0, stream=True,
+            )
+            return [time.perf_counter() for chunk in stream if chunk["choices"][0]["delta"].get("content")]
+        finally:
+            llm.close()
+
+    return run
+
+
+def grpc_path(channel: grpc.Channel, token: str) -> Run:
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+    def run(i: int) -> list[float]:
+        request = pb.GenerateRequest(model=MODEL, messages=[pb.ChatMessage(role="user", content=prompt(i))],
+                                     sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
+        replies = stub.Generate(request, metadata=(("authorization", f"Bearer {token}"),))
+        return [time.perf_counter() for reply in replies if reply.text]
+
+    return run
 
 
 def _sse_body(i: int, max_tokens: int = MAX_TOKENS) -> dict:
@@ -89,58 +95,61 @@ def _sse_body(i: int, max_tokens: int = MAX_TOKENS) -> dict:
             "temperature": 0, "stream": True}
 
 
-def bench_rest(url: str, runs: int, token: str) -> tuple[float, float]:
-    results = []
-    with httpx.Client(timeout=120, headers=bearer(token)) as http:
-        for i in range(runs + 1):
-            start = time.perf_counter()
-            stamps = []
-            with http.stream("POST", f"{url}/v1/chat/completions", json=_sse_body(200 + i)) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                        stamps.append(time.perf_counter())
-            if i:
-                results.append(rates(stamps, start))
-    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+def rest_path(http: httpx.Client, url: str) -> Run:
+    def run(i: int) -> list[float]:
+        stamps = []
+        with http.stream("POST", f"{url}/v1/chat/completions", json=_sse_body(i)) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+        return stamps
+
+    return run
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
+def session_path(http: httpx.Client, url: str) -> Run:
+    """A deterministic turn in a new session (a cached answer arrives as one delta)."""
+
+    def run(i: int) -> list[float]:
+        sid = http.post(f"{url}/v1/sessions", json={}).json()["id"]
+        stamps = []
+        body = {"content": prompt(i), "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0}}
+        with http.stream("POST", f"{url}/v1/sessions/{sid}:chat", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and "delta" in json.loads(line[6:]):
+                    stamps.append(time.perf_counter())
+        return stamps
+
+    return run
 
 
-def session_turn(http: httpx.Client, url: str, i: int) -> list[float]:
-    """Token arrival times of one deterministic turn in a new session."""
-    sid = http.post(f"{url}/v1/sessions", json={}).json()["id"]
-    stamps = []
-    body = {"content": prompt(i), "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0}}
-    with http.stream("POST", f"{url}/v1/sessions/{sid}:chat", json=body) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: {") and "delta" in (event := json.loads(line[6:])):
-                # A cached answer arrives as one delta; count its tokens at that instant.
-                stamps.append(time.perf_counter())
-    return stamps
+def interleaved(paths: dict[str, Run], runs: int) -> dict[str, tuple[float, float]]:
+    """Median (decode tok/s, TTFT ms) per path; round 0 warms up and is not counted."""
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for round_ in range(runs + 1):
+        for n, (name, run) in enumerate(paths.items()):
+            RUN_STARTED[0] = time.perf_counter()
+            stamps = run(1000 * n + round_)
+            if round_:
+                results[name].append(rates(stamps, RUN_STARTED[0]))
+    return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+            for name, rs in results.items()}
 
 
-def bench_session(url: str, runs: int, token: str) -> tuple[tuple[float, float], float]:
-    """((decode tok/s, TTFT ms) of generated turns, median ms to a cached answer of the same turns)."""
-    generated, cached = [], []
-    with httpx.Client(timeout=120, headers=bearer(token)) as http:
-        for i in range(runs + 1):
-            start = time.perf_counter()
-            stamps = session_turn(http, url, 300 + i)
-            if i:
-                generated.append(rates(stamps, start))
-        for i in range(1, runs + 1):
-            start = time.perf_counter()
-            stamps = session_turn(http, url, 300 + i)
-            cached.append((stamps[-1] - start) * 1000)
-    return (statistics.median(r[0] for r in generated), statistics.median(r[1] for r in generated)), statistics.median(cached)
+def cached_turns(run: Run, runs: int, first_prompt: int) -> float:
+    """Median ms to the whole answer of turns that `run` already asked (response cache hits)."""
+    times = []
+    for round_ in range(1, runs + 1):
+        start = time.perf_counter()
+        stamps = run(first_prompt + round_)
+        times.append((stamps[-1] - start) * 1000)
+    return statistics.median(times)
 
 
 async def bench_concurrent(url: str, streams: int, token: str, max_tokens: int = 64) -> float:
     async def one(http: httpx.AsyncClient, i: int) -> int:
         tokens = 0
-        async with http.stream("POST", f"{url}/v1/chat/completions", json=_sse_body(1000 + i, max_tokens)) as response:
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=_sse_body(i, max_tokens)) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                     tokens += 1
@@ -148,8 +157,13 @@ async def bench_concurrent(url: str, streams: int, token: str, max_tokens: int =
 
     async with httpx.AsyncClient(timeout=300, headers=bearer(token)) as http:
         start = time.perf_counter()
-        counts = await asyncio.gather(*(one(http, streams * 10 + i) for i in range(streams)))
+        counts = await asyncio.gather(*(one(http, 10_000 + streams * 10 + i) for i in range(streams)))
         return sum(counts) / (time.perf_counter() - start)
+
+
+def stack_threads(stack: Stack, token: str) -> int:
+    with httpx.Client(headers=bearer(token)) as http:
+        return int(http.get(f"{stack.url}/v1/admin/hardware").json()["chosen"]["threads"])
 
 
 def main() -> None:
@@ -166,6 +180,7 @@ def main() -> None:
                "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE": "100000", "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE": "100000000"}
         for name in ("auth", "session", "cache", "inference"):
             env[f"PARLEY_{name.upper()}_PORT"] = str(free_port())
+            env[f"PARLEY_{name.upper()}_METRICS_PORT"] = str(free_port())
         stack = Stack(env=env, log_dir=Path(data) / "logs")
         stack.start()
         try:
@@ -173,29 +188,29 @@ def main() -> None:
             token = httpx.post(f"{stack.url}/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD},
                                timeout=30).json()["tokens"]["access_token"]
             threads = stack_threads(stack, token)
-            direct = bench_direct(args.runs, threads, context)
-            via_grpc = bench_grpc(f"127.0.0.1:{stack.common.port_of('inference')}", args.runs, token)
-            via_rest = bench_rest(stack.url, args.runs, token)
-            via_session, cached_ms = bench_session(stack.url, args.runs, token)
+            with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel, \
+                    httpx.Client(timeout=120, headers=bearer(token)) as http:
+                session = session_path(http, stack.url)
+                paths = {"(a) llama-cpp-python in-process": direct_path(threads, context),
+                         "(b) gRPC Generate stream": grpc_path(channel, token),
+                         "(c) Envoy REST SSE": rest_path(http, stack.url),
+                         "(d) session chat turn SSE": session}
+                measured = interleaved(paths, args.runs)
+                cached_ms = cached_turns(session, args.runs, 3000)
             aggregate = {n: asyncio.run(bench_concurrent(stack.url, n, token)) for n in (1, 4, 8)}
         finally:
             stack.stop()
+    direct = measured["(a) llama-cpp-python in-process"]
     print(f"\nParley inference benchmark — {MODEL}, {threads} threads, greedy, up to {MAX_TOKENS} tokens, "
-          f"median of {args.runs} runs\n")
+          f"median of {args.runs} interleaved rounds\n")
     print(f"{'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'ratio':>7}")
-    for name, (decode, ttft) in (("(a) llama-cpp-python in-process", direct), ("(b) gRPC Generate stream", via_grpc),
-                                 ("(c) Envoy REST SSE", via_rest), ("(d) session chat turn SSE", via_session)):
+    for name, (decode, ttft) in measured.items():
         print(f"{name:34} {decode:12.1f} {decode / direct[0]:7.3f} {ttft:9.1f} {ttft / direct[1]:7.3f}")
     print(f"\n{'cached deterministic turn (d)':34} {cached_ms:9.1f} ms to the whole answer "
           f"({cached_ms / direct[1]:.3f} of (a)'s TTFT)")
     print(f"\n{'concurrent streams (Envoy REST)':34} {'aggregate tok/s':>15} {'ratio vs (a)':>13}")
     for n, rate in aggregate.items():
         print(f"{n:<34} {rate:15.1f} {rate / direct[0]:13.3f}")
-
-
-def stack_threads(stack: Stack, token: str) -> int:
-    with httpx.Client(headers=bearer(token)) as http:
-        return int(http.get(f"{stack.url}/v1/admin/hardware").json()["chosen"]["threads"])
 
 
 if __name__ == "__main__":
