@@ -37,7 +37,7 @@ from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.core import channels, config
 from services.core.config import setting
 from services.core.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
-from services.core.interceptors import abort_with, rewrap
+from services.core.interceptors import WrappingInterceptor, abort_with
 
 log = logging.getLogger("parley.identity")
 
@@ -280,7 +280,7 @@ class CredentialVerifier:
         return Identity(str(claims["sub"]), username, frozenset(roles))
 
 
-class IdentityInterceptor(grpc.aio.ServerInterceptor):
+class IdentityInterceptor(WrappingInterceptor):
     """Authenticates every call except the public ones and checks per-method roles.
 
     It runs before core.interceptors.ErrorMappingInterceptor (server.start_server puts a spec's
@@ -296,24 +296,15 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
     def is_public(self, method: str) -> bool:
         return method in self._public or method.startswith(PUBLIC_PREFIXES)
 
+    passes_through = is_public
+
     async def _identify(self, context: grpc.aio.ServicerContext, method: str) -> Identity:
         identity = await self._verifier.authenticate(bearer_credential(context.invocation_metadata()))
         for role in self._roles.get(method, ()):
             identity.require_role(role)
         return identity
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or self.is_public(method):
-            return handler
-        return rewrap(handler, method, self._wrap_unary, self._wrap_stream)
-
-    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    def wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 identity = await self._identify(context, method)
@@ -327,7 +318,7 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
 
         return handler
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]],
+    def wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]],
                      method: str) -> Callable[..., AsyncIterator[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:

@@ -61,7 +61,8 @@ Wrap = Callable[[Callable[..., Any], str], Callable[..., Any]]
 
 def rewrap(handler: grpc.RpcMethodHandler, method: str, unary: Wrap, stream: Wrap) -> grpc.RpcMethodHandler:
     """A copy of `handler` whose behaviour is wrapped: `unary` for methods returning one message,
-    `stream` for server-streaming ones. Every Parley interceptor builds its handlers here."""
+    `stream` for server-streaming ones. Every Parley interceptor builds its handlers here, through
+    WrappingInterceptor."""
     codec = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -75,13 +76,28 @@ def rewrap(handler: grpc.RpcMethodHandler, method: str, unary: Wrap, stream: Wra
     return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream, method), **codec)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps each method's behaviour (the shape of every Parley
+    interceptor): subclasses give `wrap_unary` and `wrap_stream`, and may leave methods alone."""
+
+    wrap_unary: Wrap
+    wrap_stream: Wrap
+
+    def passes_through(self, method: str) -> bool:
+        return False
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
+        method = handler_call_details.method
+        if handler is None or self.passes_through(method):
             return handler
-        return rewrap(handler, handler_call_details.method, _wrap_unary, _wrap_stream)
+        return rewrap(handler, method, self.wrap_unary, self.wrap_stream)
+
+
+class ErrorMappingInterceptor(WrappingInterceptor):
+    wrap_unary = staticmethod(_wrap_unary)
+    wrap_stream = staticmethod(_wrap_stream)

@@ -37,7 +37,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.core import logs
 from services.core.config import setting
-from services.core.interceptors import rewrap
+from services.core.interceptors import WrappingInterceptor
 
 log = logging.getLogger("parley.rpc")
 
@@ -227,19 +227,14 @@ def _failure_code(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc
     return context.code() or grpc.StatusCode.UNKNOWN
 
 
-class ServerTelemetry(grpc.aio.ServerInterceptor):
+class ServerTelemetry(WrappingInterceptor):
     """Outermost interceptor of every Parley server (see core.server.start_server)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(UNTRACED_PREFIXES):
-            return handler
-        return rewrap(handler, method, _wrap_unary, _wrap_stream)
+    wrap_unary = staticmethod(_wrap_unary)
+    wrap_stream = staticmethod(_wrap_stream)
+
+    def passes_through(self, method: str) -> bool:
+        return method.startswith(UNTRACED_PREFIXES)
 
 
 class _ClientTelemetry:
