@@ -152,12 +152,12 @@ class GatewaySettings:
     otlp_collector: str = setting("", help="host:port of an OTLP/gRPC collector: Envoy traces requests there")
 
 
-def _cluster(name: str, target: str, interval: float, lb: str = "round_robin") -> dict[str, Any]:
+def _grpc_cluster(name: str, target: str) -> dict[str, Any]:
+    """An HTTP/2 (gRPC) cluster of every address `target` (host:port) resolves to."""
     host, _, port = target.rpartition(":")
-    cluster: dict[str, Any] = {
+    return {
         "name": name,
         "type": "STRICT_DNS",
-        "dns_lookup_family": "V4_ONLY",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -171,17 +171,22 @@ def _cluster(name: str, target: str, interval: float, lb: str = "round_robin") -
                 {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}]}
             ],
         },
-        "health_checks": [
-            {
-                "timeout": "1s",
-                "interval": f"{interval}s",
-                "unhealthy_threshold": 2,
-                "healthy_threshold": 1,
-                "no_traffic_interval": f"{interval}s",
-                "grpc_health_check": {},
-            }
-        ],
     }
+
+
+def _cluster(name: str, target: str, interval: float, lb: str = "round_robin") -> dict[str, Any]:
+    cluster = _grpc_cluster(name, target)
+    cluster["dns_lookup_family"] = "V4_ONLY"
+    cluster["health_checks"] = [
+        {
+            "timeout": "1s",
+            "interval": f"{interval}s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "no_traffic_interval": f"{interval}s",
+            "grpc_health_check": {},
+        }
+    ]
     if lb != "round_robin":
         # STRICT_DNS makes each resolved address a host; a ring of them survives membership changes.
         cluster["lb_policy"] = INFERENCE_LB_POLICIES[lb]
@@ -213,22 +218,7 @@ def _tracing(collector: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Envoy's OpenTelemetry tracer: a span per request, exported to `collector`, whose context it
     sends upstream as traceparent, so the services' spans join Envoy's trace (an incoming
     traceparent is continued). Without it Envoy forwards a client's traceparent header untouched."""
-    host, _, port = collector.rpartition(":")
-    cluster = {
-        "name": "otlp_collector",
-        "type": "STRICT_DNS",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "otlp_collector",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}]}],
-        },
-    }
+    cluster = _grpc_cluster("otlp_collector", collector)
     tracing = {
         "provider": {
             "name": "envoy.tracers.opentelemetry",
