@@ -28,7 +28,7 @@ from parley.session.v1 import session_pb2
 
 from services.cache.client import CacheClient
 from services.core import sampling as sampling_rules
-from services.core.errors import Aborted, InvalidArgument, NotFound
+from services.core.errors import Aborted, InvalidArgument
 from services.core.identity import Identity, current_identity, forward_credentials
 from services.session import history
 from services.session.settings import SessionSettings
@@ -114,7 +114,7 @@ class SessionService:
             await self.inference.GetModel(inference_pb2.GetModelRequest(id=model), metadata=forward_credentials(who),
                                           timeout=CONTROL_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise InvalidArgument(f"unknown model {model!r}; GET /v1/models lists the available models") from None
             raise
 
@@ -217,13 +217,9 @@ class SessionService:
         metadata = (*forward_credentials(who), (AFFINITY_HEADER, session.id))
         params = merge_sampling(sampling_from_dict(session.sampling), request.sampling)
         check_sampling(params)
-        try:
-            model = await self.inference.GetModel(inference_pb2.GetModelRequest(id=request.model or session.model),
-                                                  metadata=metadata, timeout=CONTROL_TIMEOUT_SECONDS)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise NotFound(f"model {request.model or session.model!r} not found") from None
-            raise
+        # An unknown model is inference's NOT_FOUND, passed on as it is.
+        model = await self.inference.GetModel(inference_pb2.GetModelRequest(id=request.model or session.model),
+                                              metadata=metadata, timeout=CONTROL_TIMEOUT_SECONDS)
         await self.cache.check_rate_limit()
         messages = await self._prompt(session, request.content, model.id, params, metadata)
 

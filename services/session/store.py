@@ -223,11 +223,9 @@ class SqliteSessionStore(SessionStore):
                        "WHERE id = ?", (content, status, prompt_tokens, completion_tokens, error, message_id))
 
     def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]:
-        self.get_session(owner, session_id)
-        rows = self.db.read(
-            "SELECT m.* FROM messages m JOIN sessions s ON s.id = m.session_id "
-            "WHERE m.session_id = ? AND s.owner = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
-            (session_id, owner, after_seq, -1 if limit is None else limit))
+        self.get_session(owner, session_id)  # the ownership check
+        rows = self.db.read("SELECT * FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                            (session_id, after_seq, -1 if limit is None else limit))
         return [_message(r) for r in rows]
 
     def schema_version(self) -> int:
