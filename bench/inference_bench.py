@@ -40,9 +40,8 @@ ADMIN_PASSWORD = f"Bench-{uuid.uuid4().hex}"
 MODEL = BUNDLED["id"]
 MAX_TOKENS = 96
 
-Run = Callable[[int], list[float]]  # one request with prompt i -> the arrival times of its tokens
-# When a run must prepare before its request (loading the in-process model), it moves its start here.
-RUN_STARTED = [0.0]
+# One request with prompt i -> when it was sent and when each of its tokens arrived.
+Run = Callable[[int], tuple[float, list[float]]]
 
 
 def prompt(i: int) -> str:
@@ -62,16 +61,16 @@ def bearer(token: str) -> dict[str, str]:
 def direct_path(threads: int, context: int) -> Run:
     """llama-cpp-python in this process. The model is loaded before the clock starts and closed after
     each request: an idle Llama left open here measurably slows the service's decoding on 2 cores."""
-    def run(i: int) -> list[float]:
+    def run(i: int) -> tuple[float, list[float]]:
         llm = Llama(model_path=CatalogueEntry(**BUNDLED).path(), n_ctx=context, n_threads=threads,
                     n_threads_batch=threads, verbose=False)
         try:
             llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=1)  # warm, as the service is
-            RUN_STARTED[0] = time.perf_counter()
+            start = time.perf_counter()
             stream = llm.create_chat_completion(
                 messages=[{"role": "user", "content": prompt(i)}], max_tokens=MAX_TOKENS, temperature=0, stream=True,
             )
-            return [time.perf_counter() for chunk in stream if chunk["choices"][0]["delta"].get("content")]
+            return start, [time.perf_counter() for chunk in stream if chunk["choices"][0]["delta"].get("content")]
         finally:
             llm.close()
 
@@ -81,11 +80,12 @@ def direct_path(threads: int, context: int) -> Run:
 def grpc_path(channel: grpc.Channel, token: str) -> Run:
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
-    def run(i: int) -> list[float]:
+    def run(i: int) -> tuple[float, list[float]]:
         request = pb.GenerateRequest(model=MODEL, messages=[pb.ChatMessage(role="user", content=prompt(i))],
                                      sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
+        start = time.perf_counter()
         replies = stub.Generate(request, metadata=(("authorization", f"Bearer {token}"),))
-        return [time.perf_counter() for reply in replies if reply.text]
+        return start, [time.perf_counter() for reply in replies if reply.text]
 
     return run
 
@@ -96,13 +96,14 @@ def _sse_body(i: int, max_tokens: int = MAX_TOKENS) -> dict:
 
 
 def rest_path(http: httpx.Client, url: str) -> Run:
-    def run(i: int) -> list[float]:
+    def run(i: int) -> tuple[float, list[float]]:
         stamps = []
+        start = time.perf_counter()
         with http.stream("POST", f"{url}/v1/chat/completions", json=_sse_body(i)) as response:
             for line in response.iter_lines():
                 if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
-        return stamps
+        return start, stamps
 
     return run
 
@@ -110,7 +111,8 @@ def rest_path(http: httpx.Client, url: str) -> Run:
 def session_path(http: httpx.Client, url: str) -> Run:
     """A deterministic turn in a new session (a cached answer arrives as one delta)."""
 
-    def run(i: int) -> list[float]:
+    def run(i: int) -> tuple[float, list[float]]:
+        start = time.perf_counter()  # creating the session is part of the turn's cost
         sid = http.post(f"{url}/v1/sessions", json={}).json()["id"]
         stamps = []
         body = {"content": prompt(i), "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0}}
@@ -118,7 +120,7 @@ def session_path(http: httpx.Client, url: str) -> Run:
             for line in response.iter_lines():
                 if line.startswith("data: {") and "delta" in json.loads(line[6:]):
                     stamps.append(time.perf_counter())
-        return stamps
+        return start, stamps
 
     return run
 
@@ -128,10 +130,9 @@ def interleaved(paths: dict[str, Run], runs: int) -> dict[str, tuple[float, floa
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     for round_ in range(runs + 1):
         for n, (name, run) in enumerate(paths.items()):
-            RUN_STARTED[0] = time.perf_counter()
-            stamps = run(1000 * n + round_)
+            start, stamps = run(1000 * n + round_)
             if round_:
-                results[name].append(rates(stamps, RUN_STARTED[0]))
+                results[name].append(rates(stamps, start))
     return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
             for name, rs in results.items()}
 
@@ -140,8 +141,7 @@ def cached_turns(run: Run, runs: int, first_prompt: int) -> float:
     """Median ms to the whole answer of turns that `run` already asked (response cache hits)."""
     times = []
     for round_ in range(1, runs + 1):
-        start = time.perf_counter()
-        stamps = run(first_prompt + round_)
+        start, stamps = run(first_prompt + round_)
         times.append((stamps[-1] - start) * 1000)
     return statistics.median(times)
 
