@@ -16,7 +16,8 @@ from parley.inference.v1 import inference_pb2
 
 # Bumped when the canonical form changes, so old entries simply stop matching.
 KEY_VERSION = "v1"
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_tokens")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_tokens", "min_p",
+                   "presence_penalty", "frequency_penalty")
 
 
 def is_deterministic(sampling: inference_pb2.SamplingParams) -> bool:
@@ -36,6 +37,8 @@ def canonical(key: cache_pb2.CompletionKey, scope: str = "") -> dict[str, Any]:
             sampling[name] = getattr(key.sampling, name)
     if key.sampling.stop:
         sampling["stop"] = sorted(set(key.sampling.stop))
+    if key.sampling.logit_bias:
+        sampling["logit_bias"] = sorted(key.sampling.logit_bias.items())
     form: dict[str, Any] = {
         "model": key.model,
         "model_fingerprint": key.model_fingerprint,
@@ -64,7 +67,9 @@ def cacheable(key: cache_pb2.CompletionKey) -> str | None:
         return "no messages"
     if not is_deterministic(key.sampling):
         return "not deterministic: set temperature to 0 or a seed"
-    for name in ("temperature", "top_p", "repetition_penalty"):
+    for name in ("temperature", "top_p", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty"):
         if key.sampling.HasField(name) and not math.isfinite(getattr(key.sampling, name)):
             return f"{name} is not a finite number"
+    if not all(math.isfinite(bias) for bias in key.sampling.logit_bias.values()):
+        return "a logit_bias value is not a finite number"
     return None

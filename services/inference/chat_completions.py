@@ -11,7 +11,6 @@ The cache service being down changes nothing but speed: see services.cache.clien
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -20,7 +19,7 @@ from parley.inference.v1 import inference_pb2 as pb
 
 from services.cache.client import CacheClient
 from services.core.errors import ParleyError
-from services.core.sampling import SamplingInput
+from services.core.sampling import to_proto as sampling_pb
 from services.inference import openai_compat
 from services.inference.engines.base import Usage
 from services.inference.registry import ModelRegistry
@@ -34,12 +33,6 @@ REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
 REASON_NAMES = {v: k for k, v in REASONS.items()}
 
 Mark = Callable[[str], Awaitable[None]]
-
-
-def sampling_pb(given: SamplingInput) -> pb.SamplingParams:
-    """The sampling parameters as sent (unset stays unset), as the cache key wants them."""
-    fields = {f.name: getattr(given, f.name) for f in dataclasses.fields(given) if f.name != "stop"}
-    return pb.SamplingParams(**{k: v for k, v in fields.items() if v is not None}, stop=list(given.stop))
 
 
 class ChatCompletions:
@@ -60,7 +53,7 @@ class ChatCompletions:
             await asyncio.wait(set(self._background), timeout=2)
 
     def _key(self, req: openai_compat.ChatCompletionRequest) -> cache_pb2.CompletionKey | None:
-        if self.cache is None:
+        if self.cache is None or not req.cacheable:
             return None
         try:
             sampling = sampling_pb(req.sampling)
@@ -100,7 +93,7 @@ class ChatCompletions:
         reason = REASON_NAMES.get(cached.finish_reason, "stop")
         writer = openai_compat.CompletionWriter(key.model, key.model_fingerprint)
         if not req.stream:
-            return [(JSON, writer.complete(cached.text, reason, usage))]
+            return [(JSON, writer.complete([openai_compat.ChoiceResult(cached.text, reason)], usage))]
         usage_flag = req.include_usage
         parts = [writer.chunk({"role": "assistant", "content": ""}, include_usage=usage_flag)]
         if cached.text:
@@ -113,9 +106,12 @@ class ChatCompletions:
 
     async def _generate(self, req: openai_compat.ChatCompletionRequest, key: cache_pb2.CompletionKey | None,
                         timeout: float | None, mark: Mark) -> AsyncIterator[tuple[str, bytes]]:
-        stream = self.generation.generate(req.model, req.messages, "", req.sampling, timeout)
+        stream = self.generation.generate(req.model, req.messages, "", req.sampling, timeout,
+                                          n=req.n, top_logprobs=req.top_logprobs)
         writer: openai_compat.CompletionWriter | None = None
-        parts: list[str] = []
+        logprobs = req.top_logprobs is not None
+        choices = [openai_compat.ChoiceResult("", None, [] if logprobs else None) for _ in range(req.n)]
+        parts: list[list[str]] = [[] for _ in range(req.n)]
         pieces = 0
         usage: Usage | None = None
         try:
@@ -126,24 +122,35 @@ class ChatCompletions:
                     writer = openai_compat.CompletionWriter(record.entry.id, record.entry.fingerprint())
                     if req.stream:
                         # The first message fixes the HTTP content type of the whole response.
-                        yield SSE, writer.chunk({"role": "assistant", "content": ""}, include_usage=req.include_usage)
-                parts.append(chunk.text)
+                        for i in range(req.n):
+                            yield SSE, writer.chunk({"role": "assistant", "content": ""},
+                                                    include_usage=req.include_usage, index=i)
+                choice = choices[chunk.index]
+                parts[chunk.index].append(chunk.text)
                 pieces += bool(chunk.text)
+                if choice.logprobs is not None:
+                    choice.logprobs.extend(chunk.logprobs)
                 if req.stream:
-                    if chunk.text:
-                        yield SSE, writer.chunk({"content": chunk.text}, include_usage=req.include_usage)
+                    if chunk.text or chunk.logprobs:
+                        yield SSE, writer.chunk({"content": chunk.text}, include_usage=req.include_usage,
+                                                index=chunk.index, logprobs=chunk.logprobs if logprobs else None)
                     if chunk.finish_reason is not None:
-                        yield SSE, writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage)
-                        if req.include_usage:
-                            yield SSE, writer.usage_chunk(chunk.usage)
-                        yield SSE, writer.DONE
-                elif chunk.finish_reason is not None:
-                    yield JSON, writer.complete("".join(parts), chunk.finish_reason, chunk.usage)
+                        yield SSE, writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage,
+                                                index=chunk.index)
                 if chunk.finish_reason is not None:
-                    usage = chunk.usage or Usage()
-                    if key is not None and self.cache is not None and chunk.finish_reason in ("stop", "length"):
+                    choice.finish_reason, choice.text = chunk.finish_reason, "".join(parts[chunk.index])
+                if chunk.usage is not None:  # the request's last chunk
+                    usage = chunk.usage
+                    if req.stream:
+                        if req.include_usage:
+                            yield SSE, writer.usage_chunk(usage)
+                        yield SSE, writer.DONE
+                    else:
+                        yield JSON, writer.complete(choices, usage)
+                    reason = choices[0].finish_reason
+                    if key is not None and self.cache is not None and reason in ("stop", "length"):
                         self._later(self.cache.store(key, cache_pb2.CachedCompletion(
-                            text="".join(parts), finish_reason=REASONS[chunk.finish_reason],
+                            text=choices[0].text, finish_reason=REASONS[reason],
                             usage=pb.Usage(prompt_tokens=usage.prompt_tokens,
                                            completion_tokens=usage.completion_tokens,
                                            total_tokens=usage.total_tokens))))

@@ -44,6 +44,11 @@ class EngineSettings:
     quantization: str
     context_length: int
     parallel_slots: int
+    queue_depth: int = 16
+    kv_cache_tokens: int = 0
+    resident_sequences: int = 1
+    batch_tokens: int = 512
+    host_cache_mib: int = 0
     reasons: list[str] = field(default_factory=list)
 
 
@@ -181,11 +186,36 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
     slots = settings.parallel_slots
     if slots:
         reasons.append(f"parallel_slots={slots}: set by PARLEY_PARALLEL_SLOTS")
+    elif engine == "llama.cpp":
+        # Choices decoded together in one batch: a bigger batch raises throughput until the cores
+        # (or the GPU) are busy; past that each stream only slows down.
+        slots = 16 if device != "cpu" else 8
+        reasons.append(f"parallel_slots={slots}: sequences decoded together per step on {device}")
     else:
-        # On CPU every slot competes for the same cores; a few slots keep conversations' KV
-        # caches warm and let short requests pass long ones. A GPU takes more.
+        # The torch engine runs a slot per thread; on CPU every slot competes for the same cores.
         slots = 8 if device != "cpu" else max(2, min(4, hw.physical_cores * 2))
-        reasons.append(f"parallel_slots={slots}: chosen for {device}")
+        reasons.append(f"parallel_slots={slots}: torch slots on {device}")
+
+    resident = settings.resident_sequences
+    if resident:
+        reasons.append(f"resident_sequences={resident}: set by PARLEY_RESIDENT_SEQUENCES")
+    else:
+        resident = min(256, max(4 * slots, 16))
+        reasons.append(f"resident_sequences={resident}: four conversations kept warm per running one")
+    resident = max(resident, slots)
+
+    kv_tokens = settings.kv_cache_tokens
+    if kv_tokens:
+        reasons.append(f"kv_cache_tokens={kv_tokens}: set by PARLEY_KV_CACHE_TOKENS")
+    else:
+        # Room for every running sequence at half the context, and at least one whole context.
+        kv_tokens = max(settings.context_length, slots * settings.context_length // 2, 8192)
+        reasons.append(f"kv_cache_tokens={kv_tokens}: {slots} running sequences at half the context window")
+
+    host_mib = min(settings.host_kv_cache_mib, hw.available_memory_mib // 8) if hw.available_memory_mib else \
+        settings.host_kv_cache_mib
+    reasons.append(f"host_kv_cache_mib={host_mib}: evicted conversations' KV state"
+                   + (" (capped at 1/8 of free memory)" if host_mib < settings.host_kv_cache_mib else ""))
 
     return EngineSettings(
         engine=engine,
@@ -196,5 +226,10 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
         quantization=quantization,
         context_length=settings.context_length,
         parallel_slots=slots,
+        queue_depth=settings.queue_depth,
+        kv_cache_tokens=kv_tokens,
+        resident_sequences=resident,
+        batch_tokens=settings.batch_tokens,
+        host_cache_mib=host_mib,
         reasons=reasons,
     )

@@ -8,7 +8,7 @@ Series (all labelled by model id):
 - parley_inference_generated_tokens_total, parley_inference_prompt_tokens_total (counters).
 - parley_inference_generations_total{finish_reason} (counter): stop, length, cancelled, error.
 - parley_inference_model_load_duration_seconds (histogram).
-- read at scrape time from the registry: parley_inference_queue_depth (requests waiting for a slot),
+- read at scrape time from the registry: parley_inference_queue_depth (requests waiting for the engine),
   parley_inference_running_requests, parley_inference_loaded_models, parley_inference_model_memory_bytes.
 
 Span names and attributes follow the OpenTelemetry GenAI semantic conventions ("chat <model>",
@@ -68,7 +68,7 @@ class RegistryCollector(Collector):
         self._registry = weakref.ref(registry)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        queued = GaugeMetricFamily("parley_inference_queue_depth", "Requests waiting for a generation slot", labels=["model"])
+        queued = GaugeMetricFamily("parley_inference_queue_depth", "Requests waiting for room in the engine", labels=["model"])
         running = GaugeMetricFamily("parley_inference_running_requests", "Generations running", labels=["model"])
         memory = GaugeMetricFamily("parley_inference_model_memory_bytes", "Memory held by a loaded model", labels=["model"])
         loaded = GaugeMetricFamily("parley_inference_loaded_models", "Models in memory")
@@ -76,9 +76,9 @@ class RegistryCollector(Collector):
         ready = [r for r in registry.records.values() if r.state == "ready"] if registry is not None else []
         for record in ready:
             model = record.entry.id
-            if record.pool is not None:
-                queued.add_metric([model], record.pool.waiting)
-                running.add_metric([model], record.pool.running)
+            if record.engine is not None:
+                queued.add_metric([model], record.engine.waiting)
+                running.add_metric([model], record.engine.running)
             memory.add_metric([model], record.memory_mib * 2**20)
         loaded.add_metric([], len(ready))
         yield from (queued, running, memory, loaded)

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.core.errors import InvalidArgument
-from services.inference.engines.base import Usage
+from services.inference.engines.base import TokenLogprob, Usage
 from services.inference.service import SamplingInput
 
 ROLE_ALIASES = {"developer": "system"}
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,13 @@ class ChatCompletionRequest:
     stream: bool
     include_usage: bool
     user: str
+    n: int = 1
+    top_logprobs: int | None = None  # None: no logprobs
+
+    @property
+    def cacheable(self) -> bool:
+        """One plain answer: what the response cache stores (it keeps no logprobs and one choice)."""
+        return self.n == 1 and self.top_logprobs is None
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -75,9 +84,10 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         if role not in ("system", "user", "assistant"):
             raise InvalidArgument(f"messages[{i}].role {message.get('role')!r} is not supported (system, user, assistant)")
         messages.append({"role": role, "content": _content_text(message.get("content"), i)})
-    n = body.get("n", 1)
-    if n != 1:
-        raise InvalidArgument("n must be 1: several choices per request are not supported yet")
+    n = _number(body, "n", int)
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}")
     stop = body.get("stop")
     if stop is None:
         stops: list[str] = []
@@ -87,9 +97,17 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         stops = list(stop)
     else:
         raise InvalidArgument("stop must be a string or an array of strings")
-    for key in ("tools", "functions", "response_format", "logprobs"):
+    for key in ("tools", "functions", "response_format"):
         if body.get(key) not in (None, False, [], {"type": "text"}):
             raise InvalidArgument(f"{key} is not supported yet")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise InvalidArgument("logprobs must be a boolean")
+    top_logprobs = _number(body, "top_logprobs", int)
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+    if top_logprobs is not None and not logprobs:
+        raise InvalidArgument("top_logprobs needs logprobs: true")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidArgument("stream must be a boolean")
@@ -101,6 +119,10 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         max_tokens = _number(body, "max_tokens", int)
     seed = _number(body, "seed", int)
     sampling = SamplingInput(
+        min_p=_number(body, "min_p", float),
+        presence_penalty=_number(body, "presence_penalty", float),
+        frequency_penalty=_number(body, "frequency_penalty", float),
+        logit_bias=_logit_bias(body.get("logit_bias")),
         temperature=_number(body, "temperature", float),
         top_p=_number(body, "top_p", float),
         top_k=_number(body, "top_k", int),
@@ -116,7 +138,26 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         user=str(body.get("user", "")),
+        n=n,
+        top_logprobs=(top_logprobs or 0) if logprobs else None,
     )
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} map as sorted (id, bias) pairs; ranges are checked with the rest
+    of the sampling parameters."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidArgument("logit_bias must be an object of token id to bias")
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 9):
+            raise InvalidArgument(f"logit_bias: {key!r} is not a token id")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise InvalidArgument(f"logit_bias[{key}] must be a number")
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
 
 
 def usage_json(usage: Usage | None) -> dict[str, Any]:
@@ -134,6 +175,25 @@ def finish_reason(reason: str | None) -> str:
     return "stop" if reason == "stop" else "length"
 
 
+def logprobs_json(logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's choice.logprobs: each token with its log probability, bytes and top alternatives."""
+    if logprobs is None:
+        return None
+    return {"content": [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
+                         "top_logprobs": [{"token": t, "logprob": p, "bytes": list(b)} for t, b, p in lp.top]}
+                        for lp in logprobs],
+            "refusal": None}
+
+
+@dataclass
+class ChoiceResult:
+    """One choice of a finished non-streamed completion."""
+
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+
 class CompletionWriter:
     """Renders one completion as OpenAI JSON or as OpenAI SSE chunks."""
 
@@ -147,17 +207,18 @@ class CompletionWriter:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint}
 
-    def complete(self, text: str, reason: str | None, usage: Usage | None) -> bytes:
+    def complete(self, choices: list[ChoiceResult], usage: Usage | None) -> bytes:
         body = self._base("chat.completion")
-        body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": None, "finish_reason": finish_reason(reason)}]
+        body["choices"] = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                            "logprobs": logprobs_json(c.logprobs), "finish_reason": finish_reason(c.finish_reason)}
+                           for i, c in enumerate(choices)]
         body["usage"] = usage_json(usage)
         return json.dumps(body).encode()
 
     def chunk(self, delta: dict[str, Any], reason: str | None = None, *, final: bool = False,
-              usage: Usage | None = None, include_usage: bool = False) -> bytes:
+              include_usage: bool = False, index: int = 0, logprobs: list[TokenLogprob] | None = None) -> bytes:
         body = self._base("chat.completion.chunk")
-        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
+        body["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs_json(logprobs),
                             "finish_reason": finish_reason(reason) if final else None}]
         if include_usage:
             body["usage"] = None

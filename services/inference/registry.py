@@ -32,7 +32,6 @@ from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, U
 from services.inference.engines import Engine, EngineError, create_engine
 from services.inference.hardware import EngineSettings, Hardware, choose
 from services.inference import metrics
-from services.inference.scheduler import SlotPool
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("parley.models")
@@ -105,7 +104,6 @@ class ModelRecord:
     state: str = "available"  # available | loading | ready | failed
     error: str = ""
     engine: Engine | None = None
-    pool: SlotPool | None = None
     settings: EngineSettings | None = None
     active: int = 0
     last_used: float = 0.0
@@ -168,7 +166,6 @@ class ModelRegistry:
                 log.error("model load failed", extra={"fields": {"model": model_id, "error": str(exc)}})
                 raise Unavailable(f"model {model_id!r} failed to load: {exc}") from exc
             record.engine, record.settings = engine, chosen
-            record.pool = SlotPool(engine.slots, self.settings.queue_depth)
             record.state, record.last_used = "ready", time.monotonic()
             record.load_seconds = time.monotonic() - started
             metrics.MODEL_LOAD.labels(model_id).observe(record.load_seconds)
@@ -197,10 +194,8 @@ class ModelRegistry:
             return record
         if record.active:
             raise ResourceExhausted(f"model {model_id!r} is serving {record.active} request(s); retry later", retry_after=5)
-        engine, record.engine, record.pool = record.engine, None, None
+        engine, record.engine = record.engine, None
         record.state = "available"
-        # A cancelled generation's worker may still be finishing its last token.
-        await asyncio.gather(*(slot.worker for slot in engine.slots if slot.worker is not None), return_exceptions=True)
         await engine.close()
         log.info("model unloaded", extra={"fields": {"model": model_id}})
         return record

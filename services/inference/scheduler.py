@@ -1,4 +1,4 @@
-"""Slot scheduling for one loaded model.
+"""Slot scheduling for engines with one sequence per slot (services.inference.engines.slots).
 
 A request waits for a free slot in a bounded queue (full -> RESOURCE_EXHAUSTED, HTTP 429). Among
 free slots it takes the one whose cached tokens share the longest prefix with its prompt, so the
@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from services.core.errors import ResourceExhausted
-from services.inference.engines.base import Slot, common_prefix
+from services.inference.engines.sequence import common_prefix
+
+if TYPE_CHECKING:
+    from services.inference.engines.slots import Slot
 
 
 class SlotPool:
@@ -36,16 +40,20 @@ class SlotPool:
             return None
         return max(free, key=lambda slot: (common_prefix(slot.tokens, prompt), -slot.last_used))
 
+    def check_room(self) -> None:
+        """Raises ResourceExhausted when no slot is free and the queue is full."""
+        if self._waiting >= self._queue_depth and all(slot.busy for slot in self._slots):
+            raise ResourceExhausted(
+                f"the server is busy: {len(self._slots)} generations running and "
+                f"{self._waiting} queued (queue depth {self._queue_depth}); retry shortly",
+                retry_after=1,
+            )
+
     async def acquire(self, prompt: Sequence[int]) -> Slot:
         async with self._changed:
             slot = self._best_free(prompt)
             if slot is None:
-                if self._waiting >= self._queue_depth:
-                    raise ResourceExhausted(
-                        f"the server is busy: {len(self._slots)} generations running and "
-                        f"{self._waiting} queued (queue depth {self._queue_depth}); retry shortly",
-                        retry_after=1,
-                    )
+                self.check_room()
                 self._waiting += 1
                 try:
                     await self._changed.wait_for(lambda: any(not s.busy for s in self._slots))

@@ -1,8 +1,8 @@
 """One generation from request to last chunk — shared by the Generate RPC and the OpenAI endpoint.
 
 It validates the request, resolves the model (loading it on first use), renders and counts the
-prompt, checks it against the context window, waits for a slot and streams chunks until the end,
-the deadline or the caller's cancellation.
+prompt, checks it against the context window and streams the engine's chunks until the end, the
+deadline or the caller's cancellation. Admission and scheduling are the engine's.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from services.core.errors import DeadlineExceeded, InvalidArgument
+from services.core.errors import InvalidArgument
 from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.inference.engines.base import Chunk, Sampling
 from services.inference.metrics import GenerationTelemetry
@@ -30,6 +30,10 @@ def resolve_sampling(given: SamplingInput, settings: InferenceSettings) -> Sampl
         top_p=1.0 if given.top_p is None else given.top_p,
         top_k=40 if given.top_k is None else given.top_k,
         repetition_penalty=1.0 if given.repetition_penalty is None else given.repetition_penalty,
+        min_p=given.min_p or 0.0,
+        presence_penalty=given.presence_penalty or 0.0,
+        frequency_penalty=given.frequency_penalty or 0.0,
+        logit_bias=tuple(given.logit_bias),
         seed=given.seed,
         max_tokens=given.max_tokens or settings.max_tokens,
         stop=tuple(given.stop),
@@ -68,12 +72,17 @@ class GenerationService:
         prompt: str,
         given: SamplingInput,
         timeout: float | None = None,
+        *,
+        n: int = 1,
+        top_logprobs: int | None = None,
     ) -> AsyncIterator[tuple[ModelRecord, Chunk]]:
-        """Yields (model, chunk) pairs; the last chunk carries finish_reason and usage. Each
-        generation gets a GenAI span and its metrics (services.inference.metrics)."""
+        """Yields (model, chunk) pairs; each of the n choices ends with a chunk that has its
+        finish_reason, and the last chunk carries the usage. Each generation gets a GenAI span and its
+        metrics (services.inference.metrics)."""
         observed = GenerationTelemetry(model_id or self.settings.default_model, bool(messages), given)
         try:
-            async with contextlib.aclosing(self._generate(model_id, messages, prompt, given, timeout)) as stream:
+            async with contextlib.aclosing(
+                    self._generate(model_id, messages, prompt, given, timeout, n, top_logprobs)) as stream:
                 async for record, chunk in stream:
                     observed.chunk(record, chunk)
                     yield record, chunk
@@ -89,15 +98,17 @@ class GenerationService:
         messages: Sequence[dict[str, str]],
         prompt: str,
         given: SamplingInput,
-        timeout: float | None = None,
+        timeout: float | None,
+        n: int,
+        top_logprobs: int | None,
     ) -> AsyncIterator[tuple[ModelRecord, Chunk]]:
         started = time.monotonic()
         sampling = resolve_sampling(given, self.settings)
         validate_messages(messages, prompt)
         record = await self.registry.acquire(model_id)
         try:
-            engine, pool = record.engine, record.pool
-            assert engine is not None and pool is not None
+            engine = record.engine
+            assert engine is not None
             # Template rendering and tokenizing block; keep them off the loop that streams other requests.
             tokens = await asyncio.to_thread(engine.prompt_tokens, messages, prompt)
             if len(tokens) >= engine.context_length:
@@ -105,16 +116,10 @@ class GenerationService:
                     f"the prompt is {len(tokens)} tokens but model {record.entry.id!r} has a context window "
                     f"of {engine.context_length} tokens; shorten it"
                 )
+            engine.check_sampling(sampling)
             deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-            try:
-                slot = await asyncio.wait_for(pool.acquire(tokens), timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise DeadlineExceeded("the deadline passed while waiting for a free generation slot") from None
-            try:
-                async for chunk in engine.generate(slot, tokens, sampling, started, deadline):
-                    yield record, chunk
-            finally:
-                pool.release(slot)
+            async for chunk in engine.generate(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs):
+                yield record, chunk
         finally:
             self.registry.done(record)
 

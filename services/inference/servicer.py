@@ -120,6 +120,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 engine=chosen.engine, device=chosen.device, threads=chosen.threads, gpu_layers=chosen.gpu_layers,
                 dtype=chosen.dtype, quantization=chosen.quantization, context_length=chosen.context_length,
                 parallel_slots=chosen.parallel_slots, reasons=chosen.reasons,
+                kv_cache_tokens=chosen.kv_cache_tokens, resident_sequences=chosen.resident_sequences,
+                batch_tokens=chosen.batch_tokens, host_kv_cache_mib=chosen.host_cache_mib,
             ),
         )
 
@@ -128,7 +130,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> pb.GetMetricsSummaryResponse:
         summary = metrics.RECENT.summary()
         ready = sorted((r for r in self.registry.records.values() if r.state == "ready"), key=lambda r: r.entry.id)
-        pools = [r.pool for r in ready if r.pool is not None]
+        engines = [r.engine for r in ready if r.engine is not None]
         hit_ratio = await self.cache_hit_ratio() if self.cache_hit_ratio is not None else None
         return pb.GetMetricsSummaryResponse(
             requests_total=summary.requests_total,
@@ -138,7 +140,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             cache_hit_ratio=hit_ratio or 0.0,
             cache_available=hit_ratio is not None,
             loaded_models=[pb.LoadedModelSummary(id=r.entry.id, memory_mib=r.memory_mib) for r in ready],
-            running_requests=sum(p.running for p in pools),
-            queued_requests=sum(p.waiting for p in pools),
+            running_requests=sum(e.running for e in engines),
+            queued_requests=sum(e.waiting for e in engines),
         )
 

@@ -43,6 +43,7 @@ log = logging.getLogger("parley.session")
 # header (Envoy's ring hash in Kubernetes; the slot pool's prefix affinity in-process).
 AFFINITY_HEADER = "x-parley-session-id"
 SAMPLING_FIELDS = frozenset(f.name for f in inference_pb2.SamplingParams.DESCRIPTOR.fields)
+REPLACED_FIELDS = ("stop", "logit_bias")  # a list and a map: set whole, never merged entry by entry
 CONTROL_TIMEOUT_SECONDS = 30.0
 
 
@@ -55,13 +56,14 @@ def sampling_from_dict(values: Mapping[str, Any]) -> inference_pb2.SamplingParam
 
 
 def merge_sampling(base: inference_pb2.SamplingParams, override: inference_pb2.SamplingParams) -> inference_pb2.SamplingParams:
-    """`base` with every field that `override` sets (a non-empty stop list replaces the base's)."""
+    """`base` with every field that `override` sets (a non-empty stop list or logit_bias map replaces
+    the base's)."""
     merged = inference_pb2.SamplingParams()
     merged.CopyFrom(base)
     for descriptor, value in override.ListFields():
-        if descriptor.name == "stop":
-            del merged.stop[:]
-            merged.stop.extend(value)
+        if descriptor.name in REPLACED_FIELDS:
+            merged.ClearField(descriptor.name)
+            getattr(merged, descriptor.name).MergeFrom(value)
         else:
             setattr(merged, descriptor.name, value)
     return merged
@@ -166,9 +168,9 @@ class SessionService:
                 sampling.CopyFrom(given.sampling)
                 changes["sampling"] = None
             elif head == "sampling" and rest in SAMPLING_FIELDS:
-                if rest == "stop":
-                    del sampling.stop[:]
-                    sampling.stop.extend(given.sampling.stop)
+                if rest in REPLACED_FIELDS:
+                    sampling.ClearField(rest)
+                    getattr(sampling, rest).MergeFrom(getattr(given.sampling, rest))
                 elif given.sampling.HasField(rest):
                     setattr(sampling, rest, getattr(given.sampling, rest))
                 else:

@@ -1,19 +1,24 @@
-"""llama.cpp through llama-cpp-python, for GGUF files.
+"""llama.cpp through llama-cpp-python, for GGUF files: one context, many sequences, one decode loop.
 
-Each slot is its own llama.cpp context over the same model file. The weights are mmap-ed, so the
-operating system shares them between slots; each slot only adds its KV cache. llama-cpp-python
-already reuses the longest common prefix between a context's previous tokens and a new prompt,
-which is what makes the scheduler's prefix-affinity pay off.
+The model has one llama.cpp context with a unified KV cache shared by `resident_sequences` sequence
+ids. One thread per model runs the loop (services.inference.engines.batch.BatchScheduler): each step
+it puts one token of every running choice and chunks of new prompts, up to `batch_tokens`, into one
+`llama_batch`, decodes it once and samples every choice from its own logits row with its own sampler
+chain. A finished conversation's KV cells stay, tagged by its sequence id, so its next turn only
+evaluates the new tokens; shared prefixes (a system prompt) are copied between sequences instead of
+evaluated again; evicted conversations park their KV state in host RAM.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from services.core.errors import InvalidArgument
-from services.inference.engines.base import Engine, EngineError, Sampling, Slot
+from services.inference.engines.base import Engine, EngineError
+from services.inference.engines.sequence import Request
 
 # The last-resort template when a GGUF carries none (ChatML).
 CHATML = (
@@ -24,69 +29,100 @@ CHATML = (
 
 class LlamaCppEngine(Engine):
     engine_name = "llama.cpp"
+    supports_choices = True
+    supports_logprobs = True
 
     def _load(self) -> None:
         try:
             import llama_cpp
+            from llama_cpp import _internals
+            from llama_cpp._logger import set_verbose
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as exc:  # pragma: no cover - a broken install
             raise EngineError(f"llama-cpp-python is not installed: {exc}") from exc
+        from services.inference.engines.batch import BatchScheduler
+
         if not os.path.isfile(self.path):
             raise EngineError(f"model file not found: {self.path}")
-        self._llama_cpp = llama_cpp
-        first = None
+        set_verbose(False)
+        llama_cpp.llama_backend_init()
+        s = self.settings
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = s.gpu_layers
+        for key, value in self.params.get("llama", {}).get("model", {}).items():
+            setattr(model_params, key, value)
         try:
-            for index in range(self.settings.parallel_slots):
-                llm = llama_cpp.Llama(
-                    model_path=self.path,
-                    n_ctx=self.settings.context_length,
-                    n_batch=min(512, self.settings.context_length),
-                    n_threads=self.settings.threads,
-                    n_threads_batch=self.settings.threads,
-                    n_gpu_layers=self.settings.gpu_layers,
-                    verbose=False,
-                    **self.params.get("llama", {}),
-                )
-                first = first or llm
-                self.slots.append(Slot(index=index, state=llm))
+            model = _internals.LlamaModel(path_model=self.path, params=model_params, verbose=False)
         except (ValueError, RuntimeError) as exc:
-            self._close()
             raise EngineError(f"llama.cpp could not load {self.path}: {exc}") from exc
-        assert first is not None
-        self.context_length = first.n_ctx()
-        trained = int(first.metadata.get(f"{first.metadata.get('general.architecture', 'llama')}.context_length", 0) or 0)
-        if trained and trained < self.context_length:
-            self.context_length = trained
-        self._first = first
-        template = first.metadata.get("tokenizer.chat_template") or CHATML
-        eos_id, bos_id = first.token_eos(), first.token_bos()
+        self._model = model
+        self._metadata = model.metadata()
+        self.vocab_size = model.n_vocab()
+        trained = model.n_ctx_train()
+        self.context_length = min(s.context_length, trained) if trained > 0 else s.context_length
+        kv_tokens = max(s.kv_cache_tokens, self.context_length)
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = kv_tokens
+        ctx_params.n_batch = ctx_params.n_ubatch = s.batch_tokens
+        ctx_params.n_seq_max = s.resident_sequences
+        # Logits rows a step can ask for: one per running choice, and a request with more choices
+        # than parallel_slots runs alone (openai_compat.MAX_CHOICES). The default (n_batch rows)
+        # would reserve a logits buffer for every token of a prompt chunk.
+        ctx_params.n_outputs_max = max(s.parallel_slots, 16)
+        ctx_params.n_threads = ctx_params.n_threads_batch = s.threads
+        ctx_params.kv_unified = True  # sequences share one pool of cells, so seq_cp works across them
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        ctx_params.no_perf = True
+        for key, value in self.params.get("llama", {}).get("context", {}).items():
+            setattr(ctx_params, key, value)
+        try:
+            context = _internals.LlamaContext(model=model, params=ctx_params, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            model.close()
+            raise EngineError(f"llama.cpp could not create a context for {self.path}: {exc}") from exc
+        self._context = context
+        self.kv_cache_tokens = context.n_ctx()
+
+        vocab = model.vocab
+        self._llama_cpp, self._vocab = llama_cpp, vocab
+        template = self._metadata.get("tokenizer.chat_template") or CHATML
+        eos_id, bos_id = model.token_eos(), model.token_bos()
         tokens = {
-            "eos_token": first.detokenize([eos_id], special=True).decode("utf-8", "replace") if eos_id >= 0 else "",
-            "bos_token": first.detokenize([bos_id], special=True).decode("utf-8", "replace") if bos_id >= 0 else "",
+            "eos_token": self._piece(eos_id, special=True).decode("utf-8", "replace") if eos_id >= 0 else "",
+            "bos_token": self._piece(bos_id, special=True).decode("utf-8", "replace") if bos_id >= 0 else "",
         }
         self._formatters = {
             flag: Jinja2ChatFormatter(template=template, add_generation_prompt=flag, **tokens) for flag in (True, False)
         }
-        self._eog = {eos_id}
-        vocab = first._model.vocab if hasattr(first._model, "vocab") else None
-        self._is_eog = getattr(llama_cpp, "llama_vocab_is_eog", None) if vocab is not None else None
-        self._vocab = vocab
+        self._add_bos = str(self._metadata.get("tokenizer.ggml.add_bos_token")).lower() == "true"
+        self._pieces: dict[int, bytes] = {}
         self._file_mib = os.path.getsize(self.path) // 2**20
+        self._scheduler = BatchScheduler(
+            llama_cpp, context.ctx, vocab, n_vocab=model.n_vocab(), settings=s,
+            host_cache_bytes=s.host_cache_mib * 2**20, name=self.model_id,
+        )
+        self._scheduler.start()
 
     def _close(self) -> None:
-        for slot in self.slots:
-            slot.state.close()
-        super()._close()
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:
+            scheduler.stop()
+            self._scheduler = None
+        if getattr(self, "_context", None) is not None:
+            self._context.close()
+            self._context = None
+        if getattr(self, "_model", None) is not None:
+            self._model.close()
+            self._model = None
 
     def memory_mib(self) -> int:
-        # Weights are shared through mmap; each slot adds its KV cache and compute buffers.
-        if not self.slots:
+        if getattr(self, "_scheduler", None) is None:
             return 0
-        state_mib = self._first.context_params.n_ctx * self._kv_bytes_per_token() // 2**20 + 16
-        return self._file_mib + len(self.slots) * state_mib
+        kv = self.kv_cache_tokens * self._kv_bytes_per_token() // 2**20
+        return self._file_mib + kv + self._scheduler.host_bytes // 2**20 + 32  # + compute buffers
 
     def _kv_bytes_per_token(self) -> int:
-        meta = self._first.metadata
+        meta = self._metadata
         arch = meta.get("general.architecture", "llama")
         layers = int(meta.get(f"{arch}.block_count", 32))
         heads = int(meta.get(f"{arch}.attention.head_count", 32))
@@ -94,6 +130,22 @@ class LlamaCppEngine(Engine):
         embd = int(meta.get(f"{arch}.embedding_length", 4096))
         return 2 * layers * kv_heads * (embd // max(1, heads)) * 2  # K and V, f16
 
+    @property
+    def running(self) -> int:
+        return self._scheduler.running if getattr(self, "_scheduler", None) is not None else 0
+
+    @property
+    def waiting(self) -> int:
+        return self._scheduler.waiting if getattr(self, "_scheduler", None) is not None else 0
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "kv_cache_tokens": self.kv_cache_tokens,
+                "resident_sequences": self.settings.resident_sequences}
+
+    def _submit(self, request: Request) -> None:
+        self._scheduler.submit(request)
+
+    # --- text <-> tokens -------------------------------------------------------------------
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         try:
             return self._formatters[add_generation_prompt](messages=list(messages)).prompt
@@ -102,37 +154,21 @@ class LlamaCppEngine(Engine):
 
     def _tokenize(self, text: str) -> list[int]:
         # The rendered template spells out special tokens; parse them as such.
-        return self._first.tokenize(text.encode("utf-8"), add_bos=self._add_bos(), special=True)
+        return self._model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
 
-    def _add_bos(self) -> bool:
-        flag = self._first.metadata.get("tokenizer.ggml.add_bos_token")
-        return str(flag).lower() == "true"
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        if n < 0:  # the piece is longer than the buffer
+            buffer = ctypes.create_string_buffer(-n)
+            n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        return buffer.raw[:max(n, 0)]
 
     def _detokenize(self, token: int) -> bytes:
-        return self._first.detokenize([token])
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._piece(token)
+        return piece
 
     def _is_end(self, token: int) -> bool:
-        if token in self._eog:
-            return True
-        if self._is_eog is not None:
-            return bool(self._is_eog(self._vocab, token))
-        return False
-
-    def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling, threads: int) -> Iterator[int]:
-        llm = slot.state
-        self._llama_cpp.llama_set_n_threads(llm.ctx, threads, self.settings.threads)
-        if not slot.tokens:
-            llm.reset()
-        llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
-        try:
-            yield from llm.generate(
-                prompt,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                min_p=0.0,
-                temp=sampling.temperature,
-                repeat_penalty=sampling.repetition_penalty,
-            )
-        finally:
-            slot.tokens = list(llm.input_ids[: llm.n_tokens])
-
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))

@@ -13,10 +13,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.inference.engines.base import Engine, EngineError, Sampling, Slot, common_prefix
+from services.core.errors import InvalidArgument
+from services.inference.engines.base import EngineError, Sampling, common_prefix
+from services.inference.engines.slots import Slot, SlotEngine
 
 
-class TorchEngine(Engine):
+class TorchEngine(SlotEngine):
     engine_name = "torch"
 
     def _load(self) -> None:
@@ -67,6 +69,7 @@ class TorchEngine(Engine):
             eos_ids.add(self._tokenizer.eos_token_id)
         self._eos = eos_ids
         self._byte_decoder = _byte_decoder(self._tokenizer)
+        self.vocab_size = len(self._tokenizer)
         self._params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) // 2**20
         self.slots = [Slot(index=i) for i in range(self.settings.parallel_slots)]
 
@@ -81,6 +84,14 @@ class TorchEngine(Engine):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "dtype": self.settings.dtype, "quantization": self.settings.quantization}
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        unsupported = [name for name, value in (("min_p", sampling.min_p), ("presence_penalty", sampling.presence_penalty),
+                                                ("frequency_penalty", sampling.frequency_penalty),
+                                                ("logit_bias", sampling.logit_bias)) if value]
+        if unsupported:
+            raise InvalidArgument(f"{', '.join(unsupported)}: not supported by the torch engine; use a llama.cpp model")
+        super().check_sampling(sampling)
 
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if self._tokenizer.chat_template is None:
@@ -106,7 +117,7 @@ class TorchEngine(Engine):
     def _is_end(self, token: int) -> bool:
         return token in self._eos
 
-    def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling, threads: int) -> Iterator[int]:
+    def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling) -> Iterator[int]:
         torch = self._torch
         from transformers import DynamicCache, LogitsProcessorList
         from transformers.generation.logits_process import (

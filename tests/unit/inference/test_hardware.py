@@ -24,7 +24,7 @@ def test_cpu_host_gets_llama_cpp_with_one_thread_per_physical_core() -> None:
 def test_cuda_host_offloads_every_layer() -> None:
     chosen = choose(GPU, settings())
     assert (chosen.engine, chosen.device, chosen.gpu_layers, chosen.dtype) == ("llama.cpp", "cuda", -1, "float16")
-    assert chosen.parallel_slots == 8
+    assert chosen.parallel_slots == 16 and chosen.resident_sequences == 64
 
 
 def test_cuda_without_llama_offload_falls_back_to_torch() -> None:
@@ -39,6 +39,14 @@ def test_every_choice_can_be_overridden() -> None:
     assert (chosen.device, chosen.engine, chosen.threads, chosen.gpu_layers, chosen.dtype, chosen.parallel_slots) == \
         ("cpu", "torch", 3, 10, "bfloat16", 2)
     assert any("set by PARLEY_THREADS" in r for r in chosen.reasons)
+
+
+def test_cpu_llama_cpp_sizes_its_batch_and_kv_cache() -> None:
+    chosen = choose(CPU, settings(context_length="4096"))
+    assert (chosen.parallel_slots, chosen.resident_sequences, chosen.kv_cache_tokens) == (8, 32, 16384)
+    assert any(r.startswith("kv_cache_tokens=16384") for r in chosen.reasons)
+    small = choose(Hardware(**{**CPU.__dict__, "available_memory_mib": 1024}), settings())
+    assert small.host_cache_mib == 128 and any("1/8 of free memory" in r for r in small.reasons)
 
 
 def test_quantization_needs_cuda() -> None:

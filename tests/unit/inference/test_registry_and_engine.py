@@ -117,10 +117,10 @@ async def test_next_turn_reuses_the_cached_prefix(tmp_path: Path) -> None:
     await registry.close()
 
 
-async def test_cancellation_frees_the_slot_within_100_ms(tmp_path: Path) -> None:
+async def test_cancellation_frees_the_engine_within_100_ms(tmp_path: Path) -> None:
     registry, generation = make_registry(tmp_path)
     await registry.load(MODEL)
-    pool = registry.get(MODEL).pool
+    engine = registry.get(MODEL).engine
     received = asyncio.Event()
 
     async def consume() -> None:
@@ -130,12 +130,12 @@ async def test_cancellation_frees_the_slot_within_100_ms(tmp_path: Path) -> None
 
     task = asyncio.create_task(consume())
     await received.wait()
-    assert pool.running == 1
+    assert engine.running == 1
     cancelled_at = time.monotonic()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    while pool.running:
+    while engine.running:
         await asyncio.sleep(0.001)
     assert time.monotonic() - cancelled_at < 0.1
     await registry.close()
@@ -159,24 +159,24 @@ def test_catalogue_rejects_bad_entries(tmp_path: Path) -> None:
         make_registry(tmp_path, [{"id": "other", "source": "/x"}])
 
 
-async def test_a_slot_always_decodes_on_its_own_thread(tmp_path: Path) -> None:
-    """llama.cpp's OpenMP keeps a thread team per calling thread; decoding a slot from changing
-    threads built extra teams that spun idle and slowed decoding by a third on 2 cores."""
+async def test_a_model_always_decodes_on_its_own_thread(tmp_path: Path) -> None:
+    """llama.cpp's OpenMP keeps a thread team per calling thread; decoding from changing threads
+    built extra teams that spun idle and slowed decoding by a third on 2 cores."""
     registry, generation = make_registry(tmp_path)
     record = await registry.acquire(MODEL)
-    engine = record.engine
+    scheduler = record.engine._scheduler
     registry.done(record)
     seen: set[str] = set()
-    decode = engine._decode
+    step = scheduler._decode_once
 
     def spy(*args, **kwargs):
         seen.add(threading.current_thread().name)
-        return decode(*args, **kwargs)
+        return step(*args, **kwargs)
 
-    engine._decode = spy
+    scheduler._decode_once = spy
     for i in range(3):
         # Tokenizing runs on the shared pool meanwhile; the decoding must not follow it around.
         await asyncio.gather(collect(generation, MODEL, f"Count to {i}", max_tokens=3, temperature=0),
                              asyncio.to_thread(time.sleep, 0.01))
-    assert len(seen) == 1 and next(iter(seen)).startswith("generation")
+    assert len(seen) == 1 and next(iter(seen)).startswith("decode-")
     await registry.close()

@@ -1,4 +1,4 @@
-"""Slot choice and admission, with plain Slot objects (no engine)."""
+"""Slot choice and admission for slot engines (torch), with plain Slot objects (no engine)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from services.core.errors import ResourceExhausted
-from services.inference.engines.base import Slot
+from services.inference.engines.slots import Slot
 from services.inference.scheduler import SlotPool
 
 

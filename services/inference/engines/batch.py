@@ -1,0 +1,453 @@
+"""Continuous batching over one llama.cpp context: admission, chunked prefill, per-choice sampling,
+warm sequences, prefix copies and a host-RAM store for evicted KV state.
+
+One thread runs `BatchScheduler._loop`. Each step:
+1. drops cancelled requests (their sequences stop at once: at most one decode step later);
+2. admits waiting requests while fewer than `parallel_slots` choices run, placing each on the
+   sequence whose KV cells share the longest prefix with its prompt (a conversation's next turn
+   lands where its previous turn is), or copying a shared prefix from another sequence
+   (`llama_memory_seq_cp`), or restoring the conversation's parked state from host RAM;
+3. builds one batch: the last sampled token of every decoding choice, then prompt chunks of the
+   admitted requests in arrival order under the step's token budget (a long prompt never stalls the
+   running streams for more than one budget's worth of prefill);
+4. decodes it once and samples each choice from its own logits row with its own sampler chain;
+   n > 1 choices fork after their shared prompt (`llama_memory_seq_cp`) and each samples the same
+   row with a differently seeded chain.
+
+Sequences that finish keep their cells until the space or the sequence id is needed; then the least
+recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.core.errors import ResourceExhausted, Unavailable
+from services.inference.engines.base import EngineError
+from services.inference.engines.sequence import Request, TokenLogprob, common_prefix
+from services.inference.hardware import EngineSettings
+
+log = logging.getLogger("parley.engine")
+
+MIN_SHARED_PREFIX = 8  # fewer shared tokens than this are cheaper to evaluate than to copy
+MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
+
+
+@dataclass
+class KvSequence:
+    """A sequence id of the context and the tokens its KV cells hold (positions 0..len-1)."""
+
+    id: int
+    tokens: list[int] = field(default_factory=list)
+    prompt_len: int = 0  # how much of `tokens` was the last request's prompt (the rest is its answer)
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass
+class Decoding:
+    """One running choice: its request, its sequence, what it still has to evaluate, its sampler."""
+
+    request: Request
+    index: int
+    seq: KvSequence
+    chain: Any  # llama_sampler_p
+    todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
+    next_token: int | None = None  # sampled, to be evaluated in the next step
+    followers: list["Decoding"] = field(default_factory=list)  # n > 1: choices forked after the prompt
+
+
+class HostKvStore:
+    """Parked sequences' KV state in host RAM, keyed by the tokens it holds; least recently parked
+    entries go first when the byte budget is exceeded."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.bytes = 0
+        self._entries: collections.OrderedDict[int, tuple[list[int], Any]] = collections.OrderedDict()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, tokens: list[int], data: Any) -> None:
+        size = len(data)
+        if size > self.budget:
+            return
+        while self.bytes + size > self.budget and self._entries:
+            _, (_, old) = self._entries.popitem(last=False)
+            self.bytes -= len(old)
+        self._next += 1
+        self._entries[self._next] = (tokens, data)
+        self.bytes += size
+
+    def best(self, prompt: list[int]) -> tuple[int | None, int]:
+        best_key, best_k = None, 0
+        for key, (tokens, _) in self._entries.items():
+            k = common_prefix(tokens, prompt)
+            if k > best_k:
+                best_key, best_k = key, k
+        return best_key, best_k
+
+    def take(self, key: int) -> tuple[list[int], Any]:
+        tokens, data = self._entries.pop(key)
+        self.bytes -= len(data)
+        return tokens, data
+
+
+class BatchScheduler:
+    def __init__(self, llama_cpp: Any, ctx: Any, vocab: Any, *, n_vocab: int, settings: EngineSettings,
+                 host_cache_bytes: int, name: str) -> None:
+        self._l = llama_cpp
+        self._ctx = ctx
+        self._vocab = vocab
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._n_vocab = n_vocab
+        self._max_running = max(1, settings.parallel_slots)
+        self._queue_depth = settings.queue_depth
+        self._budget = settings.batch_tokens
+        self._name = name
+        self._sequences = [KvSequence(i) for i in range(settings.resident_sequences)]
+        self._host = HostKvStore(host_cache_bytes)
+        self._batch = llama_cpp.llama_batch_init(self._budget, 0, 1)
+        self._pending: collections.deque[Request] = collections.deque()  # guarded by _cond
+        self._active: list[Decoding] = []  # the decode thread's own
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.stats = collections.Counter()  # for tests and logs: parked, restored, copied, reused tokens
+
+    # --- the event loop's side -------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len({d.request for d in self._active})
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    @property
+    def host_bytes(self) -> int:
+        return self._host.bytes
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closing:
+                raise ResourceExhausted("the model is unloading; retry shortly", retry_after=1)
+            if len(self._pending) >= self._queue_depth and self._choices() >= self._max_running:
+                raise ResourceExhausted(
+                    f"the server is busy: {self.running} generations running and {len(self._pending)} queued "
+                    f"(queue depth {self._queue_depth}); retry shortly", retry_after=1)
+            self._pending.append(request)
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"decode-{self._name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._l.llama_batch_free(self._batch)
+
+    # --- the decode thread ------------------------------------------------------------------
+    def _choices(self) -> int:
+        return sum(1 + len(d.followers) for d in self._active)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._pending and not self._active:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                self._step()
+        finally:
+            gone = Unavailable(f"model {self._name!r} was unloaded while the request ran; retry")
+            with self._cond:
+                waiting, self._pending = list(self._pending), collections.deque()
+            for request in {d.request for d in self._active} | set(waiting):
+                request.fail(gone)
+            for d in list(self._active):
+                self._end(d)
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if not self._active:
+            return
+        try:
+            self._decode_once()
+        except Exception as exc:  # noqa: BLE001 - a broken step fails its requests, not the loop
+            log.exception("decode step failed", extra={"fields": {"model": self._name}})
+            for request in {d.request for d in self._active}:
+                request.fail(EngineError(f"generation failed: {exc}"))
+            for d in list(self._active):
+                self._end(d, forget=True)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            if any(r.cancelled for r in self._pending):
+                self._pending = collections.deque(r for r in self._pending if not r.cancelled)
+        for d in [d for d in self._active if d.request.cancelled]:
+            d.request.finish(d.index, "cancelled")
+            self._end(d)
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending:
+                    return
+                head = self._pending[0]
+                # A request with more choices than parallel_slots runs alone rather than never.
+                if self._active and self._choices() + len(head.choices) > self._max_running:
+                    return
+                self._pending.popleft()
+            try:
+                self._place(head)
+            except Exception as exc:  # noqa: BLE001 - the caller's stream raises it
+                head.fail(exc)
+
+    # --- placing a request -----------------------------------------------------------------
+    def _place(self, request: Request) -> None:
+        prompt = request.prompt
+        if sum(not s.busy for s in self._sequences) < len(request.choices):
+            raise ResourceExhausted(f"n={len(request.choices)} needs more free sequences than the model has now; "
+                                    "retry shortly or ask for fewer choices", retry_after=1)
+        # A seed promises repeatable output; logits computed over a cached prefix differ in the last
+        # bits from a fresh prefill, so seeded requests evaluate their whole prompt.
+        seq, reused = self._sequence_for(prompt if request.sampling.seed is None else None)
+        request.usage.cached_prompt_tokens = reused
+        lead = Decoding(request, 0, seq, self._chain(request, 0), todo=prompt[reused:])
+        seq.prompt_len = len(prompt)
+        for index in range(1, len(request.choices)):
+            follower_seq, _ = self._sequence_for(None)
+            follower_seq.prompt_len = len(prompt)
+            lead.followers.append(Decoding(request, index, follower_seq, self._chain(request, index)))
+        request.admitted = True
+        self._active.append(lead)
+
+    def _sequence_for(self, prompt: list[int] | None) -> tuple[KvSequence, int]:
+        """A sequence for a new prompt, holding its longest available prefix (never all of it: the
+        last prompt token is evaluated for its logits). Marks it busy."""
+        if prompt is None:
+            seq = self._victim(None)
+            self._clear(seq)
+            seq.busy = True
+            return seq, 0
+        limit = len(prompt) - 1
+        source = max(self._sequences, key=lambda s: (min(common_prefix(s.tokens, prompt), limit), -s.busy, s.last_used))
+        k = min(common_prefix(source.tokens, prompt), limit)
+        # The same conversation (the new prompt holds the sequence's whole last prompt): continue it.
+        # A shorter match (a system prompt that several conversations share) is copied instead,
+        # which keeps the other conversation warm.
+        if not source.busy and k >= MIN_SHARED_PREFIX and k >= min(source.prompt_len, limit):
+            self._truncate(source, k)
+            source.busy = True
+            self.stats["reused"] += k
+            return source, k
+        parked, parked_k = self._host.best(prompt)
+        parked_k = min(parked_k, limit)
+        target = self._victim(source if k >= MIN_SHARED_PREFIX else None)
+        if parked is not None and parked_k > k and parked_k >= MIN_SHARED_PREFIX:
+            tokens, data = self._host.take(parked)
+            self._clear(target)
+            if self._l.llama_state_seq_set_data(self._ctx, data, len(data), target.id):
+                target.tokens = tokens
+                self._truncate(target, parked_k)
+                target.busy = True
+                self.stats["restored"] += 1
+                self.stats["reused"] += parked_k
+                return target, parked_k
+            self._l.llama_memory_seq_rm(self._memory, target.id, -1, -1)  # no room for it: evaluate instead
+        self._clear(target)
+        if k >= MIN_SHARED_PREFIX:
+            self._l.llama_memory_seq_cp(self._memory, source.id, target.id, 0, k)
+            target.tokens = prompt[:k]
+            self.stats["copied"] += 1
+            self.stats["reused"] += k
+        target.busy = True
+        return target, len(target.tokens)
+
+    def _victim(self, keep: KvSequence | None) -> KvSequence:
+        """An idle sequence to reuse: an empty one if any, else the least recently used."""
+        idle = [s for s in self._sequences if not s.busy and s is not keep]
+        if not idle:
+            raise ResourceExhausted("every sequence of the model is busy; retry shortly", retry_after=1)
+        return min(idle, key=lambda s: (bool(s.tokens), s.last_used))
+
+    def _truncate(self, seq: KvSequence, keep: int) -> None:
+        if keep < len(seq.tokens):
+            self._l.llama_memory_seq_rm(self._memory, seq.id, keep, -1)
+            del seq.tokens[keep:]
+
+    def _clear(self, seq: KvSequence) -> None:
+        """Empties a sequence, parking its KV state in host RAM first when it is worth keeping."""
+        if not seq.tokens:
+            return
+        if len(seq.tokens) >= MIN_PARKED_TOKENS and self._host.budget > 0:
+            size = self._l.llama_state_seq_get_size(self._ctx, seq.id)
+            if 0 < size <= self._host.budget:
+                data = (ctypes.c_uint8 * size)()
+                if self._l.llama_state_seq_get_data(self._ctx, data, size, seq.id) == size:
+                    self._host.put(list(seq.tokens), data)
+                    self.stats["parked"] += 1
+        self._l.llama_memory_seq_rm(self._memory, seq.id, -1, -1)
+        seq.tokens = []
+
+    def _chain(self, request: Request, index: int) -> Any:
+        """The choice's sampler chain: logit bias, penalties, then greedy or top-k/top-p/min-p/temperature."""
+        l, s = self._l, request.sampling
+        chain = l.llama_sampler_chain_init(l.llama_sampler_chain_default_params())
+        if s.logit_bias:
+            biases = (l.llama_logit_bias * len(s.logit_bias))(*(l.llama_logit_bias(t, b) for t, b in s.logit_bias))
+            l.llama_sampler_chain_add(chain, l.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
+        if s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
+            l.llama_sampler_chain_add(chain, l.llama_sampler_init_penalties(
+                self._n_vocab, 64, s.repetition_penalty, s.frequency_penalty, s.presence_penalty))
+            for token in request.prompt[-64:]:
+                l.llama_sampler_accept(chain, token)
+        if s.temperature <= 0:
+            l.llama_sampler_chain_add(chain, l.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            l.llama_sampler_chain_add(chain, l.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            l.llama_sampler_chain_add(chain, l.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0:
+            l.llama_sampler_chain_add(chain, l.llama_sampler_init_min_p(s.min_p, 1))
+        l.llama_sampler_chain_add(chain, l.llama_sampler_init_temp(s.temperature))
+        seed = (s.seed + index) & 0xFFFFFFFF if s.seed is not None else random.getrandbits(32)
+        l.llama_sampler_chain_add(chain, l.llama_sampler_init_dist(seed))
+        return chain
+
+    # --- one step ----------------------------------------------------------------------------
+    def _decode_once(self) -> None:
+        batch, l = self._batch, self._l
+        n = 0
+        outputs: list[tuple[Decoding, int]] = []
+        undo: list[tuple[Decoding, int, int | None, list[int]]] = []
+
+        def add(d: Decoding, token: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = len(d.seq.tokens)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = d.seq.id
+            batch.logits[n] = logits
+            d.seq.tokens.append(token)
+            n += 1
+
+        for d in self._active:
+            if d.next_token is not None:
+                undo.append((d, len(d.seq.tokens), d.next_token, d.todo))
+                add(d, d.next_token, True)
+                outputs.append((d, n - 1))
+                d.next_token = None
+        for d in self._active:
+            if not d.todo or n >= self._budget:
+                continue
+            undo.append((d, len(d.seq.tokens), None, d.todo))
+            take, d.todo = d.todo[: self._budget - n], d.todo[self._budget - n:]
+            for i, token in enumerate(take):
+                add(d, token, not d.todo and i == len(take) - 1)
+            if not d.todo:
+                outputs.append((d, n - 1))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        rc = l.llama_decode(self._ctx, batch)
+        if rc != 0:
+            for d, length, token, todo in undo:
+                l.llama_memory_seq_rm(self._memory, d.seq.id, length, -1)
+                del d.seq.tokens[length:]
+                d.next_token, d.todo = token, todo
+            if rc == 1 and self._make_room():
+                return  # the next step tries again
+            raise RuntimeError(f"llama_decode returned {rc}" + (" (the KV cache is full)" if rc == 1 else ""))
+        for d, i in outputs:
+            self._sample(d, i)
+
+    def _make_room(self) -> bool:
+        """Frees the least recently used idle sequence's cells (parking them). False if none."""
+        idle = [s for s in self._sequences if not s.busy and s.tokens]
+        if idle:
+            self._clear(min(idle, key=lambda s: s.last_used))
+            return True
+        # Every cell belongs to a running choice: end the one that holds the most.
+        biggest = max(self._active, key=lambda d: len(d.seq.tokens))
+        if len(self._active) == 1:
+            return False
+        biggest.request.finish(biggest.index, "length")
+        self._end(biggest)
+        return True
+
+    def _sample(self, d: Decoding, i: int) -> None:
+        l = self._l
+        if d.followers:  # n > 1: the prompt is in d's cells; fork them and sample the same row
+            for f in d.followers:
+                l.llama_memory_seq_cp(self._memory, d.seq.id, f.seq.id, -1, -1)
+                f.seq.tokens = list(d.seq.tokens)
+                self._active.append(f)
+                self._accept(f, l.llama_sampler_sample(f.chain, self._ctx, i), i)
+            d.followers = []
+        self._accept(d, l.llama_sampler_sample(d.chain, self._ctx, i), i)
+
+    def _accept(self, d: Decoding, token: int, i: int) -> None:
+        logprob = self._logprob(i, token, d.request.top_logprobs) if d.request.top_logprobs is not None else None
+        if d.request.token(d.index, token, logprob):
+            self._end(d)
+        else:
+            d.next_token = token
+
+    def _logprob(self, i: int, token: int, top: int) -> TokenLogprob:
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self._l.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
+        peak = float(logits.max())
+        logsum = peak + float(np.log(np.exp(logits - peak).sum()))
+        alternatives: tuple[tuple[str, bytes, float], ...] = ()
+        if top:
+            best = np.argpartition(-logits, top)[:top]
+            best = best[np.argsort(-logits[best])]
+            alternatives = tuple((self._text(int(t)), self._bytes(int(t)), float(logits[t]) - logsum) for t in best)
+        return TokenLogprob(self._text(token), self._bytes(token), float(logits[token]) - logsum, alternatives)
+
+    def _bytes(self, token: int) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        n = self._l.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+        return buffer.raw[:max(n, 0)]
+
+    def _text(self, token: int) -> str:
+        return self._bytes(token).decode("utf-8", "replace")
+
+    def _end(self, d: Decoding, forget: bool = False) -> None:
+        """Takes a choice out of the loop and frees its sampler; its sequence keeps its cells."""
+        if d in self._active:
+            self._active.remove(d)
+        for f in d.followers:  # ended before its prompt finished: the forks never started
+            f.request.finish(f.index, d.request.choices[d.index].finish_reason or "cancelled")
+            self._release(f, forget)
+        d.followers = []
+        self._release(d, forget)
+
+    def _release(self, d: Decoding, forget: bool = False) -> None:
+        if d.chain is not None:
+            self._l.llama_sampler_free(d.chain)
+            d.chain = None
+        if forget:  # after a failed step the cells may not match the tokens any more
+            self._l.llama_memory_seq_rm(self._memory, d.seq.id, -1, -1)
+            d.seq.tokens = []
+        d.seq.busy = False
+        d.seq.last_used = time.monotonic()

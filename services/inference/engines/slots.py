@@ -1,0 +1,116 @@
+"""Engines that run one sequence per slot, each on its own worker thread (the torch engine).
+
+A slot is one sequence's state (a KV cache) plus the tokens that state holds. A request waits for a
+free slot in services.inference.scheduler.SlotPool, which prefers the slot holding the longest
+prefix of its prompt; the slot's worker thread then evaluates the prompt and feeds sampled tokens to
+the request until it ends or is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import abstractmethod
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.inference.engines.base import Engine, EngineError
+from services.inference.engines.sequence import Request, Sampling, common_prefix
+from services.inference.scheduler import SlotPool
+
+
+@dataclass
+class Slot:
+    index: int
+    state: Any = None  # engine-specific: a torch KV cache…
+    tokens: list[int] = field(default_factory=list)  # what the state holds
+    last_used: float = 0.0
+    busy: bool = False
+    worker: "asyncio.Future[None] | None" = None  # the running generation's thread
+    # Every generation of a slot runs on this one thread: native thread pools (OpenMP) keep a team
+    # of threads per calling thread, and hopping threads builds extra teams that spin on the cores.
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation"))
+
+
+class SlotEngine(Engine):
+    """Subclasses create `self.slots` in `_load` and implement `_decode`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots: list[Slot] = []
+        self._pool: SlotPool | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def load(self) -> None:
+        await super().load()
+        self._pool = SlotPool(self.slots, self.settings.queue_depth)
+
+    async def close(self) -> None:
+        # A cancelled generation's worker may still be finishing its last token.
+        await asyncio.gather(*(slot.worker for slot in self.slots if slot.worker is not None), return_exceptions=True)
+        await super().close()
+
+    def _close(self) -> None:
+        self.slots = []
+
+    @property
+    def running(self) -> int:
+        return self._pool.running if self._pool is not None else 0
+
+    @property
+    def waiting(self) -> int:
+        return self._pool.waiting if self._pool is not None else 0
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "slots": len(self.slots)}
+
+    @abstractmethod
+    def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+        """Evaluates `prompt` in `slot` and yields sampled tokens. It reuses what the slot holds
+        unless slot.tokens is empty, and leaves slot.tokens equal to what its state holds."""
+
+    def _submit(self, request: Request) -> None:
+        self._pool.check_room()  # ResourceExhausted now, while the caller can still get a 429
+        task = asyncio.ensure_future(self._serve(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, request: Request) -> None:
+        try:
+            slot = await self._pool.acquire(request.prompt)
+        except BaseException as exc:  # noqa: BLE001 - the caller's stream raises it
+            request.fail(exc)
+            return
+        if request.cancelled:
+            self._pool.release(slot)
+            return
+        request.admitted = True
+        slot.worker = asyncio.get_running_loop().run_in_executor(slot.executor, self._run, slot, request)
+        self._pool.release(slot)  # frees the slot once the worker has stopped
+
+    def _run(self, slot: Slot, request: Request) -> None:
+        try:
+            if request.sampling.seed is not None:
+                # A seed promises repeatable output, and logits from a cached prefix differ in the
+                # last bits from a fresh prefill: seeded requests always evaluate the whole prompt.
+                slot.tokens = []
+            prompt = request.prompt
+            request.usage.cached_prompt_tokens = max(0, min(common_prefix(slot.tokens, prompt), len(prompt) - 1))
+            tokens = self._decode(slot, prompt, request.sampling)
+            try:
+                for token in tokens:
+                    if request.cancelled:
+                        request.finish(0, "cancelled")
+                        break
+                    if request.token(0, token):
+                        break
+            finally:
+                tokens.close()  # lets the engine record what its KV cache now holds
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop, raised there
+            request.fail(exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}"))
+        finally:
+            slot.last_used = time.monotonic()
+
