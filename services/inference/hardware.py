@@ -1,15 +1,19 @@
 """Hardware detection and the engine settings chosen from it.
 
-The probe never imports torch unless it is installed, and never fails: a missing capability is
-simply reported as absent. `choose()` turns what was found into engine settings; every choice can
-be overridden by configuration, and `reasons` says which were.
+The probe never imports torch, and never fails: a missing capability is simply reported as absent.
+Importing torch only to count GPUs would add ~235 MB to every inference process, also those where
+llama.cpp serves on CPU; torch loads only when the torch engine is chosen (engines/torch_engine.py).
+`choose()` turns what was found into engine settings; every choice can be overridden by
+configuration, and `reasons` says which were.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from services.inference.settings import InferenceSettings
 
@@ -92,20 +96,83 @@ def _memory_mib() -> tuple[int, int]:
     return total, min(values.get("MemAvailable", total), total)
 
 
-def _torch_devices() -> tuple[tuple[CudaDevice, ...], bool]:
-    if importlib.util.find_spec("torch") is None:
-        return (), False
-    import torch
+@dataclass(frozen=True)
+class _NvmlGpu:
+    uuid: str
+    name: str
+    total_memory_mib: int
+    free_memory_mib: int
 
-    devices = []
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(index)
-            devices.append(
-                CudaDevice(index, torch.cuda.get_device_name(index), total // 2**20, free // 2**20)
-            )
-    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    return tuple(devices), mps
+
+def _cuda_devices() -> tuple[CudaDevice, ...]:
+    """CUDA devices as the driver's management library (NVML) lists them.
+
+    NVML ships with the NVIDIA driver and pynvml is a thin ctypes binding to it: no CUDA runtime, no
+    torch. No pynvml, no driver (the usual CPU host) or a failing one means no devices, never an error.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return ()
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return ()
+    try:
+        found = [_nvml_gpu(pynvml, index) for index in range(pynvml.nvmlDeviceGetCount())]
+    except pynvml.NVMLError:
+        found = []
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+    visible = _cuda_visible(found, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return tuple(
+        CudaDevice(index, gpu.name, gpu.total_memory_mib, gpu.free_memory_mib) for index, gpu in enumerate(visible)
+    )
+
+
+def _nvml_gpu(pynvml: ModuleType, index: int) -> _NvmlGpu | None:
+    """One GPU, or None when NVML cannot read it (e.g. fallen off the bus): the others still count."""
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        uuid, name = pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle)
+        return _NvmlGpu(uuid, name, memory.total // 2**20, memory.free // 2**20)
+    except pynvml.NVMLError:
+        return None
+
+
+def _cuda_visible(found: list[_NvmlGpu | None], spec: str | None) -> list[_NvmlGpu]:
+    """The GPUs CUDA (and so llama.cpp or torch) will use, in CUDA's order.
+
+    NVML ignores CUDA_VISIBLE_DEVICES, CUDA does not: it holds indices or GPU-UUID prefixes and ends
+    at the first entry that names no device, so "" or "-1" hides every GPU. Indices are taken in
+    NVML's (PCI bus) order, which is CUDA's with CUDA_DEVICE_ORDER=PCI_BUS_ID or identical GPUs;
+    MIG-… entries are not resolved (NVML lists whole GPUs here) and end the list.
+    """
+    if spec is None:
+        return [gpu for gpu in found if gpu]
+    visible: list[_NvmlGpu] = []
+    for entry in (part.strip() for part in spec.split(",")):
+        if entry.isdigit():
+            gpu = found[int(entry)] if int(entry) < len(found) else None
+        elif entry.startswith("GPU-"):
+            gpu = next((g for g in found if g and g.uuid.startswith(entry)), None)
+        else:
+            gpu = None
+        if gpu is None:
+            break
+        visible.append(gpu)
+    return visible
+
+
+def _mps_available() -> bool:
+    """Apple Metal, judged from the platform instead of asking torch: an approximation that says yes
+    for every Apple-silicon Mac (Darwin on arm64), where llama.cpp and torch both run on Metal. It
+    says no for Intel Macs (whose AMD GPUs torch can use) and for x86-64 Python under Rosetta."""
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
 def _llama_gpu_offload() -> bool:
@@ -119,15 +186,15 @@ def _llama_gpu_offload() -> bool:
 
 def probe() -> Hardware:
     total, available = _memory_mib()
-    cuda, mps = _torch_devices()
     return Hardware(
         physical_cores=_physical_cores(),
         logical_cpus=os.cpu_count() or 1,
         total_memory_mib=total,
         available_memory_mib=available,
-        cuda_devices=cuda,
-        mps_available=mps,
+        cuda_devices=_cuda_devices(),
+        mps_available=_mps_available(),
         llama_gpu_offload=_llama_gpu_offload(),
+        # find_spec looks for torch on sys.path without importing it.
         torch_available=importlib.util.find_spec("torch") is not None,
     )
 
