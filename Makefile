@@ -16,7 +16,8 @@ PROTOS := $(shell find protos -name '*.proto')
 help:
 	@echo "make run    - start auth, session, cache, inference and Envoy on http://127.0.0.1:8080"
 	@echo "make test   - install everything (venv, llama.cpp build, model, Envoy, buf) and run the suite"
-	@echo "make bench  - benchmark decode speed and time to first token (bench/)"
+	@echo "make bench  - benchmark decode speed, time to first token and client patterns (bench/);"
+	@echo "              LLAMA_SERVER=/path/to/llama-server compares against llama-server (README: Benchmark)"
 	@echo "make gen    - regenerate Python code, type stubs and Envoy's descriptor set from protos/"
 	@echo "make k8s-config - generate the gateway's Envoy config for the Kubernetes manifests (k8s/)"
 
@@ -77,8 +78,10 @@ test: setup lint-protos $(CHECKOV) $(CHROMIUM)
 test-unit: setup
 	$(PY) tools/run_pytest.py tests/unit
 
+# LLAMA_SERVER: a llama-server binary to compare against (else $PARLEY_BENCH_LLAMA_SERVER, else
+# /root/.cache/parley-peer/llama-server when it exists; without one its column is skipped).
 bench: setup
-	$(PY) bench/inference_bench.py
+	$(PY) bench/inference_bench.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 
 # Envoy config + descriptor set for the gateway's ConfigMap, with the Kubernetes settings in
 # k8s/base/gateway/envoy.env; kustomize's configMapGenerator reads them (the folder is git-ignored).

@@ -6,30 +6,52 @@
   (d) a saved conversation's turn, POST /v1/sessions/{id}:chat (SSE): session stores both messages,
       counts the history's tokens and asks the cache before inference generates
 
-plus the time to the whole answer of a deterministic turn served from the response cache, and
-aggregate throughput for 1, 4 and 8 concurrent streams through Envoy. Every figure is printed as a
-ratio against (a). The paths take turns within each round, so that a slow spell of this shared
-machine weighs on all of them alike. Every request gets a distinct prompt, so no path is helped by a
-fully cached prompt; all paths may reuse the shared chat-template prefix, as llama-cpp-python does.
+plus the time to the whole answer of a deterministic turn served from the response cache. Every
+figure is printed as a ratio against (a). The paths take turns within each round, so that a slow
+spell of this shared machine weighs on all of them alike. Every request gets a distinct prompt, so no
+path is helped by a fully cached prompt; all paths may reuse the shared chat-template prefix, as
+llama-cpp-python does.
 
-    make bench            # or: .venv/bin/python bench/inference_bench.py [--runs 5]
+Then the client patterns that users create, each driven with the official `openai` SDK (streaming,
+greedy, usage counted from `stream_options.include_usage`) against Parley's Envoy gateway and, in
+the same run, against llama-server (the peer: one llama.cpp context, continuous batching; same
+llama.cpp version as Parley links), started here as `-np 8 -c 16384` on the same model and threads:
+
+  1. 1, 4 and 8 concurrent single-turn streams (64 tokens): aggregate tok/s, TTFT p50
+  2. one conversation of 10 turns, each resending the whole history: TTFT p50 of turns 2-10, tok/s
+  3. 8 conversations x 6 turns at once (interleaved): aggregate tok/s, TTFT p50 of turns 2-6
+  4. 16 conversations x 6 turns at once: the same figures
+
+Conversations share one system prompt (~100 tokens), open with distinct questions and go on with
+short follow-ups, 48 tokens per answer. The two servers take turns pattern by pattern (never both
+under load at once); aggregate tok/s counts from the first request to the last token, so it includes
+the time to the first tokens. Each server's resident memory is read after the patterns. Without a
+llama-server binary its column is skipped.
+
+    make bench [LLAMA_SERVER=/path/to/llama-server]
+    .venv/bin/python bench/inference_bench.py [--runs 5] [--rounds 3] [--llama-server PATH] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
 from llama_cpp import Llama
+from openai import AsyncOpenAI
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
@@ -39,6 +61,28 @@ from services.stack import Stack, free_port
 ADMIN_PASSWORD = f"Bench-{uuid.uuid4().hex}"
 MODEL = BUNDLED["id"]
 MAX_TOKENS = 96
+DEFAULT_LLAMA_SERVER = Path("/root/.cache/parley-peer/llama-server")
+BUILD_LLAMA_SERVER = (
+    "pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:, unpack it, then in vendor/llama.cpp: "
+    "cmake -B build -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release && "
+    "cmake --build build --target llama-server -j2 (see README.md, Benchmark)"
+)
+SYSTEM_PROMPT = (
+    "You are Parley, a friendly and knowledgeable assistant for a small team. Answer in plain English, "
+    "in short paragraphs, without lists or headings unless the user asks for them. Be accurate: when "
+    "you are not sure of a fact, say so instead of guessing. Keep a warm and patient tone, explain "
+    "technical words the first time you use them, and prefer concrete examples to general advice. "
+    "When the user asks you to go on, continue exactly where your previous answer stopped, without "
+    "repeating what you already said."
+)
+TOPICS = (
+    "how bread rises", "why the sky is blue", "how a lighthouse works", "the life of honeybees",
+    "how tides happen", "how a bicycle stays upright", "the history of paper", "how volcanoes form",
+    "why cats purr", "how rainbows appear", "how ships float", "the first trains",
+    "how bees make honey", "why leaves change colour", "how a compass works", "the history of tea",
+)
+FOLLOW_UPS = ("Go on.", "Say more about that.", "Why is that?", "Give me an example.", "And then?",
+              "Can you explain that more simply?", "What else should I know?", "Tell me more.", "Go on, please.")
 
 # One request with prompt i -> when it was sent and when each of its tokens arrived.
 Run = Callable[[int], tuple[float, list[float]]]
@@ -90,8 +134,8 @@ def grpc_path(channel: grpc.Channel, token: str) -> Run:
     return run
 
 
-def _sse_body(i: int, max_tokens: int = MAX_TOKENS) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens,
+def _sse_body(i: int) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": MAX_TOKENS,
             "temperature": 0, "stream": True}
 
 
@@ -146,31 +190,240 @@ def cached_turns(run: Run, runs: int, first_prompt: int) -> float:
     return statistics.median(times)
 
 
-async def bench_concurrent(url: str, streams: int, token: str, max_tokens: int = 64) -> float:
-    async def one(http: httpx.AsyncClient, i: int) -> int:
-        tokens = 0
-        async with http.stream("POST", f"{url}/v1/chat/completions", json=_sse_body(i, max_tokens)) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                    tokens += 1
-        return tokens
-
-    async with httpx.AsyncClient(timeout=300, headers=bearer(token)) as http:
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(http, 10_000 + streams * 10 + i) for i in range(streams)))
-        return sum(counts) / (time.perf_counter() - start)
+@dataclass(frozen=True)
+class Server:
+    """An OpenAI-compatible endpoint under test and the process whose memory counts for it."""
+    name: str
+    base_url: str
+    api_key: str
+    pid: int
 
 
-def stack_threads(stack: Stack, token: str) -> int:
+@dataclass(frozen=True)
+class Pattern:
+    """`conversations` at once, each `turns` turns long; TTFT counts turns after the first when there are several."""
+    name: str
+    conversations: int
+    turns: int
+    max_tokens: int
+    chat: bool  # the shared system prompt, topic openings and follow-ups; else one story prompt per stream
+
+    def opening(self, k: int, round_: int) -> list[dict[str, str]]:
+        """The first messages of conversation k, distinct per pattern and round so that no answer comes from a
+        cache and no conversation starts with another's prompt."""
+        if not self.chat:
+            return [{"role": "user", "content": prompt(20_000 + 1000 * round_ + 100 * self.conversations + k)}]
+        topic = TOPICS[k % len(TOPICS)]
+        question = f"Question {k + 1} of {self.conversations}, round {round_ + 1}: tell me about {topic}."
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def patterns(quick: bool) -> list[Pattern]:
+    long, short = (4, 3) if quick else (10, 6)
+    return [*(Pattern(f"{n} stream{'s' * (n > 1)}", n, 1, 64, chat=False) for n in (1, 4, 8)),
+            Pattern(f"1 conversation x {long} turns", 1, long, 48, chat=True),
+            Pattern(f"8 conversations x {short} turns", 8, short, 48, chat=True),
+            Pattern(f"16 conversations x {short} turns", 16, short, 48, chat=True)]
+
+
+@dataclass(frozen=True)
+class Reply:
+    ttft_ms: float
+    tokens: int
+    text: str
+
+
+async def stream_reply(client: AsyncOpenAI, messages: list[dict[str, str]], max_tokens: int) -> Reply:
+    """One streamed answer. Tokens are usage.completion_tokens when the server reports usage, else content chunks."""
+    start = time.perf_counter()
+    first, chunks, usage, text = 0.0, 0, None, []
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first or time.perf_counter()
+                chunks += 1
+                text.append(choice.delta.content)
+    first = first or time.perf_counter()  # an empty answer: its first token is its end
+    return Reply((first - start) * 1000, usage if usage is not None else chunks, "".join(text))
+
+
+async def conversation(client: AsyncOpenAI, pattern: Pattern, k: int, round_: int) -> list[Reply]:
+    """Each turn resends the whole history with the assistant's earlier answers, as chat clients do."""
+    messages = pattern.opening(k, round_)
+    replies = []
+    for turn in range(pattern.turns):
+        if turn:
+            messages.append({"role": "user", "content": FOLLOW_UPS[(k + turn - 1) % len(FOLLOW_UPS)]})
+        reply = await stream_reply(client, messages, pattern.max_tokens)
+        messages.append({"role": "assistant", "content": reply.text})
+        replies.append(reply)
+    return replies
+
+
+async def drive(client: AsyncOpenAI, pattern: Pattern, round_: int) -> tuple[float, list[float]]:
+    """Every conversation of the pattern at once -> (aggregate tok/s, TTFTs of the counted turns in ms)."""
+    start = time.perf_counter()
+    runs = await asyncio.gather(*(conversation(client, pattern, k, round_) for k in range(pattern.conversations)))
+    elapsed = time.perf_counter() - start
+    counted = slice(1, None) if pattern.turns > 1 else slice(None)
+    return (sum(r.tokens for replies in runs for r in replies) / elapsed,
+            [r.ttft_ms for replies in runs for r in replies[counted]])
+
+
+async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: int
+                           ) -> dict[tuple[str, str], tuple[float, float]]:
+    """(pattern, server) -> (median aggregate tok/s over rounds, TTFT p50 ms over all counted turns).
+    The servers take turns pattern by pattern, in an order that alternates each round; one warm-up
+    request each is not counted."""
+    clients = {s.name: AsyncOpenAI(base_url=s.base_url, api_key=s.api_key, max_retries=0, timeout=600) for s in servers}
+    rates: dict[tuple[str, str], list[float]] = {}
+    ttfts: dict[tuple[str, str], list[float]] = {}
+    try:
+        for client in clients.values():
+            await stream_reply(client, [{"role": "user", "content": "Hi"}], 4)
+        for round_ in range(rounds):
+            for pattern in todo:
+                for server in servers[::-1] if round_ % 2 else servers:
+                    rate, samples = await drive(clients[server.name], pattern, round_)
+                    rates.setdefault((pattern.name, server.name), []).append(rate)
+                    ttfts.setdefault((pattern.name, server.name), []).extend(samples)
+    finally:
+        for client in clients.values():
+            await client.close()
+    return {key: (statistics.median(rates[key]), statistics.median(ttfts[key])) for key in rates}
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its descendants (VmRSS from /proc), in MiB."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{current}/status").read_text()
+            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+    return total
+
+
+def find_llama_server(option: str | None) -> Path | None:
+    """--llama-server, else $PARLEY_BENCH_LLAMA_SERVER, else the default cache path when it exists."""
+    chosen = option or os.environ.get("PARLEY_BENCH_LLAMA_SERVER")
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise SystemExit(f"llama-server {chosen!r} is not an executable file; build it: {BUILD_LLAMA_SERVER}")
+        return Path(chosen)
+    return DEFAULT_LLAMA_SERVER if os.access(DEFAULT_LLAMA_SERVER, os.X_OK) else None
+
+
+@contextlib.contextmanager
+def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 180) -> Iterator[Server]:
+    """llama-server on the bundled model on a free loopback port, as DESIGN.md runs it; stopped on exit."""
+    port = free_port()
+    argv = [str(binary), "-m", CatalogueEntry(**BUNDLED).path(), "-t", str(threads), "-np", "8", "-c", "16384",
+            "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(f"http://127.0.0.1:{port}/health"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+                raise RuntimeError(f"llama-server did not become healthy ({' '.join(argv)}):\n{tail}")
+            time.sleep(0.25)
+        yield Server("llama-server", f"http://127.0.0.1:{port}/v1", "no-key", process.pid)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def stack_hardware(stack: Stack, token: str) -> dict:
+    """The engine settings the inference service chose (threads, parallel_slots, ...)."""
     with httpx.Client(headers=bearer(token)) as http:
-        return int(http.get(f"{stack.url}/v1/admin/hardware").json()["chosen"]["threads"])
+        return dict(http.get(f"{stack.url}/v1/admin/hardware").json()["chosen"])
+
+
+def inference_pid(stack: Stack) -> int:
+    return next(p.popen.pid for p in stack.processes if p.name == "inference")
+
+
+def measure_peers(stack: Stack, token: str, threads: int, binary: Path | None, todo: list[Pattern], rounds: int,
+                  log_dir: Path) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, float]]:
+    """The client patterns on Parley (through Envoy) and on llama-server when there is one -> figures, RSS MiB."""
+    parley = Server("Parley", f"{stack.url}/v1", token, inference_pid(stack))
+    with contextlib.ExitStack() as running:
+        servers = [parley]
+        if binary is not None:
+            servers.append(running.enter_context(llama_server(binary, threads, log_dir / "llama-server.log")))
+        figures = asyncio.run(measure_patterns(servers, todo, rounds))
+        return figures, {server.name: rss_mib(server.pid) for server in servers}
+
+
+def print_patterns(figures: dict[tuple[str, str], tuple[float, float]], rss: dict[str, float], todo: list[Pattern],
+                   rounds: int, threads: int) -> None:
+    peer = "llama-server" in rss
+    print(f"\nClient patterns (openai SDK, streaming, greedy) — Parley through Envoy vs llama-server -np 8 -c 16384, "
+          f"{threads} threads")
+    print(f"tok/s: median of {rounds} round{'s' * (rounds > 1)}, counted from the first request; "
+          "TTFT: p50 over all counted turns")
+    print("ratio = Parley / llama-server: for tok/s >= 1.0 is better (Parley faster); "
+          "for TTFT and RSS <= 1.0 is better\n")
+    print(f"{'pattern':30} {'metric':14} {'Parley':>9} {'llama-server':>13} {'ratio':>7}")
+
+    def row(pattern: str, metric: str, ours: float, theirs: float | None) -> None:
+        other = f"{theirs:13.1f}" if theirs is not None else f"{'—':>13}"
+        ratio = f"{ours / theirs:7.3f}" if theirs else f"{'—':>7}"
+        print(f"{pattern:30} {metric:14} {ours:9.1f} {other} {ratio}")
+
+    for pattern in todo:
+        ours = figures[(pattern.name, "Parley")]
+        theirs = figures.get((pattern.name, "llama-server"))
+        ttft = "TTFT p50 ms" if pattern.turns == 1 else f"TTFT p50 2-{pattern.turns}"
+        row(pattern.name, "tok/s", ours[0], theirs[0] if theirs else None)
+        row("", ttft, ours[1], theirs[1] if theirs else None)
+    row("RSS after the patterns", "MiB", rss["Parley"], rss.get("llama-server"))
+    if not peer:
+        print(f"\nllama-server column skipped: no binary (--llama-server PATH, $PARLEY_BENCH_LLAMA_SERVER or "
+              f"{DEFAULT_LLAMA_SERVER}). Build it: {BUILD_LLAMA_SERVER}")
+    print("\nParley's RSS is the inference process (with any children); llama-server's is its one process.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Parley inference benchmark")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=None,
+                        help="rounds of the paths (a)-(d) (default 5, 1 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of the client patterns (default 3, 1 with --quick)")
     parser.add_argument("--slots", type=int, default=0, help="PARLEY_PARALLEL_SLOTS for the service (0 = auto)")
+    parser.add_argument("--llama-server", default=None, metavar="PATH",
+                        help=f"llama-server binary to compare against (default: $PARLEY_BENCH_LLAMA_SERVER, else "
+                             f"{DEFAULT_LLAMA_SERVER} when it exists)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one round, fewer turns")
     args = parser.parse_args()
+    runs = args.runs or (1 if args.quick else 5)
+    rounds = args.rounds or (1 if args.quick else 3)
+    todo = patterns(args.quick)
+    binary = find_llama_server(args.llama_server)
+    if binary is None:
+        print(f"llama-server not found: its column will be skipped. Build it: {BUILD_LLAMA_SERVER}", flush=True)
     context = 2048
     with tempfile.TemporaryDirectory() as data:
         env = {"PARLEY_DATA_DIR": data, "PARLEY_HTTP_PORT": str(free_port()), "PARLEY_ADMIN_PORT": str(free_port()),
@@ -187,7 +440,8 @@ def main() -> None:
             stack.wait_healthy(timeout=300)
             token = httpx.post(f"{stack.url}/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD},
                                timeout=30).json()["tokens"]["access_token"]
-            threads = stack_threads(stack, token)
+            hardware = stack_hardware(stack, token)
+            threads = int(hardware["threads"])
             with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel, \
                     httpx.Client(timeout=120, headers=bearer(token)) as http:
                 session = session_path(http, stack.url)
@@ -195,22 +449,20 @@ def main() -> None:
                          "(b) gRPC Generate stream": grpc_path(channel, token),
                          "(c) Envoy REST SSE": rest_path(http, stack.url),
                          "(d) session chat turn SSE": session}
-                measured = interleaved(paths, args.runs)
-                cached_ms = cached_turns(session, args.runs, 3000)
-            aggregate = {n: asyncio.run(bench_concurrent(stack.url, n, token)) for n in (1, 4, 8)}
+                measured = interleaved(paths, runs)
+                cached_ms = cached_turns(session, runs, 3000)
+            figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, Path(data) / "logs")
         finally:
             stack.stop()
     direct = measured["(a) llama-cpp-python in-process"]
-    print(f"\nParley inference benchmark — {MODEL}, {threads} threads, greedy, up to {MAX_TOKENS} tokens, "
-          f"median of {args.runs} interleaved rounds\n")
+    print(f"\nParley inference benchmark — {MODEL}, {threads} threads, {hardware.get('parallel_slots', '?')} slots, "
+          f"greedy, up to {MAX_TOKENS} tokens, median of {runs} interleaved rounds\n")
     print(f"{'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'ratio':>7}")
     for name, (decode, ttft) in measured.items():
         print(f"{name:34} {decode:12.1f} {decode / direct[0]:7.3f} {ttft:9.1f} {ttft / direct[1]:7.3f}")
     print(f"\n{'cached deterministic turn (d)':34} {cached_ms:9.1f} ms to the whole answer "
           f"({cached_ms / direct[1]:.3f} of (a)'s TTFT)")
-    print(f"\n{'concurrent streams (Envoy REST)':34} {'aggregate tok/s':>15} {'ratio vs (a)':>13}")
-    for n, rate in aggregate.items():
-        print(f"{n:<34} {rate:15.1f} {rate / direct[0]:13.3f}")
+    print_patterns(figures, rss, todo, rounds, threads)
 
 
 if __name__ == "__main__":
