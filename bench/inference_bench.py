@@ -428,6 +428,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data:
         env = {"PARLEY_DATA_DIR": data, "PARLEY_HTTP_PORT": str(free_port()), "PARLEY_ADMIN_PORT": str(free_port()),
                "PARLEY_CONTEXT_LENGTH": str(context), "PARLEY_PARALLEL_SLOTS": str(args.slots),
+               # The same KV cells as llama-server -c 16384 (context is per request: -np 8 gives 2048 a slot).
+               "PARLEY_KV_CACHE_TOKENS": "16384",
                "PARLEY_QUEUE_DEPTH": "32", "PARLEY_LOG_LEVEL": "WARNING", "PARLEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
                # The benchmark's requests would trip a user's default rate limits.
                "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE": "100000", "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE": "100000000"}

@@ -94,7 +94,14 @@ def test_seeded_sampling_is_repeatable(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "words"),
     [
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n must be between"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}, 400,
+         "token id"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 1}}, 400,
+         "vocabulary"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3}, 400,
+         "presence_penalty"),
         ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "nope"),
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
@@ -120,8 +127,39 @@ def test_invalid_json_body_is_400(base_url: str, user: Caller) -> None:
 def test_openai_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError, match="nope"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError, match="n must be 1"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="n must be between"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=50)
+
+
+def test_n_choices_and_logprobs_with_the_sdk(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Write one word."}]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, n=3, max_tokens=6, temperature=1.2,
+                                            seed=11, logprobs=True, top_logprobs=2)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    for choice in answer.choices:
+        tokens = choice.logprobs.content
+        assert tokens and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
+        assert "".join(t.token for t in tokens).startswith(choice.message.content[:3])
+    assert answer.usage.completion_tokens == sum(len(c.logprobs.content) for c in answer.choices) or \
+        answer.usage.completion_tokens >= 3
+    streamed: dict[int, str] = {}
+    finished = set()
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=6, stream=True,
+                                                temperature=1.0):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and all(streamed.values())
+
+
+def test_penalties_and_logit_bias_change_the_answer_and_the_cache_key(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Repeat the word 'apple' five times."}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    first_token = plain.choices[0].message.content
+    biased = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                            logit_bias={"2": -100}, frequency_penalty=2.0)
+    assert biased.choices[0].message.content != first_token  # not the cached answer of the plain request
 
 
 def test_prompt_longer_than_context_is_400_with_both_counts(base_url: str, user: Caller) -> None:

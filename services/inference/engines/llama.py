@@ -66,9 +66,10 @@ class LlamaCppEngine(Engine):
         ctx_params.n_batch = ctx_params.n_ubatch = s.batch_tokens
         ctx_params.n_seq_max = s.resident_sequences
         # Logits rows a step can ask for: one per running choice, and a request with more choices
-        # than parallel_slots runs alone (openai_compat.MAX_CHOICES). The default (n_batch rows)
-        # would reserve a logits buffer for every token of a prompt chunk.
-        ctx_params.n_outputs_max = max(s.parallel_slots, 16)
+        # than parallel_slots runs alone (openai_compat.MAX_CHOICES); llama.cpp reserves at least one
+        # per sequence. The default (n_batch rows) would size the logits buffers for every token of
+        # a prompt chunk.
+        ctx_params.n_outputs_max = max(s.parallel_slots, s.resident_sequences, 16)
         ctx_params.n_threads = ctx_params.n_threads_batch = s.threads
         ctx_params.kv_unified = True  # sequences share one pool of cells, so seq_cp works across them
         ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
