@@ -417,6 +417,7 @@ def main() -> None:
                         help=f"llama-server binary to compare against (default: $PARLEY_BENCH_LLAMA_SERVER, else "
                              f"{DEFAULT_LLAMA_SERVER} when it exists)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, fewer turns")
+    parser.add_argument("--log-dir", default=None, help="keep the services' and llama-server's logs here")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 5)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -436,7 +437,8 @@ def main() -> None:
         for name in ("auth", "session", "cache", "inference"):
             env[f"PARLEY_{name.upper()}_PORT"] = str(free_port())
             env[f"PARLEY_{name.upper()}_METRICS_PORT"] = str(free_port())
-        stack = Stack(env=env, log_dir=Path(data) / "logs")
+        logs = Path(args.log_dir) if args.log_dir else Path(data) / "logs"
+        stack = Stack(env=env, log_dir=logs)
         stack.start()
         try:
             stack.wait_healthy(timeout=300)
@@ -453,7 +455,7 @@ def main() -> None:
                          "(d) session chat turn SSE": session}
                 measured = interleaved(paths, runs)
                 cached_ms = cached_turns(session, runs, 3000)
-            figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, Path(data) / "logs")
+            figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
         finally:
             stack.stop()
     direct = measured["(a) llama-cpp-python in-process"]
