@@ -167,7 +167,9 @@ class BatchScheduler:
 
     # --- the decode thread ------------------------------------------------------------------
     def _choices(self) -> int:
-        return sum(1 + len(d.followers) for d in self._active)
+        """Running choices. One whose last chunk is out no longer counts: its caller may already be
+        sending the next turn while this thread tidies up."""
+        return sum((d.request.choices[d.index].finish_reason is None) + len(d.followers) for d in self._active)
 
     def _loop(self) -> None:
         try:
