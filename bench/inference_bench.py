@@ -281,7 +281,9 @@ async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: i
     """(pattern, server) -> (median aggregate tok/s over rounds, TTFT p50 ms over all counted turns).
     The servers take turns pattern by pattern, in an order that alternates each round; one warm-up
     request each is not counted."""
-    clients = {s.name: AsyncOpenAI(base_url=s.base_url, api_key=s.api_key, max_retries=0, timeout=600) for s in servers}
+    # The SDK's default retries: llama-server's HTTP library closes a keep-alive connection after a few
+    # requests, and a request racing that close fails to connect; the retry's time counts in its TTFT.
+    clients = {s.name: AsyncOpenAI(base_url=s.base_url, api_key=s.api_key, max_retries=2, timeout=600) for s in servers}
     rates: dict[tuple[str, str], list[float]] = {}
     ttfts: dict[tuple[str, str], list[float]] = {}
     try:
@@ -328,7 +330,9 @@ def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 18
     """llama-server on the bundled model on a free loopback port, as DESIGN.md runs it; stopped on exit."""
     port = free_port()
     argv = [str(binary), "-m", CatalogueEntry(**BUNDLED).path(), "-t", str(threads), "-np", "8", "-c", "16384",
-            "--host", "127.0.0.1", "--port", str(port)]
+            # More HTTP threads than the default (slots + 2): 16 streaming conversations otherwise wait for a
+            # connection thread, and its keep-alive connections get dropped under the client.
+            "--threads-http", "32", "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
