@@ -1,9 +1,9 @@
 """POST /v1/chat/completions from request bytes to response bytes: rate limit, response cache,
 generation and OpenAI's JSON or SSE rendering.
 
-Order of a request: parse (400 on a bad body) → rate-limit check (429 with Retry-After) → cache
-lookup when deterministic → either the cached answer, rendered exactly like a generated one, or a
-generation. A complete deterministic answer (finish reason stop or length) is stored afterwards, and
+Order of a request: parse (400 on a bad body) → rate-limit check (429 with Retry-After) and, at the
+same time, a cache lookup when deterministic → either the cached answer, rendered exactly like a
+generated one, or a generation. A complete deterministic answer (finish reason stop or length) is stored afterwards, and
 the tokens are recorded, in background tasks so that neither delays the end of the response.
 The cache service being down changes nothing but speed: see services.cache.client.
 """
@@ -72,10 +72,13 @@ class ChatCompletions:
     async def create(self, body: bytes, timeout: float | None, mark: Mark) -> AsyncIterator[tuple[str, bytes]]:
         """Yields (content type, bytes). `mark` sends the x-parley-cache value before the first bytes."""
         req = openai_compat.parse_request(body)
-        if self.cache is not None:
-            await self.cache.check_rate_limit()
         key = self._key(req)
-        cached = await self.cache.lookup(key) if self.cache is not None and key is not None else None
+        cached = None
+        if self.cache is not None:
+            # One round trip's wait instead of two: the lookup does not depend on the limit's answer.
+            lookups = [self.cache.lookup(key)] if key is not None else []
+            _, *found = await asyncio.gather(self.cache.check_rate_limit(), *lookups)
+            cached = found[0] if found else None
         if cached is not None:
             await mark("hit")
             for part in self._replay(req, key, cached):  # type: ignore[arg-type]

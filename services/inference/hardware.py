@@ -50,6 +50,7 @@ class EngineSettings:
     parallel_slots: int
     queue_depth: int = 16
     kv_cache_tokens: int = 0
+    kv_cache_auto: bool = True  # the engine may lower kv_cache_tokens to fit the model's size
     resident_sequences: int = 1
     batch_tokens: int = 512
     host_cache_mib: int = 0
@@ -256,7 +257,9 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
     elif engine == "llama.cpp":
         # Choices decoded together in one batch: a bigger batch raises throughput until the cores
         # (or the GPU) are busy; past that each stream only slows down.
-        slots = 16 if device != "cpu" else 8
+        # Measured on 2 cores with 16 conversations at once: 16 slots answered later turns ~5x sooner
+        # than 8 (no queue) at about the same aggregate speed.
+        slots = 16
         reasons.append(f"parallel_slots={slots}: sequences decoded together per step on {device}")
     else:
         # The torch engine runs a slot per thread; on CPU every slot competes for the same cores.
@@ -275,9 +278,9 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
     if kv_tokens:
         reasons.append(f"kv_cache_tokens={kv_tokens}: set by PARLEY_KV_CACHE_TOKENS")
     else:
-        # Room for every running sequence at half the context, and at least one whole context.
-        kv_tokens = max(settings.context_length, slots * settings.context_length // 2, 8192)
-        reasons.append(f"kv_cache_tokens={kv_tokens}: {slots} running sequences at half the context window")
+        # Room for every running sequence at a quarter of the context, and at least one whole context.
+        kv_tokens = max(settings.context_length, slots * settings.context_length // 4, 8192)
+        reasons.append(f"kv_cache_tokens={kv_tokens}: {slots} running sequences at a quarter of the context window")
 
     host_mib = min(settings.host_kv_cache_mib, hw.available_memory_mib // 8) if hw.available_memory_mib else \
         settings.host_kv_cache_mib
@@ -295,6 +298,7 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
         parallel_slots=slots,
         queue_depth=settings.queue_depth,
         kv_cache_tokens=kv_tokens,
+        kv_cache_auto=not settings.kv_cache_tokens,
         resident_sequences=resident,
         batch_tokens=settings.batch_tokens,
         host_cache_mib=host_mib,

@@ -42,7 +42,8 @@ MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
 # them (llama.cpp masks the others, which still costs): measured on 2 cores, 8,000 cells held by
 # idle conversations slowed a single stream from ~110 to ~87 tok/s. Idle conversations beyond this
 # many cells are parked in host RAM, from where their next turn restores them in milliseconds.
-WARM_IDLE_CELLS = 1024
+WARM_IDLE_CELLS = 512
+PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
 
 
 @dataclass
@@ -194,6 +195,7 @@ class BatchScheduler:
         self._admit()
         if not self._active:
             return
+        self._park_idle()
         try:
             self._decode_once()
         except Exception as exc:  # noqa: BLE001 - a broken step fails its requests, not the loop
@@ -448,17 +450,17 @@ class BatchScheduler:
             self._release(f, forget)
         d.followers = []
         self._release(d, forget)
-        self._park_idle()
 
     def _park_idle(self) -> None:
-        """Parks the least recently used idle conversations while idle ones hold more than
-        WARM_IDLE_CELLS cells (only when there is a host store to park them in)."""
+        """Parks the least recently used conversations idle for PARK_AFTER_SECONDS while idle ones
+        hold more than WARM_IDLE_CELLS cells (only when there is a host store to park them in)."""
         if self._host.budget <= 0:
             return
         idle = sorted((s for s in self._sequences if not s.busy and s.tokens), key=lambda s: s.last_used)
         held = sum(len(s.tokens) for s in idle)
+        quiet_since = time.monotonic() - PARK_AFTER_SECONDS
         for seq in idle:
-            if held <= WARM_IDLE_CELLS:
+            if held <= WARM_IDLE_CELLS or seq.last_used > quiet_since:
                 break
             held -= len(seq.tokens)
             self._clear(seq)

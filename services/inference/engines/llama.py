@@ -60,7 +60,12 @@ class LlamaCppEngine(Engine):
         self.vocab_size = model.n_vocab()
         trained = model.n_ctx_train()
         self.context_length = min(s.context_length, trained) if trained > 0 else s.context_length
-        kv_tokens = max(s.kv_cache_tokens, self.context_length)
+        kv_tokens = s.kv_cache_tokens
+        if s.kv_cache_auto:
+            # A chosen size, not a configured one: KV memory at most twice the weights (or 1 GiB).
+            room = max(2 * os.path.getsize(self.path), 2**30) // self._kv_bytes_per_token()
+            kv_tokens = min(kv_tokens, room)
+        kv_tokens = max(kv_tokens, self.context_length)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = kv_tokens
         ctx_params.n_batch = ctx_params.n_ubatch = s.batch_tokens

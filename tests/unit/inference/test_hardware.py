@@ -54,7 +54,7 @@ def test_every_choice_can_be_overridden() -> None:
 
 def test_cpu_llama_cpp_sizes_its_batch_and_kv_cache() -> None:
     chosen = choose(CPU, settings(context_length="4096"))
-    assert (chosen.parallel_slots, chosen.resident_sequences, chosen.kv_cache_tokens) == (8, 32, 16384)
+    assert (chosen.parallel_slots, chosen.resident_sequences, chosen.kv_cache_tokens) == (16, 64, 16384)
     assert any(r.startswith("kv_cache_tokens=16384") for r in chosen.reasons)
     small = choose(Hardware(**{**CPU.__dict__, "available_memory_mib": 1024}), settings())
     assert small.host_cache_mib == 128 and any("1/8 of free memory" in r for r in small.reasons)
