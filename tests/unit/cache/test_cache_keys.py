@@ -37,9 +37,18 @@ def test_everything_that_changes_the_answer_changes_the_digest() -> None:
         key(seed=1),
         key(top_k=1),
         key(stop=["."]),
+        key(min_p=0.1),
+        key(presence_penalty=1.0),
+        key(frequency_penalty=1.0),
+        key(logit_bias={42: -100.0}),
+        key(logit_bias={42: 5.0}),
     ]
     digests = {keys.digest(v) for v in variants}
     assert base not in digests and len(digests) == len(variants)
+
+
+def test_a_non_finite_logit_bias_is_not_cacheable() -> None:
+    assert "logit_bias" in keys.cacheable(key(logit_bias={1: float("inf")}))
 
 
 def test_message_boundaries_are_part_of_the_key() -> None:

@@ -17,6 +17,8 @@ def test_turn_overrides_only_what_it_sets() -> None:
     assert merged.HasField("temperature") and merged.temperature == 0.0  # an explicit 0 counts
     assert (merged.max_tokens, merged.seed, list(merged.stop)) == (64, 7, ["\n\n"])
     assert list(merge_sampling(base, pb.SamplingParams(stop=["END"])).stop) == ["END"]
+    biased = merge_sampling(pb.SamplingParams(logit_bias={1: 2.0, 3: 4.0}), pb.SamplingParams(logit_bias={5: -1.0}))
+    assert dict(biased.logit_bias) == {5: -1.0}  # a map is replaced whole, like stop
 
 
 def test_sampling_round_trips_through_its_stored_form() -> None:
@@ -27,7 +29,9 @@ def test_sampling_round_trips_through_its_stored_form() -> None:
 
 
 @pytest.mark.parametrize("params", [pb.SamplingParams(temperature=3), pb.SamplingParams(top_p=0),
-                                    pb.SamplingParams(stop=["a"] * 9)])
+                                    pb.SamplingParams(stop=["a"] * 9), pb.SamplingParams(min_p=1.5),
+                                    pb.SamplingParams(presence_penalty=-3), pb.SamplingParams(frequency_penalty=2.5),
+                                    pb.SamplingParams(logit_bias={7: 101.0}), pb.SamplingParams(logit_bias={-1: 1.0})])
 def test_bad_sampling_is_invalid_argument(params: pb.SamplingParams) -> None:
     with pytest.raises(InvalidArgument):
         check_sampling(params)
