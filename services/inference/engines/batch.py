@@ -24,6 +24,7 @@ import collections
 import ctypes
 import logging
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
 # idle conversations slowed a single stream from ~110 to ~87 tok/s. Idle conversations beyond this
 # many cells are parked in host RAM, from where their next turn restores them in milliseconds.
 WARM_IDLE_CELLS = 512
-PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
+PARK_AFTER_SECONDS = 1.0
+SWITCH_INTERVAL_SECONDS = 0.0005  # a conversation between two quick turns stays where it is
 
 
 @dataclass
@@ -123,6 +125,7 @@ class BatchScheduler:
         self._sequences = [KvSequence(i) for i in range(settings.resident_sequences)]
         self._host = HostKvStore(host_cache_bytes)
         self._batch = llama_cpp.llama_batch_init(self._budget, 0, 1)
+        self._sample_token = _holding_the_gil(llama_cpp)
         self._pending: collections.deque[Request] = collections.deque()  # guarded by _cond
         self._active: list[Decoding] = []  # the decode thread's own
         self._cond = threading.Condition()
@@ -155,6 +158,10 @@ class BatchScheduler:
             self._cond.notify()
 
     def start(self) -> None:
+        # Each native call (decode, sampling) releases the GIL and takes it back afterwards; while the
+        # event loop thread runs Python (gRPC, JSON), taking it back waits for the interpreter's switch
+        # interval, 5 ms by default, several times a step. A shorter interval keeps steps short.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_SECONDS))
         self._thread = threading.Thread(target=self._loop, name=f"decode-{self._name}", daemon=True)
         self._thread.start()
 
@@ -409,9 +416,9 @@ class BatchScheduler:
                 l.llama_memory_seq_cp(self._memory, d.seq.id, f.seq.id, -1, -1)
                 f.seq.tokens = list(d.seq.tokens)
                 self._active.append(f)
-                self._accept(f, l.llama_sampler_sample(f.chain, self._ctx, i), i)
+                self._accept(f, self._sample_token(f.chain, self._ctx, i), i)
             d.followers = []
-        self._accept(d, l.llama_sampler_sample(d.chain, self._ctx, i), i)
+        self._accept(d, self._sample_token(d.chain, self._ctx, i), i)
 
     def _accept(self, d: Decoding, token: int, i: int) -> None:
         logprob = self._logprob(i, token, d.request.top_logprobs) if d.request.top_logprobs is not None else None
@@ -474,3 +481,13 @@ class BatchScheduler:
             d.seq.tokens = []
         d.seq.busy = False
         d.seq.last_used = time.monotonic()
+
+
+def _holding_the_gil(llama_cpp: Any) -> Any:
+    """llama_sampler_sample bound without releasing the GIL: it takes ~0.1 ms, and a thread that
+    lets the GIL go waits to get it back while the event loop runs Python (one sample per running
+    choice, every step)."""
+    sample = ctypes.PyDLL(llama_cpp.llama_cpp._lib._name).llama_sampler_sample
+    sample.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+    sample.restype = ctypes.c_int32
+    return sample
