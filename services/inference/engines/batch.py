@@ -32,7 +32,7 @@ from typing import Any
 
 from services.core.errors import ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError
-from services.inference.engines.sequence import Request, TokenLogprob, common_prefix
+from services.inference.engines.sequence import Courier, Request, TokenLogprob, common_prefix
 from services.inference.hardware import EngineSettings
 
 log = logging.getLogger("parley.engine")
@@ -126,6 +126,7 @@ class BatchScheduler:
         self._host = HostKvStore(host_cache_bytes)
         self._batch = llama_cpp.llama_batch_init(self._budget, 0, 1)
         self._sample_token = _holding_the_gil(llama_cpp)
+        self._courier = Courier()  # every chunk of a step reaches the event loop in one wake-up
         self._pending: collections.deque[Request] = collections.deque()  # guarded by _cond
         self._active: list[Decoding] = []  # the decode thread's own
         self._cond = threading.Condition()
@@ -150,7 +151,10 @@ class BatchScheduler:
         with self._cond:
             if self._closing:
                 raise ResourceExhausted("the model is unloading; retry shortly", retry_after=1)
-            if len(self._pending) >= self._queue_depth and self._choices() >= self._max_running:
+            # Everything accepted and not yet finished, running or waiting, against the room for it;
+            # counted here rather than after admission, which happens on the decode thread later.
+            demand = self._choices() + sum(len(r.choices) for r in self._pending)
+            if demand and demand + len(request.choices) > self._max_running + self._queue_depth:
                 raise ResourceExhausted(
                     f"the server is busy: {self.running} generations running and {len(self._pending)} queued "
                     f"(queue depth {self._queue_depth}); retry shortly", retry_after=1)
@@ -196,21 +200,25 @@ class BatchScheduler:
                 request.fail(gone)
             for d in list(self._active):
                 self._end(d)
+            self._courier.deliver()
 
     def _step(self) -> None:
-        self._drop_cancelled()
-        self._admit()
-        if not self._active:
-            return
-        self._park_idle()
         try:
-            self._decode_once()
-        except Exception as exc:  # noqa: BLE001 - a broken step fails its requests, not the loop
-            log.exception("decode step failed", extra={"fields": {"model": self._name}})
-            for request in {d.request for d in self._active}:
-                request.fail(EngineError(f"generation failed: {exc}"))
-            for d in list(self._active):
-                self._end(d, forget=True)
+            self._drop_cancelled()
+            self._admit()
+            if not self._active:
+                return
+            self._park_idle()
+            try:
+                self._decode_once()
+            except Exception as exc:  # noqa: BLE001 - a broken step fails its requests, not the loop
+                log.exception("decode step failed", extra={"fields": {"model": self._name}})
+                for request in {d.request for d in self._active}:
+                    request.fail(EngineError(f"generation failed: {exc}"))
+                for d in list(self._active):
+                    self._end(d, forget=True)
+        finally:
+            self._courier.deliver()
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -226,6 +234,7 @@ class BatchScheduler:
                 if not self._pending:
                     return
                 head = self._pending[0]
+                head.courier = self._courier
                 # A request with more choices than parallel_slots runs alone rather than never.
                 if self._active and self._choices() + len(head.choices) > self._max_running:
                     return

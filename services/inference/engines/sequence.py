@@ -15,6 +15,7 @@ import codecs
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.core.errors import DeadlineExceeded
 from services.inference.metrics import token_timer
@@ -112,6 +113,36 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+class Courier:
+    """Carries chunks from an engine thread to the event loops in one wake-up per batch instead of
+    one per chunk (each wake-up is a write to the loop's self-pipe: ~5% of a decode thread's time
+    with 8 streams)."""
+
+    def __init__(self) -> None:
+        self._parcels: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any], Any]] = []
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], item: Any) -> None:
+        self._parcels.append((loop, queue, item))
+
+    def deliver(self) -> None:
+        if not self._parcels:
+            return
+        parcels, self._parcels = self._parcels, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for loop, queue, item in parcels:
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class Choice:
     """One of a request's n answers: its text assembly and token count."""
 
@@ -139,6 +170,7 @@ class Request:
         self.usage = Usage(prompt_tokens=len(prompt))
         self.cancelled = False  # set by the caller's side; the scheduler drops the request at its next step
         self.admitted = False  # the scheduler gave it a sequence (set on the engine's thread)
+        self.courier: Courier | None = None  # set by a scheduler that delivers chunks in batches
         self._detokenize = detokenize
         self._is_end = is_end
         self._tick = token_timer(model_id)
@@ -198,6 +230,9 @@ class Request:
         return taken
 
     def _emit(self, item: Chunk | BaseException) -> None:
+        if self.courier is not None:
+            self.courier.post(self._loop, self._queue, item)
+            return
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the event loop has closed: nobody is listening any more
