@@ -27,6 +27,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,11 +112,11 @@ class HostKvStore:
 
 
 class BatchScheduler:
-    def __init__(self, llama_cpp: Any, ctx: Any, vocab: Any, *, n_vocab: int, settings: EngineSettings,
-                 host_cache_bytes: int, name: str) -> None:
+    def __init__(self, llama_cpp: Any, ctx: Any, piece: Callable[[int, bool], bytes], *, n_vocab: int,
+                 settings: EngineSettings, host_cache_bytes: int, name: str) -> None:
         self._l = llama_cpp
         self._ctx = ctx
-        self._vocab = vocab
+        self._piece = piece  # the engine's token -> bytes (special tokens spelled out when asked)
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._n_vocab = n_vocab
         self._max_running = max(1, settings.parallel_slots)
@@ -272,8 +273,8 @@ class BatchScheduler:
             seq.busy = True
             return seq, 0
         limit = len(prompt) - 1
-        source = max(self._sequences, key=lambda s: (min(common_prefix(s.tokens, prompt), limit), -s.busy, s.last_used))
-        k = min(common_prefix(source.tokens, prompt), limit)
+        k, source = max(((min(common_prefix(s.tokens, prompt), limit), s) for s in self._sequences),
+                        key=lambda match: (match[0], -match[1].busy, match[1].last_used))
         # The same conversation (the new prompt holds the sequence's whole last prompt): continue it.
         # A shorter match (a system prompt that several conversations share) is copied instead,
         # which keeps the other conversation warm.
@@ -450,9 +451,7 @@ class BatchScheduler:
         return TokenLogprob(self._text(token), self._bytes(token), float(logits[token]) - logsum, alternatives)
 
     def _bytes(self, token: int) -> bytes:
-        buffer = ctypes.create_string_buffer(64)
-        n = self._l.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
-        return buffer.raw[:max(n, 0)]
+        return self._piece(token, True)
 
     def _text(self, token: int) -> str:
         return self._bytes(token).decode("utf-8", "replace")

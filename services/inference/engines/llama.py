@@ -104,7 +104,7 @@ class LlamaCppEngine(Engine):
         self._pieces: dict[int, bytes] = {}
         self._file_mib = os.path.getsize(self.path) // 2**20
         self._scheduler = BatchScheduler(
-            llama_cpp, context.ctx, vocab, n_vocab=model.n_vocab(), settings=s,
+            llama_cpp, context.ctx, self._piece, n_vocab=model.n_vocab(), settings=s,
             host_cache_bytes=s.host_cache_mib * 2**20, name=self.model_id,
         )
         self._scheduler.start()
