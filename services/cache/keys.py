@@ -11,6 +11,7 @@ import json
 import math
 from typing import Any
 
+from google.protobuf import json_format
 from parley.cache.v1 import cache_pb2
 from parley.inference.v1 import inference_pb2
 
@@ -42,11 +43,21 @@ def canonical(key: cache_pb2.CompletionKey, scope: str = "") -> dict[str, Any]:
     form: dict[str, Any] = {
         "model": key.model,
         "model_fingerprint": key.model_fingerprint,
-        "messages": [[m.role, m.content] for m in key.messages],
+        "messages": [_message(m) for m in key.messages],
         "sampling": sampling,
     }
+    if key.HasField("structured") and key.structured.ByteSize():
+        # Tools in the order given (it is the order the prompt lists them in).
+        form["structured"] = json_format.MessageToDict(key.structured, preserving_proto_field_name=True)
     if scope:
         form["scope"] = scope
+    return form
+
+
+def _message(m: inference_pb2.ChatMessage) -> list[Any]:
+    form: list[Any] = [m.role, m.content]
+    if m.tool_calls or m.tool_call_id:  # plain messages keep the short form (and old entries' names)
+        form += [[[c.id, c.name, c.arguments] for c in m.tool_calls], m.tool_call_id]
     return form
 
 

@@ -18,6 +18,7 @@ from parley.cache.v1 import cache_pb2
 from parley.inference.v1 import inference_pb2 as pb
 
 from services.cache.client import CacheClient
+from services.core import structured
 from services.core.errors import ParleyError
 from services.core.sampling import to_proto as sampling_pb
 from services.inference import openai_compat
@@ -29,7 +30,7 @@ CACHE_HEADER = "x-parley-cache"
 SSE = "text/event-stream"
 JSON = "application/json"
 REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
-           "cancelled": pb.FINISH_REASON_CANCELLED}
+           "cancelled": pb.FINISH_REASON_CANCELLED, "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 REASON_NAMES = {v: k for k, v in REASONS.items()}
 
 Mark = Callable[[str], Awaitable[None]]
@@ -67,7 +68,8 @@ class ChatCompletions:
             return None  # generation reports the unknown model with the proper status
         return cache_pb2.CompletionKey(
             model=entry.id, model_fingerprint=entry.fingerprint(), sampling=sampling,
-            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in req.messages])
+            messages=[structured.message_to_proto(m) for m in req.messages],
+            structured=structured.to_proto(req.structure))
 
     async def create(self, body: bytes, timeout: float | None, mark: Mark) -> AsyncIterator[tuple[str, bytes]]:
         """Yields (content type, bytes). `mark` sends the x-parley-cache value before the first bytes."""
@@ -94,13 +96,18 @@ class ChatCompletions:
         usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                       cached_prompt_tokens=u.prompt_tokens)
         reason = REASON_NAMES.get(cached.finish_reason, "stop")
+        # Ids name one call of one answer: a replayed answer's calls get new ones.
+        calls = [structured.ToolCall(structured.ToolCall.new_id(), c.name, c.arguments) for c in cached.tool_calls]
         writer = openai_compat.CompletionWriter(key.model, key.model_fingerprint)
         if not req.stream:
-            return [(JSON, writer.complete([openai_compat.ChoiceResult(cached.text, reason)], usage))]
+            return [(JSON, writer.complete([openai_compat.ChoiceResult(cached.text, reason, tool_calls=calls)], usage))]
         usage_flag = req.include_usage
         parts = [writer.chunk({"role": "assistant", "content": ""}, include_usage=usage_flag)]
         if cached.text:
             parts.append(writer.chunk({"content": cached.text}, include_usage=usage_flag))
+        if calls:
+            parts.append(writer.chunk({"tool_calls": openai_compat.tool_calls_json(calls, indexed=True)},
+                                      include_usage=usage_flag))
         parts.append(writer.chunk({}, reason, final=True, include_usage=usage_flag))
         if usage_flag:
             parts.append(writer.usage_chunk(usage))
@@ -110,7 +117,7 @@ class ChatCompletions:
     async def _generate(self, req: openai_compat.ChatCompletionRequest, key: cache_pb2.CompletionKey | None,
                         timeout: float | None, mark: Mark) -> AsyncIterator[tuple[str, bytes]]:
         stream = self.generation.generate(req.model, req.messages, "", req.sampling, timeout,
-                                          n=req.n, top_logprobs=req.top_logprobs)
+                                          n=req.n, top_logprobs=req.top_logprobs, structure=req.structure)
         writer: openai_compat.CompletionWriter | None = None
         logprobs = req.top_logprobs is not None
         choices = [openai_compat.ChoiceResult("", None, [] if logprobs else None) for _ in range(req.n)]
@@ -137,9 +144,15 @@ class ChatCompletions:
                     if chunk.text or chunk.logprobs:
                         yield SSE, writer.chunk({"content": chunk.text}, include_usage=req.include_usage,
                                                 index=chunk.index, logprobs=chunk.logprobs if logprobs else None)
+                    if chunk.tool_calls:
+                        # Each call in one delta, numbered within its choice as the SDK assembles them.
+                        calls = openai_compat.tool_calls_json(choice.tool_calls + chunk.tool_calls, indexed=True)
+                        yield SSE, writer.chunk({"tool_calls": calls[len(choice.tool_calls):]},
+                                                include_usage=req.include_usage, index=chunk.index)
                     if chunk.finish_reason is not None:
                         yield SSE, writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage,
                                                 index=chunk.index)
+                choice.tool_calls += chunk.tool_calls
                 if chunk.finish_reason is not None:
                     choice.finish_reason, choice.text = chunk.finish_reason, "".join(parts[chunk.index])
                 if chunk.usage is not None:  # the request's last chunk
@@ -151,9 +164,10 @@ class ChatCompletions:
                     else:
                         yield JSON, writer.complete(choices, usage)
                     reason = choices[0].finish_reason
-                    if key is not None and self.cache is not None and reason in ("stop", "length"):
+                    if key is not None and self.cache is not None and reason in ("stop", "length", "tool_calls"):
                         self._later(self.cache.store(key, cache_pb2.CachedCompletion(
                             text=choices[0].text, finish_reason=REASONS[reason],
+                            tool_calls=structured.calls_to_proto(choices[0].tool_calls),
                             usage=pb.Usage(prompt_tokens=usage.prompt_tokens,
                                            completion_tokens=usage.completion_tokens,
                                            total_tokens=usage.total_tokens))))

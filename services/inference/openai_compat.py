@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import InvalidArgument
+from services.core.structured import PLAIN, Structure, Tool, ToolCall, canonical_json, make_structure
 from services.inference.engines.base import TokenLogprob, Usage
 from services.inference.service import SamplingInput
 
@@ -25,13 +26,14 @@ MAX_TOP_LOGPROBS = 20
 @dataclass(frozen=True)
 class ChatCompletionRequest:
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     sampling: SamplingInput
     stream: bool
     include_usage: bool
     user: str
     n: int = 1
     top_logprobs: int | None = None  # None: no logprobs
+    structure: Structure = PLAIN
 
     @property
     def cacheable(self) -> bool:
@@ -76,14 +78,8 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise InvalidArgument("messages must be a non-empty array")
-    messages = []
-    for i, message in enumerate(raw_messages):
-        if not isinstance(message, dict):
-            raise InvalidArgument(f"messages[{i}] must be an object")
-        role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
-        if role not in ("system", "user", "assistant"):
-            raise InvalidArgument(f"messages[{i}].role {message.get('role')!r} is not supported (system, user, assistant)")
-        messages.append({"role": role, "content": _content_text(message.get("content"), i)})
+    messages = [_message(message, i) for i, message in enumerate(raw_messages)]
+    structure = _structure(body)
     n = _number(body, "n", int)
     n = 1 if n is None else n
     if not 1 <= n <= MAX_CHOICES:
@@ -97,9 +93,8 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         stops = list(stop)
     else:
         raise InvalidArgument("stop must be a string or an array of strings")
-    for key in ("tools", "functions", "response_format"):
-        if body.get(key) not in (None, False, [], {"type": "text"}):
-            raise InvalidArgument(f"{key} is not supported yet")
+    if body.get("functions") or body.get("function_call"):
+        raise InvalidArgument("functions and function_call are deprecated; send tools and tool_choice")
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise InvalidArgument("logprobs must be a boolean")
@@ -140,7 +135,93 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         user=str(body.get("user", "")),
         n=n,
         top_logprobs=(top_logprobs or 0) if logprobs else None,
+        structure=structure,
     )
+
+
+def _message(message: Any, i: int) -> dict[str, Any]:
+    """One OpenAI message as the engine's dict: role, text content, tool calls or the call answered."""
+    if not isinstance(message, dict):
+        raise InvalidArgument(f"messages[{i}] must be an object")
+    role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+    if role not in ("system", "user", "assistant", "tool"):
+        raise InvalidArgument(f"messages[{i}].role {message.get('role')!r} is not supported "
+                              "(system, developer, user, assistant, tool)")
+    out: dict[str, Any] = {"role": role, "content": _content_text(message.get("content"), i)}
+    calls = message.get("tool_calls")
+    if calls is not None and role == "assistant":
+        if not isinstance(calls, list):
+            raise InvalidArgument(f"messages[{i}].tool_calls must be an array")
+        out["tool_calls"] = [_past_call(call, f"messages[{i}].tool_calls[{j}]") for j, call in enumerate(calls)]
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise InvalidArgument(f"messages[{i}].tool_call_id must be the id of the call this message answers")
+        out["tool_call_id"] = call_id
+    return out
+
+
+def _past_call(call: Any, where: str) -> ToolCall:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(call.get("id"), str):
+        raise InvalidArgument(f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+    name, arguments = function.get("name"), function.get("arguments", "{}")
+    if not isinstance(name, str) or not isinstance(arguments, str):
+        raise InvalidArgument(f"{where}.function.name and .arguments must be strings")
+    return ToolCall(call["id"], name, arguments)
+
+
+def _structure(body: dict[str, Any]) -> Structure:
+    """tools, tool_choice, parallel_tool_calls and response_format."""
+    raw_tools = body.get("tools") or []
+    if not isinstance(raw_tools, list):
+        raise InvalidArgument("tools must be an array")
+    tools = []
+    for i, tool in enumerate(raw_tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise InvalidArgument(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+        name, description = function.get("name"), function.get("description") or ""
+        if not isinstance(name, str) or not isinstance(description, str):
+            raise InvalidArgument(f"tools[{i}].function.name and .description must be strings")
+        tools.append(Tool(name, description, _schema(function.get("parameters"), f"tools[{i}].function.parameters")))
+    choice, function_name = body.get("tool_choice"), ""
+    if choice is None:
+        choice = "auto" if tools else ""
+    elif isinstance(choice, dict):
+        named = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(named, dict) or not isinstance(named.get("name"), str):
+            raise InvalidArgument('tool_choice must be "none", "auto", "required" or '
+                                  '{"type": "function", "function": {"name": ...}}')
+        choice, function_name = "function", named["name"]
+    elif choice not in ("none", "auto", "required"):
+        raise InvalidArgument(f'tool_choice must be "none", "auto", "required" or a function, got {choice!r}')
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidArgument("parallel_tool_calls must be a boolean")
+    fmt = body.get("response_format")
+    kind, schema = "text", ""
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise InvalidArgument('response_format must be {"type": "text"}, {"type": "json_object"} or '
+                                  '{"type": "json_schema", "json_schema": {"name", "schema"}}')
+        kind = fmt["type"]
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise InvalidArgument("response_format.json_schema must be an object with a name")
+            schema = _schema(spec.get("schema"), "response_format.json_schema.schema")
+            if not schema:
+                kind = "json_object"  # a schema is optional: any JSON object then
+    return make_structure(tools, choice, function_name, parallel, kind, schema)
+
+
+def _schema(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{where} must be a JSON Schema object")
+    return canonical_json(value)
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
@@ -172,7 +253,12 @@ def usage_json(usage: Usage | None) -> dict[str, Any]:
 
 def finish_reason(reason: str | None) -> str:
     # OpenAI has no "cancelled": a generation cut short by the deadline reports "length".
-    return "stop" if reason == "stop" else "length"
+    return reason if reason in ("stop", "tool_calls") else "length"
+
+
+def tool_calls_json(calls: list[ToolCall], indexed: bool = False) -> list[dict[str, Any]]:
+    return [{**({"index": i} if indexed else {}), "id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
 
 
 def logprobs_json(logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -192,6 +278,14 @@ class ChoiceResult:
     text: str
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.text or (None if self.tool_calls else ""),
+                                   "refusal": None}
+        if self.tool_calls:
+            message["tool_calls"] = tool_calls_json(self.tool_calls)
+        return message
 
 
 class CompletionWriter:
@@ -209,7 +303,7 @@ class CompletionWriter:
 
     def complete(self, choices: list[ChoiceResult], usage: Usage | None) -> bytes:
         body = self._base("chat.completion")
-        body["choices"] = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+        body["choices"] = [{"index": i, "message": c.message(),
                             "logprobs": logprobs_json(c.logprobs), "finish_reason": finish_reason(c.finish_reason)}
                            for i, c in enumerate(choices)]
         body["usage"] = usage_json(usage)

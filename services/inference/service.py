@@ -11,16 +11,18 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from typing import Any
 
 from services.core.errors import InvalidArgument
+from services.core import structured
 from services.core.sampling import SamplingInput, validate as validate_sampling
+from services.core.structured import PLAIN, Structure
 from services.inference.engines.base import Chunk, Sampling
 from services.inference.metrics import GenerationTelemetry
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
-
-ROLES = ("system", "user", "assistant")
-
+from services.inference.structured import ToolCallParser, grammar_for
 
 def resolve_sampling(given: SamplingInput, settings: InferenceSettings) -> Sampling:
     """Applies defaults; out-of-range values are rejected with INVALID_ARGUMENT."""
@@ -40,14 +42,29 @@ def resolve_sampling(given: SamplingInput, settings: InferenceSettings) -> Sampl
     )
 
 
-def validate_messages(messages: Sequence[dict[str, str]], prompt: str) -> None:
+def validate_messages(messages: Sequence[dict[str, Any]], prompt: str, structure: Structure = PLAIN) -> None:
     if messages and prompt:
         raise InvalidArgument("give either messages or prompt, not both")
     if not messages and not prompt:
         raise InvalidArgument("messages must not be empty")
-    for i, message in enumerate(messages):
-        if message.get("role") not in ROLES:
-            raise InvalidArgument(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
+    if prompt and not structure.plain:
+        raise InvalidArgument("tools and response_format need messages, not a raw prompt")
+    structured.validate_messages(messages)
+
+
+async def with_tool_calls(chunks: AsyncIterator[Chunk], structure: Structure) -> AsyncIterator[Chunk]:
+    """Each choice's text split into content and tool calls; a choice that made calls finishes
+    with "tool_calls"."""
+    parsers: dict[int, ToolCallParser] = {}
+    async for chunk in chunks:
+        parser = parsers.setdefault(chunk.index, ToolCallParser(structure))
+        chunk.text, chunk.tool_calls = parser.feed(chunk.text)
+        if chunk.finish_reason is not None:
+            rest, _ = parser.flush()
+            chunk.text += rest
+            if parser.calls and chunk.finish_reason == "stop":
+                chunk.finish_reason = "tool_calls"
+        yield chunk
 
 
 class GenerationService:
@@ -55,7 +72,7 @@ class GenerationService:
         self.registry = registry
         self.settings = settings
 
-    async def count_tokens(self, model_id: str, messages: Sequence[dict[str, str]]) -> tuple[int, list[int], int]:
+    async def count_tokens(self, model_id: str, messages: Sequence[dict[str, Any]]) -> tuple[int, list[int], int]:
         validate_messages(messages, "")
         record = await self.registry.acquire(model_id)
         try:
@@ -68,13 +85,14 @@ class GenerationService:
     async def generate(
         self,
         model_id: str,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         prompt: str,
         given: SamplingInput,
         timeout: float | None = None,
         *,
         n: int = 1,
         top_logprobs: int | None = None,
+        structure: Structure = PLAIN,
     ) -> AsyncIterator[tuple[ModelRecord, Chunk]]:
         """Yields (model, chunk) pairs; each of the n choices ends with a chunk that has its
         finish_reason, and the last chunk carries the usage. Each generation gets a GenAI span and its
@@ -82,7 +100,7 @@ class GenerationService:
         observed = GenerationTelemetry(model_id or self.settings.default_model, bool(messages), given)
         try:
             async with contextlib.aclosing(
-                    self._generate(model_id, messages, prompt, given, timeout, n, top_logprobs)) as stream:
+                    self._generate(model_id, messages, prompt, given, timeout, n, top_logprobs, structure)) as stream:
                 async for record, chunk in stream:
                     observed.chunk(record, chunk)
                     yield record, chunk
@@ -95,22 +113,24 @@ class GenerationService:
     async def _generate(
         self,
         model_id: str,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         prompt: str,
         given: SamplingInput,
         timeout: float | None,
         n: int,
         top_logprobs: int | None,
+        structure: Structure,
     ) -> AsyncIterator[tuple[ModelRecord, Chunk]]:
         started = time.monotonic()
         sampling = resolve_sampling(given, self.settings)
-        validate_messages(messages, prompt)
+        validate_messages(messages, prompt, structure)
+        sampling = replace(sampling, grammar=grammar_for(structure))
         record = await self.registry.acquire(model_id)
         try:
             engine = record.engine
             assert engine is not None
             # Template rendering and tokenizing block; keep them off the loop that streams other requests.
-            tokens = await asyncio.to_thread(engine.prompt_tokens, messages, prompt)
+            tokens = await asyncio.to_thread(engine.prompt_tokens, messages, prompt, structure)
             if len(tokens) >= engine.context_length:
                 raise InvalidArgument(
                     f"the prompt is {len(tokens)} tokens but model {record.entry.id!r} has a context window "
@@ -118,7 +138,10 @@ class GenerationService:
                 )
             engine.check_sampling(sampling)
             deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-            async for chunk in engine.generate(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs):
+            chunks = engine.generate(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs)
+            if structure.calls_tools:
+                chunks = with_tool_calls(chunks, structure)
+            async for chunk in chunks:
                 yield record, chunk
         finally:
             self.registry.done(record)

@@ -10,7 +10,7 @@ from google.api import httpbody_pb2
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
-from services.core import sampling
+from services.core import sampling, structured
 from services.inference import chat_completions, metrics
 from services.inference.engines.base import Usage
 from services.inference.hardware import Hardware, choose
@@ -23,7 +23,8 @@ STATES = {
     "ready": pb.MODEL_STATE_READY,
     "failed": pb.MODEL_STATE_FAILED,
 }
-FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED,
+          "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 
 
 def model_pb(record: ModelRecord) -> pb.Model:
@@ -77,18 +78,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return model_pb(await self.registry.unload(request.id))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        messages = [structured.message_from_proto(m) for m in request.messages]
         stream = self.generation.generate(
-            request.model, messages, request.prompt, sampling.from_proto(request.sampling), _timeout(context)
+            request.model, messages, request.prompt, sampling.from_proto(request.sampling), _timeout(context),
+            structure=structured.from_proto(request.structured),
         )
         async for _, chunk in stream:
+            calls = structured.calls_to_proto(chunk.tool_calls)
             if chunk.finish_reason is None:
-                yield pb.GenerateResponse(text=chunk.text)
+                yield pb.GenerateResponse(text=chunk.text, tool_calls=calls)
             else:
-                yield pb.GenerateResponse(text=chunk.text, finish_reason=FINISH[chunk.finish_reason], usage=usage_pb(chunk.usage))
+                yield pb.GenerateResponse(text=chunk.text, finish_reason=FINISH[chunk.finish_reason],
+                                          usage=usage_pb(chunk.usage), tool_calls=calls)
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        messages = [structured.message_from_proto(m) for m in request.messages]
         total, per_message, context_length = await self.generation.count_tokens(request.model, messages)
         return pb.CountTokensResponse(total_tokens=total, message_tokens=per_message, context_length=context_length)
 

@@ -18,10 +18,12 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from services.core.errors import InvalidArgument
+from services.core.structured import PLAIN, Structure
 from services.inference.engines.sequence import (
     Chunk, Request, Sampling, StopMatcher, TokenLogprob, Usage, common_prefix,
 )
 from services.inference.hardware import EngineSettings
+from services.inference.structured import template_input
 
 __all__ = ["Chunk", "Engine", "EngineError", "Request", "Sampling", "StopMatcher", "TokenLogprob", "Usage",
            "common_prefix"]
@@ -81,8 +83,16 @@ class Engine(ABC):
 
     # --- text <-> tokens -------------------------------------------------------------------
     @abstractmethod
-    def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The chat rendered with the model's own chat template."""
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> str:
+        """The chat rendered with the model's own chat template (`tools` only when it handles them:
+        `native_tools`)."""
+
+    @property
+    def native_tools(self) -> bool:
+        """Whether the model's chat template renders tools and calls in the format that
+        services.inference.structured parses."""
+        return False
 
     @abstractmethod
     def _tokenize(self, text: str) -> list[int]: ...
@@ -93,14 +103,18 @@ class Engine(ABC):
     @abstractmethod
     def _is_end(self, token: int) -> bool: ...
 
-    def prompt_tokens(self, messages: Sequence[dict[str, str]] | None, prompt: str | None) -> list[int]:
-        text = self._render(messages) if messages else (prompt or "")
-        return self._tokenize(text)
+    def prompt_tokens(self, messages: Sequence[dict[str, Any]] | None, prompt: str | None,
+                      structure: Structure = PLAIN) -> list[int]:
+        if not messages:
+            return self._tokenize(prompt or "")
+        chat, tools = template_input(messages, structure, self.native_tools)
+        return self._tokenize(self._render(chat, tools=tools))
 
-    def count_tokens(self, messages: Sequence[dict[str, str]]) -> tuple[int, list[int]]:
+    def count_tokens(self, messages: Sequence[dict[str, Any]]) -> tuple[int, list[int]]:
         """Total tokens of the rendered chat and how many each message adds."""
         per_message = []
         previous = 0
+        messages, _ = template_input(messages, PLAIN, self.native_tools)
         for i in range(1, len(messages) + 1):
             n = len(self._tokenize(self._render(messages[:i], add_generation_prompt=False)))
             per_message.append(n - previous)

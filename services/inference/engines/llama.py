@@ -19,6 +19,7 @@ from typing import Any
 from services.core.errors import InvalidArgument
 from services.inference.engines.base import Engine, EngineError
 from services.inference.engines.sequence import Request
+from services.inference.structured import template_handles_tools
 
 # The last-resort template when a GGUF carries none (ChatML).
 CHATML = (
@@ -92,6 +93,7 @@ class LlamaCppEngine(Engine):
         vocab = model.vocab
         self._llama_cpp, self._vocab = llama_cpp, vocab
         template = self._metadata.get("tokenizer.chat_template") or CHATML
+        self._native_tools = template_handles_tools(template)
         eos_id, bos_id = model.token_eos(), model.token_bos()
         tokens = {
             "eos_token": self._piece(eos_id, special=True).decode("utf-8", "replace") if eos_id >= 0 else "",
@@ -104,7 +106,7 @@ class LlamaCppEngine(Engine):
         self._pieces: dict[int, bytes] = {}
         self._file_mib = os.path.getsize(self.path) // 2**20
         self._scheduler = BatchScheduler(
-            llama_cpp, context.ctx, self._piece, n_vocab=model.n_vocab(), settings=s,
+            llama_cpp, context.ctx, self._piece, vocab=vocab, n_vocab=model.n_vocab(), settings=s,
             host_cache_bytes=s.host_cache_mib * 2**20, name=self.model_id,
         )
         self._scheduler.start()
@@ -152,9 +154,14 @@ class LlamaCppEngine(Engine):
         self._scheduler.submit(request)
 
     # --- text <-> tokens -------------------------------------------------------------------
-    def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    @property
+    def native_tools(self) -> bool:
+        return self._native_tools
+
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> str:
         try:
-            return self._formatters[add_generation_prompt](messages=list(messages)).prompt
+            return self._formatters[add_generation_prompt](messages=list(messages), tools=tools).prompt
         except ValueError as exc:  # the template's raise_exception(): e.g. roles out of order
             raise InvalidArgument(f"the chat does not fit the model's chat template: {exc}") from exc
 

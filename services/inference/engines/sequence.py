@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import DeadlineExceeded
+from services.core.structured import ToolCall
 from services.inference.metrics import token_timer
+from services.inference.structured import Grammar
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Sampling:
     seed: int | None = None
     max_tokens: int = 1024
     stop: tuple[str, ...] = ()
+    grammar: Grammar | None = None  # structured output and tool calls (services.inference.structured)
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,11 @@ class Chunk:
     request's very last chunk also carries the usage of all its choices."""
 
     text: str = ""
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "tool_calls"
     usage: Usage | None = None
     index: int = 0  # the choice (n > 1)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed with this chunk
 
 
 class StopMatcher:

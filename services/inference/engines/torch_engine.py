@@ -16,6 +16,7 @@ from typing import Any
 from services.core.errors import InvalidArgument
 from services.inference.engines.base import EngineError, Sampling, common_prefix
 from services.inference.engines.slots import Slot, SlotEngine
+from services.inference.structured import template_handles_tools
 
 
 class TorchEngine(SlotEngine):
@@ -88,16 +89,22 @@ class TorchEngine(SlotEngine):
     def check_sampling(self, sampling: Sampling) -> None:
         unsupported = [name for name, value in (("min_p", sampling.min_p), ("presence_penalty", sampling.presence_penalty),
                                                 ("frequency_penalty", sampling.frequency_penalty),
-                                                ("logit_bias", sampling.logit_bias)) if value]
+                                                ("logit_bias", sampling.logit_bias),
+                                                ("response_format and tools", sampling.grammar)) if value]
         if unsupported:
             raise InvalidArgument(f"{', '.join(unsupported)}: not supported by the torch engine; use a llama.cpp model")
         super().check_sampling(sampling)
 
-    def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    @property
+    def native_tools(self) -> bool:
+        return template_handles_tools(self._tokenizer.chat_template)
+
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> str:
         if self._tokenizer.chat_template is None:
             raise EngineError(f"model {self.model_id} has no chat template; send a raw prompt instead")
         return self._tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            list(messages), tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
     def _tokenize(self, text: str) -> list[int]:

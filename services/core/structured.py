@@ -1,0 +1,204 @@
+"""Tools, tool calls and response formats as every service sees them, and their one conversion to and
+from the contract (parley.inference.v1.StructuredOutput, ChatMessage, ToolCall).
+
+A chat message is a dict: {"role", "content"} and, for an assistant message that called tools,
+"tool_calls" (a list of ToolCall), for a tool message "tool_call_id". Inference turns a Structure
+into a grammar and a prompt (services.inference.structured); session stores tool turns; the cache
+keys on all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from parley.inference.v1 import inference_pb2 as pb
+
+from services.core.errors import InvalidArgument
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_CHOICES = ("auto", "none", "required", "function")
+FORMATS = ("text", "json_object", "json_schema")
+MAX_TOOLS = 128
+MAX_SCHEMA_BYTES = 64 * 1024
+ROLES = ("system", "user", "assistant", "tool")
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str = ""
+    parameters: str = ""  # a JSON Schema object as canonical JSON text; "" means no arguments
+
+    def schema(self) -> dict[str, Any]:
+        return json.loads(self.parameters) if self.parameters else {"type": "object", "properties": {}}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object as text
+
+    @staticmethod
+    def new_id() -> str:
+        return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Tools the model may call and the format of its answer. The default is plain text."""
+
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"  # auto | none | required | function
+    function: str = ""  # the tool to call when tool_choice is "function"
+    parallel: bool = True  # several calls in one answer
+    format: str = "text"  # text | json_object | json_schema
+    schema: str = ""  # json_schema: canonical JSON text
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may hold tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def plain(self) -> bool:
+        return not self.calls_tools and self.format == "text"
+
+
+PLAIN = Structure()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def make_structure(tools: Sequence[Tool], tool_choice: str = "", function: str = "", parallel: bool | None = None,
+                   format: str = "", schema: str = "") -> Structure:
+    """Checks the parts against one another (INVALID_ARGUMENT naming the field) and applies defaults."""
+    if len(tools) > MAX_TOOLS:
+        raise InvalidArgument(f"tools: at most {MAX_TOOLS} tools")
+    names = set()
+    for i, tool in enumerate(tools):
+        if not TOOL_NAME.match(tool.name):
+            raise InvalidArgument(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'")
+        if tool.name in names:
+            raise InvalidArgument(f"tools[{i}].function.name {tool.name!r} is given twice")
+        names.add(tool.name)
+        if len(tool.parameters) > MAX_SCHEMA_BYTES:
+            raise InvalidArgument(f"tools[{i}].function.parameters is larger than {MAX_SCHEMA_BYTES} bytes")
+    tool_choice = tool_choice or "auto"
+    if tool_choice not in TOOL_CHOICES:
+        raise InvalidArgument(f"tool_choice must be one of {', '.join(TOOL_CHOICES[:3])} or a function, got {tool_choice!r}")
+    if tool_choice == "function":
+        if function not in names:
+            raise InvalidArgument(f"tool_choice names the function {function!r}, which is not among tools")
+    elif function:
+        raise InvalidArgument("tool_choice_function is only for tool_choice 'function'")
+    if tool_choice in ("required", "function") and not tools:
+        raise InvalidArgument(f"tool_choice {tool_choice!r} needs tools")
+    format = format or "text"
+    if format not in FORMATS:
+        raise InvalidArgument(f"response_format.type must be one of {', '.join(FORMATS)}, got {format!r}")
+    if (format == "json_schema") != bool(schema):
+        raise InvalidArgument("response_format json_schema needs json_schema.schema" if format == "json_schema"
+                              else "a json_schema is only for response_format json_schema")
+    if len(schema) > MAX_SCHEMA_BYTES:
+        raise InvalidArgument(f"response_format.json_schema.schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    return Structure(tools=tuple(tools), tool_choice=tool_choice, function=function,
+                     parallel=True if parallel is None else parallel, format=format, schema=schema)
+
+
+# --- the contract -------------------------------------------------------------------------------
+def from_proto(given: pb.StructuredOutput) -> Structure:
+    tools = [Tool(t.name, t.description, _schema_text(t.parameters, f"tools[{i}].parameters"))
+             for i, t in enumerate(given.tools)]
+    return make_structure(
+        tools, given.tool_choice, given.tool_choice_function,
+        given.parallel_tool_calls if given.HasField("parallel_tool_calls") else None,
+        given.response_format, _schema_text(given.json_schema, "json_schema") if given.json_schema else "")
+
+
+def to_proto(structure: Structure) -> pb.StructuredOutput:
+    if structure.plain and not structure.tools:
+        return pb.StructuredOutput()
+    out = pb.StructuredOutput(
+        tools=[pb.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in structure.tools],
+        tool_choice=structure.tool_choice if structure.tools else "",
+        tool_choice_function=structure.function, response_format=structure.format, json_schema=structure.schema)
+    if structure.tools:
+        out.parallel_tool_calls = structure.parallel
+    return out
+
+
+def _schema_text(text: str, field_name: str) -> str:
+    """A JSON object given as text, in canonical form."""
+    if not text:
+        return ""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field_name} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field_name} must be a JSON object")
+    return canonical_json(value)
+
+
+def message_from_proto(m: pb.ChatMessage) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls]
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def message_to_proto(message: dict[str, Any]) -> pb.ChatMessage:
+    return pb.ChatMessage(role=message["role"], content=message.get("content") or "",
+                          tool_calls=calls_to_proto(message.get("tool_calls", ())),
+                          tool_call_id=message.get("tool_call_id", ""))
+
+
+def calls_to_proto(calls: Iterable[ToolCall]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
+
+
+def calls_from_proto(calls: Iterable[pb.ToolCall]) -> list[ToolCall]:
+    return [ToolCall(c.id, c.name, c.arguments) for c in calls]
+
+
+def validate_messages(messages: Sequence[dict[str, Any]]) -> None:
+    """Roles, and that each tool message answers a call made earlier in the chat."""
+    called: set[str] = set()
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        calls = message.get("tool_calls") or ()
+        if calls and role != "assistant":
+            raise InvalidArgument(f"messages[{i}]: only assistant messages have tool_calls")
+        for j, call in enumerate(calls):
+            if not call.id:
+                raise InvalidArgument(f"messages[{i}].tool_calls[{j}].id must not be empty")
+            try:
+                arguments = json.loads(call.arguments or "{}")
+            except ValueError:
+                raise InvalidArgument(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON") from None
+            if not isinstance(arguments, dict):
+                raise InvalidArgument(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
+            called.add(call.id)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not call_id:
+                raise InvalidArgument(f"messages[{i}] (role tool) needs tool_call_id")
+            if call_id not in called:
+                raise InvalidArgument(f"messages[{i}].tool_call_id {call_id!r} answers no earlier tool call")
+        elif message.get("tool_call_id"):
+            raise InvalidArgument(f"messages[{i}]: only tool messages have tool_call_id")
+

@@ -1,0 +1,255 @@
+"""Structured output and tool calls inside inference: the grammar that enforces them, the prompt
+that tells the model about its tools, and the parser that turns what it writes into tool calls.
+
+One wire format for calls, whatever the model: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+(Hermes/Qwen style). A chat template that renders tools in that format gets them natively; for any
+other template the tools are described in the system message (GENERIC_TOOLS_PROMPT) and past calls
+and results are written into the messages in the same format.
+
+Grammars are GBNF, from llama.cpp's JSON-schema converter (llama_cpp.llama_grammar), and enforced
+by the engine's sampler:
+- response_format json_object / json_schema: the whole answer is JSON of the schema;
+- tool_choice required / a function: the whole answer is one or more calls (one when
+  parallel_tool_calls is false), each call's arguments following its tool's parameters;
+- tool_choice auto: free text, and a lazy grammar that takes over from the moment the model writes
+  `<tool_call>` until the call is complete; with a response_format as well, the answer is either
+  JSON of the format or calls.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.core.errors import InvalidArgument
+from services.core.structured import Structure, Tool, ToolCall, canonical_json
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+TRIGGER = r"[\s\S]*?(<tool_call>)[\s\S]*"  # llama.cpp matches it against all text so far
+# Keywords the grammar enforces, and annotations that constrain nothing; any other keyword gets a 400
+# naming it rather than being silently ignored.
+ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+            "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength",
+            "maxLength", "pattern", "format"}
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "readOnly", "writeOnly",
+               "deprecated", "discriminator", "strict"}
+# JSON strings may not hold raw control characters: the converter's `char` allows them.
+JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+
+GENERIC_TOOLS_PROMPT = """You can call these tools (JSON Schema of each function's arguments):
+<tools>
+{tools}
+</tools>
+To call a tool, write a JSON object with the tool's name and arguments inside tags:
+<tool_call>
+{{"name": "<tool name>", "arguments": {{<arguments>}}}}
+</tool_call>"""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar (root rule `root`). With triggers it is lazy: it applies from the first match
+    of a trigger pattern onwards."""
+
+    gbnf: str
+    triggers: tuple[str, ...] = ()
+
+
+# --- JSON Schema -> grammar -----------------------------------------------------------------------
+def check_schema(schema: Any, where: str) -> None:
+    """INVALID_ARGUMENT naming the first keyword the grammar could not enforce."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise InvalidArgument(f"{where} must be a JSON Schema object")
+    for key, value in schema.items():
+        if key.startswith("x-") or key in ANNOTATIONS:
+            continue
+        if key not in ENFORCED:
+            raise InvalidArgument(f"{where}: the JSON Schema keyword {key!r} is not supported "
+                                  f"(supported: {', '.join(sorted(ENFORCED))})")
+        if key in ("properties", "$defs", "definitions"):
+            if not isinstance(value, dict):
+                raise InvalidArgument(f"{where}.{key} must be an object")
+            for name, sub in value.items():
+                check_schema(sub, f"{where}.{key}.{name}")
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            if not isinstance(value, list) or not value:
+                raise InvalidArgument(f"{where}.{key} must be a non-empty array")
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{where}.{key}[{i}]")
+        elif key in ("items", "additionalProperties"):
+            check_schema(value, f"{where}.{key}")
+        elif key == "$ref" and not (isinstance(value, str) and value.startswith("#/")):
+            raise InvalidArgument(f"{where}.$ref: only local references (#/...) are supported, got {value!r}")
+
+
+def grammar_for(structure: Structure) -> Grammar | None:
+    """The grammar that enforces the structure, or None for free text."""
+    if structure.plain:
+        return None
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    converter = SchemaConverter(prop_order={"name": 0, "arguments": 1}, allow_fetch=False, dotall=False,
+                                raw_pattern=False)
+    rules = []
+    try:
+        answer = None
+        if structure.format != "text":
+            schema = json.loads(structure.schema) if structure.format == "json_schema" else {"type": "object"}
+            check_schema(schema, "response_format.json_schema.schema")
+            answer = converter.visit(converter.resolve_refs(schema, "response-format"), "answer")
+        calls = None
+        if structure.calls_tools:
+            tools = [t for t in structure.tools if structure.tool_choice != "function" or t.name == structure.function]
+            options = []
+            for tool in tools:
+                parameters = tool.schema()
+                check_schema(parameters, f"tools[{structure.tools.index(tool)}].function.parameters")
+                options.append({"type": "object", "properties": {"name": {"const": tool.name}, "arguments": parameters},
+                                "required": ["name", "arguments"]})
+            call = converter.visit(converter.resolve_refs({"anyOf": options}, "tools"), "call")
+            rules.append(f'tool-call ::= "{json.dumps(OPEN)[1:-1]}\\n" {call} "\\n{json.dumps(CLOSE)[1:-1]}"')
+            rules.append("tool-calls ::= tool-call ( [ \\n]? tool-call )*" if structure.parallel
+                         else "tool-calls ::= tool-call")
+            calls = "tool-calls"
+    except (ValueError, KeyError, AssertionError, TypeError, RecursionError) as exc:
+        raise InvalidArgument(f"the JSON Schema could not be turned into a grammar: {exc}") from None
+    lines = [JSON_CHAR if line.startswith("char ::=") else line for line in converter.format_grammar().splitlines()]
+    forced = structure.tool_choice in ("required", "function")
+    if calls and (forced or answer is None):
+        root, triggers = calls, (() if forced else (TRIGGER,))
+    elif calls:
+        root, triggers = f"{answer} | {calls}", ()
+    else:
+        root, triggers = answer, ()
+    return Grammar("\n".join([f"root ::= {root}", *rules, *lines]), triggers)
+
+
+# --- the prompt ----------------------------------------------------------------------------------
+def template_handles_tools(template: str | None) -> bool:
+    """Whether a chat template renders `tools` and writes calls the way this module parses them."""
+    return bool(template) and "tools" in template and OPEN in template  # type: ignore[operator]
+
+
+def tools_json(tools: Sequence[Tool]) -> list[dict[str, Any]]:
+    """The tools in OpenAI's shape, as templates expect them."""
+    return [{"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.schema()}}
+            for t in tools]
+
+
+def call_json(call: ToolCall) -> dict[str, Any]:
+    return {"name": call.name, "arguments": json.loads(call.arguments or "{}")}
+
+
+def template_input(messages: Sequence[dict[str, Any]], structure: Structure,
+                   native: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and the tools to hand to the chat template."""
+    offered = list(structure.tools) if structure.calls_tools else []
+    if native:
+        out = []
+        for m in messages:
+            message = {"role": m["role"], "content": m.get("content") or ""}
+            if m.get("tool_calls"):
+                message["tool_calls"] = [{"id": c.id, "type": "function", "function": call_json(c)}
+                                         for c in m["tool_calls"]]
+            if m.get("tool_call_id"):
+                message["tool_call_id"] = m["tool_call_id"]
+            out.append(message)
+        return out, (tools_json(offered) or None)
+    out = []
+    for m in messages:
+        content = m.get("content") or ""
+        if m.get("tool_calls"):
+            written = "\n".join(f"{OPEN}\n{json.dumps(call_json(c), ensure_ascii=False)}\n{CLOSE}" for c in m["tool_calls"])
+            content = f"{content}\n{written}" if content else written
+        if m["role"] == "tool":
+            out.append({"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"})
+        else:
+            out.append({"role": m["role"], "content": content})
+    if offered:
+        prompt = GENERIC_TOOLS_PROMPT.format(tools="\n".join(canonical_json(t) for t in tools_json(offered)))
+        if structure.tool_choice == "function":
+            prompt += f"\nCall the tool {structure.function} now."
+        elif structure.tool_choice == "required":
+            prompt += "\nCall one of the tools now."
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{prompt}"}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out, None
+
+
+# --- what the model writes -> text and calls ------------------------------------------------------
+class ToolCallParser:
+    """Splits one choice's streamed text into content and tool calls. Text that may be the start of
+    `<tool_call>` is held back until it is known not to be; a call is emitted once it is complete."""
+
+    def __init__(self, structure: Structure) -> None:
+        self._names = {t.name for t in structure.tools}
+        self._pending = ""
+        self._in_call = False
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        self._pending += text
+        out: list[str] = []
+        calls: list[ToolCall] = []
+        while True:
+            if self._in_call:
+                end = self._pending.find(CLOSE)
+                if end == -1:
+                    break
+                body, self._pending = self._pending[:end], self._pending[end + len(CLOSE):]
+                self._in_call = False
+                call = self._parse(body)
+                if call is None:  # not a call after all: keep it as text
+                    out.append(OPEN + body + CLOSE)
+                else:
+                    calls.append(call)
+                    self._pending = self._pending.lstrip()
+                continue
+            start = self._pending.find(OPEN)
+            if start == -1:
+                keep = _partial_suffix(self._pending, OPEN)
+                out.append(self._pending[:len(self._pending) - keep])
+                self._pending = self._pending[len(self._pending) - keep:]
+                break
+            out.append(self._pending[:start])
+            self._pending = self._pending[start + len(OPEN):]
+            self._in_call = True
+        self.calls += calls
+        text_out = "".join(out)
+        if self.calls and not text_out.strip():
+            text_out = ""  # whitespace between calls is not content
+        return text_out, calls
+
+    def flush(self) -> tuple[str, list[ToolCall]]:
+        """At the end of the choice: an unfinished call is text (the answer ran out of tokens)."""
+        rest = (OPEN if self._in_call else "") + self._pending
+        self._pending, self._in_call = "", False
+        if self.calls and not rest.strip():
+            return "", []
+        return rest, []
+
+    def _parse(self, body: str) -> ToolCall | None:
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return None
+        if not (isinstance(value, dict) and value.get("name") in self._names):
+            return None
+        arguments = value.get("arguments", value.get("parameters", {}))
+        if not isinstance(arguments, dict):
+            return None
+        return ToolCall(ToolCall.new_id(), value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that is a beginning of `marker`."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0

@@ -1,0 +1,207 @@
+"""Structured output and tool calls: OpenAI request parsing, schema checks, grammars, the prompt
+for templates without tools, the streaming call parser — and, with the real bundled model, JSON
+that validates against its schema and calls whose arguments validate against their tool."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from services.core.errors import InvalidArgument
+from services.core.structured import Structure, Tool, ToolCall, make_structure, validate_messages
+from services.inference import openai_compat
+from services.inference.service import SamplingInput
+from services.inference.structured import (
+    ToolCallParser, check_schema, grammar_for, template_handles_tools, template_input,
+)
+
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                   "unit": {"enum": ["c", "f"]}},
+                  "required": ["city", "unit"], "additionalProperties": False}
+WEATHER = Tool("get_weather", "Current weather of a city", json.dumps(WEATHER_SCHEMA, sort_keys=True))
+CLOCK = Tool("get_time", "Time in a timezone", json.dumps({"type": "object", "properties": {
+    "tz": {"type": "string", "maxLength": 12}}, "required": ["tz"]}))
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "pet"],
+          "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
+                         "pet": {"$ref": "#/$defs/pet"}},
+          "$defs": {"pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]}}}
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+# --- the OpenAI request -------------------------------------------------------------------------
+def test_tools_tool_choice_and_response_format_are_parsed() -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}
+    req = openai_compat.parse_request(body(tools=[tool], tool_choice={"type": "function", "function": {
+        "name": "get_weather"}}, parallel_tool_calls=False, user="u1"))
+    assert req.structure.tool_choice == "function" and req.structure.function == "get_weather"
+    assert req.structure.parallel is False and json.loads(req.structure.tools[0].parameters) == WEATHER_SCHEMA
+    assert openai_compat.parse_request(body(tools=[tool])).structure.tool_choice == "auto"
+    fmt = openai_compat.parse_request(body(response_format={"type": "json_schema", "json_schema": {
+        "name": "person", "schema": PERSON, "strict": True}})).structure
+    assert fmt.format == "json_schema" and json.loads(fmt.schema) == PERSON
+    assert openai_compat.parse_request(body(response_format={"type": "text"})).structure.plain
+
+
+def test_tool_turns_in_the_history_are_parsed_and_checked() -> None:
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "12 C"}]
+    req = openai_compat.parse_request(json.dumps({"model": "m", "messages": messages}).encode())
+    assert req.messages[1]["tool_calls"] == [ToolCall("call_1", "get_weather", '{"city":"Oslo"}')]
+    assert req.messages[2] == {"role": "tool", "content": "12 C", "tool_call_id": "call_1"}
+    validate_messages(req.messages)
+    with pytest.raises(InvalidArgument, match="answers no earlier tool call"):
+        validate_messages([messages[0], {"role": "tool", "content": "x", "tool_call_id": "call_9"}])
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": {"type": "function", "function": {"name": "b"}}},
+     "not among tools"),
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, r"tools\[0\]\.function\.name"),
+    ({"tools": [{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "a"}}]}, "twice"),
+    ({"tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "with a name"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"functions": [{"name": "a"}]}, "deprecated"),
+])
+def test_bad_tools_and_formats_are_400_naming_the_field(fields: dict, words: str) -> None:
+    with pytest.raises(InvalidArgument, match=words):
+        openai_compat.parse_request(body(**fields))
+
+
+def test_a_tool_message_needs_its_call_id() -> None:
+    messages = [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]
+    with pytest.raises(InvalidArgument, match=r"messages\[1\].tool_call_id"):
+        openai_compat.parse_request(json.dumps({"model": "m", "messages": messages}).encode())
+
+
+# --- schemas and grammars -----------------------------------------------------------------------
+@pytest.mark.parametrize("schema, keyword", [
+    ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+    ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "not"),
+    ({"type": "object", "patternProperties": {"^x": {}}}, "patternProperties"),
+    ({"type": "integer", "minimum": 1}, "minimum"),
+])
+def test_keywords_the_grammar_cannot_enforce_are_refused_by_name(schema: dict, keyword: str) -> None:
+    with pytest.raises(InvalidArgument, match=f"'{keyword}' is not supported"):
+        check_schema(schema, "schema")
+    with pytest.raises(InvalidArgument, match=keyword):
+        grammar_for(make_structure([], format="json_schema", schema=json.dumps(schema)))
+
+
+def test_grammar_kinds() -> None:
+    assert grammar_for(Structure()) is None
+    assert grammar_for(make_structure([WEATHER], "none")) is None
+    forced = grammar_for(make_structure([WEATHER, CLOCK], "required"))
+    assert forced is not None and not forced.triggers and "root ::= tool-calls" in forced.gbnf
+    assert "tool-call )*" in forced.gbnf
+    single = grammar_for(make_structure([WEATHER, CLOCK], "function", "get_time", parallel=False))
+    assert single is not None and "tool-calls ::= tool-call\n" in single.gbnf and "get_weather" not in single.gbnf
+    lazy = grammar_for(make_structure([WEATHER], "auto"))
+    assert lazy is not None and lazy.triggers
+    both = grammar_for(make_structure([WEATHER], "auto", format="json_object"))
+    assert both is not None and not both.triggers and "| tool-calls" in both.gbnf
+    # JSON strings never hold raw control characters (the converter's own rule allows them).
+    assert "\\x00-\\x1F" in grammar_for(make_structure([], format="json_object")).gbnf
+
+
+# --- the prompt ---------------------------------------------------------------------------------
+def test_templates_without_tools_get_them_in_the_system_message() -> None:
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},
+               {"role": "assistant", "content": "", "tool_calls": [ToolCall("call_1", "get_weather", '{"city": "Oslo"}')]},
+               {"role": "tool", "content": "12 C", "tool_call_id": "call_1"}]
+    chat, tools = template_input(history, make_structure([WEATHER], "required"), native=False)
+    assert tools is None and chat[0]["role"] == "system" and chat[0]["content"].startswith("Be brief.")
+    assert '"name":"get_weather"' in chat[0]["content"] and "Call one of the tools now." in chat[0]["content"]
+    assert chat[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert chat[3] == {"role": "user", "content": "<tool_response>\n12 C\n</tool_response>"}
+    native, tools = template_input(history, make_structure([WEATHER]), native=True)
+    assert tools and tools[0]["function"]["name"] == "get_weather" and native[0]["content"] == "Be brief."
+    assert native[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    plain, tools = template_input(history[1:2], make_structure([WEATHER], "none"), native=False)
+    assert tools is None and plain == history[1:2]
+    assert template_handles_tools("{% if tools %}<tool_call>{% endif %}") and not template_handles_tools("{{ x }}")
+
+
+# --- the call parser ----------------------------------------------------------------------------
+def feed_all(parser: ToolCallParser, pieces: list[str]) -> tuple[str, list[ToolCall]]:
+    text, calls = "", []
+    for piece in pieces:
+        t, c = parser.feed(piece)
+        text, calls = text + t, calls + c
+    rest, _ = parser.flush()
+    return text + rest, calls
+
+
+def test_calls_split_across_chunks_are_parsed_and_text_around_them_kept() -> None:
+    structure = make_structure([WEATHER, CLOCK])
+    raw = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n</tool_call>\n' \
+          '<tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>'
+    for size in (1, 3, 7, len(raw)):
+        parser = ToolCallParser(structure)
+        text, calls = feed_all(parser, [raw[i:i + size] for i in range(0, len(raw), size)])
+        assert text == "Let me check."
+        assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+            ("get_weather", {"city": "Oslo", "unit": "c"}), ("get_time", {"tz": "CET"})]
+        assert all(c.id.startswith("call_") and len(c.id) == 29 for c in calls) and calls[0].id != calls[1].id
+
+
+def test_what_is_not_a_call_stays_text() -> None:
+    structure = make_structure([WEATHER])
+    assert feed_all(ToolCallParser(structure), ["a < b and <tool", "box>"]) == ("a < b and <toolbox>", [])
+    assert feed_all(ToolCallParser(structure), ['<tool_call>{"name": "nope", "arguments": {}}</tool_call>'])[1] == []
+    assert feed_all(ToolCallParser(structure), ["<tool_call>{not json}</tool_call>"]) == ("<tool_call>{not json}</tool_call>", [])
+    # An answer that ran out of tokens inside a call: the unfinished call is text.
+    assert feed_all(ToolCallParser(structure), ['<tool_call>{"name": "get_we']) == ('<tool_call>{"name": "get_we', [])
+
+
+# --- with the real model ------------------------------------------------------------------------
+@pytest.fixture
+async def generation():
+    from tests.unit.inference.test_batch_engine import MODEL, make
+
+    registry, generation = make()
+    await registry.load(MODEL)
+    yield MODEL, generation
+    await registry.close()
+
+
+async def collect(generation, model: str, structure: Structure, n: int = 1, **sampling) -> list[dict]:
+    choices = [{"text": "", "calls": [], "reason": None} for _ in range(n)]
+    messages = [{"role": "user", "content": "What is the weather in Paris? Describe a person as JSON."}]
+    async for _, chunk in generation.generate(model, messages, "", SamplingInput(**sampling), n=n, structure=structure):
+        choices[chunk.index]["text"] += chunk.text
+        choices[chunk.index]["calls"] += chunk.tool_calls
+        choices[chunk.index]["reason"] = chunk.finish_reason or choices[chunk.index]["reason"]
+    return choices
+
+
+async def test_json_schema_output_validates_for_every_choice(generation) -> None:
+    model, generation = generation
+    structure = make_structure([], format="json_schema", schema=json.dumps(PERSON))
+    for choice in await collect(generation, model, structure, n=2, max_tokens=200, temperature=1.0, seed=7):
+        assert choice["reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["text"]), PERSON)
+
+
+async def test_forced_calls_validate_against_their_tool(generation) -> None:
+    model, generation = generation
+    named = make_structure([WEATHER, CLOCK], "function", "get_weather", parallel=False)
+    [choice] = await collect(generation, model, named, max_tokens=80, temperature=0)
+    assert choice["reason"] == "tool_calls" and choice["text"] == "" and len(choice["calls"]) == 1
+    assert choice["calls"][0].name == "get_weather"
+    jsonschema.validate(json.loads(choice["calls"][0].arguments), WEATHER_SCHEMA)
+    [choice] = await collect(generation, model, make_structure([WEATHER, CLOCK], "required", parallel=False),
+                             max_tokens=80, temperature=0.8, seed=3)
+    assert choice["reason"] == "tool_calls" and len(choice["calls"]) == 1
+    tool = {"get_weather": WEATHER, "get_time": CLOCK}[choice["calls"][0].name]
+    jsonschema.validate(json.loads(choice["calls"][0].arguments), tool.schema())
