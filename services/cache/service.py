@@ -18,6 +18,8 @@ from services.cache.settings import CacheSettings
 from services.core.errors import Unavailable
 
 log = logging.getLogger("parley.cache")
+# Answers that ended by themselves or at max_tokens; a cancelled one is not the answer to the request.
+COMPLETE = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH, inference_pb2.FINISH_REASON_TOOL_CALLS)
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,11 @@ class ResponseCache:
         return completion
 
     async def store(self, key: cache_pb2.CompletionKey, completion: cache_pb2.CachedCompletion, user_id: str) -> bool:
-        """False when the key is not cacheable, the answer is incomplete or too large, or the
+        """False when the key is not cacheable, the answer was cut short or is too large, or the
         backend is unavailable."""
         if keys.cacheable(key) is not None:
             return False
-        if completion.finish_reason not in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH):
+        if completion.finish_reason not in COMPLETE:
             return False
         value = completion.SerializeToString()
         if len(value) > self.settings.cache_max_entry_bytes:

@@ -227,10 +227,11 @@ class ToolCallParser:
         return text_out, calls
 
     def flush(self) -> tuple[str, list[ToolCall]]:
-        """At the end of the choice: an unfinished call is text (the answer ran out of tokens)."""
+        """At the end of the choice (the answer ran out of tokens inside a call, say): an unfinished
+        call after complete ones is dropped, an unfinished call alone is text."""
         rest = (OPEN if self._in_call else "") + self._pending
         self._pending, self._in_call = "", False
-        if self.calls and not rest.strip():
+        if self.calls and (not rest.strip() or rest.startswith(OPEN)):
             return "", []
         return rest, []
 

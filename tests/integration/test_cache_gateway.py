@@ -131,6 +131,46 @@ def test_a_streamed_hit_is_the_same_openai_sse(cache_stack: Stack, http: httpx.C
     assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices) == texts[0]
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"]}}}
+
+
+def test_every_parameter_that_changes_the_answer_is_in_the_key(http: httpx.Client, user: Caller) -> None:
+    prompt = f"Weather in Oslo, please. ({uuid.uuid4().hex[:6]})"
+    base = {"max_tokens": 6}
+    assert chat(http, user, prompt, **base).headers["x-parley-cache"] == "miss"
+    assert chat(http, user, prompt, **base).headers["x-parley-cache"] == "hit"
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    variants = [
+        {"top_p": 0.5}, {"top_k": 5}, {"min_p": 0.2}, {"repetition_penalty": 1.3}, {"presence_penalty": 1.0},
+        {"frequency_penalty": 1.0}, {"logit_bias": {"11": -5}}, {"seed": 5}, {"max_tokens": 7}, {"stop": ["zz"]},
+        {"tools": [WEATHER_TOOL]}, {"tools": [WEATHER_TOOL], "tool_choice": "none"},
+        {"tools": [WEATHER_TOOL, CLOCK_TOOL]}, {"tools": [WEATHER_TOOL], "parallel_tool_calls": False},
+        {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+            "type": "object", "properties": {"x": {"type": "integer"}}}}}},
+        {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "call_1", "content": "12 C"}]},
+    ]
+    for variant in variants:
+        answer = chat(http, user, prompt, **{**base, **variant})
+        assert answer.status_code == 200, (variant, answer.text)
+        assert answer.headers["x-parley-cache"] == "miss", variant
+    # A tool call comes back from the cache as a call, under a new id.
+    forced = {**base, "max_tokens": 40, "tools": [CLOCK_TOOL], "tool_choice": "required", "parallel_tool_calls": False}
+    first = chat(http, user, prompt, **forced).json()["choices"][0]
+    again = chat(http, user, prompt, **forced)
+    assert again.headers["x-parley-cache"] == "hit"
+    second = again.json()["choices"][0]
+    assert first["finish_reason"] == second["finish_reason"] == "tool_calls"
+    assert [c["function"] for c in second["message"]["tool_calls"]] == [c["function"] for c in first["message"]["tool_calls"]]
+    assert second["message"]["tool_calls"][0]["id"] != first["message"]["tool_calls"][0]["id"]
+
+
 def test_only_deterministic_requests_are_cached(http: httpx.Client, user: Caller) -> None:
     prompt = f"Say something. ({uuid.uuid4().hex[:6]})"
     for _ in range(2):

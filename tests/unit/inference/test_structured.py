@@ -162,6 +162,10 @@ def test_what_is_not_a_call_stays_text() -> None:
     assert feed_all(ToolCallParser(structure), ["<tool_call>{not json}</tool_call>"]) == ("<tool_call>{not json}</tool_call>", [])
     # An answer that ran out of tokens inside a call: the unfinished call is text.
     assert feed_all(ToolCallParser(structure), ['<tool_call>{"name": "get_we']) == ('<tool_call>{"name": "get_we', [])
+    # After complete calls it is an unfinished call, not content.
+    text, calls = feed_all(ToolCallParser(structure), ['<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+                                                       '\n<tool_call>{"name'])
+    assert text == "" and len(calls) == 1
 
 
 # --- with the real model ------------------------------------------------------------------------
