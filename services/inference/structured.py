@@ -27,7 +27,6 @@ from services.core.errors import InvalidArgument
 from services.core.structured import Structure, Tool, ToolCall, canonical_json
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-TRIGGER = r"[\s\S]*?(<tool_call>)[\s\S]*"  # llama.cpp matches it against all text so far
 # Keywords the grammar enforces, and annotations that constrain nothing; any other keyword gets a 400
 # naming it rather than being silently ignored.
 ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
@@ -50,8 +49,8 @@ To call a tool, write a JSON object with the tool's name and arguments inside ta
 
 @dataclass(frozen=True)
 class Grammar:
-    """A GBNF grammar (root rule `root`). With triggers it is lazy: it applies from the first match
-    of a trigger pattern onwards."""
+    """A GBNF grammar (root rule `root`). With triggers it is lazy: free text until the model writes
+    one of the trigger words, then the grammar, starting at the trigger word."""
 
     gbnf: str
     triggers: tuple[str, ...] = ()
@@ -120,7 +119,7 @@ def grammar_for(structure: Structure) -> Grammar | None:
     lines = [JSON_CHAR if line.startswith("char ::=") else line for line in converter.format_grammar().splitlines()]
     forced = structure.tool_choice in ("required", "function")
     if calls and (forced or answer is None):
-        root, triggers = calls, (() if forced else (TRIGGER,))
+        root, triggers = calls, (() if forced else (OPEN,))
     elif calls:
         root, triggers = f"{answer} | {calls}", ()
     else:

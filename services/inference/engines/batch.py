@@ -24,6 +24,7 @@ import collections
 import ctypes
 import logging
 import random
+import re
 import sys
 import threading
 import time
@@ -383,7 +384,9 @@ class BatchScheduler:
         """A GBNF grammar sampler; lazy (free until a trigger pattern matches) when it has triggers."""
         l = self._l
         if grammar.triggers:
-            patterns = (ctypes.c_char_p * len(grammar.triggers))(*(p.encode() for p in grammar.triggers))
+            # llama.cpp matches each pattern against all the text so far; the grammar starts at group 1.
+            patterns = (ctypes.c_char_p * len(grammar.triggers))(
+                *(f"[\\s\\S]*?({re.escape(word)})[\\s\\S]*".encode() for word in grammar.triggers))
             sampler = l.llama_sampler_init_grammar_lazy_patterns(
                 self._vocab, grammar.gbnf.encode(), b"root", patterns, len(grammar.triggers), None, 0)
         else:

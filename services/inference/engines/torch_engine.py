@@ -9,6 +9,7 @@ tokens it holds; a new prompt only evaluates what differs from them.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from services.core.errors import InvalidArgument
 from services.inference.engines.base import EngineError, Sampling, common_prefix
 from services.inference.engines.slots import Slot, SlotEngine
-from services.inference.structured import template_handles_tools
+from services.inference.structured import Grammar, template_handles_tools
 
 
 class TorchEngine(SlotEngine):
@@ -71,6 +72,10 @@ class TorchEngine(SlotEngine):
         self._eos = eos_ids
         self._byte_decoder = _byte_decoder(self._tokenizer)
         self.vocab_size = len(self._tokenizer)
+        self._logits_size = int(model.config.vocab_size)  # the logits row: may be padded beyond the tokenizer
+        self._grammar_compiler: Any = None  # built on first use: it indexes the vocabulary (~1 s)
+        self._grammar_lock = threading.Lock()
+        self._grammars: dict[str, Any] = {}
         self._params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) // 2**20
         self.slots = [Slot(index=i) for i in range(self.settings.parallel_slots)]
 
@@ -89,11 +94,35 @@ class TorchEngine(SlotEngine):
     def check_sampling(self, sampling: Sampling) -> None:
         unsupported = [name for name, value in (("min_p", sampling.min_p), ("presence_penalty", sampling.presence_penalty),
                                                 ("frequency_penalty", sampling.frequency_penalty),
-                                                ("logit_bias", sampling.logit_bias),
-                                                ("response_format and tools", sampling.grammar)) if value]
+                                                ("logit_bias", sampling.logit_bias)) if value]
         if unsupported:
             raise InvalidArgument(f"{', '.join(unsupported)}: not supported by the torch engine; use a llama.cpp model")
+        if sampling.grammar is not None:
+            self._compiled(sampling.grammar)  # a grammar xgrammar cannot take is a 400 before anything runs
         super().check_sampling(sampling)
+
+    def _compiled(self, grammar: Grammar) -> Any:
+        """The grammar compiled against this tokenizer (xgrammar), cached by its text."""
+        compiled = self._grammars.get(grammar.gbnf)
+        if compiled is not None:
+            return compiled
+        try:
+            import xgrammar
+        except ImportError as exc:
+            raise InvalidArgument(f"response_format and tools need xgrammar with the torch engine: {exc}") from None
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self._logits_size, stop_token_ids=sorted(self._eos))
+                self._grammar_compiler = xgrammar.GrammarCompiler(info)
+            try:
+                compiled = self._grammar_compiler.compile_grammar(grammar.gbnf, root_rule_name="root")
+            except RuntimeError as exc:
+                raise InvalidArgument(f"the grammar made from the schema does not compile: {exc}") from None
+        if len(self._grammars) >= 64:
+            self._grammars.pop(next(iter(self._grammars)))
+        self._grammars[grammar.gbnf] = compiled
+        return compiled
 
     @property
     def native_tools(self) -> bool:
@@ -152,6 +181,8 @@ class TorchEngine(SlotEngine):
                 processors.append(TopKLogitsWarper(sampling.top_k))
             if sampling.top_p < 1.0:
                 processors.append(TopPLogitsWarper(sampling.top_p))
+        mask = GrammarMask(self._compiled(sampling.grammar), sampling.grammar, self._logits_size) \
+            if sampling.grammar is not None else None
         generator = torch.Generator(device=self._device if self._device != "mps" else "cpu")
         generator.manual_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
         pending = prompt[reuse:]
@@ -164,16 +195,57 @@ class TorchEngine(SlotEngine):
                     evaluated.extend(pending)
                     history = torch.tensor([evaluated], device=self._device)
                     scores = processors(history, out.logits[:, -1, :].float())
+                    if mask is not None:
+                        scores = mask.apply(scores)
                     if sampling.temperature > 0:
                         probs = torch.softmax(scores, dim=-1)
                         token = int(torch.multinomial(probs.cpu() if self._device == "mps" else probs, 1,
                                                       generator=generator)[0, 0])
                     else:
                         token = int(torch.argmax(scores, dim=-1)[0])
+                    if mask is not None:
+                        mask.accept(token, self._detokenize(token))
                     yield token
                     pending = [token]
         finally:
             slot.state, slot.tokens = cache, evaluated
+
+
+class GrammarMask:
+    """A grammar over one choice's logits (xgrammar): tokens the grammar forbids get -inf. A lazy
+    grammar waits for its trigger word in the text so far and then starts at it."""
+
+    def __init__(self, compiled: Any, grammar: Grammar, logits_size: int) -> None:
+        import xgrammar
+
+        self._xgrammar = xgrammar
+        self._compiled = compiled
+        self._triggers = [word.encode() for word in grammar.triggers]
+        self._matcher = None if self._triggers else xgrammar.GrammarMatcher(compiled)
+        self._text = b""
+        self._bitmask = xgrammar.allocate_token_bitmask(1, logits_size)
+        self._size = logits_size
+
+    def apply(self, scores: Any) -> Any:
+        if self._matcher is None:
+            return scores
+        import torch
+
+        self._matcher.fill_next_token_bitmask(self._bitmask)
+        words = self._bitmask[0].to(scores.device)
+        shifts = torch.arange(32, device=scores.device, dtype=words.dtype)
+        allowed = ((words.unsqueeze(1) >> shifts) & 1).bool().flatten()[: scores.shape[-1]]
+        return scores.masked_fill(~allowed, float("-inf"))
+
+    def accept(self, token: int, piece: bytes) -> None:
+        if self._matcher is not None:
+            self._matcher.accept_token(token)
+            return
+        self._text += piece
+        found = [at for at in (self._text.find(word) for word in self._triggers) if at != -1]
+        if found:
+            self._matcher = self._xgrammar.GrammarMatcher(self._compiled)
+            self._matcher.accept_string(self._text[min(found):].decode("utf-8", "replace"))
 
 
 def _byte_decoder(tokenizer: Any) -> dict[str, int] | None:

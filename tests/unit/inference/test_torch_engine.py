@@ -1,4 +1,5 @@
-"""The torch engine streams a real model on CPU through the same Generate RPC as llama.cpp.
+"""The torch engine streams a real model on CPU through the same Generate RPC as llama.cpp, with
+tool calls and JSON schemas enforced by the same grammars (xgrammar there, llama.cpp's sampler here).
 
 transformers loads the bundled GGUF (dequantized to float32): no hub download is involved."""
 
@@ -9,6 +10,7 @@ import json
 from pathlib import Path
 
 import grpc
+import jsonschema
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
@@ -17,6 +19,12 @@ from services.core.server import start_server
 from services.inference.app import build
 from services.inference.registry import BUNDLED
 from services.inference.settings import InferenceSettings
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}
+CAT = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "legs": {"type": "integer"},
+                                        "colour": {"enum": ["black", "white", "ginger"]}},
+       "required": ["name", "legs", "colour"], "additionalProperties": False}
 
 
 async def test_torch_engine_streams_through_generate(tmp_path: Path) -> None:
@@ -38,6 +46,16 @@ async def test_torch_engine_streams_through_generate(tmp_path: Path) -> None:
             )
             replies = [reply async for reply in stub.Generate(request, timeout=240)]
             model = await stub.GetModel(pb.GetModelRequest(id="smollm2-torch"))
+            called = [reply async for reply in stub.Generate(pb.GenerateRequest(
+                model="smollm2-torch", messages=[pb.ChatMessage(role="user", content="Weather in Paris?")],
+                sampling=pb.SamplingParams(max_tokens=40, temperature=0),
+                structured=pb.StructuredOutput(tools=[pb.Tool(name="get_weather", parameters=json.dumps(WEATHER))],
+                                               tool_choice="required", parallel_tool_calls=False)), timeout=240)]
+            shaped = [reply async for reply in stub.Generate(pb.GenerateRequest(
+                model="smollm2-torch", messages=[pb.ChatMessage(role="user", content="Describe a cat as JSON.")],
+                sampling=pb.SamplingParams(max_tokens=60, temperature=0),
+                structured=pb.StructuredOutput(response_format="json_schema", json_schema=json.dumps(CAT))),
+                timeout=240)]
     finally:
         await running.stop(0)
     text = "".join(r.text for r in replies)
@@ -46,3 +64,9 @@ async def test_torch_engine_streams_through_generate(tmp_path: Path) -> None:
     assert replies[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     assert replies[-1].usage.prompt_tokens > 10 and replies[-1].usage.completion_tokens >= 3
     assert model.engine == "torch" and model.state == pb.MODEL_STATE_READY
+    calls = [c for r in called for c in r.tool_calls]
+    assert called[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS and len(calls) == 1, called
+    assert calls[0].name == "get_weather" and calls[0].id.startswith("call_")
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER)
+    assert shaped[-1].finish_reason == pb.FINISH_REASON_STOP, shaped
+    jsonschema.validate(json.loads("".join(r.text for r in shaped)), CAT)
