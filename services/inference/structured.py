@@ -6,7 +6,8 @@ One wire format for calls, whatever the model: `<tool_call>{"name": ..., "argume
 other template the tools are described in the system message (GENERIC_TOOLS_PROMPT) and past calls
 and results are written into the messages in the same format.
 
-Grammars are GBNF, from llama.cpp's JSON-schema converter (llama_cpp.llama_grammar), and enforced
+Grammars are GBNF, from llama.cpp's JSON-schema converter (llama_cpp.llama_grammar, taught integer
+bounds here), and enforced
 by the engine's sampler:
 - response_format json_object / json_schema: the whole answer is JSON of the schema;
 - tool_choice required / a function: the whole answer is one or more calls (one when
@@ -32,6 +33,7 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
             "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength",
             "maxLength", "pattern", "format"}
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # enforced on integers only
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "readOnly", "writeOnly",
                "deprecated", "discriminator", "strict"}
 # JSON strings may not hold raw control characters: the converter's `char` allows them.
@@ -66,6 +68,12 @@ def check_schema(schema: Any, where: str) -> None:
     for key, value in schema.items():
         if key.startswith("x-") or key in ANNOTATIONS:
             continue
+        if key in BOUNDS:
+            if schema.get("type") != "integer":
+                raise InvalidArgument(f"{where}: {key!r} is supported on integers only (\"type\": \"integer\")")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+                raise InvalidArgument(f"{where}.{key} must be an integer")
+            continue
         if key not in ENFORCED:
             raise InvalidArgument(f"{where}: the JSON Schema keyword {key!r} is not supported "
                                   f"(supported: {', '.join(sorted(ENFORCED))})")
@@ -89,10 +97,7 @@ def grammar_for(structure: Structure) -> Grammar | None:
     """The grammar that enforces the structure, or None for free text."""
     if structure.plain:
         return None
-    from llama_cpp.llama_grammar import SchemaConverter
-
-    converter = SchemaConverter(prop_order={"name": 0, "arguments": 1}, allow_fetch=False, dotall=False,
-                                raw_pattern=False)
+    converter = _converter()
     rules = []
     try:
         answer = None
@@ -125,6 +130,88 @@ def grammar_for(structure: Structure) -> Grammar | None:
     else:
         root, triggers = answer, ()
     return Grammar("\n".join([f"root ::= {root}", *rules, *lines]), triggers)
+
+
+def _converter() -> Any:
+    """llama.cpp's JSON-schema converter, taught integer bounds (it ignores them)."""
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+
+    class Converter(SchemaConverter):  # type: ignore[misc]
+        def visit(self, schema: Any, name: str) -> str:
+            if isinstance(schema, dict) and schema.get("type") == "integer" and any(b in schema for b in BOUNDS):
+                low, high = integer_bounds(schema)
+                rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+                return self._add_rule(rule_name, f"( {int_range(low, high)[0]} ) space")
+            return super().visit(schema, name)
+
+    return Converter(prop_order={"name": 0, "arguments": 1}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+def integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
+    """Inclusive bounds from minimum / maximum / exclusiveMinimum / exclusiveMaximum."""
+    lows = [int(schema["minimum"])] if "minimum" in schema else []
+    lows += [int(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
+    highs = [int(schema["maximum"])] if "maximum" in schema else []
+    highs += [int(schema["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in schema else []
+    low, high = max(lows, default=None), min(highs, default=None)
+    if low is not None and high is not None and low > high:
+        raise InvalidArgument(f"no integer lies between the bounds of {canonical_json(schema)}")
+    return low, high
+
+
+def int_range(low: int | None, high: int | None) -> tuple[str, str]:
+    """A GBNF expression, and the same as a Python regex (for tests), matching exactly the JSON
+    integers from low to high (either may be open)."""
+    gbnf: list[str] = []
+    regex: list[str] = []
+
+    def add(pair: tuple[str, str]) -> None:
+        gbnf.append(pair[0])
+        regex.append(pair[1])
+
+    if low is None or low < 0:  # negative numbers: "-" and the magnitudes
+        top = None if low is None else -low
+        bottom = 1 if high is None or high >= 0 else -high
+        g, r = _naturals(bottom, top)
+        add((f'"-" ( {g} )', f"-(?:{r})"))
+    if high is None or high >= 0:
+        add(_naturals(max(low or 0, 0), high))
+    return " | ".join(gbnf), "|".join(f"(?:{r})" for r in regex)
+
+
+def _naturals(low: int, high: int | None) -> tuple[str, str]:
+    """0 <= low <= n <= high (high None: unbounded), without leading zeros."""
+    parts: list[tuple[str, str]] = []
+    width = len(str(low))
+    last = len(str(high)) if high is not None else width
+    for digits in range(width, last + 1):
+        start = low if digits == width else 10 ** (digits - 1)
+        end = high if high is not None and digits == last else 10 ** digits - 1
+        parts.append(_same_width(str(start), str(end)))
+    if high is None:  # every longer number
+        parts.append((f"[1-9] [0-9]{{{width},}}", f"[1-9][0-9]{{{width},}}"))
+    return " | ".join(f"( {g} )" for g, _ in parts), "|".join(f"(?:{r})" for _, r in parts)
+
+
+def _same_width(lo: str, hi: str) -> tuple[str, str]:
+    """The decimal strings from lo to hi, both of the same width."""
+    if lo == hi:
+        return f'"{lo}"', lo
+    if lo[0] == hi[0]:
+        g, r = _same_width(lo[1:], hi[1:])
+        return f'"{lo[0]}" ( {g} )', f"{lo[0]}(?:{r})"
+    rest = len(lo) - 1
+    any_rest = (" [0-9]" * rest, "[0-9]" * rest)
+    if lo[1:] == "0" * rest and hi[1:] == "9" * rest:  # whole blocks: one class for the first digit
+        return f"[{lo[0]}-{hi[0]}]{any_rest[0]}", f"[{lo[0]}-{hi[0]}]{any_rest[1]}"
+    parts = []
+    g, r = _same_width(lo[1:], "9" * rest) if rest else ("", "")
+    parts.append((f'"{lo[0]}" ( {g} )' if rest else f'"{lo[0]}"', f"{lo[0]}(?:{r})" if rest else lo[0]))
+    if int(hi[0]) - int(lo[0]) > 1:
+        parts.append((f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]{any_rest[0]}", f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}]{any_rest[1]}"))
+    g, r = _same_width("0" * rest, hi[1:]) if rest else ("", "")
+    parts.append((f'"{hi[0]}" ( {g} )' if rest else f'"{hi[0]}"', f"{hi[0]}(?:{r})" if rest else hi[0]))
+    return " | ".join(f"( {g} )" for g, _ in parts), "|".join(f"(?:{r})" for _, r in parts)
 
 
 # --- the prompt ----------------------------------------------------------------------------------

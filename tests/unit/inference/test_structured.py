@@ -5,6 +5,7 @@ that validates against its schema and calls whose arguments validate against the
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -14,7 +15,7 @@ from services.core.structured import Structure, Tool, ToolCall, make_structure, 
 from services.inference import openai_compat
 from services.inference.service import SamplingInput
 from services.inference.structured import (
-    ToolCallParser, check_schema, grammar_for, template_handles_tools, template_input,
+    ToolCallParser, check_schema, grammar_for, int_range, integer_bounds, template_handles_tools, template_input,
 )
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -23,10 +24,10 @@ WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "m
 WEATHER = Tool("get_weather", "Current weather of a city", json.dumps(WEATHER_SCHEMA, sort_keys=True))
 CLOCK = Tool("get_time", "Time in a timezone", json.dumps({"type": "object", "properties": {
     "tz": {"type": "string", "maxLength": 12}}, "required": ["tz"]}))
-PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "pet"],
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "pet", "rating"],
           "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
                          "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
-                         "pet": {"$ref": "#/$defs/pet"}},
+                         "pet": {"$ref": "#/$defs/pet"}, "rating": {"type": "integer", "minimum": 1, "maximum": 5}},
           "$defs": {"pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]}}}
 
 
@@ -89,10 +90,10 @@ def test_a_tool_message_needs_its_call_id() -> None:
     ({"type": "array", "uniqueItems": True}, "uniqueItems"),
     ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "not"),
     ({"type": "object", "patternProperties": {"^x": {}}}, "patternProperties"),
-    ({"type": "integer", "minimum": 1}, "minimum"),
+    ({"type": "number", "minimum": 1}, "minimum"),
 ])
 def test_keywords_the_grammar_cannot_enforce_are_refused_by_name(schema: dict, keyword: str) -> None:
-    with pytest.raises(InvalidArgument, match=f"'{keyword}' is not supported"):
+    with pytest.raises(InvalidArgument, match=f"'{keyword}' is (not supported|supported on integers only)"):
         check_schema(schema, "schema")
     with pytest.raises(InvalidArgument, match=keyword):
         grammar_for(make_structure([], format="json_schema", schema=json.dumps(schema)))
@@ -112,6 +113,19 @@ def test_grammar_kinds() -> None:
     assert both is not None and not both.triggers and "| tool-calls" in both.gbnf
     # JSON strings never hold raw control characters (the converter's own rule allows them).
     assert "\\x00-\\x1F" in grammar_for(make_structure([], format="json_object")).gbnf
+
+
+@pytest.mark.parametrize("low, high", [(None, None), (0, None), (1, None), (18, None), (None, 5), (None, -3),
+                                       (-5, 5), (-120, -7), (1, 5), (0, 100), (7, 1234), (13, 13), (99, 101)])
+def test_integer_bounds_become_exact_digit_ranges(low: int | None, high: int | None) -> None:
+    _, pattern = int_range(low, high)
+    matches = re.compile(f"(?:{pattern})").fullmatch
+    for n in range(-1500, 1501):
+        assert bool(matches(str(n))) == ((low is None or n >= low) and (high is None or n <= high)), n
+    assert not any(matches(junk) for junk in ("01", "-0", "00", "", "1.5"))
+    assert integer_bounds({"type": "integer", "exclusiveMinimum": 3, "maximum": 9, "exclusiveMaximum": 7}) == (4, 6)
+    with pytest.raises(InvalidArgument, match="no integer"):
+        integer_bounds({"type": "integer", "minimum": 5, "maximum": 4})
 
 
 # --- the prompt ---------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from services.inference.settings import InferenceSettings
 
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}
-CAT = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "legs": {"type": "integer"},
+CAT = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                        "legs": {"type": "integer", "minimum": 3, "maximum": 4},
                                         "colour": {"enum": ["black", "white", "ginger"]}},
        "required": ["name", "legs", "colour"], "additionalProperties": False}
 
