@@ -21,6 +21,8 @@ llama.cpp version as Parley links), started here as `-np 8 -c 16384` on the same
   2. one conversation of 10 turns, each resending the whole history: TTFT p50 of turns 2-10, tok/s
   3. 8 conversations x 6 turns at once (interleaved): aggregate tok/s, TTFT p50 of turns 2-6
   4. 16 conversations x 6 turns at once: the same figures
+  5. 8 concurrent streams whose answer must follow a JSON schema (response_format json_schema), and
+     8 whose answer must be a call of a tool (tool_choice required): the grammar's cost under load
 
 Conversations share one system prompt (~100 tokens), open with distinct questions and go on with
 short follow-ups, 48 tokens per answer. The two servers take turns pattern by pattern (never both
@@ -45,7 +47,8 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -86,6 +89,17 @@ FOLLOW_UPS = ("Go on.", "Say more about that.", "Why is that?", "Give me an exam
 
 # One request with prompt i -> when it was sent and when each of its tokens arrived.
 Run = Callable[[int], tuple[float, list[float]]]
+
+
+STRUCTURED_ASK = "invent a customer record for our shop, and tell me the weather where they live."
+CUSTOMER = {"type": "object", "additionalProperties": False, "required": ["name", "city", "age", "tier", "tags"],
+            "properties": {"name": {"type": "string", "maxLength": 40}, "city": {"type": "string", "maxLength": 30},
+                           "age": {"type": "integer"}, "tier": {"enum": ["free", "team", "enterprise"]},
+                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}}}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+                                                 "parameters": {"type": "object", "required": ["city"], "properties": {
+                                                     "city": {"type": "string", "maxLength": 30},
+                                                     "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
 
 
 def prompt(i: int) -> str:
@@ -207,10 +221,13 @@ class Pattern:
     turns: int
     max_tokens: int
     chat: bool  # the shared system prompt, topic openings and follow-ups; else one story prompt per stream
+    extra: dict[str, Any] = field(default_factory=dict)  # more request fields: response_format, tools
 
     def opening(self, k: int, round_: int) -> list[dict[str, str]]:
         """The first messages of conversation k, distinct per pattern and round so that no answer comes from a
         cache and no conversation starts with another's prompt."""
+        if self.extra:
+            return [{"role": "user", "content": f"Customer {k} of round {round_}: {STRUCTURED_ASK}"}]
         if not self.chat:
             return [{"role": "user", "content": prompt(20_000 + 1000 * round_ + 100 * self.conversations + k)}]
         topic = TOPICS[k % len(TOPICS)]
@@ -223,7 +240,11 @@ def patterns(quick: bool) -> list[Pattern]:
     return [*(Pattern(f"{n} stream{'s' * (n > 1)}", n, 1, 64, chat=False) for n in (1, 4, 8)),
             Pattern(f"1 conversation x {long} turns", 1, long, 48, chat=True),
             Pattern(f"8 conversations x {short} turns", 8, short, 48, chat=True),
-            Pattern(f"16 conversations x {short} turns", 16, short, 48, chat=True)]
+            Pattern(f"16 conversations x {short} turns", 16, short, 48, chat=True),
+            Pattern("8 streams, json_schema", 8, 1, 64, chat=False, extra={"response_format": {
+                "type": "json_schema", "json_schema": {"name": "customer", "strict": True, "schema": CUSTOMER}}}),
+            Pattern("8 streams, tool call", 8, 1, 64, chat=False, extra={
+                "tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False})]
 
 
 @dataclass(frozen=True)
@@ -233,18 +254,22 @@ class Reply:
     text: str
 
 
-async def stream_reply(client: AsyncOpenAI, messages: list[dict[str, str]], max_tokens: int) -> Reply:
-    """One streamed answer. Tokens are usage.completion_tokens when the server reports usage, else content chunks."""
+async def stream_reply(client: AsyncOpenAI, messages: list[dict[str, str]], max_tokens: int,
+                       extra: dict[str, Any] | None = None) -> Reply:
+    """One streamed answer. Tokens are usage.completion_tokens when the server reports usage, else content
+    chunks. The first token is the first content or tool-call delta."""
     start = time.perf_counter()
     first, chunks, usage, text = 0.0, 0, None, []
     stream = await client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,  # type: ignore[arg-type]
-        stream_options={"include_usage": True},
+        stream_options={"include_usage": True}, **(extra or {}),
     )
     async for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
         for choice in chunk.choices:
+            if choice.delta.tool_calls:
+                first = first or time.perf_counter()
             if choice.delta.content:
                 first = first or time.perf_counter()
                 chunks += 1
@@ -260,7 +285,7 @@ async def conversation(client: AsyncOpenAI, pattern: Pattern, k: int, round_: in
     for turn in range(pattern.turns):
         if turn:
             messages.append({"role": "user", "content": FOLLOW_UPS[(k + turn - 1) % len(FOLLOW_UPS)]})
-        reply = await stream_reply(client, messages, pattern.max_tokens)
+        reply = await stream_reply(client, messages, pattern.max_tokens, pattern.extra)
         messages.append({"role": "assistant", "content": reply.text})
         replies.append(reply)
     return replies
@@ -332,7 +357,8 @@ def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 18
     argv = [str(binary), "-m", CatalogueEntry(**BUNDLED).path(), "-t", str(threads), "-np", "8", "-c", "16384",
             # More HTTP threads than the default (slots + 2): 16 streaming conversations otherwise wait for a
             # connection thread, and its keep-alive connections get dropped under the client.
-            "--threads-http", "32", "--host", "127.0.0.1", "--port", str(port)]
+            "--threads-http", "32", "--host", "127.0.0.1", "--port", str(port),
+            "--jinja"]  # chat templates through its Jinja engine, which tools need
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -422,10 +448,14 @@ def main() -> None:
                              f"{DEFAULT_LLAMA_SERVER} when it exists)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, fewer turns")
     parser.add_argument("--log-dir", default=None, help="keep the services' and llama-server's logs here")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="only the client patterns whose name contains TEXT (e.g. 'json'); skips the paths (a)-(d)")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 5)
     rounds = args.rounds or (1 if args.quick else 3)
-    todo = patterns(args.quick)
+    todo = [p for p in patterns(args.quick) if args.only is None or args.only in p.name]
+    if not todo:
+        raise SystemExit(f"no client pattern's name contains {args.only!r}")
     binary = find_llama_server(args.llama_server)
     if binary is None:
         print(f"llama-server not found: its column will be skipped. Build it: {BUILD_LLAMA_SERVER}", flush=True)
@@ -450,27 +480,36 @@ def main() -> None:
                                timeout=30).json()["tokens"]["access_token"]
             hardware = stack_hardware(stack, token)
             threads = int(hardware["threads"])
+            measured: dict[str, tuple[float, float]] = {}
+            cached_ms = 0.0
             with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel, \
                     httpx.Client(timeout=120, headers=bearer(token)) as http:
-                session = session_path(http, stack.url)
-                paths = {"(a) llama-cpp-python in-process": direct_path(threads, context),
-                         "(b) gRPC Generate stream": grpc_path(channel, token),
-                         "(c) Envoy REST SSE": rest_path(http, stack.url),
-                         "(d) session chat turn SSE": session}
-                measured = interleaved(paths, runs)
-                cached_ms = cached_turns(session, runs, 3000)
+                if args.only is None:
+                    measured, cached_ms = measure_paths(channel, http, stack.url, token, threads, context, runs)
             figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
         finally:
             stack.stop()
-    direct = measured["(a) llama-cpp-python in-process"]
-    print(f"\nParley inference benchmark — {MODEL}, {threads} threads, {hardware.get('parallel_slots', '?')} slots, "
-          f"greedy, up to {MAX_TOKENS} tokens, median of {runs} interleaved rounds\n")
-    print(f"{'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'ratio':>7}")
-    for name, (decode, ttft) in measured.items():
-        print(f"{name:34} {decode:12.1f} {decode / direct[0]:7.3f} {ttft:9.1f} {ttft / direct[1]:7.3f}")
-    print(f"\n{'cached deterministic turn (d)':34} {cached_ms:9.1f} ms to the whole answer "
-          f"({cached_ms / direct[1]:.3f} of (a)'s TTFT)")
+    if measured:
+        direct = measured["(a) llama-cpp-python in-process"]
+        print(f"\nParley inference benchmark — {MODEL}, {threads} threads, {hardware.get('parallel_slots', '?')} "
+              f"slots, greedy, up to {MAX_TOKENS} tokens, median of {runs} interleaved rounds\n")
+        print(f"{'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'ratio':>7}")
+        for name, (decode, ttft) in measured.items():
+            print(f"{name:34} {decode:12.1f} {decode / direct[0]:7.3f} {ttft:9.1f} {ttft / direct[1]:7.3f}")
+        print(f"\n{'cached deterministic turn (d)':34} {cached_ms:9.1f} ms to the whole answer "
+              f"({cached_ms / direct[1]:.3f} of (a)'s TTFT)")
     print_patterns(figures, rss, todo, rounds, threads)
+
+
+def measure_paths(channel: grpc.Channel, http: httpx.Client, url: str, token: str, threads: int, context: int,
+                  runs: int) -> tuple[dict[str, tuple[float, float]], float]:
+    """The paths (a)-(d), interleaved -> their medians, and a cached turn's time to the whole answer."""
+    session = session_path(http, url)
+    paths = {"(a) llama-cpp-python in-process": direct_path(threads, context),
+             "(b) gRPC Generate stream": grpc_path(channel, token),
+             "(c) Envoy REST SSE": rest_path(http, url),
+             "(d) session chat turn SSE": session}
+    return interleaved(paths, runs), cached_turns(session, runs, 3000)
 
 
 if __name__ == "__main__":
