@@ -109,7 +109,13 @@ def assert_valid_tool_calls(message: Any, tools: list[dict[str, Any]]) -> None:
 
 
 def chat(client: openai.OpenAI, messages: list[dict[str, Any]], **extra: Any) -> Any:
-    return client.chat.completions.create(model=MODEL, messages=messages, **{"temperature": 0, "max_tokens": 64, **extra})
+    settings = {"temperature": 0, "max_tokens": 64, **extra}
+    return client.chat.completions.create(model=MODEL, messages=messages, **settings)
+
+
+def post(base_url: str, user: Caller, **body: Any) -> httpx.Response:
+    return httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "max_tokens": 8, **body},
+                      headers=user.headers, timeout=30)
 
 
 # --- the openai SDK: tools ---------------------------------------------------------------------------
@@ -201,6 +207,26 @@ def test_a_tool_round_trip_is_accepted(client: openai.OpenAI) -> None:
     assert second.message.content or second.message.tool_calls
 
 
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+
+
+# The assistant turn and the tool result as different clients write them: content null, absent or "";
+# tool output as a string or as text parts.
+@pytest.mark.parametrize(("assistant", "tool_content"), [
+    ({"content": None}, "18 degrees"),
+    ({}, "18 degrees"),
+    ({"content": ""}, [{"type": "text", "text": "18 degrees"}]),
+])
+def test_tool_history_in_every_client_shape_is_accepted(base_url: str, user: Caller, assistant: dict[str, Any],
+                                                         tool_content: Any) -> None:
+    messages = [*ASK_WEATHER, {"role": "assistant", "tool_calls": [CALL], **assistant},
+                {"role": "tool", "tool_call_id": "call_1", "content": tool_content}]
+    response = post(base_url, user, messages=messages, tools=TOOLS, max_tokens=4)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["role"] == "assistant"
+
+
 # --- the openai SDK: structured output --------------------------------------------------------------
 
 
@@ -230,11 +256,6 @@ def test_sdk_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
 # --- errors ------------------------------------------------------------------------------------------
 
 
-def post(base_url: str, user: Caller, **body: Any) -> httpx.Response:
-    return httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "max_tokens": 8, **body},
-                      headers=user.headers, timeout=30)
-
-
 # Keywords OpenAI's strict mode rejects too ("not" would be one, but every refusal says "not").
 @pytest.mark.parametrize(("keyword", "tags"), [
     ("uniqueItems", {"type": "array", "items": {"type": "string"}, "uniqueItems": True}),
@@ -259,10 +280,7 @@ def test_tool_choice_naming_an_unknown_function_is_400(base_url: str, user: Call
 
 
 def test_tool_message_without_tool_call_id_is_400(base_url: str, user: Caller) -> None:
-    messages = [*ASK_WEATHER,
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function",
-                     "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+    messages = [*ASK_WEATHER, {"role": "assistant", "content": None, "tool_calls": [CALL]},
                 {"role": "tool", "content": "18 degrees"}]
     response = post(base_url, user, messages=messages, tools=TOOLS)
     assert response.status_code == 400, response.text
@@ -393,8 +411,9 @@ async def test_pydantic_ai_agent_calls_the_tool_and_returns_the_output_type(base
         answer: Any = ["final_result"] if output == "tool" else "none"
         return ModelSettings(tool_choice=["get_weather"] if first else answer, temperature=0, max_tokens=64)
 
-    agent = Agent(pydantic_ai_model(base_url, user), output_type=Forecast if output == "tool" else NativeOutput(Forecast),
-                  tools=[get_weather], model_settings=settings, retries=1)
+    output_type = Forecast if output == "tool" else NativeOutput(Forecast)
+    agent = Agent(pydantic_ai_model(base_url, user), output_type=output_type, tools=[get_weather],
+                  model_settings=settings, retries=1)
     result = await agent.run("What is the forecast for Paris?")
     assert isinstance(result.output, Forecast)
     assert calls
