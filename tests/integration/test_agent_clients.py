@@ -121,31 +121,38 @@ def post(base_url: str, user: Caller, **body: Any) -> httpx.Response:
 # --- the openai SDK: tools ---------------------------------------------------------------------------
 
 
-def test_required_tool_choice_returns_tool_calls_valid_against_the_schema(client: openai.OpenAI) -> None:
-    choice = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="required").choices[0]
+# The tiny model repeats a call for as long as it may, so most tests ask for one call per answer
+# (parallel_tool_calls false) and stay short; test_parallel_tool_calls covers the default.
+
+
+def test_required_tool_choice_returns_a_tool_call_valid_against_the_schema(client: openai.OpenAI) -> None:
+    choice = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False).choices[0]
     assert choice.finish_reason == "tool_calls"
     assert not choice.message.content
-    assert_valid_tool_calls(choice.message, TOOLS)
-
-
-def test_named_tool_choice_calls_that_function(client: openai.OpenAI) -> None:
-    choice = chat(client, ASK_WEATHER, tools=TOOLS,
-                  tool_choice={"type": "function", "function": {"name": "get_time"}}).choices[0]
-    assert_valid_tool_calls(choice.message, TOOLS)
-    assert {call.function.name for call in choice.message.tool_calls} == {"get_time"}
-    # OpenAI itself answers "stop" when one function is named, "tool_calls" otherwise; clients accept both.
-    assert choice.finish_reason in ("tool_calls", "stop")
-
-
-def test_parallel_tool_calls_false_gives_at_most_one_call(client: openai.OpenAI) -> None:
-    choice = chat(client, [{"role": "user", "content": "Weather and time in Paris and in Tokyo?"}], tools=TOOLS,
-                  tool_choice="required", parallel_tool_calls=False).choices[0]
     assert_valid_tool_calls(choice.message, TOOLS)
     assert len(choice.message.tool_calls) == 1
 
 
+def test_named_tool_choice_calls_that_function(client: openai.OpenAI) -> None:
+    choice = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}},
+                  parallel_tool_calls=False).choices[0]
+    assert_valid_tool_calls(choice.message, TOOLS)
+    assert [call.function.name for call in choice.message.tool_calls] == ["get_time"]
+    # OpenAI itself answers "stop" when one function is named, "tool_calls" otherwise; clients accept both.
+    assert choice.finish_reason in ("tool_calls", "stop")
+
+
+def test_parallel_tool_calls(client: openai.OpenAI) -> None:
+    answer = chat(client, [{"role": "user", "content": "What is the weather in Paris and in Tokyo?"}], tools=TOOLS,
+                  tool_choice="required", max_tokens=120)
+    choice = answer.choices[0]
+    # Every call returned is complete, also when the budget ran out in the middle of a further one.
+    assert_valid_tool_calls(choice.message, TOOLS)
+    assert choice.finish_reason == ("length" if answer.usage.completion_tokens >= 120 else "tool_calls")
+
+
 def test_auto_tool_choice_answers_with_text_or_valid_tool_calls(client: openai.OpenAI) -> None:
-    choice = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="auto").choices[0]
+    choice = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="auto", parallel_tool_calls=False).choices[0]
     if choice.message.tool_calls:
         assert choice.finish_reason == "tool_calls"
         assert_valid_tool_calls(choice.message, TOOLS)
@@ -162,7 +169,7 @@ def test_none_tool_choice_never_calls_a_tool(client: openai.OpenAI) -> None:
 def test_streamed_tool_calls_assemble_from_indexed_deltas(client: openai.OpenAI) -> None:
     calls: dict[int, dict[str, str]] = {}
     finish_reasons = []
-    for chunk in chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="required", stream=True):
+    for chunk in chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, stream=True):
         for choice in chunk.choices:
             finish_reasons += [choice.finish_reason] if choice.finish_reason else []
             for delta in choice.delta.tool_calls or []:
@@ -185,7 +192,7 @@ def test_streamed_tool_calls_assemble_from_indexed_deltas(client: openai.OpenAI)
 
 def test_the_sdk_stream_helper_yields_a_final_completion_with_tool_calls(client: openai.OpenAI) -> None:
     with client.chat.completions.stream(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
-                                        temperature=0, max_tokens=64) as stream:
+                                        parallel_tool_calls=False, temperature=0, max_tokens=64) as stream:
         events = [event.type for event in stream]
         final = stream.get_final_completion()
     assert "tool_calls.function.arguments.done" in events
@@ -194,7 +201,7 @@ def test_the_sdk_stream_helper_yields_a_final_completion_with_tool_calls(client:
 
 
 def test_a_tool_round_trip_is_accepted(client: openai.OpenAI) -> None:
-    first = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="required").choices[0].message
+    first = chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False).choices[0].message
     assert_valid_tool_calls(first, TOOLS)
     history = [
         *ASK_WEATHER,
@@ -309,7 +316,7 @@ def test_langchain_tool_loop(base_url: str, user: Caller) -> None:
     weather = tool(get_weather)
     llm = chat_openai(base_url, user, max_tokens=48)
     messages: list[Any] = [HumanMessage("What is the weather in Paris?")]
-    asked = llm.bind_tools([weather], tool_choice="any").invoke(messages)
+    asked = llm.bind_tools([weather], tool_choice="any", parallel_tool_calls=False).invoke(messages)
     assert isinstance(asked, AIMessage) and asked.tool_calls and not asked.invalid_tool_calls
     messages.append(asked)
     for call in asked.tool_calls:
@@ -353,7 +360,8 @@ async def test_openai_agents_run_calls_the_tool_and_goes_on(base_url: str, user:
     # tool_choice "required" on the first turn only: reset_tool_choice (the default) frees the next turns.
     agent = Agent(name="forecaster", instructions="Answer weather questions with the get_weather tool.",
                   model=agents_model(base_url, user), tools=[get_weather],
-                  model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=48))
+                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                               max_tokens=48))
     try:
         result = await Runner.run(agent, "What is the weather in Paris?", max_turns=3)
     except MaxTurnsExceeded:
@@ -374,7 +382,8 @@ async def test_openai_agents_stop_on_first_tool_returns_the_tool_output(base_url
 
     agent = Agent(name="forecaster", model=agents_model(base_url, user), tools=[get_weather],
                   tool_use_behavior="stop_on_first_tool",
-                  model_settings=ModelSettings(tool_choice="get_weather", temperature=0, max_tokens=48))
+                  model_settings=ModelSettings(tool_choice="get_weather", parallel_tool_calls=False, temperature=0,
+                                               max_tokens=48))
     result = await Runner.run(agent, "What is the weather in Paris?", max_turns=2)
     assert result.final_output == "18 degrees and light rain"
 
@@ -409,7 +418,8 @@ async def test_pydantic_ai_agent_calls_the_tool_and_returns_the_output_type(base
     def settings(ctx: RunContext[None]) -> ModelSettings:
         first = ctx.run_step <= 1
         answer: Any = ["final_result"] if output == "tool" else "none"
-        return ModelSettings(tool_choice=["get_weather"] if first else answer, temperature=0, max_tokens=64)
+        return ModelSettings(tool_choice=["get_weather"] if first else answer, parallel_tool_calls=False,
+                             temperature=0, max_tokens=64)
 
     output_type = Forecast if output == "tool" else NativeOutput(Forecast)
     agent = Agent(pydantic_ai_model(base_url, user), output_type=output_type, tools=[get_weather],
@@ -427,6 +437,8 @@ def test_instructor_returns_a_valid_instance(client: openai.OpenAI, mode: str) -
     import instructor
 
     patched = instructor.from_openai(client, mode=getattr(instructor.Mode, mode))
+    # TOOLS mode names the tool: one call per answer, or the tiny model repeats it until max_tokens.
+    one_call = {"parallel_tool_calls": False} if mode == "TOOLS" else {}
     forecast = patched.chat.completions.create(model=MODEL, response_model=Forecast, messages=FORECAST_PROMPT,
-                                               max_retries=1, temperature=0, max_tokens=64)
+                                               max_retries=1, temperature=0, max_tokens=64, **one_call)
     assert isinstance(forecast, Forecast)
