@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tests.integration.conftest import Caller
 
@@ -76,6 +76,20 @@ class Forecast(BaseModel):
     city: str
     unit: Literal["celsius", "fahrenheit"]
     sunny: bool
+
+
+class Budget(BaseModel):
+    amount: int
+    currency: Literal["EUR", "USD"]
+
+
+class Trip(BaseModel):
+    """As the SDK sends it: a nested model under $defs and $ref, an optional field as anyOf with null."""
+
+    city: str
+    budget: Budget
+    note: str | None
+    sights: list[str] = Field(max_length=2)
 
 
 FORECAST_PROMPT = [{"role": "user", "content": "Give the forecast for Paris: is it sunny? Use celsius."}]
@@ -254,10 +268,19 @@ def test_json_object_content_is_a_json_object(client: openai.OpenAI) -> None:
     assert isinstance(json.loads(choice.message.content), dict)
 
 
-def test_sdk_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
-    answer = client.chat.completions.parse(model=MODEL, messages=FORECAST_PROMPT, response_format=Forecast,
-                                           temperature=0, max_tokens=64)
-    assert isinstance(answer.choices[0].message.parsed, Forecast)
+def test_sdk_parse_with_a_nested_pydantic_model(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Plan a trip to Rome."}],
+                                           response_format=Trip, temperature=0, max_tokens=120)
+    assert isinstance(answer.choices[0].message.parsed, Trip)
+
+
+def test_sdk_stream_helper_parses_streamed_structured_output(client: openai.OpenAI) -> None:
+    with client.chat.completions.stream(model=MODEL, messages=FORECAST_PROMPT, response_format=Forecast,
+                                        temperature=0, max_tokens=64) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_completion()
+    assert events.count("content.delta") > 1 and "content.done" in events
+    assert isinstance(final.choices[0].message.parsed, Forecast)
 
 
 # --- errors ------------------------------------------------------------------------------------------
