@@ -52,6 +52,9 @@ CLOCK = {
 }
 TOOLS = [WEATHER, CLOCK]
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+# Deterministic answers are cached: streaming tests ask something else so that they see live generation.
+ASK_STREAMED = [{"role": "user", "content": "What is the weather in Oslo, in fahrenheit?"}]
+ASK_TIME = [{"role": "user", "content": "What time is it in Tokyo?"}]
 
 # Nested object, enum, array and required fields: the parts of a schema that constrained decoding must honour.
 TRIP_SCHEMA = {
@@ -79,12 +82,13 @@ class Forecast(BaseModel):
 
 
 class Budget(BaseModel):
-    amount: int
+    amount: int = Field(ge=10, le=5000)
     currency: Literal["EUR", "USD"]
 
 
 class Trip(BaseModel):
-    """As the SDK sends it: a nested model under $defs and $ref, an optional field as anyOf with null."""
+    """As the SDK sends it: a nested model under $defs and $ref, an optional field as anyOf with null,
+    integer bounds and maxItems."""
 
     city: str
     budget: Budget
@@ -183,7 +187,7 @@ def test_none_tool_choice_never_calls_a_tool(client: openai.OpenAI) -> None:
 def test_streamed_tool_calls_assemble_from_indexed_deltas(client: openai.OpenAI) -> None:
     calls: dict[int, dict[str, str]] = {}
     finish_reasons = []
-    for chunk in chat(client, ASK_WEATHER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, stream=True):
+    for chunk in chat(client, ASK_STREAMED, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, stream=True):
         for choice in chunk.choices:
             finish_reasons += [choice.finish_reason] if choice.finish_reason else []
             for delta in choice.delta.tool_calls or []:
@@ -205,7 +209,7 @@ def test_streamed_tool_calls_assemble_from_indexed_deltas(client: openai.OpenAI)
 
 
 def test_the_sdk_stream_helper_yields_a_final_completion_with_tool_calls(client: openai.OpenAI) -> None:
-    with client.chat.completions.stream(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
+    with client.chat.completions.stream(model=MODEL, messages=ASK_TIME, tools=TOOLS, tool_choice="required",
                                         parallel_tool_calls=False, temperature=0, max_tokens=64) as stream:
         events = [event.type for event in stream]
         final = stream.get_final_completion()
