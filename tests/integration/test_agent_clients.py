@@ -5,7 +5,7 @@ pydantic-ai and instructor.
 The model is tiny and its answers are silly. What is asserted is what those clients rely on: the shapes
 of tool calls (ids, type, a known name, arguments that validate against the tool's schema), content that
 validates against the requested JSON schema, a tool round trip the server accepts, and 400s that name
-what was wrong."""
+what was wrong. Each framework is imported inside its own tests: their names (Agent, ModelSettings) clash."""
 
 from __future__ import annotations
 
@@ -356,6 +356,7 @@ def test_langchain_tool_loop(base_url: str, user: Caller) -> None:
     assert isinstance(answer, AIMessage) and (answer.content or answer.tool_calls)
 
 
+# None: the default method, json_schema since langchain-openai 0.3.
 @pytest.mark.parametrize("method", ["json_schema", None, "function_calling"])
 def test_langchain_structured_output(base_url: str, user: Caller, method: str | None) -> None:
     llm = chat_openai(base_url, user, max_tokens=64)
@@ -438,10 +439,11 @@ async def test_pydantic_ai_agent_calls_the_tool_and_returns_the_output_type(base
         calls.append(city)
         return f"18 degrees and sunny in {city}"
 
-    # Left to "auto" the tiny model rarely calls a tool, so each step names what it must do: the first
-    # forces get_weather (a named tool_choice), the next ones force the answer: pydantic-ai's output tool
-    # "final_result" (a second named tool_choice) or, with NativeOutput, response_format json_schema with
-    # tool_choice "none".
+    # By default nothing makes the model call get_weather before answering (pydantic-ai sends "required"
+    # over get_weather and its output tool final_result, or "auto" with NativeOutput), and a tiny model
+    # may answer at once. So each step names what it must do (settings per step, from a callable): the
+    # first forces get_weather (a named tool_choice); the next force the answer: the output tool
+    # final_result (named again) or, with NativeOutput, response_format json_schema and tool_choice "none".
     def settings(ctx: RunContext[None]) -> ModelSettings:
         first = ctx.run_step <= 1
         answer: Any = ["final_result"] if output == "tool" else "none"
