@@ -5,14 +5,19 @@ import { explain, explainStreamError, ApiError } from "./api.js";
 import { h, replace, uid } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
 
-const ROLE_NAMES = { MESSAGE_ROLE_USER: "You", MESSAGE_ROLE_ASSISTANT: "Assistant" };
+const ROLE_NAMES = { MESSAGE_ROLE_USER: "You", MESSAGE_ROLE_ASSISTANT: "Assistant", MESSAGE_ROLE_TOOL: "Tool" };
 
+// Tool calls and tool results come from API clients that pass tools (the composer sends none):
+// an answer's calls are shown as code under its text, a tool result as code labelled "Tool".
 function messageView(role, { status = "", error = "" } = {}) {
   const assistant = role === "MESSAGE_ROLE_ASSISTANT";
+  const tool = role === "MESSAGE_ROLE_TOOL";
   const body = h("div", { class: "msg-body" });
+  const calls = h("div", { class: "msg-calls" });
   const note = h("p", { class: "msg-note" });
-  const el = h("article", { class: `msg ${assistant ? "assistant" : "user"}`, "aria-label": ROLE_NAMES[role] || "Message" },
-    h("h2", { class: "sr-only", text: ROLE_NAMES[role] || "Message" }), body, note);
+  const kind = assistant ? "assistant" : tool ? "tool" : "user";
+  const el = h("article", { class: `msg ${kind}`, "aria-label": ROLE_NAMES[role] || "Message" },
+    h("h2", { class: tool ? "msg-role" : "sr-only", text: ROLE_NAMES[role] || "Message" }), body, calls, note);
   const view = {
     el,
     body,
@@ -20,7 +25,13 @@ function messageView(role, { status = "", error = "" } = {}) {
     set(text) {
       view.text = text;
       if (assistant) renderMarkdown(body, text);
+      else if (tool) replace(body, h("pre", {}, h("code", { text })));
       else replace(body, h("p", { class: "plain", text }));
+    },
+    addCalls(list) {
+      for (const call of list || []) {
+        calls.append(h("pre", { class: "tool-call", title: call.id }, h("code", { text: `${call.name}(${call.arguments})` })));
+      }
     },
     mark(kind, words) {
       el.dataset.status = kind;
@@ -95,6 +106,7 @@ export class ChatView {
       for (const m of messages) {
         const view = messageView(m.role, { status: m.status, error: m.error });
         view.set(m.content);
+        view.addCalls(m.tool_calls);
         this.log.append(view.el);
       }
       if (!messages.length) this.log.append(h("p", { class: "empty", text: "No messages yet. Say hello below." }));
@@ -216,6 +228,7 @@ export class ChatView {
       for await (const event of this.api.chat(this.session.id, { content }, this.controller.signal)) {
         if (event.delta) {
           text += event.delta.text || "";
+          answer.addCalls(event.delta.tool_calls);
           // One render per frame however fast tokens come.
           if (!frame) frame = requestAnimationFrame(paint);
         } else if (event.start) {
@@ -224,7 +237,10 @@ export class ChatView {
           ended = true;
           const done = event.done;
           const usage = done.usage || {};
-          const reason = done.finish_reason === "FINISH_REASON_LENGTH" ? "Stopped at the length limit. " : "";
+          const reason = {
+            FINISH_REASON_LENGTH: "Stopped at the length limit. ",
+            FINISH_REASON_TOOL_CALLS: "Waiting for the tools' results. ",
+          }[done.finish_reason] || "";
           answer.mark("complete", `${reason}${usage.completion_tokens || 0} tokens${done.cached ? ", from the cache" : ""}.`);
           this.status.textContent = "Answer complete.";
         } else if (event.error) {

@@ -2,11 +2,15 @@
 
 A turn (DESIGN.md's main data path): check ownership and input, resolve the model, trim the
 history to the model's context window (counted by inference with the model's tokenizer), store the
-user's message and an empty assistant message in one transaction, then serve the answer from the
-response cache (deterministic requests only) or stream it from inference. The assistant message is
-saved when the stream ends, however it ends: complete; incomplete with the partial text when the
-client goes away; error with the partial text when inference fails. While it streams, the partial
-text is saved every few seconds, so even a crash of this service keeps most of it.
+tool results, the user's message and an empty assistant message in one transaction, then serve the
+answer from the response cache (deterministic requests only) or stream it from inference. The
+assistant message is saved when the stream ends, however it ends: complete; incomplete with the
+partial text when the client goes away; error with the partial text when inference fails. While it
+streams, the partial text is saved every few seconds, so even a crash of this service keeps most of it.
+
+Tool turns follow OpenAI's shape: a turn's tools and response format (ChatRequest.structured) go to
+inference and into the cache key; the answer's tool calls are streamed and stored with the assistant
+message; the next turn answers them with tool_results, stored as tool messages.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ from parley.session.v1 import session_pb2
 
 from services.cache.client import CacheClient
 from services.core import sampling as sampling_rules
+from services.core import structured
 from services.core.errors import Aborted, InvalidArgument
 from services.core.identity import Identity, current_identity, forward_credentials
+from services.core.structured import ToolCall
 from services.session import history
 from services.session.settings import SessionSettings
 from services.session.store import (
-    ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord, SessionCursor, SessionRecord,
-    SessionStore,
+    ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
+    SessionCursor, SessionRecord, SessionStore,
 )
 
 log = logging.getLogger("parley.session")
@@ -71,6 +77,16 @@ def merge_sampling(base: inference_pb2.SamplingParams, override: inference_pb2.S
 
 def check_sampling(params: inference_pb2.SamplingParams) -> None:
     sampling_rules.validate(sampling_rules.from_proto(params))
+
+
+def turn_of(record: MessageRecord) -> history.Turn:
+    return history.Turn(record.role, record.content, record.tool_calls, record.tool_call_id)
+
+
+def sent(turn: history.Turn) -> bool:
+    """Whether a stored message goes to the model: an empty answer (one that failed before its first
+    token) says nothing, but an answer that only called tools does, and so does every tool result."""
+    return bool(turn.content or turn.tool_calls or turn.role == ROLE_TOOL)
 
 
 def encode_cursor(kind: str, *values: Any) -> str:
@@ -201,9 +217,11 @@ class SessionService:
 
     async def chat(self, request: session_pb2.ChatRequest) -> AsyncIterator[session_pb2.ChatResponse]:
         who = current_identity()
-        if not request.content.strip():
-            raise InvalidArgument("content must not be empty")
+        if not request.content.strip() and not request.tool_results:
+            raise InvalidArgument("content must not be empty (unless the turn gives tool_results)")
         self._check_text("content", request.content, self.settings.max_message_chars)
+        for i, result in enumerate(request.tool_results):
+            self._check_text(f"tool_results[{i}].content", result.content, self.settings.max_message_chars)
         session = await asyncio.to_thread(self.store.get_session, who.user_id, request.session_id)
         if session.id in self._running:
             raise Aborted("an answer is already being generated in this session; wait for it or stop it first")
@@ -219,42 +237,60 @@ class SessionService:
         metadata = (*forward_credentials(who), (AFFINITY_HEADER, session.id))
         params = merge_sampling(sampling_from_dict(session.sampling), request.sampling)
         check_sampling(params)
+        # Checked (and schemas made canonical, for the cache key) before anything is stored.
+        structure = structured.to_proto(structured.from_proto(request.structured))
         # An unknown model is inference's NOT_FOUND, passed on as it is.
         model = await self.inference.GetModel(inference_pb2.GetModelRequest(id=request.model or session.model),
                                               metadata=metadata, timeout=CONTROL_TIMEOUT_SECONDS)
         await self.cache.check_rate_limit()
-        messages = await self._prompt(session, request.content, model.id, params, metadata)
+        content = request.content if request.content.strip() else ""
+        results = [(r.tool_call_id, r.content) for r in request.tool_results]
+        messages = await self._prompt(session, content, results, model.id, params, metadata)
 
-        user, answer = await asyncio.to_thread(
-            self.store.start_turn, who.user_id, session.id, request.content, model.id,
-            history.title_from(request.content)[: self.settings.max_title_chars])
+        stored = await asyncio.to_thread(
+            self.store.start_turn, who.user_id, session.id, content, model.id,
+            history.title_from(content)[: self.settings.max_title_chars], tool_results=results)
+        answer = stored.answer
         yield session_pb2.ChatResponse(start=session_pb2.ChatStart(
-            user_message_id=user.id, assistant_message_id=answer.id, model=model.id))
+            user_message_id=stored.user.id if stored.user else "", assistant_message_id=answer.id, model=model.id,
+            tool_message_ids=[m.id for m in stored.tools]))
 
         key = cache_pb2.CompletionKey(model=model.id, model_fingerprint=model.fingerprint, messages=messages,
-                                      sampling=params)
+                                      sampling=params, structured=structure)
         hit = await self.cache.lookup(key)
         if hit is not None:
+            # Ids are per answer: a replayed call gets a fresh one, as a generated call would.
+            calls = [ToolCall(ToolCall.new_id(), c.name, c.arguments) for c in hit.tool_calls]
             await asyncio.to_thread(self.store.save_answer, answer.id, content=hit.text, status=STATUS_COMPLETE,
-                                    prompt_tokens=hit.usage.prompt_tokens, completion_tokens=hit.usage.completion_tokens)
-            if hit.text:
-                yield session_pb2.ChatResponse(delta=session_pb2.ChatDelta(text=hit.text))
+                                    prompt_tokens=hit.usage.prompt_tokens, completion_tokens=hit.usage.completion_tokens,
+                                    tool_calls=calls)
+            if hit.text or calls:
+                yield session_pb2.ChatResponse(delta=session_pb2.ChatDelta(
+                    text=hit.text, tool_calls=structured.calls_to_proto(calls)))
             yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=hit.usage, finish_reason=hit.finish_reason,
                                                                      cached=True))
             return
 
-        async for event in self._generate(answer, model.id, messages, params, metadata, session.id, key):
+        async for event in self._generate(answer, model.id, messages, structure, params, metadata, session.id, key):
             yield event
 
-    async def _prompt(self, session: SessionRecord, content: str, model: str, params: inference_pb2.SamplingParams,
+    async def _prompt(self, session: SessionRecord, content: str, tool_results: Sequence[tuple[str, str]], model: str,
+                      params: inference_pb2.SamplingParams,
                       metadata: Sequence[tuple[str, str]]) -> list[inference_pb2.ChatMessage]:
-        """The messages to send: system prompt, as much recent history as fits, the new message."""
-        past = await asyncio.to_thread(self.store.list_messages, session.owner, session.id)
+        """The messages to send: system prompt, as much recent history as fits, the new turn (tool
+        results, then the user's message). Tool results must answer open calls of the latest answer."""
+        past = [turn_of(m) for m in await asyncio.to_thread(self.store.list_messages, session.owner, session.id)]
+        history.check_tool_results(past, [call_id for call_id, _ in tool_results])
         turns = [history.Turn("system", session.system_prompt)] if session.system_prompt else []
-        turns += [history.Turn(m.role, m.content) for m in past if m.content]
-        turns.append(history.Turn(ROLE_USER, content))
+        turns += [t for t in past if sent(t)]
+        new = [history.Turn(ROLE_TOOL, text, tool_call_id=call_id) for call_id, text in tool_results]
+        new += [history.Turn(ROLE_USER, content)] if content else []
+        pinned = len(new)
+        if tool_results:  # kept together with the answer whose calls they answer, the latest one
+            pinned += len(turns) - max(i for i, t in enumerate(turns) if t.role == ROLE_ASSISTANT)
+        turns += new
         counted = await self.inference.CountTokens(
-            inference_pb2.CountTokensRequest(model=model, messages=[inference_pb2.ChatMessage(role=t.role, content=t.content)
+            inference_pb2.CountTokensRequest(model=model, messages=[structured.message_to_proto(t.message())
                                                                      for t in turns]),
             metadata=metadata, timeout=CONTROL_TIMEOUT_SECONDS)
         context = counted.context_length
@@ -262,59 +298,69 @@ class SessionService:
         if reserve >= context:
             raise InvalidArgument(f"max_tokens is {reserve} but model {model!r} has a context window of {context} tokens")
         kept, _ = history.fit(turns, counted.message_tokens, counted.total_tokens, context - reserve,
-                              has_system=bool(session.system_prompt))
-        return [inference_pb2.ChatMessage(role=t.role, content=t.content) for t in kept]
+                              has_system=bool(session.system_prompt), new=pinned)
+        chat = [t.message() for t in kept]
+        structured.validate_messages(chat)
+        return [structured.message_to_proto(m) for m in chat]
 
     async def _generate(self, answer: MessageRecord, model: str, messages: list[inference_pb2.ChatMessage],
-                        params: inference_pb2.SamplingParams, metadata: Sequence[tuple[str, str]], session_id: str,
+                        structure: inference_pb2.StructuredOutput, params: inference_pb2.SamplingParams,
+                        metadata: Sequence[tuple[str, str]], session_id: str,
                         key: cache_pb2.CompletionKey) -> AsyncIterator[session_pb2.ChatResponse]:
         call = self.inference.Generate(
-            inference_pb2.GenerateRequest(model=model, messages=messages, sampling=params, cache_key=session_id),
+            inference_pb2.GenerateRequest(model=model, messages=messages, sampling=params, cache_key=session_id,
+                                          structured=structure),
             metadata=metadata, timeout=self.settings.inference_timeout_seconds)
         parts: list[str] = []
+        calls: list[ToolCall] = []
         last: inference_pb2.GenerateResponse | None = None
         checkpoint = time.monotonic()
         try:
             async for response in call:
-                if response.text:
+                if response.text or response.tool_calls:
                     parts.append(response.text)
-                    yield session_pb2.ChatResponse(delta=session_pb2.ChatDelta(text=response.text))
+                    calls += structured.calls_from_proto(response.tool_calls)
+                    yield session_pb2.ChatResponse(delta=session_pb2.ChatDelta(text=response.text,
+                                                                               tool_calls=response.tool_calls))
                 if response.HasField("usage"):
                     last = response
                 if time.monotonic() - checkpoint >= self.settings.checkpoint_seconds:
                     await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts),
-                                            status=STATUS_INCOMPLETE)
+                                            status=STATUS_INCOMPLETE, tool_calls=calls)
                     checkpoint = time.monotonic()
         except asyncio.CancelledError:
             # The client went away. Save synchronously: an await here could be cancelled again.
             call.cancel()
             self.store.save_answer(answer.id, content="".join(parts), status=STATUS_INCOMPLETE,
-                                   completion_tokens=len(parts))
+                                   completion_tokens=len(parts), tool_calls=calls)
             self._in_background(self.cache.record_usage(len(parts)))
             raise
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or exc.code().name
             log.warning("generation failed", extra={"fields": {"code": code.name, "session_id": session_id}})
             await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts), status=STATUS_ERROR,
-                                    completion_tokens=len(parts), error=f"{code.name}: {details}")
+                                    completion_tokens=len(parts), error=f"{code.name}: {details}", tool_calls=calls)
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code=code.name, message=details))
             return
         if last is None:
             # A stream that ended without its final message: keep what arrived, as incomplete.
             await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts), status=STATUS_INCOMPLETE,
-                                    completion_tokens=len(parts))
+                                    completion_tokens=len(parts), tool_calls=calls)
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code="UNAVAILABLE",
                                                                        message="the answer ended unexpectedly"))
             return
         text = "".join(parts)
+        # A cancelled answer is incomplete; one that ended with tool calls is complete like any other.
         status = STATUS_INCOMPLETE if last.finish_reason == inference_pb2.FINISH_REASON_CANCELLED else STATUS_COMPLETE
         await asyncio.to_thread(self.store.save_answer, answer.id, content=text, status=status,
-                                prompt_tokens=last.usage.prompt_tokens, completion_tokens=last.usage.completion_tokens)
+                                prompt_tokens=last.usage.prompt_tokens, completion_tokens=last.usage.completion_tokens,
+                                tool_calls=calls)
         # Bookkeeping runs beside the stream: a client that leaves right after `done` must not skip it.
         self._in_background(self.cache.record_usage(last.usage.total_tokens))
         if status == STATUS_COMPLETE:
             self._in_background(self.cache.store(key, cache_pb2.CachedCompletion(
-                text=text, finish_reason=last.finish_reason, usage=last.usage)))
+                text=text, finish_reason=last.finish_reason, usage=last.usage,
+                tool_calls=structured.calls_to_proto(calls))))
         yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=last.usage, finish_reason=last.finish_reason))
 
     def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:

@@ -8,12 +8,15 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.session.v1 import session_pb2, session_pb2_grpc
 
+from services.core.structured import calls_to_proto
 from services.session.service import SessionService, sampling_from_dict
 from services.session.store import (
-    ROLE_ASSISTANT, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord, SessionRecord,
+    ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
+    SessionRecord,
 )
 
-ROLES = {ROLE_USER: session_pb2.MESSAGE_ROLE_USER, ROLE_ASSISTANT: session_pb2.MESSAGE_ROLE_ASSISTANT}
+ROLES = {ROLE_USER: session_pb2.MESSAGE_ROLE_USER, ROLE_ASSISTANT: session_pb2.MESSAGE_ROLE_ASSISTANT,
+         ROLE_TOOL: session_pb2.MESSAGE_ROLE_TOOL}
 STATUSES = {
     STATUS_COMPLETE: session_pb2.MESSAGE_STATUS_COMPLETE,
     STATUS_INCOMPLETE: session_pb2.MESSAGE_STATUS_INCOMPLETE,
@@ -40,6 +43,7 @@ def message_pb(record: MessageRecord) -> session_pb2.Message:
         id=record.id, session_id=record.session_id, role=ROLES[record.role], content=record.content,
         model=record.model, prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
         status=STATUSES[record.status], error=record.error, create_time=timestamp(record.created_at),
+        tool_calls=calls_to_proto(record.tool_calls), tool_call_id=record.tool_call_id,
     )
 
 

@@ -5,6 +5,10 @@ can fill it later (several session replicas need a shared database; SQLite allow
 process). Every method that takes an `owner` only ever sees that owner's rows: a session of someone
 else is NOT_FOUND, exactly as a session that does not exist.
 
+A turn stores, in one transaction: the tool messages that answer the previous answer's calls, the
+user's message, and the assistant's (empty, incomplete) message; an assistant message keeps the tool
+calls it made.
+
 Ordering: sessions newest activity first (update_time, then id, descending); messages oldest first
 (an insertion sequence). Pages continue from a cursor, so rows added meanwhile neither repeat nor
 vanish from later pages.
@@ -16,16 +20,18 @@ import abc
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from services.core.errors import NotFound
 from services.core.sqlite import Database
+from services.core.structured import ToolCall
 
 ROLE_USER = "user"
 ROLE_ASSISTANT = "assistant"
+ROLE_TOOL = "tool"
 STATUS_COMPLETE = "complete"
 STATUS_INCOMPLETE = "incomplete"
 STATUS_ERROR = "error"
@@ -61,6 +67,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX messages_session ON messages(session_id, seq);
     """,
+    # Tool turns: an assistant message's calls as a JSON list of {id, name, arguments}; a tool
+    # message's answered call id.
+    """
+    ALTER TABLE messages ADD COLUMN tool_calls TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE messages ADD COLUMN tool_call_id TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
@@ -89,7 +101,21 @@ class MessageRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
     seq: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class TurnMessages:
+    """What start_turn stored. Unpacks as `user, answer` for callers that need only those."""
+
+    user: MessageRecord | None  # None when the turn had tool results only
+    answer: MessageRecord
+    tools: tuple[MessageRecord, ...] = ()
+
+    def __iter__(self) -> Iterator[MessageRecord | None]:
+        return iter((self.user, self.answer))
 
 
 @dataclass(frozen=True)
@@ -118,14 +144,16 @@ class SessionStore(abc.ABC):
     def delete_session(self, owner: str, session_id: str) -> None: ...
 
     @abc.abstractmethod
-    def start_turn(self, owner: str, session_id: str, content: str, model: str, title: str) -> tuple[MessageRecord, MessageRecord]:
-        """Stores the user's message and an empty, incomplete assistant message in one transaction
-        (and `title` if the session has none yet); returns both."""
+    def start_turn(self, owner: str, session_id: str, content: str, model: str, title: str, *,
+                   tool_results: Sequence[tuple[str, str]] = ()) -> TurnMessages:
+        """Stores in one transaction a tool message per (tool_call_id, content) of `tool_results`, the
+        user's message (unless `content` is empty) and an empty, incomplete assistant message, and
+        `title` if the session has none yet."""
 
     @abc.abstractmethod
     def save_answer(self, message_id: str, *, content: str, status: str, prompt_tokens: int = 0,
-                    completion_tokens: int = 0, error: str = "") -> None:
-        """Overwrites an assistant message with its (partial or final) text and status."""
+                    completion_tokens: int = 0, error: str = "", tool_calls: Sequence[ToolCall] = ()) -> None:
+        """Overwrites an assistant message with its (partial or final) text, tool calls and status."""
 
     @abc.abstractmethod
     def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]: ...
@@ -141,7 +169,13 @@ def _session(row: Any) -> SessionRecord:
 
 def _message(row: Any) -> MessageRecord:
     return MessageRecord(row["id"], row["session_id"], row["role"], row["content"], row["model"], row["status"],
-                         row["created_at"], row["prompt_tokens"], row["completion_tokens"], row["error"], row["seq"])
+                         row["created_at"], row["prompt_tokens"], row["completion_tokens"], row["error"],
+                         tool_calls=tuple(ToolCall(**c) for c in json.loads(row["tool_calls"])),
+                         tool_call_id=row["tool_call_id"], seq=row["seq"])
+
+
+def _calls_json(calls: Sequence[ToolCall]) -> str:
+    return json.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls])
 
 
 def not_found(session_id: str) -> NotFound:
@@ -200,9 +234,14 @@ class SqliteSessionStore(SessionStore):
             if db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)).rowcount == 0:
                 raise not_found(session_id)
 
-    def start_turn(self, owner: str, session_id: str, content: str, model: str, title: str) -> tuple[MessageRecord, MessageRecord]:
+    def start_turn(self, owner: str, session_id: str, content: str, model: str, title: str, *,
+                   tool_results: Sequence[tuple[str, str]] = ()) -> TurnMessages:
         now = time.time()
-        user = MessageRecord(uuid.uuid4().hex, session_id, ROLE_USER, content, model, STATUS_COMPLETE, now)
+        tools = tuple(MessageRecord(uuid.uuid4().hex, session_id, ROLE_TOOL, text, model, STATUS_COMPLETE, now,
+                                    tool_call_id=call_id) for call_id, text in tool_results)
+        user = None
+        if content:
+            user = MessageRecord(uuid.uuid4().hex, session_id, ROLE_USER, content, model, STATUS_COMPLETE, now)
         # The assistant's row exists from the start, so even a crash mid-answer leaves it (incomplete).
         assistant = MessageRecord(uuid.uuid4().hex, session_id, ROLE_ASSISTANT, "", model, STATUS_INCOMPLETE, now)
         with self.db.transaction() as db:
@@ -211,16 +250,18 @@ class SqliteSessionStore(SessionStore):
                 "WHERE id = ? AND owner = ?", (now, title, session_id, owner))
             if cursor.rowcount == 0:
                 raise not_found(session_id)
-            for m in (user, assistant):
-                db.execute("INSERT INTO messages (id, session_id, role, content, model, status, created_at) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (m.id, session_id, m.role, m.content, m.model, m.status, now))
-        return user, assistant
+            for m in (*tools, *([user] if user else []), assistant):
+                db.execute("INSERT INTO messages (id, session_id, role, content, model, status, created_at, tool_call_id) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (m.id, session_id, m.role, m.content, m.model, m.status, now, m.tool_call_id))
+        return TurnMessages(user, assistant, tools)
 
     def save_answer(self, message_id: str, *, content: str, status: str, prompt_tokens: int = 0,
-                    completion_tokens: int = 0, error: str = "") -> None:
+                    completion_tokens: int = 0, error: str = "", tool_calls: Sequence[ToolCall] = ()) -> None:
         with self.db.transaction() as db:
-            db.execute("UPDATE messages SET content = ?, status = ?, prompt_tokens = ?, completion_tokens = ?, error = ? "
-                       "WHERE id = ?", (content, status, prompt_tokens, completion_tokens, error, message_id))
+            db.execute("UPDATE messages SET content = ?, status = ?, prompt_tokens = ?, completion_tokens = ?, error = ?, "
+                       "tool_calls = ? WHERE id = ?",
+                       (content, status, prompt_tokens, completion_tokens, error, _calls_json(tool_calls), message_id))
 
     def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]:
         self.get_session(owner, session_id)  # the ownership check

@@ -9,6 +9,8 @@ import uuid
 import httpx
 
 from tests.e2e.conftest import DESKTOP, PASSWORD, PHONE, register, screenshot
+from tests.integration.chat import chat
+from tests.integration.conftest import Caller
 
 # Records the streamed answer's length at every change of the conversation log.
 WATCH_STREAM = """() => {
@@ -175,6 +177,31 @@ def test_html_in_messages_shows_as_text(signed_in) -> None:
     page.locator(".msg.assistant").first.wait_for()
     assert page.locator(".log img, .log script").count() == 0
     assert page.evaluate("window.__xss") is None
+
+
+def test_tool_calls_and_results_from_the_api_are_shown(signed_in, web_url: str) -> None:
+    page = signed_in()
+    session_id = new_chat(page)
+    token = page.evaluate("JSON.parse(localStorage.getItem('parley.auth')).access_token")
+    weather = {"tools": [{"name": "get_weather", "parameters": '{"type": "object", "properties": {"city": '
+                          '{"type": "string", "maxLength": 12}}, "required": ["city"]}'}],
+               "tool_choice": "function", "tool_choice_function": "get_weather", "parallel_tool_calls": False}
+    caller = Caller("", token, "")
+    greedy = {"temperature": 0, "max_tokens": 48}
+    with httpx.Client(base_url=web_url, timeout=120) as api:
+        events = chat(api, caller, session_id, "What is the weather in Oslo?", structured=weather, sampling=greedy)
+        [call] = [c for e in events if "delta" in e for c in e["delta"]["tool_calls"]]
+        chat(api, caller, session_id, "", tool_results=[{"tool_call_id": call["id"], "content": "<b>12 C</b>, cloudy"}],
+             sampling=greedy)
+    page.reload()
+    tool = page.locator(".msg.tool")
+    tool.wait_for()
+    assert tool.get_by_role("heading").inner_text() == "Tool"
+    assert tool.locator(".msg-body code").inner_text() == "<b>12 C</b>, cloudy"  # shown as text, never markup
+    shown = page.locator(".msg.assistant .msg-calls code").first.inner_text()
+    assert shown == f"get_weather({call['arguments']})"
+    assert page.locator(".log b").count() == 0
+    screenshot(page, "chat-tool-turn")
 
 
 MARKDOWN_CASES = """async () => {

@@ -1,8 +1,10 @@
 """Saved conversations through Envoy REST with the real bundled model: CRUD, paging, ownership, and
-the streaming chat turn (SSE start/delta/done/error, persistence, 409, disconnects, the cache)."""
+the streaming chat turn (SSE start/delta/done/error, persistence, 409, disconnects, the cache, tool
+calls and their results)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -239,3 +241,56 @@ def test_deterministic_turn_is_served_from_cache_the_second_time(http: httpx.Cli
     # Sampled (non-deterministic) turns are never served from cache.
     third = chat(http, user, create_session(http, user)["id"], question, sampling={"temperature": 0.9, "max_tokens": 12})
     assert third[-1]["done"]["cached"] is False
+
+
+WEATHER = {
+    "tools": [{"name": "get_weather", "description": "The current weather in a city.", "parameters": json.dumps(
+        {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]})}],
+    "toolChoice": "function", "toolChoiceFunction": "get_weather", "parallelToolCalls": False,
+}
+
+
+def test_tool_calls_are_streamed_stored_and_answered(http: httpx.Client, user: Caller, stranger: Caller) -> None:
+    sid = create_session(http, user)["id"]
+    events = chat(http, user, sid, "What is the weather in Oslo right now?", structured=WEATHER,
+                  sampling={"temperature": 0, "max_tokens": 64})
+    calls = [c for e in events if "delta" in e for c in e["delta"]["tool_calls"]]
+    assert [c["name"] for c in calls] == ["get_weather"], events
+    assert calls[0]["id"].startswith("call_") and isinstance(json.loads(calls[0]["arguments"])["city"], str)
+    assert events[-1]["done"]["finish_reason"] == "FINISH_REASON_TOOL_CALLS"
+    asked = messages(http, user, sid)[-1]
+    assert (asked["role"], asked["status"], asked["tool_calls"]) == (
+        "MESSAGE_ROLE_ASSISTANT", "MESSAGE_STATUS_COMPLETE", calls)
+
+    # Wrong answers are 400s naming the id, and store nothing; someone else's session stays 404.
+    before = messages(http, user, sid)
+    for results in ([{"toolCallId": "call_unknown", "content": "12 C"}],
+                    [{"toolCallId": calls[0]["id"], "content": "12 C"}, {"toolCallId": "call_unknown", "content": ""}]):
+        answer = http.post(f"/v1/sessions/{sid}:chat", json={"toolResults": results}, headers=user.headers)
+        assert answer.status_code == 400 and "call_unknown" in answer.json()["message"], answer.text
+    answer = http.post(f"/v1/sessions/{sid}:chat", json={"toolResults": [{"toolCallId": calls[0]["id"], "content": "x"}]},
+                       headers=stranger.headers)
+    assert answer.status_code == 404, answer.text
+    assert messages(http, user, sid) == before
+
+    # The next turn answers the call, with no user message.
+    result = json.dumps({"temperature_c": 12, "sky": "cloudy"})
+    events = chat(http, user, sid, "", toolResults=[{"toolCallId": calls[0]["id"], "content": result}],
+                  sampling={"temperature": 0, "max_tokens": 32})
+    start, done = events[0]["start"], events[-1]["done"]
+    assert start["user_message_id"] == "" and len(start["tool_message_ids"]) == 1
+    assert done["finish_reason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH") and text_of(events)
+    stored = messages(http, user, sid)
+    assert [(m["role"], m["tool_call_id"]) for m in stored] == [
+        ("MESSAGE_ROLE_USER", ""), ("MESSAGE_ROLE_ASSISTANT", ""), ("MESSAGE_ROLE_TOOL", calls[0]["id"]),
+        ("MESSAGE_ROLE_ASSISTANT", "")]
+    assert (stored[2]["id"], stored[2]["content"]) == (start["tool_message_ids"][0], result)
+    assert (stored[3]["id"], stored[3]["content"]) == (start["assistant_message_id"], text_of(events))
+    # The answer's prompt held the call and its result: more than the question alone.
+    alone = chat(http, user, create_session(http, user)["id"], "What is the weather in Oslo right now?",
+                 sampling={"temperature": 0, "max_tokens": 1})
+    assert stored[3]["prompt_tokens"] > alone[-1]["done"]["usage"]["prompt_tokens"] + 15
+    # An answered call cannot be answered again.
+    answer = http.post(f"/v1/sessions/{sid}:chat", json={"toolResults": [{"toolCallId": calls[0]["id"], "content": "x"}]},
+                       headers=user.headers)
+    assert answer.status_code == 400 and calls[0]["id"] in answer.json()["message"], answer.text

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.core.errors import InvalidArgument
-from services.session.history import Turn, fit, title_from
+from services.core.structured import ToolCall
+from services.session.history import Turn, check_tool_results, fit, open_calls, title_from
 
 
 def turns(*roles: str) -> list[Turn]:
@@ -37,6 +38,36 @@ def test_kept_history_never_starts_with_an_answer() -> None:
 def test_new_message_too_long_is_a_clear_400() -> None:
     with pytest.raises(InvalidArgument, match="needs 120 tokens"):
         fit(turns("system", "user"), [20, 100], 120, budget=100, has_system=True)
+
+
+def called(*ids: str) -> Turn:
+    return Turn("assistant", "", tuple(ToolCall(i, "get_weather", "{}") for i in ids))
+
+
+def test_tool_results_stay_with_the_answer_they_answer_and_history_never_starts_with_one() -> None:
+    messages = [Turn("user", "q0"), called("c0"), Turn("tool", "r0", tool_call_id="c0"), Turn("assistant", "a0"),
+                Turn("user", "q1"), called("c1"), Turn("tool", "r1", tool_call_id="c1")]
+    # The new turn is the last answer and its result (pinned); room for two more messages would
+    # start the history at a tool result, then at an answer: both are dropped.
+    kept, used = fit(messages, [10] * 7, 70, budget=50, has_system=False, new=2)
+    assert [t.content or t.role for t in kept] == ["q1", "assistant", "r1"] and used == 30
+    kept, _ = fit(messages, [10] * 7, 70, budget=70, has_system=False, new=2)
+    assert kept == messages
+    with pytest.raises(InvalidArgument, match="needs 20 tokens"):
+        fit(messages, [10] * 7, 70, budget=19, has_system=False, new=2)
+
+
+def test_tool_results_must_answer_open_calls_of_the_latest_answer() -> None:
+    past = [Turn("user", "q"), called("old"), Turn("tool", "r", tool_call_id="old"), Turn("user", "q2"),
+            called("a", "b"), Turn("tool", "ra", tool_call_id="a")]
+    assert open_calls(past) == ["b"]
+    check_tool_results(past, ["b"])
+    for ids, words in [(["old"], "'old' answers no unanswered"), (["a"], "'a' answers no unanswered"),
+                       (["zzz"], "tool_results\\[0\\].tool_call_id 'zzz'"), (["b", "b"], "second time"),
+                       ([""], "must not be empty")]:
+        with pytest.raises(InvalidArgument, match=words):
+            check_tool_results(past, ids)
+    assert open_calls([Turn("user", "q")]) == [] and open_calls([*past, Turn("assistant", "done")]) == []
 
 
 def test_titles() -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from services.core.errors import NotFound
+from services.core.sqlite import Database
+from services.core.structured import ToolCall
 from services.session.store import (
     MIGRATIONS, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, SessionCursor, SqliteSessionStore,
 )
@@ -98,3 +100,49 @@ def test_error_answer_keeps_partial_text(store: SqliteSessionStore) -> None:
     store.save_answer(answer.id, content="Once upon", status=STATUS_ERROR, error="UNAVAILABLE: gone")
     stored = store.list_messages("alice", sid)[-1]
     assert (stored.content, stored.status, stored.error) == ("Once upon", STATUS_ERROR, "UNAVAILABLE: gone")
+
+
+def test_migration_from_version_1_keeps_old_rows_and_adds_tool_columns(tmp_path: Path) -> None:
+    path = tmp_path / "session.db"
+    old = Database(path, MIGRATIONS[:1])
+    with old.transaction() as db:
+        db.execute("INSERT INTO sessions VALUES ('s1', 'alice', 'Old', '', '', '{}', 1.0, 2.0)")
+        db.execute("INSERT INTO messages (id, session_id, role, content, model, status, created_at) "
+                   "VALUES ('m1', 's1', 'user', 'hello from v1', 'm', 'complete', 1.5)")
+    old.close()
+
+    store = SqliteSessionStore(path)
+    assert store.schema_version() == len(MIGRATIONS) == 2
+    [message] = store.list_messages("alice", "s1")
+    assert (message.content, message.tool_calls, message.tool_call_id) == ("hello from v1", (), "")
+    # The old session takes tool turns like a new one.
+    _, answer = store.start_turn("alice", "s1", "weather?", "m", "")
+    store.save_answer(answer.id, content="", status=STATUS_COMPLETE, tool_calls=[ToolCall("call_1", "f", "{}")])
+    assert store.list_messages("alice", "s1")[-1].tool_calls == (ToolCall("call_1", "f", "{}"),)
+    store.close()
+
+
+def test_tool_turn_stores_results_before_the_user_message(store: SqliteSessionStore) -> None:
+    sid = new(store, title="Weather")
+    _, asked = store.start_turn("alice", sid, "Weather in Oslo and Rome?", "m", "")
+    calls = [ToolCall("call_a", "get_weather", '{"city": "Oslo"}'), ToolCall("call_b", "get_weather", '{"city": "Rome"}')]
+    store.save_answer(asked.id, content="", status=STATUS_COMPLETE, completion_tokens=30, tool_calls=calls)
+
+    # Results only: no user message.
+    turn = store.start_turn("alice", sid, "", "m", "", tool_results=[("call_a", "12 C"), ("call_b", "25 C")])
+    assert turn.user is None
+    assert [(t.role, t.content, t.tool_call_id) for t in turn.tools] == [("tool", "12 C", "call_a"), ("tool", "25 C", "call_b")]
+    user, answer = turn  # unpacks like a turn without tools
+    assert user is None and answer is turn.answer
+    stored = store.list_messages("alice", sid)
+    assert [(m.role, m.content, m.tool_call_id) for m in stored] == [
+        ("user", "Weather in Oslo and Rome?", ""), ("assistant", "", ""),
+        ("tool", "12 C", "call_a"), ("tool", "25 C", "call_b"), ("assistant", "", "")]
+    assert stored[1].tool_calls == tuple(calls) and stored[4].tool_calls == ()
+    assert [m.id for m in stored[2:]] == [t.id for t in turn.tools] + [turn.answer.id]
+
+    # Results and a question: tool messages first, then the user message.
+    turn = store.start_turn("alice", sid, "Thanks. And Paris?", "m", "", tool_results=[("call_c", "18 C")])
+    assert turn.user is not None
+    assert [m.role for m in store.list_messages("alice", sid)[5:]] == ["tool", "user", "assistant"]
+    assert store.get_session("alice", sid).title == "Weather"
