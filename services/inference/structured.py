@@ -10,8 +10,8 @@ Grammars are GBNF, from llama.cpp's JSON-schema converter (llama_cpp.llama_gramm
 bounds here), and enforced
 by the engine's sampler:
 - response_format json_object / json_schema: the whole answer is JSON of the schema;
-- tool_choice required / a function: the whole answer is one or more calls (one when
-  parallel_tool_calls is false), each call's arguments following its tool's parameters;
+- tool_choice required: the whole answer is one or more calls (one when parallel_tool_calls is
+  false), each call's arguments following its tool's parameters; a named function: one call of it;
 - tool_choice auto: free text, and a lazy grammar that takes over from the moment the model writes
   `<tool_call>` until the call is complete; with a response_format as well, the answer is either
   JSON of the format or calls.
@@ -116,8 +116,11 @@ def grammar_for(structure: Structure) -> Grammar | None:
                                 "required": ["name", "arguments"]})
             call = converter.visit(converter.resolve_refs({"anyOf": options}, "tools"), "call")
             rules.append(f'tool-call ::= "{json.dumps(OPEN)[1:-1]}\\n" {call} "\\n{json.dumps(CLOSE)[1:-1]}"')
-            rules.append("tool-calls ::= tool-call ( [ \\n]? tool-call )*" if structure.parallel
-                         else "tool-calls ::= tool-call")
+            # A named function is one call, as vLLM and llama-server make it: clients that name one
+            # (instructor, structured output through tools) expect exactly one, and small models
+            # otherwise repeat it until max_tokens.
+            several = structure.parallel and structure.tool_choice != "function"
+            rules.append("tool-calls ::= tool-call ( [ \\n]? tool-call )*" if several else "tool-calls ::= tool-call")
             calls = "tool-calls"
     except (ValueError, KeyError, AssertionError, TypeError, RecursionError) as exc:
         raise InvalidArgument(f"the JSON Schema could not be turned into a grammar: {exc}") from None

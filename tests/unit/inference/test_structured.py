@@ -105,7 +105,7 @@ def test_grammar_kinds() -> None:
     forced = grammar_for(make_structure([WEATHER, CLOCK], "required"))
     assert forced is not None and not forced.triggers and "root ::= tool-calls" in forced.gbnf
     assert "tool-call )*" in forced.gbnf
-    single = grammar_for(make_structure([WEATHER, CLOCK], "function", "get_time", parallel=False))
+    single = grammar_for(make_structure([WEATHER, CLOCK], "function", "get_time"))  # a named function: one call
     assert single is not None and "tool-calls ::= tool-call\n" in single.gbnf and "get_weather" not in single.gbnf
     lazy = grammar_for(make_structure([WEATHER], "auto"))
     assert lazy is not None and lazy.triggers
