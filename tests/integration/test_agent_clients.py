@@ -10,6 +10,7 @@ what was wrong. Each framework is imported inside its own tests: their names (Ag
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, Literal
 
 import httpx
@@ -18,7 +19,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.integration.conftest import Caller
+from services.stack import Stack
+from tests.integration.conftest import Caller, sign_in
 
 MODEL = "smollm2-135m-instruct"
 
@@ -97,6 +99,12 @@ class Trip(BaseModel):
 
 
 FORECAST_PROMPT = [{"role": "user", "content": "Give the forecast for Paris: is it sunny? Use celsius."}]
+
+
+@pytest.fixture(scope="module")
+def user(stack: Stack) -> Caller:
+    """An account of this module's own: its ~50 requests would spend the shared user's 60 a minute."""
+    return sign_in(stack.url, f"agents-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
 
 
 @pytest.fixture
