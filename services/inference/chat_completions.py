@@ -106,7 +106,7 @@ class ChatCompletions:
         if cached.text:
             parts.append(writer.chunk({"content": cached.text}, include_usage=usage_flag))
         if calls:
-            parts.append(writer.chunk({"tool_calls": openai_compat.tool_calls_json(calls, indexed=True)},
+            parts.append(writer.chunk({"tool_calls": openai_compat.tool_calls_json(calls, at=0)},
                                       include_usage=usage_flag))
         parts.append(writer.chunk({}, reason, final=True, include_usage=usage_flag))
         if usage_flag:
@@ -122,6 +122,7 @@ class ChatCompletions:
         logprobs = req.top_logprobs is not None
         choices = [openai_compat.ChoiceResult("", None, [] if logprobs else None) for _ in range(req.n)]
         parts: list[list[str]] = [[] for _ in range(req.n)]
+        streamed: set[str] = set()  # ids of calls sent piece by piece
         pieces = 0
         usage: Usage | None = None
         try:
@@ -144,11 +145,16 @@ class ChatCompletions:
                     if chunk.text or chunk.logprobs:
                         yield SSE, writer.chunk({"content": chunk.text}, include_usage=req.include_usage,
                                                 index=chunk.index, logprobs=chunk.logprobs if logprobs else None)
-                    if chunk.tool_calls:
-                        # Each call in one delta, numbered within its choice as the SDK assembles them.
-                        calls = openai_compat.tool_calls_json(choice.tool_calls + chunk.tool_calls, indexed=True)
-                        yield SSE, writer.chunk({"tool_calls": calls[len(choice.tool_calls):]},
-                                                include_usage=req.include_usage, index=chunk.index)
+                    # A call's pieces as they are written (its id and name, then its arguments bit by
+                    # bit); a call that was not streamed so comes whole once complete. Each carries
+                    # its index within the choice, as the SDK assembles them.
+                    calls = [openai_compat.call_delta_json(d) for d in chunk.call_deltas]
+                    streamed.update(d.id for d in chunk.call_deltas if d.id)
+                    calls += [openai_compat.tool_calls_json([c], at=len(choice.tool_calls) + k)[0]
+                              for k, c in enumerate(chunk.tool_calls) if c.id not in streamed]
+                    if calls:
+                        yield SSE, writer.chunk({"tool_calls": calls}, include_usage=req.include_usage,
+                                                index=chunk.index)
                     if chunk.finish_reason is not None:
                         yield SSE, writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage,
                                                 index=chunk.index)

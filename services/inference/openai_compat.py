@@ -17,6 +17,7 @@ from services.core.errors import InvalidArgument
 from services.core.structured import PLAIN, Structure, Tool, ToolCall, canonical_json, make_structure
 from services.inference.engines.base import TokenLogprob, Usage
 from services.inference.service import SamplingInput
+from services.inference.structured import CallDelta
 
 ROLE_ALIASES = {"developer": "system"}
 MAX_CHOICES = 16
@@ -95,6 +96,9 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         raise InvalidArgument("stop must be a string or an array of strings")
     if body.get("functions") or body.get("function_call"):
         raise InvalidArgument("functions and function_call are deprecated; send tools and tool_choice")
+    modalities = body.get("modalities")
+    if body.get("audio") is not None or (modalities is not None and modalities != ["text"]):
+        raise InvalidArgument("only text output is supported (modalities [\"text\"], no audio)")
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise InvalidArgument("logprobs must be a boolean")
@@ -256,9 +260,17 @@ def finish_reason(reason: str | None) -> str:
     return reason if reason in ("stop", "tool_calls") else "length"
 
 
-def tool_calls_json(calls: list[ToolCall], indexed: bool = False) -> list[dict[str, Any]]:
-    return [{**({"index": i} if indexed else {}), "id": c.id, "type": "function",
+def tool_calls_json(calls: list[ToolCall], at: int | None = None) -> list[dict[str, Any]]:
+    """Calls as a message holds them; numbered from `at` as stream deltas carry them."""
+    return [{**({"index": at + i} if at is not None else {}), "id": c.id, "type": "function",
              "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
+
+
+def call_delta_json(delta: CallDelta) -> dict[str, Any]:
+    if delta.id:
+        return {"index": delta.index, "id": delta.id, "type": "function",
+                "function": {"name": delta.name, "arguments": delta.arguments}}
+    return {"index": delta.index, "function": {"arguments": delta.arguments}}
 
 
 def logprobs_json(logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:

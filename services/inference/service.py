@@ -53,15 +53,14 @@ def validate_messages(messages: Sequence[dict[str, Any]], prompt: str, structure
 
 
 async def with_tool_calls(chunks: AsyncIterator[Chunk], structure: Structure) -> AsyncIterator[Chunk]:
-    """Each choice's text split into content and tool calls; a choice that made calls finishes
-    with "tool_calls"."""
+    """Each choice's text split into content, tool calls and the pieces of calls being written; a
+    choice that made calls finishes with "tool_calls"."""
     parsers: dict[int, ToolCallParser] = {}
     async for chunk in chunks:
         parser = parsers.setdefault(chunk.index, ToolCallParser(structure))
-        chunk.text, chunk.tool_calls = parser.feed(chunk.text)
+        chunk.text, chunk.tool_calls, chunk.call_deltas = parser.feed(chunk.text)
         if chunk.finish_reason is not None:
-            rest, _ = parser.flush()
-            chunk.text += rest
+            chunk.text += parser.flush()
             if parser.calls and chunk.finish_reason == "stop":
                 chunk.finish_reason = "tool_calls"
         yield chunk

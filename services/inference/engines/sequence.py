@@ -20,7 +20,7 @@ from typing import Any
 from services.core.errors import DeadlineExceeded
 from services.core.structured import ToolCall
 from services.inference.metrics import token_timer
-from services.inference.structured import Grammar
+from services.inference.structured import CallDelta, Grammar
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class Chunk:
     index: int = 0  # the choice (n > 1)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed with this chunk
+    call_deltas: list[CallDelta] = field(default_factory=list)  # pieces of calls being written
 
 
 class StopMatcher:

@@ -73,6 +73,7 @@ def test_tool_turns_in_the_history_are_parsed_and_checked() -> None:
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "with a name"),
     ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"functions": [{"name": "a"}]}, "deprecated"),
+    ({"modalities": ["text", "audio"]}, "only text"),
 ])
 def test_bad_tools_and_formats_are_400_naming_the_field(fields: dict, words: str) -> None:
     with pytest.raises(InvalidArgument, match=words):
@@ -147,13 +148,14 @@ def test_templates_without_tools_get_them_in_the_system_message() -> None:
 
 
 # --- the call parser ----------------------------------------------------------------------------
-def feed_all(parser: ToolCallParser, pieces: list[str]) -> tuple[str, list[ToolCall]]:
+def feed_all(parser: ToolCallParser, pieces: list[str], deltas: list | None = None) -> tuple[str, list[ToolCall]]:
     text, calls = "", []
     for piece in pieces:
-        t, c = parser.feed(piece)
+        t, c, d = parser.feed(piece)
         text, calls = text + t, calls + c
-    rest, _ = parser.flush()
-    return text + rest, calls
+        if deltas is not None:
+            deltas += d
+    return text + parser.flush(), calls
 
 
 def test_calls_split_across_chunks_are_parsed_and_text_around_them_kept() -> None:
@@ -167,6 +169,20 @@ def test_calls_split_across_chunks_are_parsed_and_text_around_them_kept() -> Non
         assert [(c.name, json.loads(c.arguments)) for c in calls] == [
             ("get_weather", {"city": "Oslo", "unit": "c"}), ("get_time", {"tz": "CET"})]
         assert all(c.id.startswith("call_") and len(c.id) == 29 for c in calls) and calls[0].id != calls[1].id
+
+
+def test_a_call_streams_its_name_then_its_arguments_as_written() -> None:
+    raw = ('<tool_call>\n{ "name" : "get_weather", "arguments" :  { "city": "Os\\"lo}", "days": [1, {"a": 2}]} }\n'
+           '</tool_call><tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>')
+    for size in (1, 2, 5, len(raw)):
+        deltas: list = []
+        _, calls = feed_all(ToolCallParser(make_structure([WEATHER, CLOCK])), [raw[i:i + size] for i in range(0, len(raw), size)],
+                            deltas)
+        assert [(d.index, d.id, d.name) for d in deltas if d.id] == [(0, calls[0].id, "get_weather"), (1, calls[1].id, "get_time")]
+        for index, call in enumerate(calls):
+            assert "".join(d.arguments for d in deltas if d.index == index) == call.arguments
+        assert calls[0].arguments == '{ "city": "Os\\"lo}", "days": [1, {"a": 2}]}'
+        assert json.loads(calls[0].arguments) == {"city": 'Os"lo}', "days": [1, {"a": 2}]}
 
 
 def test_what_is_not_a_call_stays_text() -> None:
