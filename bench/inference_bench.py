@@ -22,7 +22,9 @@ llama.cpp version as Parley links), started here as `-np 8 -c 16384` on the same
   3. 8 conversations x 6 turns at once (interleaved): aggregate tok/s, TTFT p50 of turns 2-6
   4. 16 conversations x 6 turns at once: the same figures
   5. 8 concurrent streams whose answer must follow a JSON schema (response_format json_schema), and
-     8 whose answer must be a call of a tool (tool_choice required): the grammar's cost under load
+     8 whose answer must be a call of a tool (tool_choice required): the grammar's cost under load,
+     and the % of answers that follow the schema or call the tool with valid arguments (the first
+     tool-call delta counts as the first token)
 
 Conversations share one system prompt (~100 tokens), open with distinct questions and go on with
 short follow-ups, 48 tokens per answer. The two servers take turns pattern by pattern (never both
@@ -252,6 +254,7 @@ class Reply:
     ttft_ms: float
     tokens: int
     text: str
+    calls: tuple[tuple[str, str], ...] = ()  # (name, arguments) of the tool calls, assembled from the deltas
 
 
 async def stream_reply(client: AsyncOpenAI, messages: list[dict[str, str]], max_tokens: int,
@@ -260,6 +263,7 @@ async def stream_reply(client: AsyncOpenAI, messages: list[dict[str, str]], max_
     chunks. The first token is the first content or tool-call delta."""
     start = time.perf_counter()
     first, chunks, usage, text = 0.0, 0, None, []
+    calls: dict[int, list[str]] = {}
     stream = await client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,  # type: ignore[arg-type]
         stream_options={"include_usage": True}, **(extra or {}),
@@ -268,14 +272,40 @@ async def stream_reply(client: AsyncOpenAI, messages: list[dict[str, str]], max_
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
         for choice in chunk.choices:
-            if choice.delta.tool_calls:
+            for call in choice.delta.tool_calls or ():
                 first = first or time.perf_counter()
+                name, arguments = calls.setdefault(call.index, ["", ""])
+                function = call.function
+                calls[call.index] = [name + (function.name or "" if function else ""),
+                                     arguments + (function.arguments or "" if function else "")]
             if choice.delta.content:
                 first = first or time.perf_counter()
                 chunks += 1
                 text.append(choice.delta.content)
     first = first or time.perf_counter()  # an empty answer: its first token is its end
-    return Reply((first - start) * 1000, usage if usage is not None else chunks, "".join(text))
+    return Reply((first - start) * 1000, usage if usage is not None else chunks, "".join(text),
+                 tuple((n, a) for n, a in (calls[i] for i in sorted(calls))))
+
+
+def follows(pattern: Pattern, reply: Reply) -> bool:
+    """Whether a structured pattern's answer is what it asked for: JSON valid under the schema, or a
+    call of the tool whose arguments validate against its parameters."""
+    import jsonschema
+
+    try:
+        if "response_format" in pattern.extra:
+            jsonschema.validate(json.loads(reply.text), CUSTOMER)
+            return True
+        function = WEATHER_TOOL["function"]
+        if not reply.calls:
+            return False
+        for name, arguments in reply.calls:
+            if name != function["name"]:
+                return False
+            jsonschema.validate(json.loads(arguments), function["parameters"])
+        return True
+    except (ValueError, jsonschema.ValidationError):
+        return False
 
 
 async def conversation(client: AsyncOpenAI, pattern: Pattern, k: int, round_: int) -> list[Reply]:
@@ -291,19 +321,22 @@ async def conversation(client: AsyncOpenAI, pattern: Pattern, k: int, round_: in
     return replies
 
 
-async def drive(client: AsyncOpenAI, pattern: Pattern, round_: int) -> tuple[float, list[float]]:
-    """Every conversation of the pattern at once -> (aggregate tok/s, TTFTs of the counted turns in ms)."""
+async def drive(client: AsyncOpenAI, pattern: Pattern, round_: int) -> tuple[float, list[float], list[bool]]:
+    """Every conversation of the pattern at once -> (aggregate tok/s, TTFTs of the counted turns in ms, and
+    for a structured pattern whether each answer follows its schema or tool)."""
     start = time.perf_counter()
     runs = await asyncio.gather(*(conversation(client, pattern, k, round_) for k in range(pattern.conversations)))
     elapsed = time.perf_counter() - start
     counted = slice(1, None) if pattern.turns > 1 else slice(None)
     return (sum(r.tokens for replies in runs for r in replies) / elapsed,
-            [r.ttft_ms for replies in runs for r in replies[counted]])
+            [r.ttft_ms for replies in runs for r in replies[counted]],
+            [follows(pattern, r) for replies in runs for r in replies] if pattern.extra else [])
 
 
 async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: int
-                           ) -> dict[tuple[str, str], tuple[float, float]]:
-    """(pattern, server) -> (median aggregate tok/s over rounds, TTFT p50 ms over all counted turns).
+                           ) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """(pattern, server) -> (median aggregate tok/s over rounds, TTFT p50 ms over all counted turns, % of the
+    answers that follow the pattern's schema or tool).
     The servers take turns pattern by pattern, in an order that alternates each round; one warm-up
     request each is not counted."""
     # The SDK's default retries: llama-server's HTTP library closes a keep-alive connection after a few
@@ -311,19 +344,22 @@ async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: i
     clients = {s.name: AsyncOpenAI(base_url=s.base_url, api_key=s.api_key, max_retries=2, timeout=600) for s in servers}
     rates: dict[tuple[str, str], list[float]] = {}
     ttfts: dict[tuple[str, str], list[float]] = {}
+    valid: dict[tuple[str, str], list[bool]] = {}
     try:
         for client in clients.values():
             await stream_reply(client, [{"role": "user", "content": "Hi"}], 4)
         for round_ in range(rounds):
             for pattern in todo:
                 for server in servers[::-1] if round_ % 2 else servers:
-                    rate, samples = await drive(clients[server.name], pattern, round_)
+                    rate, samples, follow = await drive(clients[server.name], pattern, round_)
                     rates.setdefault((pattern.name, server.name), []).append(rate)
                     ttfts.setdefault((pattern.name, server.name), []).extend(samples)
+                    valid.setdefault((pattern.name, server.name), []).extend(follow)
     finally:
         for client in clients.values():
             await client.close()
-    return {key: (statistics.median(rates[key]), statistics.median(ttfts[key])) for key in rates}
+    return {key: (statistics.median(rates[key]), statistics.median(ttfts[key]),
+                  100 * sum(valid[key]) / len(valid[key]) if valid[key] else 100.0) for key in rates}
 
 
 def rss_mib(pid: int) -> float:
@@ -396,7 +432,7 @@ def inference_pid(stack: Stack) -> int:
 
 
 def measure_peers(stack: Stack, token: str, threads: int, binary: Path | None, todo: list[Pattern], rounds: int,
-                  log_dir: Path) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, float]]:
+                  log_dir: Path) -> tuple[dict[tuple[str, str], tuple[float, float, float]], dict[str, float]]:
     """The client patterns on Parley (through Envoy) and on llama-server when there is one -> figures, RSS MiB."""
     parley = Server("Parley", f"{stack.url}/v1", token, inference_pid(stack))
     with contextlib.ExitStack() as running:
@@ -407,7 +443,7 @@ def measure_peers(stack: Stack, token: str, threads: int, binary: Path | None, t
         return figures, {server.name: rss_mib(server.pid) for server in servers}
 
 
-def print_patterns(figures: dict[tuple[str, str], tuple[float, float]], rss: dict[str, float], todo: list[Pattern],
+def print_patterns(figures: dict[tuple[str, str], tuple[float, float, float]], rss: dict[str, float], todo: list[Pattern],
                    rounds: int, threads: int) -> None:
     peer = "llama-server" in rss
     print(f"\nClient patterns (openai SDK, streaming, greedy) — Parley through Envoy vs llama-server -np 8 -c 16384, "
@@ -429,6 +465,8 @@ def print_patterns(figures: dict[tuple[str, str], tuple[float, float]], rss: dic
         ttft = "TTFT p50 ms" if pattern.turns == 1 else f"TTFT p50 2-{pattern.turns}"
         row(pattern.name, "tok/s", ours[0], theirs[0] if theirs else None)
         row("", ttft, ours[1], theirs[1] if theirs else None)
+        if pattern.extra:
+            row("", "% valid", ours[2], theirs[2] if theirs else None)
     row("RSS after the patterns", "MiB", rss["Parley"], rss.get("llama-server"))
     if not peer:
         print(f"\nllama-server column skipped: no binary (--llama-server PATH, $PARLEY_BENCH_LLAMA_SERVER or "

@@ -34,7 +34,7 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
             "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength",
             "maxLength", "pattern", "format"}
-BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # enforced on integers only
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # whole-number bounds, on integers and numbers
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "readOnly", "writeOnly",
                "deprecated", "discriminator", "strict"}
 # JSON strings may not hold raw control characters: the converter's `char` allows them.
@@ -70,10 +70,10 @@ def check_schema(schema: Any, where: str) -> None:
         if key.startswith("x-") or key in ANNOTATIONS:
             continue
         if key in BOUNDS:
-            if schema.get("type") != "integer":
-                raise InvalidArgument(f"{where}: {key!r} is supported on integers only (\"type\": \"integer\")")
+            if schema.get("type") not in ("integer", "number"):
+                raise InvalidArgument(f"{where}: {key!r} is supported with \"type\": \"integer\" or \"number\"")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-                raise InvalidArgument(f"{where}.{key} must be an integer")
+                raise InvalidArgument(f"{where}.{key}: only whole-number bounds are supported, got {value!r}")
             continue
         if key not in ENFORCED:
             raise InvalidArgument(f"{where}: the JSON Schema keyword {key!r} is not supported "
@@ -137,15 +137,16 @@ def grammar_for(structure: Structure) -> Grammar | None:
 
 
 def _converter() -> Any:
-    """llama.cpp's JSON-schema converter, taught integer bounds (it ignores them)."""
+    """llama.cpp's JSON-schema converter, taught bounds on integers and numbers (it ignores them)."""
     from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
     class Converter(SchemaConverter):  # type: ignore[misc]
         def visit(self, schema: Any, name: str) -> str:
-            if isinstance(schema, dict) and schema.get("type") == "integer" and any(b in schema for b in BOUNDS):
-                low, high = integer_bounds(schema)
+            kind = schema.get("type") if isinstance(schema, dict) else None
+            if kind in ("integer", "number") and any(b in schema for b in BOUNDS):
+                rule = int_range(*integer_bounds(schema)) if kind == "integer" else number_range(schema)
                 rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
-                return self._add_rule(rule_name, f"( {int_range(low, high)[0]} ) space")
+                return self._add_rule(rule_name, f"( {rule[0]} ) space")
             return super().visit(schema, name)
 
     return Converter(prop_order={"name": 0, "arguments": 1}, allow_fetch=False, dotall=False, raw_pattern=False)
@@ -181,6 +182,55 @@ def int_range(low: int | None, high: int | None) -> tuple[str, str]:
     if high is None or high >= 0:
         add(_naturals(max(low or 0, 0), high))
     return " | ".join(gbnf), "|".join(f"(?:{r})" for r in regex)
+
+
+ANY_FRACTION = ('( "." [0-9]+ )?', r"(?:\.[0-9]+)?")
+ZERO_FRACTION = ('( "." "0"+ )?', r"(?:\.0+)?")
+SOME_FRACTION = ('"." [0-9]* [1-9] [0-9]*', r"\.[0-9]*[1-9][0-9]*")
+
+
+def number_range(schema: dict[str, Any]) -> tuple[str, str]:
+    """A GBNF expression and the same Python regex for JSON numbers (no exponent) within whole-number
+    bounds: `minimum`, `maximum` and their exclusive forms."""
+    low = (int(schema["minimum"]), False) if "minimum" in schema else None
+    if "exclusiveMinimum" in schema and (low is None or schema["exclusiveMinimum"] >= low[0]):
+        low = (int(schema["exclusiveMinimum"]), True)
+    high = (int(schema["maximum"]), False) if "maximum" in schema else None
+    if "exclusiveMaximum" in schema and (high is None or schema["exclusiveMaximum"] <= high[0]):
+        high = (int(schema["exclusiveMaximum"]), True)
+    parts: list[tuple[str, str]] = []
+    # v >= 0: its magnitude between max(low, 0) and high.
+    if high is None or high[0] > 0 or (high[0] == 0 and not high[1]):
+        bottom = (0, False) if low is None or low[0] < 0 else low
+        parts += _magnitudes(bottom, high, "")
+    # v < 0: "-" and a magnitude above 0 (or -high) up to -low.
+    if low is None or low[0] < 0:
+        bottom = (0, True) if high is None or high[0] >= 0 else (-high[0], high[1])
+        parts += _magnitudes(bottom, None if low is None else (-low[0], low[1]), "-")
+    if not parts:
+        raise InvalidArgument(f"no number lies between the bounds of {canonical_json(schema)}")
+    return " | ".join(f"( {g} )" for g, _ in parts), "|".join(f"(?:{r})" for _, r in parts)
+
+
+def _magnitudes(low: tuple[int, bool], high: tuple[int, bool] | None, sign: str) -> list[tuple[str, str]]:
+    """Decimals m (integer part I, fraction F) with low <= m <= high, each end (value, exclusive):
+    I strictly between the ends with any F, I at an exclusive low end with F above zero, I at an
+    inclusive high end with F zero."""
+    first = low[0] + 1 if low[1] else low[0]
+    last = None if high is None else high[0] - 1
+    spans = []
+    if last is None or first <= last:
+        spans.append((first, last, ANY_FRACTION))
+    if low[1] and (high is None or low[0] < high[0]):
+        spans.append((low[0], low[0], SOME_FRACTION))
+    if high is not None and not high[1] and (high[0] > low[0] or (high[0] == low[0] and not low[1])):
+        spans.append((high[0], high[0], ZERO_FRACTION))
+    lead = ('"-" ', "-") if sign else ("", "")
+    out = []
+    for start, end, fraction in spans:
+        g, r = _naturals(start, end)
+        out.append((f"{lead[0]}( {g} ) {fraction[0]}", f"{lead[1]}(?:{r}){fraction[1]}"))
+    return out
 
 
 def _naturals(low: int, high: int | None) -> tuple[str, str]:

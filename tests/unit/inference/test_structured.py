@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from fractions import Fraction
 
 import jsonschema
 import pytest
@@ -15,7 +16,8 @@ from services.core.structured import Structure, Tool, ToolCall, make_structure, 
 from services.inference import openai_compat
 from services.inference.service import SamplingInput
 from services.inference.structured import (
-    ToolCallParser, check_schema, grammar_for, int_range, integer_bounds, template_handles_tools, template_input,
+    ToolCallParser, check_schema, grammar_for, int_range, integer_bounds, number_range, template_handles_tools,
+    template_input,
 )
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -24,10 +26,12 @@ WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "m
 WEATHER = Tool("get_weather", "Current weather of a city", json.dumps(WEATHER_SCHEMA, sort_keys=True))
 CLOCK = Tool("get_time", "Time in a timezone", json.dumps({"type": "object", "properties": {
     "tz": {"type": "string", "maxLength": 12}}, "required": ["tz"]}))
-PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "pet", "rating"],
+PERSON = {"type": "object", "additionalProperties": False,
+          "required": ["name", "age", "tags", "pet", "rating", "score"],
           "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
                          "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
-                         "pet": {"$ref": "#/$defs/pet"}, "rating": {"type": "integer", "minimum": 1, "maximum": 5}},
+                         "pet": {"$ref": "#/$defs/pet"}, "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+                         "score": {"type": "number", "minimum": 0, "maximum": 1}},
           "$defs": {"pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]}}}
 
 
@@ -91,10 +95,11 @@ def test_a_tool_message_needs_its_call_id() -> None:
     ({"type": "array", "uniqueItems": True}, "uniqueItems"),
     ({"type": "object", "properties": {"a": {"not": {"type": "null"}}}}, "not"),
     ({"type": "object", "patternProperties": {"^x": {}}}, "patternProperties"),
-    ({"type": "number", "minimum": 1}, "minimum"),
+    ({"type": "string", "minimum": 1}, "minimum"),
+    ({"type": "number", "maximum": 0.5}, "maximum"),
 ])
 def test_keywords_the_grammar_cannot_enforce_are_refused_by_name(schema: dict, keyword: str) -> None:
-    with pytest.raises(InvalidArgument, match=f"'{keyword}' is (not supported|supported on integers only)"):
+    with pytest.raises(InvalidArgument, match=f"'{keyword}' is (not supported|supported with)|{keyword}: only whole"):
         check_schema(schema, "schema")
     with pytest.raises(InvalidArgument, match=keyword):
         grammar_for(make_structure([], format="json_schema", schema=json.dumps(schema)))
@@ -127,6 +132,26 @@ def test_integer_bounds_become_exact_digit_ranges(low: int | None, high: int | N
     assert integer_bounds({"type": "integer", "exclusiveMinimum": 3, "maximum": 9, "exclusiveMaximum": 7}) == (4, 6)
     with pytest.raises(InvalidArgument, match="no integer"):
         integer_bounds({"type": "integer", "minimum": 5, "maximum": 4})
+
+
+@pytest.mark.parametrize("bounds", [
+    {"minimum": 0}, {"minimum": 0, "maximum": 1}, {"exclusiveMinimum": 0}, {"maximum": 100},
+    {"minimum": -90, "maximum": 90}, {"exclusiveMinimum": -3, "exclusiveMaximum": 2}, {"maximum": -2},
+    {"exclusiveMaximum": -2}, {"minimum": 2, "exclusiveMaximum": 3}, {"exclusiveMaximum": 0}, {"minimum": -5, "maximum": -5},
+])
+def test_number_bounds_hold_for_every_decimal(bounds: dict) -> None:
+    _, pattern = number_range({"type": "number", **bounds})
+    matches = re.compile(f"(?:{pattern})").fullmatch
+    checks = {"minimum": lambda v, b: v >= b, "maximum": lambda v, b: v <= b,
+              "exclusiveMinimum": lambda v, b: v > b, "exclusiveMaximum": lambda v, b: v < b}
+    for i in range(-1300, 1301):
+        for fraction in ("", ".0", ".00", ".5", ".25", ".05", ".001", ".999"):
+            text = f"{'-' if i < 0 else ''}{abs(i) // 10}{fraction}"
+            value = Fraction(text)
+            if value == 0 and text.startswith("-"):
+                continue  # -0: either way
+            assert bool(matches(text)) == all(checks[k](value, b) for k, b in bounds.items()), text
+    assert not any(matches(junk) for junk in ("01", "1.", ".5", "00.5", "1e3", ""))
 
 
 # --- the prompt ---------------------------------------------------------------------------------
