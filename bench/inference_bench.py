@@ -21,7 +21,7 @@ llama.cpp version as Parley links), started here as `-np 8 -c 16384` on the same
   2. one conversation of 10 turns, each resending the whole history: TTFT p50 of turns 2-10, tok/s
   3. 8 conversations x 6 turns at once (interleaved): aggregate tok/s, TTFT p50 of turns 2-6
   4. 16 conversations x 6 turns at once: the same figures
-  5. 8 concurrent streams whose answer must follow a JSON schema (response_format json_schema), and
+  5. 8 concurrent streams (128 tokens) whose answer must follow a JSON schema (response_format json_schema), and
      8 whose answer must be a call of a tool (tool_choice required): the grammar's cost under load,
      and the % of answers that follow the schema or call the tool with valid arguments (the first
      tool-call delta counts as the first token)
@@ -243,9 +243,9 @@ def patterns(quick: bool) -> list[Pattern]:
             Pattern(f"1 conversation x {long} turns", 1, long, 48, chat=True),
             Pattern(f"8 conversations x {short} turns", 8, short, 48, chat=True),
             Pattern(f"16 conversations x {short} turns", 16, short, 48, chat=True),
-            Pattern("8 streams, json_schema", 8, 1, 64, chat=False, extra={"response_format": {
+            Pattern("8 streams, json_schema", 8, 1, 128, chat=False, extra={"response_format": {
                 "type": "json_schema", "json_schema": {"name": "customer", "strict": True, "schema": CUSTOMER}}}),
-            Pattern("8 streams, tool call", 8, 1, 64, chat=False, extra={
+            Pattern("8 streams, tool call", 8, 1, 128, chat=False, extra={
                 "tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False})]
 
 

@@ -28,6 +28,14 @@ MAX_TOOLS = 128
 MAX_SCHEMA_BYTES = 64 * 1024
 ROLES = ("system", "user", "assistant", "tool")
 _ID_ALPHABET = string.ascii_letters + string.digits
+# Keywords the grammar enforces, and annotations that constrain nothing; any other keyword gets a 400
+# naming it rather than being silently ignored.
+ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+            "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength",
+            "maxLength", "pattern", "format"}
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # whole-number bounds, on integers and numbers
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "readOnly", "writeOnly",
+               "deprecated", "discriminator", "strict"}
 
 
 @dataclass(frozen=True)
@@ -111,8 +119,48 @@ def make_structure(tools: Sequence[Tool], tool_choice: str = "", function: str =
                               else "a json_schema is only for response_format json_schema")
     if len(schema) > MAX_SCHEMA_BYTES:
         raise InvalidArgument(f"response_format.json_schema.schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    # Every service checks here, so a schema the grammar could not enforce is a 400 before anything
+    # is stored or queued.
+    for i, tool in enumerate(tools):
+        check_schema(tool.schema(), f"tools[{i}].function.parameters")
+    if schema:
+        check_schema(json.loads(schema), "response_format.json_schema.schema")
     return Structure(tools=tuple(tools), tool_choice=tool_choice, function=function,
                      parallel=True if parallel is None else parallel, format=format, schema=schema)
+
+
+def check_schema(schema: Any, where: str) -> None:
+    """INVALID_ARGUMENT naming the first keyword the grammar could not enforce."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise InvalidArgument(f"{where} must be a JSON Schema object")
+    for key, value in schema.items():
+        if key.startswith("x-") or key in ANNOTATIONS:
+            continue
+        if key in BOUNDS:
+            if schema.get("type") not in ("integer", "number"):
+                raise InvalidArgument(f"{where}: {key!r} is supported with \"type\": \"integer\" or \"number\"")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+                raise InvalidArgument(f"{where}.{key}: only whole-number bounds are supported, got {value!r}")
+            continue
+        if key not in ENFORCED:
+            raise InvalidArgument(f"{where}: the JSON Schema keyword {key!r} is not supported "
+                                  f"(supported: {', '.join(sorted(ENFORCED))})")
+        if key in ("properties", "$defs", "definitions"):
+            if not isinstance(value, dict):
+                raise InvalidArgument(f"{where}.{key} must be an object")
+            for name, sub in value.items():
+                check_schema(sub, f"{where}.{key}.{name}")
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            if not isinstance(value, list) or not value:
+                raise InvalidArgument(f"{where}.{key} must be a non-empty array")
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{where}.{key}[{i}]")
+        elif key in ("items", "additionalProperties"):
+            check_schema(value, f"{where}.{key}")
+        elif key == "$ref" and not (isinstance(value, str) and value.startswith("#/")):
+            raise InvalidArgument(f"{where}.$ref: only local references (#/...) are supported, got {value!r}")
 
 
 # --- the contract -------------------------------------------------------------------------------

@@ -26,17 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.core.errors import InvalidArgument
-from services.core.structured import Structure, Tool, ToolCall, canonical_json
+from services.core.structured import BOUNDS, Structure, Tool, ToolCall, canonical_json
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-# Keywords the grammar enforces, and annotations that constrain nothing; any other keyword gets a 400
-# naming it rather than being silently ignored.
-ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-            "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength",
-            "maxLength", "pattern", "format"}
-BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")  # whole-number bounds, on integers and numbers
-ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "readOnly", "writeOnly",
-               "deprecated", "discriminator", "strict"}
 # JSON strings may not hold raw control characters: the converter's `char` allows them.
 JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 
@@ -60,40 +52,6 @@ class Grammar:
 
 
 # --- JSON Schema -> grammar -----------------------------------------------------------------------
-def check_schema(schema: Any, where: str) -> None:
-    """INVALID_ARGUMENT naming the first keyword the grammar could not enforce."""
-    if isinstance(schema, bool):
-        return
-    if not isinstance(schema, dict):
-        raise InvalidArgument(f"{where} must be a JSON Schema object")
-    for key, value in schema.items():
-        if key.startswith("x-") or key in ANNOTATIONS:
-            continue
-        if key in BOUNDS:
-            if schema.get("type") not in ("integer", "number"):
-                raise InvalidArgument(f"{where}: {key!r} is supported with \"type\": \"integer\" or \"number\"")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-                raise InvalidArgument(f"{where}.{key}: only whole-number bounds are supported, got {value!r}")
-            continue
-        if key not in ENFORCED:
-            raise InvalidArgument(f"{where}: the JSON Schema keyword {key!r} is not supported "
-                                  f"(supported: {', '.join(sorted(ENFORCED))})")
-        if key in ("properties", "$defs", "definitions"):
-            if not isinstance(value, dict):
-                raise InvalidArgument(f"{where}.{key} must be an object")
-            for name, sub in value.items():
-                check_schema(sub, f"{where}.{key}.{name}")
-        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
-            if not isinstance(value, list) or not value:
-                raise InvalidArgument(f"{where}.{key} must be a non-empty array")
-            for i, sub in enumerate(value):
-                check_schema(sub, f"{where}.{key}[{i}]")
-        elif key in ("items", "additionalProperties"):
-            check_schema(value, f"{where}.{key}")
-        elif key == "$ref" and not (isinstance(value, str) and value.startswith("#/")):
-            raise InvalidArgument(f"{where}.$ref: only local references (#/...) are supported, got {value!r}")
-
-
 def grammar_for(structure: Structure) -> Grammar | None:
     """The grammar that enforces the structure, or None for free text."""
     if structure.plain:
@@ -104,16 +62,13 @@ def grammar_for(structure: Structure) -> Grammar | None:
         answer = None
         if structure.format != "text":
             schema = json.loads(structure.schema) if structure.format == "json_schema" else {"type": "object"}
-            check_schema(schema, "response_format.json_schema.schema")
             answer = converter.visit(converter.resolve_refs(schema, "response-format"), "answer")
         calls = None
         if structure.calls_tools:
             tools = [t for t in structure.tools if structure.tool_choice != "function" or t.name == structure.function]
             options = []
             for tool in tools:
-                parameters = tool.schema()
-                check_schema(parameters, f"tools[{structure.tools.index(tool)}].function.parameters")
-                options.append({"type": "object", "properties": {"name": {"const": tool.name}, "arguments": parameters},
+                options.append({"type": "object", "properties": {"name": {"const": tool.name}, "arguments": tool.schema()},
                                 "required": ["name", "arguments"]})
             call = converter.visit(converter.resolve_refs({"anyOf": options}, "tools"), "call")
             rules.append(f'tool-call ::= "{json.dumps(OPEN)[1:-1]}\\n" {call} "\\n{json.dumps(CLOSE)[1:-1]}"')

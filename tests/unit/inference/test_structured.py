@@ -12,11 +12,11 @@ import jsonschema
 import pytest
 
 from services.core.errors import InvalidArgument
-from services.core.structured import Structure, Tool, ToolCall, make_structure, validate_messages
+from services.core.structured import Structure, Tool, ToolCall, check_schema, make_structure, validate_messages
 from services.inference import openai_compat
 from services.inference.service import SamplingInput
 from services.inference.structured import (
-    ToolCallParser, check_schema, grammar_for, int_range, integer_bounds, number_range, template_handles_tools,
+    ToolCallParser, grammar_for, int_range, integer_bounds, number_range, template_handles_tools,
     template_input,
 )
 
