@@ -71,12 +71,13 @@ class GenerationService:
         self.registry = registry
         self.settings = settings
 
-    async def count_tokens(self, model_id: str, messages: Sequence[dict[str, Any]]) -> tuple[int, list[int], int]:
+    async def count_tokens(self, model_id: str, messages: Sequence[dict[str, Any]],
+                           structure: Structure = PLAIN) -> tuple[int, list[int], int]:
         validate_messages(messages, "")
         record = await self.registry.acquire(model_id)
         try:
             assert record.engine is not None
-            total, per_message = await asyncio.to_thread(record.engine.count_tokens, messages)
+            total, per_message = await asyncio.to_thread(record.engine.count_tokens, messages, structure)
             return total, per_message, record.engine.context_length
         finally:
             self.registry.done(record)

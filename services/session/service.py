@@ -245,7 +245,7 @@ class SessionService:
         await self.cache.check_rate_limit()
         content = request.content if request.content.strip() else ""
         results = [(r.tool_call_id, r.content) for r in request.tool_results]
-        messages = await self._prompt(session, content, results, model.id, params, metadata)
+        messages = await self._prompt(session, content, results, model.id, params, structure, metadata)
 
         stored = await asyncio.to_thread(
             self.store.start_turn, who.user_id, session.id, content, model.id,
@@ -275,7 +275,7 @@ class SessionService:
             yield event
 
     async def _prompt(self, session: SessionRecord, content: str, tool_results: Sequence[tuple[str, str]], model: str,
-                      params: inference_pb2.SamplingParams,
+                      params: inference_pb2.SamplingParams, structure: inference_pb2.StructuredOutput,
                       metadata: Sequence[tuple[str, str]]) -> list[inference_pb2.ChatMessage]:
         """The messages to send: system prompt, as much recent history as fits, the new turn (tool
         results, then the user's message). Tool results must answer open calls of the latest answer."""
@@ -291,7 +291,7 @@ class SessionService:
         turns += new
         counted = await self.inference.CountTokens(
             inference_pb2.CountTokensRequest(model=model, messages=[structured.message_to_proto(t.message())
-                                                                     for t in turns]),
+                                                                     for t in turns], structured=structure),
             metadata=metadata, timeout=CONTROL_TIMEOUT_SECONDS)
         context = counted.context_length
         reserve = params.max_tokens if params.HasField("max_tokens") else min(self.settings.answer_reserve_tokens, context // 4)

@@ -110,17 +110,16 @@ class Engine(ABC):
         chat, tools = template_input(messages, structure, self.native_tools)
         return self._tokenize(self._render(chat, tools=tools))
 
-    def count_tokens(self, messages: Sequence[dict[str, Any]]) -> tuple[int, list[int]]:
-        """Total tokens of the rendered chat and how many each message adds."""
+    def count_tokens(self, messages: Sequence[dict[str, Any]], structure: Structure = PLAIN) -> tuple[int, list[int]]:
+        """Total tokens of the prompt (with the tools offered, if any) and how many each message adds."""
         per_message = []
         previous = 0
-        messages, _ = template_input(messages, PLAIN, self.native_tools)
-        for i in range(1, len(messages) + 1):
-            n = len(self._tokenize(self._render(messages[:i], add_generation_prompt=False)))
+        chat, _ = template_input(messages, PLAIN, self.native_tools)
+        for i in range(1, len(chat) + 1):
+            n = len(self._tokenize(self._render(chat[:i], add_generation_prompt=False)))
             per_message.append(n - previous)
             previous = n
-        total = len(self._tokenize(self._render(messages)))
-        return total, per_message
+        return len(self.prompt_tokens(messages, None, structure)), per_message
 
     # --- generation ------------------------------------------------------------------------
     def check_sampling(self, sampling: Sampling) -> None:

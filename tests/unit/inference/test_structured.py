@@ -264,3 +264,12 @@ async def test_forced_calls_validate_against_their_tool(generation) -> None:
     assert choice["reason"] == "tool_calls" and len(choice["calls"]) == 1
     tool = {"get_weather": WEATHER, "get_time": CLOCK}[choice["calls"][0].name]
     jsonschema.validate(json.loads(choice["calls"][0].arguments), tool.schema())
+
+
+async def test_the_tools_offered_count_in_the_prompt(generation) -> None:
+    model, generation = generation
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"}]
+    plain, per_message, _ = await generation.count_tokens(model, messages)
+    offered, same, _ = await generation.count_tokens(model, messages, make_structure([WEATHER, CLOCK]))
+    assert same == per_message and offered > plain + 50
+    assert (await generation.count_tokens(model, messages, make_structure([WEATHER], "none")))[0] == plain

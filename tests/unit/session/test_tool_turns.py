@@ -4,6 +4,8 @@ comes back under a new id."""
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,8 @@ async def test_calls_are_streamed_stored_and_answered_next_turn(service: Session
     assert calls_of(events) == [CALL]
     assert events[-1].done.finish_reason == pb.FINISH_REASON_TOOL_CALLS
     assert inference.requests[0].structured.tool_choice_function == "get_weather"
+    # The history was fitted with the tools' description counted.
+    assert inference.counted[0].structured == inference.requests[0].structured
     asked = store.list_messages("alice", sid)[-1]
     assert (asked.role, asked.status, [c.id for c in asked.tool_calls]) == ("assistant", "complete", ["call_oslo"])
 
@@ -153,6 +157,8 @@ async def test_calls_are_streamed_stored_and_answered_next_turn(service: Session
     ({"tool_results": [session_pb2.ToolResult(tool_call_id="call_nope", content="x")]}, "'call_nope'"),
     ({"tool_results": [session_pb2.ToolResult(tool_call_id="call_oslo", content="x")] * 2}, "second time"),
     ({"content": "hi", "structured": pb.StructuredOutput(tool_choice="required")}, "needs tools"),
+    ({"content": "hi", "structured": pb.StructuredOutput(response_format="json_schema", json_schema=json.dumps(
+        {"type": "array", "uniqueItems": True}))}, "uniqueItems"),
 ])
 async def test_bad_tool_turns_are_invalid_and_store_nothing(service: SessionService, store: SqliteSessionStore,
                                                             inference: Inference, fields: dict, words: str) -> None:
