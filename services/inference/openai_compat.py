@@ -61,8 +61,11 @@ def _number(body: dict[str, Any], key: str, kind: type) -> Any:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and isinstance(value, float) and not value.is_integer()):
         raise InvalidArgument(f"{key} must be {'an integer' if kind is int else 'a number'}")
+    if isinstance(value, int) and abs(value) > 2**53:  # a 400-digit integer is no one's parameter
+        raise InvalidArgument(f"{key} is out of range")
     return kind(value)
 
 
@@ -71,6 +74,8 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         body = json.loads(data or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument("the request body nests too deeply") from None
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
     model = body.get("model", "")
@@ -147,7 +152,8 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     """One OpenAI message as the engine's dict: role, text content, tool calls or the call answered."""
     if not isinstance(message, dict):
         raise InvalidArgument(f"messages[{i}] must be an object")
-    role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+    role = message.get("role")
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
     if role not in ("system", "user", "assistant", "tool"):
         raise InvalidArgument(f"messages[{i}].role {message.get('role')!r} is not supported "
                               "(system, developer, user, assistant, tool)")

@@ -84,6 +84,16 @@ def test_bad_tools_and_formats_are_400_naming_the_field(fields: dict, words: str
         openai_compat.parse_request(body(**fields))
 
 
+@pytest.mark.parametrize("data", [
+    json.dumps({"model": "m", "messages": [{"role": ["user"], "content": "hi"}]}).encode(),
+    *(body(**{key: 10 ** 400}) for key in ("max_tokens", "max_completion_tokens", "temperature", "seed", "top_k", "n")),
+    b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+])
+def test_hostile_values_are_400_not_500(data: bytes) -> None:
+    with pytest.raises(InvalidArgument):
+        openai_compat.parse_request(data)
+
+
 def test_a_tool_message_needs_its_call_id() -> None:
     messages = [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]
     with pytest.raises(InvalidArgument, match=r"messages\[1\].tool_call_id"):
