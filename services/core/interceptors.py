@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from services.core.errors import ParleyError, status_of
+from services.core.errors import InvalidArgument, ParleyError, status_of
 
 log = logging.getLogger("parley.rpc")
 
@@ -31,9 +32,36 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, meth
     await context.abort(code, message)
 
 
+class Undecodable:
+    """What a request that does not parse becomes, so that its handler answers INVALID_ARGUMENT
+    (gRPC itself would answer UNKNOWN naming the parser's exception, which Envoy makes a 500)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def check(self) -> None:
+        words = "a text field is not valid UTF-8" if "UTF-8" in str(self.error) else "it is not a valid message"
+        raise InvalidArgument(f"the request could not be read: {words}")
+
+
+def _decoding(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return Undecodable(exc)
+
+    return decode
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, Undecodable):
+                request.check()
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -46,6 +74,8 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            if isinstance(request, Undecodable):
+                request.check()
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:
@@ -101,3 +131,14 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
 class ErrorMappingInterceptor(WrappingInterceptor):
     wrap_unary = staticmethod(_wrap_unary)
     wrap_stream = staticmethod(_wrap_stream)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        # The innermost interceptor: the interceptors around it pass its deserializer on unchanged.
+        handler = await super().intercept_service(continuation, handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        return handler._replace(request_deserializer=_decoding(handler.request_deserializer))

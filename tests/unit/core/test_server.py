@@ -112,3 +112,17 @@ def test_json_log_lines_carry_service_and_fields(capsys: pytest.CaptureFixture[s
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["service"] == "unit" and line["message"] == "hello" and line["model"] == "m" and line["level"] == "info"
     assert line["time"].endswith("Z")
+
+
+async def test_a_request_that_does_not_decode_is_invalid_argument() -> None:
+    """Envoy passes a path's bytes on as they came: `%ff` in a URL is invalid UTF-8 in a string field."""
+    behaviour = Behaviour()
+    behaviour.GetRateLimit = lambda request, context: cache_pb2.RateLimit()  # type: ignore[method-assign]
+    running = await _start(behaviour)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        raw = channel.unary_unary(f"/{NAME}/GetRateLimit")  # bytes in, bytes out
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await raw(b"\x0a\x02\xff\xfe")  # field 1 (user_id): the bytes ff fe
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert "UTF-8" in info.value.details() and "DecodeError" not in info.value.details()
+    await running.stop(0)
