@@ -93,12 +93,19 @@ def encode_cursor(kind: str, *values: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps([kind, *values]).encode()).decode().rstrip("=")
 
 
+CURSOR_SHAPES = {"s": ((int, float), str), "m": (int,)}  # sessions: (update time, id); messages: (seq,)
+
+
 def decode_cursor(token: str, kind: str) -> list[Any]:
+    """The values of a page token of this kind; a token crafted or cut by hand is INVALID_ARGUMENT."""
     try:
         decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not isinstance(decoded, list) or not decoded or decoded[0] != kind:
             raise ValueError(kind)
-        return decoded[1:]
+        values, shape = decoded[1:], CURSOR_SHAPES[kind]
+        if len(values) != len(shape) or any(isinstance(v, bool) or not isinstance(v, t) for v, t in zip(values, shape)):
+            raise ValueError(kind)
+        return values
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument("page_token is not valid here; pass the next_page_token of the previous page") from None
 

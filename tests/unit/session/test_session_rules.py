@@ -40,6 +40,11 @@ def test_bad_sampling_is_invalid_argument(params: pb.SamplingParams) -> None:
 def test_page_tokens_round_trip_and_reject_tampering() -> None:
     token = encode_cursor("s", 1700000000.5, "abc")
     assert decode_cursor(token, "s") == [1700000000.5, "abc"]
-    for bad in ("garbage!", encode_cursor("m", 3), "e30", ""):
+    for bad in ("garbage!", encode_cursor("m", 3), "e30", "", "WyJzIl0", encode_cursor("s", "x", "abc"),
+                encode_cursor("s", 1.5, "abc", 3)):
         with pytest.raises(InvalidArgument, match="page_token"):
             decode_cursor(bad, "s")
+    for bad in ("WyJtIiwiYWJjIl0", encode_cursor("m", True), encode_cursor("m")):  # ["m", "abc"], a bool, nothing
+        with pytest.raises(InvalidArgument, match="page_token"):
+            decode_cursor(bad, "m")
+    assert decode_cursor(encode_cursor("m", 7), "m") == [7]
