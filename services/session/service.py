@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import time
@@ -234,8 +235,11 @@ class SessionService:
             raise Aborted("an answer is already being generated in this session; wait for it or stop it first")
         self._running.add(session.id)
         try:
-            async for event in self._turn(who, session, request):
-                yield event
+            # Closing this stream closes the turn's own at once (not when it is garbage), so the
+            # answer is saved before the next turn may start.
+            async with contextlib.aclosing(self._turn(who, session, request)) as events:
+                async for event in events:
+                    yield event
         finally:
             self._running.discard(session.id)
 
@@ -278,8 +282,10 @@ class SessionService:
                                                                      cached=True))
             return
 
-        async for event in self._generate(answer, model.id, messages, structure, params, metadata, session.id, key):
-            yield event
+        async with contextlib.aclosing(self._generate(answer, model.id, messages, structure, params, metadata,
+                                                      session.id, key)) as events:
+            async for event in events:
+                yield event
 
     async def _prompt(self, session: SessionRecord, content: str, tool_results: Sequence[tuple[str, str]], model: str,
                       params: inference_pb2.SamplingParams, structure: inference_pb2.StructuredOutput,
@@ -335,8 +341,9 @@ class SessionService:
                     await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts),
                                             status=STATUS_INCOMPLETE, tool_calls=calls)
                     checkpoint = time.monotonic()
-        except asyncio.CancelledError:
-            # The client went away. Save synchronously: an await here could be cancelled again.
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: cancelled while waiting for inference, or closed while this
+            # waited at a `yield`. Save synchronously: an await here could be cancelled again.
             call.cancel()
             self.store.save_answer(answer.id, content="".join(parts), status=STATUS_INCOMPLETE,
                                    completion_tokens=len(parts), tool_calls=calls)

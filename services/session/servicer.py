@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -76,5 +77,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return session_pb2.ListMessagesResponse(messages=[message_pb(r) for r in rows], next_page_token=token)
 
     async def Chat(self, request: session_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[session_pb2.ChatResponse]:
-        async for event in self.service.chat(request):
-            yield event
+        async with contextlib.aclosing(self.service.chat(request)) as events:  # closed with this stream
+            async for event in events:
+                yield event

@@ -200,3 +200,20 @@ async def test_a_cached_call_is_replayed_under_a_new_id(service: SessionService,
     events = await turn(service, store.create_session("alice", title="", model="", system_prompt="", sampling={}).id,
                         "Weather in Oslo?", sampling=greedy)
     assert not events[-1].done.cached and calls_of(events) == []
+
+
+async def test_a_stream_closed_after_its_first_pieces_keeps_what_was_sent(service: SessionService,
+                                                                          store: SqliteSessionStore,
+                                                                          inference: Inference) -> None:
+    """The client goes away while the turn waits at a `yield` (gRPC closes the generator: GeneratorExit,
+    not CancelledError): the answer keeps every piece the client got."""
+    sid = store.create_session("alice", title="", model="", system_prompt="", sampling={}).id
+    inference.scripts.append([pb.GenerateResponse(text="Once upon"), pb.GenerateResponse(text=" a time"),
+                              pb.GenerateResponse(text=" there was", finish_reason=pb.FINISH_REASON_STOP, usage=USAGE)])
+    stream = service.chat(session_pb2.ChatRequest(session_id=sid, content="Tell me a story."))
+    got = [await anext(stream), await anext(stream), await anext(stream)]  # start, then two pieces
+    assert [e.delta.text for e in got[1:]] == ["Once upon", " a time"]
+    await stream.aclose()
+    answer = store.list_messages("alice", sid)[-1]
+    assert (answer.role, answer.content, answer.status) == ("assistant", "Once upon a time", "incomplete")
+    assert sid not in service._running  # the next turn may start
