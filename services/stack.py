@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.core import config
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 from services.gateway import envoy_config
 
 SERVICES = envoy_config.SERVICES
@@ -75,9 +77,7 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        popen = subprocess.Popen(
-            argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        popen = child_process(argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         process = Process(name, popen, log_path=self.log_dir / f"{name}.log")
         threading.Thread(target=self._pump, args=(process,), daemon=True).start()
         self.processes.append(process)
@@ -158,6 +158,24 @@ class Stack:
                 process.popen.wait()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel sends SIGTERM when the launcher dies, however it dies
+    (SIGKILL included), so no service outlives it and holds its port (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def child_process(argv: list[str], **options: object) -> subprocess.Popen[bytes]:
+    """A service process of the stack: its own session (a terminal's Ctrl-C reaches the launcher,
+    which stops the services in order) and bound to the launcher's life. The launcher's thread that
+    starts it must live as long as it does (the main thread does)."""
+    return subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent, **options)  # type: ignore[call-overload]
+
+
 def main() -> int:
     env = {"PARLEY_ALLOW_REGISTRATION": os.environ.get("PARLEY_ALLOW_REGISTRATION", "true")}
     try:
@@ -165,18 +183,21 @@ def main() -> int:
     except config.ConfigError as exc:
         print(f"parley: configuration error: {exc}", file=sys.stderr)
         return 2
-    stopping = threading.Event()
+    # A plain flag: the handler takes no lock. (A threading.Event deadlocked when make forwarded a
+    # second SIGTERM while the handler was inside Event.set for the first.)
+    stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
-        stopping.set()
+        nonlocal stopping
+        stopping = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     print(f"parley: starting auth, session, cache, inference and Envoy (data in {stack.common.data_dir})…", flush=True)
     try:
         stack.start()
         deadline = time.monotonic() + 600
-        while not stopping.is_set():
+        while not stopping:
             process = stack.dead()
             if process is not None:
                 print(f"parley: {stack.describe_death(process)}", file=sys.stderr, flush=True)
@@ -187,7 +208,7 @@ def main() -> int:
             elif deadline and time.monotonic() > deadline:
                 print(f"parley: not healthy after 600 s: {stack.health()}", file=sys.stderr, flush=True)
                 return 1
-            stopping.wait(0.25)
+            time.sleep(0.25)
         print("parley: stopping…", flush=True)
         return 0
     except StackError as exc:
