@@ -206,6 +206,10 @@ def _routes(hash_inference: bool = False) -> list[dict[str, Any]]:
             routes.append(
                 {"match": {"prefix": f"/{name}/"}, "route": {"cluster": service, "timeout": UNARY_TIMEOUT[service]}}
             )
+    for route in routes:
+        # Every API answer is someone's own and changes: tokens, keys, conversations. No cache keeps it.
+        route["response_headers_to_add"] = [{"header": {"key": "cache-control", "value": "no-store"},
+                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
     if hash_inference:
         # Requests without the header (e.g. OpenAI clients) get a random replica.
         for route in routes:
@@ -310,7 +314,14 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
         ],
         "local_reply_config": _local_reply_config(),
         "route_config": {"name": "parley", "virtual_hosts": [virtual_host],
-                         "max_direct_response_body_size_bytes": web_app.MAX_BODY_BYTES},
+                         "max_direct_response_body_size_bytes": web_app.MAX_BODY_BYTES,
+                         # Browsers take a reply's content type as given; Envoy's timing header says
+                         # nothing a client needs.
+                         "response_headers_to_add": [{"header": {"key": "x-content-type-options", "value": "nosniff"},
+                                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                         "response_headers_to_remove": ["x-envoy-upstream-service-time"]},
+        # No "server: envoy" on every reply.
+        "server_header_transformation": "PASS_THROUGH",
         "http_filters": [
             {
                 "name": "envoy.filters.http.cors",

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.stack import ROOT, Stack
-from tests.integration.conftest import stack_env
+from tests.integration.conftest import Caller, stack_env
 
 PUBLIC = {
     "auth": "parley.auth.v1.AuthService",
@@ -45,6 +45,19 @@ def test_grpc_error_becomes_json_with_http_status(base_url: str) -> None:
     assert response.status_code == 401
     body = response.json()
     assert body["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0] and body["message"]
+
+
+def test_api_replies_are_not_stored_sniffed_or_signed_by_envoy(base_url: str, user: Caller) -> None:
+    login = httpx.post(f"{base_url}/v1/auth/login", json={"username": user.username, "password": "Plenty-long-passphrase-42"})
+    me = httpx.get(f"{base_url}/v1/users/me", headers=user.headers)
+    failed = httpx.get(f"{base_url}/v1/users/me")
+    for reply in (login, me, failed):
+        assert reply.headers.get("cache-control") == "no-store", reply.headers
+        assert reply.headers.get("x-content-type-options") == "nosniff"
+        assert "server" not in reply.headers and "x-envoy-upstream-service-time" not in reply.headers
+    assert login.status_code == 200 and me.status_code == 200 and failed.status_code == 401
+    page = httpx.get(f"{base_url}/")  # the web app keeps its own caching rules
+    assert page.status_code == 200 and page.headers.get("cache-control") != "no-store"
 
 
 @pytest.mark.parametrize("service", sorted(PUBLIC))
