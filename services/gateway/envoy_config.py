@@ -68,7 +68,7 @@ local HEALTH_REQUEST = "\\0\\0\\0\\0\\0"
 -- OpenAI error types by HTTP status, for the OpenAI-compatible paths.
 local OPENAI_TYPES = {["400"] = "invalid_request_error", ["401"] = "authentication_error",
   ["403"] = "permission_error", ["404"] = "not_found_error", ["409"] = "conflict_error",
-  ["429"] = "rate_limit_error"}
+  ["413"] = "invalid_request_error", ["429"] = "rate_limit_error"}
 
 local function healthz(handle)
   local unhealthy = {}
@@ -117,7 +117,7 @@ function envoy_on_response(handle)
   end
   local body = handle:body()
   local text = body and body:getBytes(0, body:length()) or ""
-  local message = '"request failed"'
+  local message = status == "413" and '"the request body is larger than the gateway accepts"' or '"request failed"'
   local start = string.find(text, '"message":', 1, true)
   if start then
     local rest = string.sub(text, start + 10)

@@ -117,6 +117,14 @@ def test_errors_come_back_in_openai_shape(base_url: str, user: Caller, body: dic
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
 
 
+def test_a_body_too_large_is_413_in_openai_shape(base_url: str, user: Caller) -> None:
+    huge = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 3 * 2**20}]})
+    answer = httpx.post(f"{base_url}/v1/chat/completions", content=huge, timeout=60,
+                        headers={**user.headers, "content-type": "application/json"})
+    assert answer.status_code == 413
+    assert answer.json()["error"]["type"] == "invalid_request_error" and "larger" in answer.json()["error"]["message"]
+
+
 def test_invalid_json_body_is_400(base_url: str, user: Caller) -> None:
     response = httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json",
                           headers={"content-type": "application/json", **user.headers})
