@@ -177,7 +177,11 @@ def child_process(argv: list[str], **options: object) -> subprocess.Popen[bytes]
 
 
 def main() -> int:
-    env = {"PARLEY_ALLOW_REGISTRATION": os.environ.get("PARLEY_ALLOW_REGISTRATION", "true")}
+    env = {"PARLEY_ALLOW_REGISTRATION": os.environ.get("PARLEY_ALLOW_REGISTRATION", "true"),
+           # One person on their own machine: no per-user rate limits unless asked for (the
+           # Kubernetes config sets them).
+           "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE": os.environ.get("PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE", "0"),
+           "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE": os.environ.get("PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE", "0")}
     try:
         stack = Stack(env=env, echo=os.environ.get("PARLEY_ECHO_LOGS", "false").lower() == "true")
     except config.ConfigError as exc:
