@@ -65,6 +65,8 @@ GATEWAY_LUA = """
 local CLUSTERS = {%s}
 -- A grpc.health.v1 HealthCheckRequest for the whole server: an empty message, gRPC-framed.
 local HEALTH_REQUEST = "\\0\\0\\0\\0\\0"
+-- No id or page token comes near this; gRPC allows 8 KiB of metadata, the path included.
+local MAX_PATH_BYTES = 4096
 -- OpenAI error types by HTTP status, for the OpenAI-compatible paths.
 local OPENAI_TYPES = {["400"] = "invalid_request_error", ["401"] = "authentication_error",
   ["403"] = "permission_error", ["404"] = "not_found_error", ["409"] = "conflict_error",
@@ -97,6 +99,12 @@ end
 
 function envoy_on_request(handle)
   local path = handle:headers():get(":path") or ""
+  if #path > MAX_PATH_BYTES then
+    -- Longer paths overflow gRPC's metadata limit upstream (a random 429 without Retry-After).
+    handle:respond({[":status"] = "414", ["content-type"] = "application/json", ["cache-control"] = "no-store"},
+      '{"code":3,"message":"the URL is longer than ' .. MAX_PATH_BYTES .. ' bytes","details":[]}')
+    return
+  end
   if path == "/healthz" then
     healthz(handle)
   elseif string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1 then

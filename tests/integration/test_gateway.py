@@ -60,6 +60,13 @@ def test_api_replies_are_not_stored_sniffed_or_signed_by_envoy(base_url: str, us
     assert page.status_code == 200 and page.headers.get("cache-control") != "no-store"
 
 
+@pytest.mark.parametrize("path", ["/v1/sessions/{}", "/v1/sessions?page_token={}", "/v1/models/{}"])
+def test_a_path_too_long_is_414_every_time(base_url: str, user: Caller, path: str) -> None:
+    for size in (5_000, 12_000, 20_000):
+        answer = httpx.get(f"{base_url}{path.format('a' * size)}", headers=user.headers)
+        assert answer.status_code == 414 and "longer than 4096" in answer.json()["message"], answer.text
+
+
 @pytest.mark.parametrize("service", sorted(PUBLIC))
 def test_each_service_answers_health_and_reflection(stack: Stack, service: str) -> None:
     target = f"127.0.0.1:{stack.common.port_of(service)}"
