@@ -11,6 +11,7 @@ The cache service being down changes nothing but speed: see services.cache.clien
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -22,9 +23,11 @@ from services.core import structured
 from services.core.errors import ParleyError
 from services.core.sampling import to_proto as sampling_pb
 from services.inference import openai_compat
-from services.inference.engines.base import Usage
+from services.inference.engines.base import EngineError, Usage
 from services.inference.registry import ModelRegistry
 from services.inference.service import GenerationService
+
+log = logging.getLogger("parley.inference")
 
 CACHE_HEADER = "x-parley-cache"
 SSE = "text/event-stream"
@@ -52,6 +55,16 @@ class ChatCompletions:
     async def close(self) -> None:
         if self._background:
             await asyncio.wait(set(self._background), timeout=2)
+
+    @staticmethod
+    def _failure(exc: Exception) -> str:
+        """What a stream cut short by `exc` tells its client; a bug is logged and stays vague."""
+        if isinstance(exc, ParleyError):
+            return exc.message
+        if isinstance(exc, EngineError):
+            return str(exc)
+        log.error("a chat completion stream failed", exc_info=exc)
+        return "internal error"
 
     def _key(self, req: openai_compat.ChatCompletionRequest) -> cache_pb2.CompletionKey | None:
         if self.cache is None or not req.cacheable:
@@ -177,6 +190,12 @@ class ChatCompletions:
                             usage=pb.Usage(prompt_tokens=usage.prompt_tokens,
                                            completion_tokens=usage.completion_tokens,
                                            total_tokens=usage.total_tokens))))
+        except Exception as exc:
+            if writer is None or not req.stream:
+                raise  # nothing sent yet, or one JSON answer: the status says it
+            # The stream is under way (200 and its first chunks are out): it ends with OpenAI's error
+            # event, which the SDK raises as an APIError, instead of stopping without a word.
+            yield SSE, writer.error_event(self._failure(exc))
         finally:
             if self.cache is not None and writer is not None:
                 # A client that leaves early still pays for what was generated (about a token a piece).

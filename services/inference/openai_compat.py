@@ -342,4 +342,10 @@ class CompletionWriter:
         body["usage"] = usage_json(usage)
         return b"data: " + json.dumps(body).encode() + b"\n\n"
 
+    @staticmethod
+    def error_event(message: str) -> bytes:
+        """OpenAI's in-stream error: the SDK raises it as an APIError."""
+        body = {"error": {"message": message, "type": "server_error", "param": None, "code": "server_error"}}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
     DONE = b"data: [DONE]\n\n"

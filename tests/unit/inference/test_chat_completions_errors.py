@@ -1,0 +1,52 @@
+"""A chat completion stream that fails after its first chunks ends with OpenAI's error event (the
+SDK raises it as an APIError) rather than stopping without a word; before the first chunk, the
+failure stays a plain status."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from services.inference.chat_completions import ChatCompletions
+from services.inference.engines.base import Chunk, EngineError
+
+RECORD = SimpleNamespace(entry=SimpleNamespace(id="tiny", fingerprint=lambda: "1-2"))
+
+
+class Failing:
+    """Generation that yields `before` chunks, then raises."""
+
+    def __init__(self, before: int) -> None:
+        self.before = before
+
+    async def generate(self, *args: Any, **kwargs: Any):
+        for i in range(self.before):
+            yield RECORD, Chunk(text=f"piece{i} ")
+        raise EngineError("generation failed: llama_decode returned -3")
+
+
+async def run(before: int, stream: bool) -> list[tuple[str, bytes]]:
+    completions = ChatCompletions(Failing(before), registry=None, cache=None)  # type: ignore[arg-type]
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": stream}).encode()
+
+    async def mark(value: str) -> None:
+        pass
+
+    return [part async for part in completions.create(body, None, mark)]
+
+
+async def test_a_stream_that_fails_midway_ends_with_an_error_event() -> None:
+    parts = await run(before=2, stream=True)
+    events = [json.loads(data[len(b"data: "):]) for _, data in parts]
+    assert [e["choices"][0]["delta"].get("content") for e in events[1:3]] == ["piece0 ", "piece1 "]
+    assert events[-1] == {"error": {"message": "generation failed: llama_decode returned -3", "type": "server_error",
+                                    "param": None, "code": "server_error"}}
+
+
+@pytest.mark.parametrize("before, stream", [(0, True), (2, False)])
+async def test_before_the_first_chunk_or_without_a_stream_the_failure_is_the_status(before: int, stream: bool) -> None:
+    with pytest.raises(EngineError):
+        await run(before, stream)
