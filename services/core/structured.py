@@ -27,6 +27,7 @@ FORMATS = ("text", "json_object", "json_schema")
 MAX_TOOLS = 128
 MAX_SCHEMA_BYTES = 64 * 1024
 ROLES = ("system", "user", "assistant", "tool")
+MAX_MESSAGES = 4096  # checked before anything renders them
 _ID_ALPHABET = string.ascii_letters + string.digits
 # Keywords the grammar enforces, and annotations that constrain nothing; any other keyword gets a 400
 # naming it rather than being silently ignored.
@@ -223,6 +224,8 @@ def calls_from_proto(calls: Iterable[pb.ToolCall]) -> list[ToolCall]:
 
 def validate_messages(messages: Sequence[dict[str, Any]]) -> None:
     """Roles, and that each tool message answers a call made earlier in the chat."""
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}")
     called: set[str] = set()
     for i, message in enumerate(messages):
         role = message.get("role")

@@ -13,6 +13,7 @@ import pytest
 
 from services.core import config
 from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.inference.engines.base import EXACT_COUNT_MESSAGES
 from services.inference.hardware import probe
 from services.inference.registry import BUNDLED, CatalogueEntry, ModelRegistry
 from services.inference.service import GenerationService, SamplingInput
@@ -149,6 +150,21 @@ async def test_count_tokens_matches_the_prompt(tmp_path: Path) -> None:
     _, last = await collect(generation, MODEL, "x", max_tokens=1)  # warm
     engine = registry.get(MODEL).engine
     assert total == len(engine.prompt_tokens(messages, None))
+    await registry.close()
+
+
+async def test_long_chats_are_counted_in_linear_time_and_add_up(tmp_path: Path) -> None:
+    registry, generation = make_registry(tmp_path)
+    chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message number {i} " * (1 + i % 3)}
+            for i in range(EXACT_COUNT_MESSAGES + 40)]
+    total, shares, _ = await generation.count_tokens(MODEL, chat)
+    engine = registry.get(MODEL).engine
+    rendered = len(engine._tokenize(engine._render(chat, add_generation_prompt=False)))
+    assert sum(shares) == rendered and total == len(engine.prompt_tokens(chat, None)) and all(n > 0 for n in shares)
+    _, exact, _ = await generation.count_tokens(MODEL, chat[:EXACT_COUNT_MESSAGES])  # rendered prefix by prefix
+    assert all(abs(a - b) <= 3 for a, b in zip(exact[1:], shares[1:EXACT_COUNT_MESSAGES])), (exact, shares)
+    with pytest.raises(InvalidArgument, match="at most 4096 messages"):
+        await generation.count_tokens(MODEL, [{"role": "user", "content": "x"}] * 4097)
     await registry.close()
 
 
