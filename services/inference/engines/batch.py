@@ -47,11 +47,11 @@ MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
 # idle conversations slowed a single stream from ~110 to ~87 tok/s. Idle conversations beyond this
 # many cells are parked in host RAM, from where their next turn restores them in milliseconds.
 WARM_IDLE_CELLS = 512
-PARK_AFTER_SECONDS = 1.0
+PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
 SWITCH_INTERVAL_SECONDS = 0.0005
 # Grammar sampling checks this many best tokens, then this many, before it masks the whole vocabulary.
 SHORTLISTS = (256, 4096)
-TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data  # a conversation between two quick turns stays where it is
+TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data
 
 
 @dataclass
