@@ -32,6 +32,7 @@ log = logging.getLogger("parley.inference")
 CACHE_HEADER = "x-parley-cache"
 SSE = "text/event-stream"
 JSON = "application/json"
+# The engine's finish reasons as the contract names them (the Generate RPC and cached answers).
 REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "cancelled": pb.FINISH_REASON_CANCELLED, "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 REASON_NAMES = {v: k for k, v in REASONS.items()}

@@ -23,8 +23,6 @@ STATES = {
     "ready": pb.MODEL_STATE_READY,
     "failed": pb.MODEL_STATE_FAILED,
 }
-FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED,
-          "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 
 
 def model_pb(record: ModelRecord) -> pb.Model:
@@ -88,7 +86,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             if chunk.finish_reason is None:
                 yield pb.GenerateResponse(text=chunk.text, tool_calls=calls)
             else:
-                yield pb.GenerateResponse(text=chunk.text, finish_reason=FINISH[chunk.finish_reason],
+                yield pb.GenerateResponse(text=chunk.text, finish_reason=chat_completions.REASONS[chunk.finish_reason],
                                           usage=usage_pb(chunk.usage), tool_calls=calls)
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
