@@ -202,7 +202,7 @@ def _schema_text(text: str, field_name: str) -> str:
 def message_from_proto(m: pb.ChatMessage) -> dict[str, Any]:
     message: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.tool_calls:
-        message["tool_calls"] = [ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls]
+        message["tool_calls"] = calls_from_proto(m.tool_calls)
     if m.tool_call_id:
         message["tool_call_id"] = m.tool_call_id
     return message
@@ -220,6 +220,11 @@ def calls_to_proto(calls: Iterable[ToolCall]) -> list[pb.ToolCall]:
 
 def calls_from_proto(calls: Iterable[pb.ToolCall]) -> list[ToolCall]:
     return [ToolCall(c.id, c.name, c.arguments) for c in calls]
+
+
+def replayed_calls(calls: Iterable[pb.ToolCall]) -> list[ToolCall]:
+    """A cached answer's calls under new ids: an id names one call of one answer."""
+    return [ToolCall(ToolCall.new_id(), c.name, c.arguments) for c in calls]
 
 
 def validate_messages(messages: Sequence[dict[str, Any]]) -> None:

@@ -110,8 +110,7 @@ class ChatCompletions:
         usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                       cached_prompt_tokens=u.prompt_tokens)
         reason = REASON_NAMES.get(cached.finish_reason, "stop")
-        # Ids name one call of one answer: a replayed answer's calls get new ones.
-        calls = [structured.ToolCall(structured.ToolCall.new_id(), c.name, c.arguments) for c in cached.tool_calls]
+        calls = structured.replayed_calls(cached.tool_calls)
         writer = openai_compat.CompletionWriter(key.model, key.model_fingerprint)
         if not req.stream:
             return [(JSON, writer.complete([openai_compat.ChoiceResult(cached.text, reason, tool_calls=calls)], usage))]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import InvalidArgument
-from services.core.structured import PLAIN, Structure, Tool, ToolCall, canonical_json, make_structure
+from services.core.structured import PLAIN, ROLES, Structure, Tool, ToolCall, canonical_json, make_structure
 from services.inference.engines.base import TokenLogprob, Usage
 from services.inference.service import SamplingInput
 from services.inference.structured import CallDelta
@@ -154,7 +154,7 @@ def _message(message: Any, i: int) -> dict[str, Any]:
         raise InvalidArgument(f"messages[{i}] must be an object")
     role = message.get("role")
     role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
-    if role not in ("system", "user", "assistant", "tool"):
+    if role not in ROLES:
         raise InvalidArgument(f"messages[{i}].role {message.get('role')!r} is not supported "
                               "(system, developer, user, assistant, tool)")
     out: dict[str, Any] = {"role": role, "content": _content_text(message.get("content"), i)}

@@ -270,8 +270,7 @@ class SessionService:
                                       sampling=params, structured=structure)
         hit = await self.cache.lookup(key)
         if hit is not None:
-            # Ids are per answer: a replayed call gets a fresh one, as a generated call would.
-            calls = [ToolCall(ToolCall.new_id(), c.name, c.arguments) for c in hit.tool_calls]
+            calls = structured.replayed_calls(hit.tool_calls)
             await asyncio.to_thread(self.store.save_answer, answer.id, content=hit.text, status=STATUS_COMPLETE,
                                     prompt_tokens=hit.usage.prompt_tokens, completion_tokens=hit.usage.completion_tokens,
                                     tool_calls=calls)
