@@ -19,6 +19,7 @@ from services.inference.structured import (
     ToolCallParser, grammar_for, int_range, integer_bounds, number_range, template_handles_tools,
     template_input,
 )
+from tests.unit.inference.test_batch_engine import MODEL, engine  # noqa: F401 - a fixture
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                    "unit": {"enum": ["c", "f"]}},
@@ -233,15 +234,7 @@ def test_what_is_not_a_call_stays_text() -> None:
     assert text == "" and len(calls) == 1
 
 
-# --- with the real model ------------------------------------------------------------------------
-@pytest.fixture
-async def generation():
-    from tests.unit.inference.test_batch_engine import MODEL, make
-
-    registry, generation = make()
-    await registry.load(MODEL)
-    yield MODEL, generation
-    await registry.close()
+# --- with the real model (test_batch_engine's `engine` fixture: the bundled model, loaded) --------
 
 
 async def collect(generation, model: str, structure: Structure, n: int = 1, **sampling) -> list[dict]:
@@ -254,32 +247,32 @@ async def collect(generation, model: str, structure: Structure, n: int = 1, **sa
     return choices
 
 
-async def test_json_schema_output_validates_for_every_choice(generation) -> None:
-    model, generation = generation
+async def test_json_schema_output_validates_for_every_choice(engine) -> None:
+    _, generation = engine
     structure = make_structure([], format="json_schema", schema=json.dumps(PERSON))
-    for choice in await collect(generation, model, structure, n=2, max_tokens=200, temperature=1.0, seed=7):
+    for choice in await collect(generation, MODEL, structure, n=2, max_tokens=200, temperature=1.0, seed=7):
         assert choice["reason"] == "stop", choice
         jsonschema.validate(json.loads(choice["text"]), PERSON)
 
 
-async def test_forced_calls_validate_against_their_tool(generation) -> None:
-    model, generation = generation
+async def test_forced_calls_validate_against_their_tool(engine) -> None:
+    _, generation = engine
     named = make_structure([WEATHER, CLOCK], "function", "get_weather", parallel=False)
-    [choice] = await collect(generation, model, named, max_tokens=80, temperature=0)
+    [choice] = await collect(generation, MODEL, named, max_tokens=80, temperature=0)
     assert choice["reason"] == "tool_calls" and choice["text"] == "" and len(choice["calls"]) == 1
     assert choice["calls"][0].name == "get_weather"
     jsonschema.validate(json.loads(choice["calls"][0].arguments), WEATHER_SCHEMA)
-    [choice] = await collect(generation, model, make_structure([WEATHER, CLOCK], "required", parallel=False),
+    [choice] = await collect(generation, MODEL, make_structure([WEATHER, CLOCK], "required", parallel=False),
                              max_tokens=80, temperature=0.8, seed=3)
     assert choice["reason"] == "tool_calls" and len(choice["calls"]) == 1
     tool = {"get_weather": WEATHER, "get_time": CLOCK}[choice["calls"][0].name]
     jsonschema.validate(json.loads(choice["calls"][0].arguments), tool.schema())
 
 
-async def test_the_tools_offered_count_in_the_prompt(generation) -> None:
-    model, generation = generation
+async def test_the_tools_offered_count_in_the_prompt(engine) -> None:
+    _, generation = engine
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"}]
-    plain, per_message, _ = await generation.count_tokens(model, messages)
-    offered, same, _ = await generation.count_tokens(model, messages, make_structure([WEATHER, CLOCK]))
+    plain, per_message, _ = await generation.count_tokens(MODEL, messages)
+    offered, same, _ = await generation.count_tokens(MODEL, messages, make_structure([WEATHER, CLOCK]))
     assert same == per_message and offered > plain + 50
-    assert (await generation.count_tokens(model, messages, make_structure([WEATHER], "none")))[0] == plain
+    assert (await generation.count_tokens(MODEL, messages, make_structure([WEATHER], "none")))[0] == plain
