@@ -21,6 +21,10 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed"
                    "presence_penalty", "frequency_penalty")
 
 
+# Answers that ended by themselves or at max_tokens are the request's answer; a cancelled one is not.
+COMPLETE = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH, inference_pb2.FINISH_REASON_TOOL_CALLS)
+
+
 def is_deterministic(sampling: inference_pb2.SamplingParams) -> bool:
     """Greedy decoding (temperature explicitly 0) or an explicit seed: the same request gives the
     same text. An unset temperature means the model's default (> 0), so it does not count."""

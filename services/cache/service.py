@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 
 from parley.cache.v1 import cache_pb2
-from parley.inference.v1 import inference_pb2
 
 from services.cache import keys, metrics
 from services.cache.backends import ENTRY_PREFIX, Backend, BackendUnavailable, EntryStats, RedisBackend
@@ -18,8 +17,6 @@ from services.cache.settings import CacheSettings
 from services.core.errors import Unavailable
 
 log = logging.getLogger("parley.cache")
-# Answers that ended by themselves or at max_tokens; a cancelled one is not the answer to the request.
-COMPLETE = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH, inference_pb2.FINISH_REASON_TOOL_CALLS)
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class ResponseCache:
         backend is unavailable."""
         if keys.cacheable(key) is not None:
             return False
-        if completion.finish_reason not in COMPLETE:
+        if completion.finish_reason not in keys.COMPLETE:
             return False
         value = completion.SerializeToString()
         if len(value) > self.settings.cache_max_entry_bytes:

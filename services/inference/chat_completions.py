@@ -18,6 +18,7 @@ from typing import Any
 from parley.cache.v1 import cache_pb2
 from parley.inference.v1 import inference_pb2 as pb
 
+from services.cache import keys
 from services.cache.client import CacheClient
 from services.core import structured
 from services.core.errors import ParleyError
@@ -183,7 +184,7 @@ class ChatCompletions:
                     else:
                         yield JSON, writer.complete(choices, usage)
                     reason = choices[0].finish_reason
-                    if key is not None and self.cache is not None and reason in ("stop", "length", "tool_calls"):
+                    if key is not None and self.cache is not None and REASONS.get(reason) in keys.COMPLETE:
                         self._later(self.cache.store(key, cache_pb2.CachedCompletion(
                             text=choices[0].text, finish_reason=REASONS[reason],
                             tool_calls=structured.calls_to_proto(choices[0].tool_calls),

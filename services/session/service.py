@@ -31,6 +31,7 @@ from parley.cache.v1 import cache_pb2
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 from parley.session.v1 import session_pb2
 
+from services.cache import keys
 from services.cache.client import CacheClient
 from services.core import sampling as sampling_rules
 from services.core import structured
@@ -370,7 +371,7 @@ class SessionService:
                                 tool_calls=calls)
         # Bookkeeping runs beside the stream: a client that leaves right after `done` must not skip it.
         self._in_background(self.cache.record_usage(last.usage.total_tokens))
-        if status == STATUS_COMPLETE:
+        if last.finish_reason in keys.COMPLETE:
             self._in_background(self.cache.store(key, cache_pb2.CachedCompletion(
                 text=text, finish_reason=last.finish_reason, usage=last.usage,
                 tool_calls=structured.calls_to_proto(calls))))
