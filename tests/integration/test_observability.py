@@ -274,7 +274,14 @@ def test_without_envoy_tracing_a_clients_traceparent_is_continued(stack: Stack, 
     answer = httpx.post(f"{stack.url}/v1/chat/completions", headers=headers, timeout=120, json={
         "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
     assert answer.status_code == 200, answer.text
-    lines = [json.loads(raw) for raw in Path(stack.log_dir, "inference.log").read_text().splitlines()
-             if trace_id in raw]
-    assert [(e["message"], e["method"]) for e in lines if e["message"] == "rpc"] == [
+
+    def rpc_lines() -> list[dict[str, Any]]:
+        return [entry for entry in (json.loads(raw) for raw in Path(stack.log_dir, "inference.log").read_text().splitlines()
+                                    if trace_id in raw) if entry["message"] == "rpc"]
+
+    # The rpc line is written once the call has ended, which can be just after the client has the answer.
+    deadline = time.monotonic() + 5
+    while not rpc_lines() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(e["message"], e["method"]) for e in rpc_lines()] == [
         ("rpc", "/parley.inference.v1.InferenceService/CreateChatCompletion")]
