@@ -3,11 +3,14 @@
   (a) llama-cpp-python called directly in this process (the baseline)
   (b) the inference service's gRPC Generate stream
   (c) Envoy's REST path, /v1/chat/completions with stream=true (SSE)
-  (d) a saved conversation's turn, POST /v1/sessions/{id}:chat (SSE): session stores both messages,
-      counts the history's tokens and asks the cache before inference generates
+  (d) a saved conversation's turn, POST /v1/sessions/{id}:chat (SSE): session reads the history and
+      stores both messages around one Generate call, which checks the rate limit and the response
+      cache and fits the history to the context window before the engine runs
 
-plus the time to the whole answer of a deterministic turn served from the response cache. Every
-figure is printed as a ratio against (a). The paths take turns within each round, so that a slow
+plus the time to the whole answer of a deterministic turn served from the response cache, and one
+conversation of 60 short turns, as a saved session and through /v1/chat/completions (TTFT of turns
+2-6 against the last five: a turn must not get slower as the conversation grows). Every figure of
+(a)-(d) is printed as a ratio against (a). The paths take turns within each round, so that a slow
 spell of this shared machine weighs on all of them alike. Every request gets a distinct prompt, so no
 path is helped by a fully cached prompt; all paths may reuse the shared chat-template prefix, as
 llama-cpp-python does.
@@ -172,8 +175,8 @@ def session_path(http: httpx.Client, url: str) -> Run:
     """A deterministic turn in a new session (a cached answer arrives as one delta)."""
 
     def run(i: int) -> tuple[float, list[float]]:
-        start = time.perf_counter()  # creating the session is part of the turn's cost
         sid = http.post(f"{url}/v1/sessions", json={}).json()["id"]
+        start = time.perf_counter()
         stamps = []
         body = {"content": prompt(i), "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0}}
         with http.stream("POST", f"{url}/v1/sessions/{sid}:chat", json=body) as response:
@@ -183,6 +186,52 @@ def session_path(http: httpx.Client, url: str) -> Run:
         return start, stamps
 
     return run
+
+
+def first_delta(response: httpx.Response, key: Callable[[dict], Any]) -> tuple[float, str]:
+    """When the first text of an SSE answer arrived, and the whole text."""
+    first, parts = 0.0, []
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            text = key(json.loads(line[6:]))
+            if text:
+                first = first or time.perf_counter()
+                parts.append(text)
+    return first, "".join(parts)
+
+
+def long_conversation(http: httpx.Client, url: str, turns: int) -> dict[str, list[float]]:
+    """One conversation of `turns` short turns (8-token answers, greedy) as a saved session and, with
+    the same questions, through /v1/chat/completions resending the history: TTFT (ms) of each turn."""
+    question = "Turn {}: name one colour, in one word."
+    sampling = {"max_tokens": 8, "temperature": 0}
+    ttfts: dict[str, list[float]] = {"session turn": [], "OpenAI path": []}
+    sid = http.post(f"{url}/v1/sessions", json={"system_prompt": SYSTEM_PROMPT}).json()["id"]
+    for k in range(turns):
+        start = time.perf_counter()
+        with http.stream("POST", f"{url}/v1/sessions/{sid}:chat",
+                         json={"content": question.format(k + 1), "sampling": sampling}) as response:
+            first, _ = first_delta(response, lambda e: e.get("delta", {}).get("text"))
+        ttfts["session turn"].append((first - start) * 1000)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for k in range(turns):
+        messages.append({"role": "user", "content": question.format(turns + k + 1)})
+        start = time.perf_counter()
+        with http.stream("POST", f"{url}/v1/chat/completions",
+                         json={"model": MODEL, "messages": messages, "stream": True, **sampling}) as response:
+            first, text = first_delta(response, lambda e: (e["choices"] or [{}])[0].get("delta", {}).get("content"))
+        ttfts["OpenAI path"].append((first - start) * 1000)
+        messages.append({"role": "assistant", "content": text})
+    return ttfts
+
+
+def print_long_conversation(ttfts: dict[str, list[float]]) -> None:
+    turns = len(next(iter(ttfts.values())))
+    print(f"\nOne conversation of {turns} turns (8-token answers): TTFT p50 in ms, early turns against the last five\n")
+    print(f"{'path':16} {'turns 2-6':>10} {f'turns {turns - 4}-{turns}':>12} {'ratio':>7}   (target: session <= 1.1)")
+    for name, values in ttfts.items():
+        early, late = statistics.median(values[1:6]), statistics.median(values[-5:])
+        print(f"{name:16} {early:10.1f} {late:12.1f} {late / early:7.2f}")
 
 
 def interleaved(paths: dict[str, Run], runs: int) -> dict[str, tuple[float, float]]:
@@ -486,10 +535,13 @@ def main() -> None:
                              f"{DEFAULT_LLAMA_SERVER} when it exists)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, fewer turns")
     parser.add_argument("--log-dir", default=None, help="keep the services' and llama-server's logs here")
+    parser.add_argument("--turns", type=int, default=None,
+                        help="turns of the long conversation (default 60, 12 with --quick; 0 skips it)")
     parser.add_argument("--only", default=None, metavar="TEXT",
                         help="only the client patterns whose name contains TEXT (e.g. 'json'); skips the paths (a)-(d)")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 5)
+    turns = args.turns if args.turns is not None else (12 if args.quick else 60)
     rounds = args.rounds or (1 if args.quick else 3)
     todo = [p for p in patterns(args.quick) if args.only is None or args.only in p.name]
     if not todo:
@@ -520,10 +572,13 @@ def main() -> None:
             threads = int(hardware["threads"])
             measured: dict[str, tuple[float, float]] = {}
             cached_ms = 0.0
+            conversation: dict[str, list[float]] = {}
             with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel, \
                     httpx.Client(timeout=120, headers=bearer(token)) as http:
                 if args.only is None:
                     measured, cached_ms = measure_paths(channel, http, stack.url, token, threads, context, runs)
+                    if turns:
+                        conversation = long_conversation(http, stack.url, turns)
             figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
         finally:
             stack.stop()
@@ -536,6 +591,10 @@ def main() -> None:
             print(f"{name:34} {decode:12.1f} {decode / direct[0]:7.3f} {ttft:9.1f} {ttft / direct[1]:7.3f}")
         print(f"\n{'cached deterministic turn (d)':34} {cached_ms:9.1f} ms to the whole answer "
               f"({cached_ms / direct[1]:.3f} of (a)'s TTFT)")
+        for name, target in (("(c) Envoy REST SSE", 3), ("(d) session chat turn SSE", 5)):
+            print(f"{name + ' TTFT - (a) TTFT':34} {measured[name][1] - direct[1]:+9.1f} ms (target: <= +{target} ms)")
+    if conversation:
+        print_long_conversation(conversation)
     print_patterns(figures, rss, todo, rounds, threads)
 
 

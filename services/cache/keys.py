@@ -53,6 +53,8 @@ def canonical(key: cache_pb2.CompletionKey, scope: str = "") -> dict[str, Any]:
     if key.HasField("structured") and key.structured.ByteSize():
         # Tools in the order given (it is the order the prompt lists them in).
         form["structured"] = json_format.MessageToDict(key.structured, preserving_proto_field_name=True)
+    if key.HasField("fit"):
+        form["fit"] = {"keep_last": key.fit.keep_last, "reserve_tokens": key.fit.reserve_tokens}
     if scope:
         form["scope"] = scope
     return form

@@ -29,6 +29,11 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, meth
     retry_after = getattr(exc, "retry_after", None) if isinstance(exc, ParleyError) else None
     if retry_after is not None:
         context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(retry_after)))),))
+    elif isinstance(exc, grpc.aio.AioRpcError):
+        # A downstream service's answer passed on (status_of): its Retry-After goes along.
+        passed = [(k, v) for k, v in (exc.trailing_metadata() or ()) if k == "retry-after"]
+        if passed:
+            context.set_trailing_metadata(tuple(passed))
     await context.abort(code, message)
 
 

@@ -11,7 +11,7 @@ from services.core import config, identity
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
 from services.inference import hardware, metrics
-from services.inference.chat_completions import ChatCompletions
+from services.inference.metered import MeteredCompletions
 from services.inference.registry import ModelRegistry
 from services.inference.service import GenerationService
 from services.inference.servicer import InferenceServicer
@@ -28,10 +28,10 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
     hw = hardware.probe()
     registry = ModelRegistry(settings, hw)
     generation = GenerationService(registry, settings)
-    cache = CacheClient(common)  # rate limits and the response cache for /v1/chat/completions
-    completions = ChatCompletions(generation, registry, cache)
-    servicer = InferenceServicer(registry, generation, hw, cache.hit_ratio, completions=completions)
-    metrics.REGISTRY_GAUGES.watch(registry)
+    cache = CacheClient(common)  # rate limits and the response cache of every generation
+    metered = MeteredCompletions(generation, registry, cache)
+    servicer = InferenceServicer(registry, generation, hw, cache.hit_ratio, metered=metered)
+    metrics.REGISTRY_GAUGES.watch(registry.loaded)
     log.info("hardware", extra={"fields": {"cores": hw.physical_cores, "memory_mib": hw.total_memory_mib,
                                             "cuda": len(hw.cuda_devices), "budget_mib": registry.budget_mib}})
 
@@ -42,7 +42,7 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
 
     async def close() -> None:
         await registry.close()
-        await completions.close()
+        await metered.close()
         await cache.close()
 
     name = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name

@@ -22,8 +22,9 @@ import statistics
 import time
 import weakref
 from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import prometheus_client
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -32,10 +33,6 @@ from prometheus_client.registry import Collector
 
 from services.core import telemetry
 from services.core.sampling import SamplingInput
-
-if TYPE_CHECKING:
-    from services.inference.engines.base import Chunk
-    from services.inference.registry import ModelRecord, ModelRegistry
 
 TTFT = prometheus_client.Histogram(
     "parley_inference_time_to_first_token_seconds", "Request arrival to the first sampled token", ["model"],
@@ -58,29 +55,38 @@ MODEL_LOAD = prometheus_client.Histogram(
 )
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model's figures at scrape time."""
+
+    model: str
+    waiting: int
+    running: int
+    memory_mib: int
+
+
 class RegistryCollector(Collector):
-    """Gauges read from the model registry when Prometheus scrapes."""
+    """Gauges read from the models in memory when Prometheus scrapes (the source is the model
+    registry's `loaded`, held weakly so that a closed registry goes away)."""
 
     def __init__(self) -> None:
-        self._registry: weakref.ref[ModelRegistry] | None = None
+        self._source: weakref.WeakMethod[Callable[[], Iterable[LoadedModel]]] | None = None
 
-    def watch(self, registry: ModelRegistry) -> None:
-        self._registry = weakref.ref(registry)
+    def watch(self, source: Callable[[], Iterable[LoadedModel]]) -> None:
+        self._source = weakref.WeakMethod(source)  # type: ignore[arg-type]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         queued = GaugeMetricFamily("parley_inference_queue_depth", "Requests waiting for room in the engine", labels=["model"])
         running = GaugeMetricFamily("parley_inference_running_requests", "Generations running", labels=["model"])
         memory = GaugeMetricFamily("parley_inference_model_memory_bytes", "Memory held by a loaded model", labels=["model"])
         loaded = GaugeMetricFamily("parley_inference_loaded_models", "Models in memory")
-        registry = self._registry() if self._registry is not None else None
-        ready = [r for r in registry.records.values() if r.state == "ready"] if registry is not None else []
-        for record in ready:
-            model = record.entry.id
-            if record.engine is not None:
-                queued.add_metric([model], record.engine.waiting)
-                running.add_metric([model], record.engine.running)
-            memory.add_metric([model], record.memory_mib * 2**20)
-        loaded.add_metric([], len(ready))
+        source = self._source() if self._source is not None else None
+        models = list(source()) if source is not None else []
+        for m in models:
+            queued.add_metric([m.model], m.waiting)
+            running.add_metric([m.model], m.running)
+            memory.add_metric([m.model], m.memory_mib * 2**20)
+        loaded.add_metric([], len(models))
         yield from (queued, running, memory, loaded)
 
 
@@ -147,32 +153,29 @@ class GenerationTelemetry:
             attributes["gen_ai.request.stop_sequences"] = list(given.stop)
         self.span = telemetry.tracer().start_span(f"{self.operation} {model_id}", kind=SpanKind.INTERNAL,
                                                   attributes=attributes)
-        self._first = True
 
-    def chunk(self, record: ModelRecord, chunk: Chunk) -> None:
-        if self._first:
-            self._first = False
-            self.model = record.entry.id
-            self.span.update_name(f"{self.operation} {self.model}")
-            self.span.set_attribute("gen_ai.response.model", self.model)
-            if record.settings is not None:
-                self.span.set_attribute("parley.engine", record.settings.engine)
-        if chunk.finish_reason is None or chunk.usage is None:
-            return
-        usage = chunk.usage
-        self.outcome = chunk.finish_reason
-        ttft = usage.time_to_first_token_ms / 1000
+    def admitted(self, model_id: str, engine: str) -> None:
+        """The model that answers (the request may have named none) and its engine."""
+        self.model = model_id
+        self.span.update_name(f"{self.operation} {self.model}")
+        self.span.set_attribute("gen_ai.response.model", self.model)
+        if engine:
+            self.span.set_attribute("parley.engine", engine)
+
+    def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int,
+                 ttft_seconds: float) -> None:
+        self.outcome = finish_reason
         self.span.set_attributes({
-            "gen_ai.usage.input_tokens": usage.prompt_tokens,
-            "gen_ai.usage.output_tokens": usage.completion_tokens,
-            "gen_ai.usage.cache_read.input_tokens": usage.cached_prompt_tokens,
-            "gen_ai.response.finish_reasons": [chunk.finish_reason],
+            "gen_ai.usage.input_tokens": prompt_tokens,
+            "gen_ai.usage.output_tokens": completion_tokens,
+            "gen_ai.usage.cache_read.input_tokens": cached_prompt_tokens,
+            "gen_ai.response.finish_reasons": [finish_reason],
         })
-        PROMPT_TOKENS.labels(self.model).inc(usage.prompt_tokens)
-        if ttft > 0:
-            self.span.set_attribute("gen_ai.server.time_to_first_token", ttft)
-            TTFT.labels(self.model).observe(ttft)
-            RECENT.add(ttft, usage.completion_tokens, time.monotonic() - self.started - ttft)
+        PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
+        if ttft_seconds > 0:
+            self.span.set_attribute("gen_ai.server.time_to_first_token", ttft_seconds)
+            TTFT.labels(self.model).observe(ttft_seconds)
+            RECENT.add(ttft_seconds, completion_tokens, time.monotonic() - self.started - ttft_seconds)
 
     def failed(self, exc: BaseException) -> None:
         self.outcome = "error"

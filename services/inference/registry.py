@@ -124,6 +124,11 @@ class ModelRegistry:
         self.budget_mib = budget
         self._reaper: asyncio.Task[None] | None = None
 
+    def loaded(self) -> list[metrics.LoadedModel]:
+        """The models in memory, as the metrics scrape sees them."""
+        return [metrics.LoadedModel(r.entry.id, r.engine.waiting, r.engine.running, r.memory_mib)
+                for r in self.records.values() if r.state == "ready" and r.engine is not None]
+
     def get(self, model_id: str) -> ModelRecord:
         """The model with this id; an empty id means the default model."""
         record = self.records.get(model_id or self.settings.default_model)

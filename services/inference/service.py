@@ -1,8 +1,8 @@
-"""One generation from request to last chunk — shared by the Generate RPC and the OpenAI endpoint.
+"""One generation from request to last chunk, below the metered flow (services.inference.completion).
 
 It validates the request, resolves the model (loading it on first use), renders and counts the
-prompt, checks it against the context window and streams the engine's chunks until the end, the
-deadline or the caller's cancellation. Admission and scheduling are the engine's.
+prompt (fitting a long chat to the context window when asked), has the engine admit it and streams
+its chunks until the end, the deadline or the caller's cancellation. Scheduling is the engine's.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.core.errors import InvalidArgument
@@ -19,6 +19,8 @@ from services.core import structured
 from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.core.structured import PLAIN, Structure
 from services.inference.engines.base import Chunk, Sampling
+from services.inference import fitting
+from services.inference.fitting import Fit
 from services.inference.metrics import GenerationTelemetry
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
@@ -66,6 +68,15 @@ async def with_tool_calls(chunks: AsyncIterator[Chunk], structure: Structure) ->
         yield chunk
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """A generation's first item: the prompt fits and the engine has taken the request."""
+
+    record: ModelRecord
+    prompt_tokens: int
+    dropped: int  # history messages left out to fit the context window (fitting.Fit)
+
+
 class GenerationService:
     def __init__(self, registry: ModelRegistry, settings: InferenceSettings) -> None:
         self.registry = registry
@@ -93,17 +104,26 @@ class GenerationService:
         n: int = 1,
         top_logprobs: int | None = None,
         structure: Structure = PLAIN,
-    ) -> AsyncIterator[tuple[ModelRecord, Chunk]]:
-        """Yields (model, chunk) pairs; each of the n choices ends with a chunk that has its
-        finish_reason, and the last chunk carries the usage. Each generation gets a GenAI span and its
+        fit: Fit | None = None,
+    ) -> AsyncIterator[Admitted | Chunk]:
+        """Yields Admitted once the engine has taken the request, then its chunks: each of the n
+        choices ends with a chunk that has its finish_reason, and the last chunk carries the usage.
+        An error before Admitted means nothing ran. Each generation gets a GenAI span and its
         metrics (services.inference.metrics)."""
         observed = GenerationTelemetry(model_id or self.settings.default_model, bool(messages), given)
         try:
             async with contextlib.aclosing(
-                    self._generate(model_id, messages, prompt, given, timeout, n, top_logprobs, structure)) as stream:
-                async for record, chunk in stream:
-                    observed.chunk(record, chunk)
-                    yield record, chunk
+                    self._generate(model_id, messages, prompt, given, timeout, n, top_logprobs, structure,
+                                   fit)) as stream:
+                async for item in stream:
+                    if isinstance(item, Admitted):
+                        observed.admitted(item.record.entry.id,
+                                          item.record.settings.engine if item.record.settings else "")
+                    elif item.usage is not None and item.finish_reason is not None:
+                        u = item.usage
+                        observed.finished(item.finish_reason, u.prompt_tokens, u.completion_tokens,
+                                          u.cached_prompt_tokens, u.time_to_first_token_ms / 1000)
+                    yield item
         except Exception as exc:
             observed.failed(exc)
             raise
@@ -120,29 +140,44 @@ class GenerationService:
         n: int,
         top_logprobs: int | None,
         structure: Structure,
-    ) -> AsyncIterator[tuple[ModelRecord, Chunk]]:
+        fit: Fit | None,
+    ) -> AsyncIterator[Admitted | Chunk]:
         started = time.monotonic()
         sampling = resolve_sampling(given, self.settings)
         validate_messages(messages, prompt, structure)
+        if fit is not None and not messages:
+            raise InvalidArgument("fitting a chat to the context window needs messages, not a raw prompt")
         sampling = replace(sampling, grammar=grammar_for(structure))
         record = await self.registry.acquire(model_id)
         try:
             engine = record.engine
             assert engine is not None
+            dropped = 0
             # Template rendering and tokenizing block; keep them off the loop that streams other requests.
-            tokens = await asyncio.to_thread(engine.prompt_tokens, messages, prompt, structure)
-            if len(tokens) >= engine.context_length:
-                raise InvalidArgument(
-                    f"the prompt is {len(tokens)} tokens but model {record.entry.id!r} has a context window "
-                    f"of {engine.context_length} tokens; shorten it"
-                )
+            if fit is None:
+                tokens = await asyncio.to_thread(engine.prompt_tokens, messages, prompt, structure)
+                if len(tokens) >= engine.context_length:
+                    raise InvalidArgument(
+                        f"the prompt is {len(tokens)} tokens but model {record.entry.id!r} has a context window "
+                        f"of {engine.context_length} tokens; shorten it"
+                    )
+            else:
+                allowed = fitting.budget(engine.context_length, given.max_tokens,
+                                         fit.reserve_tokens or self.settings.max_tokens)
+                fitted = await asyncio.to_thread(engine.fitted_prompt, messages, structure, allowed, fit.keep_last)
+                tokens, dropped = fitted.tokens, fitted.dropped
             engine.check_sampling(sampling)
             deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-            chunks = engine.generate(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs)
-            if structure.calls_tools:
-                chunks = with_tool_calls(chunks, structure)
-            async for chunk in chunks:
-                yield record, chunk
+            request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs)
+            try:
+                yield Admitted(record, len(tokens), dropped)
+                chunks = engine.stream(request)
+                if structure.calls_tools:
+                    chunks = with_tool_calls(chunks, structure)
+                async with contextlib.aclosing(chunks) as stream:
+                    async for chunk in stream:
+                        yield chunk
+            finally:
+                request.cancelled = True  # the engine drops it at its next step, however this ended
         finally:
             self.registry.done(record)
-

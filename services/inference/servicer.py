@@ -13,7 +13,9 @@ from parley.inference.v1 import inference_pb2_grpc
 from services.core import sampling, structured
 from services.inference import chat_completions, metrics
 from services.inference.engines.base import Usage
+from services.inference.fitting import Fit
 from services.inference.hardware import Hardware, choose
+from services.inference.metered import FINISH_REASONS, Completion, MeteredCompletions, Started
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.service import GenerationService
 
@@ -47,18 +49,22 @@ def usage_pb(usage: Usage | None) -> pb.Usage:
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
-    return context.time_remaining()
+    """The generation's own deadline: a little before the call's, so that an answer cut by it still
+    reaches the caller with its finish reason ("cancelled") and usage rather than DEADLINE_EXCEEDED."""
+    remaining = context.time_remaining()
+    return None if remaining is None else max(0.0, remaining - min(0.5, remaining / 10))
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, generation: GenerationService, hardware: Hardware,
                  cache_hit_ratio: Callable[[], Awaitable[float | None]] | None = None,
-                 completions: chat_completions.ChatCompletions | None = None) -> None:
+                 metered: MeteredCompletions | None = None) -> None:
         self.registry = registry
         self.generation = generation
         self.hardware = hardware
-        # POST /v1/chat/completions: rate limits, response cache, generation, OpenAI rendering.
-        self.completions = completions or chat_completions.ChatCompletions(generation, registry, cache=None)
+        # Rate limits, response cache, generation and usage: Generate and /v1/chat/completions.
+        self.metered = metered or MeteredCompletions(generation, registry, cache=None)
+        self.chat_completions = chat_completions.ChatCompletions(self.metered)
         # Asks the cache service; None when it cannot answer.
         self.cache_hit_ratio = cache_hit_ratio
 
@@ -76,18 +82,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return model_pb(await self.registry.unload(request.id))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        messages = [structured.message_from_proto(m) for m in request.messages]
-        stream = self.generation.generate(
-            request.model, messages, request.prompt, sampling.from_proto(request.sampling), _timeout(context),
-            structure=structured.from_proto(request.structured),
-        )
-        async for _, chunk in stream:
-            calls = structured.calls_to_proto(chunk.tool_calls)
-            if chunk.finish_reason is None:
-                yield pb.GenerateResponse(text=chunk.text, tool_calls=calls)
+        fit = Fit(max(1, request.fit.keep_last), request.fit.reserve_tokens) if request.HasField("fit") else None
+        completion = Completion(request.model, [structured.message_from_proto(m) for m in request.messages],
+                                sampling.from_proto(request.sampling), prompt=request.prompt,
+                                structure=structured.from_proto(request.structured), fit=fit)
+        async for item in self.metered.run(completion, _timeout(context)):
+            if isinstance(item, Started):
+                yield pb.GenerateResponse(start=pb.GenerateStart(
+                    model=item.model, model_fingerprint=item.fingerprint, cached=item.cached,
+                    prompt_tokens=item.prompt_tokens, dropped_messages=item.dropped))
+                continue
+            calls = structured.calls_to_proto(item.tool_calls)
+            if item.finish_reason is None:
+                yield pb.GenerateResponse(text=item.text, tool_calls=calls)
             else:
-                yield pb.GenerateResponse(text=chunk.text, finish_reason=chat_completions.REASONS[chunk.finish_reason],
-                                          usage=usage_pb(chunk.usage), tool_calls=calls)
+                yield pb.GenerateResponse(text=item.text, finish_reason=FINISH_REASONS[item.finish_reason],
+                                          usage=usage_pb(item.usage), tool_calls=calls)
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
         messages = [structured.message_from_proto(m) for m in request.messages]
@@ -103,7 +113,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await context.send_initial_metadata(((chat_completions.CACHE_HEADER, value),))
 
         # Like OpenAI's own API, the body must be JSON whatever content type the client declared.
-        parts = self.completions.create(request.http_body.data, _timeout(context), mark)
+        parts = self.chat_completions.create(request.http_body.data, _timeout(context), mark)
         async for content_type, data in parts:
             yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
 

@@ -1,4 +1,4 @@
-"""Wires the session service: settings, store, clients of inference and cache, servicer, identity."""
+"""Wires the session service: settings, store, the inference client, servicer, identity."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 from parley.inference.v1 import inference_pb2_grpc
 from parley.session.v1 import session_pb2, session_pb2_grpc
 
-from services.cache.client import CacheClient
 from services.core import channels, config, identity
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
@@ -26,12 +25,9 @@ async def build(common: CommonSettings, settings: SessionSettings | None = None)
     log.info("settings", extra={"fields": config.describe(settings)})
     store = SqliteSessionStore(common.data_dir / DB_NAME)
     inference_channel = channels.open_channel(common, "inference")
-    cache = CacheClient(common)
-    service = SessionService(store, settings, inference_pb2_grpc.InferenceServiceStub(inference_channel), cache)
+    service = SessionService(store, settings, inference_pb2_grpc.InferenceServiceStub(inference_channel))
 
     async def close() -> None:
-        await service.close()
-        await cache.close()
         await inference_channel.close()
         store.close()
 

@@ -1,10 +1,8 @@
-"""Which part of a conversation goes to the model: the newest turns that fit its context window.
+"""A conversation's stored turns as chat messages, and the rules of tool results.
 
-Tokens are counted by inference with the model's own tokenizer and chat template (CountTokens gives
-each message's share). The system prompt and the new turn are always kept (with tool results, the
-new turn includes the answer whose calls they answer); the oldest turns go first, a whole turn at a
-time, so the history never starts with an answer whose question was cut, nor with a tool result
-whose call was cut.
+Which turns fit the model's context window is inference's to decide (Generate's HistoryFit keeps the
+system prompt and the new turn, and leaves out the oldest whole turns); the session sends its history
+and how many of the newest messages belong to the new turn.
 """
 
 from __future__ import annotations
@@ -69,33 +67,21 @@ def title_from(content: str, limit: int = 60) -> str:
     return cut.rstrip(" ,.;:-") + "…"
 
 
-def fit(messages: Sequence[Turn], message_tokens: Sequence[int], total_tokens: int, budget: int,
-        has_system: bool, new: int = 1) -> tuple[list[Turn], int]:
-    """The messages to send and their token count (with the template's overhead).
+# The most history a turn sends inference, in characters of content: more than any context window
+# holds, and within gRPC's message limit (services.core.server.MAX_MESSAGE_BYTES) even at 4 bytes each.
+MAX_SENT_CHARS = 3_000_000
 
-    `messages` is [system?] + history + the new turn, its last `new` messages; `message_tokens`
-    gives each one's share of `total_tokens`. Raises INVALID_ARGUMENT when even the system prompt
-    and the new turn alone exceed `budget`.
-    """
-    if len(messages) != len(message_tokens):
-        raise ValueError("one token count per message")
-    first = 1 if has_system else 0
-    start = len(messages) - new  # where the new turn begins
-    if not first <= start < len(messages):
-        raise ValueError("the new turn must hold at least one message after the system prompt")
-    fixed = total_tokens - sum(message_tokens[first:start])  # system, new turn, template overhead
-    if fixed > budget:
-        raise InvalidArgument(
-            f"the message needs {fixed} tokens with the system prompt, but only {budget} of the model's "
-            f"context window are left once room for the answer is kept; shorten it")
-    keep_from = start
-    used = fixed
-    # Walk back from the newest history message while it fits.
-    while keep_from > first and used + message_tokens[keep_from - 1] <= budget:
-        keep_from -= 1
-        used += message_tokens[keep_from]
-    # Never start the kept history with an answer or a tool result: only with a question.
-    while keep_from < start and messages[keep_from].role != "user":
-        used -= message_tokens[keep_from]
-        keep_from += 1
-    return [*messages[:first], *messages[keep_from:]], used
+
+def newest(turns: Sequence[Turn], limit: int, chars: int = MAX_SENT_CHARS) -> list[Turn]:
+    """At most the `limit` newest turns holding at most `chars` characters, starting with a question
+    (inference leaves out more when they do not fit the model's context window:
+    services.inference.fitting)."""
+    start, held = len(turns), 0
+    while start > 0 and len(turns) - start < limit and held + len(turns[start - 1].content) <= chars:
+        start -= 1
+        held += len(turns[start].content)
+    if start == 0:
+        return list(turns)
+    while start < len(turns) and turns[start].role != "user":
+        start += 1
+    return list(turns[start:])

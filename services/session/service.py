@@ -1,12 +1,14 @@
 """Conversations and the chat turn: the session service's behaviour, apart from gRPC translation.
 
-A turn (DESIGN.md's main data path): check ownership and input, resolve the model, trim the
-history to the model's context window (counted by inference with the model's tokenizer), store the
-tool results, the user's message and an empty assistant message in one transaction, then serve the
-answer from the response cache (deterministic requests only) or stream it from inference. The
-assistant message is saved when the stream ends, however it ends: complete; incomplete with the
-partial text when the client goes away; error with the partial text when inference fails. While it
-streams, the partial text is saved every few seconds, so even a crash of this service keeps most of it.
+A turn (DESIGN.md's main data path) is one round trip to inference: check ownership and input, send
+the conversation (system prompt, history, the new turn) to Generate, which checks the rate limit,
+resolves the model, leaves out the oldest turns that do not fit its context window, and answers from
+the response cache or admits the generation (services.inference.metered). Only once inference says
+`start` are the tool results, the user's message and an empty assistant message stored, in one
+transaction: a turn refused for any reason stores nothing. The assistant message is saved when the
+stream ends, however it ends: complete; incomplete with the partial text when the client goes away;
+error with the partial text when inference fails. While it streams, the partial text is saved every
+few seconds, so even a crash of this service keeps most of it.
 
 Tool turns follow OpenAI's shape: a turn's tools and response format (ChatRequest.structured) go to
 inference and into the cache key; the answer's tool calls are streamed and stored with the assistant
@@ -22,20 +24,17 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from parley.cache.v1 import cache_pb2
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 from parley.session.v1 import session_pb2
 
-from services.cache import keys
-from services.cache.client import CacheClient
 from services.core import sampling as sampling_rules
 from services.core import structured
-from services.core.errors import Aborted, InvalidArgument
+from services.core.errors import Aborted, InvalidArgument, Unavailable
 from services.core.identity import Identity, current_identity, forward_credentials
 from services.core.structured import ToolCall
 from services.session import history
@@ -114,14 +113,12 @@ def decode_cursor(token: str, kind: str) -> list[Any]:
 
 class SessionService:
     def __init__(self, store: SessionStore, settings: SessionSettings,
-                 inference: inference_pb2_grpc.InferenceServiceStub, cache: CacheClient) -> None:
+                 inference: inference_pb2_grpc.InferenceServiceStub) -> None:
         self.store = store
         self.settings = settings
         self.inference = inference
-        self.cache = cache
         # Sessions with a turn under way (one process owns the SQLite file; see store.py for more).
         self._running: set[str] = set()
-        self._background: set[asyncio.Task[Any]] = set()
 
     # Checks shared by create, update and chat
 
@@ -249,87 +246,66 @@ class SessionService:
         metadata = (*forward_credentials(who), (AFFINITY_HEADER, session.id))
         params = merge_sampling(sampling_from_dict(session.sampling), request.sampling)
         check_sampling(params)
-        # Checked (and schemas made canonical, for the cache key) before anything is stored.
+        # Checked (and schemas made canonical) before anything is stored.
         structure = structured.to_proto(structured.from_proto(request.structured))
-        # An unknown model is inference's NOT_FOUND, passed on as it is.
-        model = await self.inference.GetModel(inference_pb2.GetModelRequest(id=request.model or session.model),
-                                              metadata=metadata, timeout=CONTROL_TIMEOUT_SECONDS)
-        await self.cache.check_rate_limit()
         content = request.content if request.content.strip() else ""
         results = [(r.tool_call_id, r.content) for r in request.tool_results]
-        messages = await self._prompt(session, content, results, model.id, params, structure, metadata)
-
-        stored = await asyncio.to_thread(
-            self.store.start_turn, who.user_id, session.id, content, model.id,
-            history.title_from(content)[: self.settings.max_title_chars], tool_results=results)
-        answer = stored.answer
+        messages, keep_last = await self._prompt(session, content, results)
+        # One round trip: inference checks the rate limit, resolves the model, fits the history to its
+        # context window, answers from the response cache or admits the generation, and only then
+        # says `start`. An error before it (unknown model, too long, rate limited, no room) is this
+        # call's status, and nothing is stored.
+        call = self.inference.Generate(
+            inference_pb2.GenerateRequest(
+                model=request.model or session.model, messages=messages, sampling=params, structured=structure,
+                fit=inference_pb2.HistoryFit(keep_last=keep_last, reserve_tokens=self.settings.answer_reserve_tokens)),
+            metadata=metadata, timeout=self.settings.inference_timeout_seconds)
+        try:
+            first = await call.read()
+            if first is grpc.aio.EOF or not first.HasField("start"):
+                raise Unavailable("inference ended the answer before it started; try again")
+            start = first.start
+            stored = await asyncio.to_thread(
+                self.store.start_turn, who.user_id, session.id, content, start.model,
+                history.title_from(content)[: self.settings.max_title_chars], tool_results=results)
+        except BaseException:
+            call.cancel()
+            raise
         yield session_pb2.ChatResponse(start=session_pb2.ChatStart(
-            user_message_id=stored.user.id if stored.user else "", assistant_message_id=answer.id, model=model.id,
-            tool_message_ids=[m.id for m in stored.tools]))
-
-        key = cache_pb2.CompletionKey(model=model.id, model_fingerprint=model.fingerprint, messages=messages,
-                                      sampling=params, structured=structure)
-        hit = await self.cache.lookup(key)
-        if hit is not None:
-            calls = structured.replayed_calls(hit.tool_calls)
-            await asyncio.to_thread(self.store.save_answer, answer.id, content=hit.text, status=STATUS_COMPLETE,
-                                    prompt_tokens=hit.usage.prompt_tokens, completion_tokens=hit.usage.completion_tokens,
-                                    tool_calls=calls)
-            if hit.text or calls:
-                yield session_pb2.ChatResponse(delta=session_pb2.ChatDelta(
-                    text=hit.text, tool_calls=structured.calls_to_proto(calls)))
-            yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=hit.usage, finish_reason=hit.finish_reason,
-                                                                     cached=True))
-            return
-
-        async with contextlib.aclosing(self._generate(answer, model.id, messages, structure, params, metadata,
-                                                      session.id, key)) as events:
+            user_message_id=stored.user.id if stored.user else "", assistant_message_id=stored.answer.id,
+            model=start.model, tool_message_ids=[m.id for m in stored.tools], dropped_messages=start.dropped_messages))
+        async with contextlib.aclosing(self._answer(stored.answer, call, start.cached, session.id)) as events:
             async for event in events:
                 yield event
 
-    async def _prompt(self, session: SessionRecord, content: str, tool_results: Sequence[tuple[str, str]], model: str,
-                      params: inference_pb2.SamplingParams, structure: inference_pb2.StructuredOutput,
-                      metadata: Sequence[tuple[str, str]]) -> list[inference_pb2.ChatMessage]:
-        """The messages to send: system prompt, as much recent history as fits, the new turn (tool
-        results, then the user's message). Tool results must answer open calls of the latest answer."""
+    async def _prompt(self, session: SessionRecord, content: str,
+                      tool_results: Sequence[tuple[str, str]]) -> tuple[list[inference_pb2.ChatMessage], int]:
+        """The messages to send — system prompt, the stored history, the new turn (tool results, then
+        the user's message) — and how many of the newest must be kept when inference fits them to
+        the context window. Tool results must answer open calls of the latest answer, and stay
+        together with it."""
         past = [turn_of(m) for m in await asyncio.to_thread(self.store.list_messages, session.owner, session.id)]
         history.check_tool_results(past, [call_id for call_id, _ in tool_results])
         turns = [history.Turn("system", session.system_prompt)] if session.system_prompt else []
-        turns += [t for t in past if sent(t)]
+        turns += history.newest([t for t in past if sent(t)], structured.MAX_MESSAGES - len(turns) - len(tool_results) - 1)
         new = [history.Turn(ROLE_TOOL, text, tool_call_id=call_id) for call_id, text in tool_results]
         new += [history.Turn(ROLE_USER, content)] if content else []
-        pinned = len(new)
+        keep_last = len(new)
         if tool_results:  # kept together with the answer whose calls they answer, the latest one
-            pinned += len(turns) - max(i for i, t in enumerate(turns) if t.role == ROLE_ASSISTANT)
-        turns += new
-        counted = await self.inference.CountTokens(
-            inference_pb2.CountTokensRequest(model=model, messages=[structured.message_to_proto(t.message())
-                                                                     for t in turns], structured=structure),
-            metadata=metadata, timeout=CONTROL_TIMEOUT_SECONDS)
-        context = counted.context_length
-        reserve = params.max_tokens if params.HasField("max_tokens") else min(self.settings.answer_reserve_tokens, context // 4)
-        if reserve >= context:
-            raise InvalidArgument(f"max_tokens is {reserve} but model {model!r} has a context window of {context} tokens")
-        kept, _ = history.fit(turns, counted.message_tokens, counted.total_tokens, context - reserve,
-                              has_system=bool(session.system_prompt), new=pinned)
-        chat = [t.message() for t in kept]
+            keep_last += len(turns) - max(i for i, t in enumerate(turns) if t.role == ROLE_ASSISTANT)
+        chat = [t.message() for t in turns + new]
         structured.validate_messages(chat)
-        return [structured.message_to_proto(m) for m in chat]
+        return [structured.message_to_proto(m) for m in chat], keep_last
 
-    async def _generate(self, answer: MessageRecord, model: str, messages: list[inference_pb2.ChatMessage],
-                        structure: inference_pb2.StructuredOutput, params: inference_pb2.SamplingParams,
-                        metadata: Sequence[tuple[str, str]], session_id: str,
-                        key: cache_pb2.CompletionKey) -> AsyncIterator[session_pb2.ChatResponse]:
-        call = self.inference.Generate(
-            inference_pb2.GenerateRequest(model=model, messages=messages, sampling=params, cache_key=session_id,
-                                          structured=structure),
-            metadata=metadata, timeout=self.settings.inference_timeout_seconds)
+    async def _answer(self, answer: MessageRecord, call: grpc.aio.UnaryStreamCall, cached: bool,
+                      session_id: str) -> AsyncIterator[session_pb2.ChatResponse]:
+        """Streams the answer after `start` and saves it however it ends."""
         parts: list[str] = []
         calls: list[ToolCall] = []
         last: inference_pb2.GenerateResponse | None = None
         checkpoint = time.monotonic()
         try:
-            async for response in call:
+            while (response := await call.read()) is not grpc.aio.EOF:
                 if response.text or response.tool_calls:
                     parts.append(response.text)
                     calls += structured.calls_from_proto(response.tool_calls)
@@ -343,11 +319,11 @@ class SessionService:
                     checkpoint = time.monotonic()
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: cancelled while waiting for inference, or closed while this
-            # waited at a `yield`. Save synchronously: an await here could be cancelled again.
+            # waited at a `yield`. Cancelling the call ends the generation (inference records what
+            # it used). Save synchronously: an await here could be cancelled again.
             call.cancel()
             self.store.save_answer(answer.id, content="".join(parts), status=STATUS_INCOMPLETE,
                                    completion_tokens=len(parts), tool_calls=calls)
-            self._in_background(self.cache.record_usage(len(parts)))
             raise
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or exc.code().name
@@ -363,26 +339,10 @@ class SessionService:
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code="UNAVAILABLE",
                                                                        message="the answer ended unexpectedly"))
             return
-        text = "".join(parts)
         # A cancelled answer is incomplete; one that ended with tool calls is complete like any other.
         status = STATUS_INCOMPLETE if last.finish_reason == inference_pb2.FINISH_REASON_CANCELLED else STATUS_COMPLETE
-        await asyncio.to_thread(self.store.save_answer, answer.id, content=text, status=status,
+        await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts), status=status,
                                 prompt_tokens=last.usage.prompt_tokens, completion_tokens=last.usage.completion_tokens,
                                 tool_calls=calls)
-        # Bookkeeping runs beside the stream: a client that leaves right after `done` must not skip it.
-        self._in_background(self.cache.record_usage(last.usage.total_tokens))
-        if last.finish_reason in keys.COMPLETE:
-            self._in_background(self.cache.store(key, cache_pb2.CachedCompletion(
-                text=text, finish_reason=last.finish_reason, usage=last.usage,
-                tool_calls=structured.calls_to_proto(calls))))
-        yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=last.usage, finish_reason=last.finish_reason))
-
-    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def close(self) -> None:
-        """Lets bookkeeping started by finished turns complete."""
-        if self._background:
-            await asyncio.wait(self._background, timeout=5)
+        yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=last.usage, finish_reason=last.finish_reason,
+                                                                 cached=cached))

@@ -154,18 +154,21 @@ def test_one_chat_turn_is_one_trace_from_envoy_to_inference(collector, chat_turn
     assert parent(chat).service == "parley-gateway"
     assert chat.attributes["rpc.system"] == "grpc" and chat.attributes["rpc.grpc.status_code"] == 0
 
-    # session -> cache: the session's client span is the parent of the cache's server span.
+    # session -> inference: one call per turn, and the generation inside it with its GenAI attributes.
+    generate = one("parley-inference", "parley.inference.v1.InferenceService/Generate")
+    assert parent(generate) is one("parley-session", generate.name, CLIENT)
+    assert parent(parent(generate)) is chat
+    assert [s.name for s in spans if s.service == "parley-session" and s.kind == CLIENT
+            and "InferenceService" in s.name] == [generate.name]
+
+    # inference -> cache (the rate limit, the lookup): inference's client span is the parent of the
+    # cache's server span.
     cache_calls = [s for s in spans if s.service == "parley-cache" and s.kind == SERVER]
     assert cache_calls
     for server_span in cache_calls:
         client = parent(server_span)
-        assert (client.service, client.name, client.kind) == ("parley-session", server_span.name, CLIENT)
-        assert parent(client) is chat
-
-    # session -> inference, and the generation inside it with its GenAI attributes.
-    generate = one("parley-inference", "parley.inference.v1.InferenceService/Generate")
-    assert parent(generate) is one("parley-session", generate.name, CLIENT)
-    assert parent(parent(generate)) is chat
+        assert (client.service, client.name, client.kind) == ("parley-inference", server_span.name, CLIENT)
+        assert parent(client) is generate
     generation = one("parley-inference", f"chat {MODEL}", kind=1)  # INTERNAL
     assert parent(generation) is generate
     assert generation.attributes["gen_ai.request.model"] == MODEL

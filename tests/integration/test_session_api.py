@@ -236,7 +236,10 @@ def test_deterministic_turn_is_served_from_cache_the_second_time(http: httpx.Cli
     second = chat(http, user, second_sid, question, sampling=sampling)
     assert first[-1]["done"]["cached"] is False and second[-1]["done"]["cached"] is True
     assert text_of(second) == text_of(first)
-    assert second[-1]["done"]["usage"] == first[-1]["done"]["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    hit, miss = second[-1]["done"]["usage"], first[-1]["done"]["usage"]
+    assert [hit[k] for k in counts] == [miss[k] for k in counts]
+    assert hit["cached_prompt_tokens"] == hit["prompt_tokens"]  # a replayed prompt counts as cached
     assert messages(http, user, second_sid)[-1]["content"] == text_of(first)
     # Sampled (non-deterministic) turns are never served from cache.
     third = chat(http, user, create_session(http, user)["id"], question, sampling={"temperature": 0.9, "max_tokens": 12})

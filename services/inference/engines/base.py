@@ -13,23 +13,27 @@ and `_submit`, which hands a Request to their scheduler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from services.core.errors import InvalidArgument
 from services.core.structured import PLAIN, Structure
+from services.inference import fitting
 from services.inference.engines.sequence import (
     Chunk, Request, Sampling, StopMatcher, TokenLogprob, Usage, common_prefix,
 )
 from services.inference.hardware import EngineSettings
-from services.inference.structured import template_input
+from services.inference.structured import call_json, template_input
 
 __all__ = ["Chunk", "Engine", "EngineError", "Request", "Sampling", "StopMatcher", "TokenLogprob", "Usage",
            "common_prefix"]
 
 
 EXACT_COUNT_MESSAGES = 64  # count_tokens renders every prefix up to this many messages
+COUNTED_TEXTS = 16_384  # message contents whose token counts are remembered (a conversation resends its history)
 
 
 class EngineError(Exception):
@@ -51,6 +55,8 @@ class Engine(ABC):
         self.params = params
         self.context_length = settings.context_length
         self.vocab_size = 0  # set by _load
+        # Texts' token counts by the texts' hashes: each turn of a conversation resends its history.
+        self._counted: dict[int, int] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
     async def load(self) -> None:
@@ -113,6 +119,38 @@ class Engine(ABC):
         chat, tools = template_input(messages, structure, self.native_tools)
         return self._tokenize(self._render(chat, tools=tools))
 
+    def fitted_prompt(self, messages: Sequence[dict[str, Any]], structure: Structure, allowed: int,
+                      keep_last: int) -> fitting.Fitted:
+        """The chat's prompt tokens with its oldest turns left out until at most `allowed` remain
+        (services.inference.fitting)."""
+        return fitting.fit(messages, keep_last, allowed, lambda chat: self.prompt_tokens(chat, None, structure),
+                           self._shares)
+
+    def _text_tokens(self, text: str) -> int:
+        """The text's tokens without the BOS the tokenizer adds, counted once per distinct text. Keys
+        are hashes (only estimates come from these counts); the table starts over when full."""
+        key = hash(text)
+        count = self._counted.get(key)
+        if count is None:
+            count = len(self._tokenize(text)) - len(self._tokenize(""))
+            if len(self._counted) >= COUNTED_TEXTS:
+                self._counted.clear()
+            self._counted[key] = count
+        return count
+
+    def _shares(self, messages: Sequence[dict[str, Any]], total: int) -> list[int]:
+        """Each message's estimated part of a prompt of `total` tokens: its text's tokens (counted
+        once per distinct text) and an even share of the rest, the template's own tokens."""
+        counts = []
+        for m in messages:
+            text = m.get("content") or ""
+            calls = m.get("tool_calls") or ()
+            if calls:
+                text += "".join(json.dumps(call_json(c), ensure_ascii=False) for c in calls)
+            counts.append(self._text_tokens(text))
+        share, extra = divmod(max(0, total - sum(counts)), len(counts))
+        return [n + share + (i < extra) for i, n in enumerate(counts)]
+
     def count_tokens(self, messages: Sequence[dict[str, Any]], structure: Structure = PLAIN) -> tuple[int, list[int]]:
         """Total tokens of the prompt (with the tools offered, if any) and how many each message adds.
 
@@ -129,12 +167,7 @@ class Engine(ABC):
                 per_message.append(n - previous)
                 previous = n
             return total, per_message
-        bos = len(self._tokenize(""))
-        contents = [len(self._tokenize(m.get("content") or "")) - bos for m in chat]
-        rendered = len(self._tokenize(self._render(chat, add_generation_prompt=False)))
-        overhead = max(0, rendered - sum(contents))
-        share, extra = divmod(overhead, len(chat))
-        return total, [n + share + (i < extra) for i, n in enumerate(contents)]
+        return total, self._shares(chat, len(self._tokenize(self._render(chat, add_generation_prompt=False))))
 
     # --- generation ------------------------------------------------------------------------
     def check_sampling(self, sampling: Sampling) -> None:
@@ -144,11 +177,10 @@ class Engine(ABC):
                 raise InvalidArgument(f"logit_bias: token {token} is not in the model's vocabulary "
                                       f"({self.vocab_size} tokens)")
 
-    async def generate(self, prompt: list[int], sampling: Sampling, started: float, deadline: float | None = None,
-                       *, n: int = 1, top_logprobs: int | None = None) -> AsyncIterator[Chunk]:
-        """Streams chunks until every choice has ended, the deadline passed (finish reason
-        "cancelled") or the consumer went away; either way the engine drops the request at its
-        next step. Raises ResourceExhausted when the engine's queue is full."""
+    def submit(self, prompt: list[int], sampling: Sampling, started: float, deadline: float | None = None,
+               *, n: int = 1, top_logprobs: int | None = None) -> Request:
+        """Admits a request: it is queued or running when this returns. Raises ResourceExhausted
+        when the engine's queue is full. The caller streams it with `stream`."""
         if n > 1 and not self.supports_choices:
             raise InvalidArgument(f"n > 1 is not supported by the {self.engine_name} engine")
         if top_logprobs is not None and not self.supports_logprobs:
@@ -157,11 +189,26 @@ class Engine(ABC):
                           budget=min(sampling.max_tokens, self.context_length - len(prompt)),
                           detokenize=self._detokenize, is_end=self._is_end, n=n, top_logprobs=top_logprobs)
         self._submit(request)
+        return request
+
+    @staticmethod
+    async def stream(request: Request) -> AsyncIterator[Chunk]:
+        """Streams an admitted request's chunks until every choice has ended, the deadline passed
+        (finish reason "cancelled") or the consumer went away; either way the engine drops the
+        request at its next step."""
         try:
             async for chunk in request.chunks():
                 yield chunk
         finally:
             request.cancelled = True
+
+    async def generate(self, prompt: list[int], sampling: Sampling, started: float, deadline: float | None = None,
+                       *, n: int = 1, top_logprobs: int | None = None) -> AsyncIterator[Chunk]:
+        """`submit` and `stream` in one."""
+        request = self.submit(prompt, sampling, started, deadline, n=n, top_logprobs=top_logprobs)
+        async with contextlib.aclosing(self.stream(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     @abstractmethod
     def _submit(self, request: Request) -> None:

@@ -15,6 +15,7 @@ from services.inference.hardware import probe
 from services.inference.registry import BUNDLED, ModelRegistry
 from services.inference.service import GenerationService, SamplingInput
 from services.inference.settings import InferenceSettings
+from tests.unit.inference.test_registry_and_engine import generated
 
 MODEL = BUNDLED["id"]
 SYSTEM = ("You are a helpful assistant for a team of engineers. Answer briefly and precisely, use plain "
@@ -31,7 +32,7 @@ def make(**env: str) -> tuple[ModelRegistry, GenerationService]:
 
 async def turn(generation: GenerationService, messages: list[dict], **sampling) -> tuple[str, object]:
     parts, last = [], None
-    async for _, chunk in generation.generate(MODEL, messages, "", SamplingInput(**sampling)):
+    async for chunk in generated(generation, MODEL, messages, "", SamplingInput(**sampling)):
         parts.append(chunk.text)
         last = chunk
     return "".join(parts), last
@@ -87,7 +88,7 @@ async def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_decode()
         stamps: list[float] = []
 
         async def stream() -> None:
-            async for _, chunk in generation.generate(MODEL, [{"role": "user", "content": "Count from one to fifty."}],
+            async for chunk in generated(generation, MODEL, [{"role": "user", "content": "Count from one to fifty."}],
                                                       "", SamplingInput(max_tokens=60, temperature=0)):
                 if chunk.text:
                     stamps.append(time.monotonic())
@@ -176,7 +177,7 @@ async def test_n_choices_fork_after_one_prompt(engine) -> None:
     texts: dict[int, list[str]] = {0: [], 1: [], 2: []}
     finished: dict[int, str] = {}
     last = None
-    async for _, chunk in generation.generate(MODEL, chat, "", SamplingInput(max_tokens=8, temperature=1.5, seed=3), n=3):
+    async for chunk in generated(generation, MODEL, chat, "", SamplingInput(max_tokens=8, temperature=1.5, seed=3), n=3):
         texts[chunk.index].append(chunk.text)
         if chunk.finish_reason:
             finished[chunk.index] = chunk.finish_reason
@@ -190,7 +191,7 @@ async def test_n_choices_fork_after_one_prompt(engine) -> None:
 async def test_logprobs_come_from_the_logits_row(engine) -> None:
     _, generation = engine
     seen = []
-    async for _, chunk in generation.generate(MODEL, [{"role": "user", "content": "Say hello."}], "",
+    async for chunk in generated(generation, MODEL, [{"role": "user", "content": "Say hello."}], "",
                                               SamplingInput(max_tokens=6, temperature=0), top_logprobs=3):
         seen += chunk.logprobs
     assert seen

@@ -1,5 +1,5 @@
-"""A chat completion stream that fails after its first chunks ends with OpenAI's error event (the
-SDK raises it as an APIError) rather than stopping without a word; before the first chunk, the
+"""A chat completion stream that fails once under way ends with OpenAI's error event (the SDK
+raises it as an APIError) rather than stopping without a word; before the request is admitted, the
 failure stays a plain status."""
 
 from __future__ import annotations
@@ -12,24 +12,29 @@ import pytest
 
 from services.inference.chat_completions import ChatCompletions
 from services.inference.engines.base import Chunk, EngineError
+from services.inference.metered import MeteredCompletions
+from services.inference.service import Admitted
 
 RECORD = SimpleNamespace(entry=SimpleNamespace(id="tiny", fingerprint=lambda: "1-2"))
 
 
 class Failing:
-    """Generation that yields `before` chunks, then raises."""
+    """Generation that is admitted and yields `before` chunks, then raises (before admission when
+    `before` is negative)."""
 
     def __init__(self, before: int) -> None:
         self.before = before
 
     async def generate(self, *args: Any, **kwargs: Any):
+        if self.before >= 0:
+            yield Admitted(RECORD, 5, 0)  # type: ignore[arg-type]
         for i in range(self.before):
-            yield RECORD, Chunk(text=f"piece{i} ")
+            yield Chunk(text=f"piece{i} ")
         raise EngineError("generation failed: llama_decode returned -3")
 
 
 async def run(before: int, stream: bool) -> list[tuple[str, bytes]]:
-    completions = ChatCompletions(Failing(before), registry=None, cache=None)  # type: ignore[arg-type]
+    completions = ChatCompletions(MeteredCompletions(Failing(before), registry=None, cache=None))  # type: ignore[arg-type]
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": stream}).encode()
 
     async def mark(value: str) -> None:
@@ -46,7 +51,7 @@ async def test_a_stream_that_fails_midway_ends_with_an_error_event() -> None:
                                     "param": None, "code": "server_error"}}
 
 
-@pytest.mark.parametrize("before, stream", [(0, True), (2, False)])
-async def test_before_the_first_chunk_or_without_a_stream_the_failure_is_the_status(before: int, stream: bool) -> None:
+@pytest.mark.parametrize("before, stream", [(-1, True), (2, False)])
+async def test_before_admission_or_without_a_stream_the_failure_is_the_status(before: int, stream: bool) -> None:
     with pytest.raises(EngineError):
         await run(before, stream)

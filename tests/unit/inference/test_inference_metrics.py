@@ -20,7 +20,7 @@ def sample(name: str, **labels: str) -> float:
 async def test_a_generation_has_a_genai_span_and_its_metrics(tmp_path: Path) -> None:
     exporter = captured.exporter()
     registry, generation = make_registry(tmp_path)
-    metrics.REGISTRY_GAUGES.watch(registry)
+    metrics.REGISTRY_GAUGES.watch(registry.loaded)
     loads_before = sample("parley_inference_model_load_duration_seconds_count", model=MODEL)
     ttft_before = sample("parley_inference_time_to_first_token_seconds_count", model=MODEL)
     tokens_before = sample("parley_inference_generated_tokens_total", model=MODEL)

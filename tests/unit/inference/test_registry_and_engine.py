@@ -16,7 +16,7 @@ from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, U
 from services.inference.engines.base import EXACT_COUNT_MESSAGES
 from services.inference.hardware import probe
 from services.inference.registry import BUNDLED, CatalogueEntry, ModelRegistry
-from services.inference.service import GenerationService, SamplingInput
+from services.inference.service import Admitted, GenerationService, SamplingInput
 from services.inference.settings import InferenceSettings
 
 MODEL = BUNDLED["id"]
@@ -39,9 +39,16 @@ def copy_of_bundled(tmp_path: Path, name: str) -> dict:
     return {"id": name, "source": str(target)}
 
 
+async def generated(generation: GenerationService, *args, **kwargs):
+    """generation.generate's chunks, without its first item (Admitted)."""
+    async for item in generation.generate(*args, **kwargs):
+        if not isinstance(item, Admitted):
+            yield item
+
+
 async def collect(generation: GenerationService, model: str, text: str, **sampling) -> tuple[str, object]:
     parts, last = [], None
-    async for _, chunk in generation.generate(model, [{"role": "user", "content": text}], "", SamplingInput(**sampling)):
+    async for chunk in generated(generation, model, [{"role": "user", "content": text}], "", SamplingInput(**sampling)):
         parts.append(chunk.text)
         last = chunk
     return "".join(parts), last
@@ -111,7 +118,7 @@ async def test_next_turn_reuses_the_cached_prefix(tmp_path: Path) -> None:
     first_text, first = await collect(generation, MODEL, chat[0]["content"], max_tokens=20, temperature=0)
     chat += [{"role": "assistant", "content": first_text}, {"role": "user", "content": "And the sky?"}]
     last = None
-    async for _, chunk in generation.generate(MODEL, chat, "", SamplingInput(max_tokens=5, temperature=0)):
+    async for chunk in generated(generation, MODEL, chat, "", SamplingInput(max_tokens=5, temperature=0)):
         last = chunk
     # Everything up to the end of the first prompt (at least) came from the slot's KV cache.
     assert last.usage.cached_prompt_tokens >= first.usage.prompt_tokens - 1
@@ -125,7 +132,7 @@ async def test_cancellation_frees_the_engine_within_100_ms(tmp_path: Path) -> No
     received = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in generation.generate(MODEL, [{"role": "user", "content": "Tell a long story."}], "",
+        async for _ in generated(generation, MODEL, [{"role": "user", "content": "Tell a long story."}], "",
                                            SamplingInput(max_tokens=2000)):
             received.set()
 

@@ -20,6 +20,7 @@ from services.inference.structured import (
     template_input,
 )
 from tests.unit.inference.test_batch_engine import MODEL, engine  # noqa: F401 - a fixture
+from tests.unit.inference.test_registry_and_engine import generated
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                    "unit": {"enum": ["c", "f"]}},
@@ -240,7 +241,7 @@ def test_what_is_not_a_call_stays_text() -> None:
 async def collect(generation, model: str, structure: Structure, n: int = 1, **sampling) -> list[dict]:
     choices = [{"text": "", "calls": [], "reason": None} for _ in range(n)]
     messages = [{"role": "user", "content": "What is the weather in Paris? Describe a person as JSON."}]
-    async for _, chunk in generation.generate(model, messages, "", SamplingInput(**sampling), n=n, structure=structure):
+    async for chunk in generated(generation, model, messages, "", SamplingInput(**sampling), n=n, structure=structure):
         choices[chunk.index]["text"] += chunk.text
         choices[chunk.index]["calls"] += chunk.tool_calls
         choices[chunk.index]["reason"] = chunk.finish_reason or choices[chunk.index]["reason"]

@@ -1,17 +1,17 @@
-"""Tool turns through SessionService with a scripted inference and cache: calls are streamed and
-stored, the next turn answers them, wrong answers are 400s that store nothing, and a cached call
-comes back under a new id."""
+"""Tool turns through SessionService with a scripted inference: calls are streamed and stored, the
+next turn answers them, and wrong answers are 400s that store nothing. (A cached call replayed under
+a new id: tests/unit/test_completion_flow.py.)"""
 
 from __future__ import annotations
 
 import json
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
-from parley.cache.v1 import cache_pb2
 from parley.inference.v1 import inference_pb2 as pb
 from parley.session.v1 import session_pb2
 
@@ -28,17 +28,14 @@ USAGE = pb.Usage(prompt_tokens=40, completion_tokens=9, total_tokens=49)
 
 
 class Generation:
-    """A Generate call: its scripted responses, async-iterable and cancellable like grpc.aio's."""
+    """A Generate call: `start`, then its scripted responses, read and cancelled like grpc.aio's."""
 
     def __init__(self, responses: list[pb.GenerateResponse]) -> None:
-        self.responses = responses
+        self.responses = [pb.GenerateResponse(start=pb.GenerateStart(model="tiny", model_fingerprint="f1")),
+                          *responses]
 
-    def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
-        return self._stream()
-
-    async def _stream(self) -> AsyncIterator[pb.GenerateResponse]:
-        for response in self.responses:
-            yield response
+    async def read(self) -> pb.GenerateResponse | object:
+        return self.responses.pop(0) if self.responses else grpc.aio.EOF
 
     def cancel(self) -> None:
         pass
@@ -50,41 +47,10 @@ class Inference:
     def __init__(self) -> None:
         self.scripts: list[list[pb.GenerateResponse]] = []
         self.requests: list[pb.GenerateRequest] = []
-        self.counted: list[pb.CountTokensRequest] = []
-
-    async def GetModel(self, request: pb.GetModelRequest, **_: Any) -> pb.Model:
-        return pb.Model(id="tiny", fingerprint="f1")
-
-    async def CountTokens(self, request: pb.CountTokensRequest, **_: Any) -> pb.CountTokensResponse:
-        self.counted.append(request)
-        return pb.CountTokensResponse(total_tokens=10 * len(request.messages) + 5,
-                                      message_tokens=[10] * len(request.messages), context_length=4096)
 
     def Generate(self, request: pb.GenerateRequest, **_: Any) -> Generation:
         self.requests.append(request)
         return Generation(self.scripts.pop(0))
-
-
-class Cache:
-    def __init__(self) -> None:
-        self.entries: dict[bytes, cache_pb2.CachedCompletion] = {}
-
-    @staticmethod
-    def _key(key: cache_pb2.CompletionKey) -> bytes:
-        return key.SerializeToString(deterministic=True)
-
-    async def lookup(self, key: cache_pb2.CompletionKey) -> cache_pb2.CachedCompletion | None:
-        return self.entries.get(self._key(key))
-
-    async def store(self, key: cache_pb2.CompletionKey, completion: cache_pb2.CachedCompletion) -> bool:
-        self.entries[self._key(key)] = completion
-        return True
-
-    async def check_rate_limit(self) -> None:
-        pass
-
-    async def record_usage(self, tokens: int) -> None:
-        pass
 
 
 @pytest.fixture
@@ -104,14 +70,12 @@ def service(store: SqliteSessionStore, inference: Inference, monkeypatch: pytest
     # The caller, as the identity interceptor would have set it.
     alice = Identity("alice", "alice", frozenset({"user"}))
     monkeypatch.setattr("services.session.service.current_identity", lambda: alice)
-    return SessionService(store, SessionSettings(), inference, Cache())  # type: ignore[arg-type]
+    return SessionService(store, SessionSettings(), inference)  # type: ignore[arg-type]
 
 
 async def turn(service: SessionService, session_id: str, content: str = "", **fields: Any) -> list[session_pb2.ChatResponse]:
     request = session_pb2.ChatRequest(session_id=session_id, content=content, **fields)
-    events = [event async for event in service.chat(request)]
-    await service.close()  # lets the cache store finish
-    return events
+    return [event async for event in service.chat(request)]
 
 
 def calls_of(events: list[session_pb2.ChatResponse]) -> list[pb.ToolCall]:
@@ -131,8 +95,7 @@ async def test_calls_are_streamed_stored_and_answered_next_turn(service: Session
     assert calls_of(events) == [CALL]
     assert events[-1].done.finish_reason == pb.FINISH_REASON_TOOL_CALLS
     assert inference.requests[0].structured.tool_choice_function == "get_weather"
-    # The history was fitted with the tools' description counted.
-    assert inference.counted[0].structured == inference.requests[0].structured
+    assert inference.requests[0].fit.keep_last == 1
     asked = store.list_messages("alice", sid)[-1]
     assert (asked.role, asked.status, [c.id for c in asked.tool_calls]) == ("assistant", "complete", ["call_oslo"])
 
@@ -146,7 +109,7 @@ async def test_calls_are_streamed_stored_and_answered_next_turn(service: Session
     assert [(m.role, m.content, [c.id for c in m.tool_calls], m.tool_call_id) for m in sent] == [
         ("system", "Be brief.", [], ""), ("user", "Weather in Oslo?", [], ""), ("assistant", "", ["call_oslo"], ""),
         ("tool", "12 C", [], "call_oslo")]
-    assert inference.counted[-1].messages == sent
+    assert inference.requests[1].fit.keep_last == 2  # the result stays with the answer whose call it answers
     stored = store.list_messages("alice", sid)
     assert [(m.role, m.content) for m in stored[2:]] == [("tool", "12 C"), ("assistant", "It is 12 C in Oslo.")]
     assert stored[2].id == start.tool_message_ids[0] and stored[2].tool_call_id == "call_oslo"
@@ -181,25 +144,6 @@ async def test_an_answered_call_cannot_be_answered_again(service: SessionService
     await turn(service, sid, tool_results=[result])
     with pytest.raises(InvalidArgument, match="'call_oslo' answers no unanswered"):
         await turn(service, sid, tool_results=[result])
-
-
-async def test_a_cached_call_is_replayed_under_a_new_id(service: SessionService, store: SqliteSessionStore,
-                                                        inference: Inference) -> None:
-    greedy = pb.SamplingParams(temperature=0)
-    first, second = (store.create_session("alice", title="", model="", system_prompt="", sampling={}).id
-                     for _ in range(2))
-    called_weather(inference)
-    await turn(service, first, "Weather in Oslo?", structured=WEATHER, sampling=greedy)
-    events = await turn(service, second, "Weather in Oslo?", structured=WEATHER, sampling=greedy)
-    assert events[-1].done.cached and events[-1].done.finish_reason == pb.FINISH_REASON_TOOL_CALLS
-    [replayed] = calls_of(events)
-    assert (replayed.name, replayed.arguments) == (CALL.name, CALL.arguments) and replayed.id != CALL.id
-    assert store.list_messages("alice", second)[-1].tool_calls[0].id == replayed.id
-    # Without the tools the same question is another request.
-    inference.scripts.append([pb.GenerateResponse(text="Sunny.", finish_reason=pb.FINISH_REASON_STOP, usage=USAGE)])
-    events = await turn(service, store.create_session("alice", title="", model="", system_prompt="", sampling={}).id,
-                        "Weather in Oslo?", sampling=greedy)
-    assert not events[-1].done.cached and calls_of(events) == []
 
 
 async def test_a_stream_closed_after_its_first_pieces_keeps_what_was_sent(service: SessionService,
