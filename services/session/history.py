@@ -57,6 +57,19 @@ def check_tool_results(past: Sequence[Turn], call_ids: Sequence[str]) -> None:
         seen.add(call_id)
 
 
+def consistent(past: Sequence[Turn]) -> list[Turn]:
+    """`past` without tool messages that answer no call made before them (a deleted response's
+    calls): a chat that holds one is not valid to send."""
+    called: set[str] = set()
+    kept = []
+    for turn in past:
+        if turn.role == "tool" and turn.tool_call_id not in called:
+            continue
+        called.update(c.id for c in turn.tool_calls)
+        kept.append(turn)
+    return kept
+
+
 def title_from(content: str, limit: int = 60) -> str:
     """A session title from its first message: the first line, cut at a word boundary."""
     line = next((ln.strip() for ln in content.splitlines() if ln.strip()), "")

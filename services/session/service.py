@@ -24,7 +24,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -41,7 +42,7 @@ from services.session import history
 from services.session.settings import SessionSettings
 from services.session.store import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
-    SessionCursor, SessionRecord, SessionStore,
+    SessionCursor, SessionRecord, SessionStore, TurnMessages,
 )
 
 log = logging.getLogger("parley.session")
@@ -88,6 +89,37 @@ def sent(turn: history.Turn) -> bool:
     """Whether a stored message goes to the model: an empty answer (one that failed before its first
     token) says nothing, but an answer that only called tools does, and so does every tool result."""
     return bool(turn.content or turn.tool_calls or turn.role == ROLE_TOOL)
+
+
+def compose(system_prompt: str, past: Sequence[history.Turn],
+            new: Sequence[history.Turn]) -> tuple[list[inference_pb2.ChatMessage], int]:
+    """The messages to send — the system prompt, the stored history, the new turn — and how many of
+    the newest must be kept when inference fits them to the context window. Tool results that open
+    the new turn answer calls of the latest answer, and stay together with it."""
+    turns = [history.Turn("system", system_prompt)] if system_prompt else []
+    sendable = [t for t in history.consistent(past) if sent(t)]
+    turns += history.newest(sendable, structured.MAX_MESSAGES - len(turns) - max(1, len(new)))
+    keep_last = len(new)
+    answers = [i for i, t in enumerate(turns) if t.role == ROLE_ASSISTANT]
+    if new and new[0].role == ROLE_TOOL and answers:
+        keep_last += len(turns) - answers[-1]
+    chat = [t.message() for t in [*turns, *new]]
+    structured.validate_messages(chat)
+    return [structured.message_to_proto(m) for m in chat], keep_last
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one answer asks of inference."""
+
+    model: str
+    messages: list[inference_pb2.ChatMessage]
+    keep_last: int
+    sampling: inference_pb2.SamplingParams
+    structure: inference_pb2.StructuredOutput
+    # The x-parley-session-id value: the session, so a conversation stays on the replica (and slot)
+    # that holds its KV cache.
+    affinity: str
 
 
 def encode_cursor(kind: str, *values: Any) -> str:
@@ -229,77 +261,94 @@ class SessionService:
         for i, result in enumerate(request.tool_results):
             self._check_text(f"tool_results[{i}].content", result.content, self.settings.max_message_chars)
         session = await asyncio.to_thread(self.store.get_session, who.user_id, request.session_id)
-        if session.id in self._running:
-            raise Aborted("an answer is already being generated in this session; wait for it or stop it first")
-        self._running.add(session.id)
-        try:
+        with self.hold_turn(session.id):
             # Closing this stream closes the turn's own at once (not when it is garbage), so the
             # answer is saved before the next turn may start.
             async with contextlib.aclosing(self._turn(who, session, request)) as events:
                 async for event in events:
                     yield event
+
+    @contextlib.contextmanager
+    def hold_turn(self, session_id: str) -> Iterator[None]:
+        """One turn at a time per session (a chat turn or a stored response): Aborted (409) while
+        another runs."""
+        if session_id in self._running:
+            raise Aborted("an answer is already being generated in this session; wait for it or stop it first")
+        self._running.add(session_id)
+        try:
+            yield
         finally:
-            self._running.discard(session.id)
+            self._running.discard(session_id)
 
     async def _turn(self, who: Identity, session: SessionRecord,
                     request: session_pb2.ChatRequest) -> AsyncIterator[session_pb2.ChatResponse]:
-        metadata = (*forward_credentials(who), (AFFINITY_HEADER, session.id))
         params = merge_sampling(sampling_from_dict(session.sampling), request.sampling)
         check_sampling(params)
         # Checked (and schemas made canonical) before anything is stored.
         structure = structured.to_proto(structured.from_proto(request.structured))
         content = request.content if request.content.strip() else ""
         results = [(r.tool_call_id, r.content) for r in request.tool_results]
-        messages, keep_last = await self._prompt(session, content, results)
-        # One round trip: inference checks the rate limit, resolves the model, fits the history to its
-        # context window, answers from the response cache or admits the generation, and only then
-        # says `start`. An error before it (unknown model, too long, rate limited, no room) is this
-        # call's status, and nothing is stored.
+        past = [turn_of(m) for m in await asyncio.to_thread(self.store.list_messages, session.owner, session.id)]
+        history.check_tool_results(past, [call_id for call_id, _ in results])
+        new = [history.Turn(ROLE_TOOL, text, tool_call_id=call_id) for call_id, text in results]
+        new += [history.Turn(ROLE_USER, content)] if content else []
+        messages, keep_last = compose(session.system_prompt, past, new)
+
+        def store(start: inference_pb2.GenerateStart) -> TurnMessages:
+            return self.store.start_turn(who.user_id, session.id, content, start.model,
+                                         history.title_from(content)[: self.settings.max_title_chars],
+                                         tool_results=results)
+
+        generation = Generation(request.model or session.model, messages, keep_last, params, structure, session.id)
+        async with contextlib.aclosing(self.generate(who, generation, store)) as events:
+            async for event in events:
+                yield event
+
+    async def generate(self, who: Identity, generation: Generation,
+                       store: Callable[[inference_pb2.GenerateStart], TurnMessages | None],
+                       ) -> AsyncIterator[session_pb2.ChatResponse]:
+        """One answer: the turn's one round trip to inference, with `store` run (in a thread) once
+        inference says `start`; then the answer's events, saved into the stored assistant message
+        however the stream ends. `store` returning None keeps nothing (a Responses `store: false`).
+
+        Inference checks the rate limit, resolves the model, fits the history to its context window,
+        answers from the response cache or admits the generation, and only then says `start`. An
+        error before it (unknown model, too long, rate limited, no room) is this call's status, and
+        nothing is stored. Events: start, delta…, then done or error."""
+        metadata = (*forward_credentials(who), (AFFINITY_HEADER, generation.affinity))
         call = self.inference.Generate(
             inference_pb2.GenerateRequest(
-                model=request.model or session.model, messages=messages, sampling=params, structured=structure,
-                fit=inference_pb2.HistoryFit(keep_last=keep_last, reserve_tokens=self.settings.answer_reserve_tokens)),
+                model=generation.model, messages=generation.messages, sampling=generation.sampling,
+                structured=generation.structure,
+                fit=inference_pb2.HistoryFit(keep_last=generation.keep_last,
+                                             reserve_tokens=self.settings.answer_reserve_tokens)),
             metadata=metadata, timeout=self.settings.inference_timeout_seconds)
         try:
             first = await call.read()
             if first is grpc.aio.EOF or not first.HasField("start"):
                 raise Unavailable("inference ended the answer before it started; try again")
             start = first.start
-            stored = await asyncio.to_thread(
-                self.store.start_turn, who.user_id, session.id, content, start.model,
-                history.title_from(content)[: self.settings.max_title_chars], tool_results=results)
+            stored = await asyncio.to_thread(store, start)
         except BaseException:
             call.cancel()
             raise
         yield session_pb2.ChatResponse(start=session_pb2.ChatStart(
-            user_message_id=stored.user.id if stored.user else "", assistant_message_id=stored.answer.id,
-            model=start.model, tool_message_ids=[m.id for m in stored.tools], dropped_messages=start.dropped_messages))
-        async with contextlib.aclosing(self._answer(stored.answer, call, start.cached, session.id)) as events:
+            user_message_id=stored.user.id if stored and stored.user else "",
+            assistant_message_id=stored.answer.id if stored else "",
+            model=start.model, tool_message_ids=[m.id for m in stored.tools] if stored else [],
+            dropped_messages=start.dropped_messages))
+        answer = stored.answer if stored else None
+        async with contextlib.aclosing(self._answer(answer, call, start.cached, generation.affinity)) as events:
             async for event in events:
                 yield event
 
-    async def _prompt(self, session: SessionRecord, content: str,
-                      tool_results: Sequence[tuple[str, str]]) -> tuple[list[inference_pb2.ChatMessage], int]:
-        """The messages to send — system prompt, the stored history, the new turn (tool results, then
-        the user's message) — and how many of the newest must be kept when inference fits them to
-        the context window. Tool results must answer open calls of the latest answer, and stay
-        together with it."""
-        past = [turn_of(m) for m in await asyncio.to_thread(self.store.list_messages, session.owner, session.id)]
-        history.check_tool_results(past, [call_id for call_id, _ in tool_results])
-        turns = [history.Turn("system", session.system_prompt)] if session.system_prompt else []
-        turns += history.newest([t for t in past if sent(t)], structured.MAX_MESSAGES - len(turns) - len(tool_results) - 1)
-        new = [history.Turn(ROLE_TOOL, text, tool_call_id=call_id) for call_id, text in tool_results]
-        new += [history.Turn(ROLE_USER, content)] if content else []
-        keep_last = len(new)
-        if tool_results:  # kept together with the answer whose calls they answer, the latest one
-            keep_last += len(turns) - max(i for i, t in enumerate(turns) if t.role == ROLE_ASSISTANT)
-        chat = [t.message() for t in turns + new]
-        structured.validate_messages(chat)
-        return [structured.message_to_proto(m) for m in chat], keep_last
+    def _save(self, answer: MessageRecord | None, **fields: Any) -> None:
+        if answer is not None:
+            self.store.save_answer(answer.id, **fields)
 
-    async def _answer(self, answer: MessageRecord, call: grpc.aio.UnaryStreamCall, cached: bool,
+    async def _answer(self, answer: MessageRecord | None, call: grpc.aio.UnaryStreamCall, cached: bool,
                       session_id: str) -> AsyncIterator[session_pb2.ChatResponse]:
-        """Streams the answer after `start` and saves it however it ends."""
+        """Streams the answer after `start` and saves it however it ends (nothing without `answer`)."""
         parts: list[str] = []
         calls: list[ToolCall] = []
         last: inference_pb2.GenerateResponse | None = None
@@ -314,7 +363,7 @@ class SessionService:
                 if response.HasField("usage"):
                     last = response
                 if time.monotonic() - checkpoint >= self.settings.checkpoint_seconds:
-                    await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts),
+                    await asyncio.to_thread(self._save, answer, content="".join(parts),
                                             status=STATUS_INCOMPLETE, tool_calls=calls)
                     checkpoint = time.monotonic()
         except (asyncio.CancelledError, GeneratorExit):
@@ -322,26 +371,26 @@ class SessionService:
             # waited at a `yield`. Cancelling the call ends the generation (inference records what
             # it used). Save synchronously: an await here could be cancelled again.
             call.cancel()
-            self.store.save_answer(answer.id, content="".join(parts), status=STATUS_INCOMPLETE,
+            self._save(answer, content="".join(parts), status=STATUS_INCOMPLETE,
                                    completion_tokens=len(parts), tool_calls=calls)
             raise
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or exc.code().name
             log.warning("generation failed", extra={"fields": {"code": code.name, "session_id": session_id}})
-            await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts), status=STATUS_ERROR,
+            await asyncio.to_thread(self._save, answer, content="".join(parts), status=STATUS_ERROR,
                                     completion_tokens=len(parts), error=f"{code.name}: {details}", tool_calls=calls)
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code=code.name, message=details))
             return
         if last is None:
             # A stream that ended without its final message: keep what arrived, as incomplete.
-            await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts), status=STATUS_INCOMPLETE,
+            await asyncio.to_thread(self._save, answer, content="".join(parts), status=STATUS_INCOMPLETE,
                                     completion_tokens=len(parts), tool_calls=calls)
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code="UNAVAILABLE",
                                                                        message="the answer ended unexpectedly"))
             return
         # A cancelled answer is incomplete; one that ended with tool calls is complete like any other.
         status = STATUS_INCOMPLETE if last.finish_reason == inference_pb2.FINISH_REASON_CANCELLED else STATUS_COMPLETE
-        await asyncio.to_thread(self.store.save_answer, answer.id, content="".join(parts), status=status,
+        await asyncio.to_thread(self._save, answer, content="".join(parts), status=status,
                                 prompt_tokens=last.usage.prompt_tokens, completion_tokens=last.usage.completion_tokens,
                                 tool_calls=calls)
         yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=last.usage, finish_reason=last.finish_reason,

@@ -21,13 +21,14 @@ import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from services.core.errors import NotFound
 from services.core.sqlite import Database
 from services.core.structured import ToolCall
+from services.session.history import Turn
 
 ROLE_USER = "user"
 ROLE_ASSISTANT = "assistant"
@@ -72,6 +73,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN tool_calls TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE messages ADD COLUMN tool_call_id TEXT NOT NULL DEFAULT '';
+    """,
+    # Responses API: what a response's request said beyond its messages, by the assistant message
+    # that answers it. input_count: how many messages just before it were that request's input.
+    """
+    CREATE TABLE responses (
+        message_id TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        request TEXT NOT NULL,
+        input_count INTEGER NOT NULL,
+        finish_reason TEXT NOT NULL DEFAULT ''
+    );
     """,
 )
 
@@ -119,6 +130,31 @@ class TurnMessages:
 
 
 @dataclass(frozen=True)
+class SessionDraft:
+    """The session a stored response starts: a new one, or (with `source`) a fork that copies the
+    messages of the caller's session `source` up to and including the one at `through_seq`."""
+
+    title: str
+    model: str
+    system_prompt: str = ""
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+    through_seq: int = 0
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """An assistant message seen as a Responses API response. `request` is None for an answer of a
+    chat turn (then its input is the turn's tool results and user message)."""
+
+    session: SessionRecord
+    message: MessageRecord
+    request: Mapping[str, Any] | None
+    input_count: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
 class SessionCursor:
     """Where a page of sessions ends."""
 
@@ -158,6 +194,30 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]: ...
 
+    # The Responses API: a response is an assistant message, with its request kept beside it.
+
+    @abc.abstractmethod
+    def start_response(self, owner: str, session_id: str, inputs: Sequence[Turn], model: str,
+                       request: Mapping[str, Any], *, draft: SessionDraft | None = None) -> TurnMessages:
+        """Stores in one transaction: the session `draft` describes (instead of using `session_id`),
+        the `inputs` as messages, an empty incomplete assistant message, and `request` beside it."""
+
+    @abc.abstractmethod
+    def finish_response(self, message_id: str, finish_reason: str) -> None: ...
+
+    @abc.abstractmethod
+    def get_response(self, owner: str, message_id: str) -> StoredResponse:
+        """NOT_FOUND unless `message_id` is an assistant message in one of the owner's sessions."""
+
+    @abc.abstractmethod
+    def response_inputs(self, owner: str, message_id: str) -> list[MessageRecord]:
+        """The messages a response answered: its request's input, or a chat turn's tool results and
+        user message. Oldest first."""
+
+    @abc.abstractmethod
+    def delete_response(self, owner: str, message_id: str) -> None:
+        """Deletes a response's input messages and its answer; a session left empty goes too."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -176,6 +236,10 @@ def _message(row: Any) -> MessageRecord:
 
 def _calls_json(calls: Sequence[ToolCall]) -> str:
     return json.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls])
+
+
+def response_not_found(message_id: str) -> NotFound:
+    return NotFound(f"response 'resp_{message_id}' not found")
 
 
 def not_found(session_id: str) -> NotFound:
@@ -268,6 +332,85 @@ class SqliteSessionStore(SessionStore):
         rows = self.db.read("SELECT * FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                             (session_id, after_seq, -1 if limit is None else limit))
         return [_message(r) for r in rows]
+
+    def start_response(self, owner: str, session_id: str, inputs: Sequence[Turn], model: str,
+                       request: Mapping[str, Any], *, draft: SessionDraft | None = None) -> TurnMessages:
+        now = time.time()
+        with self.db.transaction() as db:
+            if draft is not None:
+                session_id = uuid.uuid4().hex
+                db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (session_id, owner, draft.title, draft.model, draft.system_prompt,
+                            json.dumps(dict(draft.sampling)), now, now))
+                if draft.source:
+                    if not db.execute("SELECT 1 FROM sessions WHERE id = ? AND owner = ?",
+                                      (draft.source, owner)).fetchall():
+                        raise not_found(draft.source)
+                    history = [_message(r) for r in db.execute(
+                        "SELECT * FROM messages WHERE session_id = ? AND seq <= ? ORDER BY seq",
+                        (draft.source, draft.through_seq)).fetchall()]
+                    for m in history:  # copies under new ids: an id names one message of one session
+                        self._insert(db, session_id, replace(m, id=uuid.uuid4().hex), m.created_at)
+            elif db.execute("UPDATE sessions SET updated_at = ? WHERE id = ? AND owner = ?",
+                            (now, session_id, owner)).rowcount == 0:
+                raise not_found(session_id)
+            stored = [MessageRecord(uuid.uuid4().hex, session_id, t.role, t.content, model, STATUS_COMPLETE, now,
+                                    tool_calls=tuple(t.tool_calls), tool_call_id=t.tool_call_id) for t in inputs]
+            answer = MessageRecord(uuid.uuid4().hex, session_id, ROLE_ASSISTANT, "", model, STATUS_INCOMPLETE, now)
+            for m in (*stored, answer):
+                self._insert(db, session_id, m, now)
+            db.execute("INSERT INTO responses (message_id, request, input_count) VALUES (?, ?, ?)",
+                       (answer.id, json.dumps(dict(request)), len(stored)))
+        return TurnMessages(next((m for m in stored if m.role == ROLE_USER), None), answer,
+                            tuple(m for m in stored if m.role == ROLE_TOOL))
+
+    @staticmethod
+    def _insert(db: Any, session_id: str, m: MessageRecord, now: float) -> None:
+        db.execute("INSERT INTO messages (id, session_id, role, content, model, prompt_tokens, completion_tokens, "
+                   "status, error, created_at, tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (m.id, session_id, m.role, m.content, m.model, m.prompt_tokens, m.completion_tokens, m.status,
+                    m.error, now, _calls_json(m.tool_calls), m.tool_call_id))
+
+    def finish_response(self, message_id: str, finish_reason: str) -> None:
+        with self.db.transaction() as db:
+            db.execute("UPDATE responses SET finish_reason = ? WHERE message_id = ?", (finish_reason, message_id))
+
+    def get_response(self, owner: str, message_id: str) -> StoredResponse:
+        rows = self.db.read(
+            "SELECT m.*, r.request AS response_request, r.input_count AS response_inputs, "
+            "r.finish_reason AS response_finish FROM messages m JOIN sessions s ON s.id = m.session_id "
+            "LEFT JOIN responses r ON r.message_id = m.id WHERE m.id = ? AND s.owner = ? AND m.role = ?",
+            (message_id, owner, ROLE_ASSISTANT))
+        if not rows:
+            raise response_not_found(message_id)
+        row = rows[0]
+        request = row["response_request"]
+        return StoredResponse(self.get_session(owner, row["session_id"]), _message(row),
+                              None if request is None else json.loads(request), row["response_inputs"] or 0,
+                              row["response_finish"] or "")
+
+    def response_inputs(self, owner: str, message_id: str) -> list[MessageRecord]:
+        found = self.get_response(owner, message_id)
+        earlier = [_message(r) for r in self.db.read(
+            "SELECT * FROM messages WHERE session_id = ? AND seq < ? ORDER BY seq",
+            (found.session.id, found.message.seq))]
+        if found.request is not None:
+            return earlier[len(earlier) - found.input_count:] if found.input_count else []
+        start = len(earlier)  # a chat turn: what came after the previous answer
+        while start > 0 and earlier[start - 1].role != ROLE_ASSISTANT:
+            start -= 1
+        return earlier[start:]
+
+    def delete_response(self, owner: str, message_id: str) -> None:
+        found = self.get_response(owner, message_id)
+        doomed = [m.id for m in self.response_inputs(owner, message_id)] + [message_id]
+        with self.db.transaction() as db:
+            for id_ in doomed:
+                db.execute("DELETE FROM messages WHERE id = ?", (id_,))
+            if not db.execute("SELECT 1 FROM messages WHERE session_id = ? LIMIT 1", (found.session.id,)).fetchall():
+                db.execute("DELETE FROM sessions WHERE id = ?", (found.session.id,))
+            else:
+                db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (time.time(), found.session.id))
 
     def schema_version(self) -> int:
         return self.db.schema_version()
