@@ -45,7 +45,7 @@ PUBLIC_SERVICES = {
 
 # Server-streaming methods: they may run as long as generation does.
 STREAMING_METHODS = {
-    "session": ("/parley.session.v1.SessionService/Chat",),
+    "session": ("/parley.session.v1.SessionService/Chat", "/parley.session.v1.SessionService/CreateResponse"),
     "inference": (
         "/parley.inference.v1.InferenceService/Generate",
         "/parley.inference.v1.InferenceService/CreateChatCompletion",
@@ -107,7 +107,8 @@ function envoy_on_request(handle)
   end
   if path == "/healthz" then
     healthz(handle)
-  elseif string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1 then
+  elseif string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1
+      or string.find(path, "/v1/responses", 1, true) == 1 then
     handle:streamInfo():dynamicMetadata():set("parley", "openai", "1")
   end
 end

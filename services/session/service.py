@@ -159,7 +159,7 @@ class SessionService:
             raise InvalidArgument("page_size must not be negative")
         return min(requested or self.settings.default_page_size, self.settings.max_page_size)
 
-    def _check_text(self, name: str, value: str, limit: int) -> None:
+    def check_text(self, name: str, value: str, limit: int) -> None:
         if len(value) > limit:
             raise InvalidArgument(f"{name} is {len(value)} characters; the limit is {limit}")
 
@@ -176,9 +176,9 @@ class SessionService:
 
     async def _check_fields(self, fields: Mapping[str, Any], who: Identity) -> None:
         if "title" in fields:
-            self._check_text("title", fields["title"], self.settings.max_title_chars)
+            self.check_text("title", fields["title"], self.settings.max_title_chars)
         if "system_prompt" in fields:
-            self._check_text("system_prompt", fields["system_prompt"], self.settings.max_system_prompt_chars)
+            self.check_text("system_prompt", fields["system_prompt"], self.settings.max_system_prompt_chars)
         if "sampling" in fields:
             check_sampling(sampling_from_dict(fields["sampling"]))
         if "model" in fields:
@@ -257,9 +257,9 @@ class SessionService:
         who = current_identity()
         if not request.content.strip() and not request.tool_results:
             raise InvalidArgument("content must not be empty (unless the turn gives tool_results)")
-        self._check_text("content", request.content, self.settings.max_message_chars)
+        self.check_text("content", request.content, self.settings.max_message_chars)
         for i, result in enumerate(request.tool_results):
-            self._check_text(f"tool_results[{i}].content", result.content, self.settings.max_message_chars)
+            self.check_text(f"tool_results[{i}].content", result.content, self.settings.max_message_chars)
         session = await asyncio.to_thread(self.store.get_session, who.user_id, request.session_id)
         with self.hold_turn(session.id):
             # Closing this stream closes the turn's own at once (not when it is garbage), so the
@@ -267,6 +267,10 @@ class SessionService:
             async with contextlib.aclosing(self._turn(who, session, request)) as events:
                 async for event in events:
                     yield event
+
+    def answering(self, session_id: str) -> bool:
+        """Whether a turn of this session is under way."""
+        return session_id in self._running
 
     @contextlib.contextmanager
     def hold_turn(self, session_id: str) -> Iterator[None]:

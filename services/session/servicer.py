@@ -6,10 +6,13 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+from google.api import httpbody_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from parley.session.v1 import session_pb2, session_pb2_grpc
 
 from services.core.structured import calls_to_proto
+from services.session.responses import Responses
+from services.session.responses_wire import JSON
 from services.session.service import SessionService, sampling_from_dict
 from services.session.store import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
@@ -51,6 +54,7 @@ def message_pb(record: MessageRecord) -> session_pb2.Message:
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, service: SessionService) -> None:
         self.service = service
+        self.responses = Responses(service)
 
     async def CreateSession(self, request: session_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext) -> session_pb2.Session:
         return session_pb(await self.service.create_session(request.session))
@@ -80,3 +84,25 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         async with contextlib.aclosing(self.service.chat(request)) as events:  # closed with this stream
             async for event in events:
                 yield event
+
+    # The OpenAI Responses API: OpenAI's JSON and SSE bytes, passed through by the gateway.
+
+    async def CreateResponse(self, request: session_pb2.CreateResponseRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        # Like OpenAI's own API, the body must be JSON whatever content type the client declared.
+        async with contextlib.aclosing(self.responses.create(request.http_body.data)) as parts:
+            async for content_type, data in parts:
+                yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+    async def GetResponse(self, request: session_pb2.GetResponseRequest,
+                          context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        return httpbody_pb2.HttpBody(content_type=JSON, data=await self.responses.get(request.id))
+
+    async def DeleteResponse(self, request: session_pb2.DeleteResponseRequest,
+                             context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        return httpbody_pb2.HttpBody(content_type=JSON, data=await self.responses.delete(request.id))
+
+    async def ListResponseInputItems(self, request: session_pb2.ListResponseInputItemsRequest,
+                                     context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        data = await self.responses.input_items(request.id, request.limit, request.order, request.after)
+        return httpbody_pb2.HttpBody(content_type=JSON, data=data)

@@ -140,6 +140,7 @@ class SessionDraft:
     sampling: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
     through_seq: int = 0
+    id: str = ""  # chosen by the caller (it routes the answer before the session exists), or new
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,7 @@ class SqliteSessionStore(SessionStore):
         now = time.time()
         with self.db.transaction() as db:
             if draft is not None:
-                session_id = uuid.uuid4().hex
+                session_id = draft.id or uuid.uuid4().hex
                 db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (session_id, owner, draft.title, draft.model, draft.system_prompt,
                             json.dumps(dict(draft.sampling)), now, now))
