@@ -19,7 +19,7 @@ from services.core.errors import InvalidArgument
 from services.core.identity import Identity
 from services.session.service import SessionService
 from services.session.settings import SessionSettings
-from services.session.store import SqliteSessionStore
+from services.session.store import SqlSessionStore as SqliteSessionStore
 
 WEATHER = pb.StructuredOutput(tools=[pb.Tool(name="get_weather", parameters='{"type": "object"}')],
                               tool_choice="function", tool_choice_function="get_weather", parallel_tool_calls=False)
