@@ -177,7 +177,9 @@ class DatabaseSettings:
         try:
             from psycopg.conninfo import conninfo_to_dict
 
-            conninfo_to_dict(self.database_url)
+            parts = conninfo_to_dict(self.database_url)
+            if not all(port.strip().isdigit() for port in str(parts.get("port") or "5432").split(",")):
+                raise ValueError("port")
         except ImportError:
             raise ConfigError("PARLEY_DATABASE_URL is set but psycopg is not installed; run `make setup`") from None
         except Exception:  # noqa: BLE001 - libpq's parser says why, but its message may quote the URL
