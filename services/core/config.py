@@ -127,7 +127,8 @@ class CommonSettings:
     session_port: int = setting(50052, min=0, max=65535)
     cache_port: int = setting(50053, min=0, max=65535)
     inference_port: int = setting(50054, min=0, max=65535)
-    # Where to reach each service; empty means 127.0.0.1:<its port>.
+    # Where to reach each service; empty means 127.0.0.1:<its port>. Envoy's config (services/gateway)
+    # also takes several, comma separated (replicas on one machine); the services' channels take one.
     auth_target: str = setting("")
     session_target: str = setting("")
     cache_target: str = setting("")
