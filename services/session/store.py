@@ -210,6 +210,11 @@ class SqlSessionStore(SessionStore):
     def __init__(self, where: Location) -> None:
         """`where`: an SQLite file's path, or DatabaseSettings naming a PostgreSQL database."""
         self.db = open_database(where, MIGRATIONS, "session")
+        if self.db.dialect == "sqlite":
+            # One process owns an SQLite file: leases left by its previous life (killed mid-turn)
+            # belong to nobody, and waiting for them to expire would only delay the next turn.
+            with self.db.transaction() as db:
+                db.execute("DELETE FROM turn_leases")
 
     def close(self) -> None:
         self.db.close()
