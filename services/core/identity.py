@@ -65,6 +65,8 @@ PUBLIC_PREFIXES: tuple[str, ...] = (
 )
 
 
+RETRY_AFTER_SECONDS = 2  # what a caller is told to wait when the auth service cannot answer
+
 @dataclasses.dataclass(frozen=True)
 class IdentitySettings:
     """What every service needs to verify credentials (PARLEY_* variables, shared by all services)."""
@@ -204,7 +206,8 @@ class CredentialVerifier:
             raise
         except grpc.aio.AioRpcError as exc:
             log.warning("API key verification failed", extra={"fields": {"code": exc.code().name}})
-            raise Unavailable("the authentication service is unavailable; try again") from None
+            raise Unavailable("the authentication service is unavailable; try again",
+                              retry_after=RETRY_AFTER_SECONDS) from None
         if ttl > 0:
             if len(self._api_keys) > 10_000:
                 self._api_keys = {k: v for k, v in self._api_keys.items() if v[1] > now}
@@ -231,7 +234,8 @@ class CredentialVerifier:
         except (grpc.aio.AioRpcError, ParleyError) as exc:
             log.warning("cannot fetch the JWKS", extra={"fields": {"error": type(exc).__name__}})
             if not self._keys:
-                raise Unavailable("the authentication service is unavailable; try again") from None
+                raise Unavailable("the authentication service is unavailable; try again",
+                                  retry_after=RETRY_AFTER_SECONDS) from None
             return
         keys = {}
         for jwk in jwks:

@@ -34,7 +34,7 @@ from parley.session.v1 import session_pb2
 
 from services.core import sampling as sampling_rules
 from services.core import structured
-from services.core.errors import Aborted, InvalidArgument, Unavailable
+from services.core.errors import InvalidArgument, Unavailable
 from services.core.identity import Identity, current_identity, forward_credentials
 from services.core.structured import ToolCall
 from services.session import history
@@ -43,6 +43,7 @@ from services.session.store import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
     SessionCursor, SessionRecord, SessionStore,
 )
+from services.session.turns import TurnLeases
 
 log = logging.getLogger("parley.session")
 
@@ -117,8 +118,8 @@ class SessionService:
         self.store = store
         self.settings = settings
         self.inference = inference
-        # Sessions with a turn under way (one process owns the SQLite file; see store.py for more).
-        self._running: set[str] = set()
+        # One turn at a time per session, across replicas (a lease in the store; see turns.py).
+        self._turns = TurnLeases(store, settings.turn_lease_seconds)
 
     # Checks shared by create, update and chat
 
@@ -229,17 +230,12 @@ class SessionService:
         for i, result in enumerate(request.tool_results):
             self._check_text(f"tool_results[{i}].content", result.content, self.settings.max_message_chars)
         session = await asyncio.to_thread(self.store.get_session, who.user_id, request.session_id)
-        if session.id in self._running:
-            raise Aborted("an answer is already being generated in this session; wait for it or stop it first")
-        self._running.add(session.id)
-        try:
+        async with self._turns.hold(session.id):  # Aborted (409) while another turn runs
             # Closing this stream closes the turn's own at once (not when it is garbage), so the
             # answer is saved before the next turn may start.
             async with contextlib.aclosing(self._turn(who, session, request)) as events:
                 async for event in events:
                     yield event
-        finally:
-            self._running.discard(session.id)
 
     async def _turn(self, who: Identity, session: SessionRecord,
                     request: session_pb2.ChatRequest) -> AsyncIterator[session_pb2.ChatResponse]:

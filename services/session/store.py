@@ -1,13 +1,16 @@
-"""Where conversations live: the SessionStore interface and its SQLite implementation.
-
-The interface is what the session service needs and nothing more, so a PostgreSQL implementation
-can fill it later (several session replicas need a shared database; SQLite allows one writer
-process). Every method that takes an `owner` only ever sees that owner's rows: a session of someone
-else is NOT_FOUND, exactly as a session that does not exist.
+"""Where conversations live: the SessionStore interface and its SQL implementation, which runs on
+SQLite (one file, one replica) or PostgreSQL (PARLEY_DATABASE_URL, any number of replicas) through
+services.core.database. Every method that takes an `owner` only ever sees that owner's rows: a
+session of someone else is NOT_FOUND, exactly as a session that does not exist.
 
 A turn stores, in one transaction: the tool messages that answer the previous answer's calls, the
 user's message, and the assistant's (empty, incomplete) message; an assistant message keeps the tool
 calls it made.
+
+One turn at a time per session, across replicas: a turn holds the session's lease (turn_leases), a
+row with a holder and an expiry that the holder renews while the answer streams. Taking it is one
+conditional upsert, so of two replicas racing for it exactly one wins; a replica that dies stops
+renewing and its lease expires (services/session/turns.py).
 
 Ordering: sessions newest activity first (update_time, then id, descending); messages oldest first
 (an insertion sequence). Pages continue from a cursor, so rows added meanwhile neither repeat nor
@@ -22,11 +25,10 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from services.core.database import Location, Migration, open_database
 from services.core.errors import NotFound
-from services.core.sqlite import Database
 from services.core.structured import ToolCall
 
 ROLE_USER = "user"
@@ -39,7 +41,7 @@ STATUS_ERROR = "error"
 # Fields of a session that update_session may change.
 EDITABLE = ("title", "model", "system_prompt", "sampling")
 
-MIGRATIONS: tuple[str, ...] = (
+MIGRATIONS: tuple[Migration, ...] = (
     """
     CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
@@ -72,6 +74,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN tool_calls TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE messages ADD COLUMN tool_call_id TEXT NOT NULL DEFAULT '';
+    """,
+    # The running turn of a session, held by one replica until it ends or its lease expires.
+    """
+    CREATE TABLE turn_leases (
+        session_id TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
     """,
 )
 
@@ -159,6 +169,19 @@ class SessionStore(abc.ABC):
     def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]: ...
 
     @abc.abstractmethod
+    def acquire_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
+        """Takes the session's turn lease for `holder` until now + ttl; False while another holder's
+        lease has not expired. Exactly one of concurrent callers (any replica) gets True."""
+
+    @abc.abstractmethod
+    def renew_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
+        """Extends `holder`'s lease; False if it no longer holds it (it expired and was taken)."""
+
+    @abc.abstractmethod
+    def release_turn(self, session_id: str, holder: str) -> None:
+        """Ends `holder`'s lease (another holder's is left alone)."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
 
@@ -183,9 +206,15 @@ def not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id!r} not found")
 
 
-class SqliteSessionStore(SessionStore):
-    def __init__(self, path: Path) -> None:
-        self.db = Database(path, MIGRATIONS)
+class SqlSessionStore(SessionStore):
+    def __init__(self, where: Location) -> None:
+        """`where`: an SQLite file's path, or DatabaseSettings naming a PostgreSQL database."""
+        self.db = open_database(where, MIGRATIONS, "session")
+        if self.db.dialect == "sqlite":
+            # One process owns an SQLite file: leases left by its previous life (killed mid-turn)
+            # belong to nobody, and waiting for them to expire would only delay the next turn.
+            with self.db.transaction() as db:
+                db.execute("DELETE FROM turn_leases")
 
     def close(self) -> None:
         self.db.close()
@@ -233,6 +262,7 @@ class SqliteSessionStore(SessionStore):
         with self.db.transaction() as db:
             if db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)).rowcount == 0:
                 raise not_found(session_id)
+            db.execute("DELETE FROM turn_leases WHERE session_id = ?", (session_id,))
 
     def start_turn(self, owner: str, session_id: str, content: str, model: str, title: str, *,
                    tool_results: Sequence[tuple[str, str]] = ()) -> TurnMessages:
@@ -265,9 +295,35 @@ class SqliteSessionStore(SessionStore):
 
     def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]:
         self.get_session(owner, session_id)  # the ownership check
-        rows = self.db.read("SELECT * FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                            (session_id, after_seq, -1 if limit is None else limit))
+        sql = "SELECT * FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq"
+        if limit is None:
+            rows = self.db.read(sql, (session_id, after_seq))
+        else:
+            rows = self.db.read(sql + " LIMIT ?", (session_id, after_seq, limit))
         return [_message(r) for r in rows]
+
+    def acquire_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
+        now = time.time()
+        with self.db.transaction() as db:
+            # Inserts, or takes over an expired lease; a live one is left as it is (no row changes).
+            cursor = db.execute(
+                "INSERT INTO turn_leases VALUES (?, ?, ?) ON CONFLICT (session_id) DO UPDATE "
+                "SET holder = excluded.holder, expires_at = excluded.expires_at WHERE turn_leases.expires_at <= ?",
+                (session_id, holder, now + ttl_seconds, now))
+            return cursor.rowcount == 1
+
+    def renew_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
+        with self.db.transaction() as db:
+            cursor = db.execute("UPDATE turn_leases SET expires_at = ? WHERE session_id = ? AND holder = ?",
+                                (time.time() + ttl_seconds, session_id, holder))
+            return cursor.rowcount == 1
+
+    def release_turn(self, session_id: str, holder: str) -> None:
+        with self.db.transaction() as db:
+            db.execute("DELETE FROM turn_leases WHERE session_id = ? AND holder = ?", (session_id, holder))
 
     def schema_version(self) -> int:
         return self.db.schema_version()
+
+
+SqliteSessionStore = SqlSessionStore  # its name before it served PostgreSQL too

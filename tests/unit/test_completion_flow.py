@@ -193,7 +193,9 @@ async def test_a_refused_turn_stores_nothing(flow: Flow, why: str) -> None:
         await flow.turn(sid, "Hello?")
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(refused.value.trailing_metadata() or ()).get("retry-after") == ("7" if why == "rate limit" else "1")
-    assert flow.stored(sid) == before and sid not in flow.session._running
+    assert flow.stored(sid) == before
+    flow.cache.limited, flow.engine.capacity = False, 4
+    assert (await flow.turn(sid, "Again"))[-1].HasField("done")  # no 409: the refused turn let the session go
 
 
 async def test_a_client_that_leaves_keeps_what_it_got_and_the_engine_stops(flow: Flow) -> None:

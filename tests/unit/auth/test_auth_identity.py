@@ -68,7 +68,7 @@ class Env:
 
     def private_key(self) -> tuple[str, Ed25519PrivateKey]:
         """The auth service's current signing key, read from its store (to forge tokens in tests)."""
-        with sqlite3.connect(self.data_dir / auth_app.DB_NAME) as db:
+        with sqlite3.connect(self.data_dir / "auth.db") as db:
             kid, pem = db.execute(
                 "SELECT kid, private_pem FROM signing_keys WHERE retired_at IS NULL").fetchone()
         key = serialization.load_pem_private_key(pem.encode(), password=None)

@@ -1,23 +1,27 @@
-"""SqliteSessionStore: ownership, ordering, paging cursors, turns and migrations, on real SQLite files."""
+"""SqlSessionStore: ownership, ordering, paging cursors, turns, turn leases and migrations, on both
+backends (real SQLite files and a real PostgreSQL) where the behaviour is the same."""
 
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from services.core.database import Location
 from services.core.errors import NotFound
-from services.core.sqlite import Database
+from services.core.sqlite import SqliteDatabase
 from services.core.structured import ToolCall
-from services.session.store import (
-    MIGRATIONS, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, SessionCursor, SqliteSessionStore,
-)
+from services.session.store import MIGRATIONS, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, SessionCursor
+from services.session.store import SqlSessionStore as SqliteSessionStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteSessionStore:
-    s = SqliteSessionStore(tmp_path / "session.db")
+def store(database: Location) -> Iterator[SqliteSessionStore]:
+    s = SqliteSessionStore(database)
     yield s
     s.close()
 
@@ -89,7 +93,7 @@ def test_update_and_delete_cascade(store: SqliteSessionStore) -> None:
     store.delete_session("alice", sid)
     with pytest.raises(NotFound):
         store.get_session("alice", sid)
-    assert store.db.read("SELECT COUNT(*) FROM messages")[0][0] == 0
+    assert store.db.read("SELECT COUNT(*) AS n FROM messages")[0]["n"] == 0
     with pytest.raises(NotFound):
         store.delete_session("alice", sid)
 
@@ -104,7 +108,7 @@ def test_error_answer_keeps_partial_text(store: SqliteSessionStore) -> None:
 
 def test_migration_from_version_1_keeps_old_rows_and_adds_tool_columns(tmp_path: Path) -> None:
     path = tmp_path / "session.db"
-    old = Database(path, MIGRATIONS[:1])
+    old = SqliteDatabase(path, MIGRATIONS[:1])
     with old.transaction() as db:
         db.execute("INSERT INTO sessions VALUES ('s1', 'alice', 'Old', '', '', '{}', 1.0, 2.0)")
         db.execute("INSERT INTO messages (id, session_id, role, content, model, status, created_at) "
@@ -112,7 +116,7 @@ def test_migration_from_version_1_keeps_old_rows_and_adds_tool_columns(tmp_path:
     old.close()
 
     store = SqliteSessionStore(path)
-    assert store.schema_version() == len(MIGRATIONS) == 2
+    assert store.schema_version() == len(MIGRATIONS) == 3
     [message] = store.list_messages("alice", "s1")
     assert (message.content, message.tool_calls, message.tool_call_id) == ("hello from v1", (), "")
     # The old session takes tool turns like a new one.
@@ -146,3 +150,34 @@ def test_tool_turn_stores_results_before_the_user_message(store: SqliteSessionSt
     assert turn.user is not None
     assert [m.role for m in store.list_messages("alice", sid)[5:]] == ["tool", "user", "assistant"]
     assert store.get_session("alice", sid).title == "Weather"
+
+
+def test_one_turn_lease_per_session_until_released_or_expired(store: SqliteSessionStore) -> None:
+    sid, other = new(store), new(store)
+    assert store.acquire_turn(sid, "replica-a", 30)
+    assert not store.acquire_turn(sid, "replica-b", 30)  # held
+    assert store.acquire_turn(other, "replica-b", 30)  # another session is free
+    assert store.renew_turn(sid, "replica-a", 30) and not store.renew_turn(sid, "replica-b", 30)
+    store.release_turn(sid, "replica-b")  # not its lease: nothing happens
+    assert not store.acquire_turn(sid, "replica-b", 30)
+    store.release_turn(sid, "replica-a")
+    assert store.acquire_turn(sid, "replica-b", 0.2)
+    time.sleep(0.3)  # replica-b died: its lease expires and can be taken over
+    assert store.acquire_turn(sid, "replica-c", 30)
+    assert not store.renew_turn(sid, "replica-b", 30)
+    store.delete_session("alice", sid)  # the lease goes with the session
+    assert store.db.read("SELECT COUNT(*) AS n FROM turn_leases WHERE session_id = ?", (sid,))[0]["n"] == 0
+
+
+def test_racing_replicas_get_exactly_one_lease(database: Location) -> None:
+    """Eight stores (eight pools or connections: replicas) race for one session's lease, ten times."""
+    stores = [SqliteSessionStore(database) for _ in range(8)]
+    try:
+        sessions = [new(stores[0]) for _ in range(10)]
+        with ThreadPoolExecutor(8) as pool:
+            for sid in sessions:
+                won = list(pool.map(lambda i: stores[i].acquire_turn(sid, f"replica-{i}", 30), range(8)))
+                assert won.count(True) == 1, won
+    finally:
+        for s in stores:
+            s.close()
