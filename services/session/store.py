@@ -10,7 +10,9 @@ calls it made.
 One turn at a time per session, across replicas: a turn holds the session's lease (turn_leases), a
 row with a holder and an expiry that the holder renews while the answer streams. Taking it is one
 conditional upsert, so of two replicas racing for it exactly one wins; a replica that dies stops
-renewing and its lease expires (services/session/turns.py).
+renewing and its lease expires (services/session/turns.py). On SQLite one process owns the file,
+so the leases live in that process's memory (shared by every store on the file) and a turn costs no
+extra disk write: each would be an fsync on the way to the first token.
 
 Ordering: sessions newest activity first (update_time, then id, descending); messages oldest first
 (an insertion sequence). Pages continue from a cursor, so rows added meanwhile neither repeat nor
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import abc
 import json
+import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -206,15 +210,22 @@ def not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id!r} not found")
 
 
+# SQLite files' turn leases, by file: session id -> (holder, expiry).
+_LOCAL_LEASES: dict[str, dict[str, tuple[str, float]]] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
 class SqlSessionStore(SessionStore):
     def __init__(self, where: Location) -> None:
         """`where`: an SQLite file's path, or DatabaseSettings naming a PostgreSQL database."""
         self.db = open_database(where, MIGRATIONS, "session")
+        self._leases: dict[str, tuple[str, float]] | None = None  # in memory (SQLite), else rows
         if self.db.dialect == "sqlite":
-            # One process owns an SQLite file: leases left by its previous life (killed mid-turn)
-            # belong to nobody, and waiting for them to expire would only delay the next turn.
+            # One process owns an SQLite file: rows left by an earlier version belong to nobody.
             with self.db.transaction() as db:
                 db.execute("DELETE FROM turn_leases")
+            with _LOCAL_LOCK:
+                self._leases = _LOCAL_LEASES.setdefault(os.path.realpath(str(where)), {})
 
     def close(self) -> None:
         self.db.close()
@@ -263,6 +274,9 @@ class SqlSessionStore(SessionStore):
             if db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)).rowcount == 0:
                 raise not_found(session_id)
             db.execute("DELETE FROM turn_leases WHERE session_id = ?", (session_id,))
+        if self._leases is not None:
+            with _LOCAL_LOCK:
+                self._leases.pop(session_id, None)
 
     def start_turn(self, owner: str, session_id: str, content: str, model: str, title: str, *,
                    tool_results: Sequence[tuple[str, str]] = ()) -> TurnMessages:
@@ -304,6 +318,13 @@ class SqlSessionStore(SessionStore):
 
     def acquire_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
         now = time.time()
+        if self._leases is not None:
+            with _LOCAL_LOCK:
+                current = self._leases.get(session_id)
+                if current is not None and current[1] > now:
+                    return False
+                self._leases[session_id] = (holder, now + ttl_seconds)
+                return True
         with self.db.transaction() as db:
             # Inserts, or takes over an expired lease; a live one is left as it is (no row changes).
             cursor = db.execute(
@@ -313,12 +334,23 @@ class SqlSessionStore(SessionStore):
             return cursor.rowcount == 1
 
     def renew_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
+        if self._leases is not None:
+            with _LOCAL_LOCK:
+                if self._leases.get(session_id, ("", 0.0))[0] != holder:
+                    return False
+                self._leases[session_id] = (holder, time.time() + ttl_seconds)
+                return True
         with self.db.transaction() as db:
             cursor = db.execute("UPDATE turn_leases SET expires_at = ? WHERE session_id = ? AND holder = ?",
                                 (time.time() + ttl_seconds, session_id, holder))
             return cursor.rowcount == 1
 
     def release_turn(self, session_id: str, holder: str) -> None:
+        if self._leases is not None:
+            with _LOCAL_LOCK:
+                if self._leases.get(session_id, ("", 0.0))[0] == holder:
+                    del self._leases[session_id]
+            return
         with self.db.transaction() as db:
             db.execute("DELETE FROM turn_leases WHERE session_id = ? AND holder = ?", (session_id, holder))
 
