@@ -8,7 +8,8 @@ import logging
 from parley.inference.v1 import inference_pb2_grpc
 from parley.session.v1 import session_pb2, session_pb2_grpc
 
-from services.core import channels, config, database, identity
+from services.auth import client as auth_client
+from services.core import channels, config, database
 from services.core.config import CommonSettings, DatabaseSettings
 from services.core.server import Registration, ServiceSpec
 from services.session.service import SessionService
@@ -37,5 +38,5 @@ async def build(common: CommonSettings, settings: SessionSettings | None = None,
         name="session",
         registrations=[Registration(name, session_pb2_grpc.add_SessionServiceServicer_to_server, SessionServicer(service))],
         close=close,
-        interceptors=[identity.interceptor(common)],
+        interceptors=[auth_client.interceptor(common)],
     )
