@@ -315,3 +315,11 @@ async def test_an_openai_answer_from_the_cache_has_the_generated_shape(flow: Flo
         answer.pop("id"), answer.pop("created")
     assert again["usage"].pop("prompt_tokens_details") != first["usage"].pop("prompt_tokens_details")
     assert again == first
+
+
+async def test_counting_tokens_is_within_the_rate_limit(flow: Flow) -> None:
+    total, per_message, context = await flow.metered.count_tokens("", [{"role": "user", "content": "one two"}])
+    assert total == 1 + 3 + 1 and context == CONTEXT
+    flow.cache.limited = True
+    with pytest.raises(ResourceExhausted):
+        await flow.metered.count_tokens("", [{"role": "user", "content": "one two"}])
