@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 GENERATED := build/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: help setup gen run test test-unit lint-protos bench k8s-config browser clean
+.PHONY: help setup gen run test test-unit lint-protos bench k8s-config browser postgres clean
 
 help:
 	@echo "make run    - start auth, session, cache, inference and Envoy on http://127.0.0.1:8080"
@@ -61,6 +61,16 @@ $(CHROMIUM):
 
 browser: $(CHROMIUM)
 
+# Debian's PostgreSQL server binaries for the tests on PostgreSQL (tests/postgres_server.py runs a
+# throwaway cluster as an unprivileged user). Installed only when no /usr/lib/postgresql/*/bin/postgres
+# exists; CI runs as root, elsewhere sudo asks. `make run` never needs it (PARLEY_DATABASE_URL names
+# a server of your own).
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	  $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	fi
+
 # `npm ci` trips over the lockfile's optional per-platform buf packages (npm 11); `npm install`
 # honours the same lockfile without that check.
 $(BUF): package.json package-lock.json
@@ -76,10 +86,10 @@ lint-protos: $(BUF) $(GENERATED)
 	$(BUF) format --diff --exit-code protos
 	$(PY) tools/check_breaking.py
 
-test: setup lint-protos $(CHECKOV) $(CHROMIUM)
+test: setup lint-protos $(CHECKOV) $(CHROMIUM) postgres
 	$(PY) tools/run_pytest.py tests
 
-test-unit: setup
+test-unit: setup postgres
 	$(PY) tools/run_pytest.py tests/unit
 
 # LLAMA_SERVER: a llama-server binary to compare against (else $PARLEY_BENCH_LLAMA_SERVER, else

@@ -6,12 +6,16 @@ It generates Envoy's config, starts every process with the same PARLEY_* setting
 GET /healthz is 200 and prints the URL. Ctrl-C or SIGTERM stops every process it started. When a
 process dies, it names it, shows the end of its output and stops the rest.
 
-Tests use the `Stack` class directly with free ports and a temporary data dir.
+Tests use the `Stack` class directly with free ports and a temporary data dir, and may run several
+replicas of a service (on PostgreSQL, PARLEY_DATABASE_URL): the first listens on the service's port,
+the others on free ports, and Envoy balances over all of them; the services' own channels reach the
+first.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import signal
 import socket
@@ -56,12 +60,16 @@ class Process:
     popen: subprocess.Popen[bytes]
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
     log_path: Path | None = None
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0  # a service's gRPC port
 
 
 class Stack:
     """The five processes. `env` holds PARLEY_* overrides on top of this process's environment."""
 
-    def __init__(self, env: dict[str, str] | None = None, echo: bool = False, log_dir: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, echo: bool = False, log_dir: Path | None = None,
+                 replicas: dict[str, int] | None = None) -> None:
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.common = config.load(config.CommonSettings, self.env)
@@ -70,15 +78,25 @@ class Stack:
         self.log_dir = log_dir or self.common.data_dir / "logs"
         self.processes: list[Process] = []
         self._lock = threading.Lock()
+        # Per service, the settings of each replica beyond the first: a port (and metrics port) of its own.
+        self.extra: dict[str, list[dict[str, str]]] = {
+            name: [{f"PARLEY_{name.upper()}_PORT": str(free_port()),
+                    f"PARLEY_{name.upper()}_METRICS_PORT": str(free_port())} for _ in range(count - 1)]
+            for name, count in (replicas or {}).items()}
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.gateway.http_port}"
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def replicas(self, service: str) -> list[Process]:
+        """The running processes of `service`, its first replica first."""
+        return [p for p in self.processes if p.name == service or p.name.startswith(f"{service}-")]
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int = 0) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        popen = child_process(argv, env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        process = Process(name, popen, log_path=self.log_dir / f"{name}.log")
+        env = {**self.env, **(env or {})}
+        popen = child_process(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = Process(name, popen, log_path=self.log_dir / f"{name}.log", argv=argv, env=env, port=port)
         threading.Thread(target=self._pump, args=(process,), daemon=True).start()
         self.processes.append(process)
 
@@ -97,22 +115,33 @@ class Stack:
     def start(self) -> None:
         self.common.data_dir.mkdir(parents=True, exist_ok=True)
         envoy_path = self.common.data_dir / "envoy.yaml"
-        envoy_path.write_text(envoy_config.render(self.gateway, self.common))
+        # Envoy balances over every replica; targets list them all.
+        targets = {f"{name}_target": ",".join(f"127.0.0.1:{port}" for port in self._ports(name))
+                   for name, extra in self.extra.items() if extra}
+        envoy_path.write_text(envoy_config.render(self.gateway, dataclasses.replace(self.common, **targets)))
         for name in SERVICES:
-            self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+            argv = [sys.executable, "-m", f"services.{name}"]
+            self._spawn(name, argv, port=self.common.port_of(name))
+            for number, env in enumerate(self.extra.get(name, []), start=2):
+                self._spawn(f"{name}-{number}", argv, env, port=int(env[f"PARLEY_{name.upper()}_PORT"]))
         self._spawn(
             "gateway",
             [envoy_binary(), "-c", str(envoy_path), "--log-level", "warn", "--disable-hot-restart",
              "--log-format", '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","service":"gateway","message":"%j"}'],
         )
 
+    def _ports(self, service: str) -> list[int]:
+        return [self.common.port_of(service)] + [int(e[f"PARLEY_{service.upper()}_PORT"])
+                                                 for e in self.extra.get(service, [])]
+
     def respawn(self, name: str) -> None:
-        """Starts service `name` again after it died (tests kill one to check what survives)."""
+        """Starts process `name` (a service, or a replica such as session-2) again after it died
+        (tests kill one to check what survives)."""
         process = next(p for p in self.processes if p.name == name)
         if process.popen.poll() is None:
             raise StackError(f"{name} is still running")
         self.processes.remove(process)
-        self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+        self._spawn(name, process.argv, process.env, process.port)
 
     def dead(self) -> Process | None:
         return next((p for p in self.processes if p.popen.poll() is not None), None)

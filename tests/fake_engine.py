@@ -50,7 +50,8 @@ class ScriptedEngine(Engine):
         for task in self._active:
             task.cancel()
 
-    def memory_mib(self) -> int:
+    @classmethod
+    def estimate_mib(cls, path: str, settings: Any) -> int:
         return 1
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 
@@ -11,22 +12,23 @@ from services.auth.service import AuthService
 from services.auth.servicer import AuthServicer, CredentialServicer
 from services.auth.settings import AuthSettings
 from services.auth.store import AuthStore
-from services.core import config
-from services.core.config import CommonSettings
+from services.core import config, database
+from services.core.config import CommonSettings, DatabaseSettings
 from services.core.identity import CredentialVerifier, IdentityInterceptor, IdentitySettings
 from services.core.server import Registration, ServiceSpec
-
-DB_NAME = "auth.db"
 
 log = logging.getLogger("parley.auth")
 
 
 async def build(common: CommonSettings, settings: AuthSettings | None = None,
-                identity_settings: IdentitySettings | None = None) -> ServiceSpec:
+                identity_settings: IdentitySettings | None = None,
+                database_settings: DatabaseSettings | None = None) -> ServiceSpec:
     settings = settings or config.load(AuthSettings)
     identity_settings = identity_settings or config.load(IdentitySettings)
-    log.info("settings", extra={"fields": {**config.describe(settings), **config.describe(identity_settings)}})
-    store = AuthStore(common.data_dir / DB_NAME)
+    database_settings = database_settings or config.load(DatabaseSettings)
+    log.info("settings", extra={"fields": {**config.describe(settings), **config.describe(identity_settings),
+                                           **config.describe(database_settings)}})
+    store = await asyncio.to_thread(AuthStore, database.location(common.data_dir, database_settings, "auth"))
     service = AuthService(store, settings, identity_settings)
     try:
         await service.start()

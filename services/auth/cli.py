@@ -7,7 +7,8 @@
 
 Passwords are read from a prompt (asked twice) or, when stdin is not a terminal, from its first
 line — never from the command line, where other users and shell history would see them. It works
-while the service runs (SQLite WAL). PARLEY_DATA_DIR, or --data-dir, says where the store is.
+while the service runs (SQLite WAL, or PostgreSQL). PARLEY_DATABASE_URL, else PARLEY_DATA_DIR or
+--data-dir, says where the store is.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import getpass
 import sys
 from pathlib import Path
 
-from services.auth.app import DB_NAME
 from services.auth.service import AuthService
 from services.auth.settings import AuthSettings
 from services.auth.store import AuthStore
-from services.core import config
+from services.core import config, database
 from services.core.errors import ParleyError
 from services.core.identity import ROLE_ADMIN, ROLE_USER, IdentitySettings
 
@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             common = dataclasses.replace(common, data_dir=args.data_dir)
         settings = config.load(AuthSettings)
         identity = config.load(IdentitySettings)
+        where = database.location(common.data_dir, config.load(config.DatabaseSettings), "auth")
     except config.ConfigError as exc:
         print(f"auth-cli: configuration error: {exc}", file=sys.stderr)
         return 2
-    store = AuthStore(common.data_dir / DB_NAME)
+    store = AuthStore(where)
     try:
         print(asyncio.run(execute(args, AuthService(store, settings, identity))))
         return 0

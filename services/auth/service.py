@@ -62,7 +62,7 @@ class AuthService:
                                      settings.argon2_parallelism)
         self.tokens = TokenIssuer(store, identity.jwt_issuer, identity.jwt_audience,
                                   settings.access_token_ttl_seconds, settings.signing_keys_dir)
-        self.throttle = LoginThrottle(settings)
+        self.throttle = LoginThrottle(settings, store)
 
     async def start(self) -> None:
         """Loads (or creates) the signing keys and creates the admin user if asked to."""
@@ -96,7 +96,10 @@ class AuthService:
     async def create_admin_if_missing(self, password: str) -> bool:
         if await asyncio.to_thread(self.store.user_by_key, ADMIN_USERNAME) is not None:
             return False
-        await self.create_user(ADMIN_USERNAME, password, (ROLE_USER, ROLE_ADMIN))
+        try:
+            await self.create_user(ADMIN_USERNAME, password, (ROLE_USER, ROLE_ADMIN))
+        except AlreadyExists:  # another replica starting at the same time made it
+            return False
         return True
 
     async def register(self, username: str, password: str) -> tuple[UserRecord, TokenPair]:
@@ -141,7 +144,7 @@ class AuthService:
 
     async def login(self, username: str, password: str, address: str) -> tuple[UserRecord, TokenPair]:
         key = passwords.username_key(username.strip())
-        delay = self.throttle.check(key, address)
+        delay = await asyncio.to_thread(self.throttle.check, key, address)
         if delay:
             await asyncio.sleep(delay)
         user = await asyncio.to_thread(self.store.user_by_key, key) if len(key) <= 64 else None
@@ -149,10 +152,10 @@ class AuthService:
         candidate = password if len(password) <= passwords.MAX_LENGTH else ""
         ok = await asyncio.to_thread(self.hasher.verify, user.password_hash if user else None, candidate)
         if not ok or user is None:
-            self.throttle.failed(key, address)
+            await asyncio.to_thread(self.throttle.failed, key, address)
             log.info("login failed", extra={"fields": {"client": address}})
             raise Unauthenticated("wrong username or password")
-        self.throttle.succeeded(key)
+        await asyncio.to_thread(self.throttle.succeeded, key)
         if self.hasher.needs_rehash(user.password_hash):
             # The cost settings changed: upgrade the stored hash while the password is at hand.
             new_hash = await asyncio.to_thread(self.hasher.hash, password)

@@ -8,7 +8,8 @@ from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from services.auth.service import AuthService, TokenPair
 from services.auth.store import ApiKeyRecord, UserRecord
-from services.core.identity import ROLE_TO_PROTO, current_identity
+from services.auth.client import ROLE_TO_PROTO
+from services.core.identity import current_identity
 
 
 def _timestamp(seconds: float) -> Timestamp:

@@ -1,22 +1,27 @@
-"""AuthStore: users, refresh tokens, API keys and signing keys in one SQLite file.
+"""AuthStore: users, refresh tokens, API keys, signing keys and failed sign-ins, in one SQLite file
+or in PostgreSQL (services.core.database; PARLEY_DATABASE_URL).
 
-The file's handling (WAL, durable commits, migrations, mode 0600 — it holds private signing keys
-and password hashes) is services.core.sqlite's; the async service calls these synchronous methods
-through asyncio.to_thread.
+The database's handling (WAL and mode 0600 for the file — it holds private signing keys and password
+hashes —, the pool, migrations, outages) is services.core's; the async service calls these
+synchronous methods through asyncio.to_thread.
+
+What must hold across replicas holds in the database: a refresh token is used once (a conditional
+UPDATE; of concurrent refreshes exactly one changes the row), a revoked API key is refused by every
+auth replica at once, and failed sign-ins are counted in one place (login_failures, login_lockouts).
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
+from services.core.database import Conflict, Location, Migration, open_database
 from services.core.errors import AlreadyExists
-from services.core.sqlite import Database
 
-MIGRATIONS: tuple[str, ...] = (
+MIGRATIONS: tuple[Migration, ...] = (
     """
     CREATE TABLE users (
         id TEXT PRIMARY KEY,
@@ -56,6 +61,20 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL,
         retired_at REAL,
         verify_until REAL
+    );
+    """,
+    # Failed sign-ins, shared by every replica (services/auth/throttle.py). Keys are hashes of
+    # "u:<username>" or "a:<address>": a password typed into the username field is never stored.
+    """
+    CREATE TABLE login_failures (
+        key TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX login_failures_key ON login_failures(key, at);
+    CREATE INDEX login_failures_at ON login_failures(at);
+    CREATE TABLE login_lockouts (
+        key TEXT PRIMARY KEY,
+        locked_until REAL NOT NULL
     );
     """,
 )
@@ -102,25 +121,25 @@ class SigningKeyRecord:
     verify_until: float | None
 
 
-def _user(row: sqlite3.Row) -> UserRecord:
+def _user(row: Mapping[str, Any]) -> UserRecord:
     return UserRecord(row["id"], row["username"], row["password_hash"],
                       tuple(r for r in row["roles"].split(",") if r), row["created_at"])
 
 
-def _api_key(row: sqlite3.Row) -> ApiKeyRecord:
+def _api_key(row: Mapping[str, Any]) -> ApiKeyRecord:
     return ApiKeyRecord(row["id"], row["user_id"], row["name"], row["prefix"], row["created_at"],
                         row["expires_at"], row["last_used_at"], row["revoked_at"])
 
 
-def _signing_key(row: sqlite3.Row) -> SigningKeyRecord:
+def _signing_key(row: Mapping[str, Any]) -> SigningKeyRecord:
     return SigningKeyRecord(row["kid"], row["private_pem"], row["public_x"], row["created_at"],
                             row["retired_at"], row["verify_until"])
 
 
 class AuthStore:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.db = Database(path, MIGRATIONS)
+    def __init__(self, where: Location) -> None:
+        """`where`: an SQLite file's path, or DatabaseSettings naming a PostgreSQL database."""
+        self.db = open_database(where, MIGRATIONS, "auth")
         self._tx = self.db.transaction
         self._read = self.db.read
 
@@ -138,7 +157,7 @@ class AuthStore:
             with self._tx() as db:
                 db.execute("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?)",
                            (user.id, username, username_key, password_hash, ",".join(roles), user.created_at))
-        except sqlite3.IntegrityError:
+        except Conflict:
             raise AlreadyExists("that username is taken") from None
         return user
 
@@ -208,8 +227,8 @@ class AuthStore:
         return key
 
     def count_api_keys(self, user_id: str) -> int:
-        return int(self._read("SELECT COUNT(*) FROM api_keys WHERE user_id = ? AND revoked_at IS NULL",
-                              (user_id,))[0][0])
+        return int(self._read("SELECT COUNT(*) AS n FROM api_keys WHERE user_id = ? AND revoked_at IS NULL",
+                              (user_id,))[0]["n"])
 
     def list_api_keys(self, user_id: str, after: tuple[float, str] | None, limit: int) -> list[ApiKeyRecord]:
         created, key_id = after or (-1.0, "")
@@ -247,3 +266,45 @@ class AuthStore:
                        (now, now + retire_after))
             db.execute("DELETE FROM signing_keys WHERE verify_until IS NOT NULL AND verify_until < ?", (now,))
             db.execute("INSERT INTO signing_keys VALUES (?, ?, ?, ?, NULL, NULL)", (kid, private_pem, public_x, now))
+
+    # Failed sign-ins (services/auth/throttle.py keeps the rules; this keeps the counts)
+
+    def login_state(self, keys: Sequence[str], since: float) -> dict[str, tuple[int, float]]:
+        """Per key: failures at or after `since`, and the time its lockout ends (0 when none)."""
+        marks = ", ".join("?" for _ in keys)
+        counts = {r["key"]: int(r["n"]) for r in self._read(
+            f"SELECT key, COUNT(*) AS n FROM login_failures WHERE key IN ({marks}) AND at >= ? GROUP BY key",
+            (*keys, since))}
+        locks = {r["key"]: float(r["locked_until"]) for r in self._read(
+            f"SELECT key, locked_until FROM login_lockouts WHERE key IN ({marks})", tuple(keys))}
+        return {k: (counts.get(k, 0), locks.get(k, 0.0)) for k in keys}
+
+    def record_login_failure(self, limits: Mapping[str, int], now: float, since: float,
+                             lock_until: float) -> list[str]:
+        """Counts a failure for each key; a key that reaches its limit of failures since `since` is
+        locked out until `lock_until`. Returns the keys whose lockout started now. One transaction,
+        so concurrent failures on several replicas are all counted."""
+        started = []
+        with self._tx() as db:
+            for key, limit in limits.items():
+                db.execute("DELETE FROM login_failures WHERE key = ? AND at < ?", (key, since))
+                db.execute("INSERT INTO login_failures VALUES (?, ?)", (key, now))
+                failures = db.execute("SELECT COUNT(*) AS n FROM login_failures WHERE key = ?", (key,)).fetchall()
+                if int(failures[0]["n"]) < limit:
+                    continue
+                locked = db.execute("SELECT locked_until FROM login_lockouts WHERE key = ?", (key,)).fetchall()
+                if not locked or float(locked[0]["locked_until"]) <= now:
+                    started.append(key)
+                db.execute("INSERT INTO login_lockouts VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                           "SET locked_until = excluded.locked_until", (key, lock_until))
+        return started
+
+    def clear_login_failures(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM login_failures WHERE key = ?", (key,))
+
+    def prune_login_failures(self, since: float, now: float) -> None:
+        """Drops failures older than the window and lockouts that have ended (keys never seen again)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM login_failures WHERE at < ?", (since,))
+            db.execute("DELETE FROM login_lockouts WHERE locked_until < ?", (now,))

@@ -6,6 +6,7 @@ import logging
 
 from parley.cache.v1 import cache_pb2, cache_pb2_grpc
 
+from services.auth import client as auth_client
 from services.cache.backends import BackendUnavailable, open_backend
 from services.cache.ratelimit import RateLimiter
 from services.cache.service import ResponseCache
@@ -49,5 +50,5 @@ async def build(common: CommonSettings, settings: CacheSettings | None = None,
         ready=ready,
         close=backend.close,
         interceptors=[identity.IdentityInterceptor(verifier, roles=admin_only) if verifier is not None
-                      else identity.interceptor(common, roles=admin_only)],
+                      else auth_client.interceptor(common, roles=admin_only)],
     )

@@ -127,7 +127,8 @@ class CommonSettings:
     session_port: int = setting(50052, min=0, max=65535)
     cache_port: int = setting(50053, min=0, max=65535)
     inference_port: int = setting(50054, min=0, max=65535)
-    # Where to reach each service; empty means 127.0.0.1:<its port>.
+    # Where to reach each service; empty means 127.0.0.1:<its port>. Envoy's config (services/gateway)
+    # also takes several, comma separated (replicas on one machine); the services' channels take one.
     auth_target: str = setting("")
     session_target: str = setting("")
     cache_target: str = setting("")
@@ -141,3 +142,51 @@ class CommonSettings:
 
     def target_of(self, service: str) -> str:
         return getattr(self, f"{service}_target") or f"127.0.0.1:{self.port_of(service)}"
+
+
+DATABASE_SCHEMES = ("postgresql", "postgres")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseSettings:
+    """Where auth and session keep their data (services/core/database.py). Unset URL: one SQLite
+    file each in the data dir (one replica). Set: PostgreSQL, shared by every replica. The URL
+    holds a password: it is a secret, never printed or logged."""
+
+    database_url: str = setting(
+        "", secret=True,
+        help="postgresql://user:password@host:port/dbname (libpq options such as ?sslmode=verify-full&"
+             "sslrootcert=/path as query parameters); unset: SQLite files in the data dir")
+    database_pool_size: int = setting(10, min=1, max=500, help="most connections one process opens")
+    database_pool_timeout_seconds: float = setting(
+        5.0, min=0.1, max=300, help="longest wait for a connection before the call fails with 503")
+    database_connect_timeout_seconds: int = setting(5, min=2, max=300, help="longest wait to open a connection")
+    database_statement_timeout_seconds: float = setting(
+        15.0, min=0.1, max=3600, help="longest a statement may run (and a lock be waited for) on the server")
+    database_startup_timeout_seconds: float = setting(
+        60.0, min=0, max=3600, help="how long a starting service waits for the database before it gives up")
+    database_retry_after_seconds: int = setting(
+        2, min=1, max=600, help="Retry-After of the 503 a call gets while the database is unreachable")
+
+    def validate(self) -> None:
+        if not self.database_url:
+            return
+        scheme = self.database_url.partition("://")[0].lower()
+        if scheme not in DATABASE_SCHEMES:
+            # The value is never echoed: it may hold a password.
+            raise ConfigError(f"PARLEY_DATABASE_URL must start with postgresql:// (got a URL of scheme {scheme!r})")
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            parts = conninfo_to_dict(self.database_url)
+            if not all(port.strip().isdigit() for port in str(parts.get("port") or "5432").split(",")):
+                raise ValueError("port")
+        except ImportError:
+            raise ConfigError("PARLEY_DATABASE_URL is set but psycopg is not installed; run `make setup`") from None
+        except Exception:  # noqa: BLE001 - libpq's parser says why, but its message may quote the URL
+            raise ConfigError("PARLEY_DATABASE_URL is not a valid postgresql:// URL (the value is not shown: it "
+                              "may hold a password)") from None
+
+    @property
+    def uses_postgres(self) -> bool:
+        return bool(self.database_url)

@@ -11,9 +11,10 @@ metadata). The credential is either
 Handlers read the caller with `current_identity()`; to call another service on the caller's behalf
 they attach `forward_credentials()` as metadata. Role checks raise PERMISSION_DENIED.
 
-Wiring a service (other than auth), inside its async build(common):
+Wiring a service (other than auth), inside its async build(common), with the auth service's client
+(services.auth.client), which verifies through the auth service:
 
-    ServiceSpec(..., interceptors=[identity.interceptor(common, roles={"/pkg.Svc/AdminOnly": ("admin",)})])
+    ServiceSpec(..., interceptors=[auth_client.interceptor(common, roles={"/pkg.Svc/AdminOnly": ("admin",)})])
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from typing import Any
 import grpc
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 
-from services.core import channels, config
+from services.core import config
 from services.core.config import setting
 from services.core.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
 from services.core.interceptors import WrappingInterceptor, abort_with
@@ -44,11 +44,9 @@ log = logging.getLogger("parley.identity")
 API_KEY_PREFIX = "pk-"
 ALGORITHM = "EdDSA"
 
+# Role names as they appear in tokens and in the store (services.auth.client maps them to the proto's).
 ROLE_USER = "user"
 ROLE_ADMIN = "admin"
-# Role names as they appear in tokens and in the store, and as proto enum values.
-ROLE_TO_PROTO = {ROLE_USER: auth_pb2.ROLE_USER, ROLE_ADMIN: auth_pb2.ROLE_ADMIN}
-PROTO_TO_ROLE = {v: k for k, v in ROLE_TO_PROTO.items()}
 
 # Methods anyone may call. VerifyApiKey is internal: the gateway does not route it.
 PUBLIC_METHODS: frozenset[str] = frozenset({
@@ -64,6 +62,8 @@ PUBLIC_PREFIXES: tuple[str, ...] = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
+
+RETRY_AFTER_SECONDS = 2  # what a caller is told to wait when the auth service cannot answer
 
 @dataclasses.dataclass(frozen=True)
 class IdentitySettings:
@@ -159,31 +159,6 @@ class CredentialVerifier:
         self._jwks_lock = asyncio.Lock()
         self._api_keys: dict[str, tuple[Identity, float]] = {}
 
-    @classmethod
-    def remote(cls, common: config.CommonSettings, settings: IdentitySettings | None = None,
-               channel: grpc.aio.Channel | None = None) -> CredentialVerifier:
-        """A verifier that asks the auth service (at common.auth_target) for keys and API keys."""
-        channel = channel or channels.open_channel(common, "auth")
-        auth = auth_pb2_grpc.AuthServiceStub(channel)
-        credentials = auth_pb2_grpc.CredentialServiceStub(channel)
-
-        async def fetch_jwks() -> Sequence[Mapping[str, str]]:
-            response = await auth.GetJwks(auth_pb2.GetJwksRequest(), timeout=5)
-            return [{"kty": k.kty, "crv": k.crv, "x": k.x, "kid": k.kid, "alg": k.alg, "use": k.use}
-                    for k in response.keys]
-
-        async def verify_api_key(secret: str) -> Identity:
-            try:
-                r = await credentials.VerifyApiKey(auth_pb2.VerifyApiKeyRequest(secret=secret), timeout=5)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
-                    raise Unauthenticated(exc.details() or "invalid API key") from None
-                raise
-            return Identity(r.user_id, r.username, frozenset(PROTO_TO_ROLE[x] for x in r.roles if x in PROTO_TO_ROLE),
-                            r.api_key_id or None)
-
-        return cls(fetch_jwks, verify_api_key, settings or config.load(IdentitySettings))
-
     async def authenticate(self, credential: str) -> Identity:
         if credential.startswith(API_KEY_PREFIX):
             identity = await self._api_key(credential)
@@ -204,7 +179,8 @@ class CredentialVerifier:
             raise
         except grpc.aio.AioRpcError as exc:
             log.warning("API key verification failed", extra={"fields": {"code": exc.code().name}})
-            raise Unavailable("the authentication service is unavailable; try again") from None
+            raise Unavailable("the authentication service is unavailable; try again",
+                              retry_after=RETRY_AFTER_SECONDS) from None
         if ttl > 0:
             if len(self._api_keys) > 10_000:
                 self._api_keys = {k: v for k, v in self._api_keys.items() if v[1] > now}
@@ -231,7 +207,8 @@ class CredentialVerifier:
         except (grpc.aio.AioRpcError, ParleyError) as exc:
             log.warning("cannot fetch the JWKS", extra={"fields": {"error": type(exc).__name__}})
             if not self._keys:
-                raise Unavailable("the authentication service is unavailable; try again") from None
+                raise Unavailable("the authentication service is unavailable; try again",
+                                  retry_after=RETRY_AFTER_SECONDS) from None
             return
         keys = {}
         for jwk in jwks:
@@ -336,10 +313,3 @@ class IdentityInterceptor(WrappingInterceptor):
                     _current.reset(token)
 
         return handler
-
-
-def interceptor(common: config.CommonSettings, roles: Mapping[str, Collection[str]] | None = None,
-                settings: IdentitySettings | None = None) -> IdentityInterceptor:
-    """The interceptor for a service other than auth: verifies through the auth service at
-    common.auth_target. Call it inside the service's async build() (it opens a gRPC channel)."""
-    return IdentityInterceptor(CredentialVerifier.remote(common, settings), roles=roles)

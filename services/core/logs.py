@@ -56,5 +56,5 @@ def configure(service: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Third-party chatter stays at warning unless asked for.
-    for noisy in ("asyncio", "grpc", "urllib3", "httpx", "httpcore"):
+    for noisy in ("asyncio", "grpc", "urllib3", "httpx", "httpcore", "psycopg"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

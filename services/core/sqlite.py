@@ -20,9 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from services.core.database import MIGRATIONS_TABLE, Conflict, Database, Migration, script_for, statements
 
-class Database:
-    def __init__(self, path: Path, migrations: Sequence[str]) -> None:
+
+class SqliteDatabase(Database):
+    dialect = "sqlite"
+
+    def __init__(self, path: Path, migrations: Sequence[Migration]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -47,6 +51,9 @@ class Database:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+            except sqlite3.IntegrityError as exc:
+                self._db.execute("ROLLBACK")
+                raise Conflict(str(exc)) from None
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -56,17 +63,13 @@ class Database:
         with self._lock:
             return self._db.execute(sql, tuple(args)).fetchall()
 
-    def _migrate(self, migrations: Sequence[str]) -> None:
+    def _migrate(self, migrations: Sequence[Migration]) -> None:
         with self.transaction() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
-            done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            for version, script in enumerate(migrations, start=1):
+            db.execute(f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version INTEGER PRIMARY KEY, applied_at REAL)")
+            done = {row["version"] for row in db.execute(f"SELECT version FROM {MIGRATIONS_TABLE}")}
+            for version, migration in enumerate(migrations, start=1):
                 if version in done:
                     continue
-                for statement in (s.strip() for s in script.split(";")):
-                    if statement:
-                        db.execute(statement)
-                db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
-
-    def schema_version(self) -> int:
-        return int(self.read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0])
+                for statement in statements(script_for(migration, self.dialect)):
+                    db.execute(statement)
+                db.execute(f"INSERT INTO {MIGRATIONS_TABLE} VALUES (?, ?)", (version, time.time()))

@@ -161,9 +161,14 @@ class GatewaySettings:
     otlp_collector: str = setting("", help="host:port of an OTLP/gRPC collector: Envoy traces requests there")
 
 
+def _endpoint(target: str) -> dict[str, Any]:
+    host, _, port = target.strip().rpartition(":")
+    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
+
+
 def _grpc_cluster(name: str, target: str) -> dict[str, Any]:
-    """An HTTP/2 (gRPC) cluster of every address `target` (host:port) resolves to."""
-    host, _, port = target.rpartition(":")
+    """An HTTP/2 (gRPC) cluster of every address `target` (host:port, or several separated by
+    commas: replicas on one machine) resolves to."""
     return {
         "name": name,
         "type": "STRICT_DNS",
@@ -177,7 +182,7 @@ def _grpc_cluster(name: str, target: str) -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}]}
+                {"lb_endpoints": [_endpoint(t) for t in target.split(",") if t.strip()]}
             ],
         },
     }
@@ -216,6 +221,10 @@ def _routes(hash_inference: bool = False) -> list[dict[str, Any]]:
                 {"match": {"prefix": f"/{name}/"}, "route": {"cluster": service, "timeout": UNARY_TIMEOUT[service]}}
             )
     for route in routes:
+        # A replica that died a moment ago (before health checks notice) is tried, fails to connect,
+        # and another takes the request: retried only when the request never reached a service.
+        route["route"]["retry_policy"] = {"retry_on": "connect-failure,refused-stream,reset-before-request",
+                                          "num_retries": 2}
         # Every API answer is someone's own and changes: tokens, keys, conversations. No cache keeps it.
         route["response_headers_to_add"] = [{"header": {"key": "cache-control", "value": "no-store"},
                                              "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]

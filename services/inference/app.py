@@ -6,8 +6,9 @@ import logging
 
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 
+from services.auth import client as auth_client
 from services.cache.client import CacheClient
-from services.core import config, identity
+from services.core import config
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
 from services.inference import hardware, metrics
@@ -52,6 +53,6 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
         registrations=[Registration(name, inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer)],
         ready=ready,
         close=close,
-        interceptors=[identity.interceptor(common, roles=admin_only)],
+        interceptors=[auth_client.interceptor(common, roles=admin_only)],
     )
 

@@ -111,6 +111,14 @@ class MeteredCompletions:
             key.fit.CopyFrom(pb.HistoryFit(keep_last=request.fit.keep_last, reserve_tokens=request.fit.reserve_tokens))
         return key
 
+    async def count_tokens(self, model: str, messages: Sequence[dict[str, Any]],
+                           structure: Structure = PLAIN) -> tuple[int, list[int], int]:
+        """GenerationService.count_tokens within the caller's rate limit: counting renders and
+        tokenizes a whole chat, work a caller must not get for free (it records no tokens)."""
+        if self.cache is not None:
+            await self.cache.check_rate_limit()
+        return await self.generation.count_tokens(model, messages, structure)
+
     async def run(self, request: Completion, timeout: float | None) -> AsyncIterator[Started | Chunk]:
         """Started, then the answer's chunks. Errors before Started (rate limit, unknown model,
         too long, no room in the engine) mean the request did nothing."""

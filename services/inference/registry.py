@@ -29,7 +29,7 @@ from typing import Any
 
 from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from services.inference.engines import Engine, EngineError, create_engine
+from services.inference.engines import Engine, EngineError, create_engine, engine_class
 from services.inference.hardware import EngineSettings, Hardware, choose
 from services.inference import metrics
 from services.inference.settings import InferenceSettings
@@ -144,23 +144,17 @@ class ModelRegistry:
             chosen = replace(chosen, parallel_slots=entry.parallel_slots)
         return chosen
 
-    def _estimate_mib(self, entry: CatalogueEntry, chosen: EngineSettings) -> int:
-        try:
-            path = entry.path()
-            size = os.path.getsize(path) if os.path.isfile(path) else sum(
-                p.stat().st_size for p in Path(path).rglob("*") if p.is_file()
-            )
-        except OSError:
-            size = 0
-        return size // 2**20 + chosen.parallel_slots * 64
-
     async def load(self, model_id: str) -> ModelRecord:
         record = self.get(model_id)
         async with record.lock:
             if record.state == "ready":
                 return record
             chosen = self.engine_settings(record.entry)
-            await self._make_room(record, self._estimate_mib(record.entry, chosen))
+            try:
+                needed = await asyncio.to_thread(engine_class(chosen.engine).estimate_mib, record.entry.path(), chosen)
+            except (EngineError, OSError):
+                needed = 0  # the load below reports what is wrong with the model
+            await self._make_room(record, needed)
             record.state, record.error = "loading", ""
             started = time.monotonic()
             try:

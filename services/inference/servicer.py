@@ -101,7 +101,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
         messages = [structured.message_from_proto(m) for m in request.messages]
-        total, per_message, context_length = await self.generation.count_tokens(
+        total, per_message, context_length = await self.metered.count_tokens(
             request.model, messages, structured.from_proto(request.structured))
         return pb.CountTokensResponse(total_tokens=total, message_tokens=per_message, context_length=context_length)
 

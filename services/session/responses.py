@@ -59,6 +59,8 @@ class Responses:
         self.sessions = sessions
         self.store = sessions.store
         self.settings = sessions.settings
+        # Stored responses this replica is answering now (GET says in_progress).
+        self._streaming: set[str] = set()
 
     # POST /v1/responses
 
@@ -73,14 +75,14 @@ class Responses:
         if req.previous_response_id:
             previous = await asyncio.to_thread(self.store.get_response, who.user_id,
                                                wire.message_id_of(req.previous_response_id))
-        with contextlib.ExitStack() as held:
+        async with contextlib.AsyncExitStack() as held:
             past: list[MessageRecord] = []
             append = False
             if previous is not None:
                 past = await asyncio.to_thread(self.store.list_messages, who.user_id, previous.session.id)
                 if req.store and past and past[-1].id == previous.message.id:
                     # Continuing the latest answer: this turn is the session's next, one at a time.
-                    held.enter_context(self.sessions.hold_turn(previous.session.id))
+                    await held.enter_async_context(self.sessions.hold_turn(previous.session.id))
                     past = await asyncio.to_thread(self.store.list_messages, who.user_id, previous.session.id)
                     append = past[-1].id == previous.message.id
                 past = [m for m in past if m.seq <= previous.message.seq]
@@ -119,30 +121,36 @@ class Responses:
                       events: AsyncIterator[session_pb2.ChatResponse]) -> AsyncIterator[tuple[str, bytes]]:
         writer: wire.EventWriter | None = None
         async with contextlib.aclosing(events) as stream:
-            async for event in stream:
-                kind = event.WhichOneof("event")
-                if kind == "start":
-                    message_id = event.start.assistant_message_id or uuid.uuid4().hex
-                    writer = wire.EventWriter(wire.ID_PREFIX + message_id, message_id, event.start.model, req.echo)
-                    if req.stream:  # the first message fixes the HTTP content type
-                        for part in writer.start():
+            try:
+                async for event in stream:
+                    kind = event.WhichOneof("event")
+                    if kind == "start":
+                        message_id = event.start.assistant_message_id or uuid.uuid4().hex
+                        if event.start.assistant_message_id:
+                            self._streaming.add(message_id)
+                        writer = wire.EventWriter(wire.ID_PREFIX + message_id, message_id, event.start.model, req.echo)
+                        if req.stream:  # the first message fixes the HTTP content type
+                            for part in writer.start():
+                                yield wire.SSE, part
+                        continue
+                    assert writer is not None
+                    if kind == "delta":
+                        parts = writer.delta(event.delta.text, structured.calls_from_proto(event.delta.tool_calls))
+                    elif kind == "done":
+                        parts = writer.finish(event.done.finish_reason, event.done.usage)
+                        if req.store:
+                            await asyncio.to_thread(self.store.finish_response, writer.message_id,
+                                                    FINISH_NAMES.get(event.done.finish_reason, ""))
+                    else:
+                        if not req.stream:  # one JSON answer: the status says it (the partial answer is kept)
+                            raise _error(event.error.code, event.error.message)
+                        parts = writer.fail(event.error.message)
+                    if req.stream:
+                        for part in parts:
                             yield wire.SSE, part
-                    continue
-                assert writer is not None
-                if kind == "delta":
-                    parts = writer.delta(event.delta.text, structured.calls_from_proto(event.delta.tool_calls))
-                elif kind == "done":
-                    parts = writer.finish(event.done.finish_reason, event.done.usage)
-                    if req.store:
-                        await asyncio.to_thread(self.store.finish_response, writer.message_id,
-                                                FINISH_NAMES.get(event.done.finish_reason, ""))
-                else:
-                    if not req.stream:  # one JSON answer: the status says it (the partial answer is kept)
-                        raise _error(event.error.code, event.error.message)
-                    parts = writer.fail(event.error.message)
-                if req.stream:
-                    for part in parts:
-                        yield wire.SSE, part
+            finally:
+                if writer is not None:
+                    self._streaming.discard(writer.message_id)
         if writer is not None and writer.final is not None and not req.stream:
             yield wire.JSON, wire.json_bytes(writer.final)
 
@@ -161,7 +169,7 @@ class Responses:
             status = "failed"
         elif m.status == STATUS_COMPLETE:
             status = wire.STATUS_OF_FINISH.get(finish, "completed")
-        elif self.sessions.answering(found.session.id) and found.request is not None and not found.finish_reason:
+        elif m.id in self._streaming:
             status = "in_progress"
         else:
             status = "incomplete"
@@ -176,7 +184,7 @@ class Responses:
         who = current_identity()
         message_id = wire.message_id_of(response_id)
         found = await asyncio.to_thread(self.store.get_response, who.user_id, message_id)
-        with self.sessions.hold_turn(found.session.id):  # not while its session is answering
+        async with self.sessions.hold_turn(found.session.id):  # not while its session is answering
             await asyncio.to_thread(self.store.delete_response, who.user_id, message_id)
         return wire.json_bytes({"id": response_id, "object": "response", "deleted": True})
 

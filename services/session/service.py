@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from parley.session.v1 import session_pb2
 
 from services.core import sampling as sampling_rules
 from services.core import structured
-from services.core.errors import Aborted, InvalidArgument, Unavailable
+from services.core.errors import InvalidArgument, Unavailable
 from services.core.identity import Identity, current_identity, forward_credentials
 from services.core.structured import ToolCall
 from services.session import history
@@ -44,6 +44,7 @@ from services.session.store import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
     SessionCursor, SessionRecord, SessionStore, TurnMessages,
 )
+from services.session.turns import TurnLeases
 
 log = logging.getLogger("parley.session")
 
@@ -149,8 +150,8 @@ class SessionService:
         self.store = store
         self.settings = settings
         self.inference = inference
-        # Sessions with a turn under way (one process owns the SQLite file; see store.py for more).
-        self._running: set[str] = set()
+        # One turn at a time per session, across replicas (a lease in the store; see turns.py).
+        self._turns = TurnLeases(store, settings.turn_lease_seconds)
 
     # Checks shared by create, update and chat
 
@@ -261,28 +262,17 @@ class SessionService:
         for i, result in enumerate(request.tool_results):
             self.check_text(f"tool_results[{i}].content", result.content, self.settings.max_message_chars)
         session = await asyncio.to_thread(self.store.get_session, who.user_id, request.session_id)
-        with self.hold_turn(session.id):
+        async with self.hold_turn(session.id):
             # Closing this stream closes the turn's own at once (not when it is garbage), so the
             # answer is saved before the next turn may start.
             async with contextlib.aclosing(self._turn(who, session, request)) as events:
                 async for event in events:
                     yield event
 
-    def answering(self, session_id: str) -> bool:
-        """Whether a turn of this session is under way."""
-        return session_id in self._running
-
-    @contextlib.contextmanager
-    def hold_turn(self, session_id: str) -> Iterator[None]:
-        """One turn at a time per session (a chat turn or a stored response): Aborted (409) while
-        another runs."""
-        if session_id in self._running:
-            raise Aborted("an answer is already being generated in this session; wait for it or stop it first")
-        self._running.add(session_id)
-        try:
-            yield
-        finally:
-            self._running.discard(session_id)
+    def hold_turn(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """One turn at a time per session — a chat turn or a stored response — across replicas:
+        Aborted (409) while another runs (services/session/turns.py)."""
+        return self._turns.hold(session_id)
 
     async def _turn(self, who: Identity, session: SessionRecord,
                     request: session_pb2.ChatRequest) -> AsyncIterator[session_pb2.ChatResponse]:

@@ -19,3 +19,6 @@ class SessionSettings:
     checkpoint_seconds: float = setting(
         2.0, min=0.1, help="how often a partial answer is saved while it streams (survives a crash of this service)")
     inference_timeout_seconds: float = setting(600.0, min=1, help="deadline of one answer's generation")
+    turn_lease_seconds: float = setting(
+        30.0, min=1, max=3600, help="lifetime of a running turn's lease (renewed while it runs): how long a "
+                                    "session stays busy after the replica running its turn dies")

@@ -1,13 +1,18 @@
-"""Where conversations live: the SessionStore interface and its SQLite implementation.
-
-The interface is what the session service needs and nothing more, so a PostgreSQL implementation
-can fill it later (several session replicas need a shared database; SQLite allows one writer
-process). Every method that takes an `owner` only ever sees that owner's rows: a session of someone
-else is NOT_FOUND, exactly as a session that does not exist.
+"""Where conversations live: the SessionStore interface and its SQL implementation, which runs on
+SQLite (one file, one replica) or PostgreSQL (PARLEY_DATABASE_URL, any number of replicas) through
+services.core.database. Every method that takes an `owner` only ever sees that owner's rows: a
+session of someone else is NOT_FOUND, exactly as a session that does not exist.
 
 A turn stores, in one transaction: the tool messages that answer the previous answer's calls, the
 user's message, and the assistant's (empty, incomplete) message; an assistant message keeps the tool
 calls it made.
+
+One turn at a time per session, across replicas: a turn holds the session's lease (turn_leases), a
+row with a holder and an expiry that the holder renews while the answer streams. Taking it is one
+conditional upsert, so of two replicas racing for it exactly one wins; a replica that dies stops
+renewing and its lease expires (services/session/turns.py). On SQLite one process owns the file,
+so the leases live in that process's memory (shared by every store on the file) and a turn costs no
+extra disk write: each would be an fsync on the way to the first token.
 
 Ordering: sessions newest activity first (update_time, then id, descending); messages oldest first
 (an insertion sequence). Pages continue from a cursor, so rows added meanwhile neither repeat nor
@@ -18,15 +23,16 @@ from __future__ import annotations
 
 import abc
 import json
+import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
+from services.core.database import Location, Migration, open_database
 from services.core.errors import NotFound
-from services.core.sqlite import Database
 from services.core.structured import ToolCall
 from services.session.history import Turn
 
@@ -40,7 +46,7 @@ STATUS_ERROR = "error"
 # Fields of a session that update_session may change.
 EDITABLE = ("title", "model", "system_prompt", "sampling")
 
-MIGRATIONS: tuple[str, ...] = (
+MIGRATIONS: tuple[Migration, ...] = (
     """
     CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
@@ -73,6 +79,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN tool_calls TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE messages ADD COLUMN tool_call_id TEXT NOT NULL DEFAULT '';
+    """,
+    # The running turn of a session, held by one replica until it ends or its lease expires.
+    """
+    CREATE TABLE turn_leases (
+        session_id TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
     """,
     # Responses API: what a response's request said beyond its messages, by the assistant message
     # that answers it. input_count: how many messages just before it were that request's input.
@@ -220,6 +234,19 @@ class SessionStore(abc.ABC):
         """Deletes a response's input messages and its answer; a session left empty goes too."""
 
     @abc.abstractmethod
+    def acquire_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
+        """Takes the session's turn lease for `holder` until now + ttl; False while another holder's
+        lease has not expired. Exactly one of concurrent callers (any replica) gets True."""
+
+    @abc.abstractmethod
+    def renew_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
+        """Extends `holder`'s lease; False if it no longer holds it (it expired and was taken)."""
+
+    @abc.abstractmethod
+    def release_turn(self, session_id: str, holder: str) -> None:
+        """Ends `holder`'s lease (another holder's is left alone)."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
 
@@ -248,9 +275,22 @@ def not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id!r} not found")
 
 
-class SqliteSessionStore(SessionStore):
-    def __init__(self, path: Path) -> None:
-        self.db = Database(path, MIGRATIONS)
+# SQLite files' turn leases, by file: session id -> (holder, expiry).
+_LOCAL_LEASES: dict[str, dict[str, tuple[str, float]]] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+class SqlSessionStore(SessionStore):
+    def __init__(self, where: Location) -> None:
+        """`where`: an SQLite file's path, or DatabaseSettings naming a PostgreSQL database."""
+        self.db = open_database(where, MIGRATIONS, "session")
+        self._leases: dict[str, tuple[str, float]] | None = None  # in memory (SQLite), else rows
+        if self.db.dialect == "sqlite":
+            # One process owns an SQLite file: rows left by an earlier version belong to nobody.
+            with self.db.transaction() as db:
+                db.execute("DELETE FROM turn_leases")
+            with _LOCAL_LOCK:
+                self._leases = _LOCAL_LEASES.setdefault(os.path.realpath(str(where)), {})
 
     def close(self) -> None:
         self.db.close()
@@ -298,6 +338,10 @@ class SqliteSessionStore(SessionStore):
         with self.db.transaction() as db:
             if db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)).rowcount == 0:
                 raise not_found(session_id)
+            db.execute("DELETE FROM turn_leases WHERE session_id = ?", (session_id,))
+        if self._leases is not None:
+            with _LOCAL_LOCK:
+                self._leases.pop(session_id, None)
 
     def start_turn(self, owner: str, session_id: str, content: str, model: str, title: str, *,
                    tool_results: Sequence[tuple[str, str]] = ()) -> TurnMessages:
@@ -330,8 +374,11 @@ class SqliteSessionStore(SessionStore):
 
     def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]:
         self.get_session(owner, session_id)  # the ownership check
-        rows = self.db.read("SELECT * FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                            (session_id, after_seq, -1 if limit is None else limit))
+        sql = "SELECT * FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq"
+        if limit is None:
+            rows = self.db.read(sql, (session_id, after_seq))
+        else:
+            rows = self.db.read(sql + " LIMIT ?", (session_id, after_seq, limit))
         return [_message(r) for r in rows]
 
     def start_response(self, owner: str, session_id: str, inputs: Sequence[Turn], model: str,
@@ -413,5 +460,46 @@ class SqliteSessionStore(SessionStore):
             else:
                 db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (time.time(), found.session.id))
 
+    def acquire_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
+        now = time.time()
+        if self._leases is not None:
+            with _LOCAL_LOCK:
+                current = self._leases.get(session_id)
+                if current is not None and current[1] > now:
+                    return False
+                self._leases[session_id] = (holder, now + ttl_seconds)
+                return True
+        with self.db.transaction() as db:
+            # Inserts, or takes over an expired lease; a live one is left as it is (no row changes).
+            cursor = db.execute(
+                "INSERT INTO turn_leases VALUES (?, ?, ?) ON CONFLICT (session_id) DO UPDATE "
+                "SET holder = excluded.holder, expires_at = excluded.expires_at WHERE turn_leases.expires_at <= ?",
+                (session_id, holder, now + ttl_seconds, now))
+            return cursor.rowcount == 1
+
+    def renew_turn(self, session_id: str, holder: str, ttl_seconds: float) -> bool:
+        if self._leases is not None:
+            with _LOCAL_LOCK:
+                if self._leases.get(session_id, ("", 0.0))[0] != holder:
+                    return False
+                self._leases[session_id] = (holder, time.time() + ttl_seconds)
+                return True
+        with self.db.transaction() as db:
+            cursor = db.execute("UPDATE turn_leases SET expires_at = ? WHERE session_id = ? AND holder = ?",
+                                (time.time() + ttl_seconds, session_id, holder))
+            return cursor.rowcount == 1
+
+    def release_turn(self, session_id: str, holder: str) -> None:
+        if self._leases is not None:
+            with _LOCAL_LOCK:
+                if self._leases.get(session_id, ("", 0.0))[0] == holder:
+                    del self._leases[session_id]
+            return
+        with self.db.transaction() as db:
+            db.execute("DELETE FROM turn_leases WHERE session_id = ? AND holder = ?", (session_id, holder))
+
     def schema_version(self) -> int:
         return self.db.schema_version()
+
+
+SqliteSessionStore = SqlSessionStore  # its name before it served PostgreSQL too

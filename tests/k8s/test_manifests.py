@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 
 from services.gateway import web_app
-from tests.k8s.conftest import K8S, OVERLAYS, Render
+from tests.k8s.conftest import K8S, OVERLAYS, SCALED_OUT, Render
 
 # The oldest Kubernetes release these manifests target (native gRPC probes are GA since 1.27);
 # its schemas are bundled in kubernetes-validate, so validation runs offline.
@@ -54,7 +54,8 @@ def env_of(container: dict[str, Any], render: Render) -> dict[str, str]:
 def test_overlay_renders_every_service(render: Render) -> None:
     deployments = {d["metadata"]["name"] for d in render.of_kind("Deployment")}
     assert deployments == {"auth", "session", "cache", "inference", "gateway"}
-    assert {s["metadata"]["name"] for s in render.of_kind("StatefulSet")} == {"redis"}
+    in_cluster_database = {"postgres"} if render.overlay == "kind" else set()
+    assert {s["metadata"]["name"] for s in render.of_kind("StatefulSet")} == {"redis", *in_cluster_database}
     services = {s["metadata"]["name"] for s in render.of_kind("Service")}
     assert services >= {*deployments, "redis", "inference-headless"}
     assert all(d["metadata"].get("namespace") == "parley" for d in render.docs if d["kind"] != "Namespace")
@@ -128,7 +129,8 @@ def test_every_pod_runs_hardened_with_its_own_service_account(render: Render) ->
             assert "/tmp" in mounts, f"{name}: a read-only root needs a writable /tmp"
 
 
-def test_sqlite_stores_are_single_replica_on_their_own_volumes(render: Render) -> None:
+def test_sqlite_stores_are_single_replica_on_their_own_volumes(renders: dict[str, Render]) -> None:
+    render = renders["dev"]  # the only overlay on SQLite
     for name in ("auth", "session"):
         deployment = render.get("Deployment", name)
         assert deployment["spec"]["replicas"] == 1
@@ -143,25 +145,53 @@ def test_sqlite_stores_are_single_replica_on_their_own_volumes(render: Render) -
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
+def test_postgresql_overlays_run_several_auth_and_session_replicas_without_volumes(render: Render) -> None:
+    if render.overlay not in SCALED_OUT:
+        pytest.skip("the dev overlay runs SQLite (test_sqlite_stores_are_single_replica_on_their_own_volumes)")
+    assert [c["metadata"]["name"] for c in render.of_kind("PersistentVolumeClaim")] == ["inference-models"]
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in render.of_kind("HorizontalPodAutoscaler")}
+    assert render.get("Deployment", "auth")["spec"]["replicas"] >= 2
+    assert "replicas" not in render.get("Deployment", "session")["spec"] and hpas["session"]["spec"]["minReplicas"] >= 2
+    for name in ("auth", "session"):
+        deployment = render.get("Deployment", name)
+        assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+        assert not [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+        (container,) = containers(deployment)
+        url = next(e for e in container["env"] if e["name"] == "PARLEY_DATABASE_URL")
+        assert url["valueFrom"]["secretKeyRef"] == {"name": "parley-database", "key": "url"}
+        egress = [p for p in render.of_kind("NetworkPolicy") if p["metadata"]["name"] == f"{name}-database"]
+        assert egress and egress[0]["spec"]["egress"][0]["ports"] == [{"protocol": "TCP", "port": 5432}]
+    if render.overlay == "kind":
+        postgres = render.get("StatefulSet", "postgres")
+        (container,) = containers(postgres)
+        assert env_of(container, render)["POSTGRES_PASSWORD"] == "<from secret>"
+        ingress = render.get("NetworkPolicy", "postgres")["spec"]["ingress"][0]["from"]
+        assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in ingress] == ["auth", "session"]
+
+
 def test_secrets_come_from_the_cluster_and_registration_is_off(render: Render) -> None:
     assert render.of_kind("Secret") == []  # created by the documented kubectl command, never committed
     (auth,) = containers(render.get("Deployment", "auth"))
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in auth["env"] if "valueFrom" in e}
-    assert refs == {"PARLEY_ADMIN_PASSWORD": {"name": "parley-admin", "key": "password"}}
+    database = {"PARLEY_DATABASE_URL": {"name": "parley-database", "key": "url"}} if render.overlay in SCALED_OUT else {}
+    assert refs == {"PARLEY_ADMIN_PASSWORD": {"name": "parley-admin", "key": "password"}, **database}
     volumes = render.get("Deployment", "auth")["spec"]["template"]["spec"]["volumes"]
     assert {"secretName": "parley-signing-keys", "defaultMode": 0o440} in [v.get("secret") for v in volumes]
     assert env_of(auth, render)["PARLEY_ALLOW_REGISTRATION"] == "false"
     readme = (K8S / "README.md").read_text()
-    for secret in ("parley-admin", "parley-signing-keys"):
+    for secret in ("parley-admin", "parley-signing-keys", "parley-database", "parley-postgres"):
         assert re.search(rf"kubectl -n parley create secret generic {secret} ", readme), f"{secret}: no documented command"
 
 
 def test_every_workload_has_a_disruption_budget_and_inference_autoscales(render: Render) -> None:
     budgets = {b["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] for b in render.of_kind("PodDisruptionBudget")}
     assert budgets == {w["metadata"]["name"] for w in render.workloads()}
-    (hpa,) = render.of_kind("HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "inference"}
-    assert "replicas" not in render.get("Deployment", "inference")["spec"]  # the HPA owns the count
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in render.of_kind("HorizontalPodAutoscaler")}
+    assert scaled == ({"inference", "session"} if render.overlay in SCALED_OUT else {"inference"})
+    for hpa in render.of_kind("HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment")
+        assert "replicas" not in render.get("Deployment", target["name"])["spec"]  # the HPA owns the count
 
 
 def _selects(policy: dict[str, Any], app: str) -> bool:

@@ -193,7 +193,9 @@ async def test_a_refused_turn_stores_nothing(flow: Flow, why: str) -> None:
         await flow.turn(sid, "Hello?")
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(refused.value.trailing_metadata() or ()).get("retry-after") == ("7" if why == "rate limit" else "1")
-    assert flow.stored(sid) == before and sid not in flow.session._running
+    assert flow.stored(sid) == before
+    flow.cache.limited, flow.engine.capacity = False, 4
+    assert (await flow.turn(sid, "Again"))[-1].HasField("done")  # no 409: the refused turn let the session go
 
 
 async def test_a_client_that_leaves_keeps_what_it_got_and_the_engine_stops(flow: Flow) -> None:
@@ -313,3 +315,11 @@ async def test_an_openai_answer_from_the_cache_has_the_generated_shape(flow: Flo
         answer.pop("id"), answer.pop("created")
     assert again["usage"].pop("prompt_tokens_details") != first["usage"].pop("prompt_tokens_details")
     assert again == first
+
+
+async def test_counting_tokens_is_within_the_rate_limit(flow: Flow) -> None:
+    total, per_message, context = await flow.metered.count_tokens("", [{"role": "user", "content": "one two"}])
+    assert total == 1 + 3 + 1 and context == CONTEXT
+    flow.cache.limited = True
+    with pytest.raises(ResourceExhausted):
+        await flow.metered.count_tokens("", [{"role": "user", "content": "one two"}])

@@ -55,6 +55,7 @@ class Engine(ABC):
         self.params = params
         self.context_length = settings.context_length
         self.vocab_size = 0  # set by _load
+        self._memory_mib = 0
         # Texts' token counts by the texts' hashes: each turn of a conversation resends its history.
         self._counted: dict[int, int] = {}
 
@@ -62,10 +63,12 @@ class Engine(ABC):
     async def load(self) -> None:
         """Loads weights and starts the scheduler (in a thread: loading blocks)."""
         await asyncio.to_thread(self._load)
+        self._memory_mib = await asyncio.to_thread(self.estimate_mib, self.path, self.settings)
 
     async def close(self) -> None:
         """Stops the scheduler (running requests end with an error) and frees the model."""
         await asyncio.to_thread(self._close)
+        self._memory_mib = 0
 
     @abstractmethod
     def _load(self) -> None: ...
@@ -73,9 +76,15 @@ class Engine(ABC):
     @abstractmethod
     def _close(self) -> None: ...
 
+    @classmethod
     @abstractmethod
+    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
+        """The memory a model holds once loaded, known before it loads (from its files and the
+        settings): the registry makes room for this much, and a loaded engine reports it."""
+
     def memory_mib(self) -> int:
-        """Resident memory estimate while loaded."""
+        """Memory held while loaded (estimate_mib, measured at load); 0 when not loaded."""
+        return self._memory_mib
 
     @property
     @abstractmethod

@@ -19,6 +19,8 @@ from typing import Any
 from services.core.errors import InvalidArgument
 from services.inference.engines.base import Engine, EngineError
 from services.inference.engines.sequence import Request
+from services.inference.engines.weights import gguf_metadata
+from services.inference.hardware import EngineSettings
 from services.inference.structured import template_handles_tools
 
 # The last-resort template when a GGUF carries none (ChatML).
@@ -61,12 +63,7 @@ class LlamaCppEngine(Engine):
         self.vocab_size = model.n_vocab()
         trained = model.n_ctx_train()
         self.context_length = min(s.context_length, trained) if trained > 0 else s.context_length
-        kv_tokens = s.kv_cache_tokens
-        if s.kv_cache_auto:
-            # A chosen size, not a configured one: KV memory at most twice the weights (or 1 GiB).
-            room = max(2 * os.path.getsize(self.path), 2**30) // self._kv_bytes_per_token()
-            kv_tokens = min(kv_tokens, room)
-        kv_tokens = max(kv_tokens, self.context_length)
+        kv_tokens = _kv_cells(self.path, self._metadata, s)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = kv_tokens
         ctx_params.n_batch = ctx_params.n_ubatch = s.batch_tokens
@@ -104,7 +101,6 @@ class LlamaCppEngine(Engine):
         }
         self._add_bos = str(self._metadata.get("tokenizer.ggml.add_bos_token")).lower() == "true"
         self._pieces: dict[int, bytes] = {}
-        self._file_mib = os.path.getsize(self.path) // 2**20
         self._scheduler = BatchScheduler(
             llama_cpp, context.ctx, self._piece, vocab=vocab, n_vocab=model.n_vocab(), settings=s,
             host_cache_bytes=s.host_cache_mib * 2**20, name=self.model_id,
@@ -123,20 +119,13 @@ class LlamaCppEngine(Engine):
             self._model.close()
             self._model = None
 
-    def memory_mib(self) -> int:
-        if getattr(self, "_scheduler", None) is None:
-            return 0
-        kv = self.kv_cache_tokens * self._kv_bytes_per_token() // 2**20
-        return self._file_mib + kv + self._scheduler.host_bytes // 2**20 + 32  # + compute buffers
-
-    def _kv_bytes_per_token(self) -> int:
-        meta = self._metadata
-        arch = meta.get("general.architecture", "llama")
-        layers = int(meta.get(f"{arch}.block_count", 32))
-        heads = int(meta.get(f"{arch}.attention.head_count", 32))
-        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-        embd = int(meta.get(f"{arch}.embedding_length", 4096))
-        return 2 * layers * kv_heads * (embd // max(1, heads)) * 2  # K and V, f16
+    @classmethod
+    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
+        meta = gguf_metadata(path)
+        kv = _kv_cells(path, meta, settings) * _kv_bytes_per_token(meta)
+        # Conversations parked in host RAM are a separate reserve with its own bound
+        # (settings.host_cache_mib, PARLEY_HOST_KV_CACHE_MIB), not counted here.
+        return (os.path.getsize(path) + kv) // 2**20 + 32  # + compute buffers
 
     @property
     def running(self) -> int:
@@ -185,3 +174,24 @@ class LlamaCppEngine(Engine):
 
     def _is_end(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+
+def _kv_bytes_per_token(meta: dict[str, Any]) -> int:
+    arch = meta.get("general.architecture", "llama")
+    layers = int(meta.get(f"{arch}.block_count", 32))
+    heads = int(meta.get(f"{arch}.attention.head_count", 32))
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    embd = int(meta.get(f"{arch}.embedding_length", 4096))
+    return 2 * layers * kv_heads * (embd // max(1, heads)) * 2  # K and V, f16
+
+
+def _kv_cells(path: str, meta: dict[str, Any], settings: EngineSettings) -> int:
+    """The KV cache's size in tokens: as configured, or when chosen automatically at most twice the
+    weights' memory (or 1 GiB); never less than the context window."""
+    arch = meta.get("general.architecture", "llama")
+    trained = int(meta.get(f"{arch}.context_length", 0) or 0)
+    context = min(settings.context_length, trained) if trained > 0 else settings.context_length
+    cells = settings.kv_cache_tokens
+    if settings.kv_cache_auto:
+        cells = min(cells, max(2 * os.path.getsize(path), 2**30) // _kv_bytes_per_token(meta))
+    return max(cells, context)

@@ -17,7 +17,12 @@ from typing import Any
 from services.core.errors import InvalidArgument
 from services.inference.engines.base import EngineError, Sampling, common_prefix
 from services.inference.engines.slots import Slot, SlotEngine
+from services.inference.engines.weights import safetensors_parameters
+from services.inference.hardware import EngineSettings
 from services.inference.structured import Grammar, template_handles_tools
+
+
+BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2, "8bit": 1, "4bit": 0.5}
 
 
 class TorchEngine(SlotEngine):
@@ -76,7 +81,6 @@ class TorchEngine(SlotEngine):
         self._grammar_compiler: Any = None  # built on first use: it indexes the vocabulary (~1 s)
         self._grammar_lock = threading.Lock()
         self._grammars: dict[str, Any] = {}
-        self._params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) // 2**20
         self.slots = [Slot(index=i) for i in range(self.settings.parallel_slots)]
 
     def _close(self) -> None:
@@ -85,8 +89,17 @@ class TorchEngine(SlotEngine):
         if getattr(self, "_torch", None) is not None and self._device.startswith("cuda"):
             self._torch.cuda.empty_cache()
 
-    def memory_mib(self) -> int:
-        return self._params_mib + 64 * len(self.slots) if self.slots else 0
+    @classmethod
+    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
+        """The parameters (counted from the safetensors headers; a GGUF file's size otherwise) at the
+        dtype or quantization they load in, and 64 MiB of KV cache per slot."""
+        source = Path(path)
+        parameters = safetensors_parameters(source if source.is_dir() else source.parent)
+        if parameters:
+            weights = parameters * BYTES_PER_PARAMETER.get(settings.quantization or settings.dtype, 4)
+        else:
+            weights = source.stat().st_size if source.is_file() else 0
+        return int(weights) // 2**20 + 64 * settings.parallel_slots
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "dtype": self.settings.dtype, "quantization": self.settings.quantization}

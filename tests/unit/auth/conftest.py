@@ -1,21 +1,22 @@
-"""Auth unit fixtures: a store in a temporary dir, cheap argon2 parameters, fast throttling."""
+"""Auth unit fixtures: a store on each backend (an SQLite file, a fresh PostgreSQL database), cheap
+argon2 parameters, fast throttling."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from tests.unit.auth.auth_testing import FAST
 
 from services.auth.service import AuthService
 from services.auth.store import AuthStore
+from services.core.database import Location
 from services.core.identity import IdentitySettings
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[AuthStore]:
-    s = AuthStore(tmp_path / "auth.db")
+def store(database: Location) -> Iterator[AuthStore]:
+    s = AuthStore(database)
     yield s
     s.close()
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from parley.session.v1 import session_pb2, session_pb2_grpc
 
+from services.auth import client as auth_client
 from services.auth import app as auth_app
 from services.core import identity
 from services.core.config import CommonSettings
@@ -68,7 +69,7 @@ class Env:
 
     def private_key(self) -> tuple[str, Ed25519PrivateKey]:
         """The auth service's current signing key, read from its store (to forge tokens in tests)."""
-        with sqlite3.connect(self.data_dir / auth_app.DB_NAME) as db:
+        with sqlite3.connect(self.data_dir / "auth.db") as db:
             kid, pem = db.execute(
                 "SELECT kid, private_pem FROM signing_keys WHERE retired_at IS NULL").fetchone()
         key = serialization.load_pem_private_key(pem.encode(), password=None)
@@ -87,7 +88,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     auth_server = await start_server(spec, port=0)
     target = f"127.0.0.1:{auth_server.port}"
     remote = dataclasses.replace(common, auth_target=target)
-    verifier = CredentialVerifier.remote(remote, IdentitySettings(api_key_cache_seconds=30, jwks_refetch_seconds=0))
+    verifier = auth_client.remote_verifier(remote, IdentitySettings(api_key_cache_seconds=30, jwks_refetch_seconds=0))
     session_spec = ServiceSpec(
         name="session",
         registrations=[Registration(SESSION, session_pb2_grpc.add_SessionServiceServicer_to_server,
@@ -303,7 +304,7 @@ async def test_auth_down_is_unavailable_not_unauthenticated(tmp_path: Path) -> N
     from services.stack import free_port
 
     common = CommonSettings(data_dir=tmp_path, auth_target=f"127.0.0.1:{free_port()}")
-    verifier = CredentialVerifier.remote(common, IdentitySettings())
+    verifier = auth_client.remote_verifier(common, IdentitySettings())
     with pytest.raises(identity.Unavailable):
         await verifier.authenticate(jwt.encode(claims(), Ed25519PrivateKey.generate(), algorithm="EdDSA",
                                                headers={"kid": "k"}))
@@ -319,7 +320,7 @@ def test_identity_repr_never_shows_the_credential() -> None:
 
 
 async def test_interceptor_helper_treats_only_the_documented_methods_as_public(tmp_path: Path) -> None:
-    guard = identity.interceptor(CommonSettings(data_dir=tmp_path))
+    guard = auth_client.interceptor(CommonSettings(data_dir=tmp_path))
     public = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
               "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
               "/parley.auth.v1.AuthService/Register", "/parley.auth.v1.AuthService/Login",

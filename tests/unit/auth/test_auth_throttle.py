@@ -9,6 +9,7 @@ import pytest
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from services.auth import app as auth_app
+from services.auth.store import AuthStore
 from services.auth.throttle import LoginThrottle
 from services.core.config import CommonSettings
 from services.core.errors import ResourceExhausted
@@ -25,9 +26,9 @@ class Clock:
         return self.now
 
 
-def test_slowdown_grows_then_lockout_then_release() -> None:
+def test_slowdown_grows_then_lockout_then_release(store: AuthStore) -> None:
     clock = Clock()
-    throttle = LoginThrottle(settings(login_slowdown_seconds=0.5, login_slowdown_max_seconds=1.5), clock)
+    throttle = LoginThrottle(settings(login_slowdown_seconds=0.5, login_slowdown_max_seconds=1.5), store, clock)
     delays = []
     for _ in range(FAST.login_lockout_after):
         delays.append(throttle.check("alice", "10.0.0.1"))
@@ -46,8 +47,8 @@ def test_slowdown_grows_then_lockout_then_release() -> None:
     assert throttle.check("alice", "10.0.0.2") == 0  # the window has passed
 
 
-def test_success_clears_the_username_counter() -> None:
-    throttle = LoginThrottle(FAST, Clock())
+def test_success_clears_the_username_counter(store: AuthStore) -> None:
+    throttle = LoginThrottle(FAST, store, Clock())
     for _ in range(FAST.login_lockout_after - 1):
         throttle.failed("alice", "10.0.0.1")
     throttle.succeeded("alice")
@@ -55,8 +56,8 @@ def test_success_clears_the_username_counter() -> None:
     throttle.check("alice", "10.0.0.1")
 
 
-def test_one_address_spraying_many_usernames_is_locked_out() -> None:
-    throttle = LoginThrottle(FAST, Clock())
+def test_one_address_spraying_many_usernames_is_locked_out(store: AuthStore) -> None:
+    throttle = LoginThrottle(FAST, store, Clock())
     for i in range(FAST.login_address_lockout_after):
         throttle.check(f"user{i}", "10.0.0.9")
         throttle.failed(f"user{i}", "10.0.0.9")

@@ -84,7 +84,7 @@ async def test_failed_load_reports_its_reason(tmp_path: Path) -> None:
 
 async def test_budget_evicts_the_least_recently_used_idle_model(tmp_path: Path) -> None:
     entries = [BUNDLED, copy_of_bundled(tmp_path, "second"), copy_of_bundled(tmp_path, "third")]
-    registry, generation = make_registry(tmp_path, entries, PARLEY_MEMORY_BUDGET_MIB="250")
+    registry, generation = make_registry(tmp_path, entries, PARLEY_MEMORY_BUDGET_MIB="400")
     await registry.load(MODEL)
     await registry.load("second")
     assert registry.get(MODEL).state == "available"  # evicted: the budget holds about one model
@@ -94,7 +94,7 @@ async def test_budget_evicts_the_least_recently_used_idle_model(tmp_path: Path) 
 
 async def test_budget_refuses_when_every_loaded_model_is_busy(tmp_path: Path) -> None:
     entries = [BUNDLED, copy_of_bundled(tmp_path, "second")]
-    registry, _ = make_registry(tmp_path, entries, PARLEY_MEMORY_BUDGET_MIB="250")
+    registry, _ = make_registry(tmp_path, entries, PARLEY_MEMORY_BUDGET_MIB="400")
     busy = await registry.acquire(MODEL)
     with pytest.raises(ResourceExhausted, match="PARLEY_MEMORY_BUDGET_MIB"):
         await registry.load("second")
@@ -203,3 +203,25 @@ async def test_a_model_always_decodes_on_its_own_thread(tmp_path: Path) -> None:
                              asyncio.to_thread(time.sleep, 0.01))
     assert len(seen) == 1 and next(iter(seen)).startswith("decode-")
     await registry.close()
+
+
+async def test_the_memory_made_room_for_is_the_memory_reported_once_loaded(tmp_path: Path) -> None:
+    """One estimate: from the GGUF header before the model loads, and what the loaded engine reports."""
+    from services.inference.engines import engine_class
+    from services.inference.engines.weights import gguf_metadata
+
+    registry, _ = make_registry(tmp_path)
+    record = registry.get(MODEL)
+    chosen = registry.engine_settings(record.entry)
+    before = engine_class(chosen.engine).estimate_mib(record.entry.path(), chosen)
+    await registry.load(MODEL)
+    try:
+        assert record.memory_mib == before > 0
+        engine = record.engine
+        # The header reader agrees with llama.cpp's own reading of the file.
+        read = gguf_metadata(record.entry.path())
+        for key in ("general.architecture", "llama.block_count", "llama.attention.head_count_kv",
+                    "llama.embedding_length", "llama.context_length"):
+            assert str(read[key]) == engine._metadata[key]
+    finally:
+        await registry.close()

@@ -310,8 +310,9 @@ async def test_other_owners_see_nothing_and_a_busy_session_is_409(api: Responses
         with pytest.raises(NotFound):
             await attempt
     who["id"] = Identity("alice", "alice", frozenset({"user"}))
-    with api.sessions.hold_turn(sid), pytest.raises(Aborted):
-        await create(api, input="x", previous_response_id=mine["id"])
+    async with api.sessions.hold_turn(sid):
+        with pytest.raises(Aborted):
+            await create(api, input="x", previous_response_id=mine["id"])
     assert len(store.list_messages("alice", sid)) == 2
 
 

@@ -1,23 +1,27 @@
-"""SqliteSessionStore: ownership, ordering, paging cursors, turns and migrations, on real SQLite files."""
+"""SqlSessionStore: ownership, ordering, paging cursors, turns, turn leases and migrations, on both
+backends (real SQLite files and a real PostgreSQL) where the behaviour is the same."""
 
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from services.core.database import Location
 from services.core.errors import NotFound
-from services.core.sqlite import Database
+from services.core.sqlite import SqliteDatabase
 from services.core.structured import ToolCall
-from services.session.store import (
-    MIGRATIONS, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, SessionCursor, SqliteSessionStore,
-)
+from services.session.store import MIGRATIONS, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, SessionCursor
+from services.session.store import SqlSessionStore as SqliteSessionStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteSessionStore:
-    s = SqliteSessionStore(tmp_path / "session.db")
+def store(database: Location) -> Iterator[SqliteSessionStore]:
+    s = SqliteSessionStore(database)
     yield s
     s.close()
 
@@ -89,7 +93,7 @@ def test_update_and_delete_cascade(store: SqliteSessionStore) -> None:
     store.delete_session("alice", sid)
     with pytest.raises(NotFound):
         store.get_session("alice", sid)
-    assert store.db.read("SELECT COUNT(*) FROM messages")[0][0] == 0
+    assert store.db.read("SELECT COUNT(*) AS n FROM messages")[0]["n"] == 0
     with pytest.raises(NotFound):
         store.delete_session("alice", sid)
 
@@ -104,7 +108,7 @@ def test_error_answer_keeps_partial_text(store: SqliteSessionStore) -> None:
 
 def test_migration_from_version_1_keeps_old_rows_and_adds_tool_columns(tmp_path: Path) -> None:
     path = tmp_path / "session.db"
-    old = Database(path, MIGRATIONS[:1])
+    old = SqliteDatabase(path, MIGRATIONS[:1])
     with old.transaction() as db:
         db.execute("INSERT INTO sessions VALUES ('s1', 'alice', 'Old', '', '', '{}', 1.0, 2.0)")
         db.execute("INSERT INTO messages (id, session_id, role, content, model, status, created_at) "
@@ -146,3 +150,89 @@ def test_tool_turn_stores_results_before_the_user_message(store: SqliteSessionSt
     assert turn.user is not None
     assert [m.role for m in store.list_messages("alice", sid)[5:]] == ["tool", "user", "assistant"]
     assert store.get_session("alice", sid).title == "Weather"
+
+
+def test_one_turn_lease_per_session_until_released_or_expired(store: SqliteSessionStore) -> None:
+    sid, other = new(store), new(store)
+    assert store.acquire_turn(sid, "replica-a", 30)
+    assert not store.acquire_turn(sid, "replica-b", 30)  # held
+    assert store.acquire_turn(other, "replica-b", 30)  # another session is free
+    assert store.renew_turn(sid, "replica-a", 30) and not store.renew_turn(sid, "replica-b", 30)
+    store.release_turn(sid, "replica-b")  # not its lease: nothing happens
+    assert not store.acquire_turn(sid, "replica-b", 30)
+    store.release_turn(sid, "replica-a")
+    assert store.acquire_turn(sid, "replica-b", 0.2)
+    time.sleep(0.3)  # replica-b died: its lease expires and can be taken over
+    assert store.acquire_turn(sid, "replica-c", 30)
+    assert not store.renew_turn(sid, "replica-b", 30)
+    store.delete_session("alice", sid)  # the lease goes with the session
+    assert store.db.read("SELECT COUNT(*) AS n FROM turn_leases WHERE session_id = ?", (sid,))[0]["n"] == 0
+
+
+def test_racing_replicas_get_exactly_one_lease(database: Location) -> None:
+    """Eight stores (eight pools or connections: replicas) race for one session's lease, ten times."""
+    stores = [SqliteSessionStore(database) for _ in range(8)]
+    try:
+        sessions = [new(stores[0]) for _ in range(10)]
+        with ThreadPoolExecutor(8) as pool:
+            for sid in sessions:
+                won = list(pool.map(lambda i: stores[i].acquire_turn(sid, f"replica-{i}", 30), range(8)))
+                assert won.count(True) == 1, won
+    finally:
+        for s in stores:
+            s.close()
+
+
+# --- the Responses API: a response is an assistant message with its request beside it ----------------
+
+def test_responses_start_sessions_append_fork_and_delete(store: SqliteSessionStore) -> None:
+    from services.session.history import Turn
+    from services.session.store import SessionDraft
+
+    call = ToolCall("call_1", "f", "{}")
+    inputs = [Turn("user", "Hi"), Turn("assistant", "", (call,)), Turn("tool", "42", tool_call_id="call_1")]
+    first = store.start_response("alice", "", inputs, "m", {"instructions": "x"},
+                                 draft=SessionDraft(id="s-new", title="Hi", model="m", system_prompt="x"))
+    assert first.answer.session_id == "s-new" and store.get_session("alice", "s-new").system_prompt == "x"
+    store.save_answer(first.answer.id, content="Done.", status=STATUS_COMPLETE)
+    store.finish_response(first.answer.id, "FINISH_REASON_STOP")
+    found = store.get_response("alice", first.answer.id)
+    assert (found.session.id, found.message.content, found.request, found.input_count, found.finish_reason) == (
+        "s-new", "Done.", {"instructions": "x"}, 3, "FINISH_REASON_STOP")
+    assert [(m.role, m.tool_calls) for m in store.response_inputs("alice", first.answer.id)] == [
+        ("user", ()), ("assistant", (call,)), ("tool", ())]
+
+    second = store.start_response("alice", "s-new", [Turn("user", "More")], "m", {})
+    assert [m.content for m in store.response_inputs("alice", second.answer.id)] == ["More"]
+    fork = store.start_response("alice", "", [Turn("user", "Else")], "m", {}, draft=SessionDraft(
+        title="Hi", model="m", source="s-new", through_seq=found.message.seq))
+    forked = store.list_messages("alice", fork.answer.session_id)
+    assert [m.content for m in forked] == ["Hi", "", "42", "Done.", "Else", ""]
+    assert forked[1].tool_calls == (call,) and not {m.id for m in forked} & {
+        m.id for m in store.list_messages("alice", "s-new")}
+    assert len(store.list_messages("alice", "s-new")) == 6  # the original, untouched
+
+    # A chat turn's answer is a response too; its input is what came after the previous answer.
+    turn = store.start_turn("alice", "s-new", "Chat", "m", "")
+    assert store.get_response("alice", turn.answer.id).request is None
+    assert [m.content for m in store.response_inputs("alice", turn.answer.id)] == ["Chat"]
+
+    for owner, message_id in (("bob", first.answer.id), ("alice", "nope"), ("alice", turn.user.id)):
+        with pytest.raises(NotFound):
+            store.get_response(owner, message_id)
+    with pytest.raises(NotFound):
+        store.delete_response("bob", first.answer.id)
+    with pytest.raises(NotFound):
+        store.start_response("bob", "s-new", [Turn("user", "x")], "m", {})
+    with pytest.raises(NotFound):
+        store.start_response("bob", "", [Turn("user", "x")], "m", {}, draft=SessionDraft(
+            title="", model="", source="s-new", through_seq=found.message.seq))
+
+    store.delete_response("alice", second.answer.id)
+    assert [m.content for m in store.list_messages("alice", "s-new")] == ["Hi", "", "42", "Done.", "Chat", ""]
+    store.delete_response("alice", fork.answer.id)
+    assert len(store.list_messages("alice", fork.answer.session_id)) == 4  # the copied history stays
+    store.delete_response("alice", turn.answer.id)
+    store.delete_response("alice", first.answer.id)
+    with pytest.raises(NotFound):  # the session left empty goes too
+        store.get_session("alice", "s-new")

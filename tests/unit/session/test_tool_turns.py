@@ -19,7 +19,7 @@ from services.core.errors import InvalidArgument
 from services.core.identity import Identity
 from services.session.service import SessionService
 from services.session.settings import SessionSettings
-from services.session.store import SqliteSessionStore
+from services.session.store import SqlSessionStore as SqliteSessionStore
 
 WEATHER = pb.StructuredOutput(tools=[pb.Tool(name="get_weather", parameters='{"type": "object"}')],
                               tool_choice="function", tool_choice_function="get_weather", parallel_tool_calls=False)
@@ -160,4 +160,4 @@ async def test_a_stream_closed_after_its_first_pieces_keeps_what_was_sent(servic
     await stream.aclose()
     answer = store.list_messages("alice", sid)[-1]
     assert (answer.role, answer.content, answer.status) == ("assistant", "Once upon a time", "incomplete")
-    assert sid not in service._running  # the next turn may start
+    assert store.acquire_turn(sid, "the next turn", 30)  # the lease was given back
