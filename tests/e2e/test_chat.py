@@ -204,6 +204,28 @@ def test_tool_calls_and_results_from_the_api_are_shown(signed_in, web_url: str) 
     screenshot(page, "chat-tool-turn")
 
 
+def test_a_conversation_made_through_the_responses_api_is_listed_and_shown(signed_in, web_url: str) -> None:
+    page = signed_in()
+    token = page.evaluate("JSON.parse(localStorage.getItem('parley.auth')).access_token")
+    headers = {"authorization": f"Bearer {token}"}
+    short = {"model": "smollm2-135m-instruct", "max_output_tokens": 12, "temperature": 0}
+    with httpx.Client(base_url=web_url, timeout=120, headers=headers) as api:
+        first = api.post("/v1/responses", json={**short, "input": "Plan a picnic.", "instructions": "Be brief."})
+        assert first.status_code == 200, first.text
+        second = api.post("/v1/responses", json={**short, "input": "And dessert?",
+                                                 "previous_response_id": first.json()["id"]})
+        assert second.status_code == 200, second.text
+    answers = [r.json()["output"][0]["content"][0]["text"] for r in (first, second)]
+    page.reload()
+    link = page.get_by_role("link", name="Plan a picnic.")
+    link.click()
+    page.locator(".msg.assistant").nth(1).wait_for()
+    bodies = page.locator(".msg .msg-body").all_inner_texts()
+    assert [b.strip() for b in bodies[::2]] == ["Plan a picnic.", "And dessert?"]
+    assert [b.strip() for b in bodies[1::2]] == [a.strip() for a in answers]
+    screenshot(page, "chat-responses-api")
+
+
 MARKDOWN_CASES = """async () => {
   const { renderMarkdown } = await import("/markdown.js");
   const render = (text) => renderMarkdown(document.createElement("div"), text);
