@@ -13,6 +13,9 @@ few seconds, so even a crash of this service keeps most of it.
 Tool turns follow OpenAI's shape: a turn's tools and response format (ChatRequest.structured) go to
 inference and into the cache key; the answer's tool calls are streamed and stored with the assistant
 message; the next turn answers them with tool_results, stored as tool messages.
+
+The Responses API (services/session/responses.py) answers through the same generate(): one flow for
+every answer, whatever shape its caller speaks.
 """
 
 from __future__ import annotations

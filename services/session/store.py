@@ -7,6 +7,10 @@ A turn stores, in one transaction: the tool messages that answer the previous an
 user's message, and the assistant's (empty, incomplete) message; an assistant message keeps the tool
 calls it made.
 
+A Responses API response (services/session/responses.py) is an assistant message too: start_response
+stores, in one transaction, the session it starts (new, or a fork holding a copy of another's history),
+the request's input as messages, the empty answer, and the request beside it (table responses).
+
 One turn at a time per session, across replicas: a turn holds the session's lease (turn_leases), a
 row with a holder and an expiry that the holder renews while the answer streams. Taking it is one
 conditional upsert, so of two replicas racing for it exactly one wins; a replica that dies stops
