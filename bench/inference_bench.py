@@ -231,7 +231,7 @@ def print_long_conversation(ttfts: dict[str, list[float]]) -> None:
     print(f"{'path':16} {'turns 2-6':>10} {f'turns {turns - 4}-{turns}':>12} {'ratio':>7}   (target: session <= 1.1)")
     for name, values in ttfts.items():
         early, late = statistics.median(values[1:6]), statistics.median(values[-5:])
-        print(f"{name:16} {early:10.1f} {late:12.1f} {late / early:7.2f}")
+        print(f"{name:16} {early:10.1f} {late:12.1f} {late / early:7.2f}", flush=True)
 
 
 def interleaved(paths: dict[str, Run], runs: int) -> dict[str, tuple[float, float]]:
@@ -537,6 +537,7 @@ def main() -> None:
     parser.add_argument("--log-dir", default=None, help="keep the services' and llama-server's logs here")
     parser.add_argument("--turns", type=int, default=None,
                         help="turns of the long conversation (default 60, 12 with --quick; 0 skips it)")
+    parser.add_argument("--no-patterns", action="store_true", help="only the paths (a)-(d) and the long conversation")
     parser.add_argument("--only", default=None, metavar="TEXT",
                         help="only the client patterns whose name contains TEXT (e.g. 'json'); skips the paths (a)-(d)")
     args = parser.parse_args()
@@ -566,36 +567,42 @@ def main() -> None:
         stack.start()
         try:
             stack.wait_healthy(timeout=300)
-            token = httpx.post(f"{stack.url}/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD},
-                               timeout=30).json()["tokens"]["access_token"]
+            access = httpx.post(f"{stack.url}/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD},
+                                timeout=30).json()["tokens"]["access_token"]
+            # An API key: a run outlasts an access token's lifetime.
+            token = httpx.post(f"{stack.url}/v1/api-keys", json={"name": "bench"}, headers=bearer(access),
+                               timeout=30).json()["secret"]
             hardware = stack_hardware(stack, token)
             threads = int(hardware["threads"])
-            measured: dict[str, tuple[float, float]] = {}
-            cached_ms = 0.0
-            conversation: dict[str, list[float]] = {}
             with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel, \
                     httpx.Client(timeout=120, headers=bearer(token)) as http:
                 if args.only is None:
                     measured, cached_ms = measure_paths(channel, http, stack.url, token, threads, context, runs)
+                    print_paths(measured, cached_ms, threads, hardware, runs)
                     if turns:
                         conversation = long_conversation(http, stack.url, turns)
-            figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
+                        print_long_conversation(conversation)
+            if not args.no_patterns:
+                figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
         finally:
             stack.stop()
-    if measured:
-        direct = measured["(a) llama-cpp-python in-process"]
-        print(f"\nParley inference benchmark — {MODEL}, {threads} threads, {hardware.get('parallel_slots', '?')} "
-              f"slots, greedy, up to {MAX_TOKENS} tokens, median of {runs} interleaved rounds\n")
-        print(f"{'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'ratio':>7}")
-        for name, (decode, ttft) in measured.items():
-            print(f"{name:34} {decode:12.1f} {decode / direct[0]:7.3f} {ttft:9.1f} {ttft / direct[1]:7.3f}")
-        print(f"\n{'cached deterministic turn (d)':34} {cached_ms:9.1f} ms to the whole answer "
-              f"({cached_ms / direct[1]:.3f} of (a)'s TTFT)")
-        for name, target in (("(c) Envoy REST SSE", 3), ("(d) session chat turn SSE", 5)):
-            print(f"{name + ' TTFT - (a) TTFT':34} {measured[name][1] - direct[1]:+9.1f} ms (target: <= +{target} ms)")
-    if conversation:
-        print_long_conversation(conversation)
-    print_patterns(figures, rss, todo, rounds, threads)
+    if not args.no_patterns:
+        print_patterns(figures, rss, todo, rounds, threads)
+
+
+def print_paths(measured: dict[str, tuple[float, float]], cached_ms: float, threads: int, hardware: dict,
+                runs: int) -> None:
+    direct = measured["(a) llama-cpp-python in-process"]
+    print(f"\nParley inference benchmark — {MODEL}, {threads} threads, {hardware.get('parallel_slots', '?')} "
+          f"slots, greedy, up to {MAX_TOKENS} tokens, median of {runs} interleaved rounds\n")
+    print(f"{'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'ratio':>7}")
+    for name, (decode, ttft) in measured.items():
+        print(f"{name:34} {decode:12.1f} {decode / direct[0]:7.3f} {ttft:9.1f} {ttft / direct[1]:7.3f}")
+    print(f"\n{'cached deterministic turn (d)':34} {cached_ms:9.1f} ms to the whole answer "
+          f"({cached_ms / direct[1]:.3f} of (a)'s TTFT)")
+    for name, target in (("(c) Envoy REST SSE", 3), ("(d) session chat turn SSE", 5)):
+        print(f"{name + ' TTFT - (a) TTFT':34} {measured[name][1] - direct[1]:+9.1f} ms (target: <= +{target} ms)",
+              flush=True)
 
 
 def measure_paths(channel: grpc.Channel, http: httpx.Client, url: str, token: str, threads: int, context: int,

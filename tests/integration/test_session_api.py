@@ -148,18 +148,24 @@ def test_long_history_is_trimmed_to_the_context_window(http: httpx.Client, user:
     # The shared stack has a 2048-token context; ~700 tokens per turn overflow it within a few turns.
     sid = create_session(http, user, system_prompt="Answer with one word.")["id"]
     filler = "apple banana cherry " * 230
+    dropped = []
     for i in range(4):
         events = chat(http, user, sid, f"Turn {i}: {filler}", sampling={"max_tokens": 4, "temperature": 0})
         assert "done" in events[-1], events[-1]
         # Everything sent fits: the prompt plus the answer room stays inside the window.
         assert events[-1]["done"]["usage"]["prompt_tokens"] <= 2048 - 4
+        dropped.append(events[0]["start"]["dropped_messages"])
+    # Whole turns (a question and its answer) went, oldest first; all of them stay stored.
+    assert dropped[0] == 0 and dropped[-1] > 0 and all(d % 2 == 0 for d in dropped)
     assert len(messages(http, user, sid)) == 8
 
 
 def test_message_too_long_for_the_context_is_400_and_stores_nothing(http: httpx.Client, user: Caller) -> None:
     sid = create_session(http, user)["id"]
     answer = http.post(f"/v1/sessions/{sid}:chat", json={"content": "word " * 3000}, headers=user.headers)
-    assert answer.status_code == 400 and "tokens" in answer.json()["message"], answer.text
+    assert answer.status_code == 400, answer.text
+    words = answer.json()["message"]  # both counts: what the message needs, what the window leaves
+    assert "needs" in words and "tokens" in words and "only 1536 of" in words, words
     assert messages(http, user, sid) == []
 
 
