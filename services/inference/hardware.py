@@ -54,6 +54,7 @@ class EngineSettings:
     resident_sequences: int = 1
     batch_tokens: int = 512
     host_cache_mib: int = 0
+    flash_attention: bool = False
     reasons: list[str] = field(default_factory=list)
 
 
@@ -287,6 +288,12 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
     reasons.append(f"host_kv_cache_mib={host_mib}: evicted conversations' KV state"
                    + (" (capped at 1/8 of free memory)" if host_mib < settings.host_kv_cache_mib else ""))
 
+    flash = settings.flash_attention == "on" or (settings.flash_attention == "auto" and gpu_layers != 0)
+    reasons.append(f"flash_attention={'on' if flash else 'off'}: " + (
+        "set by PARLEY_FLASH_ATTENTION" if settings.flash_attention != "auto" else
+        "GPU layers" if flash else
+        "on CPU, llama.cpp's flash attention makes a turn's first token slower as its conversation grows"))
+
     return EngineSettings(
         engine=engine,
         device=device,
@@ -302,5 +309,6 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
         resident_sequences=resident,
         batch_tokens=settings.batch_tokens,
         host_cache_mib=host_mib,
+        flash_attention=flash,
         reasons=reasons,
     )

@@ -75,7 +75,8 @@ class LlamaCppEngine(Engine):
         ctx_params.n_outputs_max = max(s.parallel_slots, s.resident_sequences, 16)
         ctx_params.n_threads = ctx_params.n_threads_batch = s.threads
         ctx_params.kv_unified = True  # sequences share one pool of cells, so seq_cp works across them
-        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attention
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         ctx_params.no_perf = True
         for key, value in self.params.get("llama", {}).get("context", {}).items():
             setattr(ctx_params, key, value)
