@@ -107,7 +107,8 @@ function envoy_on_request(handle)
   end
   if path == "/healthz" then
     healthz(handle)
-  elseif string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1 then
+  elseif string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/completions", 1, true) == 1
+      or string.find(path, "/v1/embeddings", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1 then
     handle:streamInfo():dynamicMetadata():set("parley", "openai", "1")
   end
 end
