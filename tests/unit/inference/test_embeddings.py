@@ -24,38 +24,9 @@ from services.inference.hardware import EngineSettings, probe
 from services.inference.registry import BUNDLED, BUNDLED_EMBEDDING, CatalogueEntry, ModelRegistry
 from services.inference.service import GenerationService, SamplingInput
 from services.inference.settings import InferenceSettings
+from tests.embedding_reference import SENTENCES, cosines, reference
 
 MODEL = BUNDLED_EMBEDDING["id"]
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A fast auburn fox leaped over a sleepy hound.",
-    "Paris is the capital of France.",
-    "Quantum chromodynamics describes the strong interaction between quarks and gluons.",
-    "I'd like a cup of green tea, please!",
-    "Embeddings map text to vectors; similar meanings land close together.",
-    "ok",
-    "Ünïcödé, emoji 🙂 and numbers 12345 mixed together in one sentence — with punctuation?!",
-]
-
-
-def reference(texts: list[str]) -> np.ndarray:
-    """sentence-transformers' recipe for all-MiniLM-L6-v2, written out with transformers: the encoder's
-    last hidden states, mean-pooled over the attention mask (inputs cut at max_seq_length 256), then
-    L2-normalised."""
-    import torch
-    import transformers
-
-    folder = CatalogueEntry(**BUNDLED_EMBEDDING).path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
-    with torch.inference_mode():
-        encoded = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        hidden = model(**encoded).last_hidden_state
-        mask = encoded["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
-
-
 # One event loop for the module's tests of the real model, so that it loads once for all of them.
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -84,12 +55,10 @@ async def test_catalogue_has_both_tasks(registry: ModelRegistry) -> None:
 
 @on_module_loop
 async def test_vectors_match_the_reference(service: EmbeddingService) -> None:
-    result = await service.embed(MODEL, SENTENCES)
-    expected = reference(SENTENCES)
+    result = await service.embed(MODEL, list(SENTENCES))
     assert result.vectors.shape == (len(SENTENCES), 384) and result.vectors.dtype == np.float32
-    cosines = (result.vectors * expected).sum(axis=1) / (
-        np.linalg.norm(result.vectors, axis=1) * np.linalg.norm(expected, axis=1))
-    assert cosines.min() >= 0.999, cosines
+    similarity = cosines(result.vectors, reference(SENTENCES))
+    assert similarity.min() >= 0.999, similarity
     assert np.allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-5)
     # Similar meanings land closer than unrelated ones: the vectors carry meaning, not noise.
     v = result.vectors
