@@ -11,13 +11,14 @@ INSTALLED := $(VENV)/.installed
 GENERATED := build/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: help setup gen run test test-unit lint-protos bench k8s-config browser postgres clean
+.PHONY: help setup gen run test test-unit lint-protos bench bench-embeddings k8s-config browser postgres clean
 
 help:
 	@echo "make run    - start auth, session, cache, inference and Envoy on http://127.0.0.1:8080"
 	@echo "make test   - install everything (venv, llama.cpp build, model, Envoy, buf) and run the suite"
 	@echo "make bench  - benchmark decode speed, time to first token and client patterns (bench/);"
 	@echo "              LLAMA_SERVER=/path/to/llama-server compares against llama-server (README: Benchmark)"
+	@echo "make bench-embeddings - only the embeddings throughput (Envoy vs transformers in-process)"
 	@echo "make gen    - regenerate Python code, type stubs and Envoy's descriptor set from protos/"
 	@echo "make k8s-config - generate the gateway's Envoy config for the Kubernetes manifests (k8s/)"
 
@@ -96,6 +97,9 @@ test-unit: setup postgres
 # /root/.cache/parley-peer/llama-server when it exists; without one its column is skipped).
 bench: setup
 	$(PY) bench/inference_bench.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
+
+bench-embeddings: setup
+	$(PY) bench/inference_bench.py --embeddings-only
 
 # Envoy config + descriptor set for the gateway's ConfigMap, with the Kubernetes settings in
 # k8s/base/gateway/envoy.env; kustomize's configMapGenerator reads them (the folder is git-ignored).

@@ -240,10 +240,12 @@ class ModelRegistry:
             raise InvalidArgument(f"model id {model_id!r} is malformed")
         record = self.get(model_id, task)
         if record.entry.task != task:
-            use = "POST /v1/embeddings" if record.entry.task == EMBEDDING else "a chat or completion endpoint"
-            raise InvalidArgument(f"model {record.entry.id!r} is {'an' if record.entry.task == EMBEDDING else 'a'} "
-                                  f"{record.entry.task} model: this request needs a {task} model; use {use} "
-                                  "for it, and GET /v1/models for the models of each task")
+            if record.entry.task == EMBEDDING:
+                raise InvalidArgument(f"model {record.entry.id!r} is an embedding model: use it with POST "
+                                      "/v1/embeddings; chat and completions need a chat model (GET /v1/models "
+                                      "lists each model's task)")
+            raise InvalidArgument(f"model {record.entry.id!r} is a {record.entry.task} model; embeddings need an "
+                                  "embedding model (GET /v1/models lists each model's task)")
         if record.state != "ready":
             record = await self.load(record.entry.id)
         record.active += 1
