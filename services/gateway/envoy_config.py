@@ -49,6 +49,7 @@ STREAMING_METHODS = {
     "inference": (
         "/parley.inference.v1.InferenceService/Generate",
         "/parley.inference.v1.InferenceService/CreateChatCompletion",
+        "/parley.inference.v1.InferenceService/CreateCompletion",
     ),
 }
 

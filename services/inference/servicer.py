@@ -12,7 +12,7 @@ from parley.inference.v1 import inference_pb2_grpc
 
 from services.core import sampling, structured
 from services.core.errors import InvalidArgument
-from services.inference import chat_completions, embeddings, metrics
+from services.inference import chat_completions, embeddings, metrics, text_completions
 from services.inference.engines import EmbeddingEngine
 from services.inference.engines.base import Usage
 from services.inference.fitting import Fit
@@ -70,6 +70,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Rate limits, response cache, generation and usage: Generate and /v1/chat/completions.
         self.metered = metered or MeteredCompletions(generation, registry, cache=None)
         self.chat_completions = chat_completions.ChatCompletions(self.metered)
+        # POST /v1/completions (legacy): the same flow on a raw prompt.
+        self.text_completions = text_completions.TextCompletions(self.metered)
         # Embed and POST /v1/embeddings: rate limits, batching engine, token usage.
         self.embedder = embedder or embeddings.EmbeddingService(registry, generation.settings, cache=None)
         # Asks the cache service; None when it cannot answer.
@@ -122,6 +124,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Like OpenAI's own API, the body must be JSON whatever content type the client declared.
         parts = self.chat_completions.create(request.http_body.data, _timeout(context), mark)
         async for content_type, data in parts:
+            yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+    async def CreateCompletion(
+        self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async def mark(value: str) -> None:
+            await context.send_initial_metadata(((chat_completions.CACHE_HEADER, value),))
+
+        async for content_type, data in self.text_completions.create(request.http_body.data, _timeout(context), mark):
             yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
