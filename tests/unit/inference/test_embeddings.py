@@ -25,6 +25,7 @@ from services.inference.registry import BUNDLED, BUNDLED_EMBEDDING, CatalogueEnt
 from services.inference.service import GenerationService, SamplingInput
 from services.inference.settings import InferenceSettings
 from tests.embedding_reference import SENTENCES, cosines, reference
+from tests.unit.spans import exporter, named
 
 MODEL = BUNDLED_EMBEDDING["id"]
 # One event loop for the module's tests of the real model, so that it loads once for all of them.
@@ -65,6 +66,21 @@ async def test_vectors_match_the_reference(service: EmbeddingService) -> None:
     assert v[0] @ v[1] > v[0] @ v[2] + 0.3
     assert result.tokens[6] == 3  # [CLS] ok [SEP]
     assert result.prompt_tokens == sum(result.tokens)
+
+
+@on_module_loop
+async def test_each_request_is_one_genai_span(service: EmbeddingService) -> None:
+    spans = exporter()
+    spans.clear()
+    result = await service.embed("", ["one", "two"])  # the default embedding model
+    with pytest.raises(InvalidArgument):
+        await service.embed(MODEL, [""])
+    ok, failed = named(spans.get_finished_spans(), f"embeddings {MODEL}")
+    assert ok.attributes["gen_ai.operation.name"] == "embeddings"
+    assert ok.attributes["gen_ai.usage.input_tokens"] == result.prompt_tokens == 6
+    assert ok.attributes["gen_ai.embeddings.dimension.count"] == 384
+    assert ok.attributes["gen_ai.response.model"] == MODEL and ok.attributes["parley.embedding.inputs"] == 2
+    assert not failed.status.is_ok and failed.attributes["error.type"] == "InvalidArgument"
 
 
 @on_module_loop
