@@ -22,6 +22,12 @@ CHAT_MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
+def user(stack: Stack) -> Caller:
+    """This module's own account: its requests do not count against the shared user's rate limit."""
+    return sign_in(stack.url, f"embedder-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+
+
+@pytest.fixture(scope="module")
 def client(stack: Stack, user: Caller) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=user.api_key, max_retries=0, timeout=120)
 
