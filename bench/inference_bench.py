@@ -35,8 +35,11 @@ under load at once); aggregate tok/s counts from the first request to the last t
 the time to the first tokens. Each server's resident memory is read after the patterns. Without a
 llama-server binary its column is skipped.
 
+Last, embeddings throughput through Envoy against transformers in-process (bench/embeddings_bench.py).
+
     make bench [LLAMA_SERVER=/path/to/llama-server]
     .venv/bin/python bench/inference_bench.py [--runs 5] [--rounds 3] [--llama-server PATH] [--quick]
+    make bench-embeddings      # the embeddings section alone (--embeddings-only)
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ from parley.inference.v1 import inference_pb2_grpc
 
 from services.inference.registry import BUNDLED, CatalogueEntry
 from services.stack import Stack, free_port
+
+import embeddings_bench  # beside this file: python puts the script's folder on sys.path
 
 ADMIN_PASSWORD = f"Bench-{uuid.uuid4().hex}"
 MODEL = BUNDLED["id"]
@@ -540,6 +545,8 @@ def main() -> None:
     parser.add_argument("--no-patterns", action="store_true", help="only the paths (a)-(d) and the long conversation")
     parser.add_argument("--only", default=None, metavar="TEXT",
                         help="only the client patterns whose name contains TEXT (e.g. 'json'); skips the paths (a)-(d)")
+    parser.add_argument("--embeddings-only", action="store_true",
+                        help="only the embeddings throughput (bench/embeddings_bench.py): a minute or two")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 5)
     turns = args.turns if args.turns is not None else (12 if args.quick else 60)
@@ -547,8 +554,8 @@ def main() -> None:
     todo = [p for p in patterns(args.quick) if args.only is None or args.only in p.name]
     if not todo:
         raise SystemExit(f"no client pattern's name contains {args.only!r}")
-    binary = find_llama_server(args.llama_server)
-    if binary is None:
+    binary = None if args.embeddings_only else find_llama_server(args.llama_server)
+    if binary is None and not args.embeddings_only:
         print(f"llama-server not found: its column will be skipped. Build it: {BUILD_LLAMA_SERVER}", flush=True)
     context = 2048
     with tempfile.TemporaryDirectory() as data:
@@ -574,20 +581,25 @@ def main() -> None:
                                timeout=30).json()["secret"]
             hardware = stack_hardware(stack, token)
             threads = int(hardware["threads"])
-            with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel, \
-                    httpx.Client(timeout=120, headers=bearer(token)) as http:
-                if args.only is None:
-                    measured, cached_ms = measure_paths(channel, http, stack.url, token, threads, context, runs)
-                    print_paths(measured, cached_ms, threads, hardware, runs)
-                    if turns:
-                        conversation = long_conversation(http, stack.url, turns)
-                        print_long_conversation(conversation)
-            if not args.no_patterns:
-                figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
+            embedded = {}
+            if not args.embeddings_only:
+                with grpc.insecure_channel(f"127.0.0.1:{stack.common.port_of('inference')}") as channel, \
+                        httpx.Client(timeout=120, headers=bearer(token)) as http:
+                    if args.only is None:
+                        measured, cached_ms = measure_paths(channel, http, stack.url, token, threads, context, runs)
+                        print_paths(measured, cached_ms, threads, hardware, runs)
+                        if turns:
+                            conversation = long_conversation(http, stack.url, turns)
+                            print_long_conversation(conversation)
+                if not args.no_patterns:
+                    figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
+                    print_patterns(figures, rss, todo, rounds, threads)
+            if args.only is None and not args.no_patterns:
+                embedded = embeddings_bench.measure(stack.url, token, threads, rounds)
         finally:
             stack.stop()
-    if not args.no_patterns:
-        print_patterns(figures, rss, todo, rounds, threads)
+    if embedded:
+        embeddings_bench.report(embedded, threads, rounds)
 
 
 def print_paths(measured: dict[str, tuple[float, float]], cached_ms: float, threads: int, hardware: dict,

@@ -115,7 +115,7 @@ def scripted_engines(monkeypatch: Any) -> list[ScriptedEngine]:
     """Makes the model registry load ScriptedEngines; returns the list of those it creates."""
     made: list[ScriptedEngine] = []
 
-    def create(model_id: str, path: str, settings: Any, params: dict) -> Engine:
+    def create(model_id: str, path: str, settings: Any, params: dict, task: str = "chat") -> Engine:
         made.append(ScriptedEngine(model_id, path, settings, params))
         return made[-1]
 

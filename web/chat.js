@@ -118,7 +118,8 @@ export class ChatView {
 
   async loadModels() {
     try {
-      const models = await this.app.models();
+      // Embedding models cannot chat: the picker offers chat models only.
+      const models = (await this.app.models()).filter((m) => (m.task || "chat") === "chat");
       const current = this.session.model || "";
       replace(this.modelPicker, h("option", { value: "", text: "Server default" }),
         models.map((m) => h("option", { value: m.id, text: m.state === "MODEL_STATE_READY" ? m.id : `${m.id} (${stateWord(m.state)})` })));

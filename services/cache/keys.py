@@ -50,6 +50,8 @@ def canonical(key: cache_pb2.CompletionKey, scope: str = "") -> dict[str, Any]:
         "messages": [_message(m) for m in key.messages],
         "sampling": sampling,
     }
+    if key.prompt:  # a text completion's raw prompt; chat keys keep their old form
+        form["prompt"] = key.prompt
     if key.HasField("structured") and key.structured.ByteSize():
         # Tools in the order given (it is the order the prompt lists them in).
         form["structured"] = json_format.MessageToDict(key.structured, preserving_proto_field_name=True)
@@ -80,8 +82,10 @@ def cacheable(key: cache_pb2.CompletionKey) -> str | None:
         return "no model"
     if not key.model_fingerprint:
         return "the model has no fingerprint, so a changed weights file could not be told apart"
-    if not key.messages:
-        return "no messages"
+    if not key.messages and not key.prompt:
+        return "no messages or prompt"
+    if key.messages and key.prompt:
+        return "both messages and a prompt"
     if not is_deterministic(key.sampling):
         return "not deterministic: set temperature to 0 or a seed"
     for name in ("temperature", "top_p", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty"):

@@ -49,6 +49,7 @@ STREAMING_METHODS = {
     "inference": (
         "/parley.inference.v1.InferenceService/Generate",
         "/parley.inference.v1.InferenceService/CreateChatCompletion",
+        "/parley.inference.v1.InferenceService/CreateCompletion",
     ),
 }
 
@@ -107,7 +108,8 @@ function envoy_on_request(handle)
   end
   if path == "/healthz" then
     healthz(handle)
-  elseif string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1
+  elseif string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/completions", 1, true) == 1
+      or string.find(path, "/v1/embeddings", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1
       or string.find(path, "/v1/responses", 1, true) == 1 then
     handle:streamInfo():dynamicMetadata():set("parley", "openai", "1")
   end

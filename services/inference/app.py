@@ -12,6 +12,7 @@ from services.core import config
 from services.core.config import CommonSettings
 from services.core.server import Registration, ServiceSpec
 from services.inference import hardware, metrics
+from services.inference.embeddings import EmbeddingService
 from services.inference.metered import MeteredCompletions
 from services.inference.registry import ModelRegistry
 from services.inference.service import GenerationService
@@ -31,7 +32,8 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
     generation = GenerationService(registry, settings)
     cache = CacheClient(common)  # rate limits and the response cache of every generation
     metered = MeteredCompletions(generation, registry, cache)
-    servicer = InferenceServicer(registry, generation, hw, cache.hit_ratio, metered=metered)
+    embedder = EmbeddingService(registry, settings, cache)
+    servicer = InferenceServicer(registry, generation, hw, cache.hit_ratio, metered=metered, embedder=embedder)
     metrics.REGISTRY_GAUGES.watch(registry.loaded)
     log.info("hardware", extra={"fields": {"cores": hw.physical_cores, "memory_mib": hw.total_memory_mib,
                                             "cuda": len(hw.cuda_devices), "budget_mib": registry.budget_mib}})
@@ -44,6 +46,7 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
     async def close() -> None:
         await registry.close()
         await metered.close()
+        await embedder.close()
         await cache.close()
 
     name = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name

@@ -1,5 +1,5 @@
 """The metered completion: one flow for every way in to a generation — the Generate RPC (which
-session turns use) and POST /v1/chat/completions.
+session turns use), POST /v1/chat/completions and the legacy POST /v1/completions.
 
 Order: the rate-limit check and, at the same time, a response-cache lookup when the request is
 deterministic → either the cached answer, replayed as the same items a generation yields, or the
@@ -56,8 +56,9 @@ class Completion:
 
     @property
     def cacheable(self) -> bool:
-        """One plain answer to a chat: what the response cache stores (no logprobs, one choice)."""
-        return self.n == 1 and self.top_logprobs is None and bool(self.messages)
+        """One plain answer to a chat or a raw prompt: what the response cache stores (no logprobs,
+        one choice)."""
+        return self.n == 1 and self.top_logprobs is None and bool(self.messages or self.prompt)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class MeteredCompletions:
         key = cache_pb2.CompletionKey(
             model=entry.id, model_fingerprint=entry.fingerprint(), sampling=sampling,
             messages=[structured.message_to_proto(m) for m in request.messages],
-            structured=structured.to_proto(request.structure))
+            structured=structured.to_proto(request.structure), prompt=request.prompt)
         if request.fit is not None:
             key.fit.CopyFrom(pb.HistoryFit(keep_last=request.fit.keep_last, reserve_tokens=request.fit.reserve_tokens))
         return key

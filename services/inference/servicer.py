@@ -11,7 +11,9 @@ from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
 from services.core import sampling, structured
-from services.inference import chat_completions, metrics
+from services.core.errors import InvalidArgument
+from services.inference import chat_completions, embeddings, metrics, text_completions
+from services.inference.engines import EmbeddingEngine
 from services.inference.engines.base import Usage
 from services.inference.fitting import Fit
 from services.inference.hardware import Hardware, choose
@@ -32,10 +34,12 @@ def model_pb(record: ModelRecord) -> pb.Model:
     fingerprint = entry.fingerprint()
     created = int(fingerprint.rsplit("-", 1)[1]) if fingerprint else 0
     context = record.engine.context_length if record.engine else (entry.context_length or 0)
+    dimensions = record.engine.dimensions if isinstance(record.engine, EmbeddingEngine) else 0
     return pb.Model(
         id=entry.id, object="model", created=created, owned_by=entry.owned_by, state=STATES[record.state],
         engine=record.settings.engine if record.settings else entry.engine, source=entry.source,
         context_length=context, memory_mib=record.memory_mib, error=record.error, fingerprint=fingerprint,
+        task=entry.task, dimensions=dimensions,
     )
 
 
@@ -58,13 +62,18 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, generation: GenerationService, hardware: Hardware,
                  cache_hit_ratio: Callable[[], Awaitable[float | None]] | None = None,
-                 metered: MeteredCompletions | None = None) -> None:
+                 metered: MeteredCompletions | None = None,
+                 embedder: embeddings.EmbeddingService | None = None) -> None:
         self.registry = registry
         self.generation = generation
         self.hardware = hardware
         # Rate limits, response cache, generation and usage: Generate and /v1/chat/completions.
         self.metered = metered or MeteredCompletions(generation, registry, cache=None)
         self.chat_completions = chat_completions.ChatCompletions(self.metered)
+        # POST /v1/completions (legacy): the same flow on a raw prompt.
+        self.text_completions = text_completions.TextCompletions(self.metered)
+        # Embed and POST /v1/embeddings: rate limits, batching engine, token usage.
+        self.embedder = embedder or embeddings.EmbeddingService(registry, generation.settings, cache=None)
         # Asks the cache service; None when it cannot answer.
         self.cache_hit_ratio = cache_hit_ratio
 
@@ -116,6 +125,35 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         parts = self.chat_completions.create(request.http_body.data, _timeout(context), mark)
         async for content_type, data in parts:
             yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+    async def CreateCompletion(
+        self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async def mark(value: str) -> None:
+            await context.send_initial_metadata(((chat_completions.CACHE_HEADER, value),))
+
+        async for content_type, data in self.text_completions.create(request.http_body.data, _timeout(context), mark):
+            yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        inputs: list[embeddings.Input] = []
+        for i, given in enumerate(request.inputs):
+            if given.text and given.tokens:
+                raise InvalidArgument(f"inputs[{i}]: give text or tokens, not both")
+            inputs.append(given.text or list(given.tokens))
+        result = await self.embedder.embed(request.model, inputs, truncate=request.truncate,
+                                           dimensions=request.dimensions or None, timeout=_timeout(context))
+        return pb.EmbedResponse(
+            model=result.model, prompt_tokens=result.prompt_tokens,
+            embeddings=[pb.Embedding(values=row, tokens=n) for row, n in zip(result.vectors.tolist(), result.tokens)])
+
+    async def CreateEmbedding(self, request: pb.CreateEmbeddingRequest,
+                              context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        req = embeddings.parse_openai(request.http_body.data)
+        result = await self.embedder.embed(req.model, req.inputs, truncate=req.truncate, dimensions=req.dimensions,
+                                           timeout=_timeout(context))
+        return httpbody_pb2.HttpBody(content_type=chat_completions.JSON,
+                                     data=embeddings.render_openai(result, req.encoding_format))
 
     async def GetHardware(self, request: pb.GetHardwareRequest, context: grpc.aio.ServicerContext) -> pb.GetHardwareResponse:
         hw = self.hardware

@@ -137,6 +137,7 @@ def test_settings_and_model_picker_are_saved_on_the_session(signed_in, web_url: 
     session_id = new_chat(page)
     picker = page.get_by_label("Model", exact=True)
     picker.locator("option", has_text="smollm2-135m-instruct").wait_for(state="attached")
+    assert picker.locator("option", has_text="all-minilm-l6-v2").count() == 0  # an embedding model cannot chat
     picker.select_option("smollm2-135m-instruct")
     page.get_by_text("Model set to smollm2-135m-instruct.").wait_for()
 

@@ -1,13 +1,25 @@
-"""Engines behind one interface (engines.base.Engine) and the factory that picks one."""
+"""Engines behind one interface per task (engines.base.Engine for chat, engines.embedding.EmbeddingEngine
+for embeddings) and the factory that picks one."""
 
 from __future__ import annotations
 
 from services.inference.engines.base import Engine, EngineError
+from services.inference.engines.embedding import EmbeddingEngine
 from services.inference.hardware import EngineSettings
 
+CHAT, EMBEDDING = "chat", "embedding"
+TASKS = (CHAT, EMBEDDING)
 
-def engine_class(name: str) -> type[Engine]:
-    """The engine class of a name. Imports are lazy: torch is only needed when a torch model loads."""
+
+def engine_class(name: str, task: str = CHAT) -> type[Engine] | type[EmbeddingEngine]:
+    """The engine class of a name and task. Imports are lazy: torch is only needed when a torch
+    model loads."""
+    if task == EMBEDDING:
+        if name != "torch":
+            raise EngineError(f"embedding models run on the torch engine, not {name!r}")
+        from services.inference.engines.torch_embedding import TorchEmbeddingEngine
+
+        return TorchEmbeddingEngine
     if name == "llama.cpp":
         from services.inference.engines.llama import LlamaCppEngine
 
@@ -19,9 +31,10 @@ def engine_class(name: str) -> type[Engine]:
     raise EngineError(f"unknown engine {name!r}")
 
 
-def create_engine(model_id: str, path: str, settings: EngineSettings, params: dict) -> Engine:
+def create_engine(model_id: str, path: str, settings: EngineSettings, params: dict,
+                  task: str = CHAT) -> Engine | EmbeddingEngine:
     """The engine for one model."""
-    return engine_class(settings.engine)(model_id, path, settings, params)
+    return engine_class(settings.engine, task)(model_id, path, settings, params)
 
 
-__all__ = ["Engine", "EngineError", "create_engine", "engine_class"]
+__all__ = ["CHAT", "EMBEDDING", "TASKS", "EmbeddingEngine", "Engine", "EngineError", "create_engine", "engine_class"]

@@ -87,3 +87,19 @@ def test_cacheable_needs_model_fingerprint_messages_and_determinism() -> None:
     assert keys.cacheable(key(messages=())) is not None
     assert "deterministic" in keys.cacheable(key(temperature=0.5))
     assert keys.cacheable(key(top_p=float("nan"))) is not None
+
+
+def test_a_raw_prompt_keys_apart_from_messages_and_old_chat_keys_are_unchanged() -> None:
+    chat = key(messages=(("user", "Hi"),))
+    prompt = key(messages=())
+    prompt.prompt = "Hi"
+    assert keys.cacheable(prompt) is None
+    assert keys.digest(prompt) != keys.digest(chat)
+    other = key(messages=())
+    other.prompt = "Hi!"
+    assert keys.digest(other) != keys.digest(prompt)
+    assert "prompt" not in keys.canonical(chat)  # entries stored before prompts existed still match
+    assert keys.cacheable(key(messages=())) == "no messages or prompt"
+    both = key()
+    both.prompt = "Hi"
+    assert keys.cacheable(both) == "both messages and a prompt"

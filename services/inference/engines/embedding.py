@@ -1,0 +1,232 @@
+"""Embedding engines: a model that turns token sequences into vectors, and the batching they share.
+
+The engine owns admission and batching, as the generation engines do. A request is a list of token
+sequences; it waits in a bounded queue (full -> RESOURCE_EXHAUSTED, HTTP 429). One worker thread
+per model takes what is queued — from one request or several — and runs it through the model in
+batches: sequences of similar length together (each request's are sorted by length), at most
+MAX_BATCH_INPUTS of them and about `batch_tokens` padded tokens a batch. A request whose caller
+left or whose deadline passed is dropped at the next batch.
+
+Subclasses fill in `_load`, `_close`, `estimate_mib`, `_tokenize`, `_with_special_tokens` and
+`_forward` (blocking; the worker thread calls `_forward`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from services.core.errors import DeadlineExceeded, ResourceExhausted
+from services.inference.engines.base import EngineError
+from services.inference.hardware import EngineSettings
+
+MAX_BATCH_INPUTS = 128
+# Padded tokens per forward pass. On 2 CPU cores 32 short sentences a batch ran at ~380 inputs/s and
+# 256 at ~450/s; past a few thousand tokens a batch only adds latency for whoever waits behind it.
+BATCH_TOKENS = 8192
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request: its sequences (longest last) and where their vectors go."""
+
+    sequences: list[list[int]]
+    order: list[int]  # order[k]: the index in the request of the k-th sequence in length order
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[np.ndarray]
+    vectors: list[np.ndarray | None] = field(default_factory=list)
+    taken: int = 0  # sequences handed to a batch so far (in length order)
+    left: int = 0  # sequences whose vector has not come back
+    gone: bool = False  # the caller left: drop what is not computed
+
+    def finish(self, result: np.ndarray | BaseException) -> None:
+        def settle() -> None:
+            if self.future.done():
+                return
+            if isinstance(result, BaseException):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+        self.gone = True
+        self.loop.call_soon_threadsafe(settle)
+
+
+class EmbeddingEngine(ABC):
+    """One loaded embedding model behind a batching worker thread."""
+
+    engine_name = "base"
+    task = "embedding"
+
+    def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict[str, Any]) -> None:
+        self.model_id = model_id
+        self.path = path
+        self.settings = settings
+        self.params = params
+        self.context_length = 0  # the longest input in tokens, special tokens included; set by _load
+        self.dimensions = 0  # set by _load
+        self.vocab_size = 0  # set by _load
+        self.normalized = True  # whether vectors come out with unit length; set by _load
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._worker: threading.Thread | None = None
+        self._running = 0
+        self._memory_mib = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def load(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._memory_mib = await asyncio.to_thread(self.estimate_mib, self.path, self.settings)
+        self._worker = threading.Thread(target=self._work, name=f"embed-{self.model_id}", daemon=True)
+        self._worker.start()
+
+    async def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.join)
+        await asyncio.to_thread(self._close)
+        self._memory_mib = 0
+
+    @abstractmethod
+    def _load(self) -> None: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    @classmethod
+    @abstractmethod
+    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
+        """The memory a model holds once loaded, known before it loads (from its files and the
+        settings): the registry makes room for this much, and a loaded engine reports it."""
+
+    def memory_mib(self) -> int:
+        """Memory held while loaded (estimate_mib, measured at load); 0 when not loaded."""
+        return self._memory_mib
+
+    @property
+    def running(self) -> int:
+        """Requests being computed now."""
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued whose computation has not started."""
+        return sum(1 for job in list(self._queue) if job.taken == 0)
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length,
+                "dimensions": self.dimensions}
+
+    # --- text -> tokens ----------------------------------------------------------------------
+    @abstractmethod
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text's tokens with the model's special tokens, untruncated."""
+
+    @abstractmethod
+    def _with_special_tokens(self, tokens: list[int]) -> list[int]:
+        """Given token ids wrapped in the model's special tokens, as `_tokenize` would."""
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self._tokenize(texts) if texts else []
+
+    def with_special_tokens(self, tokens: list[int]) -> list[int]:
+        return self._with_special_tokens(tokens)
+
+    def truncate(self, tokens: list[int]) -> list[int]:
+        """The sequence cut to `context_length`, its closing special token(s) kept."""
+        if len(tokens) <= self.context_length:
+            return tokens
+        marked = self._with_special_tokens([-1])
+        tail = len(marked) - marked.index(-1) - 1  # special tokens after the text, e.g. [SEP]
+        return tokens[: self.context_length - tail] + tokens[len(tokens) - tail:]
+
+    # --- embedding ---------------------------------------------------------------------------
+    async def embed(self, sequences: Sequence[list[int]], deadline: float) -> np.ndarray:
+        """One vector per sequence (float32 rows, in order). Each sequence must fit context_length."""
+        if self._worker is None or self._closing:
+            raise EngineError(f"model {self.model_id!r} is not loaded")
+        loop = asyncio.get_running_loop()
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        job = _Job([sequences[i] for i in order], order, deadline, loop, loop.create_future(),
+                   vectors=[None] * len(sequences), left=len(sequences))
+        with self._wake:
+            if self.waiting >= self.settings.queue_depth:
+                raise ResourceExhausted(
+                    f"the server is busy: {self.settings.queue_depth} embedding requests are queued for "
+                    f"{self.model_id!r}; retry shortly", retry_after=1)
+            self._queue.append(job)
+            self._wake.notify()
+        try:
+            return await job.future
+        finally:
+            job.gone = True  # cancelled or finished: the worker skips what is left
+
+    def _next_batch(self) -> list[tuple[_Job, int]]:
+        """(job, position) pairs for one forward pass; called with the lock held."""
+        batch: list[tuple[_Job, int]] = []
+        longest = 0
+        now = time.monotonic()
+        while self._queue and len(batch) < MAX_BATCH_INPUTS:
+            job = self._queue[0]
+            if job.gone or now > job.deadline:
+                self._queue.popleft()
+                if not job.gone:
+                    job.finish(DeadlineExceeded("the request's deadline passed before its embeddings were computed"))
+                continue
+            length = len(job.sequences[job.taken])
+            if batch and (len(batch) + 1) * max(longest, length) > BATCH_TOKENS:
+                break
+            batch.append((job, job.taken))
+            longest = max(longest, length)
+            job.taken += 1
+            if job.taken == len(job.sequences):
+                self._queue.popleft()
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    for job in self._queue:
+                        job.finish(EngineError(f"model {self.model_id!r} was unloaded"))
+                    self._queue.clear()
+                    return
+                batch = self._next_batch()
+                jobs = {id(job): job for job, _ in batch}
+                self._running = len(jobs) + sum(1 for job in self._queue if job.taken)
+            if not batch:
+                continue
+            try:
+                vectors = self._forward([job.sequences[k] for job, k in batch])
+            except Exception as exc:  # noqa: BLE001 - every waiting caller hears of it
+                for job in jobs.values():
+                    job.finish(EngineError(f"embedding failed: {exc}"))
+                continue
+            with self._wake:
+                # Counted before any caller hears back, so one that sees its answer sees the engine idle.
+                self._running = sum(1 for job in self._queue if job.taken)
+            for (job, k), vector in zip(batch, vectors):
+                if job.gone:
+                    continue
+                job.vectors[job.order[k]] = vector
+                job.left -= 1
+                if job.left == 0:
+                    job.finish(np.stack(job.vectors))  # type: ignore[arg-type]
+
+    @abstractmethod
+    def _forward(self, batch: list[list[int]]) -> np.ndarray:
+        """Vectors (float32, one row per sequence) of a batch; runs on the worker thread."""
