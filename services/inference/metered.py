@@ -141,9 +141,9 @@ class MeteredCompletions:
         parts: list[str] = []
         calls: list[ToolCall] = []
         reason: str | None = None  # the first choice's, the one the cache stores
-        usage: Usage | None = None
         pieces = 0
         started: Started | None = None
+        settled = False
         try:
             async for item in self.generation.generate(
                     request.model, request.messages, request.prompt, request.sampling, timeout, n=request.n,
@@ -158,16 +158,26 @@ class MeteredCompletions:
                     parts.append(item.text)
                     calls += item.tool_calls
                     reason = item.finish_reason or reason
-                if item.usage is not None:
-                    usage = item.usage
+                if item.usage is not None and started is not None:
+                    # The answer is complete: its bookkeeping starts before the caller sends the last
+                    # bytes, so that the same request right after finds it cached.
+                    settled = True
+                    self._settle(key, started, "".join(parts), calls, reason, item.usage)
                 yield item
         finally:
-            if self.cache is not None and started is not None:
-                # About a token a piece when the answer did not end (its usage never came).
-                self._later(self.cache.record_usage(usage.total_tokens if usage is not None else pieces))
-                if key is not None and usage is not None and FINISH_REASONS.get(reason or "") in keys.COMPLETE:
-                    self._later(self.cache.store(key, cache_pb2.CachedCompletion(
-                        text="".join(parts), finish_reason=FINISH_REASONS[reason or ""],
-                        tool_calls=structured.calls_to_proto(calls), dropped_messages=started.dropped,
-                        usage=pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                                       total_tokens=usage.total_tokens))))
+            if self.cache is not None and started is not None and not settled:
+                # An answer that did not end (its usage never came): about a token a piece.
+                self._later(self.cache.record_usage(pieces))
+
+    def _settle(self, key: cache_pb2.CompletionKey | None, started: Started, text: str, calls: list[ToolCall],
+                reason: str | None, usage: Usage) -> None:
+        """Records a finished answer's tokens and stores it when it is complete and deterministic."""
+        if self.cache is None:
+            return
+        self._later(self.cache.record_usage(usage.total_tokens))
+        if key is not None and FINISH_REASONS.get(reason or "") in keys.COMPLETE:
+            self._later(self.cache.store(key, cache_pb2.CachedCompletion(
+                text=text, finish_reason=FINISH_REASONS[reason or ""], tool_calls=structured.calls_to_proto(calls),
+                dropped_messages=started.dropped,
+                usage=pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                               total_tokens=usage.total_tokens))))
