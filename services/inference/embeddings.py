@@ -22,6 +22,7 @@ import numpy as np
 
 from services.cache.client import CacheClient
 from services.core.errors import InvalidArgument
+from services.core.json_body import parse_object
 from services.inference.engines import EMBEDDING, EmbeddingEngine
 from services.inference.metrics import EmbeddingTelemetry
 from services.inference.registry import ModelRegistry
@@ -189,14 +190,7 @@ def _inputs(value: Any) -> list[Input]:
 
 
 def parse_openai(data: bytes) -> OpenAIEmbeddingRequest:
-    try:
-        body = json.loads(data or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidArgument("the request body nests too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object")
+    body = parse_object(data)
     model = body.get("model", "")
     if not isinstance(model, str):
         raise InvalidArgument("model must be a string")

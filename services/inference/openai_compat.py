@@ -15,6 +15,7 @@ from typing import Any
 
 from services.core.errors import InvalidArgument
 from services.core.structured import PLAIN, ROLES, Structure, Tool, ToolCall, canonical_json, make_structure
+from services.core.json_body import number, parse_object
 from services.inference.engines.base import TokenLogprob, Usage
 from services.inference.service import SamplingInput
 from services.inference.structured import CallDelta
@@ -57,27 +58,10 @@ def _content_text(content: Any, index: int) -> str:
     raise InvalidArgument(f"messages[{index}].content must be a string or an array of text parts")
 
 
-def _number(body: dict[str, Any], key: str, kind: type) -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            kind is int and isinstance(value, float) and not value.is_integer()):
-        raise InvalidArgument(f"{key} must be {'an integer' if kind is int else 'a number'}")
-    if isinstance(value, int) and abs(value) > 2**53:  # a 400-digit integer is no one's parameter
-        raise InvalidArgument(f"{key} is out of range")
-    return kind(value)
 
 
 def parse_request(data: bytes) -> ChatCompletionRequest:
-    try:
-        body = json.loads(data or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidArgument("the request body nests too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object")
+    body = parse_object(data)
     model = body.get("model", "")
     if not isinstance(model, str):
         raise InvalidArgument("model must be a string")
@@ -86,7 +70,7 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         raise InvalidArgument("messages must be a non-empty array")
     messages = [_message(message, i) for i, message in enumerate(raw_messages)]
     structure = _structure(body)
-    n = _number(body, "n", int)
+    n = number(body, "n", int)
     n = 1 if n is None else n
     if not 1 <= n <= MAX_CHOICES:
         raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}")
@@ -107,7 +91,7 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise InvalidArgument("logprobs must be a boolean")
-    top_logprobs = _number(body, "top_logprobs", int)
+    top_logprobs = number(body, "top_logprobs", int)
     if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
     if top_logprobs is not None and not logprobs:
@@ -118,19 +102,19 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidArgument("stream_options must be an object")
-    max_tokens = _number(body, "max_completion_tokens", int)
+    max_tokens = number(body, "max_completion_tokens", int)
     if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int)
-    seed = _number(body, "seed", int)
+        max_tokens = number(body, "max_tokens", int)
+    seed = number(body, "seed", int)
     sampling = SamplingInput(
-        min_p=_number(body, "min_p", float),
-        presence_penalty=_number(body, "presence_penalty", float),
-        frequency_penalty=_number(body, "frequency_penalty", float),
+        min_p=number(body, "min_p", float),
+        presence_penalty=number(body, "presence_penalty", float),
+        frequency_penalty=number(body, "frequency_penalty", float),
         logit_bias=_logit_bias(body.get("logit_bias")),
-        temperature=_number(body, "temperature", float),
-        top_p=_number(body, "top_p", float),
-        top_k=_number(body, "top_k", int),
-        repetition_penalty=_number(body, "repetition_penalty", float),
+        temperature=number(body, "temperature", float),
+        top_p=number(body, "top_p", float),
+        top_k=number(body, "top_k", int),
+        repetition_penalty=number(body, "repetition_penalty", float),
         seed=None if seed is None else seed & 0xFFFFFFFF,
         max_tokens=max_tokens,
         stop=stops,

@@ -17,6 +17,7 @@ from typing import Any
 
 from services.core.errors import InvalidArgument
 from services.core.sampling import SamplingInput
+from services.core.json_body import parse_object
 from services.inference import openai_compat
 from services.inference.engines.base import TokenLogprob, Usage
 
@@ -61,14 +62,7 @@ def _prompts(value: Any) -> list[str]:
 
 
 def parse_request(data: bytes) -> TextCompletionRequest:
-    try:
-        body = json.loads(data or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidArgument("the request body nests too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object")
+    body = parse_object(data)
     if body.get("suffix") is not None:
         raise InvalidArgument("suffix (fill-in-the-middle) is not supported: send the text before the gap as the "
                               "prompt")

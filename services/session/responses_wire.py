@@ -16,7 +16,6 @@ sampling. Output: a `message` item with the text (if any, or if there are no cal
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from parley.inference.v1 import inference_pb2 as pb
 from services.core import sampling as sampling_rules
 from services.core.errors import InvalidArgument, NotFound
 from services.core.structured import PLAIN, Structure, Tool, ToolCall, canonical_json, make_structure
+from services.core.json_body import number, parse_object
 from services.session.history import Turn
 
 ID_PREFIX = "resp_"
@@ -77,17 +77,6 @@ class ResponseRequest:
 
 # --- parsing ---------------------------------------------------------------------------------------
 
-def _number(body: dict[str, Any], key: str, kind: type) -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            kind is int and isinstance(value, float) and not value.is_integer()) or (
-            isinstance(value, float) and not math.isfinite(value)):
-        raise InvalidArgument(f"{key} must be {'an integer' if kind is int else 'a number'}")
-    if isinstance(value, int) and abs(value) > 2**53:
-        raise InvalidArgument(f"{key} is out of range")
-    return kind(value)
 
 
 def _text(content: Any, where: str) -> str:
@@ -232,14 +221,7 @@ def _metadata(value: Any) -> dict[str, str]:
 
 
 def parse_request(data: bytes) -> ResponseRequest:
-    try:
-        body = json.loads(data or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidArgument("the request body nests too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object")
+    body = parse_object(data)
     for key, why in UNSUPPORTED.items():
         if body.get(key):
             raise InvalidArgument(why)
@@ -265,8 +247,8 @@ def parse_request(data: bytes) -> ResponseRequest:
         if not isinstance(value, bool):
             raise InvalidArgument(f"{key} must be a boolean")
         flags[key] = value
-    temperature, top_p = _number(body, "temperature", float), _number(body, "top_p", float)
-    max_output_tokens = _number(body, "max_output_tokens", int)
+    temperature, top_p = number(body, "temperature", float), number(body, "top_p", float)
+    max_output_tokens = number(body, "max_output_tokens", int)
     given = sampling_rules.SamplingInput(temperature=temperature, top_p=top_p, max_tokens=max_output_tokens)
     try:
         sampling_rules.validate(given)
