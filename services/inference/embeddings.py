@@ -14,13 +14,14 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from services.cache.client import CacheClient
+from services.core.background import Background
 from services.core.errors import InvalidArgument
 from services.core.json_body import parse_object
 from services.inference.engines import EMBEDDING, EmbeddingEngine
@@ -51,17 +52,10 @@ class EmbeddingService:
         self.registry = registry
         self.settings = settings
         self.cache = cache
-        self._background: set[asyncio.Task[Any]] = set()
-
-    def _later(self, work: Coroutine[Any, Any, Any]) -> None:
-        # create_task copies the context, so the caller's identity (and credentials) go along.
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background = Background()
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=2)
+        await self._background.settle()
 
     async def embed(self, model_id: str, inputs: Sequence[Input], *, truncate: bool = False,
                     dimensions: int | None = None, timeout: float | None = None) -> Embeddings:
@@ -92,7 +86,7 @@ class EmbeddingService:
                 vectors = shorten(vectors, size, normalized)
             result = Embeddings(record.entry.id, vectors, [len(s) for s in sequences])
             if self.cache is not None:
-                self._later(self.cache.record_usage(result.prompt_tokens))
+                self._background.later(self.cache.record_usage(result.prompt_tokens))
             observed.done(len(inputs), result.prompt_tokens, size)
             return result
         except Exception as exc:

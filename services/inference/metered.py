@@ -16,7 +16,7 @@ the engine's chunks (services.inference.engines.base.Chunk).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from parley.inference.v1 import inference_pb2 as pb
 
 from services.cache import keys
 from services.cache.client import CacheClient
+from services.core.background import Background
 from services.core import structured
 from services.core.errors import ParleyError
 from services.core.sampling import SamplingInput
@@ -77,18 +78,11 @@ class MeteredCompletions:
         self.generation = generation
         self.registry = registry
         self.cache = cache
-        self._background: set[asyncio.Task[Any]] = set()
-
-    def _later(self, work: Coroutine[Any, Any, Any]) -> None:
-        # create_task copies the context, so the caller's identity (and credentials) go along.
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background = Background()
 
     async def close(self) -> None:
         """Lets the bookkeeping of finished answers complete."""
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=2)
+        await self._background.settle()
 
     def key(self, request: Completion) -> cache_pb2.CompletionKey | None:
         """The response-cache key of a deterministic, cacheable request; None otherwise."""
@@ -167,16 +161,16 @@ class MeteredCompletions:
         finally:
             if self.cache is not None and started is not None and not settled:
                 # An answer that did not end (its usage never came): about a token a piece.
-                self._later(self.cache.record_usage(pieces))
+                self._background.later(self.cache.record_usage(pieces))
 
     def _settle(self, key: cache_pb2.CompletionKey | None, started: Started, text: str, calls: list[ToolCall],
                 reason: str | None, usage: Usage) -> None:
         """Records a finished answer's tokens and stores it when it is complete and deterministic."""
         if self.cache is None:
             return
-        self._later(self.cache.record_usage(usage.total_tokens))
+        self._background.later(self.cache.record_usage(usage.total_tokens))
         if key is not None and FINISH_REASONS.get(reason or "") in keys.COMPLETE:
-            self._later(self.cache.store(key, cache_pb2.CachedCompletion(
+            self._background.later(self.cache.store(key, cache_pb2.CachedCompletion(
                 text=text, finish_reason=FINISH_REASONS[reason or ""], tool_calls=structured.calls_to_proto(calls),
                 dropped_messages=started.dropped,
                 usage=pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
