@@ -288,11 +288,10 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
     reasons.append(f"host_kv_cache_mib={host_mib}: evicted conversations' KV state"
                    + (" (capped at 1/8 of free memory)" if host_mib < settings.host_kv_cache_mib else ""))
 
-    flash = settings.flash_attention == "on" or (settings.flash_attention == "auto" and gpu_layers != 0)
-    reasons.append(f"flash_attention={'on' if flash else 'off'}: " + (
-        "set by PARLEY_FLASH_ATTENTION" if settings.flash_attention != "auto" else
-        "GPU layers" if flash else
-        "on CPU, llama.cpp's flash attention makes a turn's first token slower as its conversation grows"))
+    flash = settings.flash_attention == "on"
+    reasons.append(f"flash_attention={settings.flash_attention}: " + (
+        "faster decoding of short contexts, and seeded answers repeat" if flash else
+        "set off by PARLEY_FLASH_ATTENTION: long conversations reach their first token sooner"))
 
     return EngineSettings(
         engine=engine,

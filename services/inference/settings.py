@@ -25,8 +25,9 @@ class InferenceSettings:
     resident_sequences: int = setting(0, min=0, max=256,
                                       help="conversations whose KV stays warm in a llama.cpp model; 0 = auto")
     batch_tokens: int = setting(512, min=16, help="tokens per decode step (running tokens + prompt chunks)")
-    flash_attention: str = setting("auto", choices=("auto", "on", "off"),
-                                   help="llama.cpp flash attention; auto = on with GPU layers, off on CPU")
+    flash_attention: str = setting("on", choices=("on", "off"),
+                                   help="llama.cpp flash attention (off: long conversations reach their first "
+                                        "token sooner on CPU, but seeded answers no longer repeat)")
     host_kv_cache_mib: int = setting(512, min=0, help="host RAM for evicted conversations' KV state; 0 = off")
     memory_budget_mib: int = setting(0, min=0, help="memory for loaded models; 0 = 75% of what is free")
     keep_alive_seconds: float = setting(1800.0, min=0, help="idle time before a model unloads; 0 = never")
