@@ -28,7 +28,7 @@ from services.inference.engines.sequence import (
 from services.inference.hardware import EngineSettings
 from services.inference.structured import call_json, template_input
 
-__all__ = ["Chunk", "Engine", "EngineError", "Request", "Sampling", "StopMatcher", "TokenLogprob", "Usage",
+__all__ = ["Chunk", "Engine", "EngineError", "LoadedModel", "Request", "Sampling", "StopMatcher", "TokenLogprob", "Usage",
            "common_prefix"]
 
 
@@ -40,33 +40,27 @@ class EngineError(Exception):
     """The engine failed (load or generation)."""
 
 
-class Engine(ABC):
-    """One loaded model. Subclasses fill in the blocking hooks and the scheduler."""
+class LoadedModel(ABC):
+    """What every engine shares, generation or embedding: its model and settings, loading and
+    closing in a thread, and one memory estimate known before the model loads."""
 
     engine_name = "base"
-    # What the engine's scheduler can do beyond one plain choice per request.
-    supports_choices = False  # n > 1
-    supports_logprobs = False
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
         self.model_id = model_id
         self.path = path
         self.settings = settings
         self.params = params
-        self.context_length = settings.context_length
         self.vocab_size = 0  # set by _load
         self._memory_mib = 0
-        # Texts' token counts by the texts' hashes: each turn of a conversation resends its history.
-        self._counted: dict[int, int] = {}
 
-    # --- lifecycle -------------------------------------------------------------------------
     async def load(self) -> None:
-        """Loads weights and starts the scheduler (in a thread: loading blocks)."""
+        """Loads the weights (in a thread: loading blocks)."""
         await asyncio.to_thread(self._load)
         self._memory_mib = await asyncio.to_thread(self.estimate_mib, self.path, self.settings)
 
     async def close(self) -> None:
-        """Stops the scheduler (running requests end with an error) and frees the model."""
+        """Frees the model."""
         await asyncio.to_thread(self._close)
         self._memory_mib = 0
 
@@ -85,6 +79,21 @@ class Engine(ABC):
     def memory_mib(self) -> int:
         """Memory held while loaded (estimate_mib, measured at load); 0 when not loaded."""
         return self._memory_mib
+
+
+class Engine(LoadedModel):
+    """One loaded generation model. Subclasses fill in the blocking hooks and the scheduler; their
+    `_load` starts the scheduler and `_close` stops it (running requests end with an error)."""
+
+    # What the engine's scheduler can do beyond one plain choice per request.
+    supports_choices = False  # n > 1
+    supports_logprobs = False
+
+    def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
+        super().__init__(model_id, path, settings, params)
+        self.context_length = settings.context_length
+        # Texts' token counts by the texts' hashes: each turn of a conversation resends its history.
+        self._counted: dict[int, int] = {}
 
     @property
     @abstractmethod

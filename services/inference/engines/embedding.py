@@ -17,7 +17,7 @@ import asyncio
 import collections
 import threading
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from services.core.errors import DeadlineExceeded, ResourceExhausted
-from services.inference.engines.base import EngineError
+from services.inference.engines.base import EngineError, LoadedModel
 from services.inference.hardware import EngineSettings
 
 MAX_BATCH_INPUTS = 128
@@ -61,32 +61,25 @@ class _Job:
         self.loop.call_soon_threadsafe(settle)
 
 
-class EmbeddingEngine(ABC):
+class EmbeddingEngine(LoadedModel):
     """One loaded embedding model behind a batching worker thread."""
 
-    engine_name = "base"
     task = "embedding"
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict[str, Any]) -> None:
-        self.model_id = model_id
-        self.path = path
-        self.settings = settings
-        self.params = params
+        super().__init__(model_id, path, settings, params)
         self.context_length = 0  # the longest input in tokens, special tokens included; set by _load
         self.dimensions = 0  # set by _load
-        self.vocab_size = 0  # set by _load
         self.normalized = True  # whether vectors come out with unit length; set by _load
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
         self._worker: threading.Thread | None = None
         self._running = 0
-        self._memory_mib = 0
 
     # --- lifecycle -------------------------------------------------------------------------
     async def load(self) -> None:
-        await asyncio.to_thread(self._load)
-        self._memory_mib = await asyncio.to_thread(self.estimate_mib, self.path, self.settings)
+        await super().load()
         self._worker = threading.Thread(target=self._work, name=f"embed-{self.model_id}", daemon=True)
         self._worker.start()
 
@@ -96,24 +89,7 @@ class EmbeddingEngine(ABC):
             self._wake.notify_all()
         if self._worker is not None:
             await asyncio.to_thread(self._worker.join)
-        await asyncio.to_thread(self._close)
-        self._memory_mib = 0
-
-    @abstractmethod
-    def _load(self) -> None: ...
-
-    @abstractmethod
-    def _close(self) -> None: ...
-
-    @classmethod
-    @abstractmethod
-    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
-        """The memory a model holds once loaded, known before it loads (from its files and the
-        settings): the registry makes room for this much, and a loaded engine reports it."""
-
-    def memory_mib(self) -> int:
-        """Memory held while loaded (estimate_mib, measured at load); 0 when not loaded."""
-        return self._memory_mib
+        await super().close()
 
     @property
     def running(self) -> int:
