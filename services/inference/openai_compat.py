@@ -37,11 +37,6 @@ class ChatCompletionRequest:
     top_logprobs: int | None = None  # None: no logprobs
     structure: Structure = PLAIN
 
-    @property
-    def cacheable(self) -> bool:
-        """One plain answer: what the response cache stores (it keeps no logprobs and one choice)."""
-        return self.n == 1 and self.top_logprobs is None
-
 
 def _content_text(content: Any, index: int) -> str:
     if isinstance(content, str):

@@ -77,8 +77,6 @@ class ResponseRequest:
 
 # --- parsing ---------------------------------------------------------------------------------------
 
-
-
 def _text(content: Any, where: str) -> str:
     """A message's content: a string, or an array of text parts."""
     if isinstance(content, str):
