@@ -22,6 +22,7 @@ from services.session.responses import Responses
 from services.session.service import AFFINITY_HEADER, SessionService
 from services.session.settings import SessionSettings
 from services.session.store import SqliteSessionStore
+from tests.unit.session.test_tool_turns import Call
 
 USAGE = pb.Usage(prompt_tokens=12, completion_tokens=3, total_tokens=15)
 CALL = pb.ToolCall(id="call_abc", name="get_weather", arguments='{"city": "Oslo"}')
@@ -166,22 +167,6 @@ def test_input_item_pages() -> None:
 
 
 # --- the flow over a real store ------------------------------------------------------------------------
-
-class Call:
-    def __init__(self, responses: list[pb.GenerateResponse]) -> None:
-        self.responses = responses
-
-    async def read(self) -> Any:
-        if not self.responses:
-            return grpc.aio.EOF
-        item = self.responses.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def cancel(self) -> None:
-        pass
-
 
 class Inference:
     """Answers each Generate with `start`, the next script, and a final message; records requests

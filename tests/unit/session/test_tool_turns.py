@@ -27,15 +27,20 @@ CALL = pb.ToolCall(id="call_oslo", name="get_weather", arguments='{"city": "Oslo
 USAGE = pb.Usage(prompt_tokens=40, completion_tokens=9, total_tokens=49)
 
 
-class Generation:
-    """A Generate call: `start`, then its scripted responses, read and cancelled like grpc.aio's."""
+class Call:
+    """A Generate call: its scripted responses (an exception among them is raised), read and
+    cancelled like grpc.aio's."""
 
-    def __init__(self, responses: list[pb.GenerateResponse]) -> None:
-        self.responses = [pb.GenerateResponse(start=pb.GenerateStart(model="tiny", model_fingerprint="f1")),
-                          *responses]
+    def __init__(self, responses: list[Any]) -> None:
+        self.responses = responses
 
-    async def read(self) -> pb.GenerateResponse | object:
-        return self.responses.pop(0) if self.responses else grpc.aio.EOF
+    async def read(self) -> Any:
+        if not self.responses:
+            return grpc.aio.EOF
+        item = self.responses.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     def cancel(self) -> None:
         pass
@@ -48,9 +53,10 @@ class Inference:
         self.scripts: list[list[pb.GenerateResponse]] = []
         self.requests: list[pb.GenerateRequest] = []
 
-    def Generate(self, request: pb.GenerateRequest, **_: Any) -> Generation:
+    def Generate(self, request: pb.GenerateRequest, **_: Any) -> Call:
         self.requests.append(request)
-        return Generation(self.scripts.pop(0))
+        return Call([pb.GenerateResponse(start=pb.GenerateStart(model="tiny", model_fingerprint="f1")),
+                     *self.scripts.pop(0)])
 
 
 @pytest.fixture
