@@ -19,7 +19,7 @@ from services.inference.structured import (
     ToolCallParser, grammar_for, int_range, integer_bounds, number_range, template_handles_tools,
     template_input,
 )
-from tests.unit.inference.test_batch_engine import MODEL, engine  # noqa: F401 - a fixture
+from tests.unit.inference.test_batch_engine import MODEL, engine, scheduler  # noqa: F401 - a fixture
 from tests.unit.inference.test_registry_and_engine import generated
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -129,6 +129,12 @@ def test_grammar_kinds() -> None:
     assert lazy is not None and lazy.triggers
     both = grammar_for(make_structure([WEATHER], "auto", format="json_object"))
     assert both is not None and not both.triggers and "| tool-calls" in both.gbnf
+    # What the grammar dictates: a forced call's head from the start, a started call's after its tag;
+    # with one tool to call the head reaches its arguments, with several it stops at the name.
+    assert forced.jumps == (("", '<tool_call>\n{"name": "'),)
+    assert single.jumps == (("", '<tool_call>\n{"name": "get_time", "arguments":'),)
+    assert lazy.jumps == (("<tool_call>", '\n{"name": "get_weather", "arguments":'),)
+    assert both.jumps == () and grammar_for(make_structure([], format="json_object")).jumps == ()
     # JSON strings never hold raw control characters (the converter's own rule allows them).
     assert "\\x00-\\x1F" in grammar_for(make_structure([], format="json_object")).gbnf
 
@@ -257,11 +263,15 @@ async def test_json_schema_output_validates_for_every_choice(engine) -> None:
 
 
 async def test_forced_calls_validate_against_their_tool(engine) -> None:
-    _, generation = engine
+    registry, generation = engine
+    stats = scheduler(registry).stats
     named = make_structure([WEATHER, CLOCK], "function", "get_weather", parallel=False)
     [choice] = await collect(generation, MODEL, named, max_tokens=80, temperature=0)
     assert choice["reason"] == "tool_calls" and choice["text"] == "" and len(choice["calls"]) == 1
     assert choice["calls"][0].name == "get_weather"
+    # The head the grammar dictates, up to the arguments, was evaluated with the prompt, not sampled.
+    head = '<tool_call>\n{"name": "get_weather", "arguments":'
+    assert stats["jumped"] == len(registry.get(MODEL).engine._model.tokenize(head.encode(), add_bos=False, special=True))
     jsonschema.validate(json.loads(choice["calls"][0].arguments), WEATHER_SCHEMA)
     [choice] = await collect(generation, MODEL, make_structure([WEATHER, CLOCK], "required", parallel=False),
                              max_tokens=80, temperature=0.8, seed=3)
@@ -277,3 +287,35 @@ async def test_the_tools_offered_count_in_the_prompt(engine) -> None:
     offered, same, _ = await generation.count_tokens(MODEL, messages, make_structure([WEATHER, CLOCK]))
     assert same == per_message and offered > plain + 50
     assert (await generation.count_tokens(MODEL, messages, make_structure([WEATHER], "none")))[0] == plain
+
+
+async def test_a_call_the_model_starts_jumps_to_its_arguments(engine) -> None:
+    """tool_choice auto: once the answer ends with `<tool_call>` (however the model's tokens split it),
+    the scheduler evaluates the call's head in one go and the grammar goes on from its arguments."""
+    import time
+
+    from services.inference.engines.sequence import Request, Sampling
+
+    registry, _ = engine
+    model = registry.get(MODEL).engine
+    batch = scheduler(registry)
+    tokenize = lambda text: model._model.tokenize(text.encode(), add_bos=False, special=True)  # noqa: E731
+    for tools, head, good, bad in (([WEATHER], '\n{"name": "get_weather", "arguments":', " {", "}"),
+                                   ([WEATHER, CLOCK], '\n{"name": "', "get_time", "{")):
+        sampling = Sampling(temperature=0, grammar=grammar_for(make_structure(tools, "auto")))
+        request = Request(MODEL, tokenize("Hi"), sampling, started=time.monotonic(), deadline=None, budget=64,
+                          detokenize=model._detokenize, is_end=model._is_end)
+        made = batch._samplers(request, 0)
+        from services.inference.engines.batch import Decoding
+        d = Decoding(request, 0, batch._sequences[0], made)
+        try:
+            jumped = []
+            for token in tokenize("Sure. <tool_call>"):  # as if sampled: the samplers take it, then the scheduler looks
+                batch._l.llama_sampler_accept(made.grammar, token)
+                jumped = batch._jump(d, token)
+            assert "".join(model._detokenize(t).decode() for t in jumped) == head
+            # The grammar went past the head with them: what follows is the name or the arguments.
+            assert not batch._dictated(made, bad) and batch._dictated(made, good)
+            assert batch._jump(d, tokenize(" ")[0]) == []  # the word was used once
+        finally:
+            made.free(batch._l)
