@@ -37,7 +37,7 @@ from typing import Any
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError
 from services.inference.engines.sequence import Courier, Request, TokenLogprob, common_prefix
-from services.inference.structured import Grammar
+from services.inference.structured import CallDictation, Grammar
 from services.inference.hardware import EngineSettings
 
 log = logging.getLogger("parley.engine")
@@ -94,7 +94,7 @@ class Decoding:
     todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     next_token: int | None = None  # sampled, to be evaluated in the next step
     forced: list[int] = field(default_factory=list)  # the end of todo: answer tokens a grammar dictated
-    tail: str = ""  # the answer's last characters, while a grammar may jump after a word in it
+    dictation: CallDictation | None = None  # where the grammar dictates the text of a call
     followers: list["Decoding"] = field(default_factory=list)  # n > 1: choices forked after the prompt
 
 
@@ -298,11 +298,14 @@ class BatchScheduler:
         seq, reused = self._sequence_for(prompt if request.sampling.seed is None else None)
         request.usage.cached_prompt_tokens = reused
         lead = Decoding(request, 0, seq, samplers[0], todo=prompt[reused:])
-        if len(request.choices) == 1 and request.top_logprobs is None and request.sampling.grammar is not None:
-            start = dict(request.sampling.grammar.jumps).get("")
-            forced = self._dictated(samplers[0], start) if start else []
-            lead.todo += forced
-            lead.forced = forced
+        grammar = request.sampling.grammar
+        if len(request.choices) == 1 and request.top_logprobs is None and grammar is not None and grammar.call_head:
+            lead.dictation = CallDictation(grammar)
+            if grammar.starts_with_call:
+                lead.forced = self._dictated(samplers[0], lead.dictation.start())
+                lead.todo += lead.forced
+                if not lead.forced:
+                    lead.dictation.refused()
         seq.prompt_len = len(prompt)
         for index in range(1, len(request.choices)):
             follower_seq, _ = self._sequence_for(None)
@@ -577,29 +580,16 @@ class BatchScheduler:
         if d.request.token(d.index, token, logprob):
             self._end(d)
             return
-        forced = self._jump(d, token) if logprob is None and d.samplers.grammar is not None else []
+        dictated = d.dictation.feed(self._text(token)) if d.dictation else ""
+        forced = self._dictated(d.samplers, dictated) if dictated else []
+        if dictated and not forced:
+            d.dictation.refused()  # type: ignore[union-attr]
         if forced:
             d.todo, d.forced = [token, *forced], forced
         else:
             d.next_token = token
 
     # --- text a grammar dictates -------------------------------------------------------------
-    def _jump(self, d: Decoding, token: int) -> list[int]:
-        """The tokens a grammar dictates once the answer ends with one of its words (the `<tool_call>`
-        a model writes on its own), accepted by the choice's samplers; [] when there are none."""
-        jumps = [(after, text) for after, text in d.request.sampling.grammar.jumps if after]  # type: ignore[union-attr]
-        if not jumps or len(d.request.choices) > 1:
-            return []
-        d.tail = (d.tail + self._text(token))[-64:]
-        for after, text in jumps:
-            at = d.tail.rfind(after)
-            if at < 0:
-                continue
-            written = d.tail[at + len(after):]  # a token may reach past the word
-            d.tail = ""
-            return self._dictated(d.samplers, text[len(written):]) if text.startswith(written) else []
-        return []
-
     def _dictated(self, made: Samplers, text: str) -> list[int]:
         """`text`'s tokens if the grammar takes them one after another (then every sampler of the
         choice has accepted them, as if sampled); [] otherwise, and nothing changes."""
