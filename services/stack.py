@@ -3,8 +3,11 @@
     python -m services.stack        # what `make run` runs
 
 It generates Envoy's config, starts every process with the same PARLEY_* settings, waits until
-GET /healthz is 200 and prints the URL. Ctrl-C or SIGTERM stops every process it started. When a
-process dies, it names it, shows the end of its output and stops the rest.
+GET /healthz is 200 and prints the URL. Ctrl-C, SIGTERM or SIGHUP stops every process it started.
+It supervises them: a process that dies is named with the end of its output and started again after
+a delay that doubles with each recent crash (0.5 s, 1 s, 2 s… at most 10 s); only a process that
+crashes 5 times within a minute stops the whole stack. Every process dies with the launcher, even
+when the launcher is killed with SIGKILL (PR_SET_PDEATHSIG).
 
 Tests use the `Stack` class directly with free ports and a temporary data dir, and may run several
 replicas of a service (on PostgreSQL, PARLEY_DATABASE_URL): the first listens on the service's port,
@@ -30,8 +33,9 @@ from pathlib import Path
 
 from services.core import config
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 from services.gateway import envoy_config
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 SERVICES = envoy_config.SERVICES
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,11 +69,26 @@ class Process:
     port: int = 0  # a service's gRPC port
 
 
+@dataclass(frozen=True)
+class Restarts:
+    """How the launcher restarts a process that died: after `first_delay` seconds, doubling with each
+    crash within `window` seconds up to `max_delay`; more than `limit` crashes within the window stop
+    the stack."""
+
+    first_delay: float = 0.5
+    max_delay: float = 10.0
+    window: float = 60.0
+    limit: int = 5
+
+    def delay(self, crashes: int) -> float:
+        return min(self.max_delay, self.first_delay * 2 ** (crashes - 1))
+
+
 class Stack:
     """The five processes. `env` holds PARLEY_* overrides on top of this process's environment."""
 
     def __init__(self, env: dict[str, str] | None = None, echo: bool = False, log_dir: Path | None = None,
-                 replicas: dict[str, int] | None = None) -> None:
+                 replicas: dict[str, int] | None = None, restarts: Restarts | None = None) -> None:
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.common = config.load(config.CommonSettings, self.env)
@@ -77,6 +96,9 @@ class Stack:
         self.echo = echo
         self.log_dir = log_dir or self.common.data_dir / "logs"
         self.processes: list[Process] = []
+        self.restarts = restarts or Restarts()
+        self._crashes: dict[str, collections.deque[float]] = {}  # per process name, when it died lately
+        self._due: dict[str, float] = {}  # per dead process name, when it is started again
         self._lock = threading.Lock()
         # Per service, the settings of each replica beyond the first: a port (and metrics port) of its own.
         self.extra: dict[str, list[dict[str, str]]] = {
@@ -142,6 +164,33 @@ class Stack:
             raise StackError(f"{name} is still running")
         self.processes.remove(process)
         self._spawn(name, process.argv, process.env, process.port)
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Starts again each process that died, once its delay has passed; returns what to log.
+        Raises StackError when one has crashed more than `restarts.limit` times within
+        `restarts.window` seconds: something is wrong that a restart will not fix."""
+        now = time.monotonic() if now is None else now
+        said = []
+        for process in list(self.processes):
+            if process.popen.poll() is None:
+                continue
+            if process.name not in self._due:
+                crashes = self._crashes.setdefault(process.name, collections.deque())
+                crashes.append(now)
+                while crashes and crashes[0] < now - self.restarts.window:
+                    crashes.popleft()
+                if len(crashes) > self.restarts.limit:
+                    raise StackError(f"{self.describe_death(process)}\n{process.name} crashed {len(crashes)} times "
+                                     f"within {self.restarts.window:.0f} s; stopping the stack")
+                delay = self.restarts.delay(len(crashes))
+                self._due[process.name] = now + delay
+                said.append(f"{self.describe_death(process)}\nrestarting {process.name} in {delay:g} s "
+                            f"(crash {len(crashes)} within {self.restarts.window:.0f} s)")
+            elif now >= self._due[process.name]:
+                del self._due[process.name]
+                self.respawn(process.name)
+                said.append(f"restarted {process.name}")
+        return said
 
     def dead(self) -> Process | None:
         return next((p for p in self.processes if p.popen.poll() is not None), None)
@@ -231,10 +280,8 @@ def main() -> int:
         stack.start()
         deadline = time.monotonic() + 600
         while not stopping:
-            process = stack.dead()
-            if process is not None:
-                print(f"parley: {stack.describe_death(process)}", file=sys.stderr, flush=True)
-                return 1
+            for line in stack.supervise():
+                print(f"parley: {line}", file=sys.stderr, flush=True)
             if deadline and stack.health()[0] == 200:
                 print(f"parley: ready at {stack.url}  (open it for the web app; logs in {stack.log_dir}; Ctrl-C stops)", flush=True)
                 deadline = 0.0
