@@ -42,3 +42,17 @@ def test_a_model_action_acts_on_the_model_in_its_path(base_url: str, admin: Call
         counted = http.post("/v1/models/smollm2-135m-instruct:countTokens",
                             json={"model": "other", "messages": [{"role": "user", "content": "hi"}]})
         assert counted.status_code == 400, counted.text
+
+
+def test_admins_cannot_set_limits_for_a_user_that_does_not_exist(base_url: str, admin: Caller, user: Caller) -> None:
+    with httpx.Client(base_url=base_url, headers=admin.headers, timeout=30) as http:
+        missing = http.patch("/v1/rate-limits/no-such-user", json={"requests_per_minute": 5})
+        assert missing.status_code == 404, missing.text
+        assert "no user with id 'no-such-user'" in missing.json()["message"]
+        user_id = httpx.get(f"{base_url}/v1/users/me", headers=user.headers).json()["id"]
+        found = http.get(f"/v1/users/{user_id}")
+        assert found.status_code == 200 and found.json()["username"] == user.username
+        assert http.get("/v1/users/me").json()["username"] == "admin"  # the literal path still wins
+        unchanged = http.patch(f"/v1/rate-limits/{user_id}", json={"requests_per_minute": -1})
+        assert unchanged.status_code == 200, unchanged.text
+    assert httpx.get(f"{base_url}/v1/users/{user_id}", headers=user.headers).status_code == 403
