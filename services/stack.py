@@ -6,7 +6,8 @@ It generates Envoy's config, starts every process with the same PARLEY_* setting
 GET /healthz is 200 and prints the URL. Ctrl-C, SIGTERM or SIGHUP stops every process it started.
 It supervises them: a process that dies is named with the end of its output and started again after
 a delay that doubles with each recent crash (0.5 s, 1 s, 2 s… at most 10 s); only a process that
-crashes 5 times within a minute stops the whole stack. Every process dies with the launcher, even
+crashes more than 5 times within a minute, or a service that exits for a configuration error
+(code 2, which a restart cannot fix), stops the whole stack. Every process dies with the launcher, even
 when the launcher is killed with SIGKILL (PR_SET_PDEATHSIG).
 
 Tests use the `Stack` class directly with free ports and a temporary data dir, and may run several
@@ -36,6 +37,7 @@ from services.core import config
 from services.gateway import envoy_config
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+CONFIG_ERROR = 2  # a service's exit code for a bad setting (services.core.server.run)
 
 SERVICES = envoy_config.SERVICES
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +177,8 @@ class Stack:
             if process.popen.poll() is None:
                 continue
             if process.name not in self._due:
+                if process.popen.returncode == CONFIG_ERROR and process.name != "gateway":
+                    raise StackError(self.describe_death(process))
                 crashes = self._crashes.setdefault(process.name, collections.deque())
                 crashes.append(now)
                 while crashes and crashes[0] < now - self.restarts.window:

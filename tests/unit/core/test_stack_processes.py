@@ -82,3 +82,18 @@ def test_crashes_older_than_the_window_are_forgotten(tmp_path: Path) -> None:
         assert stack.supervise(now + 1) == ["restarted flaky"]
         now += 20
     stack.processes[-1].popen.wait()
+
+
+def test_a_configuration_error_stops_the_stack_at_once(tmp_path: Path) -> None:
+    from services.stack import Stack, StackError
+
+    stack = Stack(env={"PARLEY_DATA_DIR": str(tmp_path)}, log_dir=tmp_path)
+    stack._spawn("auth", [sys.executable, "-c", "print('auth: configuration error: PARLEY_X'); raise SystemExit(2)"])
+    stack.processes[-1].popen.wait()
+    time.sleep(0.1)  # the output reaches the tail
+    try:
+        stack.supervise()
+    except StackError as exc:
+        assert "auth exited with code 2" in str(exc) and "configuration error" in str(exc)
+    else:
+        raise AssertionError("a bad setting was retried")
