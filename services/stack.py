@@ -31,6 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.core import config
 
@@ -240,22 +241,35 @@ class Stack:
                 process.popen.wait()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel sends SIGTERM when the launcher dies, however it dies
-    (SIGKILL included), so no service outlives it and holds its port (Linux; elsewhere a no-op)."""
+def _load_prctl() -> Any:
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+# Looked up in the launcher: between fork and exec a child of a threaded process must not import.
+_PRCTL = _load_prctl()
 
 
 def child_process(argv: list[str], **options: object) -> subprocess.Popen[bytes]:
     """A service process of the stack: its own session (a terminal's Ctrl-C reaches the launcher,
     which stops the services in order) and bound to the launcher's life. The launcher's thread that
     starts it must live as long as it does (the main thread does)."""
-    return subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent, **options)  # type: ignore[call-overload]
+    launcher = os.getpid()
+
+    def die_with_parent() -> None:
+        """In the child, before exec: the kernel sends SIGTERM when the launcher dies, however it
+        dies (SIGKILL included), so no service outlives it and holds its port (Linux; elsewhere a
+        no-op). A launcher that died before this line can send nothing: the child gives up."""
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != launcher:
+                os._exit(1)
+
+    return subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent, **options)  # type: ignore[call-overload]
 
 
 def main() -> int:
