@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from services.core import config
-
 from services.gateway import envoy_config
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
