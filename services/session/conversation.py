@@ -134,7 +134,8 @@ class Conversation:
             raise
         except Exception as exc:  # noqa: BLE001 - a turn's failure is an event; the stream goes on
             self._inbox.put_nowait((number, error_event(exc)))
-        self._inbox.put_nowait((number, None))
+        finally:
+            self._inbox.put_nowait((number, None))  # the turn is over, however it ended
 
     async def _cancel_turn(self) -> None:
         """Cancels the running turn and waits until it has saved its partial answer and released the

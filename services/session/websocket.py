@@ -188,9 +188,12 @@ class WebSocketBridge:
         """Client messages to the call and its events to the client, until either side ends or the
         socket has been idle for PARLEY_WEBSOCKET_IDLE_SECONDS."""
         last = time.monotonic()
+        # Turns asked for and not yet ended: each chat ends with exactly one done or error event
+        # (a refused one too). A socket waiting for its answer — even in a long queue — is not idle.
+        open_turns = 0
 
         async def upstream() -> None:
-            nonlocal last
+            nonlocal last, open_turns
             async for data in ws:
                 last = time.monotonic()
                 try:
@@ -201,18 +204,20 @@ class WebSocketBridge:
                 if request == "ping":
                     await self._send(ws, '{"type": "pong"}')
                 else:
+                    open_turns += request.HasField("chat")
                     await call.write(request)
 
         async def downstream() -> None:
-            nonlocal last
+            nonlocal last, open_turns
             while (event := await call.read()) is not grpc.aio.EOF:
                 last = time.monotonic()
+                open_turns -= event.WhichOneof("event") in ("done", "error")
                 await self._send(ws, event_json(event))
 
         async def idle() -> None:
             limit = self.settings.websocket_idle_seconds
-            while (left := last + limit - time.monotonic()) > 0:
-                await asyncio.sleep(left)
+            while (left := last + limit - time.monotonic()) > 0 or open_turns > 0:
+                await asyncio.sleep(max(left, limit / 10))
             await ws.close(IDLE, f"idle for {limit:g} s")
 
         tasks = [asyncio.ensure_future(job()) for job in (upstream, downstream, idle)]

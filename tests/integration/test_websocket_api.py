@@ -164,7 +164,7 @@ async def test_browser_style_auth_message_then_idle_close(ws_stack: Stack, calle
 
 
 def _stream_openai(base_url: str, caller: Caller, started: threading.Event, results: list[int]) -> None:
-    body = {"model": MODEL, "stream": True, "max_tokens": 40, "temperature": 0.9,
+    body = {"model": MODEL, "stream": True, "max_tokens": 16, "temperature": 0.9,
             "messages": [{"role": "user", "content": "Tell me a story about a dragon."}]}
     with httpx.Client(base_url=base_url, timeout=120, headers=caller.headers) as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -181,12 +181,12 @@ async def test_queue_position_is_reported_while_8_other_streams_run(ws_stack: St
     results: list[int] = []
     signals = [threading.Event() for _ in range(8)]
     others = [threading.Thread(target=_stream_openai, args=(ws_stack.url, caller, s, results)) for s in signals]
+    for thread in others:
+        thread.start()
+    for signal in signals:
+        assert await asyncio.to_thread(signal.wait, 60)
     async with connect(ws_url(ws_stack, sid), additional_headers=caller.headers) as ws:
         await receive(ws)  # ready
-        for thread in others:
-            thread.start()
-        for signal in signals:
-            assert await asyncio.to_thread(signal.wait, 60)
         # 2 slots, 8 streams: 6 wait. This turn waits behind them, and so does an SSE turn.
         sse_first: list[dict[str, Any]] = []
 

@@ -197,8 +197,8 @@ class BatchScheduler:
             if place <= 0:
                 return None
         answer = self._answer_seconds
-        if answer is None:
-            answer = request.budget * self._step_seconds
+        if answer is None:  # no answer has ended yet: the longest a running one may take, at the step rate
+            answer = max([request.budget, *(d.request.budget for d in list(self._active))]) * self._step_seconds
         return place, place * answer / self._max_running
 
     def submit(self, request: Request) -> None:
