@@ -149,15 +149,16 @@ class WebSocketBridge:
             await ws.send(event_json(ready))
             await self._relay(ws, call)
         except grpc.aio.AioRpcError as exc:
-            await ws.close(CLOSE_CODES.get(exc.code(), INTERNAL), _reason(exc.details() or exc.code().name))
+            await _close(ws, CLOSE_CODES.get(exc.code(), INTERNAL), exc.details() or exc.code().name)
         except TooSlow:
+            call.cancel()  # first: the close below may wait for a client that does not read
             log.warning("websocket closed: the client reads too slowly")
-            await ws.close(TOO_SLOW, "the client reads too slowly: its send buffer stayed full")
+            await _close(ws, TOO_SLOW, "the client reads too slowly: its send buffer stayed full")
         except ConnectionClosed:
             pass
         except Exception:  # noqa: BLE001 - logged once; the client gets 1011
             log.exception("websocket bridge failed")
-            await ws.close(INTERNAL, "internal error")
+            await _close(ws, INTERNAL, "internal error")
         finally:
             call.cancel()  # a client that left ends its turn (the partial answer is kept)
 
@@ -170,7 +171,7 @@ class WebSocketBridge:
         try:
             data = await asyncio.wait_for(ws.recv(), limit)
         except TimeoutError:
-            await ws.close(UNAUTHENTICATED, f'send {{"type": "auth", "token": ...}} within {limit:g} s')
+            await _close(ws, UNAUTHENTICATED, f'send {{"type": "auth", "token": ...}} within {limit:g} s')
             return None
         except ConnectionClosed:
             return None
@@ -180,7 +181,7 @@ class WebSocketBridge:
             message = None
         token = message.get("token") if isinstance(message, dict) and message.get("type") == "auth" else None
         if not isinstance(token, str) or not token.strip():
-            await ws.close(UNAUTHENTICATED, 'the first message must be {"type": "auth", "token": ...}')
+            await _close(ws, UNAUTHENTICATED, 'the first message must be {"type": "auth", "token": ...}')
             return None
         return f"Bearer {token.strip()}"
 
@@ -218,7 +219,7 @@ class WebSocketBridge:
             limit = self.settings.websocket_idle_seconds
             while (left := last + limit - time.monotonic()) > 0 or open_turns > 0:
                 await asyncio.sleep(max(left, limit / 10))
-            await ws.close(IDLE, f"idle for {limit:g} s")
+            await _close(ws, IDLE, f"idle for {limit:g} s")
 
         tasks = [asyncio.ensure_future(job()) for job in (upstream, downstream, idle)]
         try:
@@ -238,7 +239,12 @@ class WebSocketBridge:
             raise TooSlow() from None
 
 
-def _reason(text: str) -> str:
-    """A close reason fits in 123 bytes of UTF-8."""
-    data = text.encode()
-    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "…"
+async def _close(ws: ServerConnection, code: int, reason: str) -> None:
+    """Closes with `code`; a connection whose close frame cannot get out (a client that does not
+    read: the frame waits behind a full buffer) is dropped after CLOSE_TIMEOUT_SECONDS."""
+    data = reason.encode()  # a close reason fits in 123 bytes of UTF-8
+    reason = reason if len(data) <= 123 else data[:120].decode(errors="ignore") + "…"
+    try:
+        await asyncio.wait_for(ws.close(code, reason), CLOSE_TIMEOUT_SECONDS)
+    except TimeoutError:
+        ws.transport.abort()
