@@ -64,6 +64,7 @@ class Conversation:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._turn: asyncio.Task[None] | None = None
         self._number = 0  # the running turn's number; events carry theirs
+        self._answered = False  # the running turn's done or error has been sent: it is only tidying up
 
     async def run(self, requests: AsyncIterator[session_pb2.ConverseRequest]) -> AsyncIterator[session_pb2.ConverseResponse]:
         first = await anext(aiter(requests), None)
@@ -85,6 +86,7 @@ class Conversation:
                     if event is None:
                         self._turn = None
                     else:
+                        self._answered = event.WhichOneof("event") in ("done", "error")
                         yield event
                 else:
                     for event in await self._act(item, session.id):
@@ -109,10 +111,16 @@ class Conversation:
             if chat.session_id and chat.session_id != session_id:
                 return [error_event(InvalidArgument("this stream converses in session "
                                                     f"{session_id!r}; open another for {chat.session_id!r}"))]
+            if self._turn is not None and self._answered:
+                # The client has the last answer's end; that turn is saving it and releasing the
+                # session. The next turn starts once it has (milliseconds), not refused with 409.
+                await asyncio.wait({self._turn})
+                self._turn = None
             if self._turn is not None:
                 return [error_event(Aborted(BUSY))]
             chat.session_id = session_id
             self._number += 1
+            self._answered = False
             self._turn = asyncio.get_running_loop().create_task(self._run_turn(self._number, chat))
             return []
         if action == "stop":
