@@ -10,17 +10,29 @@ import uuid
 import httpx
 
 from tests.e2e.conftest import PASSWORD, register
-from tests.e2e.test_chat import new_chat, send, wait_answer
+from tests.e2e.test_chat import send, wait_answer
 from tests.integration.conftest import sign_in
 
 MODEL = "smollm2-135m-instruct"
+
+
+def short_chat(page, web_url: str) -> str:
+    """A conversation with short answers (made through the API with the page's own token), opened."""
+    token = page.evaluate("JSON.parse(localStorage.getItem('parley.auth')).access_token")
+    made = httpx.post(f"{web_url}/v1/sessions", json={"sampling": {"max_tokens": 16}},
+                      headers={"authorization": f"Bearer {token}"}, timeout=30)
+    assert made.status_code == 200, made.text
+    session_id = made.json()["id"]
+    page.goto(f"/#/s/{session_id}")
+    page.get_by_label("Message", exact=True).wait_for()
+    return session_id
 
 
 def test_turns_use_the_websocket_and_show_the_place_in_line(signed_in, web_url: str) -> None:
     page = signed_in()
     sockets: list[str] = []
     page.on("websocket", lambda ws: sockets.append(ws.url))
-    new_chat(page)
+    short_chat(page, web_url)
     send(page, "Say hello.")
     first = wait_answer(page)
     assert first.get_attribute("data-transport") == "websocket"
@@ -32,7 +44,7 @@ def test_turns_use_the_websocket_and_show_the_place_in_line(signed_in, web_url: 
     started = [threading.Event() for _ in range(4)]
 
     def stream(ready: threading.Event) -> None:
-        body = {"model": MODEL, "stream": True, "max_tokens": 48, "temperature": 0.9,
+        body = {"model": MODEL, "stream": True, "max_tokens": 32, "temperature": 0.9,
                 "messages": [{"role": "user", "content": "Tell me a story about a dragon."}]}
         with httpx.stream("POST", f"{web_url}/v1/chat/completions", json=body, headers=other.headers, timeout=120) as r:
             ready.set()
@@ -61,7 +73,7 @@ def test_falls_back_to_sse_without_websocket(signed_in, web_url: str) -> None:
     page = signed_in(username=register(web_url))
     page.add_init_script("delete window.WebSocket")
     page.reload()
-    new_chat(page)
+    short_chat(page, web_url)
     send(page, "Say hello.")
     answer = wait_answer(page)
     assert answer.get_attribute("data-transport") == "sse"
