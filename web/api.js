@@ -96,6 +96,11 @@ export function explainStreamError(event) {
   return event.message ? `${lead} ${event.message}` : lead;
 }
 
+// A turn refused before it started arrives on the socket as an error event with a gRPC status name;
+// the same refusal over HTTP is this status (so the view explains both alike).
+const HTTP_STATUS = { INVALID_ARGUMENT: 400, UNAUTHENTICATED: 401, PERMISSION_DENIED: 403, NOT_FOUND: 404,
+  ABORTED: 409, RESOURCE_EXHAUSTED: 429, UNAVAILABLE: 503, DEADLINE_EXCEEDED: 504 };
+
 function abortError() {
   return new DOMException("The turn was stopped.", "AbortError");
 }
@@ -142,6 +147,7 @@ class ChatSocket {
     const events = [];
     let wake = null;
     let stopping = false;
+    let started = false;
     this.listener = (event) => {
       events.push(event);
       if (wake) wake();
@@ -164,6 +170,12 @@ class ChatSocket {
         }
         if (type === "pong") continue;
         if (stopping && type === "done" && fields.finish_reason === "FINISH_REASON_CANCELLED") throw abortError();
+        if (type === "error" && !started) {
+          // Nothing was stored or generated: say it as the HTTP status would be said.
+          throw new ApiError(HTTP_STATUS[fields.code] || 500, fields.message, {
+            retryAfter: fields.retry_after_seconds || null });
+        }
+        started ||= type === "start";
         yield { [type]: fields };
         if (type === "done" || type === "error") return;
       }
