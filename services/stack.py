@@ -107,6 +107,8 @@ class Stack:
             name: [{f"PARLEY_{name.upper()}_PORT": str(free_port()),
                     f"PARLEY_{name.upper()}_METRICS_PORT": str(free_port())} for _ in range(count - 1)]
             for name, count in (replicas or {}).items()}
+        for env in self.extra.get("session", []):  # each session replica runs its own WebSocket bridge
+            env["PARLEY_SESSION_WEBSOCKET_PORT"] = str(free_port())
 
     @property
     def url(self) -> str:
@@ -142,6 +144,9 @@ class Stack:
         # Envoy balances over every replica; targets list them all.
         targets = {f"{name}_target": ",".join(f"127.0.0.1:{port}" for port in self._ports(name))
                    for name, extra in self.extra.items() if extra}
+        if self.extra.get("session"):
+            targets["session_websocket_target"] = ",".join(
+                f"127.0.0.1:{port}" for port in self._ports("session", "PARLEY_SESSION_WEBSOCKET_PORT"))
         envoy_path.write_text(envoy_config.render(self.gateway, dataclasses.replace(self.common, **targets)))
         for name in SERVICES:
             argv = [sys.executable, "-m", f"services.{name}"]
@@ -154,9 +159,10 @@ class Stack:
              "--log-format", '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","service":"gateway","message":"%j"}'],
         )
 
-    def _ports(self, service: str) -> list[int]:
-        return [self.common.port_of(service)] + [int(e[f"PARLEY_{service.upper()}_PORT"])
-                                                 for e in self.extra.get(service, [])]
+    def _ports(self, service: str, variable: str = "") -> list[int]:
+        variable = variable or f"PARLEY_{service.upper()}_PORT"
+        first = self.common.port_of(variable.removeprefix("PARLEY_").removesuffix("_PORT").lower())
+        return [first] + [int(e[variable]) for e in self.extra.get(service, [])]
 
     def respawn(self, name: str) -> None:
         """Starts process `name` (a service, or a replica such as session-2) again after it died

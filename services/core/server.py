@@ -56,6 +56,8 @@ class ServiceSpec:
     registrations: Sequence[Registration]
     ready: Callable[[], Awaitable[None]] | None = None
     close: Callable[[], Awaitable[None]] | None = None
+    # Runs as shutdown starts, before in-flight calls drain: for what feeds calls in (a WebSocket bridge).
+    stopping: Callable[[], Awaitable[None]] | None = None
     interceptors: Sequence[grpc.aio.ServerInterceptor] = field(default_factory=tuple)
 
 
@@ -73,6 +75,8 @@ class RunningServer:
 
     async def stop(self, grace: float | None = None) -> None:
         await self.set_serving(False)
+        if self.spec.stopping is not None:
+            await self.spec.stopping()
         await self.server.stop(grace)
         if self.spec.close is not None:
             await self.spec.close()

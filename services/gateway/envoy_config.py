@@ -15,6 +15,10 @@ What the config does:
 - errors on the OpenAI-compatible paths are rewritten into OpenAI's {"error": {...}} JSON.
 - active gRPC health checks of each upstream, a JSON access log on stdout, admin on loopback only.
 - optionally (PARLEY_OTLP_COLLECTOR) OpenTelemetry tracing: Envoy's span heads each request's trace.
+- GET /v1/sessions/{id}:connect upgraded to a WebSocket and proxied to the session service's
+  WebSocket bridge (services/session/websocket.py, PARLEY_SESSION_WEBSOCKET_TARGET): the only
+  route where upgrades are allowed, with the transcoder off and no timeout (the bridge closes idle
+  sockets itself).
 - optionally (PARLEY_INFERENCE_LB=ring_hash or maglev, as on Kubernetes) session affinity for
   inference: every address the inference target resolves to (a headless Service) is a host, and a
   consistent hash of the x-parley-session-id header picks one, so a conversation returns to the
@@ -260,6 +264,38 @@ def _routes(hash_inference: bool = False) -> list[dict[str, Any]]:
     return routes
 
 
+# The WebSocket route's path (the query string is not part of what it matches).
+WEBSOCKET_PATH_REGEX = "^/v1/sessions/[^/:]+:connect$"
+WEBSOCKET_CLUSTER = "session_websocket"
+
+
+def _websocket_route() -> dict[str, Any]:
+    return {
+        "name": "session:connect",
+        "match": {"safe_regex": {"regex": WEBSOCKET_PATH_REGEX}},
+        "route": {"cluster": WEBSOCKET_CLUSTER, "timeout": "0s", "idle_timeout": "0s",
+                  "upgrade_configs": [{"upgrade_type": "websocket"}]},
+        "typed_per_filter_config": {
+            "envoy.filters.http.grpc_json_transcoder": {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}},
+    }
+
+
+def _websocket_cluster(target: str, interval: float) -> dict[str, Any]:
+    """The session replicas' WebSocket bridges: plain HTTP/1.1, health-checked at /healthz."""
+    return {
+        "name": WEBSOCKET_CLUSTER,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_ONLY",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": WEBSOCKET_CLUSTER,
+                            "endpoints": [{"lb_endpoints": [_endpoint(t) for t in target.split(",") if t.strip()]}]},
+        "health_checks": [{"timeout": "1s", "interval": f"{interval}s", "unhealthy_threshold": 2,
+                           "healthy_threshold": 1, "no_traffic_interval": f"{interval}s",
+                           "http_health_check": {"path": "/healthz"}}],
+    }
+
+
 def _tracing(collector: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Envoy's OpenTelemetry tracer: a span per request, exported to `collector`, whose context it
     sends upstream as traceparent, so the services' spans join Envoy's trace (an incoming
@@ -333,7 +369,7 @@ ACCESS_LOG_FORMAT = {
 def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
     descriptor = str(gateway.descriptor_path.resolve())
     lua = GATEWAY_LUA % (", ".join(f'"{s}"' for s in SERVICES), gateway.max_request_bytes)
-    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": web_app.routes(gateway.web_dir.resolve()) + _routes(gateway.inference_lb != "round_robin")}
+    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": web_app.routes(gateway.web_dir.resolve()) + [_websocket_route()] + _routes(gateway.inference_lb != "round_robin")}
     if gateway.cors_origins:
         virtual_host["typed_per_filter_config"] = {"envoy.filters.http.cors": _cors(gateway.cors_origins)}
     hcm = {
@@ -345,6 +381,8 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
         "use_remote_address": True,
         # Without this a client waits ~1 s for the close when an upstream dies mid-stream.
         "delayed_close_timeout": "0s",
+        # WebSocket upgrades only where a route enables them (_websocket_route).
+        "upgrade_configs": [{"upgrade_type": "websocket", "enabled": False}],
         "access_log": [
             {
                 "name": "envoy.access_loggers.stdout",
@@ -429,7 +467,8 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
                 _cluster(s, common.target_of(s), gateway.health_check_interval_seconds,
                          gateway.inference_lb if s == "inference" else "round_robin")
                 for s in SERVICES
-            ] + tracing_clusters,
+            ] + [_websocket_cluster(common.target_of("session_websocket"), gateway.health_check_interval_seconds)]
+            + tracing_clusters,
         },
     }
 

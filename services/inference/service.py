@@ -79,6 +79,28 @@ class Admitted:
     dropped: int  # history messages left out to fit the context window (fitting.Fit)
 
 
+@dataclass(frozen=True)
+class Queued:
+    """Before Admitted, when the caller asked for it: the request waits for room in the engine."""
+
+    position: int  # 1: it starts when one running answer ends
+    wait_seconds: float  # the engine's estimate
+
+
+# How often a waiting request's place is looked at (only while it waits, and only when reported).
+QUEUE_POLL_SECONDS = 0.05
+
+
+async def queue_places(engine: Any, request: Any) -> AsyncIterator[Queued]:
+    """The request's place in line each time it changes, until the engine runs it."""
+    last = None
+    while (place := engine.queue_place(request)) is not None:
+        if place[0] != last:
+            last = place[0]
+            yield Queued(place[0], place[1])
+        await asyncio.sleep(QUEUE_POLL_SECONDS)
+
+
 class GenerationService:
     def __init__(self, registry: ModelRegistry, settings: InferenceSettings) -> None:
         self.registry = registry
@@ -125,8 +147,9 @@ class GenerationService:
         top_logprobs: int | None = None,
         structure: Structure = PLAIN,
         fit: Fit | None = None,
-    ) -> AsyncIterator[Admitted | Chunk]:
-        """Yields Admitted once the engine has taken the request, then its chunks: each of the n
+        report_queue: bool = False,
+    ) -> AsyncIterator[Queued | Admitted | Chunk]:
+        """Yields Queued while the request waits for room (only with `report_queue`), Admitted once the engine has taken the request, then its chunks: each of the n
         choices ends with a chunk that has its finish_reason, and the last chunk carries the usage.
         An error before Admitted means nothing ran. Each generation gets a GenAI span and its
         metrics (services.inference.metrics)."""
@@ -134,9 +157,11 @@ class GenerationService:
         try:
             async with contextlib.aclosing(
                     self._generate(model_id, messages, prompt, given, timeout, n, top_logprobs, structure,
-                                   fit)) as stream:
+                                   fit, report_queue)) as stream:
                 async for item in stream:
-                    if isinstance(item, Admitted):
+                    if isinstance(item, Queued):
+                        pass
+                    elif isinstance(item, Admitted):
                         observed.admitted(item.record.entry.id,
                                           item.record.settings.engine if item.record.settings else "")
                     elif item.usage is not None and item.finish_reason is not None:
@@ -161,7 +186,8 @@ class GenerationService:
         top_logprobs: int | None,
         structure: Structure,
         fit: Fit | None,
-    ) -> AsyncIterator[Admitted | Chunk]:
+        report_queue: bool = False,
+    ) -> AsyncIterator[Queued | Admitted | Chunk]:
         started = time.monotonic()
         sampling = resolve_sampling(given, self.settings)
         validate_messages(messages, prompt, structure)
@@ -194,6 +220,10 @@ class GenerationService:
             deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
             request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs)
             try:
+                if report_queue:
+                    async with contextlib.aclosing(queue_places(engine, request)) as places:
+                        async for place in places:
+                            yield place
                 yield Admitted(record, len(tokens), dropped)
                 chunks = engine.stream(request)
                 if structure.calls_tools:

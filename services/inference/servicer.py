@@ -19,7 +19,7 @@ from services.inference.fitting import Fit
 from services.inference.hardware import Hardware, choose
 from services.inference.metered import FINISH_REASONS, Completion, MeteredCompletions, Started
 from services.inference.registry import ModelRecord, ModelRegistry
-from services.inference.service import GenerationService
+from services.inference.service import GenerationService, Queued
 
 STATES = {
     "available": pb.MODEL_STATE_AVAILABLE,
@@ -95,8 +95,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         fit = Fit(max(1, request.fit.keep_last), request.fit.reserve_tokens) if request.HasField("fit") else None
         completion = Completion(request.model, [structured.message_from_proto(m) for m in request.messages],
                                 sampling.from_proto(request.sampling), prompt=request.prompt,
-                                structure=structured.from_proto(request.structured), fit=fit)
+                                structure=structured.from_proto(request.structured), fit=fit,
+                                report_queue=request.report_queue)
         async for item in self.metered.run(completion, _timeout(context)):
+            if isinstance(item, Queued):
+                yield pb.GenerateResponse(queued=pb.GenerateQueued(
+                    position=item.position, estimated_wait_ms=min(round(item.wait_seconds * 1000), 2**31 - 1)))
+                continue
             if isinstance(item, Started):
                 yield pb.GenerateResponse(start=pb.GenerateStart(
                     model=item.model, model_fingerprint=item.fingerprint, cached=item.cached,

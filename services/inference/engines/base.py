@@ -236,6 +236,11 @@ class Engine(LoadedModel):
             async for chunk in chunks:
                 yield chunk
 
+    def queue_place(self, request: Request) -> tuple[int, float] | None:
+        """Where a submitted request waits for room: (place in line, 1 first; estimated seconds until
+        it starts), or None when it runs or is about to. Schedulers that cannot tell say None."""
+        return None
+
     @abstractmethod
     def _submit(self, request: Request) -> None:
         """Queues the request for the scheduler, or raises ResourceExhausted when the queue is full."""

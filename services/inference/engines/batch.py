@@ -92,6 +92,7 @@ class Decoding:
     seq: KvSequence
     samplers: Samplers
     todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
+    admitted_at: float = field(default_factory=time.monotonic)
     next_token: int | None = None  # sampled, to be evaluated in the next step
     forced: list[int] = field(default_factory=list)  # the end of todo: answer tokens a grammar dictated
     dictation: CallDictation | None = None  # where the grammar dictates the text of a call
@@ -167,6 +168,10 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        # How long a choice runs from admission to its end (moving average): what queue positions'
+        # waits are estimated from; before the first answer ends, its token budget at the step rate.
+        self._answer_seconds: float | None = None
+        self._step_seconds = 0.01
         self.stats = collections.Counter()  # for tests and logs: parked, restored, copied, reused tokens
 
     # --- the event loop's side -------------------------------------------------------------
@@ -181,6 +186,27 @@ class BatchScheduler:
     @property
     def host_bytes(self) -> int:
         return self._host.bytes
+
+    def queue_place(self, request: Request) -> tuple[int, float] | None:
+        """Where a submitted request waits: its place in line (1: it starts when one running choice
+        ends) and the estimated seconds until it starts; None once it runs or will at the next step.
+        Admission is first come, first served (_admit), so the place is the choices ahead of it,
+        waiting or running, beyond the room parallel_slots gives."""
+        with self._cond:
+            ahead = 0
+            for waiting in self._pending:
+                if waiting is request:
+                    break
+                ahead += len(waiting.choices)
+            else:
+                return None
+            place = self._choices() + ahead + len(request.choices) - self._max_running
+            if place <= 0:
+                return None
+        answer = self._answer_seconds
+        if answer is None:  # no answer has ended yet: the longest a running one may take, at the step rate
+            answer = max([request.budget, *(d.request.budget for d in list(self._active))]) * self._step_seconds
+        return place, place * answer / self._max_running
 
     def submit(self, request: Request) -> None:
         with self._cond:
@@ -244,8 +270,10 @@ class BatchScheduler:
             if not self._active:
                 return
             self._park_idle()
+            began = time.monotonic()
             try:
                 self._decode_once()
+                self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.monotonic() - began)
             except Exception as exc:  # noqa: BLE001 - a broken step fails its requests, not the loop
                 log.exception("decode step failed", extra={"fields": {"model": self._name}})
                 for request in {d.request for d in self._active}:
@@ -645,6 +673,8 @@ class BatchScheduler:
         """Takes a choice out of the loop and frees its sampler; its sequence keeps its cells."""
         if d in self._active:
             self._active.remove(d)
+            ran = time.monotonic() - d.admitted_at
+            self._answer_seconds = ran if self._answer_seconds is None else 0.8 * self._answer_seconds + 0.2 * ran
         for f in d.followers:  # ended before its prompt finished: the forks never started
             f.request.finish(f.index, d.request.choices[d.index].finish_reason or "cancelled")
             self._release(f, forget)

@@ -144,6 +144,10 @@ class LlamaCppEngine(Engine):
     def _submit(self, request: Request) -> None:
         self._scheduler.submit(request)
 
+    def queue_place(self, request: Request) -> tuple[int, float] | None:
+        scheduler = getattr(self, "_scheduler", None)
+        return scheduler.queue_place(request) if scheduler is not None else None
+
     # --- text <-> tokens -------------------------------------------------------------------
     @property
     def native_tools(self) -> bool:
