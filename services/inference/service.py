@@ -7,6 +7,7 @@ its chunks until the end, the deadline or the caller's cancellation. Scheduling 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence

@@ -27,7 +27,6 @@ import json
 import logging
 import re
 import time
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import grpc

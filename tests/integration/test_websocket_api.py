@@ -203,7 +203,7 @@ async def test_queue_position_is_reported_while_8_other_streams_run(ws_stack: St
             await asyncio.to_thread(thread.join, 120)
     assert results == [200] * 8
     kinds = [e["type"] for e in events]
-    assert kinds[0] == "queued" and "start" in kinds and kinds[-1] == "done", kinds
+    assert kinds[0] == "queued" and "start" in kinds and kinds[-1] == "done", events
     queued = [e for e in events if e["type"] == "queued"]
     assert kinds.index("start") == len(queued)  # every queued event comes before start
     positions = [e["position"] for e in queued]
