@@ -270,7 +270,19 @@ def _routes(hash_inference: bool = False) -> list[dict[str, Any]]:
         for route in routes:
             if route["route"]["cluster"] == "inference":
                 route["route"]["hash_policy"] = [{"header": {"header_name": SESSION_HASH_HEADER}}]
-    return routes
+    return [_upgrade_refusal()] + routes
+
+
+def _upgrade_refusal() -> dict[str, Any]:
+    """A protocol upgrade (WebSocket) of a transcoded request is 400: gRPC cannot take one, and its
+    upstream answered 500 ("Error parsing ':method' metadata"). It matches the gRPC path the
+    transcoder made of the request; a WebSocket route of its own keeps its own path."""
+    return {
+        "name": "refuse-upgrade",
+        "match": {"prefix": "/parley.", "headers": [{"name": "upgrade", "present_match": True}]},
+        "direct_response": {"status": 400, "body": {"inline_string": "this path does not take a protocol upgrade "
+                                                                      "(WebSocket)"}},
+    }
 
 
 OPENAPI_PATH = "/v1/openapi.json"
@@ -376,6 +388,8 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
         "use_remote_address": True,
         # Without this a client waits ~1 s for the close when an upstream dies mid-stream.
         "delayed_close_timeout": "0s",
+        # WebSocket upgrades only where a route enables them (_websocket_route).
+        "upgrade_configs": [{"upgrade_type": "websocket", "enabled": False}],
         "access_log": [
             {
                 "name": "envoy.access_loggers.stdout",
