@@ -11,6 +11,7 @@ What the config does:
 - routes by gRPC method: streaming RPCs have no timeout, unary ones a bounded one. Internal services
   (credential verification, response cache, rate limits) are not routed at all.
 - the PWA (web/) at / from direct responses (services/gateway/web_app.py).
+- GET /v1/openapi.json: the OpenAPI document generated from the same protos (tools/openapi.py).
 - GET /healthz: 200 only when every upstream answers grpc.health.v1 SERVING; 503 naming the others.
 - errors on the OpenAI-compatible paths are rewritten into OpenAI's {"error": {...}} JSON.
 - active gRPC health checks of each upstream, a JSON access log on stdout, admin on loopback only.
@@ -191,6 +192,8 @@ class GatewaySettings:
     admin_port: int = setting(9901, min=0, max=65535, help="Envoy admin, always on 127.0.0.1")
     cors_origins: tuple[str, ...] = setting((), help="comma-separated origins allowed by CORS")
     descriptor_path: Path = setting(Path("build/parley.pb"))
+    openapi_path: Path = setting(Path("build/openapi.json"),
+                                 help="the OpenAPI document served at /v1/openapi.json (tools/gen.py writes it)")
     web_dir: Path = setting(web_app.SOURCE, help="the PWA's files, served at / (web/ of the repo)")
     health_check_interval_seconds: float = setting(2.0, min=0.1)
     inference_lb: str = setting("round_robin", choices=tuple(INFERENCE_LB_POLICIES),
@@ -288,14 +291,14 @@ def _upgrade_refusal() -> dict[str, Any]:
 OPENAPI_PATH = "/v1/openapi.json"
 
 
-def _openapi_route(descriptor: Path) -> dict[str, Any]:
+def _openapi_route(document: Path) -> dict[str, Any]:
     """GET /v1/openapi.json: the OpenAPI document tools/openapi.py made from the same descriptor set
-    (tools/gen.py writes it beside the descriptor), read by Envoy at start; no credential needed."""
+    (tools/gen.py writes both), read by Envoy at start; no credential needed."""
     headers = {"content-type": "application/json", "cache-control": "no-cache", "x-content-type-options": "nosniff"}
     return {
         "name": "openapi",
         "match": {"path": OPENAPI_PATH, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-        "direct_response": {"status": 200, "body": {"filename": str(descriptor.with_name("openapi.json"))}},
+        "direct_response": {"status": 200, "body": {"filename": str(document)}},
         "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
                                     for k, v in headers.items()],
         "typed_per_filter_config": {"envoy.filters.http.grpc_json_transcoder": {
@@ -376,7 +379,7 @@ ACCESS_LOG_FORMAT = {
 def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
     descriptor = str(gateway.descriptor_path.resolve())
     lua = GATEWAY_LUA % (", ".join(f'"{s}"' for s in SERVICES), ", ".join(f'"{p}"' for p in OPENAI_PATH_PREFIXES))
-    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": [_openapi_route(gateway.descriptor_path.resolve())] + web_app.routes(gateway.web_dir.resolve()) + _routes(gateway.inference_lb != "round_robin")}
+    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": [_openapi_route(gateway.openapi_path.resolve())] + web_app.routes(gateway.web_dir.resolve()) + _routes(gateway.inference_lb != "round_robin")}
     if gateway.cors_origins:
         virtual_host["typed_per_filter_config"] = {"envoy.filters.http.cors": _cors(gateway.cors_origins)}
     hcm = {
