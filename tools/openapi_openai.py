@@ -26,8 +26,9 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def _json_body(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"required": True, "description": description, "content": {"application/json": {"schema": schema}}}
+def _json_body(schema: dict[str, Any], description: str, example: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "description": description,
+            "content": {"application/json": {"schema": schema, "examples": {"hello": {"value": example}}}}}
 
 
 def sse_event(data: dict[str, Any], *, done: bool = False, named: bool = False) -> dict[str, Any]:
@@ -306,19 +307,23 @@ def _json(name: str, description: str = "OK") -> dict[str, Any]:
 
 OPERATIONS: dict[str, dict[str, Any]] = {
     "/parley.inference.v1.InferenceService/CreateChatCompletion": {
-        "request": _json_body(_ref("openai.ChatCompletionRequest"), "OpenAI's request JSON."),
+        "request": _json_body(_ref("openai.ChatCompletionRequest"), "OpenAI's request JSON.",
+                              {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}),
         "responses": _stream_or_json("openai.ChatCompletion", "openai.ChatCompletionChunk", "a chat.completion"),
     },
     "/parley.inference.v1.InferenceService/CreateCompletion": {
-        "request": _json_body(_ref("openai.CompletionRequest"), "OpenAI's request JSON."),
+        "request": _json_body(_ref("openai.CompletionRequest"), "OpenAI's request JSON.",
+                              {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 16}),
         "responses": _stream_or_json("openai.Completion", "openai.Completion", "a text_completion"),
     },
     "/parley.inference.v1.InferenceService/CreateEmbedding": {
-        "request": _json_body(_ref("openai.EmbeddingRequest"), "OpenAI's request JSON."),
+        "request": _json_body(_ref("openai.EmbeddingRequest"), "OpenAI's request JSON.",
+                              {"model": EMBEDDING_MODEL, "input": ["Hello", "world"]}),
         "responses": _json("openai.EmbeddingList"),
     },
     "/parley.session.v1.SessionService/CreateResponse": {
-        "request": _json_body(_ref("openai.ResponseRequest"), "OpenAI's request JSON."),
+        "request": _json_body(_ref("openai.ResponseRequest"), "OpenAI's request JSON.",
+                              {"model": MODEL, "input": "Hello!", "max_output_tokens": 16}),
         "responses": {"200": {
             "description": "`stream: false`: the Response as JSON. `stream: true`: OpenAI's semantic events "
                            "(`event: response.created` … `response.completed`).",
