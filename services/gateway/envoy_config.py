@@ -391,8 +391,6 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
         "use_remote_address": True,
         # Without this a client waits ~1 s for the close when an upstream dies mid-stream.
         "delayed_close_timeout": "0s",
-        # WebSocket upgrades only where a route enables them (_websocket_route).
-        "upgrade_configs": [{"upgrade_type": "websocket", "enabled": False}],
         "access_log": [
             {
                 "name": "envoy.access_loggers.stdout",
