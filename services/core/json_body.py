@@ -65,3 +65,20 @@ def number(body: dict[str, Any], key: str, kind: type) -> Any:
     if isinstance(value, int) and abs(value) > 2**53:
         raise InvalidArgument(f"{key} is out of range")
     return kind(value)
+
+
+def text_parts(content: Any, where: str, types: tuple[str, ...]) -> str:
+    """A message's content as one text: a string, or an array of parts whose type is one of
+    `types` (their "text") or "refusal" (its "refusal"); any other part is a 400 naming it."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidArgument(f"{where} must be a string or an array of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        key = "refusal" if kind == "refusal" else "text"
+        if (kind not in types and kind != "refusal") or not isinstance(part.get(key), str):
+            raise InvalidArgument(f"{where}[{j}]: only text parts are supported ({', '.join(types)}), got {kind!r}")
+        texts.append(part[key])
+    return "".join(texts)

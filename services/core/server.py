@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core import config, logs, telemetry
 from services.core.interceptors import ErrorMappingInterceptor
+from services.core.path_ids import PathIdInterceptor
 
 log = logging.getLogger("parley.server")
 
@@ -82,7 +83,8 @@ async def start_server(spec: ServiceSpec, host: str = "127.0.0.1", port: int = 0
     server = grpc.aio.server(
         # Telemetry outermost, so that it sees every call (also those identity refuses) with its final
         # status; error mapping innermost, so that the others see statuses, not exceptions.
-        interceptors=[telemetry.ServerTelemetry(), *spec.interceptors, ErrorMappingInterceptor()],
+        # The URL's id is checked against the body's before any servicer reads either.
+        interceptors=[telemetry.ServerTelemetry(), *spec.interceptors, PathIdInterceptor(), ErrorMappingInterceptor()],
         options=SERVER_OPTIONS,
     )
     for registration in spec.registrations:

@@ -225,10 +225,20 @@ def replayed_calls(calls: Iterable[pb.ToolCall]) -> list[ToolCall]:
     return [ToolCall(ToolCall.new_id(), c.name, c.arguments) for c in calls]
 
 
+def check_count(count: int) -> None:
+    """The message count's limit: callers check it before they convert or read the messages."""
+    if count > MAX_MESSAGES:
+        raise InvalidArgument(f"messages: at most {MAX_MESSAGES} messages, got {count}")
+
+
+def characters(message: dict[str, Any]) -> int:
+    """What a message gives the template to render: its content and its calls' names and arguments."""
+    return len(message.get("content") or "") + sum(len(c.name) + len(c.arguments) for c in message.get("tool_calls") or ())
+
+
 def validate_messages(messages: Sequence[dict[str, Any]]) -> None:
     """Roles, and that each tool message answers a call made earlier in the chat."""
-    if len(messages) > MAX_MESSAGES:
-        raise InvalidArgument(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}")
+    check_count(len(messages))
     called: set[str] = set()
     for i, message in enumerate(messages):
         role = message.get("role")

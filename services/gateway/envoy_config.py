@@ -75,6 +75,8 @@ local OPENAI_PREFIXES = {%s}
 local HEALTH_REQUEST = "\\0\\0\\0\\0\\0"
 -- No id or page token comes near this; gRPC allows 8 KiB of metadata, the path included.
 local MAX_PATH_BYTES = 4096
+-- PARLEY_MAX_REQUEST_BYTES: checked before anything reads the body (Envoy's buffers stop there too).
+local MAX_BODY_BYTES = %d
 -- OpenAI error types by HTTP status, for the OpenAI-compatible paths.
 local OPENAI_TYPES = {["400"] = "invalid_request_error", ["401"] = "authentication_error",
   ["403"] = "permission_error", ["404"] = "not_found_error", ["409"] = "conflict_error",
@@ -130,6 +132,15 @@ local function drop_headers_grpc_refuses(headers)
   end
 end
 
+local function is_openai(path)
+  for _, prefix in ipairs(OPENAI_PREFIXES) do
+    if string.find(path, prefix, 1, true) == 1 then
+      return true
+    end
+  end
+  return false
+end
+
 function envoy_on_request(handle)
   drop_headers_grpc_refuses(handle:headers())
   local path = handle:headers():get(":path") or ""
@@ -139,15 +150,23 @@ function envoy_on_request(handle)
       '{"code":3,"message":"the URL is longer than ' .. MAX_PATH_BYTES .. ' bytes","details":[]}')
     return
   end
+  local length = tonumber(handle:headers():get("content-length") or "0") or 0
+  if length > MAX_BODY_BYTES then
+    -- Refused from the header, before Envoy transcodes or buffers the body.
+    local message = '"the request body is larger than the gateway accepts: ' .. length .. ' bytes, at most '
+      .. MAX_BODY_BYTES .. ' (PARLEY_MAX_REQUEST_BYTES)"'
+    local body = '{"code":3,"message":' .. message .. ',"details":[]}'
+    if is_openai(path) then
+      body = '{"error":{"message":' .. message .. ',"type":"invalid_request_error","param":null,'
+        .. '"code":"invalid_request_error"}}'
+    end
+    handle:respond({[":status"] = "413", ["content-type"] = "application/json", ["cache-control"] = "no-store"}, body)
+    return
+  end
   if path == "/healthz" then
     healthz(handle)
-  else
-    for _, prefix in ipairs(OPENAI_PREFIXES) do
-      if string.find(path, prefix, 1, true) == 1 then
-        handle:streamInfo():dynamicMetadata():set("parley", "openai", "1")
-        break
-      end
-    end
+  elseif is_openai(path) then
+    handle:streamInfo():dynamicMetadata():set("parley", "openai", "1")
   end
 end
 
@@ -199,6 +218,9 @@ class GatewaySettings:
     inference_lb: str = setting("round_robin", choices=tuple(INFERENCE_LB_POLICIES),
                                 help=f"ring_hash or maglev: consistent hash on {SESSION_HASH_HEADER}")
     otlp_collector: str = setting("", help="host:port of an OTLP/gRPC collector: Envoy traces requests there")
+    max_request_bytes: int = setting(
+        1024 * 1024, min=1024, max=64 * 1024 * 1024,
+        help="largest request body the gateway accepts (413 beyond; also the buffer per connection)")
 
 
 def _endpoint(target: str) -> dict[str, Any]:
@@ -378,7 +400,8 @@ ACCESS_LOG_FORMAT = {
 
 def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
     descriptor = str(gateway.descriptor_path.resolve())
-    lua = GATEWAY_LUA % (", ".join(f'"{s}"' for s in SERVICES), ", ".join(f'"{p}"' for p in OPENAI_PATH_PREFIXES))
+    lua = GATEWAY_LUA % (", ".join(f'"{s}"' for s in SERVICES), ", ".join(f'"{p}"' for p in OPENAI_PATH_PREFIXES),
+                         gateway.max_request_bytes)
     virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": [_openapi_route(gateway.openapi_path.resolve())] + web_app.routes(gateway.web_dir.resolve()) + _routes(gateway.inference_lb != "round_robin")}
     if gateway.cors_origins:
         virtual_host["typed_per_filter_config"] = {"envoy.filters.http.cors": _cors(gateway.cors_origins)}
@@ -457,6 +480,8 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
                 {
                     "name": "http",
                     "address": {"socket_address": {"address": gateway.http_host, "port_value": gateway.http_port}},
+                    # What a buffered body (an HttpBody request, a Lua-read error) may reach: the same limit.
+                    "per_connection_buffer_limit_bytes": gateway.max_request_bytes,
                     "filter_chains": [
                         {
                             "filters": [

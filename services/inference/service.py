@@ -7,7 +7,6 @@ its chunks until the end, the deadline or the caller's cancellation. Scheduling 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -19,12 +18,15 @@ from services.core import structured
 from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.core.structured import PLAIN, Structure
 from services.inference.engines.base import Chunk, Sampling
-from services.inference import fitting
+from services.inference import fitting, offloop
 from services.inference.fitting import Fit
 from services.inference.metrics import GenerationTelemetry
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
 from services.inference.structured import ToolCallParser, grammar_for
+
+CHARACTERS_PER_TOKEN = 8  # text that fits a context window averages fewer characters a token
+
 
 def resolve_sampling(given: SamplingInput, settings: InferenceSettings) -> Sampling:
     """Applies defaults; out-of-range values are rejected with INVALID_ARGUMENT."""
@@ -82,13 +84,31 @@ class GenerationService:
         self.registry = registry
         self.settings = settings
 
+    def _character_limit(self, record: ModelRecord) -> tuple[int, str]:
+        """The most characters a request's messages may hold for this model, and what sets it."""
+        if self.settings.max_prompt_characters:
+            return self.settings.max_prompt_characters, "PARLEY_MAX_PROMPT_CHARACTERS"
+        assert record.engine is not None
+        context = record.engine.context_length
+        return context * CHARACTERS_PER_TOKEN, (f"{CHARACTERS_PER_TOKEN} per token of model {record.entry.id!r}'s "
+                                                f"{context}-token context window")
+
+    def _check_characters(self, record: ModelRecord, messages: Sequence[dict[str, Any]], prompt: str) -> None:
+        """Refuses, before anything renders it, a request that cannot fit the model: its tokens would
+        take longer to count than any answer is worth."""
+        limit, what = self._character_limit(record)
+        held = len(prompt) + sum(structured.characters(m) for m in messages)
+        if held > limit:
+            raise InvalidArgument(f"the request holds {held} characters; at most {limit} are accepted ({what})")
+
     async def count_tokens(self, model_id: str, messages: Sequence[dict[str, Any]],
                            structure: Structure = PLAIN) -> tuple[int, list[int], int]:
         validate_messages(messages, "")
         record = await self.registry.acquire(model_id)
         try:
             assert record.engine is not None
-            total, per_message = await asyncio.to_thread(record.engine.count_tokens, messages, structure)
+            self._check_characters(record, messages, "")
+            total, per_message = await offloop.run(record.engine.count_tokens, messages, structure)
             return total, per_message, record.engine.context_length
         finally:
             self.registry.done(record)
@@ -153,9 +173,11 @@ class GenerationService:
             engine = record.engine
             assert engine is not None
             dropped = 0
-            # Template rendering and tokenizing block; keep them off the loop that streams other requests.
+            # Template rendering and tokenizing block; keep them off the loop that streams other requests,
+            # bounded before they start and stopped when the caller leaves (offloop).
             if fit is None:
-                tokens = await asyncio.to_thread(engine.prompt_tokens, messages, prompt, structure)
+                self._check_characters(record, messages, prompt)
+                tokens = await offloop.run(engine.prompt_tokens, messages, prompt, structure)
                 if len(tokens) >= engine.context_length:
                     raise InvalidArgument(
                         f"the prompt is {len(tokens)} tokens but model {record.entry.id!r} has a context window "
@@ -164,8 +186,10 @@ class GenerationService:
             else:
                 allowed = fitting.budget(engine.context_length, given.max_tokens,
                                          fit.reserve_tokens or self.settings.max_tokens)
-                fitted = await asyncio.to_thread(engine.fitted_prompt, messages, structure, allowed, fit.keep_last)
-                tokens, dropped = fitted.tokens, fitted.dropped
+                limit, what = self._character_limit(record)
+                kept, dropped = fitting.within_characters(messages, fit.keep_last, limit, what)
+                fitted = await offloop.run(engine.fitted_prompt, kept, structure, allowed, fit.keep_last)
+                tokens, dropped = fitted.tokens, dropped + fitted.dropped
             engine.check_sampling(sampling)
             deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
             request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs)

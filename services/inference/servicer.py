@@ -91,6 +91,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return model_pb(await self.registry.unload(request.id))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        structured.check_count(len(request.messages))  # before 100,000 messages are converted
         fit = Fit(max(1, request.fit.keep_last), request.fit.reserve_tokens) if request.HasField("fit") else None
         completion = Completion(request.model, [structured.message_from_proto(m) for m in request.messages],
                                 sampling.from_proto(request.sampling), prompt=request.prompt,
@@ -109,6 +110,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                           usage=usage_pb(item.usage), tool_calls=calls)
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
+        structured.check_count(len(request.messages))
         messages = [structured.message_from_proto(m) for m in request.messages]
         total, per_message, context_length = await self.metered.count_tokens(
             request.model, messages, structured.from_proto(request.structured))

@@ -12,7 +12,9 @@ One thread runs `BatchScheduler._loop`. Each step:
    running streams for more than one budget's worth of prefill);
 4. decodes it once and samples each choice from its own logits row with its own sampler chain;
    n > 1 choices fork after their shared prompt (`llama_memory_seq_cp`) and each samples the same
-   row with a differently seeded chain.
+   row with a differently seeded chain. Text that a grammar dictates (the head of a tool call) is
+   not sampled token by token: its tokens join the next batch like a prompt chunk ("jump forward"),
+   and count as the answer's.
 
 Sequences that finish keep their cells until the space or the sequence id is needed; then the least
 recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget.
@@ -35,7 +37,7 @@ from typing import Any
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError
 from services.inference.engines.sequence import Courier, Request, TokenLogprob, common_prefix
-from services.inference.structured import Grammar
+from services.inference.structured import CallDictation, Grammar
 from services.inference.hardware import EngineSettings
 
 log = logging.getLogger("parley.engine")
@@ -91,6 +93,8 @@ class Decoding:
     samplers: Samplers
     todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     next_token: int | None = None  # sampled, to be evaluated in the next step
+    forced: list[int] = field(default_factory=list)  # the end of todo: answer tokens a grammar dictated
+    dictation: CallDictation | None = None  # where the grammar dictates the text of a call
     followers: list["Decoding"] = field(default_factory=list)  # n > 1: choices forked after the prompt
 
 
@@ -134,11 +138,14 @@ class HostKvStore:
 
 class BatchScheduler:
     def __init__(self, llama_cpp: Any, ctx: Any, piece: Callable[[int, bool], bytes], *, vocab: Any, n_vocab: int,
-                 settings: EngineSettings, host_cache_bytes: int, name: str) -> None:
+                 settings: EngineSettings, host_cache_bytes: int, name: str,
+                 tokenize: Callable[[str], list[int]] | None = None) -> None:
         self._l = llama_cpp
         self._ctx = ctx
         self._vocab = vocab
         self._piece = piece  # the engine's token -> bytes (special tokens spelled out when asked)
+        self._tokenize = tokenize  # text -> tokens, no BOS (the text a grammar dictates); None: never jump
+        self._jump_tokens: dict[str, list[int]] = {}
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._n_vocab = n_vocab
         self._max_running = max(1, settings.parallel_slots)
@@ -291,6 +298,14 @@ class BatchScheduler:
         seq, reused = self._sequence_for(prompt if request.sampling.seed is None else None)
         request.usage.cached_prompt_tokens = reused
         lead = Decoding(request, 0, seq, samplers[0], todo=prompt[reused:])
+        grammar = request.sampling.grammar
+        if len(request.choices) == 1 and request.top_logprobs is None and grammar is not None and grammar.call_head:
+            lead.dictation = CallDictation(grammar)
+            if grammar.starts_with_call:
+                lead.forced = self._dictated(samplers[0], lead.dictation.start())
+                lead.todo += lead.forced
+                if not lead.forced:
+                    lead.dictation.refused()
         seq.prompt_len = len(prompt)
         for index in range(1, len(request.choices)):
             follower_seq, _ = self._sequence_for(None)
@@ -484,6 +499,12 @@ class BatchScheduler:
 
     def _sample(self, d: Decoding, i: int) -> None:
         l = self._l
+        if d.forced:  # evaluated now: the dictated text goes out as the answer's, then sampling resumes
+            forced, d.forced = d.forced, []
+            for token in forced:
+                if d.request.token(d.index, token):
+                    self._end(d)
+                    return
         if d.followers:  # n > 1: the prompt is in d's cells; fork them and sample the same row
             for f in d.followers:
                 l.llama_memory_seq_cp(self._memory, d.seq.id, f.seq.id, -1, -1)
@@ -558,8 +579,48 @@ class BatchScheduler:
         logprob = self._logprob(i, token, d.request.top_logprobs) if d.request.top_logprobs is not None else None
         if d.request.token(d.index, token, logprob):
             self._end(d)
+            return
+        dictated = d.dictation.feed(self._text(token)) if d.dictation else ""
+        forced = self._dictated(d.samplers, dictated) if dictated else []
+        if dictated and not forced:
+            d.dictation.refused()  # type: ignore[union-attr]
+        if forced:
+            d.todo, d.forced = [token, *forced], forced
         else:
             d.next_token = token
+
+    # --- text a grammar dictates -------------------------------------------------------------
+    def _dictated(self, made: Samplers, text: str) -> list[int]:
+        """`text`'s tokens if the grammar takes them one after another (then every sampler of the
+        choice has accepted them, as if sampled); [] otherwise, and nothing changes."""
+        import numpy as np
+
+        if self._tokenize is None or not text:
+            return []
+        tokens = self._jump_tokens.get(text)
+        if tokens is None:
+            tokens = self._tokenize(text)
+            if len(self._jump_tokens) < 1024:
+                self._jump_tokens[text] = tokens
+        l = self._l
+        probe = l.llama_sampler_clone(made.grammar)
+        one = np.zeros(1, dtype=TOKEN_DATA)
+        array = l.llama_token_data_array(one.ctypes.data_as(ctypes.POINTER(l.llama_token_data)), 1, -1, False)
+        for token in tokens:
+            one[0] = (token, 0.0, 0.0)
+            l.llama_sampler_apply(probe, ctypes.byref(array))
+            if not one["logit"][0] > float("-inf"):  # the grammar would not take it: sample as usual
+                l.llama_sampler_free(probe)
+                return []
+            l.llama_sampler_accept(probe, token)
+        l.llama_sampler_free(made.grammar)
+        made.grammar = probe
+        for sampler in (made.pre, made.chain):
+            if sampler is not None:
+                for token in tokens:
+                    l.llama_sampler_accept(sampler, token)
+        self.stats["jumped"] += len(tokens)
+        return list(tokens)
 
     def _logprob(self, i: int, token: int, top: int) -> TokenLogprob:
         import numpy as np

@@ -105,6 +105,7 @@ class LlamaCppEngine(Engine):
         self._scheduler = BatchScheduler(
             llama_cpp, context.ctx, self._piece, vocab=vocab, n_vocab=model.n_vocab(), settings=s,
             host_cache_bytes=s.host_cache_mib * 2**20, name=self.model_id,
+            tokenize=lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=True),
         )
         self._scheduler.start()
 
