@@ -11,6 +11,7 @@ What the config does:
 - routes by gRPC method: streaming RPCs have no timeout, unary ones a bounded one. Internal services
   (credential verification, response cache, rate limits) are not routed at all.
 - the PWA (web/) at / from direct responses (services/gateway/web_app.py).
+- GET /v1/openapi.json: the OpenAPI document generated from the same protos (tools/openapi.py).
 - GET /healthz: 200 only when every upstream answers grpc.health.v1 SERVING; 503 naming the others.
 - errors on the OpenAI-compatible paths are rewritten into OpenAI's {"error": {...}} JSON.
 - active gRPC health checks of each upstream, a JSON access log on stdout, admin on loopback only.
@@ -61,6 +62,10 @@ STREAMING_METHODS = {
 SESSION_HASH_HEADER = "x-parley-session-id"
 INFERENCE_LB_POLICIES = {"round_robin": "ROUND_ROBIN", "ring_hash": "RING_HASH", "maglev": "MAGLEV"}
 
+# Errors on these paths take OpenAI's {"error": {...}} shape (the Lua filter; tools/openapi.py
+# documents them so).
+OPENAI_PATH_PREFIXES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/responses")
+
 UNARY_TIMEOUT = {"auth": "30s", "session": "30s", "cache": "10s", "inference": "600s"}  # loads are slow
 
 # Local replies (Envoy's own 404/503/504…) get the same JSON shape as transcoded gRPC errors.
@@ -68,6 +73,8 @@ LOCAL_REPLY_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 429: 8, 503: 14, 504:
 
 GATEWAY_LUA = """
 local CLUSTERS = {%s}
+-- Paths whose errors take OpenAI's shape (OPENAI_PATH_PREFIXES).
+local OPENAI_PREFIXES = {%s}
 -- A grpc.health.v1 HealthCheckRequest for the whole server: an empty message, gRPC-framed.
 local HEALTH_REQUEST = "\\0\\0\\0\\0\\0"
 -- No id or page token comes near this; gRPC allows 8 KiB of metadata, the path included.
@@ -104,13 +111,42 @@ local function healthz(handle)
   end
 end
 
+-- gRPC fails a whole call (INTERNAL, a 500) on a metadata key outside 0-9 a-z _ - ., on a "-bin"
+-- value that is not base64 and on a malformed grpc-timeout or an unknown grpc-encoding; HTTP allows
+-- all of these. A REST request's headers become the gRPC call's metadata, and no such header means
+-- anything to Parley: they are dropped (native gRPC calls pass untouched).
+local function drop_headers_grpc_refuses(headers)
+  local content_type = headers:get("content-type") or ""
+  if string.find(content_type, "application/grpc", 1, true) == 1 then
+    return
+  end
+  local refused = {}
+  for key, value in pairs(headers) do
+    if string.sub(key, 1, 1) ~= ":" then
+      if string.find(key, "[^0-9a-z_.%%-]")
+          or (string.sub(key, -4) == "-bin" and string.find(value, "^[A-Za-z0-9+/_%%-]*=*$") == nil)
+          or (key == "grpc-timeout" and string.find(value, "^%%d%%d?%%d?%%d?%%d?%%d?%%d?%%d?[HMSmun]$") == nil)
+          or key == "grpc-encoding" then
+        table.insert(refused, key)
+      end
+    end
+  end
+  for _, key in ipairs(refused) do
+    headers:remove(key)
+  end
+end
+
 local function is_openai(path)
-  return string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/completions", 1, true) == 1
-      or string.find(path, "/v1/embeddings", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1
-      or string.find(path, "/v1/responses", 1, true) == 1
+  for _, prefix in ipairs(OPENAI_PREFIXES) do
+    if string.find(path, prefix, 1, true) == 1 then
+      return true
+    end
+  end
+  return false
 end
 
 function envoy_on_request(handle)
+  drop_headers_grpc_refuses(handle:headers())
   local path = handle:headers():get(":path") or ""
   if #path > MAX_PATH_BYTES then
     -- Longer paths overflow gRPC's metadata limit upstream (a random 429 without Retry-After).
@@ -179,6 +215,8 @@ class GatewaySettings:
     admin_port: int = setting(9901, min=0, max=65535, help="Envoy admin, always on 127.0.0.1")
     cors_origins: tuple[str, ...] = setting((), help="comma-separated origins allowed by CORS")
     descriptor_path: Path = setting(Path("build/parley.pb"))
+    openapi_path: Path = setting(Path("build/openapi.json"),
+                                 help="the OpenAPI document served at /v1/openapi.json (tools/gen.py writes it)")
     web_dir: Path = setting(web_app.SOURCE, help="the PWA's files, served at / (web/ of the repo)")
     health_check_interval_seconds: float = setting(2.0, min=0.1)
     inference_lb: str = setting("round_robin", choices=tuple(INFERENCE_LB_POLICIES),
@@ -261,7 +299,37 @@ def _routes(hash_inference: bool = False) -> list[dict[str, Any]]:
         for route in routes:
             if route["route"]["cluster"] == "inference":
                 route["route"]["hash_policy"] = [{"header": {"header_name": SESSION_HASH_HEADER}}]
-    return routes
+    return [_upgrade_refusal()] + routes
+
+
+def _upgrade_refusal() -> dict[str, Any]:
+    """A protocol upgrade (WebSocket) of a transcoded request is 400: gRPC cannot take one, and its
+    upstream answered 500 ("Error parsing ':method' metadata"). It matches the gRPC path the
+    transcoder made of the request; a WebSocket route of its own keeps its own path."""
+    return {
+        "name": "refuse-upgrade",
+        "match": {"prefix": "/parley.", "headers": [{"name": "upgrade", "present_match": True}]},
+        "direct_response": {"status": 400, "body": {"inline_string": "this path does not take a protocol upgrade "
+                                                                      "(WebSocket)"}},
+    }
+
+
+OPENAPI_PATH = "/v1/openapi.json"
+
+
+def _openapi_route(document: Path) -> dict[str, Any]:
+    """GET /v1/openapi.json: the OpenAPI document tools/openapi.py made from the same descriptor set
+    (tools/gen.py writes both), read by Envoy at start; no credential needed."""
+    headers = {"content-type": "application/json", "cache-control": "no-cache", "x-content-type-options": "nosniff"}
+    return {
+        "name": "openapi",
+        "match": {"path": OPENAPI_PATH, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "direct_response": {"status": 200, "body": {"filename": str(document)}},
+        "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                                    for k, v in headers.items()],
+        "typed_per_filter_config": {"envoy.filters.http.grpc_json_transcoder": {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}},
+    }
 
 
 # The WebSocket route's path (the query string is not part of what it matches).
@@ -368,8 +436,11 @@ ACCESS_LOG_FORMAT = {
 
 def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
     descriptor = str(gateway.descriptor_path.resolve())
-    lua = GATEWAY_LUA % (", ".join(f'"{s}"' for s in SERVICES), gateway.max_request_bytes)
-    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": web_app.routes(gateway.web_dir.resolve()) + [_websocket_route()] + _routes(gateway.inference_lb != "round_robin")}
+    lua = GATEWAY_LUA % (", ".join(f'"{s}"' for s in SERVICES), ", ".join(f'"{p}"' for p in OPENAI_PATH_PREFIXES),
+                         gateway.max_request_bytes)
+    routes = [_openapi_route(gateway.openapi_path.resolve()), *web_app.routes(gateway.web_dir.resolve()),
+              _websocket_route(), *_routes(gateway.inference_lb != "round_robin")]
+    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": routes}
     if gateway.cors_origins:
         virtual_host["typed_per_filter_config"] = {"envoy.filters.http.cors": _cors(gateway.cors_origins)}
     hcm = {
