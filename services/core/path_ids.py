@@ -93,14 +93,18 @@ def _url(context: grpc.aio.ServicerContext) -> str | None:
     return next((v for k, v in context.invocation_metadata() or () if k == ORIGINAL_PATH), None)
 
 
+async def _check(method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+    url = _url(context)
+    if url is not None and isinstance(request, Message):
+        try:
+            check(method, url, request)
+        except InvalidArgument as exc:
+            await abort_with(context, exc, method)
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        url = _url(context)
-        if url is not None and isinstance(request, Message):
-            try:
-                check(method, url, request)
-            except InvalidArgument as exc:
-                await abort_with(context, exc, method)
+        await _check(method, request, context)
         return await behavior(request, context)
 
     return handler
@@ -108,12 +112,7 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        url = _url(context)
-        if url is not None and isinstance(request, Message):
-            try:
-                check(method, url, request)
-            except InvalidArgument as exc:
-                await abort_with(context, exc, method)
+        await _check(method, request, context)
         async for item in behavior(request, context):
             yield item
 
