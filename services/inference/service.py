@@ -19,6 +19,7 @@ from services.core import structured
 from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.core.structured import PLAIN, Structure
 from services.inference.engines.base import Chunk, Sampling
+from services.inference.engines.remote import Chat
 from services.inference import fitting
 from services.inference.fitting import Fit
 from services.inference.metrics import GenerationTelemetry
@@ -168,11 +169,13 @@ class GenerationService:
                 tokens, dropped = fitted.tokens, fitted.dropped
             engine.check_sampling(sampling)
             deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-            request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs)
+            chat = Chat(fitting.kept(messages, dropped), prompt, structure)
+            request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs, chat=chat)
             try:
+                await engine.admit(request)
                 yield Admitted(record, len(tokens), dropped)
                 chunks = engine.stream(request)
-                if structure.calls_tools:
+                if structure.calls_tools and not engine.returns_tool_calls:
                     chunks = with_tool_calls(chunks, structure)
                 async with contextlib.aclosing(chunks) as stream:
                     async for chunk in stream:
