@@ -35,6 +35,12 @@ under load at once); aggregate tok/s counts from the first request to the last t
 the time to the first tokens. Each server's resident memory is read after the patterns. Without a
 llama-server binary its column is skipped.
 
+The remote path (`--only remote`, and part of every run with a llama-server): a second stack whose
+only model is engine "remote" in front of a llama-server (the same binary and flags as above), and the
+8 concurrent streams of pattern 1 through Parley -> llama-server against the same llama-server called
+directly, taking turns in the same run: aggregate tok/s (target >= 0.95x) and TTFT p50 (target <= +5
+ms) — what Parley's accounts, rate limits, cache and metrics cost in front of an existing engine.
+
 Last, embeddings throughput through Envoy against transformers in-process (bench/embeddings_bench.py).
 
     make bench [LLAMA_SERVER=/path/to/llama-server]
@@ -66,6 +72,7 @@ from openai import AsyncOpenAI
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
+from services.inference.hardware import probe
 from services.inference.registry import BUNDLED, CatalogueEntry
 from services.stack import Stack, free_port
 
@@ -430,6 +437,60 @@ def rss_mib(pid: int) -> float:
     return total
 
 
+REMOTE = Pattern("remote: 8 streams", 8, 1, 64, chat=False)
+
+
+def stack_environment(data: str, **more: str) -> dict[str, str]:
+    """A benchmark stack's settings on free ports; no rate limits in the way."""
+    env = {"PARLEY_DATA_DIR": data, "PARLEY_HTTP_PORT": str(free_port()), "PARLEY_ADMIN_PORT": str(free_port()),
+           "PARLEY_QUEUE_DEPTH": "32", "PARLEY_LOG_LEVEL": "WARNING", "PARLEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
+           # The benchmark's requests would trip a user's default rate limits.
+           "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE": "100000", "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE": "100000000",
+           **more}
+    for name in ("auth", "session", "cache", "inference"):
+        env[f"PARLEY_{name.upper()}_PORT"] = str(free_port())
+        env[f"PARLEY_{name.upper()}_METRICS_PORT"] = str(free_port())
+    return env
+
+
+def api_key(stack: Stack) -> str:
+    """An API key of the admin: a run outlasts an access token's lifetime."""
+    access = httpx.post(f"{stack.url}/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD},
+                        timeout=30).json()["tokens"]["access_token"]
+    return httpx.post(f"{stack.url}/v1/api-keys", json={"name": "bench"}, headers=bearer(access),
+                      timeout=30).json()["secret"]
+
+
+def measure_remote(binary: Path, threads: int, rounds: int, log_dir: Path
+                   ) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """REMOTE on Parley (a remote model in front of llama-server) and on the same llama-server directly."""
+    with llama_server(binary, threads, log_dir / "llama-server-remote.log") as upstream, \
+            tempfile.TemporaryDirectory() as data:
+        catalogue = Path(data) / "models.json"
+        catalogue.write_text(json.dumps([{
+            "id": MODEL, "engine": "remote", "source": upstream.base_url, "context_length": 2048,
+            "params": {"tokenizer": BUNDLED["source"], "timeout_seconds": 120}}]))
+        stack = Stack(env=stack_environment(data, PARLEY_MODELS_FILE=str(catalogue), PARLEY_CONTEXT_LENGTH="2048"),
+                      log_dir=log_dir / "remote-stack")
+        stack.start()
+        try:
+            stack.wait_healthy(timeout=300)
+            parley = Server("Parley", f"{stack.url}/v1", api_key(stack), inference_pid(stack))
+            return asyncio.run(measure_patterns([parley, upstream], [REMOTE], rounds))
+        finally:
+            stack.stop()
+
+
+def print_remote(figures: dict[tuple[str, str], tuple[float, float, float]], rounds: int, threads: int) -> None:
+    ours, theirs = figures[(REMOTE.name, "Parley")], figures[(REMOTE.name, "llama-server")]
+    print(f"\nRemote path — Parley (engine remote) -> llama-server vs llama-server directly, {REMOTE.conversations} "
+          f"concurrent streams of {REMOTE.max_tokens} tokens, {threads} threads, median of {rounds} "
+          f"round{'s' * (rounds > 1)}")
+    print(f"{'metric':14} {'Parley':>9} {'llama-server':>13} {'ratio/diff':>11} target")
+    print(f"{'tok/s':14} {ours[0]:9.1f} {theirs[0]:13.1f} {ours[0] / theirs[0]:11.3f} >= 0.95")
+    print(f"{'TTFT p50 ms':14} {ours[1]:9.1f} {theirs[1]:13.1f} {ours[1] - theirs[1]:+11.1f} <= +5 ms", flush=True)
+
+
 def find_llama_server(option: str | None) -> Path | None:
     """--llama-server, else $PARLEY_BENCH_LLAMA_SERVER, else the default cache path when it exists."""
     chosen = option or os.environ.get("PARLEY_BENCH_LLAMA_SERVER")
@@ -552,11 +613,20 @@ def main() -> None:
     turns = args.turns if args.turns is not None else (12 if args.quick else 60)
     rounds = args.rounds or (1 if args.quick else 3)
     todo = [p for p in patterns(args.quick) if args.only is None or args.only in p.name]
-    if not todo:
+    remote = not args.embeddings_only and not args.no_patterns and (args.only is None or args.only in REMOTE.name)
+    if not todo and not remote:
         raise SystemExit(f"no client pattern's name contains {args.only!r}")
     binary = None if args.embeddings_only else find_llama_server(args.llama_server)
     if binary is None and not args.embeddings_only:
-        print(f"llama-server not found: its column will be skipped. Build it: {BUILD_LLAMA_SERVER}", flush=True)
+        print(f"llama-server not found: its column and the remote path will be skipped. Build it: {BUILD_LLAMA_SERVER}",
+              flush=True)
+    if not todo:  # --only remote
+        if binary is None:
+            raise SystemExit("the remote path needs a llama-server")
+        with tempfile.TemporaryDirectory() as logs:
+            threads = int(os.environ.get("PARLEY_THREADS") or probe().physical_cores)  # as the service chooses
+            print_remote(measure_remote(binary, threads, rounds, Path(args.log_dir or logs)), rounds, threads)
+        return
     context = 2048
     with tempfile.TemporaryDirectory() as data:
         env = {"PARLEY_DATA_DIR": data, "PARLEY_HTTP_PORT": str(free_port()), "PARLEY_ADMIN_PORT": str(free_port()),
@@ -594,6 +664,8 @@ def main() -> None:
                 if not args.no_patterns:
                     figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
                     print_patterns(figures, rss, todo, rounds, threads)
+                if remote and binary is not None:
+                    print_remote(measure_remote(binary, threads, rounds, logs), rounds, threads)
             if args.only is None and not args.no_patterns:
                 embedded = embeddings_bench.measure(stack.url, token, threads, rounds)
         finally:

@@ -112,6 +112,7 @@ class RemoteRequest:
 class RemoteEngine(Engine):
     engine_name = "remote"
     returns_tool_calls = True  # the upstream parses its own tool calls
+    transport: httpx.AsyncBaseTransport | None = None  # unit tests hand in httpx.MockTransport
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
         super().__init__(model_id, path, settings, params)
@@ -142,7 +143,7 @@ class RemoteEngine(Engine):
             self._text = await asyncio.to_thread(GgufText, self.params["tokenizer"])
             self.vocab_size = self._text.vocab_size
         self._client = httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)),
+            transport=self.transport, headers=headers, timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
         await self.check()
         if not any(u.healthy for u in self.upstreams):
