@@ -40,12 +40,12 @@ def binary() -> str:
 class LlamaServer:
     """One llama-server process; `url` is its OpenAI base URL."""
 
-    def __init__(self, log_path: Path, slots: int = 2, context: int = 4096) -> None:
+    def __init__(self, log_path: Path, slots: int = 2, context: int = 4096, alias: str = "smollm2") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._log = open(log_path, "wb")
         argv = [binary(), "-m", model_path(), "--host", "127.0.0.1", "--port", str(self.port), "-t", "1",
-                "-np", str(slots), "-c", str(context), "--metrics", "--no-webui"]
+                "-np", str(slots), "-c", str(context), "--metrics", "--no-webui", "--alias", alias]
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> LlamaServer:

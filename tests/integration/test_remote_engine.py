@@ -86,10 +86,6 @@ def remote_stack(tmp_path_factory: pytest.TempPathFactory, upstreams: dict[str, 
         {"id": "remote-solo", "engine": "remote", "source": upstreams["solo"].url, "params": params},
         {"id": "remote-busy", "engine": "remote", "source": busy, "params": {"model": "busy"}},
     ]
-    # llama-server names its model after the file unless told (--alias); ask for whatever it serves.
-    served = httpx.get(f"{upstreams['main'].url}/models", timeout=10).json()["data"][0]["id"]
-    for entry in catalogue[:3]:
-        entry["params"] = {**params, "model": served}
     models_file = Path(data_dir) / "models.json"
     models_file.write_text(json.dumps(catalogue))
     running = start_stack(data_dir, PARLEY_MODELS_FILE=str(models_file), PARLEY_DEFAULT_MODEL="remote-smol",
