@@ -1,6 +1,6 @@
 """The remote engine's own logic in-process: the catalogue entry, what it sends upstream, balancing with
 session affinity, failover and error mapping. httpx.MockTransport plays the upstreams here; the real
-ones (llama-server through Envoy) are in tests/integration/test_remote_engine.py."""
+ones (llama-server through Envoy) are in tests/integration/test_remote_api.py."""
 
 from __future__ import annotations
 
