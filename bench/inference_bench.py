@@ -509,6 +509,7 @@ def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 18
             # More HTTP threads than the default (slots + 2): 16 streaming conversations otherwise wait for a
             # connection thread, and its keep-alive connections get dropped under the client.
             "--threads-http", "32", "--host", "127.0.0.1", "--port", str(port),
+            "--alias", MODEL,  # the name the clients ask for; a remote model checks the upstream serves it
             "--jinja"]  # chat templates through its Jinja engine, which tools need
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -7,7 +7,8 @@ URLs: replicas of one model), "params": {"model": "<upstream model name; default
 "health_interval_seconds": 5, "tokenizer": "<GGUF path or package:... whose vocabulary and chat
 template count prompts; default: an estimate>"}}.
 
-One pooled HTTP client per model streams `POST /chat/completions`. Errors map to Parley's codes:
+One pooled HTTP client per model streams `POST /chat/completions` (a raw prompt, the legacy
+completions API, `POST /completions`). Errors map to Parley's codes:
 upstream 429 is RESOURCE_EXHAUSTED with its Retry-After, 400/422 INVALID_ARGUMENT with its message,
 5xx, timeouts and unreachable servers UNAVAILABLE naming the model. A caller that leaves closes the
 upstream response (and its connection) at once; the upstream sees the disconnect and stops.
@@ -284,9 +285,7 @@ class RemoteEngine(Engine):
         if chat.messages:
             body["messages"] = [_message_json(m) for m in chat.messages]
         else:
-            # A raw prompt: one user message (the upstream applies its template); /completions is not
-            # served by every OpenAI-compatible server.
-            body["messages"] = [{"role": "user", "content": chat.prompt}]
+            body["prompt"] = chat.prompt  # the legacy completions API: no chat template
         # Beyond OpenAI's parameters only what departs from the neutral value: vLLM and llama-server
         # both accept top_k, min_p and repetition_penalty; others ignore or refuse what they lack.
         for name, value, neutral in (("top_k", s.top_k, 0), ("min_p", s.min_p, 0.0),
@@ -345,16 +344,17 @@ class RemoteEngine(Engine):
                 raise Unavailable(f"model {self.model_id!r}: no upstream is reachable ("
                                   f"{self.failure() or 'every upstream failed this request'})")
             tried.add(id(upstream))
+            url = f"{upstream.url}/{'chat/completions' if 'messages' in request.body else 'completions'}"
             span = telemetry.tracer().start_span(
-                f"POST {upstream.url}/chat/completions", kind=SpanKind.CLIENT,
-                attributes={"http.request.method": "POST", "url.full": f"{upstream.url}/chat/completions",
+                f"POST {url}", kind=SpanKind.CLIENT,
+                attributes={"http.request.method": "POST", "url.full": url,
                             "server.address": upstream.url, "gen_ai.request.model": self.remote_model,
                             "parley.model": self.model_id})
             headers: dict[str, str] = {}
             propagate.inject(headers, context=trace.set_span_in_context(span))
             upstream.outstanding += 1
             try:
-                req = self._client.build_request("POST", f"{upstream.url}/chat/completions", json=request.body,
+                req = self._client.build_request("POST", url, json=request.body,
                                                  headers=headers)
                 response = await self._client.send(req, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
@@ -443,7 +443,7 @@ class RemoteEngine(Engine):
                     upstream_usage = event["usage"]
                 for choice in event.get("choices") or ():
                     delta = choice.get("delta") or {}
-                    piece = delta.get("content") or ""
+                    piece = delta.get("content") or choice.get("text") or ""  # chat, or legacy completions
                     for call in delta.get("tool_calls") or ():
                         slot = calls.setdefault(int(call.get("index", 0)), {"id": "", "name": "", "arguments": ""})
                         slot["id"] = call.get("id") or slot["id"]

@@ -53,6 +53,7 @@ class Upstreams:
         self.down: set[str] = set()
         self.reply: dict[str, httpx.Response] = {}
         self.seen: list[tuple[str, dict]] = []
+        self.paths: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         host = request.url.host
@@ -61,9 +62,13 @@ class Upstreams:
         if request.url.path.endswith("/models"):
             return httpx.Response(200, json={"data": [{"id": "up-model", "max_model_len": 512}]})
         self.seen.append((host, json.loads(request.content)))
+        self.paths.append(request.url.path)
         reply = self.reply.get(host)
         if reply is not None:
             return reply
+        if request.url.path.endswith("/v1/completions"):
+            return httpx.Response(200, content=sse({"choices": [{"index": 0, "text": " Paris.", "finish_reason": None}]},
+                                                   {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}))
         return httpx.Response(200, content=answer(usage={"prompt_tokens": 9, "completion_tokens": 2}),
                               headers={"content-type": "text/event-stream"})
 
@@ -121,6 +126,15 @@ async def test_the_request_forwards_sampling_and_structure(tmp_path: Path, upstr
     assert sent["tools"][0]["function"]["parameters"]["properties"]["city"] == {"type": "string"}
     schema = make_structure([], format="json_schema", schema=json.dumps({"type": "object"}))
     assert engine._body(Chat([], "x", schema), Sampling())["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    await registry.close()
+
+
+async def test_a_raw_prompt_goes_to_the_legacy_completions_endpoint(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, generation = remote_registry(tmp_path, [A])
+    items = [i async for i in generation.generate("far", [], "The capital of France is", SamplingInput(max_tokens=3))]
+    assert "".join(i.text for i in items[1:]) == " Paris." and items[-1].finish_reason == "length"
+    assert upstreams.paths[-1] == "/v1/completions" and upstreams.seen[-1][1]["prompt"] == "The capital of France is"
+    assert items[-1].usage.completion_tokens == 2  # counted here: the upstream sent no usage
     await registry.close()
 
 
