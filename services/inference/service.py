@@ -148,14 +148,22 @@ class GenerationService:
         validate_messages(messages, prompt, structure)
         if fit is not None and not messages:
             raise InvalidArgument("fitting a chat to the context window needs messages, not a raw prompt")
-        sampling = replace(sampling, grammar=grammar_for(structure))
         record = await self.registry.acquire(model_id)
         try:
             engine = record.engine
             assert engine is not None
+            if not engine.sends_chat:
+                sampling = replace(sampling, grammar=grammar_for(structure))  # a remote upstream has its own
             dropped = 0
+            counting: asyncio.Future[list[int]] | None = None
             # Template rendering and tokenizing block; keep them off the loop that streams other requests.
-            if fit is None:
+            if fit is None and engine.sends_chat:
+                # The upstream starts on the chat while its tokens are counted here (for the usage when
+                # the upstream sends none); its own context limit applies (its 400 is a 400).
+                counting = asyncio.ensure_future(asyncio.to_thread(engine.prompt_tokens, messages, prompt, structure))
+                counting.add_done_callback(lambda done: done.cancelled() or done.exception())
+                tokens: list[int] = []
+            elif fit is None:
                 tokens = await asyncio.to_thread(engine.prompt_tokens, messages, prompt, structure)
                 if len(tokens) >= engine.context_length:
                     raise InvalidArgument(
@@ -173,6 +181,9 @@ class GenerationService:
             request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs, chat=chat)
             try:
                 await engine.admit(request)
+                if counting is not None:
+                    tokens = await counting
+                    request.usage.prompt_tokens = len(tokens)
                 yield Admitted(record, len(tokens), dropped)
                 chunks = engine.stream(request)
                 if structure.calls_tools and not engine.returns_tool_calls:

@@ -89,6 +89,7 @@ class Engine(LoadedModel):
     supports_choices = False  # n > 1
     supports_logprobs = False
     returns_tool_calls = False  # tool calls come parsed (a remote engine's upstream); else they are parsed from the text
+    sends_chat = False  # takes the chat itself (a remote engine), not its tokens: grammars and the context limit are its own
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
         super().__init__(model_id, path, settings, params)

@@ -89,7 +89,6 @@ class RemoteRequest:
     affinity: str
     started: float
     deadline: float | None
-    prompt_tokens: int
     upstream: Upstream | None = None
     response: httpx.Response | None = None
     span: Any = None
@@ -113,6 +112,7 @@ class RemoteRequest:
 class RemoteEngine(Engine):
     engine_name = "remote"
     returns_tool_calls = True  # the upstream parses its own tool calls
+    sends_chat = True
     transport: httpx.AsyncBaseTransport | None = None  # unit tests hand in httpx.MockTransport
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
@@ -271,7 +271,9 @@ class RemoteEngine(Engine):
         if chat is None:
             raise InvalidArgument("the remote engine needs the chat, not tokens")
         body = self._body(chat, sampling)
-        return RemoteRequest(body, _affinity(chat), started, deadline, len(prompt))  # type: ignore[return-value]
+        request = RemoteRequest(body, _affinity(chat), started, deadline)
+        request.usage.prompt_tokens = len(prompt)  # 0 when counting runs beside the upstream call
+        return request  # type: ignore[return-value]
 
     def _submit(self, request: Request) -> None:  # pragma: no cover - submit is overridden
         raise NotImplementedError
@@ -418,7 +420,6 @@ class RemoteEngine(Engine):
         response, upstream = request.response, request.upstream
         assert response is not None and upstream is not None
         usage = request.usage
-        usage.prompt_tokens = request.prompt_tokens
         tick = metrics.token_timer(self.model_id)
         calls: dict[int, dict[str, str]] = {}
         reason: str | None = None
