@@ -30,10 +30,10 @@ SHORT = {"temperature": 0, "max_tokens": 8}
 class Busy(BaseHTTPRequestHandler):
     """An upstream that lists its model and answers every completion with 429 Retry-After: 7."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self._send(200, {"object": "list", "data": [{"id": "busy", "object": "model"}]})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length") or 0))
         self._send(429, {"error": {"message": "too many requests", "type": "rate_limit"}}, {"Retry-After": "7"})
 
