@@ -22,6 +22,7 @@ import pytest
 from services.stack import Stack
 from tests.integration.chat import chat, create_session, iter_events, messages, text_of
 from tests.integration.conftest import Caller, sign_in, start_stack
+from tests.integration.test_observability import Collector, collector  # noqa: F401 - a fixture used below
 from tests.llama_server import BUNDLED, LlamaServer, binary
 
 SHORT = {"temperature": 0, "max_tokens": 8}
@@ -76,7 +77,7 @@ def busy() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def remote_stack(tmp_path_factory: pytest.TempPathFactory, upstreams: dict[str, LlamaServer],
-                 busy: str) -> Iterator[Stack]:
+                 busy: str, collector: tuple[Collector, int]) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("remote-stack")
     params = {"model": "smollm2", "tokenizer": BUNDLED, "timeout_seconds": 30, "health_interval_seconds": 0.5}
     catalogue = [
@@ -89,7 +90,8 @@ def remote_stack(tmp_path_factory: pytest.TempPathFactory, upstreams: dict[str, 
     models_file = Path(data_dir) / "models.json"
     models_file.write_text(json.dumps(catalogue))
     running = start_stack(data_dir, PARLEY_MODELS_FILE=str(models_file), PARLEY_DEFAULT_MODEL="remote-smol",
-                          PARLEY_CONTEXT_LENGTH="2048")
+                          PARLEY_CONTEXT_LENGTH="2048", OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector[1]}",
+                          OTEL_BSP_SCHEDULE_DELAY="200")
     yield running
     running.stop()
 
@@ -128,6 +130,25 @@ def test_openai_chat_through_a_remote_model(client: openai.OpenAI, upstreams: di
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == answer.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+
+def test_the_upstream_call_is_a_client_span_of_the_request_trace(remote_stack: Stack, caller: Caller,
+                                                               collector: tuple[Collector, int],
+                                                               upstreams: dict[str, LlamaServer]) -> None:
+    trace_id = uuid.uuid4().hex
+    answer = httpx.post(f"{remote_stack.url}/v1/chat/completions", timeout=60,
+                        headers={"authorization": f"Bearer {caller.api_key}",
+                                 "traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"},
+                        json={"model": "remote-smol", "messages": [{"role": "user", "content": "Hi"}], **SHORT})
+    assert answer.status_code == 200, answer.text
+    receiver, _ = collector
+    deadline = time.monotonic() + 10
+    while not (client := [s for s in receiver.trace(trace_id) if s.kind == 3 and s.name.startswith("POST ")]):
+        assert time.monotonic() < deadline, sorted((s.service, s.name) for s in receiver.trace(trace_id))
+        time.sleep(0.2)
+    assert client[0].name == f"POST {upstreams['main'].url}/chat/completions" and client[0].service == "parley-inference"
+    assert client[0].attributes["http.response.status_code"] == 200
+    assert client[0].attributes["parley.model"] == "remote-smol"
 
 
 def test_session_turn_and_cache_hit_on_a_remote_model(http: httpx.Client, caller: Caller) -> None:
