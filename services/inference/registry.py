@@ -307,7 +307,9 @@ class ModelRegistry:
             await asyncio.sleep(min(30.0, keep / 2))
             now = time.monotonic()
             for record in list(self.records.values()):
-                if record.state == "ready" and record.active == 0 and now - record.last_used > keep:
+                # A remote model holds no memory here: it stays loaded, its upstreams' health checked.
+                if record.state == "ready" and record.active == 0 and now - record.last_used > keep \
+                        and record.entry.engine != "remote":
                     log.info("unloading idle model", extra={"fields": {"model": record.entry.id}})
                     await self.unload(record.entry.id)
 
