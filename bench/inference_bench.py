@@ -40,6 +40,9 @@ only model is engine "remote" in front of a llama-server (the same binary and fl
 8 concurrent streams of pattern 1 through Parley -> llama-server against the same llama-server called
 directly, taking turns in the same run: aggregate tok/s (target >= 0.95x) and TTFT p50 (target <= +5
 ms) — what Parley's accounts, rate limits, cache and metrics cost in front of an existing engine.
+llama-server gets half the cores to itself and Parley, Envoy and the client the other half (in both
+cases): sharing cores, the proxy's work stalls the engine's decode threads (measured here, 2 cores:
+one round took 67 s against 17 s), which says nothing about a proxy in front of a GPU server.
 
 Last, embeddings throughput through Envoy against transformers in-process (bench/embeddings_bench.py).
 
@@ -72,7 +75,6 @@ from openai import AsyncOpenAI
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
-from services.inference.hardware import probe
 from services.inference.registry import BUNDLED, CatalogueEntry
 from services.stack import Stack, free_port
 
@@ -394,7 +396,7 @@ async def drive(client: AsyncOpenAI, pattern: Pattern, round_: int) -> tuple[flo
             [follows(pattern, r) for replies in runs for r in replies] if pattern.extra else [])
 
 
-async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: int
+async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: int, shared_upstream: bool = False
                            ) -> dict[tuple[str, str], tuple[float, float, float]]:
     """(pattern, server) -> (median aggregate tok/s over rounds, TTFT p50 ms over all counted turns, % of the
     answers that follow the pattern's schema or tool).
@@ -412,7 +414,10 @@ async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: i
         for round_ in range(rounds):
             for pattern in todo:
                 for server in servers[::-1] if round_ % 2 else servers:
-                    rate, samples, follow = await drive(clients[server.name], pattern, round_)
+                    # Servers in front of one upstream get prompts of their own: the first would warm the
+                    # upstream's prompt cache for the second.
+                    key = round_ * len(servers) + servers.index(server) if shared_upstream else round_
+                    rate, samples, follow = await drive(clients[server.name], pattern, key)
                     rates.setdefault((pattern.name, server.name), []).append(rate)
                     ttfts.setdefault((pattern.name, server.name), []).extend(samples)
                     valid.setdefault((pattern.name, server.name), []).extend(follow)
@@ -461,10 +466,31 @@ def api_key(stack: Stack) -> str:
                       timeout=30).json()["secret"]
 
 
-def measure_remote(binary: Path, threads: int, rounds: int, log_dir: Path
-                   ) -> dict[tuple[str, str], tuple[float, float, float]]:
-    """REMOTE on Parley (a remote model in front of llama-server) and on the same llama-server directly."""
-    with llama_server(binary, threads, log_dir / "llama-server-remote.log") as upstream, \
+def split_cores() -> tuple[set[int], set[int]]:
+    """The upstream's cores and the rest (Parley, Envoy and the client), half each: an engine's
+    decode threads stall whenever anything else takes one of their cores, and in production the
+    upstream has its own machine (or GPU)."""
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    return set(cores[:half]), set(cores[half:]) or set(cores)
+
+
+def measure_remote(binary: Path, rounds: int, log_dir: Path) -> tuple[dict[tuple[str, str], tuple[float, float, float]], int]:
+    """REMOTE on Parley (a remote model in front of llama-server) and on the same llama-server directly ->
+    figures and the upstream's threads. llama-server runs on its own half of the cores, Parley and the
+    client on the other half, in both cases."""
+    upstream_cores, other_cores = split_cores()
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, other_cores)  # the stack's processes inherit it
+    try:
+        return _measure_remote(binary, rounds, log_dir, upstream_cores), len(upstream_cores)
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+def _measure_remote(binary: Path, rounds: int, log_dir: Path, cores: set[int]
+                    ) -> dict[tuple[str, str], tuple[float, float, float]]:
+    with llama_server(binary, len(cores), log_dir / "llama-server-remote.log", cores=cores) as upstream, \
             tempfile.TemporaryDirectory() as data:
         catalogue = Path(data) / "models.json"
         catalogue.write_text(json.dumps([{
@@ -476,16 +502,17 @@ def measure_remote(binary: Path, threads: int, rounds: int, log_dir: Path
         try:
             stack.wait_healthy(timeout=300)
             parley = Server("Parley", f"{stack.url}/v1", api_key(stack), inference_pid(stack))
-            return asyncio.run(measure_patterns([parley, upstream], [REMOTE], rounds))
+            return asyncio.run(measure_patterns([parley, upstream], [REMOTE], rounds, shared_upstream=True))
         finally:
             stack.stop()
 
 
-def print_remote(figures: dict[tuple[str, str], tuple[float, float, float]], rounds: int, threads: int) -> None:
+def print_remote(measured: tuple[dict[tuple[str, str], tuple[float, float, float]], int], rounds: int) -> None:
+    figures, threads = measured
     ours, theirs = figures[(REMOTE.name, "Parley")], figures[(REMOTE.name, "llama-server")]
     print(f"\nRemote path — Parley (engine remote) -> llama-server vs llama-server directly, {REMOTE.conversations} "
-          f"concurrent streams of {REMOTE.max_tokens} tokens, {threads} threads, median of {rounds} "
-          f"round{'s' * (rounds > 1)}")
+          f"concurrent streams of {REMOTE.max_tokens} tokens, median of {rounds} round{'s' * (rounds > 1)}; "
+          f"llama-server on {threads} core(s) of its own (-t {threads}), Parley, Envoy and the client on the rest")
     print(f"{'metric':14} {'Parley':>9} {'llama-server':>13} {'ratio/diff':>11} target")
     print(f"{'tok/s':14} {ours[0]:9.1f} {theirs[0]:13.1f} {ours[0] / theirs[0]:11.3f} >= 0.95")
     print(f"{'TTFT p50 ms':14} {ours[1]:9.1f} {theirs[1]:13.1f} {ours[1] - theirs[1]:+11.1f} <= +5 ms", flush=True)
@@ -502,8 +529,10 @@ def find_llama_server(option: str | None) -> Path | None:
 
 
 @contextlib.contextmanager
-def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 180) -> Iterator[Server]:
-    """llama-server on the bundled model on a free loopback port, as DESIGN.md runs it; stopped on exit."""
+def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 180,
+                 cores: set[int] | None = None) -> Iterator[Server]:
+    """llama-server on the bundled model on a free loopback port, as DESIGN.md runs it (on `cores` only,
+    when given); stopped on exit."""
     port = free_port()
     argv = [str(binary), "-m", CatalogueEntry(**BUNDLED).path(), "-t", str(threads), "-np", "8", "-c", "16384",
             # More HTTP threads than the default (slots + 2): 16 streaming conversations otherwise wait for a
@@ -512,7 +541,8 @@ def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 18
             "--alias", MODEL,  # the name the clients ask for; a remote model checks the upstream serves it
             "--jinja"]  # chat templates through its Jinja engine, which tools need
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     try:
         deadline = time.monotonic() + timeout
         while not _healthy(f"http://127.0.0.1:{port}/health"):
@@ -625,8 +655,7 @@ def main() -> None:
         if binary is None:
             raise SystemExit("the remote path needs a llama-server")
         with tempfile.TemporaryDirectory() as logs:
-            threads = int(os.environ.get("PARLEY_THREADS") or probe().physical_cores)  # as the service chooses
-            print_remote(measure_remote(binary, threads, rounds, Path(args.log_dir or logs)), rounds, threads)
+            print_remote(measure_remote(binary, rounds, Path(args.log_dir or logs)), rounds)
         return
     context = 2048
     with tempfile.TemporaryDirectory() as data:
@@ -666,7 +695,7 @@ def main() -> None:
                     figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
                     print_patterns(figures, rss, todo, rounds, threads)
                 if remote and binary is not None:
-                    print_remote(measure_remote(binary, threads, rounds, logs), rounds, threads)
+                    print_remote(measure_remote(binary, rounds, logs), rounds)
             if args.only is None and not args.no_patterns:
                 embedded = embeddings_bench.measure(stack.url, token, threads, rounds)
         finally:
