@@ -46,7 +46,7 @@ $(CHECKOV): requirements/checkov.txt
 	.venv-checkov/bin/python -m pip install --quiet -r requirements/checkov.txt
 	touch $@
 
-$(GENERATED): $(INSTALLED) $(PROTOS) tools/gen.py
+$(GENERATED): $(INSTALLED) $(PROTOS) tools/gen.py tools/openapi.py tools/openapi_openai.py
 	$(PY) tools/gen.py 2> >(grep -v '^Writing mypy' >&2)
 	touch $@
 
@@ -129,9 +129,10 @@ K8S_GENERATED := k8s/base/gateway/generated
 k8s-config: $(GENERATED)
 	mkdir -p $(K8S_GENERATED)
 	cp build/parley.pb $(K8S_GENERATED)/parley.pb
+	cp build/openapi.json $(K8S_GENERATED)/openapi.json
 	rm -rf $(K8S_GENERATED)/web && cp -r web $(K8S_GENERATED)/web
 	set -a; . k8s/base/gateway/envoy.env; set +a; $(PY) -m services.gateway.envoy_config --out $(K8S_GENERATED)/envoy.yaml
-	@echo "k8s-config: wrote $(K8S_GENERATED)/envoy.yaml, parley.pb and web/; render with: kubectl kustomize k8s/overlays/<cpu|gpu|dev>"
+	@echo "k8s-config: wrote $(K8S_GENERATED)/envoy.yaml, parley.pb, openapi.json and web/; render with: kubectl kustomize k8s/overlays/<cpu|gpu|dev>"
 
 clean:
 	rm -rf build .parley test-artifacts

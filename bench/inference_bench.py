@@ -669,6 +669,7 @@ def main() -> None:
         for name in ("auth", "session", "cache", "inference"):
             env[f"PARLEY_{name.upper()}_PORT"] = str(free_port())
             env[f"PARLEY_{name.upper()}_METRICS_PORT"] = str(free_port())
+        env["PARLEY_SESSION_WEBSOCKET_PORT"] = str(free_port())
         logs = Path(args.log_dir) if args.log_dir else Path(data) / "logs"
         stack = Stack(env=env, log_dir=logs)
         stack.start()

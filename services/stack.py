@@ -3,8 +3,12 @@
     python -m services.stack        # what `make run` runs
 
 It generates Envoy's config, starts every process with the same PARLEY_* settings, waits until
-GET /healthz is 200 and prints the URL. Ctrl-C or SIGTERM stops every process it started. When a
-process dies, it names it, shows the end of its output and stops the rest.
+GET /healthz is 200 and prints the URL. Ctrl-C, SIGTERM or SIGHUP stops every process it started.
+It supervises them: a process that dies is named with the end of its output and started again after
+a delay that doubles with each recent crash (0.5 s, 1 s, 2 s… at most 10 s); only a process that
+crashes more than 5 times within a minute, or a service that exits for a configuration error
+(code 2, which a restart cannot fix), stops the whole stack. Every process dies with the launcher, even
+when the launcher is killed with SIGKILL (PR_SET_PDEATHSIG).
 
 Tests use the `Stack` class directly with free ports and a temporary data dir, and may run several
 replicas of a service (on PostgreSQL, PARLEY_DATABASE_URL): the first listens on the service's port,
@@ -27,11 +31,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.core import config
+from services.gateway import envoy_config
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-from services.gateway import envoy_config
+CONFIG_ERROR = 2  # a service's exit code for a bad setting (services.core.server.run)
 
 SERVICES = envoy_config.SERVICES
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,11 +71,26 @@ class Process:
     port: int = 0  # a service's gRPC port
 
 
+@dataclass(frozen=True)
+class Restarts:
+    """How the launcher restarts a process that died: after `first_delay` seconds, doubling with each
+    crash within `window` seconds up to `max_delay`; more than `limit` crashes within the window stop
+    the stack."""
+
+    first_delay: float = 0.5
+    max_delay: float = 10.0
+    window: float = 60.0
+    limit: int = 5
+
+    def delay(self, crashes: int) -> float:
+        return min(self.max_delay, self.first_delay * 2 ** (crashes - 1))
+
+
 class Stack:
     """The five processes. `env` holds PARLEY_* overrides on top of this process's environment."""
 
     def __init__(self, env: dict[str, str] | None = None, echo: bool = False, log_dir: Path | None = None,
-                 replicas: dict[str, int] | None = None) -> None:
+                 replicas: dict[str, int] | None = None, restarts: Restarts | None = None) -> None:
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.common = config.load(config.CommonSettings, self.env)
@@ -77,12 +98,17 @@ class Stack:
         self.echo = echo
         self.log_dir = log_dir or self.common.data_dir / "logs"
         self.processes: list[Process] = []
+        self.restarts = restarts or Restarts()
+        self._crashes: dict[str, collections.deque[float]] = {}  # per process name, when it died lately
+        self._due: dict[str, float] = {}  # per dead process name, when it is started again
         self._lock = threading.Lock()
         # Per service, the settings of each replica beyond the first: a port (and metrics port) of its own.
         self.extra: dict[str, list[dict[str, str]]] = {
             name: [{f"PARLEY_{name.upper()}_PORT": str(free_port()),
                     f"PARLEY_{name.upper()}_METRICS_PORT": str(free_port())} for _ in range(count - 1)]
             for name, count in (replicas or {}).items()}
+        for env in self.extra.get("session", []):  # each session replica runs its own WebSocket bridge
+            env["PARLEY_SESSION_WEBSOCKET_PORT"] = str(free_port())
 
     @property
     def url(self) -> str:
@@ -118,6 +144,9 @@ class Stack:
         # Envoy balances over every replica; targets list them all.
         targets = {f"{name}_target": ",".join(f"127.0.0.1:{port}" for port in self._ports(name))
                    for name, extra in self.extra.items() if extra}
+        if self.extra.get("session"):
+            targets["session_websocket_target"] = ",".join(
+                f"127.0.0.1:{port}" for port in self._ports("session", "PARLEY_SESSION_WEBSOCKET_PORT"))
         envoy_path.write_text(envoy_config.render(self.gateway, dataclasses.replace(self.common, **targets)))
         for name in SERVICES:
             argv = [sys.executable, "-m", f"services.{name}"]
@@ -130,9 +159,10 @@ class Stack:
              "--log-format", '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","service":"gateway","message":"%j"}'],
         )
 
-    def _ports(self, service: str) -> list[int]:
-        return [self.common.port_of(service)] + [int(e[f"PARLEY_{service.upper()}_PORT"])
-                                                 for e in self.extra.get(service, [])]
+    def _ports(self, service: str, variable: str = "") -> list[int]:
+        variable = variable or f"PARLEY_{service.upper()}_PORT"
+        first = self.common.port_of(variable.removeprefix("PARLEY_").removesuffix("_PORT").lower())
+        return [first] + [int(e[variable]) for e in self.extra.get(service, [])]
 
     def respawn(self, name: str) -> None:
         """Starts process `name` (a service, or a replica such as session-2) again after it died
@@ -142,6 +172,35 @@ class Stack:
             raise StackError(f"{name} is still running")
         self.processes.remove(process)
         self._spawn(name, process.argv, process.env, process.port)
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Starts again each process that died, once its delay has passed; returns what to log.
+        Raises StackError when one has crashed more than `restarts.limit` times within
+        `restarts.window` seconds: something is wrong that a restart will not fix."""
+        now = time.monotonic() if now is None else now
+        said = []
+        for process in list(self.processes):
+            if process.popen.poll() is None:
+                continue
+            if process.name not in self._due:
+                if process.popen.returncode == CONFIG_ERROR and process.name != "gateway":
+                    raise StackError(self.describe_death(process))
+                crashes = self._crashes.setdefault(process.name, collections.deque())
+                crashes.append(now)
+                while crashes and crashes[0] < now - self.restarts.window:
+                    crashes.popleft()
+                if len(crashes) > self.restarts.limit:
+                    raise StackError(f"{self.describe_death(process)}\n{process.name} crashed {len(crashes)} times "
+                                     f"within {self.restarts.window:.0f} s; stopping the stack")
+                delay = self.restarts.delay(len(crashes))
+                self._due[process.name] = now + delay
+                said.append(f"{self.describe_death(process)}\nrestarting {process.name} in {delay:g} s "
+                            f"(crash {len(crashes)} within {self.restarts.window:.0f} s)")
+            elif now >= self._due[process.name]:
+                del self._due[process.name]
+                self.respawn(process.name)
+                said.append(f"restarted {process.name}")
+        return said
 
     def dead(self) -> Process | None:
         return next((p for p in self.processes if p.popen.poll() is not None), None)
@@ -187,22 +246,35 @@ class Stack:
                 process.popen.wait()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel sends SIGTERM when the launcher dies, however it dies
-    (SIGKILL included), so no service outlives it and holds its port (Linux; elsewhere a no-op)."""
+def _load_prctl() -> Any:
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+# Looked up in the launcher: between fork and exec a child of a threaded process must not import.
+_PRCTL = _load_prctl()
 
 
 def child_process(argv: list[str], **options: object) -> subprocess.Popen[bytes]:
     """A service process of the stack: its own session (a terminal's Ctrl-C reaches the launcher,
     which stops the services in order) and bound to the launcher's life. The launcher's thread that
     starts it must live as long as it does (the main thread does)."""
-    return subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent, **options)  # type: ignore[call-overload]
+    launcher = os.getpid()
+
+    def die_with_parent() -> None:
+        """In the child, before exec: the kernel sends SIGTERM when the launcher dies, however it
+        dies (SIGKILL included), so no service outlives it and holds its port (Linux; elsewhere a
+        no-op). A launcher that died before this line can send nothing: the child gives up."""
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != launcher:
+                os._exit(1)
+
+    return subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent, **options)  # type: ignore[call-overload]
 
 
 def main() -> int:
@@ -231,10 +303,8 @@ def main() -> int:
         stack.start()
         deadline = time.monotonic() + 600
         while not stopping:
-            process = stack.dead()
-            if process is not None:
-                print(f"parley: {stack.describe_death(process)}", file=sys.stderr, flush=True)
-                return 1
+            for line in stack.supervise():
+                print(f"parley: {line}", file=sys.stderr, flush=True)
             if deadline and stack.health()[0] == 200:
                 print(f"parley: ready at {stack.url}  (open it for the web app; logs in {stack.log_dir}; Ctrl-C stops)", flush=True)
                 deadline = 0.0

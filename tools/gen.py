@@ -1,5 +1,6 @@
 """Generates everything derived from protos/: Python messages, gRPC stubs, mypy stubs and the
-descriptor set Envoy's transcoder reads. Output goes under build/ (git-ignored).
+descriptor set Envoy's transcoder reads, and the OpenAPI document made from it (tools/openapi.py).
+Output goes under build/ (git-ignored).
 
     python tools/gen.py            # what `make gen` runs
 
@@ -22,6 +23,8 @@ BUILD = ROOT / "build"
 GEN = BUILD / "gen"
 GOOGLEAPIS = BUILD / "googleapis"
 DESCRIPTOR = BUILD / "parley.pb"
+# The REST API's OpenAPI document, beside the descriptor set: the gateway serves it at /v1/openapi.json.
+OPENAPI = BUILD / "openapi.json"
 
 
 def _package_dir(name: str) -> Path:
@@ -69,7 +72,12 @@ def main() -> None:
         ]
     )
     run_protoc(["--include_imports", "--include_source_info", f"--descriptor_set_out={DESCRIPTOR}", *files])
-    print(f"gen: {len(files)} proto files -> {GEN.relative_to(ROOT)}, {DESCRIPTOR.relative_to(ROOT)}")
+    import openapi  # tools/openapi.py; after protoc: it reads the descriptor set written above
+
+    document = openapi.write(DESCRIPTOR, OPENAPI)
+    operations = sum(len(item) for item in document["paths"].values())
+    print(f"gen: {len(files)} proto files -> {GEN.relative_to(ROOT)}, {DESCRIPTOR.relative_to(ROOT)}, "
+          f"{OPENAPI.relative_to(ROOT)} ({operations} operations)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 // The REST API of the gateway (same origin): credentials, silent refresh, errors in plain words and
-// the chat turn's server-sent events read from a POST (EventSource can only GET).
+// the chat turn: over the conversation's WebSocket (GET /v1/sessions/{id}:connect), or as server-sent
+// events read from a POST (EventSource can only GET) when WebSocket is unavailable.
 
 const STORE = "parley.auth";
 
@@ -95,6 +96,101 @@ export function explainStreamError(event) {
   return event.message ? `${lead} ${event.message}` : lead;
 }
 
+// A turn refused before it started arrives on the socket as an error event with a gRPC status name;
+// the same refusal over HTTP is this status (so the view explains both alike).
+const HTTP_STATUS = { INVALID_ARGUMENT: 400, UNAUTHENTICATED: 401, PERMISSION_DENIED: 403, NOT_FOUND: 404,
+  ABORTED: 409, RESOURCE_EXHAUSTED: 429, UNAVAILABLE: 503, DEADLINE_EXCEEDED: 504 };
+
+function abortError() {
+  return new DOMException("The turn was stopped.", "AbortError");
+}
+
+class SocketClosed extends Error {
+  constructor(code, reason) {
+    super(reason || `WebSocket closed (${code})`);
+    this.code = code;
+  }
+}
+
+// One conversation's WebSocket: opened once, kept for every turn while the chat is open. Browsers
+// cannot set headers on a WebSocket, so the access token goes in the first message — never in the URL.
+class ChatSocket {
+  constructor(api, sessionId) {
+    this.sessionId = sessionId;
+    this.closed = false;
+    this.listener = null;
+    this.ready = new Promise((resolve, reject) => {
+      const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+      const ws = new WebSocket(`${scheme}//${location.host}/v1/sessions/${encodeURIComponent(sessionId)}:connect`);
+      let opened = false;
+      this.ws = ws;
+      ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token: api.auth?.access_token || "" }));
+      ws.onmessage = (message) => {
+        const event = JSON.parse(message.data);
+        if (opened) this.listener?.(event);
+        else if (event.type === "ready") {
+          opened = true;
+          resolve(this);
+        }
+      };
+      ws.onclose = (event) => {
+        this.closed = true;
+        if (!opened) reject(new SocketClosed(event.code, event.reason));
+        else this.listener?.({ type: "closed", code: event.code, reason: event.reason });
+      };
+    });
+  }
+
+  // One turn's events in the SSE stream's shape ({start: …}, {delta: …}, …). Aborting `signal` sends
+  // stop: the server keeps the partial answer, and this throws AbortError as a cut fetch does.
+  async *turn(body, signal) {
+    const events = [];
+    let wake = null;
+    let stopping = false;
+    let started = false;
+    this.listener = (event) => {
+      events.push(event);
+      if (wake) wake();
+    };
+    const stop = () => {
+      stopping = true;
+      if (!this.closed) this.ws.send(JSON.stringify({ type: "stop" }));
+    };
+    signal?.addEventListener("abort", stop);
+    try {
+      this.ws.send(JSON.stringify({ type: "chat", ...body }));
+      for (;;) {
+        while (!events.length) await new Promise((resolve) => (wake = resolve));
+        wake = null;
+        const { type, ...fields } = events.shift();
+        if (type === "closed") {
+          if (stopping) throw abortError();
+          if (fields.code === 4401) throw new ApiError(401, fields.reason);
+          return; // cut off: the caller says so and shows what arrived
+        }
+        if (type === "pong") continue;
+        if (stopping && type === "done" && fields.finish_reason === "FINISH_REASON_CANCELLED") throw abortError();
+        if (type === "error" && !started) {
+          // Nothing was stored or generated: say it as the HTTP status would be said.
+          throw new ApiError(HTTP_STATUS[fields.code] || 500, fields.message, {
+            retryAfter: fields.retry_after_seconds || null });
+        }
+        started ||= type === "start";
+        yield { [type]: fields };
+        if (type === "done" || type === "error") return;
+      }
+    } finally {
+      signal?.removeEventListener("abort", stop);
+      this.listener = null;
+    }
+  }
+
+  close() {
+    this.closed = true;
+    this.ws.close(1000);
+  }
+}
+
 export class Api {
   constructor({ onSignedOut } = {}) {
     this.onSignedOut = onSignedOut || (() => {});
@@ -128,6 +224,8 @@ export class Api {
   }
 
   async signOut() {
+    this.socket?.close();
+    this.socket = null;
     const refresh = this.auth?.refresh_token;
     this.save(null);
     if (refresh) {
@@ -223,6 +321,37 @@ export class Api {
   }
 
   // One chat turn: yields the events {start}, {delta}, … {done} or {error} as they arrive.
+  // One chat turn: over the conversation's WebSocket, or over SSE (`chat`) when WebSocket is not
+  // available (no WebSocket in this browser, or a proxy on the way that does not upgrade). Events
+  // have the SSE shape either way; `transport` says which carried the last turn.
+  async *turn(sessionId, body, signal) {
+    const socket = await this.openSocket(sessionId);
+    this.transport = socket ? "websocket" : "sse";
+    yield* socket ? socket.turn(body, signal) : this.chat(sessionId, body, signal);
+  }
+
+  // The open conversation's socket (one at a time), connected on its first turn; null when
+  // WebSocket does not work here, after which turns use SSE.
+  async openSocket(sessionId) {
+    if (this.socket && this.socket.sessionId === sessionId && !this.socket.closed) return this.socket;
+    this.socket?.close();
+    this.socket = null;
+    if (typeof WebSocket !== "function" || this.noWebSocket) return null;
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        this.socket = await new ChatSocket(this, sessionId).ready;
+        return this.socket;
+      } catch (error) {
+        // An expired access token: refresh it once and connect again. SSE says anything else
+        // (a missing conversation, a sign-out) in its own words.
+        if (error.code === 4401 && attempt === 0 && (await this.refresh())) continue;
+        if (error.code !== 4401 && error.code !== 4404) this.noWebSocket = true;
+        return null;
+      }
+    }
+    return null;
+  }
+
   async *chat(sessionId, body, signal) {
     const response = await this.fetch("POST", `/v1/sessions/${encodeURIComponent(sessionId)}:chat`, body, {
       signal,

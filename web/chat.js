@@ -37,6 +37,9 @@ function messageView(role, { status = "", error = "" } = {}) {
       el.dataset.status = kind;
       note.textContent = words || "";
     },
+    say(words) {
+      note.textContent = words || "";
+    },
   };
   if (status === "MESSAGE_STATUS_INCOMPLETE") view.mark("incomplete", "Stopped before the end.");
   if (status === "MESSAGE_STATUS_ERROR") view.mark("error", error ? `Failed: ${error}` : "Failed.");
@@ -226,14 +229,26 @@ export class ChatView {
     };
     let ended = false;
     try {
-      for await (const event of this.api.chat(this.session.id, { content }, this.controller.signal)) {
-        if (event.delta) {
+      for await (const event of this.api.turn(this.session.id, { content }, this.controller.signal)) {
+        answer.el.dataset.transport = this.api.transport;
+        if (event.queued) {
+          // The server is busy: say where this answer stands instead of a spinner.
+          const { position, estimated_wait_ms: wait } = event.queued;
+          const words = `Waiting in line: ${ordinal(position)}${wait >= 1000 ? `, about ${waitWords(wait)}` : ""}.`;
+          answer.el.dataset.queuePosition = String(position);
+          answer.say(words);
+          this.status.textContent = words;
+        } else if (event.delta) {
           text += event.delta.text || "";
           answer.addCalls(event.delta.tool_calls);
           // One render per frame however fast tokens come.
           if (!frame) frame = requestAnimationFrame(paint);
         } else if (event.start) {
           answer.el.dataset.messageId = event.start.assistant_message_id || "";
+          if (answer.el.dataset.queuePosition) {
+            answer.say("");
+            this.status.textContent = "Generating an answer…";
+          }
         } else if (event.done) {
           ended = true;
           const done = event.done;
@@ -289,6 +304,17 @@ export class ChatView {
       // The list keeps the old name; nothing the user needs to act on.
     }
   }
+}
+
+export function ordinal(n) {
+  const tens = n % 100;
+  const suffix = tens >= 11 && tens <= 13 ? "th" : { 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th";
+  return `${n}${suffix}`;
+}
+
+function waitWords(ms) {
+  const s = Math.round(ms / 1000);
+  return s < 90 ? `${s} s` : `${Math.round(s / 60)} min`;
 }
 
 export function stateWord(state) {

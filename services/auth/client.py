@@ -4,7 +4,7 @@ and the mapping between role names and the contract's Role values."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 import grpc
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -12,7 +12,7 @@ from parley.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.core import channels, config
 from services.core.errors import Unauthenticated
 from services.core.identity import (
-    ROLE_ADMIN, ROLE_USER, CredentialVerifier, Identity, IdentityInterceptor, IdentitySettings,
+    ROLE_ADMIN, ROLE_USER, CredentialVerifier, Identity, IdentityInterceptor, IdentitySettings, forward_credentials,
 )
 
 # Role names as they appear in tokens and in the store, and as proto enum values.
@@ -50,3 +50,20 @@ def interceptor(common: config.CommonSettings, roles: Mapping[str, Collection[st
     """The identity interceptor for a service other than auth. Call it inside the service's async
     build() (it opens a gRPC channel)."""
     return IdentityInterceptor(remote_verifier(common, settings), roles=roles)
+
+
+def user_exists(common: config.CommonSettings, channel: grpc.aio.Channel | None = None) -> Callable[[str], Awaitable[bool]]:
+    """Whether a user id names an account, asked of auth (GetUser) with the current caller's own
+    credentials: auth answers admins only, so this adds nothing a caller could not ask itself."""
+    auth = auth_pb2_grpc.AuthServiceStub(channel or channels.open_channel(common, "auth"))
+
+    async def exists(user_id: str) -> bool:
+        try:
+            await auth.GetUser(auth_pb2.GetUserRequest(id=user_id), metadata=forward_credentials(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
+    return exists

@@ -140,6 +140,14 @@ class AuthService:
             raise Unauthenticated("this account no longer exists")
         return user
 
+    async def user_by_id(self, identity: Identity, user_id: str) -> UserRecord:
+        """One user by id, for admins (GetUser)."""
+        identity.require_role(ROLE_ADMIN)
+        user = await asyncio.to_thread(self.store.user_by_id, user_id) if user_id else None
+        if user is None:
+            raise NotFound(f"no user with id {user_id!r}")
+        return user
+
     # Sign-in and tokens
 
     async def login(self, username: str, password: str, address: str) -> tuple[UserRecord, TokenPair]:

@@ -87,6 +87,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
                              context: grpc.aio.ServicerContext) -> auth_pb2.User:
         return user_proto(await self._service.current_user(current_identity()))
 
+    async def GetUser(self, request: auth_pb2.GetUserRequest, context: grpc.aio.ServicerContext) -> auth_pb2.User:
+        return user_proto(await self._service.user_by_id(current_identity(), request.id))
+
     async def CreateApiKey(self, request: auth_pb2.CreateApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> auth_pb2.CreateApiKeyResponse:
         created = await self._service.create_api_key(current_identity(), request.name, request.ttl_seconds)

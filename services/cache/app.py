@@ -41,7 +41,8 @@ async def build(common: CommonSettings, settings: CacheSettings | None = None,
     return ServiceSpec(
         name="cache",
         registrations=[
-            Registration(public, cache_pb2_grpc.add_CacheServiceServicer_to_server, CacheServicer(cache, limiter)),
+            Registration(public, cache_pb2_grpc.add_CacheServiceServicer_to_server,
+                         CacheServicer(cache, limiter, None if verifier is not None else auth_client.user_exists(common))),
             Registration(names["ResponseCacheService"].full_name,
                          cache_pb2_grpc.add_ResponseCacheServiceServicer_to_server, ResponseCacheServicer(cache)),
             Registration(names["RateLimitService"].full_name,

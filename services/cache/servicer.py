@@ -6,13 +6,15 @@ fields: the internal RPCs accept user_id/api_key_id only when they match the cal
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 from parley.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from services.cache.backends import BackendUnavailable
 from services.cache.ratelimit import RateLimiter, UserLimits
 from services.cache.service import ResponseCache
-from services.core.errors import PermissionDenied, Unavailable
+from services.core.errors import NotFound, PermissionDenied, Unavailable
 from services.core.identity import ROLE_ADMIN, Identity, current_identity
 
 ME = "me"
@@ -34,9 +36,13 @@ def caller_subject(user_id: str, api_key_id: str) -> Identity:
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, cache: ResponseCache, limiter: RateLimiter) -> None:
+    def __init__(self, cache: ResponseCache, limiter: RateLimiter,
+                 user_exists: Callable[[str], Awaitable[bool]] | None = None) -> None:
+        """`user_exists` (services.auth.client.user_exists) keeps overrides to real accounts; without
+        it (unit tests) any id is taken."""
         self.cache = cache
         self.limiter = limiter
+        self.user_exists = user_exists
 
     async def GetCacheStats(self, request: cache_pb2.GetCacheStatsRequest,
                             context: grpc.aio.ServicerContext) -> cache_pb2.GetCacheStatsResponse:
@@ -64,8 +70,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def UpdateRateLimit(self, request: cache_pb2.UpdateRateLimitRequest,
                               context: grpc.aio.ServicerContext) -> cache_pb2.RateLimit:
         limit = request.rate_limit
+        identity = current_identity()
+        user_id = identity.user_id if limit.user_id in ("", ME) else limit.user_id
+        if user_id != identity.user_id and self.user_exists is not None and not await self.user_exists(user_id):
+            raise NotFound(f"no user with id {user_id!r}")
         try:
-            updated = await self.limiter.update(limit.user_id, limit.requests_per_minute, limit.tokens_per_minute)
+            updated = await self.limiter.update(user_id, limit.requests_per_minute, limit.tokens_per_minute)
         except BackendUnavailable:
             raise Unavailable("the cache backend is unavailable; the override was not saved") from None
         return rate_limit_pb(updated)

@@ -127,12 +127,16 @@ class CommonSettings:
     session_port: int = setting(50052, min=0, max=65535)
     cache_port: int = setting(50053, min=0, max=65535)
     inference_port: int = setting(50054, min=0, max=65535)
+    # The session service's WebSocket bridge (services/session/websocket.py): plain HTTP/1.1, which
+    # Envoy upgrades GET /v1/sessions/{id}:connect to. 0 turns the bridge off.
+    session_websocket_port: int = setting(50062, min=0, max=65535)
     # Where to reach each service; empty means 127.0.0.1:<its port>. Envoy's config (services/gateway)
     # also takes several, comma separated (replicas on one machine); the services' channels take one.
     auth_target: str = setting("")
     session_target: str = setting("")
     cache_target: str = setting("")
     inference_target: str = setting("")
+    session_websocket_target: str = setting("")
     data_dir: Path = setting(Path(".parley"), help="where SQLite files and keys live")
     log_level: str = setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     shutdown_grace_seconds: float = setting(10.0, min=0)

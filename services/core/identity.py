@@ -34,7 +34,6 @@ import grpc
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from services.core import config
 from services.core.config import setting
 from services.core.errors import ParleyError, PermissionDenied, Unauthenticated, Unavailable
 from services.core.interceptors import WrappingInterceptor, abort_with

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core import config, logs, telemetry
 from services.core.interceptors import ErrorMappingInterceptor
+from services.core.path_ids import PathIdInterceptor
 
 log = logging.getLogger("parley.server")
 
@@ -55,6 +56,8 @@ class ServiceSpec:
     registrations: Sequence[Registration]
     ready: Callable[[], Awaitable[None]] | None = None
     close: Callable[[], Awaitable[None]] | None = None
+    # Runs as shutdown starts, before in-flight calls drain: for what feeds calls in (a WebSocket bridge).
+    stopping: Callable[[], Awaitable[None]] | None = None
     interceptors: Sequence[grpc.aio.ServerInterceptor] = field(default_factory=tuple)
 
 
@@ -72,6 +75,8 @@ class RunningServer:
 
     async def stop(self, grace: float | None = None) -> None:
         await self.set_serving(False)
+        if self.spec.stopping is not None:
+            await self.spec.stopping()
         await self.server.stop(grace)
         if self.spec.close is not None:
             await self.spec.close()
@@ -82,7 +87,8 @@ async def start_server(spec: ServiceSpec, host: str = "127.0.0.1", port: int = 0
     server = grpc.aio.server(
         # Telemetry outermost, so that it sees every call (also those identity refuses) with its final
         # status; error mapping innermost, so that the others see statuses, not exceptions.
-        interceptors=[telemetry.ServerTelemetry(), *spec.interceptors, ErrorMappingInterceptor()],
+        # The URL's id is checked against the body's before any servicer reads either.
+        interceptors=[telemetry.ServerTelemetry(), *spec.interceptors, PathIdInterceptor(), ErrorMappingInterceptor()],
         options=SERVER_OPTIONS,
     )
     for registration in spec.registrations:

@@ -19,6 +19,7 @@ from typing import Any
 
 from parley.inference.v1 import inference_pb2 as pb
 
+from services.core import json_body
 from services.core.errors import InvalidArgument
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -190,10 +191,7 @@ def _schema_text(text: str, field_name: str) -> str:
     """A JSON object given as text, in canonical form."""
     if not text:
         return ""
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise InvalidArgument(f"{field_name} is not valid JSON: {exc}") from None
+    value = json_body.loads(text, field_name)
     if not isinstance(value, dict):
         raise InvalidArgument(f"{field_name} must be a JSON object")
     return canonical_json(value)
@@ -227,10 +225,20 @@ def replayed_calls(calls: Iterable[pb.ToolCall]) -> list[ToolCall]:
     return [ToolCall(ToolCall.new_id(), c.name, c.arguments) for c in calls]
 
 
+def check_count(count: int) -> None:
+    """The message count's limit: callers check it before they convert or read the messages."""
+    if count > MAX_MESSAGES:
+        raise InvalidArgument(f"messages: at most {MAX_MESSAGES} messages, got {count}")
+
+
+def characters(message: dict[str, Any]) -> int:
+    """What a message gives the template to render: its content and its calls' names and arguments."""
+    return len(message.get("content") or "") + sum(len(c.name) + len(c.arguments) for c in message.get("tool_calls") or ())
+
+
 def validate_messages(messages: Sequence[dict[str, Any]]) -> None:
     """Roles, and that each tool message answers a call made earlier in the chat."""
-    if len(messages) > MAX_MESSAGES:
-        raise InvalidArgument(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}")
+    check_count(len(messages))
     called: set[str] = set()
     for i, message in enumerate(messages):
         role = message.get("role")
@@ -242,10 +250,7 @@ def validate_messages(messages: Sequence[dict[str, Any]]) -> None:
         for j, call in enumerate(calls):
             if not call.id:
                 raise InvalidArgument(f"messages[{i}].tool_calls[{j}].id must not be empty")
-            try:
-                arguments = json.loads(call.arguments or "{}")
-            except ValueError:
-                raise InvalidArgument(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON") from None
+            arguments = json_body.loads(call.arguments or "{}", f"messages[{i}].tool_calls[{j}].function.arguments")
             if not isinstance(arguments, dict):
                 raise InvalidArgument(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
             called.add(call.id)

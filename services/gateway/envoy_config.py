@@ -11,10 +11,15 @@ What the config does:
 - routes by gRPC method: streaming RPCs have no timeout, unary ones a bounded one. Internal services
   (credential verification, response cache, rate limits) are not routed at all.
 - the PWA (web/) at / from direct responses (services/gateway/web_app.py).
+- GET /v1/openapi.json: the OpenAPI document generated from the same protos (tools/openapi.py).
 - GET /healthz: 200 only when every upstream answers grpc.health.v1 SERVING; 503 naming the others.
 - errors on the OpenAI-compatible paths are rewritten into OpenAI's {"error": {...}} JSON.
 - active gRPC health checks of each upstream, a JSON access log on stdout, admin on loopback only.
 - optionally (PARLEY_OTLP_COLLECTOR) OpenTelemetry tracing: Envoy's span heads each request's trace.
+- GET /v1/sessions/{id}:connect upgraded to a WebSocket and proxied to the session service's
+  WebSocket bridge (services/session/websocket.py, PARLEY_SESSION_WEBSOCKET_TARGET): the only
+  route where upgrades are allowed, with the transcoder off and no timeout (the bridge closes idle
+  sockets itself).
 - optionally (PARLEY_INFERENCE_LB=ring_hash or maglev, as on Kubernetes) session affinity for
   inference: every address the inference target resolves to (a headless Service) is a host, and a
   consistent hash of the x-parley-session-id header picks one, so a conversation returns to the
@@ -57,6 +62,10 @@ STREAMING_METHODS = {
 SESSION_HASH_HEADER = "x-parley-session-id"
 INFERENCE_LB_POLICIES = {"round_robin": "ROUND_ROBIN", "ring_hash": "RING_HASH", "maglev": "MAGLEV"}
 
+# Errors on these paths take OpenAI's {"error": {...}} shape (the Lua filter; tools/openapi.py
+# documents them so).
+OPENAI_PATH_PREFIXES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/responses")
+
 UNARY_TIMEOUT = {"auth": "30s", "session": "30s", "cache": "10s", "inference": "600s"}  # loads are slow
 
 # Local replies (Envoy's own 404/503/504…) get the same JSON shape as transcoded gRPC errors.
@@ -64,10 +73,14 @@ LOCAL_REPLY_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 429: 8, 503: 14, 504:
 
 GATEWAY_LUA = """
 local CLUSTERS = {%s}
+-- Paths whose errors take OpenAI's shape (OPENAI_PATH_PREFIXES).
+local OPENAI_PREFIXES = {%s}
 -- A grpc.health.v1 HealthCheckRequest for the whole server: an empty message, gRPC-framed.
 local HEALTH_REQUEST = "\\0\\0\\0\\0\\0"
 -- No id or page token comes near this; gRPC allows 8 KiB of metadata, the path included.
 local MAX_PATH_BYTES = 4096
+-- PARLEY_MAX_REQUEST_BYTES: checked before anything reads the body (Envoy's buffers stop there too).
+local MAX_BODY_BYTES = %d
 -- OpenAI error types by HTTP status, for the OpenAI-compatible paths.
 local OPENAI_TYPES = {["400"] = "invalid_request_error", ["401"] = "authentication_error",
   ["403"] = "permission_error", ["404"] = "not_found_error", ["409"] = "conflict_error",
@@ -98,7 +111,42 @@ local function healthz(handle)
   end
 end
 
+-- gRPC fails a whole call (INTERNAL, a 500) on a metadata key outside 0-9 a-z _ - ., on a "-bin"
+-- value that is not base64 and on a malformed grpc-timeout or an unknown grpc-encoding; HTTP allows
+-- all of these. A REST request's headers become the gRPC call's metadata, and no such header means
+-- anything to Parley: they are dropped (native gRPC calls pass untouched).
+local function drop_headers_grpc_refuses(headers)
+  local content_type = headers:get("content-type") or ""
+  if string.find(content_type, "application/grpc", 1, true) == 1 then
+    return
+  end
+  local refused = {}
+  for key, value in pairs(headers) do
+    if string.sub(key, 1, 1) ~= ":" then
+      if string.find(key, "[^0-9a-z_.%%-]")
+          or (string.sub(key, -4) == "-bin" and string.find(value, "^[A-Za-z0-9+/_%%-]*=*$") == nil)
+          or (key == "grpc-timeout" and string.find(value, "^%%d%%d?%%d?%%d?%%d?%%d?%%d?%%d?[HMSmun]$") == nil)
+          or key == "grpc-encoding" then
+        table.insert(refused, key)
+      end
+    end
+  end
+  for _, key in ipairs(refused) do
+    headers:remove(key)
+  end
+end
+
+local function is_openai(path)
+  for _, prefix in ipairs(OPENAI_PREFIXES) do
+    if string.find(path, prefix, 1, true) == 1 then
+      return true
+    end
+  end
+  return false
+end
+
 function envoy_on_request(handle)
+  drop_headers_grpc_refuses(handle:headers())
   local path = handle:headers():get(":path") or ""
   if #path > MAX_PATH_BYTES then
     -- Longer paths overflow gRPC's metadata limit upstream (a random 429 without Retry-After).
@@ -106,11 +154,22 @@ function envoy_on_request(handle)
       '{"code":3,"message":"the URL is longer than ' .. MAX_PATH_BYTES .. ' bytes","details":[]}')
     return
   end
+  local length = tonumber(handle:headers():get("content-length") or "0") or 0
+  if length > MAX_BODY_BYTES then
+    -- Refused from the header, before Envoy transcodes or buffers the body.
+    local message = '"the request body is larger than the gateway accepts: ' .. length .. ' bytes, at most '
+      .. MAX_BODY_BYTES .. ' (PARLEY_MAX_REQUEST_BYTES)"'
+    local body = '{"code":3,"message":' .. message .. ',"details":[]}'
+    if is_openai(path) then
+      body = '{"error":{"message":' .. message .. ',"type":"invalid_request_error","param":null,'
+        .. '"code":"invalid_request_error"}}'
+    end
+    handle:respond({[":status"] = "413", ["content-type"] = "application/json", ["cache-control"] = "no-store"}, body)
+    return
+  end
   if path == "/healthz" then
     healthz(handle)
-  elseif string.find(path, "/v1/chat/completions", 1, true) == 1 or string.find(path, "/v1/completions", 1, true) == 1
-      or string.find(path, "/v1/embeddings", 1, true) == 1 or string.find(path, "/v1/models", 1, true) == 1
-      or string.find(path, "/v1/responses", 1, true) == 1 then
+  elseif is_openai(path) then
     handle:streamInfo():dynamicMetadata():set("parley", "openai", "1")
   end
 end
@@ -156,11 +215,16 @@ class GatewaySettings:
     admin_port: int = setting(9901, min=0, max=65535, help="Envoy admin, always on 127.0.0.1")
     cors_origins: tuple[str, ...] = setting((), help="comma-separated origins allowed by CORS")
     descriptor_path: Path = setting(Path("build/parley.pb"))
+    openapi_path: Path = setting(Path("build/openapi.json"),
+                                 help="the OpenAPI document served at /v1/openapi.json (tools/gen.py writes it)")
     web_dir: Path = setting(web_app.SOURCE, help="the PWA's files, served at / (web/ of the repo)")
     health_check_interval_seconds: float = setting(2.0, min=0.1)
     inference_lb: str = setting("round_robin", choices=tuple(INFERENCE_LB_POLICIES),
                                 help=f"ring_hash or maglev: consistent hash on {SESSION_HASH_HEADER}")
     otlp_collector: str = setting("", help="host:port of an OTLP/gRPC collector: Envoy traces requests there")
+    max_request_bytes: int = setting(
+        1024 * 1024, min=1024, max=64 * 1024 * 1024,
+        help="largest request body the gateway accepts (413 beyond; also the buffer per connection)")
 
 
 def _endpoint(target: str) -> dict[str, Any]:
@@ -235,7 +299,69 @@ def _routes(hash_inference: bool = False) -> list[dict[str, Any]]:
         for route in routes:
             if route["route"]["cluster"] == "inference":
                 route["route"]["hash_policy"] = [{"header": {"header_name": SESSION_HASH_HEADER}}]
-    return routes
+    return [_upgrade_refusal()] + routes
+
+
+def _upgrade_refusal() -> dict[str, Any]:
+    """A protocol upgrade (WebSocket) of a transcoded request is 400: gRPC cannot take one, and its
+    upstream answered 500 ("Error parsing ':method' metadata"). It matches the gRPC path the
+    transcoder made of the request; a WebSocket route of its own keeps its own path."""
+    return {
+        "name": "refuse-upgrade",
+        "match": {"prefix": "/parley.", "headers": [{"name": "upgrade", "present_match": True}]},
+        "direct_response": {"status": 400, "body": {"inline_string": "this path does not take a protocol upgrade "
+                                                                      "(WebSocket)"}},
+    }
+
+
+OPENAPI_PATH = "/v1/openapi.json"
+
+
+def _openapi_route(document: Path) -> dict[str, Any]:
+    """GET /v1/openapi.json: the OpenAPI document tools/openapi.py made from the same descriptor set
+    (tools/gen.py writes both), read by Envoy at start; no credential needed."""
+    headers = {"content-type": "application/json", "cache-control": "no-cache", "x-content-type-options": "nosniff"}
+    return {
+        "name": "openapi",
+        "match": {"path": OPENAPI_PATH, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "direct_response": {"status": 200, "body": {"filename": str(document)}},
+        "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                                    for k, v in headers.items()],
+        "typed_per_filter_config": {"envoy.filters.http.grpc_json_transcoder": {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}},
+    }
+
+
+# The WebSocket route's path (the query string is not part of what it matches).
+WEBSOCKET_PATH_REGEX = "^/v1/sessions/[^/:]+:connect$"
+WEBSOCKET_CLUSTER = "session_websocket"
+
+
+def _websocket_route() -> dict[str, Any]:
+    return {
+        "name": "session:connect",
+        "match": {"safe_regex": {"regex": WEBSOCKET_PATH_REGEX}},
+        "route": {"cluster": WEBSOCKET_CLUSTER, "timeout": "0s", "idle_timeout": "0s",
+                  "upgrade_configs": [{"upgrade_type": "websocket"}]},
+        "typed_per_filter_config": {
+            "envoy.filters.http.grpc_json_transcoder": {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}},
+    }
+
+
+def _websocket_cluster(target: str, interval: float) -> dict[str, Any]:
+    """The session replicas' WebSocket bridges: plain HTTP/1.1, health-checked at /healthz."""
+    return {
+        "name": WEBSOCKET_CLUSTER,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_ONLY",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": WEBSOCKET_CLUSTER,
+                            "endpoints": [{"lb_endpoints": [_endpoint(t) for t in target.split(",") if t.strip()]}]},
+        "health_checks": [{"timeout": "1s", "interval": f"{interval}s", "unhealthy_threshold": 2,
+                           "healthy_threshold": 1, "no_traffic_interval": f"{interval}s",
+                           "http_health_check": {"path": "/healthz"}}],
+    }
 
 
 def _tracing(collector: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -310,8 +436,11 @@ ACCESS_LOG_FORMAT = {
 
 def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
     descriptor = str(gateway.descriptor_path.resolve())
-    lua = GATEWAY_LUA % ", ".join(f'"{s}"' for s in SERVICES)
-    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": web_app.routes(gateway.web_dir.resolve()) + _routes(gateway.inference_lb != "round_robin")}
+    lua = GATEWAY_LUA % (", ".join(f'"{s}"' for s in SERVICES), ", ".join(f'"{p}"' for p in OPENAI_PATH_PREFIXES),
+                         gateway.max_request_bytes)
+    routes = [_openapi_route(gateway.openapi_path.resolve()), *web_app.routes(gateway.web_dir.resolve()),
+              _websocket_route(), *_routes(gateway.inference_lb != "round_robin")]
+    virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": routes}
     if gateway.cors_origins:
         virtual_host["typed_per_filter_config"] = {"envoy.filters.http.cors": _cors(gateway.cors_origins)}
     hcm = {
@@ -323,6 +452,8 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
         "use_remote_address": True,
         # Without this a client waits ~1 s for the close when an upstream dies mid-stream.
         "delayed_close_timeout": "0s",
+        # WebSocket upgrades only where a route enables them (_websocket_route).
+        "upgrade_configs": [{"upgrade_type": "websocket", "enabled": False}],
         "access_log": [
             {
                 "name": "envoy.access_loggers.stdout",
@@ -389,6 +520,8 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
                 {
                     "name": "http",
                     "address": {"socket_address": {"address": gateway.http_host, "port_value": gateway.http_port}},
+                    # What a buffered body (an HttpBody request, a Lua-read error) may reach: the same limit.
+                    "per_connection_buffer_limit_bytes": gateway.max_request_bytes,
                     "filter_chains": [
                         {
                             "filters": [
@@ -405,7 +538,8 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
                 _cluster(s, common.target_of(s), gateway.health_check_interval_seconds,
                          gateway.inference_lb if s == "inference" else "round_robin")
                 for s in SERVICES
-            ] + tracing_clusters,
+            ] + [_websocket_cluster(common.target_of("session_websocket"), gateway.health_check_interval_seconds)]
+            + tracing_clusters,
         },
     }
 

@@ -96,5 +96,7 @@ class ChatCompletions:
             if writer is None or not req.stream:
                 raise  # nothing sent yet, or one JSON answer: the status says it
             # The stream is under way (200 and its first chunks are out): it ends with OpenAI's error
-            # event, which the SDK raises as an APIError, instead of stopping without a word.
+            # event, which the SDK raises as an APIError, instead of stopping without a word; then
+            # [DONE] as vLLM sends it, so that a client reading lines sees the end it waits for.
             yield SSE, writer.error_event(self._failure(exc))
+            yield SSE, writer.DONE

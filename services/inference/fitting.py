@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.core.errors import InvalidArgument
+from services.core.structured import characters
 
 Render = Callable[[Sequence[dict[str, Any]]], list[int]]  # a chat -> its prompt tokens
 
@@ -44,6 +45,29 @@ def budget(context: int, max_tokens: int | None, reserve_tokens: int) -> int:
     if room >= context:
         raise InvalidArgument(f"max_tokens is {room} but the model has a context window of {context} tokens")
     return context - room
+
+
+def within_characters(messages: Sequence[dict[str, Any]], keep_last: int, limit: int,
+                      what: str) -> tuple[list[dict[str, Any]], int]:
+    """The chat with its oldest turns left out until its messages hold at most `limit` characters,
+    and how many were left out: a cut made before anything renders or tokenizes, linear in the
+    characters, so that a long history costs no more than the newest part that can matter. Raises
+    INVALID_ARGUMENT (naming `what` the limit is) when the system prompt and the newest `keep_last`
+    messages alone hold more."""
+    sizes = [characters(m) for m in messages]
+    total = sum(sizes)
+    if total <= limit:
+        return list(messages), 0
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    start = max(first, len(messages) - max(1, keep_last))
+    cut = first
+    while cut < start and (total > limit or messages[cut]["role"] != "user"):
+        total -= sizes[cut]
+        cut += 1
+    if total > limit:
+        raise InvalidArgument(f"the newest message and the system prompt hold {total} characters; at most {limit} "
+                              f"are accepted ({what})")
+    return [*messages[:first], *messages[cut:]], cut - first
 
 
 def fit(messages: Sequence[dict[str, Any]], keep_last: int, allowed: int, render: Render,

@@ -34,7 +34,7 @@ from services.core.structured import PLAIN, Structure, ToolCall
 from services.inference.engines.base import Chunk, Usage
 from services.inference.fitting import Fit
 from services.inference.registry import ModelRegistry
-from services.inference.service import Admitted, GenerationService
+from services.inference.service import Admitted, GenerationService, Queued
 
 # The engine's finish reasons as the contract names them (the Generate RPC and cached answers).
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
@@ -54,6 +54,7 @@ class Completion:
     n: int = 1
     top_logprobs: int | None = None  # None: no logprobs
     fit: Fit | None = None  # None: a chat too long for the context window is INVALID_ARGUMENT
+    report_queue: bool = False  # Queued items before Started while the engine has no room yet
 
     @property
     def cacheable(self) -> bool:
@@ -114,8 +115,8 @@ class MeteredCompletions:
             await self.cache.check_rate_limit()
         return await self.generation.count_tokens(model, messages, structure)
 
-    async def run(self, request: Completion, timeout: float | None) -> AsyncIterator[Started | Chunk]:
-        """Started, then the answer's chunks. Errors before Started (rate limit, unknown model,
+    async def run(self, request: Completion, timeout: float | None) -> AsyncIterator[Queued | Started | Chunk]:
+        """Started, then the answer's chunks (with `report_queue`, Queued items may come first). Errors before Started (rate limit, unknown model,
         too long, no room in the engine) mean the request did nothing."""
         key = self.key(request)
         cached = None
@@ -141,7 +142,11 @@ class MeteredCompletions:
         try:
             async for item in self.generation.generate(
                     request.model, request.messages, request.prompt, request.sampling, timeout, n=request.n,
-                    top_logprobs=request.top_logprobs, structure=request.structure, fit=request.fit):
+                    top_logprobs=request.top_logprobs, structure=request.structure, fit=request.fit,
+                    report_queue=request.report_queue):
+                if isinstance(item, Queued):
+                    yield item
+                    continue
                 if isinstance(item, Admitted):
                     entry = item.record.entry
                     started = Started(entry.id, entry.fingerprint(), False, item.prompt_tokens, item.dropped)

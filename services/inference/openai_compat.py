@@ -15,7 +15,7 @@ from typing import Any
 
 from services.core.errors import InvalidArgument
 from services.core.structured import PLAIN, ROLES, Structure, Tool, ToolCall, canonical_json, make_structure
-from services.core.json_body import number, parse_object
+from services.core.json_body import number, parse_object, text_parts
 from services.inference.engines.base import TokenLogprob, Usage
 from services.inference.service import SamplingInput
 from services.inference.structured import CallDelta
@@ -39,20 +39,7 @@ class ChatCompletionRequest:
 
 
 def _content_text(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidArgument(f"messages[{index}].content[{j}]: only text parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    if content is None:
-        return ""
-    raise InvalidArgument(f"messages[{index}].content must be a string or an array of text parts")
-
-
+    return "" if content is None else text_parts(content, f"messages[{index}].content", ("text",))
 
 
 def parse_request(data: bytes) -> ChatCompletionRequest:

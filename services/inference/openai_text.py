@@ -40,11 +40,6 @@ class TextCompletionRequest:
     echo: bool = False
     logprobs: int | None = None  # None: no logprobs; else how many alternatives per token
 
-    @property
-    def cacheable(self) -> bool:
-        """One prompt, one plain answer: what the response cache stores."""
-        return len(self.prompts) == 1 and self.n == 1 and self.logprobs is None
-
 
 def _prompts(value: Any) -> list[str]:
     if isinstance(value, str):

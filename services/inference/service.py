@@ -20,12 +20,15 @@ from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.core.structured import PLAIN, Structure
 from services.inference.engines.base import Chunk, Sampling
 from services.inference.engines.remote import Chat
-from services.inference import fitting
+from services.inference import fitting, offloop
 from services.inference.fitting import Fit
 from services.inference.metrics import GenerationTelemetry
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
 from services.inference.structured import ToolCallParser, grammar_for
+
+CHARACTERS_PER_TOKEN = 8  # text that fits a context window averages fewer characters a token
+
 
 def resolve_sampling(given: SamplingInput, settings: InferenceSettings) -> Sampling:
     """Applies defaults; out-of-range values are rejected with INVALID_ARGUMENT."""
@@ -78,10 +81,49 @@ class Admitted:
     dropped: int  # history messages left out to fit the context window (fitting.Fit)
 
 
+@dataclass(frozen=True)
+class Queued:
+    """Before Admitted, when the caller asked for it: the request waits for room in the engine."""
+
+    position: int  # 1: it starts when one running answer ends
+    wait_seconds: float  # the engine's estimate
+
+
+# How often a waiting request's place is looked at (only while it waits, and only when reported).
+QUEUE_POLL_SECONDS = 0.05
+
+
+async def queue_places(engine: Any, request: Any) -> AsyncIterator[Queued]:
+    """The request's place in line each time it changes, until the engine runs it."""
+    last = None
+    while (place := engine.queue_place(request)) is not None:
+        if place[0] != last:
+            last = place[0]
+            yield Queued(place[0], place[1])
+        await asyncio.sleep(QUEUE_POLL_SECONDS)
+
+
 class GenerationService:
     def __init__(self, registry: ModelRegistry, settings: InferenceSettings) -> None:
         self.registry = registry
         self.settings = settings
+
+    def _character_limit(self, record: ModelRecord) -> tuple[int, str]:
+        """The most characters a request's messages may hold for this model, and what sets it."""
+        if self.settings.max_prompt_characters:
+            return self.settings.max_prompt_characters, "PARLEY_MAX_PROMPT_CHARACTERS"
+        assert record.engine is not None
+        context = record.engine.context_length
+        return context * CHARACTERS_PER_TOKEN, (f"{CHARACTERS_PER_TOKEN} per token of model {record.entry.id!r}'s "
+                                                f"{context}-token context window")
+
+    def _check_characters(self, record: ModelRecord, messages: Sequence[dict[str, Any]], prompt: str) -> None:
+        """Refuses, before anything renders it, a request that cannot fit the model: its tokens would
+        take longer to count than any answer is worth."""
+        limit, what = self._character_limit(record)
+        held = len(prompt) + sum(structured.characters(m) for m in messages)
+        if held > limit:
+            raise InvalidArgument(f"the request holds {held} characters; at most {limit} are accepted ({what})")
 
     async def count_tokens(self, model_id: str, messages: Sequence[dict[str, Any]],
                            structure: Structure = PLAIN) -> tuple[int, list[int], int]:
@@ -89,7 +131,8 @@ class GenerationService:
         record = await self.registry.acquire(model_id)
         try:
             assert record.engine is not None
-            total, per_message = await asyncio.to_thread(record.engine.count_tokens, messages, structure)
+            self._check_characters(record, messages, "")
+            total, per_message = await offloop.run(record.engine.count_tokens, messages, structure)
             return total, per_message, record.engine.context_length
         finally:
             self.registry.done(record)
@@ -106,8 +149,9 @@ class GenerationService:
         top_logprobs: int | None = None,
         structure: Structure = PLAIN,
         fit: Fit | None = None,
-    ) -> AsyncIterator[Admitted | Chunk]:
-        """Yields Admitted once the engine has taken the request, then its chunks: each of the n
+        report_queue: bool = False,
+    ) -> AsyncIterator[Queued | Admitted | Chunk]:
+        """Yields Queued while the request waits for room (only with `report_queue`), Admitted once the engine has taken the request, then its chunks: each of the n
         choices ends with a chunk that has its finish_reason, and the last chunk carries the usage.
         An error before Admitted means nothing ran. Each generation gets a GenAI span and its
         metrics (services.inference.metrics)."""
@@ -115,9 +159,11 @@ class GenerationService:
         try:
             async with contextlib.aclosing(
                     self._generate(model_id, messages, prompt, given, timeout, n, top_logprobs, structure,
-                                   fit)) as stream:
+                                   fit, report_queue)) as stream:
                 async for item in stream:
-                    if isinstance(item, Admitted):
+                    if isinstance(item, Queued):
+                        pass
+                    elif isinstance(item, Admitted):
                         observed.admitted(item.record.entry.id,
                                           item.record.settings.engine if item.record.settings else "")
                     elif item.usage is not None and item.finish_reason is not None:
@@ -142,7 +188,8 @@ class GenerationService:
         top_logprobs: int | None,
         structure: Structure,
         fit: Fit | None,
-    ) -> AsyncIterator[Admitted | Chunk]:
+        report_queue: bool = False,
+    ) -> AsyncIterator[Queued | Admitted | Chunk]:
         started = time.monotonic()
         sampling = resolve_sampling(given, self.settings)
         validate_messages(messages, prompt, structure)
@@ -156,15 +203,19 @@ class GenerationService:
                 sampling = replace(sampling, grammar=grammar_for(structure))  # a remote upstream has its own
             dropped = 0
             counting: asyncio.Future[list[int]] | None = None
-            # Template rendering and tokenizing block; keep them off the loop that streams other requests.
+            sent = messages  # the chat a remote engine sends: fitted, when asked
+            # Template rendering and tokenizing block; keep them off the loop that streams other requests,
+            # bounded before they start and stopped when the caller leaves (offloop).
             if fit is None and engine.sends_chat:
                 # The upstream starts on the chat while its tokens are counted here (for the usage when
                 # the upstream sends none); its own context limit applies (its 400 is a 400).
-                counting = asyncio.ensure_future(asyncio.to_thread(engine.prompt_tokens, messages, prompt, structure))
+                self._check_characters(record, messages, prompt)
+                counting = asyncio.ensure_future(offloop.run(engine.prompt_tokens, messages, prompt, structure))
                 counting.add_done_callback(lambda done: done.cancelled() or done.exception())
                 tokens: list[int] = []
             elif fit is None:
-                tokens = await asyncio.to_thread(engine.prompt_tokens, messages, prompt, structure)
+                self._check_characters(record, messages, prompt)
+                tokens = await offloop.run(engine.prompt_tokens, messages, prompt, structure)
                 if len(tokens) >= engine.context_length:
                     raise InvalidArgument(
                         f"the prompt is {len(tokens)} tokens but model {record.entry.id!r} has a context window "
@@ -173,13 +224,20 @@ class GenerationService:
             else:
                 allowed = fitting.budget(engine.context_length, given.max_tokens,
                                          fit.reserve_tokens or self.settings.max_tokens)
-                fitted = await asyncio.to_thread(engine.fitted_prompt, messages, structure, allowed, fit.keep_last)
-                tokens, dropped = fitted.tokens, fitted.dropped
+                limit, what = self._character_limit(record)
+                kept, dropped = fitting.within_characters(messages, fit.keep_last, limit, what)
+                fitted = await offloop.run(engine.fitted_prompt, kept, structure, allowed, fit.keep_last)
+                tokens, dropped = fitted.tokens, dropped + fitted.dropped
+                sent = fitting.kept(kept, fitted.dropped)
             engine.check_sampling(sampling)
             deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-            chat = Chat(fitting.kept(messages, dropped), prompt, structure)
+            chat = Chat(sent, prompt, structure)
             request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs, chat=chat)
             try:
+                if report_queue:
+                    async with contextlib.aclosing(queue_places(engine, request)) as places:
+                        async for place in places:
+                            yield place
                 await engine.admit(request)
                 if counting is not None:
                     tokens = await counting
@@ -193,5 +251,7 @@ class GenerationService:
                         yield chunk
             finally:
                 request.cancelled = True  # the engine drops it at its next step, however this ended
+                if counting is not None:
+                    counting.cancel()  # stops the count too (offloop), when the caller left first
         finally:
             self.registry.done(record)

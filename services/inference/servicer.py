@@ -19,7 +19,7 @@ from services.inference.fitting import Fit
 from services.inference.hardware import Hardware, choose
 from services.inference.metered import FINISH_REASONS, Completion, MeteredCompletions, Started
 from services.inference.registry import ModelRecord, ModelRegistry
-from services.inference.service import GenerationService
+from services.inference.service import GenerationService, Queued
 
 STATES = {
     "available": pb.MODEL_STATE_AVAILABLE,
@@ -92,11 +92,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return model_pb(await self.registry.unload(request.id))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        structured.check_count(len(request.messages))  # before 100,000 messages are converted
         fit = Fit(max(1, request.fit.keep_last), request.fit.reserve_tokens) if request.HasField("fit") else None
         completion = Completion(request.model, [structured.message_from_proto(m) for m in request.messages],
                                 sampling.from_proto(request.sampling), prompt=request.prompt,
-                                structure=structured.from_proto(request.structured), fit=fit)
+                                structure=structured.from_proto(request.structured), fit=fit,
+                                report_queue=request.report_queue)
         async for item in self.metered.run(completion, _timeout(context)):
+            if isinstance(item, Queued):
+                yield pb.GenerateResponse(queued=pb.GenerateQueued(
+                    position=item.position, estimated_wait_ms=min(round(item.wait_seconds * 1000), 2**31 - 1)))
+                continue
             if isinstance(item, Started):
                 yield pb.GenerateResponse(start=pb.GenerateStart(
                     model=item.model, model_fingerprint=item.fingerprint, cached=item.cached,
@@ -110,6 +116,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                           usage=usage_pb(item.usage), tool_calls=calls)
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
+        structured.check_count(len(request.messages))
         messages = [structured.message_from_proto(m) for m in request.messages]
         total, per_message, context_length = await self.metered.count_tokens(
             request.model, messages, structured.from_proto(request.structured))

@@ -34,6 +34,10 @@ class InferenceSettings:
     max_tokens: int = setting(1024, min=1, help="default max_tokens when a request sets none")
     preload: bool = setting(True, help="load the default model at start-up (health waits for it)")
     request_timeout_seconds: float = setting(600.0, min=1, help="deadline when the caller sets none")
+    max_prompt_characters: int = setting(
+        0, min=0, help="characters a request's messages may hold, checked before anything renders them (a "
+                       "longer chat is cut to its newest turns when it may be; else 400); 0 = 8 per token of "
+                       "the model's context window")
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):

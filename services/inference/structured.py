@@ -50,6 +50,10 @@ class Grammar:
 
     gbnf: str
     triggers: tuple[str, ...] = ()
+    # Calls: what follows `<tool_call>` in every one, as the grammar dictates it (call_head; "": the
+    # grammar writes no calls), and whether the answer is calls from its first character.
+    call_head: str = ""
+    starts_with_call: bool = False
 
 
 # --- JSON Schema -> grammar -----------------------------------------------------------------------
@@ -85,13 +89,98 @@ def grammar_for(structure: Structure) -> Grammar | None:
         raise InvalidArgument(f"the JSON Schema could not be turned into a grammar: {exc}") from None
     lines = [JSON_CHAR if line.startswith("char ::=") else line for line in converter.format_grammar().splitlines()]
     forced = structure.tool_choice in ("required", "function")
+    head = ""
     if calls and (forced or answer is None):
         root, triggers = calls, (() if forced else (OPEN,))
+        head = call_head(tools)
     elif calls:
         root, triggers = f"{answer} | {calls}", ()
     else:
         root, triggers = answer, ()
-    return Grammar("\n".join([f"root ::= {root}", *rules, *lines]), triggers)
+    return Grammar("\n".join([f"root ::= {root}", *rules, *lines]), triggers, head, bool(head) and forced)
+
+
+def call_head(tools: Sequence[Tool]) -> str:
+    """What every call starts with after `<tool_call>`, as the grammar writes it: up to the name's
+    opening quote, or with one tool to call, up to where its arguments begin."""
+    if len(tools) == 1:
+        return f'\n{{"name": {json.dumps(tools[0].name)}{AFTER_NAME}'
+    return '\n{"name": "'
+
+
+AFTER_NAME = ', "arguments":'  # the model writes " {" as one token
+AFTER_ARGUMENTS = "}\n" + CLOSE
+
+
+class CallDictation:
+    """Where a call's text is dictated by its grammar rather than chosen by the model: its head after
+    `<tool_call>` (call_head), what follows the name (`, "arguments":`) and what follows the
+    arguments (`}` and `</tool_call>`). The engine feeds it the text of every token written; where
+    that text reaches dictated text, feed returns the rest of it (the token may have written its
+    first characters), which the engine evaluates in one step instead of sampling token by token. If
+    the grammar does not take it, refused() stops the dictation for the rest of the answer."""
+
+    def __init__(self, grammar: Grammar) -> None:
+        self._head = grammar.call_head
+        self._state = "out"  # out of a call | name (in it) | arguments (in them) | lost
+        self._tail = ""  # out of a call: the last characters, to see `<tool_call>` however it is split
+        self._escaped = self._in_string = False
+        self._depth = 0
+
+    def start(self) -> str:
+        """A forced call's `<tool_call>` and head, dictated from the answer's first character."""
+        self._enter(self._head)
+        return OPEN + self._head
+
+    def refused(self) -> None:
+        self._state = "lost"
+
+    def feed(self, text: str) -> str:
+        i = 0
+        while i < len(text):
+            dictated = self._step(text[i])
+            i += 1
+            if dictated is None:
+                continue
+            written = text[i:]
+            self._enter(dictated)
+            if dictated.startswith(written):
+                return dictated[len(written):]
+            if not written.startswith(dictated):
+                self._state = "lost"
+                return ""
+            i += len(dictated)  # the token wrote all of it and more: read on from there
+        return ""
+
+    def _enter(self, dictated: str) -> None:
+        """The state once `dictated` is written."""
+        if dictated.endswith(AFTER_NAME):
+            self._state, self._depth, self._in_string, self._escaped = "arguments", 0, False, False
+        elif dictated.endswith(CLOSE):
+            self._state, self._tail = "out", ""
+        else:  # a head that stops at the name's opening quote
+            self._state, self._escaped = "name", False
+
+    def _step(self, c: str) -> str | None:
+        """Reads one character; returns the text dictated from there, if any."""
+        if self._state == "out":
+            self._tail = (self._tail + c)[-len(OPEN):]
+            return self._head if self._tail == OPEN else None
+        if self._state == "lost" or self._escaped:
+            self._escaped = False
+            return None
+        if c == "\\":
+            self._escaped = self._state == "name" or self._in_string
+        elif self._state == "name":
+            return AFTER_NAME if c == '"' else None
+        elif c == '"':
+            self._in_string = not self._in_string
+        elif not self._in_string and c in "{[":
+            self._depth += 1
+        elif not self._in_string and c in "}]":
+            self._depth -= 1
+            return AFTER_ARGUMENTS if self._depth == 0 else None
+        return None
 
 
 def _converter() -> Any:

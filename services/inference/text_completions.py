@@ -130,3 +130,4 @@ class TextCompletions:
             if writer is None or not req.stream:
                 raise  # nothing sent yet, or one JSON answer: the status says it
             yield SSE, writer.error_event(ChatCompletions._failure(exc))
+            yield SSE, writer.DONE  # as a chat completion stream ends

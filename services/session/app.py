@@ -1,4 +1,5 @@
-"""Wires the session service: settings, store, the inference client, servicer, identity."""
+"""Wires the session service: settings, store, the inference client, servicer, identity, and the
+WebSocket bridge beside the gRPC server (services/session/websocket.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from services.core.server import Registration, ServiceSpec
 from services.session.service import SessionService
 from services.session.servicer import SessionServicer
 from services.session.settings import SessionSettings
+from services.session.websocket import WebSocketBridge
 from services.session.store import SqlSessionStore
 
 log = logging.getLogger("parley.session")
@@ -29,6 +31,18 @@ async def build(common: CommonSettings, settings: SessionSettings | None = None,
     inference_channel = channels.open_channel(common, "inference")
     service = SessionService(store, settings, inference_pb2_grpc.InferenceServiceStub(inference_channel))
 
+    # Started once the gRPC server it bridges to is up; closed as shutdown starts (sockets get 1001),
+    # so that its calls end before the server's drain.
+    bridge = WebSocketBridge(common, settings) if common.session_websocket_port else None
+
+    async def ready() -> None:
+        if bridge is not None:
+            await bridge.start()
+
+    async def stopping() -> None:
+        if bridge is not None:
+            await bridge.close()
+
     async def close() -> None:
         await inference_channel.close()
         store.close()
@@ -37,6 +51,8 @@ async def build(common: CommonSettings, settings: SessionSettings | None = None,
     return ServiceSpec(
         name="session",
         registrations=[Registration(name, session_pb2_grpc.add_SessionServiceServicer_to_server, SessionServicer(service))],
+        ready=ready,
         close=close,
+        stopping=stopping,
         interceptors=[auth_client.interceptor(common)],
     )

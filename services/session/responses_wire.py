@@ -26,7 +26,7 @@ from parley.inference.v1 import inference_pb2 as pb
 from services.core import sampling as sampling_rules
 from services.core.errors import InvalidArgument, NotFound
 from services.core.structured import PLAIN, Structure, Tool, ToolCall, canonical_json, make_structure
-from services.core.json_body import number, parse_object
+from services.core.json_body import number, parse_object, text_parts
 from services.session.history import Turn
 
 ID_PREFIX = "resp_"
@@ -79,21 +79,7 @@ class ResponseRequest:
 
 def _text(content: Any, where: str) -> str:
     """A message's content: a string, or an array of text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
-                parts.append(part["refusal"])
-                continue
-            if not isinstance(part, dict) or part.get("type") not in TEXT_PART_TYPES or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise InvalidArgument(f"{where}[{j}]: only text parts are supported (input_text, output_text), "
-                                      f"got {kind!r}")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise InvalidArgument(f"{where} must be a string or an array of text parts")
+    return text_parts(content, where, TEXT_PART_TYPES)
 
 
 def _inputs(value: Any) -> tuple[list[Turn], list[str]]:

@@ -38,7 +38,7 @@ from parley.session.v1 import session_pb2
 
 from services.core import sampling as sampling_rules
 from services.core import structured
-from services.core.errors import InvalidArgument, Unavailable
+from services.core.errors import InvalidArgument, ParleyError, Unavailable, status_of
 from services.core.identity import Identity, current_identity, forward_credentials
 from services.core.structured import ToolCall
 from services.session import history
@@ -124,6 +124,8 @@ class Generation:
     # The x-parley-session-id value: the session, so a conversation stays on the replica (and slot)
     # that holds its KV cache.
     affinity: str
+    # Pass on where the answer waits for room in the engine (`queued` events before `start`).
+    report_queue: bool = False
 
 
 def encode_cursor(kind: str, *values: Any) -> str:
@@ -296,7 +298,8 @@ class SessionService:
                                          history.title_from(content)[: self.settings.max_title_chars],
                                          tool_results=results)
 
-        generation = Generation(request.model or session.model, messages, keep_last, params, structure, session.id)
+        generation = Generation(request.model or session.model, messages, keep_last, params, structure, session.id,
+                                report_queue=True)
         async with contextlib.aclosing(self.generate(who, generation, store)) as events:
             async for event in events:
                 yield event
@@ -311,21 +314,35 @@ class SessionService:
         Inference checks the rate limit, resolves the model, fits the history to its context window,
         answers from the response cache or admits the generation, and only then says `start`. An
         error before it (unknown model, too long, rate limited, no room) is this call's status, and
-        nothing is stored. Events: start, delta…, then done or error."""
+        nothing is stored. Events: queued… (with `report_queue`, while the answer waits for room in
+        the engine), start, delta…, then done or error. An error after a queued event is an error
+        event: the caller's stream has begun."""
         metadata = (*forward_credentials(who), (AFFINITY_HEADER, generation.affinity))
         call = self.inference.Generate(
             inference_pb2.GenerateRequest(
                 model=generation.model, messages=generation.messages, sampling=generation.sampling,
                 structured=generation.structure,
                 fit=inference_pb2.HistoryFit(keep_last=generation.keep_last,
-                                             reserve_tokens=self.settings.answer_reserve_tokens)),
+                                             reserve_tokens=self.settings.answer_reserve_tokens),
+                report_queue=generation.report_queue),
             metadata=metadata, timeout=self.settings.inference_timeout_seconds)
+        queued = False
         try:
-            first = await call.read()
+            while (first := await call.read()) is not grpc.aio.EOF and first.HasField("queued"):
+                queued = True
+                yield session_pb2.ChatResponse(queued=session_pb2.ChatQueued(
+                    position=first.queued.position, estimated_wait_ms=first.queued.estimated_wait_ms))
             if first is grpc.aio.EOF or not first.HasField("start"):
                 raise Unavailable("inference ended the answer before it started; try again")
             start = first.start
             stored = await asyncio.to_thread(store, start)
+        except (grpc.aio.AioRpcError, ParleyError) as exc:
+            call.cancel()
+            if not queued:
+                raise
+            code, message = status_of(exc)
+            yield session_pb2.ChatResponse(error=session_pb2.ChatError(code=code.name, message=message))
+            return
         except BaseException:
             call.cancel()
             raise

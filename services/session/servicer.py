@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from parley.session.v1 import session_pb2, session_pb2_grpc
 
 from services.core.structured import calls_to_proto
+from services.session.conversation import Conversation
 from services.session.responses import Responses
 from services.session.responses_wire import JSON
 from services.session.service import SessionService, sampling_from_dict
@@ -82,6 +83,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def Chat(self, request: session_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[session_pb2.ChatResponse]:
         async with contextlib.aclosing(self.service.chat(request)) as events:  # closed with this stream
+            async for event in events:
+                yield event
+
+    async def Converse(self, request_iterator: AsyncIterator[session_pb2.ConverseRequest],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[session_pb2.ConverseResponse]:
+        async with contextlib.aclosing(Conversation(self.service).run(request_iterator)) as events:
             async for event in events:
                 yield event
 

@@ -53,7 +53,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 @pytest.fixture(scope="session")
 def web_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack of the browser tests' own, so their accounts and sessions never meet the API tests'."""
-    running = start_stack(tmp_path_factory.mktemp("web-stack"), PARLEY_CONTEXT_LENGTH="2048")
+    # Two slots: a few streams of another user's make the app's turn wait in line (test_websocket.py).
+    running = start_stack(tmp_path_factory.mktemp("web-stack"), PARLEY_CONTEXT_LENGTH="2048", PARLEY_PARALLEL_SLOTS="2")
     _release.append(running.stop)
     yield running
     release()

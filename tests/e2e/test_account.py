@@ -39,6 +39,10 @@ def test_revoked_refresh_token_leads_back_to_sign_in(signed_in) -> None:
 
 def test_errors_are_explained_in_plain_words(signed_in) -> None:
     page = signed_in()
+    # The HTTP chat turn's errors (the app's path where WebSocket is unavailable); on the socket, a
+    # turn refused before it starts is explained with the same words (web/api.js, HTTP_STATUS).
+    page.add_init_script("delete window.WebSocket")
+    page.reload()
     new_chat(page)
 
     # The server is busy: 429 with Retry-After before the turn starts.

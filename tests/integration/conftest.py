@@ -53,6 +53,7 @@ def stack_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         "PARLEY_ADMIN_PORT": str(free_port()),
         "PARLEY_AUTH_PORT": str(free_port()),
         "PARLEY_SESSION_PORT": str(free_port()),
+        "PARLEY_SESSION_WEBSOCKET_PORT": str(free_port()),
         "PARLEY_CACHE_PORT": str(free_port()),
         "PARLEY_INFERENCE_PORT": str(free_port()),
         "PARLEY_AUTH_METRICS_PORT": str(free_port()),

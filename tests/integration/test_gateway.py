@@ -164,7 +164,7 @@ def test_launcher_prints_url_healthz_and_stops_everything_on_sigterm(tmp_path: P
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_launcher_names_a_dead_service_and_why(tmp_path: Path) -> None:
+def test_launcher_names_a_dead_service_and_why_and_restarts_it(tmp_path: Path) -> None:
     process, env = _launch(tmp_path)
     try:
         _read_until(process, "ready at")
@@ -173,9 +173,16 @@ def test_launcher_names_a_dead_service_and_why(tmp_path: Path) -> None:
             if "services.cache" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
         )
         os.kill(cache_pid, signal.SIGKILL)
-        output = process.communicate(timeout=30)[0]
-        assert process.returncode == 1
-        assert "cache killed by signal 9" in output
+        said = "".join(_read_until(process, "restarted cache", timeout=30))
+        assert "cache killed by signal 9" in said and "restarting cache in 0.5 s" in said
+        url = f"http://127.0.0.1:{env['PARLEY_HTTP_PORT']}/healthz"
+        deadline = time.monotonic() + 30
+        while httpx.get(url).status_code != 200:
+            assert time.monotonic() < deadline, "the restarted cache never served"
+            time.sleep(0.2)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -54,6 +54,7 @@ def write_gateway_config(tree: Path) -> None:
     generated = tree / "base" / "gateway" / "generated"
     generated.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DESCRIPTOR, generated / "parley.pb")
+    shutil.copyfile(DESCRIPTOR.with_name("openapi.json"), generated / "openapi.json")
     shutil.copytree(ROOT / "web", generated / "web")
     script = 'set -a; . k8s/base/gateway/envoy.env; set +a; exec "$0" -m services.gateway.envoy_config --out "$1"'
     subprocess.run(["bash", "-c", script, sys.executable, str(generated / "envoy.yaml")], cwd=ROOT, check=True,

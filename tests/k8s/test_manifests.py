@@ -277,8 +277,20 @@ def test_gateway_serves_the_web_app_from_its_own_config_map(render: Render) -> N
     envoy = json.loads(config_map["data"]["envoy.yaml"])
     hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     files = {r["direct_response"]["body"]["filename"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
-             if "direct_response" in r}
+             if r.get("name", "").startswith("web:")}
     assert files == {f"{mount['mountPath']}/{name}" for name in keys}
+
+
+def test_gateway_serves_the_openapi_document_from_its_own_config_map(render: Render) -> None:
+    deployment = render.get("Deployment", "gateway")
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "openapi"]
+    assert set(render.get("ConfigMap", volume["configMap"]["name"])["data"]) == {"openapi.json"}
+    (mount,) = [m for m in containers(deployment)[0]["volumeMounts"] if m["name"] == "openapi"]
+    config_map = next(c for c in render.of_kind("ConfigMap") if c["metadata"]["name"].startswith("gateway-envoy"))
+    hcm = json.loads(config_map["data"]["envoy.yaml"])["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"][0]["typed_config"]
+    (route,) = [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r.get("name") == "openapi"]
+    assert route["direct_response"]["body"]["filename"] == f"{mount['mountPath']}/openapi.json"
 
 
 def test_generated_envoy_config_is_accepted_by_envoy(renders: dict[str, Render], tmp_path: Path) -> None:
@@ -291,6 +303,7 @@ def test_generated_envoy_config_is_accepted_by_envoy(renders: dict[str, Render],
     descriptor = K8S.parent / "build" / "parley.pb"
     text = text.replace('"/etc/envoy/parley.pb"', json.dumps(str(descriptor)))
     text = text.replace('"/etc/parley/web/', json.dumps(str(K8S.parent / "web") + "/")[:-1])
+    text = text.replace('"/etc/parley/openapi/openapi.json"', json.dumps(str(K8S.parent / "build" / "openapi.json")))
     (tmp_path / "envoy.yaml").write_text(text)
     result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
                             capture_output=True, text=True, timeout=60)

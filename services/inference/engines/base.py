@@ -22,6 +22,7 @@ from typing import Any
 from services.core.errors import InvalidArgument
 from services.core.structured import PLAIN, Structure
 from services.inference import fitting
+from services.inference.offloop import checkpoint
 from services.inference.engines.sequence import (
     Chunk, Request, Sampling, StopMatcher, TokenLogprob, Usage, common_prefix,
 )
@@ -32,7 +33,8 @@ __all__ = ["Chunk", "Engine", "EngineError", "LoadedModel", "Request", "Sampling
            "common_prefix"]
 
 
-EXACT_COUNT_MESSAGES = 64  # count_tokens renders every prefix up to this many messages
+EXACT_COUNT_MESSAGES = 64  # count_tokens renders every prefix up to this many messages…
+EXACT_COUNT_CHARACTERS = 65_536  # …while those prefixes hold at most this many characters in all
 COUNTED_TEXTS = 16_384  # message contents whose token counts are remembered (a conversation resends its history)
 
 
@@ -139,6 +141,7 @@ class Engine(LoadedModel):
 
     def prompt_tokens(self, messages: Sequence[dict[str, Any]] | None, prompt: str | None,
                       structure: Structure = PLAIN) -> list[int]:
+        checkpoint()  # each render and tokenization is one piece of a request's work: stop between them
         if not messages:
             return self._tokenize(prompt or "")
         chat, tools = template_input(messages, structure, self.native_tools)
@@ -157,6 +160,7 @@ class Engine(LoadedModel):
         key = hash(text)
         count = self._counted.get(key)
         if count is None:
+            checkpoint()
             count = len(self._tokenize(text)) - len(self._tokenize(""))
             if len(self._counted) >= COUNTED_TEXTS:
                 self._counted.clear()
@@ -179,15 +183,19 @@ class Engine(LoadedModel):
     def count_tokens(self, messages: Sequence[dict[str, Any]], structure: Structure = PLAIN) -> tuple[int, list[int]]:
         """Total tokens of the prompt (with the tools offered, if any) and how many each message adds.
 
-        Up to EXACT_COUNT_MESSAGES messages, a message's share is exactly what it adds to the rendered
-        chat (every prefix is rendered: quadratic). Beyond, the work stays linear: each message's
-        content is tokenized once and the template's own tokens are shared out evenly (1,024
-        messages took 44 s the exact way)."""
+        For a short chat (up to EXACT_COUNT_MESSAGES messages whose prefixes hold at most
+        EXACT_COUNT_CHARACTERS characters in all), a message's share is exactly what it adds to the
+        rendered chat (every prefix is rendered: quadratic, hence the bounds). Beyond, the work stays
+        linear: each message's content is tokenized once and the template's own tokens are shared out
+        evenly (1,024 messages took 44 s the exact way)."""
         chat, _ = template_input(messages, PLAIN, self.native_tools)
         total = len(self.prompt_tokens(messages, None, structure))
-        if len(chat) <= EXACT_COUNT_MESSAGES:
+        sizes = [len(m.get("content") or "") for m in chat]
+        prefixes = sum(sizes[i] * (len(sizes) - i) for i in range(len(sizes)))  # characters over every prefix
+        if len(chat) <= EXACT_COUNT_MESSAGES and prefixes <= EXACT_COUNT_CHARACTERS:
             per_message, previous = [], 0
             for i in range(1, len(chat) + 1):
+                checkpoint()
                 n = len(self._tokenize(self._render(chat[:i], add_generation_prompt=False)))
                 per_message.append(n - previous)
                 previous = n
@@ -240,6 +248,11 @@ class Engine(LoadedModel):
         async with contextlib.aclosing(self.stream(request)) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    def queue_place(self, request: Request) -> tuple[int, float] | None:
+        """Where a submitted request waits for room: (place in line, 1 first; estimated seconds until
+        it starts), or None when it runs or is about to. Schedulers that cannot tell say None."""
+        return None
 
     @abstractmethod
     def _submit(self, request: Request) -> None:

@@ -12,7 +12,9 @@ One thread runs `BatchScheduler._loop`. Each step:
    running streams for more than one budget's worth of prefill);
 4. decodes it once and samples each choice from its own logits row with its own sampler chain;
    n > 1 choices fork after their shared prompt (`llama_memory_seq_cp`) and each samples the same
-   row with a differently seeded chain.
+   row with a differently seeded chain. Text that a grammar dictates (the head of a tool call) is
+   not sampled token by token: its tokens join the next batch like a prompt chunk ("jump forward"),
+   and count as the answer's.
 
 Sequences that finish keep their cells until the space or the sequence id is needed; then the least
 recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget.
@@ -35,7 +37,7 @@ from typing import Any
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError
 from services.inference.engines.sequence import Courier, Request, TokenLogprob, common_prefix
-from services.inference.structured import Grammar
+from services.inference.structured import CallDictation, Grammar
 from services.inference.hardware import EngineSettings
 
 log = logging.getLogger("parley.engine")
@@ -90,7 +92,10 @@ class Decoding:
     seq: KvSequence
     samplers: Samplers
     todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
+    admitted_at: float = field(default_factory=time.monotonic)
     next_token: int | None = None  # sampled, to be evaluated in the next step
+    forced: list[int] = field(default_factory=list)  # the end of todo: answer tokens a grammar dictated
+    dictation: CallDictation | None = None  # where the grammar dictates the text of a call
     followers: list["Decoding"] = field(default_factory=list)  # n > 1: choices forked after the prompt
 
 
@@ -134,11 +139,14 @@ class HostKvStore:
 
 class BatchScheduler:
     def __init__(self, llama_cpp: Any, ctx: Any, piece: Callable[[int, bool], bytes], *, vocab: Any, n_vocab: int,
-                 settings: EngineSettings, host_cache_bytes: int, name: str) -> None:
+                 settings: EngineSettings, host_cache_bytes: int, name: str,
+                 tokenize: Callable[[str], list[int]] | None = None) -> None:
         self._l = llama_cpp
         self._ctx = ctx
         self._vocab = vocab
         self._piece = piece  # the engine's token -> bytes (special tokens spelled out when asked)
+        self._tokenize = tokenize  # text -> tokens, no BOS (the text a grammar dictates); None: never jump
+        self._jump_tokens: dict[str, list[int]] = {}
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._n_vocab = n_vocab
         self._max_running = max(1, settings.parallel_slots)
@@ -160,6 +168,10 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        # How long a choice runs from admission to its end (moving average): what queue positions'
+        # waits are estimated from; before the first answer ends, its token budget at the step rate.
+        self._answer_seconds: float | None = None
+        self._step_seconds = 0.01
         self.stats = collections.Counter()  # for tests and logs: parked, restored, copied, reused tokens
 
     # --- the event loop's side -------------------------------------------------------------
@@ -174,6 +186,27 @@ class BatchScheduler:
     @property
     def host_bytes(self) -> int:
         return self._host.bytes
+
+    def queue_place(self, request: Request) -> tuple[int, float] | None:
+        """Where a submitted request waits: its place in line (1: it starts when one running choice
+        ends) and the estimated seconds until it starts; None once it runs or will at the next step.
+        Admission is first come, first served (_admit), so the place is the choices ahead of it,
+        waiting or running, beyond the room parallel_slots gives."""
+        with self._cond:
+            ahead = 0
+            for waiting in self._pending:
+                if waiting is request:
+                    break
+                ahead += len(waiting.choices)
+            else:
+                return None
+            place = self._choices() + ahead + len(request.choices) - self._max_running
+            if place <= 0:
+                return None
+        answer = self._answer_seconds
+        if answer is None:  # no answer has ended yet: the longest a running one may take, at the step rate
+            answer = max([request.budget, *(d.request.budget for d in list(self._active))]) * self._step_seconds
+        return place, place * answer / self._max_running
 
     def submit(self, request: Request) -> None:
         with self._cond:
@@ -237,8 +270,10 @@ class BatchScheduler:
             if not self._active:
                 return
             self._park_idle()
+            began = time.monotonic()
             try:
                 self._decode_once()
+                self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.monotonic() - began)
             except Exception as exc:  # noqa: BLE001 - a broken step fails its requests, not the loop
                 log.exception("decode step failed", extra={"fields": {"model": self._name}})
                 for request in {d.request for d in self._active}:
@@ -291,6 +326,14 @@ class BatchScheduler:
         seq, reused = self._sequence_for(prompt if request.sampling.seed is None else None)
         request.usage.cached_prompt_tokens = reused
         lead = Decoding(request, 0, seq, samplers[0], todo=prompt[reused:])
+        grammar = request.sampling.grammar
+        if len(request.choices) == 1 and request.top_logprobs is None and grammar is not None and grammar.call_head:
+            lead.dictation = CallDictation(grammar)
+            if grammar.starts_with_call:
+                lead.forced = self._dictated(samplers[0], lead.dictation.start())
+                lead.todo += lead.forced
+                if not lead.forced:
+                    lead.dictation.refused()
         seq.prompt_len = len(prompt)
         for index in range(1, len(request.choices)):
             follower_seq, _ = self._sequence_for(None)
@@ -484,6 +527,12 @@ class BatchScheduler:
 
     def _sample(self, d: Decoding, i: int) -> None:
         l = self._l
+        if d.forced:  # evaluated now: the dictated text goes out as the answer's, then sampling resumes
+            forced, d.forced = d.forced, []
+            for token in forced:
+                if d.request.token(d.index, token):
+                    self._end(d)
+                    return
         if d.followers:  # n > 1: the prompt is in d's cells; fork them and sample the same row
             for f in d.followers:
                 l.llama_memory_seq_cp(self._memory, d.seq.id, f.seq.id, -1, -1)
@@ -558,8 +607,48 @@ class BatchScheduler:
         logprob = self._logprob(i, token, d.request.top_logprobs) if d.request.top_logprobs is not None else None
         if d.request.token(d.index, token, logprob):
             self._end(d)
+            return
+        dictated = d.dictation.feed(self._text(token)) if d.dictation else ""
+        forced = self._dictated(d.samplers, dictated) if dictated else []
+        if dictated and not forced:
+            d.dictation.refused()  # type: ignore[union-attr]
+        if forced:
+            d.todo, d.forced = [token, *forced], forced
         else:
             d.next_token = token
+
+    # --- text a grammar dictates -------------------------------------------------------------
+    def _dictated(self, made: Samplers, text: str) -> list[int]:
+        """`text`'s tokens if the grammar takes them one after another (then every sampler of the
+        choice has accepted them, as if sampled); [] otherwise, and nothing changes."""
+        import numpy as np
+
+        if self._tokenize is None or not text:
+            return []
+        tokens = self._jump_tokens.get(text)
+        if tokens is None:
+            tokens = self._tokenize(text)
+            if len(self._jump_tokens) < 1024:
+                self._jump_tokens[text] = tokens
+        l = self._l
+        probe = l.llama_sampler_clone(made.grammar)
+        one = np.zeros(1, dtype=TOKEN_DATA)
+        array = l.llama_token_data_array(one.ctypes.data_as(ctypes.POINTER(l.llama_token_data)), 1, -1, False)
+        for token in tokens:
+            one[0] = (token, 0.0, 0.0)
+            l.llama_sampler_apply(probe, ctypes.byref(array))
+            if not one["logit"][0] > float("-inf"):  # the grammar would not take it: sample as usual
+                l.llama_sampler_free(probe)
+                return []
+            l.llama_sampler_accept(probe, token)
+        l.llama_sampler_free(made.grammar)
+        made.grammar = probe
+        for sampler in (made.pre, made.chain):
+            if sampler is not None:
+                for token in tokens:
+                    l.llama_sampler_accept(sampler, token)
+        self.stats["jumped"] += len(tokens)
+        return list(tokens)
 
     def _logprob(self, i: int, token: int, top: int) -> TokenLogprob:
         import numpy as np
@@ -584,6 +673,8 @@ class BatchScheduler:
         """Takes a choice out of the loop and frees its sampler; its sequence keeps its cells."""
         if d in self._active:
             self._active.remove(d)
+            ran = time.monotonic() - d.admitted_at
+            self._answer_seconds = ran if self._answer_seconds is None else 0.8 * self._answer_seconds + 0.2 * ran
         for f in d.followers:  # ended before its prompt finished: the forks never started
             f.request.finish(f.index, d.request.choices[d.index].finish_reason or "cancelled")
             self._release(f, forget)

@@ -105,6 +105,7 @@ class LlamaCppEngine(Engine):
         self._scheduler = BatchScheduler(
             llama_cpp, context.ctx, self._piece, vocab=vocab, n_vocab=model.n_vocab(), settings=s,
             host_cache_bytes=s.host_cache_mib * 2**20, name=self.model_id,
+            tokenize=lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=True),
         )
         self._scheduler.start()
 
@@ -142,6 +143,10 @@ class LlamaCppEngine(Engine):
 
     def _submit(self, request: Request) -> None:
         self._scheduler.submit(request)
+
+    def queue_place(self, request: Request) -> tuple[int, float] | None:
+        scheduler = getattr(self, "_scheduler", None)
+        return scheduler.queue_place(request) if scheduler is not None else None
 
     # --- text <-> tokens -------------------------------------------------------------------
     @property

@@ -72,3 +72,20 @@ def test_streaming_inference_routes_keep_no_timeout_when_hashed() -> None:
 def test_unknown_balancing_policy_is_rejected_with_the_variable_named() -> None:
     with pytest.raises(config.ConfigError, match="PARLEY_INFERENCE_LB='least_request'.*round_robin, ring_hash, maglev"):
         build({"PARLEY_INFERENCE_LB": "least_request"})
+
+
+def test_only_the_connect_path_upgrades_to_a_websocket_on_the_session_bridges() -> None:
+    built = build({**K8S_TARGETS, "PARLEY_SESSION_WEBSOCKET_TARGET": "session:50062"})
+    hcm = built["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["upgrade_configs"] == [{"upgrade_type": "websocket", "enabled": False}]
+    upgrading = [r for r in routes(built) if "upgrade_configs" in r["route"]]
+    assert len(upgrading) == 1
+    route = upgrading[0]
+    assert route["match"] == {"safe_regex": {"regex": "^/v1/sessions/[^/:]+:connect$"}}
+    assert route["route"]["cluster"] == "session_websocket" and route["route"]["timeout"] == "0s"
+    assert route["typed_per_filter_config"]["envoy.filters.http.grpc_json_transcoder"]["disabled"] is True
+    bridge = clusters(built)["session_websocket"]
+    assert "typed_extension_protocol_options" not in bridge  # HTTP/1.1: the upgrade, not gRPC
+    endpoint = bridge["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert (endpoint["address"], endpoint["port_value"]) == ("session", 50062)
+    assert bridge["health_checks"][0]["http_health_check"] == {"path": "/healthz"}

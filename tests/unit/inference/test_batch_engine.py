@@ -218,3 +218,45 @@ async def test_a_full_queue_is_refused() -> None:
         assert last.finish_reason in ("stop", "length")
     finally:
         await registry.close()
+
+
+async def test_waiting_requests_are_told_their_place_in_line() -> None:
+    """The engine owns admission, so it says where a waiting request stands (report_queue): each
+    place once, counting down, all before Admitted; a request that runs at once hears nothing."""
+    from services.inference.service import Admitted, Queued
+
+    registry, generation = make(PARLEY_PARALLEL_SLOTS="1", PARLEY_QUEUE_DEPTH="4")
+    chat = [{"role": "user", "content": "Tell a long story."}]
+
+    async def items(max_tokens: int) -> list:
+        out = []
+        async for item in generation.generate(MODEL, chat, "", SamplingInput(max_tokens=max_tokens, temperature=0.9),
+                                              report_queue=True):
+            out.append(item if isinstance(item, (Queued, Admitted)) else "chunk")
+        return out
+
+    try:
+        await registry.load(MODEL)
+        first = asyncio.create_task(items(24))
+        while registry.get(MODEL).engine.running == 0:
+            await asyncio.sleep(0.001)
+        second = asyncio.create_task(items(4))
+        await asyncio.sleep(0.02)
+        third = asyncio.create_task(items(4))
+        ran, waited_one, waited_two = await asyncio.gather(first, second, third)
+        assert isinstance(ran[0], Admitted) and not any(isinstance(i, Queued) for i in ran)
+        assert [i.position for i in waited_one if isinstance(i, Queued)] == [1]
+        assert [i.position for i in waited_two if isinstance(i, Queued)] == [2, 1]
+        for waited in (waited_one, waited_two):
+            places = [i for i in waited if isinstance(i, Queued)]
+            assert waited[: len(places)] == places and isinstance(waited[len(places)], Admitted)
+            assert all(p.wait_seconds > 0 for p in places)
+        # Without report_queue the first item is Admitted, as before.
+        first = asyncio.create_task(turn(generation, chat, max_tokens=24))
+        while registry.get(MODEL).engine.running == 0:
+            await asyncio.sleep(0.001)
+        plain = [item async for item in generation.generate(MODEL, chat, "", SamplingInput(max_tokens=2))]
+        assert isinstance(plain[0], Admitted)
+        await first
+    finally:
+        await registry.close()

@@ -94,3 +94,18 @@ def test_the_room_for_the_answer() -> None:
     assert budget(1024, None, 512) == 768  # at most a quarter of the context
     with pytest.raises(InvalidArgument, match="max_tokens is 4096 but the model has a context window of 2048"):
         budget(2048, 4096, 512)
+
+
+def test_a_chat_over_the_character_limit_loses_its_oldest_whole_turns_before_anything_renders() -> None:
+    from services.inference.fitting import within_characters
+
+    messages = [{"role": "system", "content": "s" * 10}]
+    for i in range(5):
+        messages += [{"role": "user", "content": "q" * 100}, {"role": "assistant", "content": "a" * 100}]
+    messages.append({"role": "user", "content": "new" * 10})
+    assert within_characters(messages, 1, 10_000, "the limit") == (messages, 0)
+    kept, dropped = within_characters(messages, 1, 450, "the limit")
+    assert dropped == 6 and kept == [messages[0], *messages[7:]]  # the newest two turns fit, whole
+    assert kept[1]["role"] == "user"
+    with pytest.raises(InvalidArgument, match=r"hold 40 characters; at most 39 are accepted \(the limit\)"):
+        within_characters(messages, 1, 39, "the limit")

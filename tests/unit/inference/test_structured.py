@@ -19,7 +19,7 @@ from services.inference.structured import (
     ToolCallParser, grammar_for, int_range, integer_bounds, number_range, template_handles_tools,
     template_input,
 )
-from tests.unit.inference.test_batch_engine import MODEL, engine  # noqa: F401 - a fixture
+from tests.unit.inference.test_batch_engine import MODEL, engine, scheduler  # noqa: F401 - a fixture
 from tests.unit.inference.test_registry_and_engine import generated
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -129,6 +129,12 @@ def test_grammar_kinds() -> None:
     assert lazy is not None and lazy.triggers
     both = grammar_for(make_structure([WEATHER], "auto", format="json_object"))
     assert both is not None and not both.triggers and "| tool-calls" in both.gbnf
+    # What the grammar dictates after `<tool_call>`: with one tool to call up to its arguments, with
+    # several up to the name; a forced call from the first character.
+    assert (forced.call_head, forced.starts_with_call) == ('\n{"name": "', True)
+    assert (single.call_head, single.starts_with_call) == ('\n{"name": "get_time", "arguments":', True)
+    assert (lazy.call_head, lazy.starts_with_call) == ('\n{"name": "get_weather", "arguments":', False)
+    assert both.call_head == "" and grammar_for(make_structure([], format="json_object")).call_head == ""
     # JSON strings never hold raw control characters (the converter's own rule allows them).
     assert "\\x00-\\x1F" in grammar_for(make_structure([], format="json_object")).gbnf
 
@@ -257,11 +263,18 @@ async def test_json_schema_output_validates_for_every_choice(engine) -> None:
 
 
 async def test_forced_calls_validate_against_their_tool(engine) -> None:
-    _, generation = engine
+    registry, generation = engine
+    stats = scheduler(registry).stats
     named = make_structure([WEATHER, CLOCK], "function", "get_weather", parallel=False)
     [choice] = await collect(generation, MODEL, named, max_tokens=80, temperature=0)
     assert choice["reason"] == "tool_calls" and choice["text"] == "" and len(choice["calls"]) == 1
     assert choice["calls"][0].name == "get_weather"
+    # What the grammar dictates was evaluated in one step each, not sampled: the head up to the
+    # arguments with the prompt, and what closes the call after them.
+    # (The model's last token may write the first "}" of the close itself.)
+    tokenize = registry.get(MODEL).engine._model.tokenize
+    head, close = ('<tool_call>\n{"name": "get_weather", "arguments":', "\n</tool_call>")
+    assert stats["jumped"] >= sum(len(tokenize(text.encode(), add_bos=False, special=True)) for text in (head, close))
     jsonschema.validate(json.loads(choice["calls"][0].arguments), WEATHER_SCHEMA)
     [choice] = await collect(generation, MODEL, make_structure([WEATHER, CLOCK], "required", parallel=False),
                              max_tokens=80, temperature=0.8, seed=3)
@@ -277,3 +290,43 @@ async def test_the_tools_offered_count_in_the_prompt(engine) -> None:
     offered, same, _ = await generation.count_tokens(MODEL, messages, make_structure([WEATHER, CLOCK]))
     assert same == per_message and offered > plain + 50
     assert (await generation.count_tokens(MODEL, messages, make_structure([WEATHER], "none")))[0] == plain
+
+
+async def test_a_call_the_model_starts_jumps_over_what_the_grammar_dictates(engine) -> None:
+    """tool_choice auto: once the answer ends with `<tool_call>` (however the model's tokens split it),
+    the scheduler puts the call's head into the next step in one go; so it does for what follows the
+    name and the arguments. The model writes only the name and the arguments."""
+    import time
+
+    from services.inference.engines.batch import Decoding
+    from services.inference.engines.sequence import Request, Sampling
+    from services.inference.structured import CallDictation
+
+    registry, _ = engine
+    model = registry.get(MODEL).engine
+    batch = scheduler(registry)
+    tokenize = lambda text: model._model.tokenize(text.encode(), add_bos=False, special=True)  # noqa: E731
+    cases = (([WEATHER], ["Sure. <tool_call>", ' {"city": "Oslo", "unit": "c"}'],
+              ['\n{"name": "get_weather", "arguments":', '}\n</tool_call>']),
+             ([WEATHER, CLOCK], ["<tool_call>", 'get_time"', ' {"tz": "UTC"}'],
+              ['\n{"name": "', ', "arguments":', '}\n</tool_call>']))
+    for tools, written, expected in cases:
+        grammar = grammar_for(make_structure(tools, "auto"))
+        request = Request(MODEL, tokenize("Hi"), Sampling(temperature=0, grammar=grammar), started=time.monotonic(),
+                          deadline=None, budget=64, detokenize=model._detokenize, is_end=model._is_end)
+        made = batch._samplers(request, 0)
+        d = Decoding(request, 0, batch._sequences[0], made, dictation=CallDictation(grammar))
+        dictated = []
+        try:
+            for piece in written:
+                # As if sampled: the grammar takes each token (it would mask the others), then the
+                # scheduler reads it.
+                for token in batch._dictated(made, piece) or pytest.fail(f"the grammar refused {piece!r}"):
+                    batch._accept(d, token, 0)
+                    if d.forced:
+                        dictated.append("".join(model._detokenize(t).decode() for t in d.forced))
+                        d.todo, d.forced = [], []
+            assert dictated == expected
+            assert not batch._dictated(made, "x")  # the call is complete: the grammar takes no more text
+        finally:
+            made.free(batch._l)

@@ -18,11 +18,10 @@ def parse(**body: object):
 def test_prompts_and_defaults() -> None:
     req = parse(prompt="Hello")
     assert req.prompts == ["Hello"] and req.sampling.max_tokens == 16 and not req.echo and req.logprobs is None
-    assert req.cacheable
     req = parse(prompt=["a", "b"], n=2, max_tokens=5, stop="\n", temperature=0, echo=True, stream=True,
                 stream_options={"include_usage": True})
     assert req.prompts == ["a", "b"] and req.n == 2 and req.sampling.max_tokens == 5
-    assert req.sampling.stop == ["\n"] and req.echo and req.stream and req.include_usage and not req.cacheable
+    assert req.sampling.stop == ["\n"] and req.echo and req.stream and req.include_usage
     assert parse(prompt="x", logprobs=0).logprobs == 0
 
 
