@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 GENERATED := build/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: help setup gen run test test-unit lint-protos bench bench-embeddings k8s-config browser postgres clean
+.PHONY: help setup gen run test test-unit lint-protos bench bench-embeddings k8s-config browser postgres llama-server clean
 
 help:
 	@echo "make run    - start auth, session, cache, inference and Envoy on http://127.0.0.1:8080"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench  - benchmark decode speed, time to first token and client patterns (bench/);"
 	@echo "              LLAMA_SERVER=/path/to/llama-server compares against llama-server (README: Benchmark)"
 	@echo "make bench-embeddings - only the embeddings throughput (Envoy vs transformers in-process)"
+	@echo "make llama-server - build llama-server (the remote-engine tests' upstream, bench's peer) into PEER_DIR"
 	@echo "make gen    - regenerate Python code, type stubs and Envoy's descriptor set from protos/"
 	@echo "make k8s-config - generate the gateway's Envoy config for the Kubernetes manifests (k8s/)"
 
@@ -87,8 +88,29 @@ lint-protos: $(BUF) $(GENERATED)
 	$(BUF) format --diff --exit-code protos
 	$(PY) tools/check_breaking.py
 
-test: setup lint-protos $(CHECKOV) $(CHROMIUM) postgres
-	$(PY) tools/run_pytest.py tests
+# llama-server from the llama.cpp that llama-cpp-python vendors (the same version Parley links): the
+# real upstream of the remote-engine tests (tests/llama_server.py) and the peer of `make bench`. Built
+# once (~5 min on 2 cores) from the sdist on PyPI into PEER_DIR, outside the repo, and reused; static
+# libraries, so the binary stands alone.
+PEER_DIR ?= $(HOME)/.cache/parley-peer
+LLAMA_SERVER_BIN := $(PEER_DIR)/llama-server
+LLAMA_SDIST := llama_cpp_python-0.3.36
+$(LLAMA_SERVER_BIN): | $(INSTALLED)
+	mkdir -p $(PEER_DIR)
+	test -f $(PEER_DIR)/$(LLAMA_SDIST).tar.gz || $(PY) -m pip download --quiet --no-deps --no-binary :all: \
+	  -d $(PEER_DIR) llama-cpp-python==0.3.36
+	rm -rf $(PEER_DIR)/build-src && mkdir -p $(PEER_DIR)/build-src
+	tar -xzf $(PEER_DIR)/$(LLAMA_SDIST).tar.gz -C $(PEER_DIR)/build-src
+	cd $(PEER_DIR)/build-src/$(LLAMA_SDIST)/vendor/llama.cpp && \
+	  cmake -B build -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null && \
+	  cmake --build build --target llama-server -j$$(nproc) >/dev/null
+	cp $(PEER_DIR)/build-src/$(LLAMA_SDIST)/vendor/llama.cpp/build/bin/llama-server $@.tmp && mv $@.tmp $@
+	rm -rf $(PEER_DIR)/build-src
+
+llama-server: $(LLAMA_SERVER_BIN)
+
+test: setup lint-protos $(CHECKOV) $(CHROMIUM) postgres $(LLAMA_SERVER_BIN)
+	PARLEY_LLAMA_SERVER=$(LLAMA_SERVER_BIN) PARLEY_REQUIRE_LLAMA_SERVER=1 $(PY) tools/run_pytest.py tests
 
 test-unit: setup postgres
 	$(PY) tools/run_pytest.py tests/unit

@@ -35,6 +35,15 @@ under load at once); aggregate tok/s counts from the first request to the last t
 the time to the first tokens. Each server's resident memory is read after the patterns. Without a
 llama-server binary its column is skipped.
 
+The remote path (`--only remote`, and part of every run with a llama-server): a second stack whose
+only model is engine "remote" in front of a llama-server (the same binary and flags as above), and the
+8 concurrent streams of pattern 1 through Parley -> llama-server against the same llama-server called
+directly, taking turns in the same run: aggregate tok/s (target >= 0.95x) and TTFT p50 (target <= +5
+ms) — what Parley's accounts, rate limits, cache and metrics cost in front of an existing engine.
+llama-server gets half the cores to itself and Parley, Envoy and the client the other half (in both
+cases): sharing cores, the proxy's work stalls the engine's decode threads (measured here, 2 cores:
+one round took 67 s against 17 s), which says nothing about a proxy in front of a GPU server.
+
 Last, embeddings throughput through Envoy against transformers in-process (bench/embeddings_bench.py).
 
     make bench [LLAMA_SERVER=/path/to/llama-server]
@@ -387,7 +396,7 @@ async def drive(client: AsyncOpenAI, pattern: Pattern, round_: int) -> tuple[flo
             [follows(pattern, r) for replies in runs for r in replies] if pattern.extra else [])
 
 
-async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: int
+async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: int, shared_upstream: bool = False
                            ) -> dict[tuple[str, str], tuple[float, float, float]]:
     """(pattern, server) -> (median aggregate tok/s over rounds, TTFT p50 ms over all counted turns, % of the
     answers that follow the pattern's schema or tool).
@@ -405,7 +414,10 @@ async def measure_patterns(servers: list[Server], todo: list[Pattern], rounds: i
         for round_ in range(rounds):
             for pattern in todo:
                 for server in servers[::-1] if round_ % 2 else servers:
-                    rate, samples, follow = await drive(clients[server.name], pattern, round_)
+                    # Servers in front of one upstream get prompts of their own: the first would warm the
+                    # upstream's prompt cache for the second.
+                    key = round_ * len(servers) + servers.index(server) if shared_upstream else round_
+                    rate, samples, follow = await drive(clients[server.name], pattern, key)
                     rates.setdefault((pattern.name, server.name), []).append(rate)
                     ttfts.setdefault((pattern.name, server.name), []).extend(samples)
                     valid.setdefault((pattern.name, server.name), []).extend(follow)
@@ -430,6 +442,82 @@ def rss_mib(pid: int) -> float:
     return total
 
 
+REMOTE = Pattern("remote: 8 streams", 8, 1, 64, chat=False)
+
+
+def stack_environment(data: str, **more: str) -> dict[str, str]:
+    """A benchmark stack's settings on free ports; no rate limits in the way."""
+    env = {"PARLEY_DATA_DIR": data, "PARLEY_HTTP_PORT": str(free_port()), "PARLEY_ADMIN_PORT": str(free_port()),
+           "PARLEY_QUEUE_DEPTH": "32", "PARLEY_LOG_LEVEL": "WARNING", "PARLEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
+           # The benchmark's requests would trip a user's default rate limits.
+           "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE": "100000", "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE": "100000000",
+           **more}
+    for name in ("auth", "session", "cache", "inference"):
+        env[f"PARLEY_{name.upper()}_PORT"] = str(free_port())
+        env[f"PARLEY_{name.upper()}_METRICS_PORT"] = str(free_port())
+    return env
+
+
+def api_key(stack: Stack) -> str:
+    """An API key of the admin: a run outlasts an access token's lifetime."""
+    access = httpx.post(f"{stack.url}/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD},
+                        timeout=30).json()["tokens"]["access_token"]
+    return httpx.post(f"{stack.url}/v1/api-keys", json={"name": "bench"}, headers=bearer(access),
+                      timeout=30).json()["secret"]
+
+
+def split_cores() -> tuple[set[int], set[int]]:
+    """The upstream's cores and the rest (Parley, Envoy and the client), half each: an engine's
+    decode threads stall whenever anything else takes one of their cores, and in production the
+    upstream has its own machine (or GPU)."""
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    return set(cores[:half]), set(cores[half:]) or set(cores)
+
+
+def measure_remote(binary: Path, rounds: int, log_dir: Path) -> tuple[dict[tuple[str, str], tuple[float, float, float]], int]:
+    """REMOTE on Parley (a remote model in front of llama-server) and on the same llama-server directly ->
+    figures and the upstream's threads. llama-server runs on its own half of the cores, Parley and the
+    client on the other half, in both cases."""
+    upstream_cores, other_cores = split_cores()
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, other_cores)  # the stack's processes inherit it
+    try:
+        return _measure_remote(binary, rounds, log_dir, upstream_cores), len(upstream_cores)
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+def _measure_remote(binary: Path, rounds: int, log_dir: Path, cores: set[int]
+                    ) -> dict[tuple[str, str], tuple[float, float, float]]:
+    with llama_server(binary, len(cores), log_dir / "llama-server-remote.log", cores=cores) as upstream, \
+            tempfile.TemporaryDirectory() as data:
+        catalogue = Path(data) / "models.json"
+        catalogue.write_text(json.dumps([{
+            "id": MODEL, "engine": "remote", "source": upstream.base_url, "context_length": 2048,
+            "params": {"tokenizer": BUNDLED["source"], "timeout_seconds": 120}}]))
+        stack = Stack(env=stack_environment(data, PARLEY_MODELS_FILE=str(catalogue), PARLEY_CONTEXT_LENGTH="2048"),
+                      log_dir=log_dir / "remote-stack")
+        stack.start()
+        try:
+            stack.wait_healthy(timeout=300)
+            parley = Server("Parley", f"{stack.url}/v1", api_key(stack), inference_pid(stack))
+            return asyncio.run(measure_patterns([parley, upstream], [REMOTE], rounds, shared_upstream=True))
+        finally:
+            stack.stop()
+
+
+def print_remote(measured: tuple[dict[tuple[str, str], tuple[float, float, float]], int], rounds: int) -> None:
+    figures, threads = measured
+    ours, theirs = figures[(REMOTE.name, "Parley")], figures[(REMOTE.name, "llama-server")]
+    print(f"\nRemote path — Parley (engine remote) -> llama-server vs llama-server directly, {REMOTE.conversations} "
+          f"concurrent streams of {REMOTE.max_tokens} tokens, median of {rounds} round{'s' * (rounds > 1)}; "
+          f"llama-server on {threads} core(s) of its own (-t {threads}), Parley, Envoy and the client on the rest")
+    print(f"{'metric':14} {'Parley':>9} {'llama-server':>13} {'ratio/diff':>11} target")
+    print(f"{'tok/s':14} {ours[0]:9.1f} {theirs[0]:13.1f} {ours[0] / theirs[0]:11.3f} >= 0.95")
+    print(f"{'TTFT p50 ms':14} {ours[1]:9.1f} {theirs[1]:13.1f} {ours[1] - theirs[1]:+11.1f} <= +5 ms", flush=True)
+
+
 def find_llama_server(option: str | None) -> Path | None:
     """--llama-server, else $PARLEY_BENCH_LLAMA_SERVER, else the default cache path when it exists."""
     chosen = option or os.environ.get("PARLEY_BENCH_LLAMA_SERVER")
@@ -441,16 +529,20 @@ def find_llama_server(option: str | None) -> Path | None:
 
 
 @contextlib.contextmanager
-def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 180) -> Iterator[Server]:
-    """llama-server on the bundled model on a free loopback port, as DESIGN.md runs it; stopped on exit."""
+def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 180,
+                 cores: set[int] | None = None) -> Iterator[Server]:
+    """llama-server on the bundled model on a free loopback port, as DESIGN.md runs it (on `cores` only,
+    when given); stopped on exit."""
     port = free_port()
     argv = [str(binary), "-m", CatalogueEntry(**BUNDLED).path(), "-t", str(threads), "-np", "8", "-c", "16384",
             # More HTTP threads than the default (slots + 2): 16 streaming conversations otherwise wait for a
             # connection thread, and its keep-alive connections get dropped under the client.
             "--threads-http", "32", "--host", "127.0.0.1", "--port", str(port),
+            "--alias", MODEL,  # the name the clients ask for; a remote model checks the upstream serves it
             "--jinja"]  # chat templates through its Jinja engine, which tools need
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     try:
         deadline = time.monotonic() + timeout
         while not _healthy(f"http://127.0.0.1:{port}/health"):
@@ -552,11 +644,19 @@ def main() -> None:
     turns = args.turns if args.turns is not None else (12 if args.quick else 60)
     rounds = args.rounds or (1 if args.quick else 3)
     todo = [p for p in patterns(args.quick) if args.only is None or args.only in p.name]
-    if not todo:
+    remote = not args.embeddings_only and not args.no_patterns and (args.only is None or args.only in REMOTE.name)
+    if not todo and not remote:
         raise SystemExit(f"no client pattern's name contains {args.only!r}")
     binary = None if args.embeddings_only else find_llama_server(args.llama_server)
     if binary is None and not args.embeddings_only:
-        print(f"llama-server not found: its column will be skipped. Build it: {BUILD_LLAMA_SERVER}", flush=True)
+        print(f"llama-server not found: its column and the remote path will be skipped. Build it: {BUILD_LLAMA_SERVER}",
+              flush=True)
+    if not todo:  # --only remote
+        if binary is None:
+            raise SystemExit("the remote path needs a llama-server")
+        with tempfile.TemporaryDirectory() as logs:
+            print_remote(measure_remote(binary, rounds, Path(args.log_dir or logs)), rounds)
+        return
     context = 2048
     with tempfile.TemporaryDirectory() as data:
         env = {"PARLEY_DATA_DIR": data, "PARLEY_HTTP_PORT": str(free_port()), "PARLEY_ADMIN_PORT": str(free_port()),
@@ -595,6 +695,8 @@ def main() -> None:
                 if not args.no_patterns:
                     figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
                     print_patterns(figures, rss, todo, rounds, threads)
+                if remote and binary is not None:
+                    print_remote(measure_remote(binary, rounds, logs), rounds)
             if args.only is None and not args.no_patterns:
                 embedded = embeddings_bench.measure(stack.url, token, threads, rounds)
         finally:

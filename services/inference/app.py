@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -10,6 +11,7 @@ from services.auth import client as auth_client
 from services.cache.client import CacheClient
 from services.core import config
 from services.core.config import CommonSettings
+from services.core.errors import Unavailable
 from services.core.server import Registration, ServiceSpec
 from services.inference import hardware, metrics
 from services.inference.embeddings import EmbeddingService
@@ -22,7 +24,23 @@ from services.inference.settings import InferenceSettings
 log = logging.getLogger("parley.inference")
 
 # Model memory and the machine are the operator's business; listing models and generating are not.
+REMOTE_RETRY_SECONDS = 3.0
 ADMIN_METHODS = ("LoadModel", "UnloadModel", "GetHardware", "GetMetricsSummary")
+
+
+async def preload(registry: ModelRegistry, model_id: str) -> None:
+    """Loads the default model before health reports SERVING. A remote model waits for its upstream
+    (vLLM takes minutes to start beside it), retrying every few seconds, instead of failing start-up."""
+    while True:
+        try:
+            await registry.load(model_id)
+            return
+        except Unavailable as exc:
+            if registry.get(model_id).entry.engine != "remote":
+                raise
+            log.warning("the default model's upstream does not answer yet; retrying",
+                        extra={"fields": {"model": model_id, "error": exc.message}})
+            await asyncio.sleep(REMOTE_RETRY_SECONDS)
 
 
 async def build(common: CommonSettings, settings: InferenceSettings | None = None) -> ServiceSpec:
@@ -40,7 +58,7 @@ async def build(common: CommonSettings, settings: InferenceSettings | None = Non
 
     async def ready() -> None:
         if settings.preload:
-            await registry.load(settings.default_model)
+            await preload(registry, settings.default_model)
         registry.start_reaper()
 
     async def close() -> None:

@@ -109,6 +109,15 @@ def fit(messages: Sequence[dict[str, Any]], keep_last: int, allowed: int, render
     return Fitted(tokens, cut - first)
 
 
+def kept(messages: Sequence[dict[str, Any]], dropped: int) -> Sequence[dict[str, Any]]:
+    """The chat that `fit` kept when it left out `dropped` history messages: the system prompt, then
+    the newest messages (for engines that take the chat rather than its tokens)."""
+    if not dropped:
+        return messages
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    return [*messages[:first], *messages[first + dropped:]]
+
+
 def _previous_question(messages: Sequence[dict[str, Any]], first: int, cut: int) -> int | None:
     """The latest user message before `cut` (and not before `first`)."""
     return next((i for i in range(cut - 1, first - 1, -1) if messages[i]["role"] == "user"), None)

@@ -11,6 +11,8 @@ Series (all labelled by model id):
 - embeddings: parley_inference_embedding_requests_total{outcome} (ok, error), _inputs_total and
   _tokens_total (counters), parley_inference_embedding_duration_seconds (histogram: arrival to the
   last vector, queueing included).
+- remote engines: parley_inference_upstream_requests_total{upstream, outcome} and
+  parley_inference_upstream_failures_total{upstream} (counters); each upstream call is a CLIENT span.
 - read at scrape time from the registry: parley_inference_queue_depth (requests waiting for the engine),
   parley_inference_running_requests, parley_inference_loaded_models, parley_inference_model_memory_bytes.
 
@@ -67,6 +69,14 @@ EMBEDDING_LATENCY = prometheus_client.Histogram(
     "parley_inference_embedding_duration_seconds", "Embedding request arrival to its last vector", ["model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
+# Remote engines (services.inference.engines.remote): each upstream call, by model, upstream and outcome
+# (ok, cancelled, deadline, cut, unreachable, error or the upstream's HTTP status), and upstreams
+# marked failed (a health check or a request that could not connect).
+UPSTREAM_REQUESTS = prometheus_client.Counter(
+    "parley_inference_upstream_requests_total", "Calls to a remote model's upstream, by outcome",
+    ["model", "upstream", "outcome"])
+UPSTREAM_FAILURES = prometheus_client.Counter(
+    "parley_inference_upstream_failures_total", "Times an upstream was found failed", ["model", "upstream"])
 
 
 @dataclass(frozen=True)

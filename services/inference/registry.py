@@ -13,7 +13,9 @@ RESOURCE_EXHAUSTED and nothing is evicted needlessly.
 
 Catalogue entry: {"id": "...", "source": "/path/model.gguf" | "/path/folder" | "package:<module>/<file>",
 "task": "chat" | "embedding", "engine": "auto" | "llama.cpp" | "torch", "context_length": 4096,
-"parallel_slots": 2, "owned_by": "...", "params": {...}}. Embedding models are folders run by the
+"parallel_slots": 2, "owned_by": "...", "params": {...}}. A model served elsewhere has "engine": "remote"
+and its upstream's base URL (or a list of replicas' URLs) as source (services.inference.engines.remote).
+Embedding models are folders run by the
 torch engine; their context_length (the longest input) defaults to the model's own, and
 `"params": {"matryoshka": true}` allows shorter vectors (`dimensions`).
 """
@@ -71,21 +73,49 @@ class CatalogueEntry:
     params: dict[str, Any] = field(default_factory=dict)
 
     def path(self) -> str:
-        """The weights' location on disk (a file, or a folder for torch models)."""
-        if self.source.startswith("package:"):
-            module, _, name = self.source[len("package:"):].partition("/")
-            spec = importlib.util.find_spec(module)
-            if spec is None or not spec.submodule_search_locations:
-                raise EngineError(f"package {module!r} is not installed (it ships {self.id})")
-            return str(Path(list(spec.submodule_search_locations)[0]) / name)
-        return os.path.expanduser(self.source)
+        """The weights' location on disk (a file, or a folder for torch models); a remote model's
+        upstream URLs."""
+        if self.engine == "remote":
+            return self.source
+        return resolve_source(self.source, self.id)
 
     def fingerprint(self) -> str:
+        if self.engine == "remote":
+            # The upstream's weights are its business: answers are cached under its model name.
+            return f"remote:{self.params.get('model') or self.id}-0"
         try:
             stat = os.stat(self.path())
         except (OSError, EngineError):
             return ""
         return f"{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def resolve_source(source: str, model_id: str = "") -> str:
+    """A local source's path: "package:<module>/<file>" inside an installed package, else a path."""
+    if source.startswith("package:"):
+        module, _, name = source[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise EngineError(f"package {module!r} is not installed" + (f" (it ships {model_id})" if model_id else ""))
+        return str(Path(list(spec.submodule_search_locations)[0]) / name)
+    return os.path.expanduser(source)
+
+
+def _remote_entry(item: dict[str, Any]) -> dict[str, Any]:
+    """A remote model's entry with its source as one string (replicas' URLs joined by commas)."""
+    source = item.get("source")
+    urls = source if isinstance(source, list) else [source]
+    if not urls or not all(isinstance(u, str) and re.match(r"^https?://[^\s,]+$", u) for u in urls):
+        raise ConfigError(f"model {item.get('id')}: a remote model's source is its upstream's base URL "
+                          "(http://host:port/v1) or a list of them")
+    params = item.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"model {item.get('id')}: params must be an object")
+    for name in ("timeout_seconds", "health_interval_seconds"):
+        value = params.get(name)
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"model {item.get('id')}: params.{name} must be a positive number of seconds")
+    return {**item, "source": ",".join(urls)}
 
 
 def load_catalogue(settings: InferenceSettings) -> dict[str, CatalogueEntry]:
@@ -99,17 +129,19 @@ def load_catalogue(settings: InferenceSettings) -> dict[str, CatalogueEntry]:
             raise ConfigError(f"PARLEY_MODELS_FILE={settings.models_file}: expected a JSON list of models")
     entries: dict[str, CatalogueEntry] = {}
     for item in raw:
+        if isinstance(item, dict) and item.get("engine") == "remote":
+            item = _remote_entry(item)
         try:
             entry = CatalogueEntry(**item)
         except TypeError as exc:
             raise ConfigError(f"model entry {item!r}: {exc}") from None
         if not MODEL_ID.match(entry.id):
             raise ConfigError(f"model id {entry.id!r}: use letters, digits, '.', '_' and '-'")
-        if entry.engine not in ("auto", "llama.cpp", "torch"):
-            raise ConfigError(f"model {entry.id}: engine must be auto, llama.cpp or torch")
+        if entry.engine not in ("auto", "llama.cpp", "torch", "remote"):
+            raise ConfigError(f"model {entry.id}: engine must be auto, llama.cpp, torch or remote")
         if entry.task not in TASKS:
             raise ConfigError(f"model {entry.id}: task must be chat or embedding")
-        if entry.task == EMBEDDING and entry.engine == "llama.cpp":
+        if entry.task == EMBEDDING and entry.engine in ("llama.cpp", "remote"):
             raise ConfigError(f"model {entry.id}: embedding models run on the torch engine")
         entries[entry.id] = entry
     if settings.default_model not in entries:
@@ -134,6 +166,12 @@ class ModelRecord:
     @property
     def memory_mib(self) -> int:
         return self.engine.memory_mib() if self.engine is not None else 0
+
+    def status(self) -> tuple[str, str]:
+        """The state and error to report: a loaded remote model whose upstreams all failed their
+        health check is failed, with their reasons, until one recovers."""
+        failure = self.engine.failure() if self.state == "ready" and isinstance(self.engine, Engine) else ""
+        return ("failed", failure) if failure else (self.state, self.error)
 
 
 class ModelRegistry:
@@ -248,6 +286,9 @@ class ModelRegistry:
                                   "embedding model (GET /v1/models lists each model's task)")
         if record.state != "ready":
             record = await self.load(record.entry.id)
+        state, error = record.status()
+        if state == "failed":
+            raise Unavailable(f"model {record.entry.id!r} is unavailable: {error}")
         record.active += 1
         record.last_used = time.monotonic()
         return record
@@ -266,7 +307,9 @@ class ModelRegistry:
             await asyncio.sleep(min(30.0, keep / 2))
             now = time.monotonic()
             for record in list(self.records.values()):
-                if record.state == "ready" and record.active == 0 and now - record.last_used > keep:
+                # A remote model holds no memory here: it stays loaded, its upstreams' health checked.
+                if record.state == "ready" and record.active == 0 and now - record.last_used > keep \
+                        and record.entry.engine != "remote":
                     log.info("unloading idle model", extra={"fields": {"model": record.entry.id}})
                     await self.unload(record.entry.id)
 

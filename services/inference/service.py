@@ -19,6 +19,7 @@ from services.core import structured
 from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.core.structured import PLAIN, Structure
 from services.inference.engines.base import Chunk, Sampling
+from services.inference.engines.remote import Chat
 from services.inference import fitting, offloop
 from services.inference.fitting import Fit
 from services.inference.metrics import GenerationTelemetry
@@ -194,15 +195,25 @@ class GenerationService:
         validate_messages(messages, prompt, structure)
         if fit is not None and not messages:
             raise InvalidArgument("fitting a chat to the context window needs messages, not a raw prompt")
-        sampling = replace(sampling, grammar=grammar_for(structure))
         record = await self.registry.acquire(model_id)
         try:
             engine = record.engine
             assert engine is not None
+            if not engine.sends_chat:
+                sampling = replace(sampling, grammar=grammar_for(structure))  # a remote upstream has its own
             dropped = 0
+            counting: asyncio.Future[list[int]] | None = None
+            sent = messages  # the chat a remote engine sends: fitted, when asked
             # Template rendering and tokenizing block; keep them off the loop that streams other requests,
             # bounded before they start and stopped when the caller leaves (offloop).
-            if fit is None:
+            if fit is None and engine.sends_chat:
+                # The upstream starts on the chat while its tokens are counted here (for the usage when
+                # the upstream sends none); its own context limit applies (its 400 is a 400).
+                self._check_characters(record, messages, prompt)
+                counting = asyncio.ensure_future(offloop.run(engine.prompt_tokens, messages, prompt, structure))
+                counting.add_done_callback(lambda done: done.cancelled() or done.exception())
+                tokens: list[int] = []
+            elif fit is None:
                 self._check_characters(record, messages, prompt)
                 tokens = await offloop.run(engine.prompt_tokens, messages, prompt, structure)
                 if len(tokens) >= engine.context_length:
@@ -217,22 +228,30 @@ class GenerationService:
                 kept, dropped = fitting.within_characters(messages, fit.keep_last, limit, what)
                 fitted = await offloop.run(engine.fitted_prompt, kept, structure, allowed, fit.keep_last)
                 tokens, dropped = fitted.tokens, dropped + fitted.dropped
+                sent = fitting.kept(kept, fitted.dropped)
             engine.check_sampling(sampling)
             deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-            request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs)
+            chat = Chat(sent, prompt, structure)
+            request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs, chat=chat)
             try:
                 if report_queue:
                     async with contextlib.aclosing(queue_places(engine, request)) as places:
                         async for place in places:
                             yield place
+                await engine.admit(request)
+                if counting is not None:
+                    tokens = await counting
+                    request.usage.prompt_tokens = len(tokens)
                 yield Admitted(record, len(tokens), dropped)
                 chunks = engine.stream(request)
-                if structure.calls_tools:
+                if structure.calls_tools and not engine.returns_tool_calls:
                     chunks = with_tool_calls(chunks, structure)
                 async with contextlib.aclosing(chunks) as stream:
                     async for chunk in stream:
                         yield chunk
             finally:
                 request.cancelled = True  # the engine drops it at its next step, however this ended
+                if counting is not None:
+                    counting.cancel()  # stops the count too (offloop), when the caller left first
         finally:
             self.registry.done(record)

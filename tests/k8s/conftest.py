@@ -17,8 +17,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-OVERLAYS = ("cpu", "gpu", "dev", "kind")
-SCALED_OUT = ("cpu", "gpu", "kind")  # auth and session on PostgreSQL, several replicas each
+OVERLAYS = ("cpu", "gpu", "dev", "kind", "vllm")
+SCALED_OUT = ("cpu", "gpu", "kind", "vllm")  # auth and session on PostgreSQL, several replicas each
 DESCRIPTOR = ROOT / "build" / "parley.pb"
 
 

@@ -30,6 +30,9 @@ ALLOWED_CALLS = {
     ("inference", "auth"), ("inference", "cache"),
     ("cache", "auth"), ("cache", "redis"),
 }
+# The vllm overlay adds vLLM, which only the inference service (in remote mode) calls.
+VLLM_PORTS = {"vllm": 8000}
+VLLM_CALLS = {("inference", "vllm")}
 OUTSIDE = "outside"  # a pod in another namespace, or an ingress controller
 
 
@@ -53,7 +56,8 @@ def env_of(container: dict[str, Any], render: Render) -> dict[str, str]:
 
 def test_overlay_renders_every_service(render: Render) -> None:
     deployments = {d["metadata"]["name"] for d in render.of_kind("Deployment")}
-    assert deployments == {"auth", "session", "cache", "inference", "gateway"}
+    extra = {"vllm"} if render.overlay == "vllm" else set()
+    assert deployments == {"auth", "session", "cache", "inference", "gateway", *extra}
     in_cluster_database = {"postgres"} if render.overlay == "kind" else set()
     assert {s["metadata"]["name"] for s in render.of_kind("StatefulSet")} == {"redis", *in_cluster_database}
     services = {s["metadata"]["name"] for s in render.of_kind("Service")}
@@ -219,13 +223,14 @@ def _allows(policies: list[dict[str, Any]], pod: str, direction: str, peer: str,
 
 def test_network_policies_allow_exactly_the_calls_each_service_needs(render: Render) -> None:
     policies = render.of_kind("NetworkPolicy")
-    pods = list(PORTS)
+    ports = {**PORTS, **(VLLM_PORTS if render.overlay == "vllm" else {})}
+    pods = list(ports)
     allowed = {
         (src, dst) for src in pods for dst in pods if src != dst
-        if _allows(policies, src, "Egress", dst, PORTS[dst]) and _allows(policies, dst, "Ingress", src, PORTS[dst])
+        if _allows(policies, src, "Egress", dst, ports[dst]) and _allows(policies, dst, "Ingress", src, ports[dst])
     }
-    assert allowed == ALLOWED_CALLS
-    reachable_from_outside = {dst for dst in pods if _allows(policies, dst, "Ingress", OUTSIDE, PORTS[dst])}
+    assert allowed == ALLOWED_CALLS | (VLLM_CALLS if render.overlay == "vllm" else set())
+    reachable_from_outside = {dst for dst in pods if _allows(policies, dst, "Ingress", OUTSIDE, ports[dst])}
     assert reachable_from_outside == {"gateway"}
     # Pods resolve Service names, and may reach nothing else outside the namespace.
     assert all(_allows(policies, pod, "Egress", OUTSIDE, 53) for pod in pods)
@@ -331,3 +336,42 @@ def test_dev_overlay_runs_one_replica_with_small_limits(renders: dict[str, Rende
             limit = container["resources"]["limits"]["memory"]
             assert int(limit[:-2]) * memory[limit[-2:]] <= 1024, f"{workload['metadata']['name']}: {limit}"
     assert [c["metadata"]["name"] for c in render.of_kind("PersistentVolumeClaim")] == ["auth-data", "session-data"]
+
+
+def test_vllm_overlay_runs_inference_in_remote_mode_in_front_of_vllm_on_a_gpu(renders: dict[str, Render],
+                                                                             tmp_path: Path) -> None:
+    from services.inference.registry import load_catalogue
+    from services.inference.settings import InferenceSettings
+
+    render = renders["vllm"]
+    (inference,) = containers(render.get("Deployment", "inference"))
+    env = env_of(inference, render)
+    pod = render.get("Deployment", "inference")["spec"]["template"]["spec"]
+    (catalogue,) = [v for v in pod["volumes"] if v["name"] == "catalogue"]
+    files = render.get("ConfigMap", catalogue["configMap"]["name"])["data"]
+    (mount,) = [m for m in inference["volumeMounts"] if m["name"] == "catalogue"]
+    assert env["PARLEY_MODELS_FILE"] == f"{mount['mountPath']}/models.json"
+    # The catalogue loads as the service would load it, and its default model is a remote one on vLLM.
+    (tmp_path / "models.json").write_text(files["models.json"])
+    entries = load_catalogue(InferenceSettings(models_file=tmp_path / "models.json",
+                                               default_model=env["PARLEY_DEFAULT_MODEL"]))
+    model = entries[env["PARLEY_DEFAULT_MODEL"]]
+    assert model.engine == "remote"
+    host_port = model.source.split("//", 1)[1].split("/", 1)[0]
+    host, port = host_port.split(":")
+    assert render.get("Service", host)["spec"]["ports"][0]["port"] == int(port)
+    # Parley holds no weights: a small CPU pod, no GPU.
+    assert "nvidia.com/gpu" not in inference["resources"]["limits"]
+    (vllm,) = containers(render.get("Deployment", "vllm"))
+    assert vllm["image"].startswith("vllm/vllm-openai:") and not vllm["image"].endswith(":latest")
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert f"--served-model-name={model.params['model']}" in vllm["args"]
+    assert f"--port={port}" in vllm["args"]
+    vllm_pod = render.get("Deployment", "vllm")["spec"]["template"]["spec"]
+    (models,) = [v for v in vllm_pod["volumes"] if v["name"] == "models"]
+    assert models["persistentVolumeClaim"] == {"claimName": "inference-models", "readOnly": True}
+    assert vllm_env(vllm)["HF_HUB_OFFLINE"] == "1"  # weights come from the volume, never a hub
+
+
+def vllm_env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}

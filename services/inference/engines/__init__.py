@@ -28,6 +28,10 @@ def engine_class(name: str, task: str = CHAT) -> type[Engine] | type[EmbeddingEn
         from services.inference.engines.torch_engine import TorchEngine
 
         return TorchEngine
+    if name == "remote":
+        from services.inference.engines.remote import RemoteEngine
+
+        return RemoteEngine
     raise EngineError(f"unknown engine {name!r}")
 
 

@@ -90,6 +90,8 @@ class Engine(LoadedModel):
     # What the engine's scheduler can do beyond one plain choice per request.
     supports_choices = False  # n > 1
     supports_logprobs = False
+    returns_tool_calls = False  # tool calls come parsed (a remote engine's upstream); else they are parsed from the text
+    sends_chat = False  # takes the chat itself (a remote engine), not its tokens: grammars and the context limit are its own
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
         super().__init__(model_id, path, settings, params)
@@ -109,6 +111,11 @@ class Engine(LoadedModel):
 
     def info(self) -> dict[str, Any]:
         return {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length}
+
+    def failure(self) -> str:
+        """Why the loaded engine cannot serve now (a remote engine whose upstreams all failed their
+        health check); empty when it can."""
+        return ""
 
     # --- text <-> tokens -------------------------------------------------------------------
     @abstractmethod
@@ -204,9 +211,10 @@ class Engine(LoadedModel):
                                       f"({self.vocab_size} tokens)")
 
     def submit(self, prompt: list[int], sampling: Sampling, started: float, deadline: float | None = None,
-               *, n: int = 1, top_logprobs: int | None = None) -> Request:
+               *, n: int = 1, top_logprobs: int | None = None, chat: Any = None) -> Request:
         """Admits a request: it is queued or running when this returns. Raises ResourceExhausted
-        when the engine's queue is full. The caller streams it with `stream`."""
+        when the engine's queue is full. The caller awaits `admit`, then streams it with `stream`.
+        `chat` (engines.remote.Chat) is for engines that send the chat rather than its tokens."""
         if n > 1 and not self.supports_choices:
             raise InvalidArgument(f"n > 1 is not supported by the {self.engine_name} engine")
         if top_logprobs is not None and not self.supports_logprobs:
@@ -216,6 +224,10 @@ class Engine(LoadedModel):
                           detokenize=self._detokenize, is_end=self._is_end, n=n, top_logprobs=top_logprobs)
         self._submit(request)
         return request
+
+    async def admit(self, request: Request) -> None:
+        """Waits until the engine has taken the request: local engines have when `submit` returns; a
+        remote one once its upstream has answered (its errors are raised here, before any chunk)."""
 
     @staticmethod
     async def stream(request: Request) -> AsyncIterator[Chunk]:
@@ -232,6 +244,7 @@ class Engine(LoadedModel):
                        *, n: int = 1, top_logprobs: int | None = None) -> AsyncIterator[Chunk]:
         """`submit` and `stream` in one."""
         request = self.submit(prompt, sampling, started, deadline, n=n, top_logprobs=top_logprobs)
+        await self.admit(request)
         async with contextlib.aclosing(self.stream(request)) as chunks:
             async for chunk in chunks:
                 yield chunk

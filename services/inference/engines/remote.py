@@ -1,0 +1,581 @@
+"""A remote engine: the model runs on OpenAI-compatible servers (vLLM, llama-server, TGI, Ollama) and
+Parley stays in front of them — accounts, rate limits, the response cache, conversations, metrics.
+
+Catalogue entry: {"id": "...", "engine": "remote", "source": "http://host:port/v1" (or a list of such
+URLs: replicas of one model), "params": {"model": "<upstream model name; default: the id>",
+"api_key_env": "<env var holding the upstream's key>", "timeout_seconds": 60,
+"health_interval_seconds": 5, "tokenizer": "<GGUF path or package:... whose vocabulary and chat
+template count prompts; default: an estimate>"}}.
+
+One pooled HTTP client per model streams `POST /chat/completions` (a raw prompt, the legacy
+completions API, `POST /completions`). Errors map to Parley's codes:
+upstream 429 is RESOURCE_EXHAUSTED with its Retry-After, 400/422 INVALID_ARGUMENT with its message,
+5xx, timeouts and unreachable servers UNAVAILABLE naming the model. A caller that leaves closes the
+upstream response (and its connection) at once; the upstream sees the disconnect and stops.
+
+Replicas: each request goes to the healthy upstream with the fewest requests outstanding, except that
+a conversation (recognised by its opening messages, which every turn resends) sticks to the upstream
+that served it, where its prefix is cached. A periodic `GET /models` marks each upstream healthy or
+failed; a failed one is skipped until a check succeeds, and a request that cannot connect tries the
+next one. The model reports failed (with the reasons) only when every upstream has failed.
+
+Prompt tokens are counted here only to check the context window, fit long chats and meter requests
+whose upstream sends no usage: exactly with `params.tokenizer` (the same GGUF the upstream serves, or
+one with the same vocabulary), otherwise estimated at 4 UTF-8 bytes a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from services.core import telemetry
+from services.core.errors import InvalidArgument, ParleyError, ResourceExhausted, Unavailable
+from services.core.structured import PLAIN, Structure, ToolCall
+from services.inference import metrics
+from services.inference.engines.base import Chunk, Engine, EngineError, Request, Sampling, Usage
+from services.inference.hardware import EngineSettings
+from services.inference.structured import call_json, tools_json
+
+log = logging.getLogger("parley.remote")
+
+AFFINITY_ENTRIES = 65_536  # conversations remembered for session affinity
+BYTES_PER_TOKEN = 4  # the estimate without a tokenizer
+FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
+          "content_filter": "stop", "eos": "stop"}
+
+
+def upstream_urls(source: str) -> list[str]:
+    """The base URLs of a remote model's source: one URL or several separated by commas."""
+    return [u.strip().rstrip("/") for u in source.split(",") if u.strip()]
+
+
+@dataclass
+class Chat:
+    """What a remote engine sends instead of tokens: the (fitted) chat or raw prompt, its structure,
+    and the key that keeps a conversation on one upstream."""
+
+    messages: Sequence[dict[str, Any]]
+    prompt: str = ""
+    structure: Structure = PLAIN
+
+
+@dataclass
+class Upstream:
+    url: str
+    outstanding: int = 0
+    healthy: bool = True
+    reason: str = ""
+    checked: float = 0.0
+
+
+@dataclass
+class RemoteRequest:
+    """One request to an upstream: what to send, then the open response being read."""
+
+    body: dict[str, Any]
+    affinity: str
+    started: float
+    deadline: float | None
+    upstream: Upstream | None = None
+    response: httpx.Response | None = None
+    span: Any = None
+    usage: Usage = field(default_factory=Usage)
+    ended: bool = False  # the upstream call's bookkeeping is done
+    release: Any = None  # the engine's clean-up, once the request was admitted
+    _cancelled: bool = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        """The caller is done with it: an open response is closed now (the upstream stops)."""
+        self._cancelled = value
+        if value and not self.ended and self.release is not None:
+            asyncio.ensure_future(self.release(self, "cancelled", ""))
+
+
+class RemoteEngine(Engine):
+    engine_name = "remote"
+    returns_tool_calls = True  # the upstream parses its own tool calls
+    sends_chat = True
+    transport: httpx.AsyncBaseTransport | None = None  # unit tests hand in httpx.MockTransport
+
+    def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
+        super().__init__(model_id, path, settings, params)
+        self.upstreams = [Upstream(u) for u in upstream_urls(path)]
+        self.remote_model = str(params.get("model") or model_id)
+        self.timeout = float(params.get("timeout_seconds", 60))
+        self.health_interval = float(params.get("health_interval_seconds", 5))
+        self._key_env = params.get("api_key_env") or ""
+        self._client: httpx.AsyncClient | None = None
+        self._checker: asyncio.Task[None] | None = None
+        self._affinity: OrderedDict[str, Upstream] = OrderedDict()
+        self._text: Any = None  # a GGUF vocabulary and chat template, when params.tokenizer names one
+        self._running = 0
+
+    # --- life cycle ----------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Opens the connection pool and checks the upstreams; fails when none answers."""
+        if not self.upstreams:
+            raise EngineError(f"model {self.model_id}: no upstream URL in its source")
+        headers = {}
+        if self._key_env:
+            key = os.environ.get(self._key_env)
+            if not key:
+                raise EngineError(f"model {self.model_id}: the environment variable {self._key_env} "
+                                  "(params.api_key_env) holding the upstream's key is not set")
+            headers["authorization"] = f"Bearer {key}"
+        if self.params.get("tokenizer"):
+            self._text = await asyncio.to_thread(GgufText, self.params["tokenizer"])
+            self.vocab_size = self._text.vocab_size
+        self._client = httpx.AsyncClient(
+            transport=self.transport, headers=headers, timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        await self.check()
+        if not any(u.healthy for u in self.upstreams):
+            reasons = self.failure()
+            await self.close()
+            raise EngineError(reasons)
+        self._checker = asyncio.create_task(self._check_periodically())
+
+    async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            self._checker = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self._text is not None:
+            await asyncio.to_thread(self._text.close)
+            self._text = None
+
+    def _load(self) -> None:  # pragma: no cover - load() is overridden: nothing to load in a thread
+        raise NotImplementedError
+
+    def _close(self) -> None:  # pragma: no cover - close() is overridden
+        raise NotImplementedError
+
+    @classmethod
+    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
+        return 0  # the weights live on the upstream
+
+    async def check(self) -> None:
+        """One round of health checks: GET /models on every upstream, concurrently."""
+        await asyncio.gather(*(self._check(u) for u in self.upstreams))
+
+    async def _check(self, upstream: Upstream) -> None:
+        assert self._client is not None
+        try:
+            answer = await self._client.get(f"{upstream.url}/models", timeout=min(5.0, self.timeout))
+            if answer.status_code != 200:
+                raise EngineError(f"GET /models answered {answer.status_code}")
+            served = [m.get("id") for m in answer.json().get("data", [])]
+            if served and self.remote_model not in served:
+                raise EngineError(f"it serves {', '.join(map(str, served))}, not {self.remote_model}")
+            for m in answer.json().get("data", []):
+                if m.get("id") == self.remote_model:
+                    self._learn_context(m)
+            if not upstream.healthy:
+                log.info("upstream recovered", extra={"fields": {"model": self.model_id, "upstream": upstream.url}})
+            upstream.healthy, upstream.reason = True, ""
+        except (httpx.HTTPError, EngineError, ValueError, AttributeError) as exc:
+            self._mark_failed(upstream, _describe(exc))
+        upstream.checked = time.monotonic()
+
+    def _learn_context(self, model: dict[str, Any]) -> None:
+        """The context window: the configured one (the catalogue's context_length, else
+        PARLEY_CONTEXT_LENGTH), at most what the upstream's model list says (vLLM: max_model_len;
+        llama-server: meta.n_ctx_train), as the llama.cpp engine caps it at the model's own."""
+        size = model.get("max_model_len") or (model.get("meta") or {}).get("n_ctx_train")
+        if isinstance(size, int) and size > 0:
+            self.context_length = min(self.settings.context_length, size)
+
+    def _mark_failed(self, upstream: Upstream, reason: str) -> None:
+        if upstream.healthy:
+            log.warning("upstream failed", extra={"fields": {"model": self.model_id, "upstream": upstream.url,
+                                                             "reason": reason}})
+        upstream.healthy, upstream.reason = False, reason
+        metrics.UPSTREAM_FAILURES.labels(self.model_id, upstream.url).inc()
+
+    async def _check_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            await self.check()
+
+    def failure(self) -> str:
+        if any(u.healthy for u in self.upstreams):
+            return ""
+        return "; ".join(f"upstream {u.url}: {u.reason}" for u in self.upstreams)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "upstreams": [{"url": u.url, "healthy": u.healthy, "reason": u.reason,
+                                                 "outstanding": u.outstanding} for u in self.upstreams],
+                "remote_model": self.remote_model}
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return 0  # the upstream queues
+
+    # --- counting ------------------------------------------------------------------------------
+    @property
+    def native_tools(self) -> bool:
+        return True  # tools travel to the upstream as they are
+
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> str:
+        if self._text is not None:
+            return self._text.render(messages, add_generation_prompt, tools)
+        text = "".join(f"{m['role']}\n{m.get('content') or ''}\n" for m in messages)
+        return text + (json.dumps(tools) if tools else "")
+
+    def _tokenize(self, text: str) -> list[int]:
+        if self._text is not None:
+            return self._text.tokenize(text)
+        return [0] * -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN)  # an estimate: only its length is used
+
+    def _detokenize(self, token: int) -> bytes:  # pragma: no cover - the upstream sends text
+        raise NotImplementedError
+
+    def _is_end(self, token: int) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        """The upstream validates what it accepts (logit_bias ids are its vocabulary's)."""
+
+    # --- generation ------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], sampling: Sampling, started: float, deadline: float | None = None,
+               *, n: int = 1, top_logprobs: int | None = None, chat: Chat | None = None) -> Request:
+        if n > 1:
+            raise InvalidArgument("n > 1 is not supported by the remote engine")
+        if top_logprobs is not None:
+            raise InvalidArgument("logprobs are not supported by the remote engine")
+        if chat is None:
+            raise InvalidArgument("the remote engine needs the chat, not tokens")
+        body = self._body(chat, sampling)
+        request = RemoteRequest(body, _affinity(chat), started, deadline)
+        request.usage.prompt_tokens = len(prompt)  # 0 when counting runs beside the upstream call
+        return request  # type: ignore[return-value]
+
+    def _submit(self, request: Request) -> None:  # pragma: no cover - submit is overridden
+        raise NotImplementedError
+
+    def _body(self, chat: Chat, sampling: Sampling) -> dict[str, Any]:
+        s = sampling
+        body: dict[str, Any] = {
+            "model": self.remote_model, "stream": True, "stream_options": {"include_usage": True},
+            "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+        }
+        if chat.messages:
+            body["messages"] = [_message_json(m) for m in chat.messages]
+        else:
+            body["prompt"] = chat.prompt  # the legacy completions API: no chat template
+        # Beyond OpenAI's parameters only what departs from the neutral value: vLLM and llama-server
+        # both accept top_k, min_p and repetition_penalty; others ignore or refuse what they lack.
+        for name, value, neutral in (("top_k", s.top_k, 0), ("min_p", s.min_p, 0.0),
+                                     ("repetition_penalty", s.repetition_penalty, 1.0),
+                                     ("presence_penalty", s.presence_penalty, 0.0),
+                                     ("frequency_penalty", s.frequency_penalty, 0.0)):
+            if value != neutral:
+                body[name] = value
+        if s.repetition_penalty != 1.0:
+            body["repeat_penalty"] = s.repetition_penalty  # llama-server's name
+        if s.seed is not None:
+            body["seed"] = s.seed
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in s.logit_bias}
+        st = chat.structure
+        if st.calls_tools:
+            body["tools"] = tools_json(st.tools)
+            body["tool_choice"] = ({"type": "function", "function": {"name": st.function}}
+                                   if st.tool_choice == "function" else st.tool_choice)
+            body["parallel_tool_calls"] = st.parallel
+        if st.format == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        elif st.format == "json_schema":
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "response", "schema": json.loads(st.schema)}}
+        return body
+
+    def _pick(self, affinity: str, tried: set[int]) -> Upstream | None:
+        """The conversation's upstream while it is healthy, else the healthy one with the fewest
+        requests outstanding."""
+        known = self._affinity.get(affinity)
+        if known is not None and known.healthy and id(known) not in tried:
+            self._affinity.move_to_end(affinity)
+            return known
+        candidates = [u for u in self.upstreams if u.healthy and id(u) not in tried]
+        if not candidates:
+            return None
+        chosen = min(candidates, key=lambda u: u.outstanding)
+        self._affinity[affinity] = chosen
+        self._affinity.move_to_end(affinity)
+        if len(self._affinity) > AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
+        return chosen
+
+    async def admit(self, request: RemoteRequest) -> None:  # type: ignore[override]
+        """Sends the request and waits for the upstream's answer to begin (its status), trying the
+        next upstream when one cannot be reached. Raises the mapped error otherwise."""
+        if self._client is None:
+            raise Unavailable(f"model {self.model_id!r} is not loaded")
+        tried: set[int] = set()
+        while True:
+            upstream = self._pick(request.affinity, tried)
+            if upstream is None:
+                raise Unavailable(f"model {self.model_id!r}: no upstream is reachable ("
+                                  f"{self.failure() or 'every upstream failed this request'})")
+            tried.add(id(upstream))
+            url = f"{upstream.url}/{'chat/completions' if 'messages' in request.body else 'completions'}"
+            span = telemetry.tracer().start_span(
+                f"POST {url}", kind=SpanKind.CLIENT,
+                attributes={"http.request.method": "POST", "url.full": url,
+                            "server.address": upstream.url, "gen_ai.request.model": self.remote_model,
+                            "parley.model": self.model_id})
+            headers: dict[str, str] = {}
+            propagate.inject(headers, context=trace.set_span_in_context(span))
+            upstream.outstanding += 1
+            try:
+                req = self._client.build_request("POST", url, json=request.body,
+                                                 headers=headers)
+                response = await self._client.send(req, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                self._end_upstream(upstream, span, "unreachable", _describe(exc))
+                self._mark_failed(upstream, _describe(exc))
+                continue  # nothing reached the upstream: another may serve it
+            except httpx.HTTPError as exc:
+                self._end_upstream(upstream, span, "error", _describe(exc))
+                raise Unavailable(f"model {self.model_id!r}: upstream {upstream.url} failed: {_describe(exc)}") from exc
+            except BaseException:
+                self._end_upstream(upstream, span, "cancelled", "")
+                raise
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code != 200:
+                await response.aread()
+                await response.aclose()
+                error = self._status_error(response)
+                self._end_upstream(upstream, span, str(response.status_code), error.message)
+                if response.status_code >= 500 and len(tried) < len(self.upstreams):
+                    continue  # an upstream in trouble: another may serve it
+                raise error
+            request.upstream, request.response, request.span = upstream, response, span
+            request.release = self._release
+            self._running += 1
+            return
+
+    async def _release(self, request: RemoteRequest, outcome: str, error: str) -> None:
+        """Closes the upstream response (the upstream sees the disconnect and stops) and ends the
+        call's span and metrics; once per request."""
+        if request.ended or request.upstream is None or request.response is None:
+            return
+        request.ended = True
+        self._running -= 1
+        self._end_upstream(request.upstream, request.span, outcome, error)
+        await request.response.aclose()
+
+    def _end_upstream(self, upstream: Upstream, span: Any, outcome: str, error: str) -> None:
+        upstream.outstanding -= 1
+        metrics.UPSTREAM_REQUESTS.labels(self.model_id, upstream.url, outcome).inc()
+        if error:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+
+    def _status_error(self, response: httpx.Response) -> ParleyError:
+        message = _error_message(response)
+        code = response.status_code
+        if code == 429:
+            retry = response.headers.get("retry-after")
+            try:
+                after = float(retry) if retry is not None else None
+            except ValueError:
+                after = None
+            return ResourceExhausted(f"model {self.model_id!r} is busy upstream: {message}", retry_after=after)
+        if code in (400, 413, 422):
+            return InvalidArgument(f"model {self.model_id!r} refused the request: {message}")
+        return Unavailable(f"model {self.model_id!r}: upstream answered {code}: {message}")
+
+    async def stream(self, request: RemoteRequest) -> AsyncIterator[Chunk]:  # type: ignore[override]
+        """The upstream's SSE stream as chunks. A stream cut before its end raises UNAVAILABLE (what
+        came before it was already yielded); the deadline ends it with "cancelled"."""
+        response, upstream = request.response, request.upstream
+        assert response is not None and upstream is not None
+        usage = request.usage
+        tick = metrics.token_timer(self.model_id)
+        calls: dict[int, dict[str, str]] = {}
+        reason: str | None = None
+        text: list[str] = []
+        upstream_usage: dict[str, Any] | None = None
+        outcome, error = "ok", ""
+        try:
+            # Silence longer than timeout_seconds is httpx's ReadTimeout; the deadline is checked per line.
+            async for line in response.aiter_lines():
+                if request.deadline is not None and time.monotonic() > request.deadline:
+                    reason, outcome = "cancelled", "deadline"
+                    break
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if event.get("error"):
+                    raise Unavailable(f"model {self.model_id!r}: upstream error: {_error_text(event['error'])}")
+                if event.get("usage"):
+                    upstream_usage = event["usage"]
+                for choice in event.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    piece = delta.get("content") or choice.get("text") or ""  # chat, or legacy completions
+                    for call in delta.get("tool_calls") or ():
+                        slot = calls.setdefault(int(call.get("index", 0)), {"id": "", "name": "", "arguments": ""})
+                        slot["id"] = call.get("id") or slot["id"]
+                        function = call.get("function") or {}
+                        slot["name"] += function.get("name") or ""
+                        slot["arguments"] += function.get("arguments") or ""
+                    if piece:
+                        if not text:
+                            usage.time_to_first_token_ms = (time.monotonic() - request.started) * 1000
+                        tick()
+                        text.append(piece)
+                        yield Chunk(text=piece)
+                    if choice.get("finish_reason"):
+                        reason = FINISH.get(choice["finish_reason"], "stop")
+            if reason is None:
+                raise Unavailable(f"model {self.model_id!r}: upstream {upstream.url} ended the answer early")
+            finished = [ToolCall(c["id"] or ToolCall.new_id(), c["name"], c["arguments"] or "{}")
+                        for _, c in sorted(calls.items())]
+            if finished and reason == "stop":
+                reason = "tool_calls"
+            self._usage(usage, upstream_usage, "".join(text), finished)
+            yield Chunk(finish_reason=reason, usage=usage, tool_calls=finished)
+        except (httpx.HTTPError, ValueError) as exc:
+            outcome, error = "cut", _describe(exc)
+            raise Unavailable(f"model {self.model_id!r}: upstream {upstream.url} failed mid-answer: {error}") from exc
+        except ParleyError as exc:
+            outcome, error = "cut", exc.message
+            raise
+        except BaseException:
+            outcome = "cancelled"
+            raise
+        finally:
+            if outcome == "ok" and reason is None:
+                outcome = "cancelled"  # the consumer left
+            await self._release(request, outcome, error)
+
+    def _usage(self, usage: Usage, given: dict[str, Any] | None, text: str, calls: list[ToolCall]) -> None:
+        """The upstream's usage when it sent one, else counted here."""
+        if given and given.get("completion_tokens") is not None:
+            usage.prompt_tokens = int(given.get("prompt_tokens") or usage.prompt_tokens)
+            usage.completion_tokens = int(given["completion_tokens"])
+            details = given.get("prompt_tokens_details") or {}
+            usage.cached_prompt_tokens = int(details.get("cached_tokens") or 0)
+            return
+        written = text + "".join(json.dumps(call_json(c)) for c in calls)
+        usage.completion_tokens = len(self._tokenize(written)) - len(self._tokenize(""))
+
+
+class GgufText:
+    """A GGUF's vocabulary and chat template, without its weights: exact prompt counts for a remote
+    model served from the same file (llama.cpp loads only the vocabulary)."""
+
+    def __init__(self, source: str) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+        from llama_cpp._logger import set_verbose
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from services.inference.engines.llama import CHATML
+        from services.inference.registry import resolve_source
+
+        path = resolve_source(source)
+        set_verbose(False)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        try:
+            self._model = _internals.LlamaModel(path_model=path, params=params, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"params.tokenizer: llama.cpp could not read {path}: {exc}") from exc
+        self.vocab_size = self._model.n_vocab()
+        metadata = self._model.metadata()
+        self._add_bos = str(metadata.get("tokenizer.ggml.add_bos_token")).lower() == "true"
+        template = metadata.get("tokenizer.chat_template") or CHATML
+        self._formatters = {flag: Jinja2ChatFormatter(template=template, add_generation_prompt=flag, eos_token="",
+                                                      bos_token="") for flag in (True, False)}
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+               tools: list[dict[str, Any]] | None) -> str:
+        try:
+            return self._formatters[add_generation_prompt](messages=list(messages), tools=tools).prompt
+        except ValueError as exc:
+            raise InvalidArgument(f"the chat does not fit the model's chat template: {exc}") from exc
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
+
+    def close(self) -> None:
+        self._model.close()
+
+
+def _message_json(m: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m["tool_calls"]]
+        if not out["content"]:
+            out["content"] = None
+    if m.get("tool_call_id"):
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
+
+
+def _affinity(chat: Chat) -> str:
+    """A conversation's key: its opening (the system prompt and first question), which each of its
+    turns resends; the upstream that served it holds that prefix in its cache."""
+    opening = []
+    for m in chat.messages:
+        opening.append(f"{m['role']}\x00{m.get('content') or ''}")
+        if m["role"] == "user":
+            break
+    return hashlib.blake2b("\x01".join(opening or [chat.prompt]).encode(), digest_size=12).hexdigest()
+
+
+def _describe(exc: BaseException) -> str:
+    kind = type(exc).__name__
+    text = str(exc)
+    return f"{kind}: {text}" if text else kind
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    if isinstance(body, dict) and "error" in body:
+        return _error_text(body["error"])[:300]
+    return str(body)[:300]

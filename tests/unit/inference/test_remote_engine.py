@@ -1,0 +1,235 @@
+"""The remote engine's own logic in-process: the catalogue entry, what it sends upstream, balancing with
+session affinity, failover and error mapping. httpx.MockTransport plays the upstreams here; the real
+ones (llama-server through Envoy) are in tests/integration/test_remote_api.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.core import config
+from services.core.config import ConfigError
+from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.core.structured import Tool, make_structure
+from services.inference.engines.remote import Chat, RemoteEngine
+from services.inference.engines.sequence import Sampling
+from services.inference.hardware import probe
+from services.inference.registry import ModelRegistry, load_catalogue
+from services.inference.service import Admitted, GenerationService, SamplingInput
+from services.inference.settings import InferenceSettings
+
+A, B = "http://a.test/v1", "http://b.test/v1"
+
+
+def settings_with(tmp_path: Path, entries: list[dict]) -> InferenceSettings:
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(entries))
+    return config.load(InferenceSettings, {"PARLEY_MODELS_FILE": str(path), "PARLEY_DEFAULT_MODEL": entries[0]["id"],
+                                           "PARLEY_CONTEXT_LENGTH": "1024"})
+
+
+def sse(*events: dict, done: bool = True) -> bytes:
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+    return (body + ("data: [DONE]\n\n" if done else "")).encode()
+
+
+def answer(text: str = "Hello there", usage: dict | None = None, done: bool = True) -> bytes:
+    words = [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
+             for w in re.findall(r"\S+\s*", text)]
+    end = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    tail = [{"choices": [], "usage": usage}] if usage else []
+    return sse(*words, end, *tail, done=done)
+
+
+class Upstreams:
+    """Mock upstreams by host: what each answers, and the requests each received."""
+
+    def __init__(self) -> None:
+        self.down: set[str] = set()
+        self.reply: dict[str, httpx.Response] = {}
+        self.seen: list[tuple[str, dict]] = []
+        self.paths: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if host in self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "up-model", "max_model_len": 512}]})
+        self.seen.append((host, json.loads(request.content)))
+        self.paths.append(request.url.path)
+        reply = self.reply.get(host)
+        if reply is not None:
+            return reply
+        if request.url.path.endswith("/v1/completions"):
+            return httpx.Response(200, content=sse({"choices": [{"index": 0, "text": " Paris.", "finish_reason": None}]},
+                                                   {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}))
+        return httpx.Response(200, content=answer(usage={"prompt_tokens": 9, "completion_tokens": 2}),
+                              headers={"content-type": "text/event-stream"})
+
+
+@pytest.fixture
+def upstreams(monkeypatch: pytest.MonkeyPatch) -> Upstreams:
+    mock = Upstreams()
+    monkeypatch.setattr(RemoteEngine, "transport", httpx.MockTransport(mock))
+    return mock
+
+
+def remote_registry(tmp_path: Path, sources: list[str], **params: object) -> tuple[ModelRegistry, GenerationService]:
+    settings = settings_with(tmp_path, [{"id": "far", "engine": "remote", "source": sources,
+                                         "params": {"model": "up-model", "health_interval_seconds": 60, **params}}])
+    registry = ModelRegistry(settings, probe())
+    return registry, GenerationService(registry, settings)
+
+
+async def run(generation: GenerationService, content: str = "Hi", **given: object) -> tuple[Admitted, str, list]:
+    items = [item async for item in generation.generate("far", [{"role": "user", "content": content}], "",
+                                                        SamplingInput(**given))]
+    admitted, chunks = items[0], items[1:]
+    return admitted, "".join(c.text for c in chunks), chunks
+
+
+def test_catalogue_takes_remote_models_and_refuses_what_cannot_work(tmp_path: Path) -> None:
+    entries = load_catalogue(settings_with(tmp_path, [
+        {"id": "far", "engine": "remote", "source": [A, B], "params": {"model": "m", "timeout_seconds": 30}}]))
+    assert entries["far"].source == f"{A},{B}" and entries["far"].fingerprint() == "remote:m-0"
+    for bad, message in (({"source": "/models/x.gguf"}, "base URL"),
+                         ({"source": A, "params": {"timeout_seconds": 0}}, "timeout_seconds"),
+                         ({"source": A, "task": "embedding"}, "embedding")):
+        with pytest.raises(ConfigError, match=message):
+            load_catalogue(settings_with(tmp_path, [{"id": "far", "engine": "remote", **bad}]))
+
+
+async def test_the_request_forwards_sampling_and_structure(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, generation = remote_registry(tmp_path, [A])
+    admitted, text, chunks = await run(generation, temperature=0.2, top_p=0.9, seed=7, max_tokens=20,
+                                       stop=["END"], repetition_penalty=1.1)
+    assert text == "Hello there" and chunks[-1].finish_reason == "stop"
+    # The upstream's usage is what counts; the prompt was counted here (an estimate) before it ran.
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (9, 2)
+    assert admitted.prompt_tokens > 0
+    body = upstreams.seen[-1][1]
+    assert body["model"] == "up-model" and body["messages"] == [{"role": "user", "content": "Hi"}]
+    assert (body["temperature"], body["top_p"], body["seed"], body["max_tokens"], body["stop"]) == (0.2, 0.9, 7, 20, ["END"])
+    assert body["repetition_penalty"] == 1.1 and body["stream"] is True
+    engine = registry.records["far"].engine
+    assert isinstance(engine, RemoteEngine) and engine.context_length == 512  # capped by the upstream's max_model_len
+    tool = Tool("get_weather", "", json.dumps({"type": "object", "properties": {"city": {"type": "string"}}}))
+    structure = make_structure([tool], "function", "get_weather")
+    sent = engine._body(Chat([{"role": "user", "content": "x"}], structure=structure), Sampling())
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert sent["tools"][0]["function"]["parameters"]["properties"]["city"] == {"type": "string"}
+    schema = make_structure([], format="json_schema", schema=json.dumps({"type": "object"}))
+    assert engine._body(Chat([], "x", schema), Sampling())["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    await registry.close()
+
+
+async def test_a_raw_prompt_goes_to_the_legacy_completions_endpoint(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, generation = remote_registry(tmp_path, [A])
+    items = [i async for i in generation.generate("far", [], "The capital of France is", SamplingInput(max_tokens=3))]
+    assert "".join(i.text for i in items[1:]) == " Paris." and items[-1].finish_reason == "length"
+    assert upstreams.paths[-1] == "/v1/completions" and upstreams.seen[-1][1]["prompt"] == "The capital of France is"
+    assert items[-1].usage.completion_tokens == 2  # counted here: the upstream sent no usage
+    await registry.close()
+
+
+async def test_usage_is_counted_when_the_upstream_sends_none(tmp_path: Path, upstreams: Upstreams) -> None:
+    upstreams.reply["a.test"] = httpx.Response(200, content=answer("one two three four"))
+    registry, generation = remote_registry(tmp_path, [A])
+    _, text, chunks = await run(generation)
+    assert text == "one two three four" and chunks[-1].usage.completion_tokens == 5  # 18 bytes at 4 a token
+    await registry.close()
+
+
+async def test_upstream_errors_map_to_parley_codes(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, generation = remote_registry(tmp_path, [A])
+    upstreams.reply["a.test"] = httpx.Response(429, json={"error": {"message": "slow down"}}, headers={"retry-after": "7"})
+    with pytest.raises(ResourceExhausted, match="slow down") as busy:
+        await run(generation)
+    assert busy.value.retry_after == 7
+    upstreams.reply["a.test"] = httpx.Response(400, json={"error": {"message": "bad stop"}})
+    with pytest.raises(InvalidArgument, match="bad stop"):
+        await run(generation)
+    upstreams.reply["a.test"] = httpx.Response(502, text="bad gateway")
+    with pytest.raises(Unavailable, match="'far'.*502"):
+        await run(generation)
+    # A stream cut before its end is an error after what came before it.
+    upstreams.reply["a.test"] = httpx.Response(200, content=sse(
+        {"choices": [{"index": 0, "delta": {"content": "partial"}, "finish_reason": None}]}, done=False))
+    received = []
+    with pytest.raises(Unavailable, match="ended the answer early"):
+        async for item in generation.generate("far", [{"role": "user", "content": "Hi"}], "", SamplingInput()):
+            received.append(item)
+    assert received[-1].text == "partial"
+    assert registry.records["far"].engine.upstreams[0].outstanding == 0
+    await registry.close()
+
+
+async def test_least_outstanding_with_affinity_and_failover(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, generation = remote_registry(tmp_path, [A, B])
+    await registry.load("far")
+    engine = registry.records["far"].engine
+    assert isinstance(engine, RemoteEngine)
+    a, b = engine.upstreams
+    # Least outstanding requests: a busy upstream gets the next new conversation's opposite.
+    a.outstanding = 3
+    assert engine._pick("conversation-1", set()) is b
+    a.outstanding, b.outstanding = 0, 5
+    assert engine._pick("conversation-2", set()) is a
+    # A conversation sticks to its upstream however busy it is, while that one is healthy.
+    assert engine._pick("conversation-1", set()) is b
+    # Whole turns: the same opening messages land on the same upstream.
+    b.outstanding = 0
+    for _ in range(3):
+        await run(generation, "Same opening")
+    assert len({host for host, _ in upstreams.seen}) == 1
+    # An upstream that refuses connections is skipped at once, marked failed, and its twin serves.
+    first = upstreams.seen[-1][0]
+    upstreams.down.add(first)
+    _, text, _ = await run(generation, "Same opening")
+    assert text == "Hello there" and upstreams.seen[-1][0] != first
+    failed = a if first == "a.test" else b
+    assert not failed.healthy and "ConnectError" in failed.reason
+    assert registry.records["far"].status() == ("ready", "")
+    # Both down: failed with the reasons, and requests are refused at once.
+    upstreams.down.update({"a.test", "b.test"})
+    await engine.check()
+    state, reason = registry.records["far"].status()
+    assert state == "failed" and A in reason and B in reason
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="'far'"):
+        await run(generation)
+    assert time.monotonic() - started < 1
+    # A health check that succeeds brings them back.
+    upstreams.down.clear()
+    await engine.check()
+    assert registry.records["far"].status() == ("ready", "")
+    await registry.close()
+
+
+async def test_no_upstream_at_load_fails_the_model_with_the_reason(tmp_path: Path, upstreams: Upstreams) -> None:
+    upstreams.down.add("a.test")
+    registry, generation = remote_registry(tmp_path, [A])
+    with pytest.raises(Unavailable, match="far.*a.test"):
+        await run(generation)
+    assert registry.records["far"].state == "failed" and "a.test" in registry.records["far"].error
+    upstreams.down.clear()
+    _, text, _ = await run(generation)  # the next request loads it again
+    assert text == "Hello there"
+    await registry.close()
+
+
+async def test_a_missing_api_key_variable_is_named(tmp_path: Path, upstreams: Upstreams,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FAR_KEY", raising=False)
+    registry, generation = remote_registry(tmp_path, [A], api_key_env="FAR_KEY")
+    with pytest.raises(Unavailable, match="FAR_KEY"):
+        await run(generation)
+    monkeypatch.setenv("FAR_KEY", "s3cret")
+    await run(generation)
+    await registry.close()
