@@ -5,6 +5,7 @@ calls and their results)."""
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 import uuid
@@ -232,6 +233,38 @@ def test_client_disconnect_keeps_the_partial_answer_as_incomplete(http: httpx.Cl
     assert answer["content"].startswith(received) and len(answer["content"]) < 2000
     # The session is free again at once.
     assert "done" in chat(http, user, sid, "Shorter, please.", sampling={"max_tokens": 2})[-1]
+
+
+def test_streams_closed_at_random_points_keep_every_delivered_character(http: httpx.Client, base_url: str,
+                                                                         user: Caller) -> None:
+    """Issue 20: a client that leaves at any point (before the first word, mid-answer, between two
+    events) finds all it received stored, and the answer marked incomplete."""
+    rng = random.Random(20)
+    cuts = [0, *(rng.randint(1, 40) for _ in range(5))]  # deltas received before the client leaves
+    received: dict[str, str] = {}
+    for cut in cuts:
+        sid = create_session(http, user)["id"]
+        received[sid] = ""
+        with httpx.Client(base_url=base_url, timeout=120) as own, own.stream(
+                "POST", f"/v1/sessions/{sid}:chat", headers=user.headers,
+                json={"content": f"Tell a long story about ship {cut}.", "sampling": {"max_tokens": 400}}) as response:
+            deltas = 0
+            for event in iter_events(response):
+                if deltas >= cut and ("delta" in event or "start" in event):
+                    break
+                if "delta" in event:
+                    received[sid] += event["delta"]["text"]
+                    deltas += 1
+    for sid, text in received.items():
+        deadline = time.monotonic() + 30
+        while True:
+            answer = messages(http, user, sid)[-1]
+            saved = answer["role"] == "MESSAGE_ROLE_ASSISTANT" and answer["status"] == "MESSAGE_STATUS_INCOMPLETE"
+            if saved and answer["content"].startswith(text) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert answer["role"] == "MESSAGE_ROLE_ASSISTANT" and answer["status"] == "MESSAGE_STATUS_INCOMPLETE", answer
+        assert answer["content"].startswith(text), (text, answer["content"])
 
 
 def test_deterministic_turn_is_served_from_cache_the_second_time(http: httpx.Client, user: Caller) -> None:
