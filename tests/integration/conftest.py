@@ -46,6 +46,11 @@ def sign_in(base_url: str, username: str, password: str, register: bool = False)
         return Caller(username, token, key.json()["secret"])
 
 
+def new_user(base_url: str, prefix: str = "user") -> Caller:
+    """A newly registered user with a unique name starting with `prefix`."""
+    return sign_in(base_url, f"{prefix}-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+
+
 def stack_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     env = {
         "PARLEY_DATA_DIR": str(data_dir),
@@ -102,7 +107,7 @@ def admin(stack: Stack) -> Caller:
 
 @pytest.fixture(scope="session")
 def user(stack: Stack) -> Caller:
-    return sign_in(stack.url, f"user-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    return new_user(stack.url)
 
 
 def artifacts_dir() -> Path:

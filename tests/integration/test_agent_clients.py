@@ -10,7 +10,6 @@ what was wrong. Each framework is imported inside its own tests: their names (Ag
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, Literal
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from services.stack import Stack
-from tests.integration.conftest import Caller, sign_in
+from tests.integration.conftest import Caller, new_user
 
 MODEL = "smollm2-135m-instruct"
 
@@ -104,7 +103,7 @@ FORECAST_PROMPT = [{"role": "user", "content": "Give the forecast for Paris: is 
 @pytest.fixture(scope="module")
 def user(stack: Stack) -> Caller:
     """An account of this module's own: its ~50 requests would spend the shared user's 60 a minute."""
-    return sign_in(stack.url, f"agents-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    return new_user(stack.url, "agents")
 
 
 @pytest.fixture

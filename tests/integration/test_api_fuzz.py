@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from services.stack import ROOT, Stack
-from tests.integration.conftest import ADMIN_PASSWORD, Caller, artifacts_dir, sign_in, start_stack
+from tests.integration.conftest import ADMIN_PASSWORD, Caller, artifacts_dir, new_user, sign_in, start_stack
 
 # Random examples per operation, after its explicit and boundary ("coverage") examples.
 MAX_EXAMPLES = 12
@@ -73,7 +72,7 @@ def fuzzer(fuzz_stack: Stack) -> Caller:
     """A user of its own, with rate limits far above what the fuzzer sends (its 429s would hide the rest)."""
     stack = fuzz_stack
     admin = sign_in(stack.url, "admin", ADMIN_PASSWORD)
-    caller = sign_in(stack.url, f"fuzz-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    caller = new_user(stack.url, "fuzz")
     with httpx.Client(base_url=stack.url, timeout=30) as http:
         me = http.get("/v1/users/me", headers=caller.headers).json()
         raised = http.patch(f"/v1/rate-limits/{me['id']}", headers=admin.headers,

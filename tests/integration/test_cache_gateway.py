@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from services.stack import Stack
-from tests.integration.conftest import ADMIN_PASSWORD, Caller, sign_in, start_stack
+from tests.integration.conftest import ADMIN_PASSWORD, Caller, new_user, sign_in, start_stack
 from tests.redis_server import RedisServer
 
 MODEL = "smollm2-135m-instruct"
@@ -48,13 +48,9 @@ def admin(cache_stack: Stack) -> Caller:
     return sign_in(cache_stack.url, "admin", ADMIN_PASSWORD)
 
 
-def new_user(stack: Stack) -> Caller:
-    return sign_in(stack.url, f"user-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
-
-
 @pytest.fixture(scope="module")
 def user(cache_stack: Stack) -> Caller:
-    return new_user(cache_stack)
+    return new_user(cache_stack.url)
 
 
 @pytest.fixture
@@ -198,7 +194,7 @@ def test_stats_for_every_user_and_flush_for_admins_only(http: httpx.Client, user
 
 def test_rate_limits_answer_429_with_retry_after(cache_stack: Stack, http: httpx.Client, admin: Caller) -> None:
     # Per API key, from configuration (PARLEY_RATE_LIMIT_API_KEY_REQUESTS_PER_MINUTE=3), via the SDK.
-    someone = new_user(cache_stack)
+    someone = new_user(cache_stack.url)
     client = openai.OpenAI(base_url=f"{cache_stack.url}/v1", api_key=someone.api_key, max_retries=0)
     for _ in range(KEY_REQUESTS_PER_MINUTE):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from services.stack import Stack
-from tests.integration.conftest import Caller, sign_in
+from tests.integration.conftest import Caller, new_user
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
@@ -20,7 +20,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def user(stack: Stack) -> Caller:
     """This module's own account: its requests do not count against the shared user's rate limit."""
-    return sign_in(stack.url, f"completer-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    return new_user(stack.url, "completer")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_refused_requests(client: openai.OpenAI, stack: Stack, user: Caller) -> 
 
 
 def test_rate_limit_counts_completion_tokens(stack: Stack, admin: Caller) -> None:
-    someone = sign_in(stack.url, f"legacy-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    someone = new_user(stack.url, "legacy")
     with httpx.Client(base_url=stack.url, timeout=120) as http:
         user_id = http.get("/v1/users/me", headers=someone.headers).json()["id"]
         assert http.patch(f"/v1/rate-limits/{user_id}", json={"tokens_per_minute": 10},

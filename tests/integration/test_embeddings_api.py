@@ -4,7 +4,6 @@ client can make, authentication, rate limits counting the inputs' tokens, and th
 
 from __future__ import annotations
 
-import uuid
 
 import httpx
 import numpy as np
@@ -14,7 +13,7 @@ from langchain_openai import OpenAIEmbeddings
 
 from services.stack import Stack
 from tests.embedding_reference import SENTENCES, cosines, reference
-from tests.integration.conftest import Caller, sign_in
+from tests.integration.conftest import Caller, new_user
 from tests.integration.test_observability import scrape
 
 MODEL = "all-minilm-l6-v2"
@@ -24,7 +23,7 @@ CHAT_MODEL = "smollm2-135m-instruct"
 @pytest.fixture(scope="module")
 def user(stack: Stack) -> Caller:
     """This module's own account: its requests do not count against the shared user's rate limit."""
-    return sign_in(stack.url, f"embedder-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    return new_user(stack.url, "embedder")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,7 @@ def test_authentication_is_required(stack: Stack) -> None:
 
 
 def test_rate_limit_counts_embedding_tokens(stack: Stack, admin: Caller) -> None:
-    someone = sign_in(stack.url, f"embed-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    someone = new_user(stack.url, "embed")
     with httpx.Client(base_url=stack.url, timeout=120) as http:
         user_id = http.get("/v1/users/me", headers=someone.headers).json()["id"]
         limited = http.patch(f"/v1/rate-limits/{user_id}", json={"tokens_per_minute": 40}, headers=admin.headers)

@@ -21,9 +21,9 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.stack import Stack, free_port
+from services.stack import Stack
 from tests.integration.chat import create_session, iter_events
-from tests.integration.conftest import ADMIN_PASSWORD, Caller, sign_in, start_stack
+from tests.integration.conftest import ADMIN_PASSWORD, Caller, new_user, sign_in, start_stack
 
 MODEL = "smollm2-135m-instruct"
 SERVICES = ("parley-gateway", "parley-session", "parley-cache", "parley-inference")
@@ -103,7 +103,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory, collector: tuple[Collector,
 
 @pytest.fixture(scope="module")
 def person(traced: Stack) -> Caller:
-    return sign_in(traced.url, f"obs-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    return new_user(traced.url, "obs")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 
 from services.stack import Stack
 from tests.integration.chat import chat, create_session, iter_events, messages, text_of
-from tests.integration.conftest import Caller, sign_in, start_stack
+from tests.integration.conftest import Caller, new_user, start_stack
 from tests.integration.test_observability import Collector, collector  # noqa: F401 - a fixture used below
 from tests.llama_server import BUNDLED, LlamaServer, binary
 
@@ -98,7 +98,7 @@ def remote_stack(tmp_path_factory: pytest.TempPathFactory, upstreams: dict[str, 
 
 @pytest.fixture(scope="module")
 def caller(remote_stack: Stack) -> Caller:
-    return sign_in(remote_stack.url, f"remote-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    return new_user(remote_stack.url, "remote")
 
 
 @pytest.fixture(scope="module")

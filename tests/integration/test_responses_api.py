@@ -10,7 +10,6 @@ are shapes and storage, never the quality of an answer."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 from pydantic import BaseModel
 
 from services.stack import Stack
-from tests.integration.conftest import Caller, sign_in, stack_env
+from tests.integration.conftest import Caller, new_user, stack_env
 
 MODEL = "smollm2-135m-instruct"
 SHORT = {"model": MODEL, "max_output_tokens": 16}
@@ -69,12 +68,12 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 
 @pytest.fixture(scope="module")
 def owner(running: Running) -> Caller:
-    return sign_in(running.stack.url, f"resp-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    return new_user(running.stack.url, "resp")
 
 
 @pytest.fixture(scope="module")
 def stranger(running: Running) -> Caller:
-    return sign_in(running.stack.url, f"other-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    return new_user(running.stack.url, "other")
 
 
 def client_of(running: Running, caller: Caller) -> openai.OpenAI:

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from services.stack import Stack
 from tests.integration.chat import create_session, iter_events, messages
-from tests.integration.conftest import Caller, sign_in, start_stack
+from tests.integration.conftest import Caller, new_user, sign_in, start_stack
 
 MODEL = "smollm2-135m-instruct"
 SHORT = {"temperature": 0, "max_tokens": 8}
@@ -40,7 +40,7 @@ def ws_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def caller(ws_stack: Stack) -> Caller:
-    return sign_in(ws_stack.url, f"ws-{uuid.uuid4().hex[:8]}", "Plenty-long-passphrase-42", register=True)
+    return new_user(ws_stack.url, "ws")
 
 
 @pytest.fixture(scope="module")
