@@ -2,10 +2,17 @@
 PostgreSQL server (started on first use) and `database`, a fresh empty database on each backend."""
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
+# The suite's process holds gRPC servers and channels while it starts services (fork, then exec).
+# grpcio's fork support restarts its pollers in the forked child, which then aborts before exec
+# (signal 6, "epoll_wait error: Bad file descriptor") about one start in three under load. A child
+# that only execs needs none of it. Read when grpc is first imported: before anything below.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 from services.core.config import DatabaseSettings
 from services.core.database import Location

@@ -246,7 +246,8 @@ async def test_waiting_requests_are_told_their_place_in_line() -> None:
         ran, waited_one, waited_two = await asyncio.gather(first, second, third)
         assert isinstance(ran[0], Admitted) and not any(isinstance(i, Queued) for i in ran)
         assert [i.position for i in waited_one if isinstance(i, Queued)] == [1]
-        assert [i.position for i in waited_two if isinstance(i, Queued)] == [2, 1]
+        # Second in line, then first, unless the request ahead ran its 4 tokens between two looks.
+        assert [i.position for i in waited_two if isinstance(i, Queued)] in ([2, 1], [2])
         for waited in (waited_one, waited_two):
             places = [i for i in waited if isinstance(i, Queued)]
             assert waited[: len(places)] == places and isinstance(waited[len(places)], Admitted)
