@@ -560,20 +560,8 @@ class BatchScheduler:
         import numpy as np
 
         l = self._l
-        if self._candidates is None:
-            self._candidates = np.zeros(self._n_vocab, dtype=TOKEN_DATA)
-            self._shortlists = [np.zeros(size, dtype=TOKEN_DATA) for size in SHORTLISTS if size < self._n_vocab]
-            self._one = np.zeros(1, dtype=TOKEN_DATA)
-            self._ids = np.arange(self._n_vocab, dtype=np.int32)
-        full, one = self._candidates, self._one
-
-        def run(candidates: Any, *samplers: Any) -> int:
-            array = l.llama_token_data_array(candidates.ctypes.data_as(ctypes.POINTER(l.llama_token_data)),
-                                             len(candidates), -1, False)
-            for sampler in samplers:
-                l.llama_sampler_apply(sampler, ctypes.byref(array))
-            return int(candidates["id"][array.selected]) if array.selected >= 0 else -1
-
+        self._make_arrays()
+        full, one, run = self._candidates, self._one, self._apply
         full["id"] = self._ids
         full["logit"] = np.ctypeslib.as_array(l.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
         full["p"] = 0.0
@@ -603,6 +591,25 @@ class BatchScheduler:
                 l.llama_sampler_accept(sampler, token)
         return token
 
+    def _make_arrays(self) -> None:
+        """Grammar sampling's llama_token_data arrays, made on first use."""
+        import numpy as np
+
+        if self._candidates is None:
+            self._candidates = np.zeros(self._n_vocab, dtype=TOKEN_DATA)
+            self._shortlists = [np.zeros(size, dtype=TOKEN_DATA) for size in SHORTLISTS if size < self._n_vocab]
+            self._one = np.zeros(1, dtype=TOKEN_DATA)
+            self._ids = np.arange(self._n_vocab, dtype=np.int32)
+
+    def _apply(self, candidates: Any, *samplers: Any) -> int:
+        """Runs the samplers over the candidates in place; the token they selected, or -1."""
+        l = self._l
+        array = l.llama_token_data_array(candidates.ctypes.data_as(ctypes.POINTER(l.llama_token_data)),
+                                         len(candidates), -1, False)
+        for sampler in samplers:
+            l.llama_sampler_apply(sampler, ctypes.byref(array))
+        return int(candidates["id"][array.selected]) if array.selected >= 0 else -1
+
     def _accept(self, d: Decoding, token: int, i: int) -> None:
         logprob = self._logprob(i, token, d.request.top_logprobs) if d.request.top_logprobs is not None else None
         if d.request.token(d.index, token, logprob):
@@ -621,8 +628,6 @@ class BatchScheduler:
     def _dictated(self, made: Samplers, text: str) -> list[int]:
         """`text`'s tokens if the grammar takes them one after another (then every sampler of the
         choice has accepted them, as if sampled); [] otherwise, and nothing changes."""
-        import numpy as np
-
         if self._tokenize is None or not text:
             return []
         tokens = self._jump_tokens.get(text)
@@ -632,11 +637,11 @@ class BatchScheduler:
                 self._jump_tokens[text] = tokens
         l = self._l
         probe = l.llama_sampler_clone(made.grammar)
-        one = np.zeros(1, dtype=TOKEN_DATA)
-        array = l.llama_token_data_array(one.ctypes.data_as(ctypes.POINTER(l.llama_token_data)), 1, -1, False)
+        self._make_arrays()
+        one = self._one
         for token in tokens:
             one[0] = (token, 0.0, 0.0)
-            l.llama_sampler_apply(probe, ctypes.byref(array))
+            self._apply(one, probe)
             if not one["logit"][0] > float("-inf"):  # the grammar would not take it: sample as usual
                 l.llama_sampler_free(probe)
                 return []
