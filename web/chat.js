@@ -101,8 +101,15 @@ export class ChatView {
     });
   }
 
-  async load() {
+  // The models and the history. Returns when the history is shown; a turn sent before then waits
+  // for it (submit), or the history would replace the turn's messages in the log.
+  load() {
     this.loadModels();
+    this.loading = this.loadMessages();
+    return this.loading;
+  }
+
+  async loadMessages() {
     try {
       const messages = await this.api.all(`/v1/sessions/${encodeURIComponent(this.session.id)}/messages`, "messages");
       replace(this.log);
@@ -200,7 +207,15 @@ export class ChatView {
 
   async submit() {
     const content = this.prompt.value.trim();
-    if (!content || this.controller) return;
+    if (!content || this.controller || this.waiting) return;
+    if (this.loading) {
+      this.waiting = true;
+      try {
+        await this.loading;
+      } finally {
+        this.waiting = false;
+      }
+    }
     this.log.querySelector(".empty")?.remove();
     const mine = messageView("MESSAGE_ROLE_USER");
     mine.set(content);

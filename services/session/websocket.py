@@ -54,6 +54,10 @@ CLOSE_CODES = {
 }
 # Request headers passed on to the Converse call: the request's id and trace context.
 FORWARDED_HEADERS = ("x-request-id", "traceparent", "tracestate")
+# The websockets library logs every connection at INFO, Envoy's health checks of this port (two a
+# second) included; its warnings and errors are kept.
+QUIET = logging.getLogger("websockets.server")
+QUIET.setLevel(logging.WARNING)
 CLOSE_TIMEOUT_SECONDS = 2.0  # a close frame stuck behind a full buffer: the connection is dropped
 
 
@@ -114,7 +118,8 @@ class WebSocketBridge:
         self._server = await serve(
             self._handle, self.host, self.port, process_request=self._process_request,
             max_size=self.settings.websocket_max_message_bytes, write_limit=self.settings.websocket_send_buffer_bytes,
-            max_queue=16, compression=None, server_header=None, close_timeout=CLOSE_TIMEOUT_SECONDS)
+            max_queue=16, compression=None, server_header=None, close_timeout=CLOSE_TIMEOUT_SECONDS,
+            logger=QUIET)
         log.info("websocket bridge listening", extra={"fields": {"address": f"{self.host}:{self.port}"}})
 
     async def close(self) -> None:

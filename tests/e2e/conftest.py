@@ -44,6 +44,16 @@ def release() -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    if call.when == "call":
+        item.stash[_failed] = outcome.get_result().failed
+
+
+_failed = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     yield  # the test's own fixtures (pages, contexts) are finalized first
     if nextitem is None or HERE not in Path(nextitem.path).resolve().parents:
@@ -87,22 +97,30 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def new_page(browser, web_url: str) -> Iterator[Callable[..., object]]:
+def new_page(request: pytest.FixtureRequest, browser, web_url: str) -> Iterator[Callable[..., object]]:
     """Opens pages in fresh browser contexts (own storage, cookies and service workers) and
-    reports any script error on them as a test failure."""
+    reports any script error on them as a test failure. A failed test leaves each page's screenshot,
+    HTML and console in the artifacts folder (e2e/failed/<test>/)."""
     contexts = []
     errors: list[str] = []
+    pages: list[tuple[object, list[str]]] = []
 
     def open_page(viewport: dict[str, int] = DESKTOP, path: str = "/"):
         context = browser.new_context(viewport=viewport, base_url=web_url)
         context.set_default_timeout(30_000)
         contexts.append(context)
         page = context.new_page()
+        console: list[str] = []
+        pages.append((page, console))
         page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        page.on("websocket", lambda ws: console.append(f"websocket: {ws.url}"))
         page.goto(path)
         return page
 
     yield open_page
+    if request.node.stash.get(_failed, False):
+        keep_failed_pages(request.node.name, pages)
     for context in contexts:
         context.close()
     assert not errors, f"script errors on the page: {errors}"
@@ -141,6 +159,18 @@ def admin_page(new_page) -> object:
     page = new_page()
     sign_in_page(page, "admin", ADMIN_PASSWORD)
     return page
+
+
+def keep_failed_pages(test: str, pages: list[tuple[object, list[str]]]) -> None:
+    folder = artifacts_dir() / "e2e" / "failed" / test
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (page, console) in enumerate(pages):
+        try:
+            page.screenshot(path=str(folder / f"page{i}.png"), full_page=True)
+            (folder / f"page{i}.html").write_text(page.content())
+        except Exception as exc:  # noqa: BLE001 - a closed page: keep what can be kept
+            console.append(f"(no screenshot: {exc})")
+        (folder / f"page{i}.console.txt").write_text("\n".join(console) + "\n")
 
 
 def screenshot(page, name: str) -> Path:

@@ -101,6 +101,32 @@ def test_stop_cancels_the_generation_and_keeps_the_partial_answer(signed_in, web
     assert page.url.endswith(session_id)
 
 
+# The history of a conversation arrives 1.5 s late, as on a slow connection.
+SLOW_HISTORY = """(() => {
+  const original = window.fetch;
+  window.fetch = (input, init) => {
+    const answer = original(input, init);
+    const url = typeof input === "string" ? input : input.url;
+    return /\\/messages(\\?|$)/.test(url) ? answer.then((r) => new Promise((done) => setTimeout(() => done(r), 1500))) : answer;
+  };
+})()"""
+
+
+def test_a_message_sent_while_the_history_loads_is_kept(signed_in) -> None:
+    # The history used to replace the log when it arrived, taking the turn sent meanwhile with it:
+    # the answer streamed into a message no longer on the page.
+    page = signed_in()
+    page.add_init_script(SLOW_HISTORY)
+    page.reload()
+    page.get_by_role("heading", name="Your conversations").wait_for()
+    new_chat(page)
+    send(page, "Say hello.")
+    answer = wait_answer(page, timeout=30_000)
+    assert answer.locator(".msg-body").inner_text().strip()
+    assert page.locator(".msg.user .msg-body").all_inner_texts() == ["Say hello."]
+    assert page.locator(".log .empty").count() == 0
+
+
 def test_rename_and_delete_conversations(signed_in) -> None:
     page = signed_in()
     first = new_chat(page)
