@@ -325,9 +325,27 @@ export class Api {
   // available (no WebSocket in this browser, or a proxy on the way that does not upgrade). Events
   // have the SSE shape either way; `transport` says which carried the last turn.
   async *turn(sessionId, body, signal) {
-    const socket = await this.openSocket(sessionId);
-    this.transport = socket ? "websocket" : "sse";
-    yield* socket ? socket.turn(body, signal) : this.chat(sessionId, body, signal);
+    for (let attempt = 0; ; attempt++) {
+      const socket = await this.openSocket(sessionId);
+      this.transport = socket ? "websocket" : "sse";
+      if (!socket) {
+        yield* this.chat(sessionId, body, signal);
+        return;
+      }
+      let started = false;
+      try {
+        for await (const event of socket.turn(body, signal)) {
+          started = true;
+          yield event;
+        }
+        return;
+      } catch (error) {
+        // The socket outlived its access token: the server closed it (4401) before the turn stored
+        // anything. Refresh the token, connect again and send the turn once more.
+        const expired = error instanceof ApiError && error.status === 401 && !started && attempt === 0;
+        if (!expired || !(await this.refresh())) throw error;
+      }
+    }
   }
 
   // The open conversation's socket (one at a time), connected on its first turn; null when

@@ -96,6 +96,7 @@ class Identity:
 
 
 _current: ContextVar[Identity | None] = ContextVar("parley_identity", default=None)
+_verifier: ContextVar[CredentialVerifier | None] = ContextVar("parley_verifier", default=None)
 
 
 def current_identity() -> Identity:
@@ -108,6 +109,20 @@ def current_identity() -> Identity:
 
 def optional_identity() -> Identity | None:
     return _current.get()
+
+
+async def reauthenticate() -> Identity:
+    """The caller's credential checked again, by the verifier that admitted the call: for a call that
+    outlives it (a WebSocket conversation), an access token that has expired since the call began,
+    or an API key revoked since (within PARLEY_API_KEY_CACHE_SECONDS), is UNAUTHENTICATED now."""
+    identity = current_identity()
+    verifier = _verifier.get()
+    if verifier is None:
+        return identity
+    again = await verifier.authenticate(identity.credential)
+    if again.user_id != identity.user_id:
+        raise Unauthenticated("the credential no longer names the caller of this call")
+    return again
 
 
 def forward_credentials(identity: Identity | None = None) -> tuple[tuple[str, str], ...]:
@@ -286,10 +301,11 @@ class IdentityInterceptor(WrappingInterceptor):
                 identity = await self._identify(context, method)
             except Exception as exc:  # noqa: BLE001 - mapped to a status right here
                 await abort_with(context, exc, method)
-            token = _current.set(identity)
+            token, checker = _current.set(identity), _verifier.set(self._verifier)
             try:
                 return await behavior(request, context)
             finally:
+                _verifier.reset(checker)
                 _current.reset(token)
 
         return handler
@@ -301,7 +317,7 @@ class IdentityInterceptor(WrappingInterceptor):
                 identity = await self._identify(context, method)
             except Exception as exc:  # noqa: BLE001 - mapped to a status right here
                 await abort_with(context, exc, method)
-            token = _current.set(identity)
+            token, checker = _current.set(identity), _verifier.set(self._verifier)
             try:
                 async for item in behavior(request, context):
                     yield item
@@ -309,6 +325,7 @@ class IdentityInterceptor(WrappingInterceptor):
                 # A generator closed from elsewhere runs this in another context; grpc.aio gives
                 # each RPC its own task, so the value ends with the call either way.
                 with contextlib.suppress(ValueError):
+                    _verifier.reset(checker)
                     _current.reset(token)
 
         return handler

@@ -7,7 +7,9 @@ status). Then each `chat` runs a turn through SessionService.chat — the same s
 back as they come; `stop` cancels the running turn, which saves its partial answer as incomplete
 (as a client that leaves an SSE turn does) and ends with `done` whose finish reason is
 FINISH_REASON_CANCELLED. Errors of a turn are `error` events and the stream stays open. When the
-stream ends (the client left), the running turn is cancelled the same way.
+stream ends (the client left), the running turn is cancelled the same way. Each chat checks the
+caller's credential again first: one that has expired or been revoked since the stream opened ends
+the stream UNAUTHENTICATED.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from parley.inference.v1 import inference_pb2
 from parley.session.v1 import session_pb2
 
 from services.core.errors import Aborted, InvalidArgument, ParleyError, status_of
+from services.core.identity import reauthenticate
 from services.session.service import SessionService
 from services.session.turns import BUSY
 
@@ -118,6 +121,10 @@ class Conversation:
                 self._turn = None
             if self._turn is not None:
                 return [error_event(Aborted(BUSY))]
+            # The stream may outlive the credential it opened with: an expired access token or a
+            # revoked API key ends it UNAUTHENTICATED here, before the turn stores anything (the
+            # WebSocket closes with 4401; the client reconnects with a fresh token and sends again).
+            await reauthenticate()
             chat.session_id = session_id
             self._number += 1
             self._answered = False

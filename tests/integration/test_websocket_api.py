@@ -152,6 +152,27 @@ async def test_bad_or_missing_credentials_close_with_4401(ws_stack: Stack, calle
     assert time.monotonic() - started < 5
 
 
+async def test_a_socket_outliving_its_credential_closes_with_4401_before_the_next_turn(
+        ws_stack: Stack, caller: Caller, http: httpx.Client) -> None:
+    sid = create_session(http, caller, model=MODEL)["id"]
+    created = http.post("/v1/api-keys", json={"name": "short-lived"}, headers=caller.headers).json()
+    async with connect(ws_url(ws_stack, sid)) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": created["secret"]}))
+        assert (await receive(ws))["type"] == "ready"
+        assert (await turn(ws, "Hi!"))[-1]["type"] == "done"
+        assert http.delete(f"/v1/api-keys/{created['api_key']['id']}", headers=caller.headers).status_code == 200
+        await asyncio.sleep(1.5)  # the test stack trusts a verified key for 1 s (PARLEY_API_KEY_CACHE_SECONDS)
+        await ws.send(json.dumps({"type": "chat", "content": "And again?", "sampling": SHORT}))
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None and closed.rcvd.code == 4401, closed
+            assert "revoked" in closed.rcvd.reason
+    # The refused turn stored nothing.
+    assert [m["content"] for m in messages(http, caller, sid) if m["role"] == "MESSAGE_ROLE_USER"] == ["Hi!"]
+
+
 async def test_browser_style_auth_message_then_idle_close(ws_stack: Stack, caller: Caller, http: httpx.Client) -> None:
     sid = create_session(http, caller, model=MODEL)["id"]
     async with connect(ws_url(ws_stack, sid)) as ws:
