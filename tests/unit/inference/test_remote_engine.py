@@ -16,7 +16,9 @@ from services.core import config
 from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.core.structured import Tool, make_structure
-from services.inference.engines.remote import Chat, RemoteEngine
+from services.inference.embeddings import EmbeddingService
+from services.inference.engines.remote import Chat, RemoteEngine, UpstreamPool
+from services.inference.engines.remote_embedding import PROBE, RemoteEmbeddingEngine
 from services.inference.engines.sequence import Sampling
 from services.inference.hardware import probe
 from services.inference.registry import ModelRegistry, load_catalogue
@@ -64,8 +66,16 @@ class Upstreams:
         self.seen.append((host, json.loads(request.content)))
         self.paths.append(request.url.path)
         reply = self.reply.get(host)
-        if reply is not None:
+        if reply is not None and not (request.url.path.endswith("/embeddings") and self.seen[-1][1]["input"] == [PROBE]):
             return reply
+        if request.url.path.endswith("/embeddings"):
+            given = self.seen[-1][1]["input"]
+            # Vectors of length 1 whose direction tells the input: [len, 1, 0, 0] normalised.
+            rows = [[float(len(i)), 1.0, 0.0, 0.0] for i in given]
+            rows = [[x / sum(v * v for v in row) ** 0.5 for x in row] for row in rows]
+            data = [{"object": "embedding", "index": i, "embedding": row} for i, row in reversed(list(enumerate(rows)))]
+            return httpx.Response(200, json={"object": "list", "data": data, "model": "up-model",
+                                             "usage": {"prompt_tokens": 3 * len(given), "total_tokens": 3 * len(given)}})
         if request.url.path.endswith("/v1/completions"):
             return httpx.Response(200, content=sse({"choices": [{"index": 0, "text": " Paris.", "finish_reason": None}]},
                                                    {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}))
@@ -76,7 +86,7 @@ class Upstreams:
 @pytest.fixture
 def upstreams(monkeypatch: pytest.MonkeyPatch) -> Upstreams:
     mock = Upstreams()
-    monkeypatch.setattr(RemoteEngine, "transport", httpx.MockTransport(mock))
+    monkeypatch.setattr(UpstreamPool, "transport", httpx.MockTransport(mock))
     return mock
 
 
@@ -100,7 +110,7 @@ def test_catalogue_takes_remote_models_and_refuses_what_cannot_work(tmp_path: Pa
     assert entries["far"].source == f"{A},{B}" and entries["far"].fingerprint() == "remote:m-0"
     for bad, message in (({"source": "/models/x.gguf"}, "base URL"),
                          ({"source": A, "params": {"timeout_seconds": 0}}, "timeout_seconds"),
-                         ({"source": A, "task": "embedding"}, "embedding")):
+                         ({"source": A, "engine": "llama.cpp", "task": "embedding"}, "embedding")):
         with pytest.raises(ConfigError, match=message):
             load_catalogue(settings_with(tmp_path, [{"id": "far", "engine": "remote", **bad}]))
 
@@ -232,4 +242,65 @@ async def test_a_missing_api_key_variable_is_named(tmp_path: Path, upstreams: Up
         await run(generation)
     monkeypatch.setenv("FAR_KEY", "s3cret")
     await run(generation)
+    await registry.close()
+
+
+def remote_embedder(tmp_path: Path, sources: list[str], **params: object) -> tuple[ModelRegistry, EmbeddingService]:
+    settings = settings_with(tmp_path, [
+        {"id": "chat", "engine": "remote", "source": A, "params": {"model": "up-model"}},
+        {"id": "far-embed", "task": "embedding", "engine": "remote", "source": sources,
+         "params": {"model": "up-model", "health_interval_seconds": 60, **params}}])
+    registry = ModelRegistry(settings, probe())
+    return registry, EmbeddingService(registry, settings, cache=None)
+
+
+async def test_remote_embeddings_pass_the_inputs_through(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, embedder = remote_embedder(tmp_path, [A, B], matryoshka=True)
+    result = await embedder.embed("far-embed", ["one", "three"])
+    # The upstream's vectors in input order (it answered them reversed) and its usage.
+    assert result.vectors.shape == (2, 4) and result.vectors[0][0] < result.vectors[1][0]
+    assert result.prompt_tokens == 6 and result.tokens == [0, 0]
+    host, body = upstreams.seen[-1]
+    assert upstreams.paths[-1] == "/v1/embeddings" and body == {"model": "up-model", "input": ["one", "three"],
+                                                                  "encoding_format": "float"}
+    engine = registry.records["far-embed"].engine
+    assert isinstance(engine, RemoteEmbeddingEngine) and (engine.dimensions, engine.normalized) == (4, True)
+    # Token arrays travel as they are; dimensions shortens here (and renormalises), as for local models.
+    short = await embedder.embed("far-embed", [[1, 2, 3]], dimensions=2)
+    assert upstreams.seen[-1][1]["input"] == [[1, 2, 3]] and short.vectors.shape == (1, 2)
+    assert abs(float((short.vectors[0] ** 2).sum()) - 1) < 1e-6
+    with pytest.raises(InvalidArgument, match="not both"):
+        await embedder.embed("far-embed", ["text", [1, 2]])
+    with pytest.raises(InvalidArgument, match="truncate"):
+        await embedder.embed("far-embed", ["text"], truncate=True)
+    # A replica that refuses connections is skipped.
+    upstreams.down.add(host)
+    again = await embedder.embed("far-embed", ["one"])
+    assert upstreams.seen[-1][0] != host and again.vectors.shape == (1, 4)
+    await registry.close()
+
+
+async def test_remote_embedding_errors_map_to_parley_codes(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, embedder = remote_embedder(tmp_path, [A])
+    upstreams.reply["a.test"] = httpx.Response(429, json={"error": {"message": "slow down"}}, headers={"retry-after": "3"})
+    with pytest.raises(ResourceExhausted, match="slow down") as busy:
+        await embedder.embed("far-embed", ["x"])
+    assert busy.value.retry_after == 3
+    upstreams.reply["a.test"] = httpx.Response(400, json={"error": {"message": "Prompt contains invalid tokens"}})
+    with pytest.raises(InvalidArgument, match="'far-embed' refused.*invalid tokens"):
+        await embedder.embed("far-embed", [[99999999]])
+    upstreams.reply["a.test"] = httpx.Response(500, json={"error": {"message": "boom"}})
+    with pytest.raises(Unavailable, match="'far-embed'.*500.*boom"):
+        await embedder.embed("far-embed", ["x"])
+    upstreams.reply["a.test"] = httpx.Response(200, json={"data": [{"index": 0, "embedding": "not floats"}]})
+    with pytest.raises(Unavailable, match="'far-embed'.*malformed"):
+        await embedder.embed("far-embed", ["x"])
+    assert registry.records["far-embed"].engine.upstreams[0].outstanding == 0
+    # Unreachable: 503 naming the model, and once the health check notices, the model is failed.
+    upstreams.down.add("a.test")
+    with pytest.raises(Unavailable, match="'far-embed'"):
+        await embedder.embed("far-embed", ["x"])
+    await registry.records["far-embed"].engine.pool.check()
+    state, reason = registry.records["far-embed"].status()
+    assert state == "failed" and "a.test" in reason
     await registry.close()
