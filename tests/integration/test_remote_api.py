@@ -54,11 +54,11 @@ class Busy(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LlamaServer]]:
-    """main: serves most tests; twin: main's replica, killed in one test; solo: killed mid-answer;
-    embed: serves embeddings."""
+    """main: serves most tests (with a chat template that offers tools); twin: main's replica, killed
+    in one test; solo: killed mid-answer; embed: serves embeddings."""
     binary()  # skips (or fails under make test) before anything starts when there is no llama-server
     logs = tmp_path_factory.mktemp("llama-server")
-    servers = {name: LlamaServer(logs / f"{name}.log") for name in ("main", "twin", "solo")}
+    servers = {name: LlamaServer(logs / f"{name}.log", tools=name == "main") for name in ("main", "twin", "solo")}
     servers["embed"] = LlamaServer(logs / "embed.log", context=2048, alias="smol-embed", extra=EMBEDDINGS)
     try:
         for server in servers.values():
@@ -286,3 +286,30 @@ def test_remote_embeddings_with_the_upstream_down_are_503(client: openai.OpenAI)
         client.embeddings.create(model="remote-embed-gone", input="hello")
     assert down.value.status_code == 503 and "remote-embed-gone" in str(down.value)
     assert time.monotonic() - started < 10
+
+
+def test_a_remote_tool_call_streams_in_pieces(client: openai.OpenAI) -> None:
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    example = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}
+    chat = [{"role": "user", "content": "Weather in Rome?"}, example,
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
+            {"role": "user", "content": "Weather in Paris?"}]
+    # The 135M model needs the example and a nudge towards "<tool_call>" (4350 is its token "call");
+    # llama-server's grammar then writes the call, and streams it as OpenAI's delta.tool_calls.
+    stream = client.chat.completions.create(model="remote-smol", messages=chat, tools=[weather],
+                                            tool_choice="required", logit_bias={"4350": 10}, stream=True,
+                                            temperature=0, max_tokens=40)
+    pieces, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            pieces += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    # As from a local model: the id and name first, then the arguments bit by bit, one call (index 0).
+    assert len(pieces) > 2, pieces
+    assert pieces[0].id and pieces[0].function.name == "get_weather"
+    assert all(p.index == 0 and not p.id for p in pieces[1:])
+    arguments = "".join(p.function.arguments or "" for p in pieces)
+    assert json.loads(arguments) == {"city": "Paris"}

@@ -48,7 +48,7 @@ from services.core.structured import PLAIN, Structure, ToolCall
 from services.inference import metrics
 from services.inference.engines.base import Chunk, Engine, EngineError, Request, Sampling, Usage
 from services.inference.hardware import EngineSettings
-from services.inference.structured import call_json, tools_json
+from services.inference.structured import CallDelta, call_json, tools_json
 
 log = logging.getLogger("parley.remote")
 
@@ -486,7 +486,7 @@ class RemoteEngine(Engine):
         assert response is not None and upstream is not None
         usage = request.usage
         tick = metrics.token_timer(self.model_id)
-        calls: dict[int, dict[str, str]] = {}
+        calls = StreamedCalls()
         reason: str | None = None
         text: list[str] = []
         upstream_usage: dict[str, Any] | None = None
@@ -510,24 +510,18 @@ class RemoteEngine(Engine):
                 for choice in event.get("choices") or ():
                     delta = choice.get("delta") or {}
                     piece = delta.get("content") or choice.get("text") or ""  # chat, or legacy completions
-                    for call in delta.get("tool_calls") or ():
-                        slot = calls.setdefault(int(call.get("index", 0)), {"id": "", "name": "", "arguments": ""})
-                        slot["id"] = call.get("id") or slot["id"]
-                        function = call.get("function") or {}
-                        slot["name"] += function.get("name") or ""
-                        slot["arguments"] += function.get("arguments") or ""
-                    if piece:
-                        if not text:
+                    deltas = [d for call in delta.get("tool_calls") or () if (d := calls.feed(call)) is not None]
+                    if piece or deltas:
+                        if not usage.time_to_first_token_ms:
                             usage.time_to_first_token_ms = (time.monotonic() - request.started) * 1000
                         tick()
                         text.append(piece)
-                        yield Chunk(text=piece)
+                        yield Chunk(text=piece, call_deltas=deltas)
                     if choice.get("finish_reason"):
                         reason = FINISH.get(choice["finish_reason"], "stop")
             if reason is None:
                 raise Unavailable(f"model {self.model_id!r}: upstream {upstream.url} ended the answer early")
-            finished = [ToolCall(c["id"] or ToolCall.new_id(), c["name"], c["arguments"] or "{}")
-                        for _, c in sorted(calls.items())]
+            finished = calls.finished()
             if finished and reason == "stop":
                 reason = "tool_calls"
             self._usage(usage, upstream_usage, "".join(text), finished)
@@ -556,6 +550,34 @@ class RemoteEngine(Engine):
             return
         written = text + "".join(json.dumps(call_json(c)) for c in calls)
         usage.completion_tokens = len(self._tokenize(written)) - len(self._tokenize(""))
+
+
+class StreamedCalls:
+    """The upstream's tool calls as they stream (OpenAI's `delta.tool_calls`: the first piece of a call
+    carries its index, id and name, the next ones pieces of its arguments), passed on as CallDelta
+    pieces numbered in order of appearance, and the finished calls with the same ids (so that they
+    are not sent twice)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, list[str]] = {}  # upstream index -> [id, name, arguments]
+        self._order: dict[int, int] = {}  # upstream index -> the call's place here
+
+    def feed(self, call: dict[str, Any]) -> CallDelta | None:
+        index = int(call.get("index", 0))
+        function = call.get("function") or {}
+        name, arguments = function.get("name") or "", function.get("arguments") or ""
+        slot = self._calls.get(index)
+        if slot is None:
+            # A call's first piece; an upstream that sends no id gets one here.
+            slot = self._calls[index] = [call.get("id") or ToolCall.new_id(), name, arguments]
+            self._order[index] = len(self._order)
+            return CallDelta(self._order[index], slot[0], name, arguments)
+        slot[1] += name  # (a name sent in pieces: the finished call has all of it)
+        slot[2] += arguments
+        return CallDelta(self._order[index], arguments=arguments) if arguments else None
+
+    def finished(self) -> list[ToolCall]:
+        return [ToolCall(c[0], c[1], c[2] or "{}") for _, c in sorted(self._calls.items())]
 
 
 class GgufText:

@@ -304,3 +304,29 @@ async def test_remote_embedding_errors_map_to_parley_codes(tmp_path: Path, upstr
     state, reason = registry.records["far-embed"].status()
     assert state == "failed" and "a.test" in reason
     await registry.close()
+
+
+async def test_tool_calls_stream_as_call_deltas(tmp_path: Path, upstreams: Upstreams) -> None:
+    def piece(index: int, arguments: str, name: str = "", id: str = "") -> dict:
+        call = {"index": index, "function": {"arguments": arguments, **({"name": name} if name else {})},
+                **({"id": id, "type": "function"} if id else {})}
+        return {"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]}
+
+    # Two calls: the first with the upstream's id, the second (index 3 upstream) with none.
+    upstreams.reply["a.test"] = httpx.Response(200, content=sse(
+        piece(0, '{"ci', name="get_weather", id="call_up"), piece(0, 'ty": "Paris"}'),
+        piece(3, "", name="get_time"), piece(3, "{}"),
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    registry, generation = remote_registry(tmp_path, [A])
+    _, text, chunks = await run(generation)
+    deltas = [d for c in chunks for d in c.call_deltas]
+    assert text == "" and [(d.index, d.id, d.name, d.arguments) for d in deltas] == [
+        (0, "call_up", "get_weather", '{"ci'), (0, "", "", 'ty": "Paris"}'),
+        (1, deltas[2].id, "get_time", ""), (1, "", "", "{}")]
+    assert deltas[2].id.startswith("call_")
+    # The finished calls carry the streamed ids (the OpenAI layer sends each call once).
+    finished = chunks[-1].tool_calls
+    assert [(c.id, c.name, c.arguments) for c in finished] == [
+        ("call_up", "get_weather", '{"city": "Paris"}'), (deltas[2].id, "get_time", "{}")]
+    assert chunks[-1].finish_reason == "tool_calls"
+    await registry.close()
