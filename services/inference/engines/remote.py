@@ -45,7 +45,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from services.core import telemetry
 from services.core.errors import InvalidArgument, ParleyError, ResourceExhausted, Unavailable
 from services.core.structured import PLAIN, Structure, ToolCall
-from services.inference import metrics
+from services.inference import metrics, offloop
 from services.inference.engines.base import Chunk, Engine, EngineError, Request, Sampling, Usage
 from services.inference.hardware import EngineSettings
 from services.inference.structured import CallDelta, call_json, tools_json
@@ -87,6 +87,7 @@ class RemoteRequest:
     """One request to an upstream: what to send, then the open response being read."""
 
     body: dict[str, Any]
+    chat: Chat  # counted after the answer when the upstream sends no usage
     affinity: str
     started: float
     deadline: float | None
@@ -411,8 +412,8 @@ class RemoteEngine(Engine):
         if chat is None:
             raise InvalidArgument("the remote engine needs the chat, not tokens")
         body = self._body(chat, sampling)
-        request = RemoteRequest(body, _affinity(chat), started, deadline)
-        request.usage.prompt_tokens = len(prompt)  # 0 when counting runs beside the upstream call
+        request = RemoteRequest(body, chat, _affinity(chat), started, deadline)
+        request.usage.prompt_tokens = len(prompt)  # 0 unless the chat was fitted (counted) before
         return request  # type: ignore[return-value]
 
     def _submit(self, request: Request) -> None:  # pragma: no cover - submit is overridden
@@ -524,6 +525,12 @@ class RemoteEngine(Engine):
             finished = calls.finished()
             if finished and reason == "stop":
                 reason = "tool_calls"
+            if not _has_usage(upstream_usage) and not usage.prompt_tokens:
+                # Only now, and only for an upstream that sends no usage: counting before the call
+                # delayed its start (rendering and tokenizing compete with every request on the loop).
+                chat = request.chat
+                usage.prompt_tokens = len(await offloop.run(self.prompt_tokens, chat.messages, chat.prompt,
+                                                            chat.structure))
             self._usage(usage, upstream_usage, "".join(text), finished)
             yield Chunk(finish_reason=reason, usage=usage, tool_calls=finished)
         except (httpx.HTTPError, ValueError) as exc:
@@ -542,7 +549,8 @@ class RemoteEngine(Engine):
 
     def _usage(self, usage: Usage, given: dict[str, Any] | None, text: str, calls: list[ToolCall]) -> None:
         """The upstream's usage when it sent one, else counted here."""
-        if given and given.get("completion_tokens") is not None:
+        if _has_usage(given):
+            assert given is not None
             usage.prompt_tokens = int(given.get("prompt_tokens") or usage.prompt_tokens)
             usage.completion_tokens = int(given["completion_tokens"])
             details = given.get("prompt_tokens_details") or {}
@@ -633,6 +641,10 @@ def _message_json(m: dict[str, Any]) -> dict[str, Any]:
     if m.get("tool_call_id"):
         out["tool_call_id"] = m["tool_call_id"]
     return out
+
+
+def _has_usage(given: dict[str, Any] | None) -> bool:
+    return bool(given) and given.get("completion_tokens") is not None  # type: ignore[union-attr]
 
 
 def _affinity(chat: Chat) -> str:

@@ -120,9 +120,9 @@ async def test_the_request_forwards_sampling_and_structure(tmp_path: Path, upstr
     admitted, text, chunks = await run(generation, temperature=0.2, top_p=0.9, seed=7, max_tokens=20,
                                        stop=["END"], repetition_penalty=1.1)
     assert text == "Hello there" and chunks[-1].finish_reason == "stop"
-    # The upstream's usage is what counts; the prompt was counted here (an estimate) before it ran.
+    # The upstream's usage is what counts; nothing was counted here before it ran (it would delay the call).
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (9, 2)
-    assert admitted.prompt_tokens > 0
+    assert admitted.prompt_tokens == 0
     body = upstreams.seen[-1][1]
     assert body["model"] == "up-model" and body["messages"] == [{"role": "user", "content": "Hi"}]
     assert (body["temperature"], body["top_p"], body["seed"], body["max_tokens"], body["stop"]) == (0.2, 0.9, 7, 20, ["END"])
@@ -153,6 +153,7 @@ async def test_usage_is_counted_when_the_upstream_sends_none(tmp_path: Path, ups
     registry, generation = remote_registry(tmp_path, [A])
     _, text, chunks = await run(generation)
     assert text == "one two three four" and chunks[-1].usage.completion_tokens == 5  # 18 bytes at 4 a token
+    assert chunks[-1].usage.prompt_tokens == 2  # "user\nHi\n", 8 bytes, counted after the answer
     await registry.close()
 
 
