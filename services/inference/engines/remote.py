@@ -239,6 +239,7 @@ class UpstreamPool:
         if self._client is None:
             raise Unavailable(f"model {self.model_id!r} is not loaded")
         tried: set[int] = set()
+        stale = False  # a pooled connection was found closed once already
         while True:
             upstream = self.pick(affinity, tried)
             if upstream is None:
@@ -257,7 +258,19 @@ class UpstreamPool:
             try:
                 req = self._client.build_request("POST", url, json=body, headers=headers)
                 response = await self._client.send(req, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+            except httpx.RemoteProtocolError as exc:
+                if not stale:
+                    # A kept-alive connection the upstream closed as it was reused (llama-server's HTTP
+                    # library closes idle ones after 5 s): nothing was served; once, try again on a new one
+                    # rather than fail the request and mark a healthy upstream failed.
+                    stale = True
+                    self.end(upstream, span, "stale", "")
+                    tried.discard(id(upstream))
+                    continue
+                self.end(upstream, span, "unreachable", _describe(exc))
+                self.mark_failed(upstream, _describe(exc))
+                continue
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 self.end(upstream, span, "unreachable", _describe(exc))
                 self.mark_failed(upstream, _describe(exc))
                 continue  # nothing reached the upstream: another may serve it

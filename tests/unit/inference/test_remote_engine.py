@@ -53,6 +53,7 @@ class Upstreams:
 
     def __init__(self) -> None:
         self.down: set[str] = set()
+        self.drop_once: set[str] = set()  # hosts that close the next request's connection unanswered
         self.reply: dict[str, httpx.Response] = {}
         self.seen: list[tuple[str, dict]] = []
         self.paths: list[str] = []
@@ -61,6 +62,9 @@ class Upstreams:
         host = request.url.host
         if host in self.down:
             raise httpx.ConnectError("connection refused", request=request)
+        if host in self.drop_once and not request.url.path.endswith("/models"):
+            self.drop_once.discard(host)
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
         if request.url.path.endswith("/models"):
             return httpx.Response(200, json={"data": [{"id": "up-model", "max_model_len": 512}]})
         self.seen.append((host, json.loads(request.content)))
@@ -330,4 +334,14 @@ async def test_tool_calls_stream_as_call_deltas(tmp_path: Path, upstreams: Upstr
     assert [(c.id, c.name, c.arguments) for c in finished] == [
         ("call_up", "get_weather", '{"city": "Paris"}'), (deltas[2].id, "get_time", "{}")]
     assert chunks[-1].finish_reason == "tool_calls"
+    await registry.close()
+
+
+async def test_a_kept_alive_connection_closed_under_a_request_is_retried(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, generation = remote_registry(tmp_path, [A])
+    await run(generation)
+    upstreams.drop_once.add("a.test")
+    _, text, _ = await run(generation)
+    assert text == "Hello there" and registry.records["far"].status() == ("ready", "")
+    assert registry.records["far"].engine.upstreams[0].outstanding == 0
     await registry.close()
