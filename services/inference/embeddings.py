@@ -4,7 +4,8 @@ Order of a request: check the inputs' shape (400) → rate-limit check (429 with
 resolve the model (an embedding model, loaded on first use; a chat model is a 400) → tokenize and
 check every input against the model's limit (400 naming the input, unless the request asks to
 truncate) → the engine computes the vectors in batches → the tokens are recorded against the
-caller's limits in the background. OpenAI's JSON in and out lives here too (`parse_openai`,
+caller's limits in the background. A remote model (engines.remote_embedding) skips the tokenizing:
+its upstream takes the inputs as given, checks them and counts their tokens. OpenAI's JSON in and out lives here too (`parse_openai`,
 `render_openai`); the servicer only moves bytes and messages.
 """
 
@@ -40,11 +41,8 @@ Input = str | list[int]
 class Embeddings:
     model: str
     vectors: np.ndarray  # float32, one row per input, in order
-    tokens: list[int]  # per input, special tokens included
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(self.tokens)
+    tokens: list[int]  # per input, special tokens included; 0s from a remote model (its upstream counts the total)
+    prompt_tokens: int
 
 
 class EmbeddingService:
@@ -75,16 +73,26 @@ class EmbeddingService:
                 engine = record.engine
                 assert isinstance(engine, EmbeddingEngine)
                 size = output_size(record.entry.id, engine, bool(record.entry.params.get("matryoshka")), dimensions)
-                # Tokenizing thousands of texts blocks; keep it off the loop that serves other requests.
-                sequences = await asyncio.to_thread(self._sequences, record.entry.id, engine, inputs, truncate)
                 deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-                vectors = await engine.embed(sequences, deadline)
+                if engine.sends_inputs:
+                    # A remote model: its upstream tokenizes and checks the inputs, and counts them.
+                    if truncate:
+                        raise InvalidArgument(f"model {record.entry.id!r} is remote and cannot truncate inputs; "
+                                              "leave truncate out")
+                    vectors, prompt_tokens = await engine.embed_inputs(inputs, deadline)
+                    tokens = [0] * len(inputs)
+                else:
+                    # Tokenizing thousands of texts blocks; keep it off the loop that serves other requests.
+                    sequences = await asyncio.to_thread(self._sequences, record.entry.id, engine, inputs, truncate)
+                    vectors = await engine.embed(sequences, deadline)
+                    tokens = [len(s) for s in sequences]
+                    prompt_tokens = sum(tokens)
                 normalized = engine.normalized
             finally:
                 self.registry.done(record)
             if size < vectors.shape[1]:
                 vectors = shorten(vectors, size, normalized)
-            result = Embeddings(record.entry.id, vectors, [len(s) for s in sequences])
+            result = Embeddings(record.entry.id, vectors, tokens, prompt_tokens)
             if self.cache is not None:
                 self._background.later(self.cache.record_usage(result.prompt_tokens))
             observed.done(len(inputs), result.prompt_tokens, size)

@@ -14,8 +14,8 @@ RESOURCE_EXHAUSTED and nothing is evicted needlessly.
 Catalogue entry: {"id": "...", "source": "/path/model.gguf" | "/path/folder" | "package:<module>/<file>",
 "task": "chat" | "embedding", "engine": "auto" | "llama.cpp" | "torch", "context_length": 4096,
 "parallel_slots": 2, "owned_by": "...", "params": {...}}. A model served elsewhere has "engine": "remote"
-and its upstream's base URL (or a list of replicas' URLs) as source (services.inference.engines.remote).
-Embedding models are folders run by the
+and its upstream's base URL (or a list of replicas' URLs) as source (services.inference.engines.remote;
+an embedding model too: engines.remote_embedding). Local embedding models are folders run by the
 torch engine; their context_length (the longest input) defaults to the model's own, and
 `"params": {"matryoshka": true}` allows shorter vectors (`dimensions`).
 """
@@ -141,8 +141,8 @@ def load_catalogue(settings: InferenceSettings) -> dict[str, CatalogueEntry]:
             raise ConfigError(f"model {entry.id}: engine must be auto, llama.cpp, torch or remote")
         if entry.task not in TASKS:
             raise ConfigError(f"model {entry.id}: task must be chat or embedding")
-        if entry.task == EMBEDDING and entry.engine in ("llama.cpp", "remote"):
-            raise ConfigError(f"model {entry.id}: embedding models run on the torch engine")
+        if entry.task == EMBEDDING and entry.engine == "llama.cpp":
+            raise ConfigError(f"model {entry.id}: embedding models run on the torch engine (or remote)")
         entries[entry.id] = entry
     if settings.default_model not in entries:
         raise ConfigError(f"PARLEY_DEFAULT_MODEL={settings.default_model!r} is not in the catalogue")
@@ -170,7 +170,7 @@ class ModelRecord:
     def status(self) -> tuple[str, str]:
         """The state and error to report: a loaded remote model whose upstreams all failed their
         health check is failed, with their reasons, until one recovers."""
-        failure = self.engine.failure() if self.state == "ready" and isinstance(self.engine, Engine) else ""
+        failure = self.engine.failure() if self.state == "ready" and self.engine is not None else ""
         return ("failed", failure) if failure else (self.state, self.error)
 
 
@@ -207,7 +207,7 @@ class ModelRegistry:
         if entry.task == EMBEDDING:
             # Embedding models run on torch whatever PARLEY_ENGINE says (llama.cpp serves chat), and
             # take inputs as long as the model does unless the catalogue says less.
-            chosen = choose(self.hardware, self.settings, "torch")
+            chosen = choose(self.hardware, self.settings, "remote" if entry.engine == "remote" else "torch")
             return replace(chosen, context_length=entry.context_length or 0, parallel_slots=1)
         chosen = choose(self.hardware, self.settings, entry.engine)
         if entry.context_length:

@@ -202,16 +202,14 @@ class GenerationService:
             if not engine.sends_chat:
                 sampling = replace(sampling, grammar=grammar_for(structure))  # a remote upstream has its own
             dropped = 0
-            counting: asyncio.Future[list[int]] | None = None
             sent = messages  # the chat a remote engine sends: fitted, when asked
             # Template rendering and tokenizing block; keep them off the loop that streams other requests,
             # bounded before they start and stopped when the caller leaves (offloop).
             if fit is None and engine.sends_chat:
-                # The upstream starts on the chat while its tokens are counted here (for the usage when
-                # the upstream sends none); its own context limit applies (its 400 is a 400).
+                # Nothing is counted before the upstream starts: it checks its own context limit (its 400
+                # is a 400) and reports the prompt's tokens in its usage; the engine counts them after
+                # the answer only when it sends none. The start reports 0 prompt tokens.
                 self._check_characters(record, messages, prompt)
-                counting = asyncio.ensure_future(offloop.run(engine.prompt_tokens, messages, prompt, structure))
-                counting.add_done_callback(lambda done: done.cancelled() or done.exception())
                 tokens: list[int] = []
             elif fit is None:
                 self._check_characters(record, messages, prompt)
@@ -239,9 +237,6 @@ class GenerationService:
                         async for place in places:
                             yield place
                 await engine.admit(request)
-                if counting is not None:
-                    tokens = await counting
-                    request.usage.prompt_tokens = len(tokens)
                 yield Admitted(record, len(tokens), dropped)
                 chunks = engine.stream(request)
                 if structure.calls_tools and not engine.returns_tool_calls:
@@ -251,7 +246,5 @@ class GenerationService:
                         yield chunk
             finally:
                 request.cancelled = True  # the engine drops it at its next step, however this ended
-                if counting is not None:
-                    counting.cancel()  # stops the count too (offloop), when the caller left first
         finally:
             self.registry.done(record)

@@ -19,11 +19,11 @@ import httpx
 import openai
 import pytest
 
-from services.stack import Stack
+from services.stack import Stack, free_port
 from tests.integration.chat import chat, create_session, iter_events, messages, text_of
 from tests.integration.conftest import Caller, new_user, start_stack
 from tests.integration.test_observability import Collector, collector  # noqa: F401 - a fixture used below
-from tests.llama_server import BUNDLED, LlamaServer, binary
+from tests.llama_server import BUNDLED, EMBEDDINGS, LlamaServer, binary
 
 SHORT = {"temperature": 0, "max_tokens": 8}
 
@@ -54,10 +54,12 @@ class Busy(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LlamaServer]]:
-    """main: serves most tests; twin: main's replica, killed in one test; solo: killed mid-answer."""
+    """main: serves most tests (with a chat template that offers tools); twin: main's replica, killed
+    in one test; solo: killed mid-answer; embed: serves embeddings."""
     binary()  # skips (or fails under make test) before anything starts when there is no llama-server
     logs = tmp_path_factory.mktemp("llama-server")
-    servers = {name: LlamaServer(logs / f"{name}.log") for name in ("main", "twin", "solo")}
+    servers = {name: LlamaServer(logs / f"{name}.log", tools=name == "main") for name in ("main", "twin", "solo")}
+    servers["embed"] = LlamaServer(logs / "embed.log", context=2048, alias="smol-embed", extra=EMBEDDINGS)
     try:
         for server in servers.values():
             server.wait_ready()
@@ -86,6 +88,10 @@ def remote_stack(tmp_path_factory: pytest.TempPathFactory, upstreams: dict[str, 
          "params": params},
         {"id": "remote-solo", "engine": "remote", "source": upstreams["solo"].url, "params": params},
         {"id": "remote-busy", "engine": "remote", "source": busy, "params": {"model": "busy"}},
+        {"id": "remote-embed", "task": "embedding", "engine": "remote", "source": upstreams["embed"].url,
+         "params": {"model": "smol-embed", "timeout_seconds": 30}},
+        {"id": "remote-embed-gone", "task": "embedding", "engine": "remote",
+         "source": f"http://127.0.0.1:{free_port()}/v1", "params": {"model": "smol-embed"}},
     ]
     models_file = Path(data_dir) / "models.json"
     models_file.write_text(json.dumps(catalogue))
@@ -241,3 +247,69 @@ def test_an_upstream_429_reaches_the_client_with_its_retry_after(remote_stack: S
     assert answer.status_code == 429, answer.text
     assert answer.headers.get("retry-after") == "7"
     assert "remote-busy" in answer.text and "too many requests" in answer.text
+
+
+def test_openai_embeddings_through_a_remote_model(client: openai.OpenAI, remote_stack: Stack, caller: Caller,
+                                                  upstreams: dict[str, LlamaServer]) -> None:
+    texts = ["The cat sat on the mat.", "A kitten rested on the rug.", "Interest rates rose again."]
+    direct = httpx.post(f"{upstreams['embed'].url}/embeddings", json={"input": texts}, timeout=60).json()
+    batch = client.embeddings.create(model="remote-embed", input=texts)
+    assert batch.model == "remote-embed" and [d.index for d in batch.data] == [0, 1, 2]
+    # The upstream's vectors and its usage, passed through.
+    for mine, theirs in zip(batch.data, sorted(direct["data"], key=lambda d: d["index"])):
+        assert len(mine.embedding) == 576 and mine.embedding == pytest.approx(theirs["embedding"], abs=1e-6)
+    assert batch.usage.prompt_tokens == batch.usage.total_tokens == direct["usage"]["prompt_tokens"] > 10
+    single = client.embeddings.create(model="remote-embed", input=texts[2])
+    assert single.data[0].embedding == pytest.approx(batch.data[2].embedding, abs=1e-6)
+    assert 0 < single.usage.prompt_tokens < batch.usage.prompt_tokens
+    # The SDK's default (base64) decodes to the same floats; the model list gives its size.
+    packed = httpx.post(f"{remote_stack.url}/v1/embeddings", headers=caller.headers, timeout=60,
+                        json={"model": "remote-embed", "input": texts[0], "encoding_format": "base64"}).json()
+    assert isinstance(packed["data"][0]["embedding"], str)
+    assert client.models.retrieve("remote-embed").model_dump()["dimensions"] == 576
+    # The native Embed RPC takes the same path.
+    native = httpx.post(f"{remote_stack.url}/v1/models/remote-embed:embed", headers=caller.headers, timeout=60,
+                        json={"inputs": [{"text": texts[2]}]})
+    assert native.status_code == 200, native.text
+    assert native.json()["prompt_tokens"] == single.usage.prompt_tokens
+    assert native.json()["embeddings"][0]["values"] == pytest.approx(single.data[0].embedding, abs=1e-6)
+    # Refused input is the upstream's 400; dimensions on a model that cannot shorten is Parley's.
+    with pytest.raises(openai.BadRequestError, match="remote-embed"):
+        client.embeddings.create(model="remote-embed", input=[[99999999]])
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model="remote-embed", input="x", dimensions=8)
+
+
+def test_remote_embeddings_with_the_upstream_down_are_503(client: openai.OpenAI) -> None:
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as down:
+        client.embeddings.create(model="remote-embed-gone", input="hello")
+    assert down.value.status_code == 503 and "remote-embed-gone" in str(down.value)
+    assert time.monotonic() - started < 10
+
+
+def test_a_remote_tool_call_streams_in_pieces(client: openai.OpenAI) -> None:
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    example = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}
+    chat = [{"role": "user", "content": "Weather in Rome?"}, example,
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
+            {"role": "user", "content": "Weather in Paris?"}]
+    # The 135M model needs the example and a nudge towards "<tool_call>" (4350 is its token "call");
+    # llama-server's grammar then writes the call, and streams it as OpenAI's delta.tool_calls.
+    stream = client.chat.completions.create(model="remote-smol", messages=chat, tools=[weather],
+                                            tool_choice="required", logit_bias={"4350": 10}, stream=True,
+                                            temperature=0, max_tokens=40)
+    pieces, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            pieces += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    # As from a local model: the id and name first, then the arguments bit by bit, one call (index 0).
+    assert len(pieces) > 2, pieces
+    assert pieces[0].id and pieces[0].function.name == "get_weather"
+    assert all(p.index == 0 and not p.id for p in pieces[1:])
+    arguments = "".join(p.function.arguments or "" for p in pieces)
+    assert json.loads(arguments) == {"city": "Paris"}

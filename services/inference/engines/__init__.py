@@ -15,8 +15,12 @@ def engine_class(name: str, task: str = CHAT) -> type[Engine] | type[EmbeddingEn
     """The engine class of a name and task. Imports are lazy: torch is only needed when a torch
     model loads."""
     if task == EMBEDDING:
+        if name == "remote":
+            from services.inference.engines.remote_embedding import RemoteEmbeddingEngine
+
+            return RemoteEmbeddingEngine
         if name != "torch":
-            raise EngineError(f"embedding models run on the torch engine, not {name!r}")
+            raise EngineError(f"embedding models run on the torch engine or remote, not {name!r}")
         from services.inference.engines.torch_embedding import TorchEmbeddingEngine
 
         return TorchEmbeddingEngine

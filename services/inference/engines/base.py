@@ -82,6 +82,11 @@ class LoadedModel(ABC):
         """Memory held while loaded (estimate_mib, measured at load); 0 when not loaded."""
         return self._memory_mib
 
+    def failure(self) -> str:
+        """Why the loaded engine cannot serve now (a remote engine whose upstreams all failed their
+        health check); empty when it can."""
+        return ""
+
 
 class Engine(LoadedModel):
     """One loaded generation model. Subclasses fill in the blocking hooks and the scheduler; their
@@ -111,11 +116,6 @@ class Engine(LoadedModel):
 
     def info(self) -> dict[str, Any]:
         return {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length}
-
-    def failure(self) -> str:
-        """Why the loaded engine cannot serve now (a remote engine whose upstreams all failed their
-        health check); empty when it can."""
-        return ""
 
     # --- text <-> tokens -------------------------------------------------------------------
     @abstractmethod

@@ -65,6 +65,7 @@ class EmbeddingEngine(LoadedModel):
     """One loaded embedding model behind a batching worker thread."""
 
     task = "embedding"
+    sends_inputs = False  # a remote engine takes the inputs as given (embed_inputs), not their tokens
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict[str, Any]) -> None:
         super().__init__(model_id, path, settings, params)
@@ -148,6 +149,11 @@ class EmbeddingEngine(LoadedModel):
             return await job.future
         finally:
             job.gone = True  # cancelled or finished: the worker skips what is left
+
+    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float) -> tuple[np.ndarray, int]:
+        """Vectors for the inputs as given and the prompt tokens counted, for engines that
+        `sends_inputs` (a remote upstream tokenizes them); local engines take tokens (`embed`)."""
+        raise NotImplementedError(f"the {self.engine_name} engine embeds token sequences")
 
     def _next_batch(self) -> list[tuple[_Job, int]]:
         """(job, position) pairs for one forward pass; called with the lock held."""

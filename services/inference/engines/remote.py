@@ -17,7 +17,8 @@ Replicas: each request goes to the healthy upstream with the fewest requests out
 a conversation (recognised by its opening messages, which every turn resends) sticks to the upstream
 that served it, where its prefix is cached. A periodic `GET /models` marks each upstream healthy or
 failed; a failed one is skipped until a check succeeds, and a request that cannot connect tries the
-next one. The model reports failed (with the reasons) only when every upstream has failed.
+next one. The model reports failed (with the reasons) only when every upstream has failed. All of this
+is UpstreamPool's, which a remote embedding model (engines.remote_embedding) shares.
 
 Prompt tokens are counted here only to check the context window, fit long chats and meter requests
 whose upstream sends no usage: exactly with `params.tokenizer` (the same GGUF the upstream serves, or
@@ -33,7 +34,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +45,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from services.core import telemetry
 from services.core.errors import InvalidArgument, ParleyError, ResourceExhausted, Unavailable
 from services.core.structured import PLAIN, Structure, ToolCall
-from services.inference import metrics
+from services.inference import metrics, offloop
 from services.inference.engines.base import Chunk, Engine, EngineError, Request, Sampling, Usage
 from services.inference.hardware import EngineSettings
-from services.inference.structured import call_json, tools_json
+from services.inference.structured import CallDelta, call_json, tools_json
 
 log = logging.getLogger("parley.remote")
 
@@ -86,6 +87,7 @@ class RemoteRequest:
     """One request to an upstream: what to send, then the open response being read."""
 
     body: dict[str, Any]
+    chat: Chat  # counted after the answer when the upstream sends no usage
     affinity: str
     started: float
     deadline: float | None
@@ -109,27 +111,36 @@ class RemoteRequest:
             asyncio.ensure_future(self.release(self, "cancelled", ""))
 
 
-class RemoteEngine(Engine):
-    engine_name = "remote"
-    returns_tool_calls = True  # the upstream parses its own tool calls
-    sends_chat = True
+@dataclass
+class Call:
+    """One upstream call whose answer has begun (status 200): where it went, its open response, its span."""
+
+    upstream: Upstream
+    response: httpx.Response
+    span: Any
+
+
+class UpstreamPool:
+    """A remote model's upstreams, shared by its chat and embedding engines: one pooled HTTP client,
+    periodic health checks of `GET /models`, least-outstanding balancing with affinity, failover to the
+    next upstream when one cannot be reached, and upstream errors mapped to Parley's."""
+
     transport: httpx.AsyncBaseTransport | None = None  # unit tests hand in httpx.MockTransport
 
-    def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
-        super().__init__(model_id, path, settings, params)
-        self.upstreams = [Upstream(u) for u in upstream_urls(path)]
+    def __init__(self, model_id: str, source: str, params: dict[str, Any],
+                 on_model: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.model_id = model_id
+        self.upstreams = [Upstream(u) for u in upstream_urls(source)]
         self.remote_model = str(params.get("model") or model_id)
         self.timeout = float(params.get("timeout_seconds", 60))
         self.health_interval = float(params.get("health_interval_seconds", 5))
         self._key_env = params.get("api_key_env") or ""
+        self._on_model = on_model  # told the upstream's entry for the model (its context window)
         self._client: httpx.AsyncClient | None = None
         self._checker: asyncio.Task[None] | None = None
         self._affinity: OrderedDict[str, Upstream] = OrderedDict()
-        self._text: Any = None  # a GGUF vocabulary and chat template, when params.tokenizer names one
-        self._running = 0
 
-    # --- life cycle ----------------------------------------------------------------------------
-    async def load(self) -> None:
+    async def open(self) -> None:
         """Opens the connection pool and checks the upstreams; fails when none answers."""
         if not self.upstreams:
             raise EngineError(f"model {self.model_id}: no upstream URL in its source")
@@ -140,9 +151,6 @@ class RemoteEngine(Engine):
                 raise EngineError(f"model {self.model_id}: the environment variable {self._key_env} "
                                   "(params.api_key_env) holding the upstream's key is not set")
             headers["authorization"] = f"Bearer {key}"
-        if self.params.get("tokenizer"):
-            self._text = await asyncio.to_thread(GgufText, self.params["tokenizer"])
-            self.vocab_size = self._text.vocab_size
         self._client = httpx.AsyncClient(
             transport=self.transport, headers=headers, timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
@@ -160,19 +168,6 @@ class RemoteEngine(Engine):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        if self._text is not None:
-            await asyncio.to_thread(self._text.close)
-            self._text = None
-
-    def _load(self) -> None:  # pragma: no cover - load() is overridden: nothing to load in a thread
-        raise NotImplementedError
-
-    def _close(self) -> None:  # pragma: no cover - close() is overridden
-        raise NotImplementedError
-
-    @classmethod
-    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
-        return 0  # the weights live on the upstream
 
     async def check(self) -> None:
         """One round of health checks: GET /models on every upstream, concurrently."""
@@ -188,24 +183,16 @@ class RemoteEngine(Engine):
             if served and self.remote_model not in served:
                 raise EngineError(f"it serves {', '.join(map(str, served))}, not {self.remote_model}")
             for m in answer.json().get("data", []):
-                if m.get("id") == self.remote_model:
-                    self._learn_context(m)
+                if m.get("id") == self.remote_model and self._on_model is not None:
+                    self._on_model(m)
             if not upstream.healthy:
                 log.info("upstream recovered", extra={"fields": {"model": self.model_id, "upstream": upstream.url}})
             upstream.healthy, upstream.reason = True, ""
         except (httpx.HTTPError, EngineError, ValueError, AttributeError) as exc:
-            self._mark_failed(upstream, _describe(exc))
+            self.mark_failed(upstream, _describe(exc))
         upstream.checked = time.monotonic()
 
-    def _learn_context(self, model: dict[str, Any]) -> None:
-        """The context window: the configured one (the catalogue's context_length, else
-        PARLEY_CONTEXT_LENGTH), at most what the upstream's model list says (vLLM: max_model_len;
-        llama-server: meta.n_ctx_train), as the llama.cpp engine caps it at the model's own."""
-        size = model.get("max_model_len") or (model.get("meta") or {}).get("n_ctx_train")
-        if isinstance(size, int) and size > 0:
-            self.context_length = min(self.settings.context_length, size)
-
-    def _mark_failed(self, upstream: Upstream, reason: str) -> None:
+    def mark_failed(self, upstream: Upstream, reason: str) -> None:
         if upstream.healthy:
             log.warning("upstream failed", extra={"fields": {"model": self.model_id, "upstream": upstream.url,
                                                              "reason": reason}})
@@ -223,9 +210,176 @@ class RemoteEngine(Engine):
         return "; ".join(f"upstream {u.url}: {u.reason}" for u in self.upstreams)
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "upstreams": [{"url": u.url, "healthy": u.healthy, "reason": u.reason,
-                                                 "outstanding": u.outstanding} for u in self.upstreams],
+        return {"upstreams": [{"url": u.url, "healthy": u.healthy, "reason": u.reason, "outstanding": u.outstanding}
+                              for u in self.upstreams],
                 "remote_model": self.remote_model}
+
+    def pick(self, affinity: str, tried: set[int]) -> Upstream | None:
+        """The conversation's upstream while it is healthy, else the healthy one with the fewest
+        requests outstanding. An empty affinity (embeddings) only balances."""
+        known = self._affinity.get(affinity) if affinity else None
+        if known is not None and known.healthy and id(known) not in tried:
+            self._affinity.move_to_end(affinity)
+            return known
+        candidates = [u for u in self.upstreams if u.healthy and id(u) not in tried]
+        if not candidates:
+            return None
+        chosen = min(candidates, key=lambda u: u.outstanding)
+        if affinity:
+            self._affinity[affinity] = chosen
+            self._affinity.move_to_end(affinity)
+            if len(self._affinity) > AFFINITY_ENTRIES:
+                self._affinity.popitem(last=False)
+        return chosen
+
+    async def send(self, path: str, body: dict[str, Any], affinity: str = "") -> Call:
+        """POSTs the body and waits for the answer to begin (its status), trying the next upstream
+        when one cannot be reached or answers 5xx. Raises the mapped error otherwise. The caller
+        reads the response and hands the call back to `end` once."""
+        if self._client is None:
+            raise Unavailable(f"model {self.model_id!r} is not loaded")
+        tried: set[int] = set()
+        stale = False  # a pooled connection was found closed once already
+        while True:
+            upstream = self.pick(affinity, tried)
+            if upstream is None:
+                raise Unavailable(f"model {self.model_id!r}: no upstream is reachable ("
+                                  f"{self.failure() or 'every upstream failed this request'})")
+            tried.add(id(upstream))
+            url = f"{upstream.url}/{path}"
+            span = telemetry.tracer().start_span(
+                f"POST {url}", kind=SpanKind.CLIENT,
+                attributes={"http.request.method": "POST", "url.full": url,
+                            "server.address": upstream.url, "gen_ai.request.model": self.remote_model,
+                            "parley.model": self.model_id})
+            headers: dict[str, str] = {}
+            propagate.inject(headers, context=trace.set_span_in_context(span))
+            upstream.outstanding += 1
+            try:
+                req = self._client.build_request("POST", url, json=body, headers=headers)
+                response = await self._client.send(req, stream=True)
+            except httpx.RemoteProtocolError as exc:
+                if not stale:
+                    # A kept-alive connection the upstream closed as it was reused (llama-server's HTTP
+                    # library closes idle ones after 5 s): nothing was served; once, try again on a new one
+                    # rather than fail the request and mark a healthy upstream failed.
+                    stale = True
+                    self.end(upstream, span, "stale", "")
+                    tried.discard(id(upstream))
+                    continue
+                self.end(upstream, span, "unreachable", _describe(exc))
+                self.mark_failed(upstream, _describe(exc))
+                continue
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self.end(upstream, span, "unreachable", _describe(exc))
+                self.mark_failed(upstream, _describe(exc))
+                continue  # nothing reached the upstream: another may serve it
+            except httpx.HTTPError as exc:
+                self.end(upstream, span, "error", _describe(exc))
+                raise Unavailable(f"model {self.model_id!r}: upstream {upstream.url} failed: {_describe(exc)}") from exc
+            except BaseException:
+                self.end(upstream, span, "cancelled", "")
+                raise
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code != 200:
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                error = self.status_error(response)
+                self.end(upstream, span, str(response.status_code), error.message)
+                if response.status_code >= 500 and len(tried) < len(self.upstreams):
+                    continue  # an upstream in trouble: another may serve it
+                raise error
+            return Call(upstream, response, span)
+
+    def end(self, upstream: Upstream, span: Any, outcome: str, error: str) -> None:
+        """A call's bookkeeping, once: its upstream's count, its metric and span (closing the
+        response is the caller's: it is async)."""
+        upstream.outstanding -= 1
+        metrics.UPSTREAM_REQUESTS.labels(self.model_id, upstream.url, outcome).inc()
+        if error:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+
+    def status_error(self, response: httpx.Response) -> ParleyError:
+        message = _error_message(response)
+        code = response.status_code
+        if code == 429:
+            retry = response.headers.get("retry-after")
+            try:
+                after = float(retry) if retry is not None else None
+            except ValueError:
+                after = None
+            return ResourceExhausted(f"model {self.model_id!r} is busy upstream: {message}", retry_after=after)
+        if code in (400, 413, 422):
+            return InvalidArgument(f"model {self.model_id!r} refused the request: {message}")
+        return Unavailable(f"model {self.model_id!r}: upstream answered {code}: {message}")
+
+
+class RemoteEngine(Engine):
+    engine_name = "remote"
+    returns_tool_calls = True  # the upstream parses its own tool calls
+    sends_chat = True
+
+    def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
+        super().__init__(model_id, path, settings, params)
+        self.pool = UpstreamPool(model_id, path, params, self._learn_context)
+        self._text: Any = None  # a GGUF vocabulary and chat template, when params.tokenizer names one
+        self._running = 0
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        return self.pool.upstreams
+
+    @property
+    def remote_model(self) -> str:
+        return self.pool.remote_model
+
+    # --- life cycle ----------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Reads the tokenizer (if named), opens the pool and checks the upstreams; fails when none answers."""
+        if self.params.get("tokenizer"):
+            self._text = await asyncio.to_thread(GgufText, self.params["tokenizer"])
+            self.vocab_size = self._text.vocab_size
+        try:
+            await self.pool.open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        await self.pool.close()
+        if self._text is not None:
+            await asyncio.to_thread(self._text.close)
+            self._text = None
+
+    def _load(self) -> None:  # pragma: no cover - load() is overridden: nothing to load in a thread
+        raise NotImplementedError
+
+    def _close(self) -> None:  # pragma: no cover - close() is overridden
+        raise NotImplementedError
+
+    @classmethod
+    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
+        return 0  # the weights live on the upstream
+
+    async def check(self) -> None:
+        await self.pool.check()
+
+    def _learn_context(self, model: dict[str, Any]) -> None:
+        """The context window: the configured one (the catalogue's context_length, else
+        PARLEY_CONTEXT_LENGTH), at most what the upstream's model list says (vLLM: max_model_len;
+        llama-server: meta.n_ctx_train), as the llama.cpp engine caps it at the model's own."""
+        size = model.get("max_model_len") or (model.get("meta") or {}).get("n_ctx_train")
+        if isinstance(size, int) and size > 0:
+            self.context_length = min(self.settings.context_length, size)
+
+    def failure(self) -> str:
+        return self.pool.failure()
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), **self.pool.info()}
 
     @property
     def running(self) -> int:
@@ -271,8 +425,8 @@ class RemoteEngine(Engine):
         if chat is None:
             raise InvalidArgument("the remote engine needs the chat, not tokens")
         body = self._body(chat, sampling)
-        request = RemoteRequest(body, _affinity(chat), started, deadline)
-        request.usage.prompt_tokens = len(prompt)  # 0 when counting runs beside the upstream call
+        request = RemoteRequest(body, chat, _affinity(chat), started, deadline)
+        request.usage.prompt_tokens = len(prompt)  # 0 unless the chat was fitted (counted) before
         return request  # type: ignore[return-value]
 
     def _submit(self, request: Request) -> None:  # pragma: no cover - submit is overridden
@@ -318,70 +472,16 @@ class RemoteEngine(Engine):
         return body
 
     def _pick(self, affinity: str, tried: set[int]) -> Upstream | None:
-        """The conversation's upstream while it is healthy, else the healthy one with the fewest
-        requests outstanding."""
-        known = self._affinity.get(affinity)
-        if known is not None and known.healthy and id(known) not in tried:
-            self._affinity.move_to_end(affinity)
-            return known
-        candidates = [u for u in self.upstreams if u.healthy and id(u) not in tried]
-        if not candidates:
-            return None
-        chosen = min(candidates, key=lambda u: u.outstanding)
-        self._affinity[affinity] = chosen
-        self._affinity.move_to_end(affinity)
-        if len(self._affinity) > AFFINITY_ENTRIES:
-            self._affinity.popitem(last=False)
-        return chosen
+        return self.pool.pick(affinity, tried)
 
     async def admit(self, request: RemoteRequest) -> None:  # type: ignore[override]
-        """Sends the request and waits for the upstream's answer to begin (its status), trying the
-        next upstream when one cannot be reached. Raises the mapped error otherwise."""
-        if self._client is None:
-            raise Unavailable(f"model {self.model_id!r} is not loaded")
-        tried: set[int] = set()
-        while True:
-            upstream = self._pick(request.affinity, tried)
-            if upstream is None:
-                raise Unavailable(f"model {self.model_id!r}: no upstream is reachable ("
-                                  f"{self.failure() or 'every upstream failed this request'})")
-            tried.add(id(upstream))
-            url = f"{upstream.url}/{'chat/completions' if 'messages' in request.body else 'completions'}"
-            span = telemetry.tracer().start_span(
-                f"POST {url}", kind=SpanKind.CLIENT,
-                attributes={"http.request.method": "POST", "url.full": url,
-                            "server.address": upstream.url, "gen_ai.request.model": self.remote_model,
-                            "parley.model": self.model_id})
-            headers: dict[str, str] = {}
-            propagate.inject(headers, context=trace.set_span_in_context(span))
-            upstream.outstanding += 1
-            try:
-                req = self._client.build_request("POST", url, json=request.body,
-                                                 headers=headers)
-                response = await self._client.send(req, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-                self._end_upstream(upstream, span, "unreachable", _describe(exc))
-                self._mark_failed(upstream, _describe(exc))
-                continue  # nothing reached the upstream: another may serve it
-            except httpx.HTTPError as exc:
-                self._end_upstream(upstream, span, "error", _describe(exc))
-                raise Unavailable(f"model {self.model_id!r}: upstream {upstream.url} failed: {_describe(exc)}") from exc
-            except BaseException:
-                self._end_upstream(upstream, span, "cancelled", "")
-                raise
-            span.set_attribute("http.response.status_code", response.status_code)
-            if response.status_code != 200:
-                await response.aread()
-                await response.aclose()
-                error = self._status_error(response)
-                self._end_upstream(upstream, span, str(response.status_code), error.message)
-                if response.status_code >= 500 and len(tried) < len(self.upstreams):
-                    continue  # an upstream in trouble: another may serve it
-                raise error
-            request.upstream, request.response, request.span = upstream, response, span
-            request.release = self._release
-            self._running += 1
-            return
+        """Sends the request and waits for the upstream's answer to begin (its status); raises the
+        mapped error when no upstream takes it."""
+        path = "chat/completions" if "messages" in request.body else "completions"
+        call = await self.pool.send(path, request.body, request.affinity)
+        request.upstream, request.response, request.span = call.upstream, call.response, call.span
+        request.release = self._release
+        self._running += 1
 
     async def _release(self, request: RemoteRequest, outcome: str, error: str) -> None:
         """Closes the upstream response (the upstream sees the disconnect and stops) and ends the
@@ -390,29 +490,8 @@ class RemoteEngine(Engine):
             return
         request.ended = True
         self._running -= 1
-        self._end_upstream(request.upstream, request.span, outcome, error)
+        self.pool.end(request.upstream, request.span, outcome, error)
         await request.response.aclose()
-
-    def _end_upstream(self, upstream: Upstream, span: Any, outcome: str, error: str) -> None:
-        upstream.outstanding -= 1
-        metrics.UPSTREAM_REQUESTS.labels(self.model_id, upstream.url, outcome).inc()
-        if error:
-            span.set_status(Status(StatusCode.ERROR, error))
-        span.end()
-
-    def _status_error(self, response: httpx.Response) -> ParleyError:
-        message = _error_message(response)
-        code = response.status_code
-        if code == 429:
-            retry = response.headers.get("retry-after")
-            try:
-                after = float(retry) if retry is not None else None
-            except ValueError:
-                after = None
-            return ResourceExhausted(f"model {self.model_id!r} is busy upstream: {message}", retry_after=after)
-        if code in (400, 413, 422):
-            return InvalidArgument(f"model {self.model_id!r} refused the request: {message}")
-        return Unavailable(f"model {self.model_id!r}: upstream answered {code}: {message}")
 
     async def stream(self, request: RemoteRequest) -> AsyncIterator[Chunk]:  # type: ignore[override]
         """The upstream's SSE stream as chunks. A stream cut before its end raises UNAVAILABLE (what
@@ -421,7 +500,7 @@ class RemoteEngine(Engine):
         assert response is not None and upstream is not None
         usage = request.usage
         tick = metrics.token_timer(self.model_id)
-        calls: dict[int, dict[str, str]] = {}
+        calls = StreamedCalls()
         reason: str | None = None
         text: list[str] = []
         upstream_usage: dict[str, Any] | None = None
@@ -445,26 +524,26 @@ class RemoteEngine(Engine):
                 for choice in event.get("choices") or ():
                     delta = choice.get("delta") or {}
                     piece = delta.get("content") or choice.get("text") or ""  # chat, or legacy completions
-                    for call in delta.get("tool_calls") or ():
-                        slot = calls.setdefault(int(call.get("index", 0)), {"id": "", "name": "", "arguments": ""})
-                        slot["id"] = call.get("id") or slot["id"]
-                        function = call.get("function") or {}
-                        slot["name"] += function.get("name") or ""
-                        slot["arguments"] += function.get("arguments") or ""
-                    if piece:
-                        if not text:
+                    deltas = [d for call in delta.get("tool_calls") or () if (d := calls.feed(call)) is not None]
+                    if piece or deltas:
+                        if not usage.time_to_first_token_ms:
                             usage.time_to_first_token_ms = (time.monotonic() - request.started) * 1000
                         tick()
                         text.append(piece)
-                        yield Chunk(text=piece)
+                        yield Chunk(text=piece, call_deltas=deltas)
                     if choice.get("finish_reason"):
                         reason = FINISH.get(choice["finish_reason"], "stop")
             if reason is None:
                 raise Unavailable(f"model {self.model_id!r}: upstream {upstream.url} ended the answer early")
-            finished = [ToolCall(c["id"] or ToolCall.new_id(), c["name"], c["arguments"] or "{}")
-                        for _, c in sorted(calls.items())]
+            finished = calls.finished()
             if finished and reason == "stop":
                 reason = "tool_calls"
+            if not _has_usage(upstream_usage) and not usage.prompt_tokens:
+                # Only now, and only for an upstream that sends no usage: counting before the call
+                # delayed its start (rendering and tokenizing compete with every request on the loop).
+                chat = request.chat
+                usage.prompt_tokens = len(await offloop.run(self.prompt_tokens, chat.messages, chat.prompt,
+                                                            chat.structure))
             self._usage(usage, upstream_usage, "".join(text), finished)
             yield Chunk(finish_reason=reason, usage=usage, tool_calls=finished)
         except (httpx.HTTPError, ValueError) as exc:
@@ -483,7 +562,8 @@ class RemoteEngine(Engine):
 
     def _usage(self, usage: Usage, given: dict[str, Any] | None, text: str, calls: list[ToolCall]) -> None:
         """The upstream's usage when it sent one, else counted here."""
-        if given and given.get("completion_tokens") is not None:
+        if _has_usage(given):
+            assert given is not None
             usage.prompt_tokens = int(given.get("prompt_tokens") or usage.prompt_tokens)
             usage.completion_tokens = int(given["completion_tokens"])
             details = given.get("prompt_tokens_details") or {}
@@ -491,6 +571,34 @@ class RemoteEngine(Engine):
             return
         written = text + "".join(json.dumps(call_json(c)) for c in calls)
         usage.completion_tokens = len(self._tokenize(written)) - len(self._tokenize(""))
+
+
+class StreamedCalls:
+    """The upstream's tool calls as they stream (OpenAI's `delta.tool_calls`: the first piece of a call
+    carries its index, id and name, the next ones pieces of its arguments), passed on as CallDelta
+    pieces numbered in order of appearance, and the finished calls with the same ids (so that they
+    are not sent twice)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, list[str]] = {}  # upstream index -> [id, name, arguments]
+        self._order: dict[int, int] = {}  # upstream index -> the call's place here
+
+    def feed(self, call: dict[str, Any]) -> CallDelta | None:
+        index = int(call.get("index", 0))
+        function = call.get("function") or {}
+        name, arguments = function.get("name") or "", function.get("arguments") or ""
+        slot = self._calls.get(index)
+        if slot is None:
+            # A call's first piece; an upstream that sends no id gets one here.
+            slot = self._calls[index] = [call.get("id") or ToolCall.new_id(), name, arguments]
+            self._order[index] = len(self._order)
+            return CallDelta(self._order[index], slot[0], name, arguments)
+        slot[1] += name  # (a name sent in pieces: the finished call has all of it)
+        slot[2] += arguments
+        return CallDelta(self._order[index], arguments=arguments) if arguments else None
+
+    def finished(self) -> list[ToolCall]:
+        return [ToolCall(c[0], c[1], c[2] or "{}") for _, c in sorted(self._calls.items())]
 
 
 class GgufText:
@@ -546,6 +654,10 @@ def _message_json(m: dict[str, Any]) -> dict[str, Any]:
     if m.get("tool_call_id"):
         out["tool_call_id"] = m["tool_call_id"]
     return out
+
+
+def _has_usage(given: dict[str, Any] | None) -> bool:
+    return bool(given) and given.get("completion_tokens") is not None  # type: ignore[union-attr]
 
 
 def _affinity(chat: Chat) -> str:

@@ -257,7 +257,7 @@ def test_openai_rendering_float_and_base64() -> None:
     from services.inference.embeddings import Embeddings
 
     vectors = np.array([[0.25, -1.5, 3.0], [1e-8, 0.0, -0.125]], dtype=np.float32)
-    result = Embeddings("m", vectors, [3, 4])
+    result = Embeddings("m", vectors, [3, 4], 7)
     plain = json.loads(render_openai(result, "float"))
     assert plain["object"] == "list" and plain["model"] == "m"
     assert plain["usage"] == {"prompt_tokens": 7, "total_tokens": 7}

@@ -16,7 +16,9 @@ from services.core import config
 from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.core.structured import Tool, make_structure
-from services.inference.engines.remote import Chat, RemoteEngine
+from services.inference.embeddings import EmbeddingService
+from services.inference.engines.remote import Chat, RemoteEngine, UpstreamPool
+from services.inference.engines.remote_embedding import PROBE, RemoteEmbeddingEngine
 from services.inference.engines.sequence import Sampling
 from services.inference.hardware import probe
 from services.inference.registry import ModelRegistry, load_catalogue
@@ -51,6 +53,7 @@ class Upstreams:
 
     def __init__(self) -> None:
         self.down: set[str] = set()
+        self.drop_once: set[str] = set()  # hosts that close the next request's connection unanswered
         self.reply: dict[str, httpx.Response] = {}
         self.seen: list[tuple[str, dict]] = []
         self.paths: list[str] = []
@@ -59,13 +62,24 @@ class Upstreams:
         host = request.url.host
         if host in self.down:
             raise httpx.ConnectError("connection refused", request=request)
+        if host in self.drop_once and not request.url.path.endswith("/models"):
+            self.drop_once.discard(host)
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
         if request.url.path.endswith("/models"):
             return httpx.Response(200, json={"data": [{"id": "up-model", "max_model_len": 512}]})
         self.seen.append((host, json.loads(request.content)))
         self.paths.append(request.url.path)
         reply = self.reply.get(host)
-        if reply is not None:
+        if reply is not None and not (request.url.path.endswith("/embeddings") and self.seen[-1][1]["input"] == [PROBE]):
             return reply
+        if request.url.path.endswith("/embeddings"):
+            given = self.seen[-1][1]["input"]
+            # Vectors of length 1 whose direction tells the input: [len, 1, 0, 0] normalised.
+            rows = [[float(len(i)), 1.0, 0.0, 0.0] for i in given]
+            rows = [[x / sum(v * v for v in row) ** 0.5 for x in row] for row in rows]
+            data = [{"object": "embedding", "index": i, "embedding": row} for i, row in reversed(list(enumerate(rows)))]
+            return httpx.Response(200, json={"object": "list", "data": data, "model": "up-model",
+                                             "usage": {"prompt_tokens": 3 * len(given), "total_tokens": 3 * len(given)}})
         if request.url.path.endswith("/v1/completions"):
             return httpx.Response(200, content=sse({"choices": [{"index": 0, "text": " Paris.", "finish_reason": None}]},
                                                    {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}))
@@ -76,7 +90,7 @@ class Upstreams:
 @pytest.fixture
 def upstreams(monkeypatch: pytest.MonkeyPatch) -> Upstreams:
     mock = Upstreams()
-    monkeypatch.setattr(RemoteEngine, "transport", httpx.MockTransport(mock))
+    monkeypatch.setattr(UpstreamPool, "transport", httpx.MockTransport(mock))
     return mock
 
 
@@ -100,7 +114,7 @@ def test_catalogue_takes_remote_models_and_refuses_what_cannot_work(tmp_path: Pa
     assert entries["far"].source == f"{A},{B}" and entries["far"].fingerprint() == "remote:m-0"
     for bad, message in (({"source": "/models/x.gguf"}, "base URL"),
                          ({"source": A, "params": {"timeout_seconds": 0}}, "timeout_seconds"),
-                         ({"source": A, "task": "embedding"}, "embedding")):
+                         ({"source": A, "engine": "llama.cpp", "task": "embedding"}, "embedding")):
         with pytest.raises(ConfigError, match=message):
             load_catalogue(settings_with(tmp_path, [{"id": "far", "engine": "remote", **bad}]))
 
@@ -110,9 +124,9 @@ async def test_the_request_forwards_sampling_and_structure(tmp_path: Path, upstr
     admitted, text, chunks = await run(generation, temperature=0.2, top_p=0.9, seed=7, max_tokens=20,
                                        stop=["END"], repetition_penalty=1.1)
     assert text == "Hello there" and chunks[-1].finish_reason == "stop"
-    # The upstream's usage is what counts; the prompt was counted here (an estimate) before it ran.
+    # The upstream's usage is what counts; nothing was counted here before it ran (it would delay the call).
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (9, 2)
-    assert admitted.prompt_tokens > 0
+    assert admitted.prompt_tokens == 0
     body = upstreams.seen[-1][1]
     assert body["model"] == "up-model" and body["messages"] == [{"role": "user", "content": "Hi"}]
     assert (body["temperature"], body["top_p"], body["seed"], body["max_tokens"], body["stop"]) == (0.2, 0.9, 7, 20, ["END"])
@@ -143,6 +157,7 @@ async def test_usage_is_counted_when_the_upstream_sends_none(tmp_path: Path, ups
     registry, generation = remote_registry(tmp_path, [A])
     _, text, chunks = await run(generation)
     assert text == "one two three four" and chunks[-1].usage.completion_tokens == 5  # 18 bytes at 4 a token
+    assert chunks[-1].usage.prompt_tokens == 2  # "user\nHi\n", 8 bytes, counted after the answer
     await registry.close()
 
 
@@ -232,4 +247,101 @@ async def test_a_missing_api_key_variable_is_named(tmp_path: Path, upstreams: Up
         await run(generation)
     monkeypatch.setenv("FAR_KEY", "s3cret")
     await run(generation)
+    await registry.close()
+
+
+def remote_embedder(tmp_path: Path, sources: list[str], **params: object) -> tuple[ModelRegistry, EmbeddingService]:
+    settings = settings_with(tmp_path, [
+        {"id": "chat", "engine": "remote", "source": A, "params": {"model": "up-model"}},
+        {"id": "far-embed", "task": "embedding", "engine": "remote", "source": sources,
+         "params": {"model": "up-model", "health_interval_seconds": 60, **params}}])
+    registry = ModelRegistry(settings, probe())
+    return registry, EmbeddingService(registry, settings, cache=None)
+
+
+async def test_remote_embeddings_pass_the_inputs_through(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, embedder = remote_embedder(tmp_path, [A, B], matryoshka=True)
+    result = await embedder.embed("far-embed", ["one", "three"])
+    # The upstream's vectors in input order (it answered them reversed) and its usage.
+    assert result.vectors.shape == (2, 4) and result.vectors[0][0] < result.vectors[1][0]
+    assert result.prompt_tokens == 6 and result.tokens == [0, 0]
+    host, body = upstreams.seen[-1]
+    assert upstreams.paths[-1] == "/v1/embeddings" and body == {"model": "up-model", "input": ["one", "three"],
+                                                                  "encoding_format": "float"}
+    engine = registry.records["far-embed"].engine
+    assert isinstance(engine, RemoteEmbeddingEngine) and (engine.dimensions, engine.normalized) == (4, True)
+    # Token arrays travel as they are; dimensions shortens here (and renormalises), as for local models.
+    short = await embedder.embed("far-embed", [[1, 2, 3]], dimensions=2)
+    assert upstreams.seen[-1][1]["input"] == [[1, 2, 3]] and short.vectors.shape == (1, 2)
+    assert abs(float((short.vectors[0] ** 2).sum()) - 1) < 1e-6
+    with pytest.raises(InvalidArgument, match="not both"):
+        await embedder.embed("far-embed", ["text", [1, 2]])
+    with pytest.raises(InvalidArgument, match="truncate"):
+        await embedder.embed("far-embed", ["text"], truncate=True)
+    # A replica that refuses connections is skipped.
+    upstreams.down.add(host)
+    again = await embedder.embed("far-embed", ["one"])
+    assert upstreams.seen[-1][0] != host and again.vectors.shape == (1, 4)
+    await registry.close()
+
+
+async def test_remote_embedding_errors_map_to_parley_codes(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, embedder = remote_embedder(tmp_path, [A])
+    upstreams.reply["a.test"] = httpx.Response(429, json={"error": {"message": "slow down"}}, headers={"retry-after": "3"})
+    with pytest.raises(ResourceExhausted, match="slow down") as busy:
+        await embedder.embed("far-embed", ["x"])
+    assert busy.value.retry_after == 3
+    upstreams.reply["a.test"] = httpx.Response(400, json={"error": {"message": "Prompt contains invalid tokens"}})
+    with pytest.raises(InvalidArgument, match="'far-embed' refused.*invalid tokens"):
+        await embedder.embed("far-embed", [[99999999]])
+    upstreams.reply["a.test"] = httpx.Response(500, json={"error": {"message": "boom"}})
+    with pytest.raises(Unavailable, match="'far-embed'.*500.*boom"):
+        await embedder.embed("far-embed", ["x"])
+    upstreams.reply["a.test"] = httpx.Response(200, json={"data": [{"index": 0, "embedding": "not floats"}]})
+    with pytest.raises(Unavailable, match="'far-embed'.*malformed"):
+        await embedder.embed("far-embed", ["x"])
+    assert registry.records["far-embed"].engine.upstreams[0].outstanding == 0
+    # Unreachable: 503 naming the model, and once the health check notices, the model is failed.
+    upstreams.down.add("a.test")
+    with pytest.raises(Unavailable, match="'far-embed'"):
+        await embedder.embed("far-embed", ["x"])
+    await registry.records["far-embed"].engine.pool.check()
+    state, reason = registry.records["far-embed"].status()
+    assert state == "failed" and "a.test" in reason
+    await registry.close()
+
+
+async def test_tool_calls_stream_as_call_deltas(tmp_path: Path, upstreams: Upstreams) -> None:
+    def piece(index: int, arguments: str, name: str = "", id: str = "") -> dict:
+        call = {"index": index, "function": {"arguments": arguments, **({"name": name} if name else {})},
+                **({"id": id, "type": "function"} if id else {})}
+        return {"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]}
+
+    # Two calls: the first with the upstream's id, the second (index 3 upstream) with none.
+    upstreams.reply["a.test"] = httpx.Response(200, content=sse(
+        piece(0, '{"ci', name="get_weather", id="call_up"), piece(0, 'ty": "Paris"}'),
+        piece(3, "", name="get_time"), piece(3, "{}"),
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    registry, generation = remote_registry(tmp_path, [A])
+    _, text, chunks = await run(generation)
+    deltas = [d for c in chunks for d in c.call_deltas]
+    assert text == "" and [(d.index, d.id, d.name, d.arguments) for d in deltas] == [
+        (0, "call_up", "get_weather", '{"ci'), (0, "", "", 'ty": "Paris"}'),
+        (1, deltas[2].id, "get_time", ""), (1, "", "", "{}")]
+    assert deltas[2].id.startswith("call_")
+    # The finished calls carry the streamed ids (the OpenAI layer sends each call once).
+    finished = chunks[-1].tool_calls
+    assert [(c.id, c.name, c.arguments) for c in finished] == [
+        ("call_up", "get_weather", '{"city": "Paris"}'), (deltas[2].id, "get_time", "{}")]
+    assert chunks[-1].finish_reason == "tool_calls"
+    await registry.close()
+
+
+async def test_a_kept_alive_connection_closed_under_a_request_is_retried(tmp_path: Path, upstreams: Upstreams) -> None:
+    registry, generation = remote_registry(tmp_path, [A])
+    await run(generation)
+    upstreams.drop_once.add("a.test")
+    _, text, _ = await run(generation)
+    assert text == "Hello there" and registry.records["far"].status() == ("ready", "")
+    assert registry.records["far"].engine.upstreams[0].outstanding == 0
     await registry.close()
