@@ -317,7 +317,30 @@ class UpstreamPool:
         return Unavailable(f"model {self.model_id!r}: upstream answered {code}: {message}")
 
 
-class RemoteEngine(Engine):
+class PoolBacked:
+    """What an engine whose work runs on an UpstreamPool says about itself (chat: RemoteEngine,
+    embeddings: remote_embedding.RemoteEmbeddingEngine): the pool's health and upstreams, and the
+    requests it has in flight; the upstream keeps its own queue."""
+
+    pool: UpstreamPool
+    _running: int
+
+    def failure(self) -> str:
+        return self.pool.failure()
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), **self.pool.info()}  # type: ignore[misc]
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return 0  # the upstream queues
+
+
+class RemoteEngine(PoolBacked, Engine):
     engine_name = "remote"
     returns_tool_calls = True  # the upstream parses its own tool calls
     sends_chat = True
@@ -374,20 +397,6 @@ class RemoteEngine(Engine):
         size = model.get("max_model_len") or (model.get("meta") or {}).get("n_ctx_train")
         if isinstance(size, int) and size > 0:
             self.context_length = min(self.settings.context_length, size)
-
-    def failure(self) -> str:
-        return self.pool.failure()
-
-    def info(self) -> dict[str, Any]:
-        return {**super().info(), **self.pool.info()}
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def waiting(self) -> int:
-        return 0  # the upstream queues
 
     # --- counting ------------------------------------------------------------------------------
     @property

@@ -28,13 +28,13 @@ import numpy as np
 from services.core.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.inference.engines.base import EngineError
 from services.inference.engines.embedding import EmbeddingEngine
-from services.inference.engines.remote import BYTES_PER_TOKEN, UpstreamPool, _describe
+from services.inference.engines.remote import BYTES_PER_TOKEN, PoolBacked, UpstreamPool, _describe
 from services.inference.hardware import EngineSettings
 
 PROBE = "How long is a vector?"
 
 
-class RemoteEmbeddingEngine(EmbeddingEngine):
+class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
     engine_name = "remote"
     sends_inputs = True  # the upstream tokenizes, checks and counts: the service skips its own tokenizing
 
@@ -69,20 +69,6 @@ class RemoteEmbeddingEngine(EmbeddingEngine):
         size = model.get("max_model_len")
         if isinstance(size, int) and size > 0:
             self.context_length = size
-
-    def failure(self) -> str:
-        return self.pool.failure()
-
-    def info(self) -> dict[str, Any]:
-        return {**super().info(), **self.pool.info()}
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def waiting(self) -> int:
-        return 0  # the upstream queues
 
     @classmethod
     def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
