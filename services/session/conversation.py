@@ -25,7 +25,7 @@ import grpc
 from parley.inference.v1 import inference_pb2
 from parley.session.v1 import session_pb2
 
-from services.core.errors import Aborted, InvalidArgument, ParleyError, status_of
+from services.core.errors import Aborted, InvalidArgument, ParleyError, Unauthenticated, status_of
 from services.core.identity import reauthenticate
 from services.session.service import SessionService
 from services.session.turns import BUSY
@@ -124,7 +124,12 @@ class Conversation:
             # The stream may outlive the credential it opened with: an expired access token or a
             # revoked API key ends it UNAUTHENTICATED here, before the turn stores anything (the
             # WebSocket closes with 4401; the client reconnects with a fresh token and sends again).
-            await reauthenticate()
+            try:
+                await reauthenticate()
+            except Unauthenticated:
+                raise
+            except ParleyError as exc:  # the auth service is down: this turn is refused, the stream stays
+                return [error_event(exc)]
             chat.session_id = session_id
             self._number += 1
             self._answered = False
