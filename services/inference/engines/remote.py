@@ -325,6 +325,18 @@ class PoolBacked:
     pool: UpstreamPool
     _running: int
 
+    @property
+    def upstreams(self) -> list[Upstream]:
+        return self.pool.upstreams
+
+    @classmethod
+    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
+        return 0  # the weights live on the upstream
+
+    async def check(self) -> None:
+        """One round of the pool's health checks, now."""
+        await self.pool.check()
+
     def failure(self) -> str:
         return self.pool.failure()
 
@@ -350,10 +362,6 @@ class RemoteEngine(PoolBacked, Engine):
         self.pool = UpstreamPool(model_id, path, params, self._learn_context)
         self._text: Any = None  # a GGUF vocabulary and chat template, when params.tokenizer names one
         self._running = 0
-
-    @property
-    def upstreams(self) -> list[Upstream]:
-        return self.pool.upstreams
 
     @property
     def remote_model(self) -> str:
@@ -382,13 +390,6 @@ class RemoteEngine(PoolBacked, Engine):
 
     def _close(self) -> None:  # pragma: no cover - close() is overridden
         raise NotImplementedError
-
-    @classmethod
-    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
-        return 0  # the weights live on the upstream
-
-    async def check(self) -> None:
-        await self.pool.check()
 
     def _learn_context(self, model: dict[str, Any]) -> None:
         """The context window: the configured one (the catalogue's context_length, else

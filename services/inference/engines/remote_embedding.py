@@ -43,10 +43,6 @@ class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
         self.pool = UpstreamPool(model_id, path, params, self._learn_context)
         self._running = 0
 
-    @property
-    def upstreams(self) -> list[Any]:
-        return self.pool.upstreams
-
     async def load(self) -> None:
         """Opens the pool (fails when no upstream answers) and embeds one probe text: its vector's
         size and length are the model's."""
@@ -69,10 +65,6 @@ class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
         size = model.get("max_model_len")
         if isinstance(size, int) and size > 0:
             self.context_length = size
-
-    @classmethod
-    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
-        return 0  # the weights live on the upstream
 
     async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float) -> tuple[np.ndarray, int]:
         """One vector per input (float32 rows, in order) and the prompt tokens the upstream counted."""

@@ -305,7 +305,7 @@ async def test_remote_embedding_errors_map_to_parley_codes(tmp_path: Path, upstr
     upstreams.down.add("a.test")
     with pytest.raises(Unavailable, match="'far-embed'"):
         await embedder.embed("far-embed", ["x"])
-    await registry.records["far-embed"].engine.pool.check()
+    await registry.records["far-embed"].engine.check()
     state, reason = registry.records["far-embed"].status()
     assert state == "failed" and "a.test" in reason
     await registry.close()
