@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -47,10 +48,40 @@ class StackError(RuntimeError):
     pass
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_given: set[int] = set()
+_given_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that nothing listens on, for a server the caller starts next.
+
+    It comes from below the kernel's ephemeral range, never from bind(0): the kernel hands ports of
+    that range to every outgoing connection, so a port it gave out could be some client's source port
+    by the time the server binds it (CI saw "Failed to bind to address"). Below the range only
+    explicit binds compete, and this process never gives the same port twice.
+    """
+    floor = min(_ephemeral_floor(), 32768)
+    low = max(1024, floor - 12_000)
+    with _given_lock:
+        for _ in range(500):
+            port = random.randrange(low, floor)
+            if port in _given:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _given.add(port)
+            return port
+    raise StackError(f"no free loopback port between {low} and {floor}")
 
 
 def envoy_binary() -> str:

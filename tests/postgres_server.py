@@ -17,12 +17,13 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from services.stack import free_port
 
 PR_SET_PDEATHSIG = 1
 USER = "parley"
@@ -36,12 +37,6 @@ def binaries() -> Path:
     if on_path:
         return Path(on_path).parent
     raise RuntimeError("PostgreSQL is not installed: run `make test` (it installs Debian's postgresql package)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_user(uid: int | None, gid: int | None):  # type: ignore[no-untyped-def]

