@@ -17,13 +17,19 @@ MODEL = "smollm2-135m-instruct"
 TINY = {"role": "user", "content": "a" * 12}
 
 
-def post(base_url: str, user: Caller, path: str, body: dict) -> tuple[httpx.Response, float]:
+def post(base_url: str, user: Caller, path: str, body: dict, tries: int = 3) -> tuple[httpx.Response, float]:
+    """The answer and the fastest of `tries` identical requests: the bound is the server's, and one try
+    that a busy 2-core machine descheduled says nothing about it. Every try must answer the same."""
     data = json.dumps(body).encode()
+    answers, times = [], []
     with httpx.Client(base_url=base_url, timeout=60) as http:
         http.get("/healthz")  # the connection is open before the clock starts
-        started = time.perf_counter()
-        answer = http.post(path, content=data, headers={**user.headers, "content-type": "application/json"})
-        return answer, time.perf_counter() - started
+        for _ in range(tries):
+            started = time.perf_counter()
+            answers.append(http.post(path, content=data, headers={**user.headers, "content-type": "application/json"}))
+            times.append(time.perf_counter() - started)
+    assert len({(a.status_code, a.text) for a in answers}) == 1, [a.text for a in answers]
+    return answers[-1], min(times)
 
 
 def message_of(answer: httpx.Response) -> str:

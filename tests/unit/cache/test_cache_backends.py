@@ -134,7 +134,7 @@ async def test_redis_slower_than_the_timeout_is_bypassed_within_it(redis: RedisB
         started = time.monotonic()
         with pytest.raises(BackendUnavailable):  # within the retry period: not even tried
             await redis.lookup(ENTRY_PREFIX + "k")
-        assert time.monotonic() - started < 0.01
+        assert time.monotonic() - started < 0.04  # not tried: well under the 50 ms a try would wait
     finally:
         redis_server.resume()
     await asyncio.sleep(0.25)
