@@ -455,6 +455,7 @@ def stack_environment(data: str, **more: str) -> dict[str, str]:
     for name in ("auth", "session", "cache", "inference"):
         env[f"PARLEY_{name.upper()}_PORT"] = str(free_port())
         env[f"PARLEY_{name.upper()}_METRICS_PORT"] = str(free_port())
+    env["PARLEY_SESSION_WEBSOCKET_PORT"] = str(free_port())  # its default port may be taken
     return env
 
 
@@ -659,17 +660,10 @@ def main() -> None:
         return
     context = 2048
     with tempfile.TemporaryDirectory() as data:
-        env = {"PARLEY_DATA_DIR": data, "PARLEY_HTTP_PORT": str(free_port()), "PARLEY_ADMIN_PORT": str(free_port()),
-               "PARLEY_CONTEXT_LENGTH": str(context), "PARLEY_PARALLEL_SLOTS": str(args.slots),
-               # The same KV cells as llama-server -c 16384 (context is per request: -np 8 gives 2048 a slot).
-               "PARLEY_KV_CACHE_TOKENS": "16384",
-               "PARLEY_QUEUE_DEPTH": "32", "PARLEY_LOG_LEVEL": "WARNING", "PARLEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
-               # The benchmark's requests would trip a user's default rate limits.
-               "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE": "100000", "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE": "100000000"}
-        for name in ("auth", "session", "cache", "inference"):
-            env[f"PARLEY_{name.upper()}_PORT"] = str(free_port())
-            env[f"PARLEY_{name.upper()}_METRICS_PORT"] = str(free_port())
-        env["PARLEY_SESSION_WEBSOCKET_PORT"] = str(free_port())
+        env = stack_environment(data, PARLEY_CONTEXT_LENGTH=str(context), PARLEY_PARALLEL_SLOTS=str(args.slots),
+                                # The same KV cells as llama-server -c 16384 (context is per request: -np 8
+                                # gives 2048 a slot).
+                                PARLEY_KV_CACHE_TOKENS="16384")
         logs = Path(args.log_dir) if args.log_dir else Path(data) / "logs"
         stack = Stack(env=env, log_dir=logs)
         stack.start()
