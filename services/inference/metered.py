@@ -96,11 +96,11 @@ class MeteredCompletions:
         if not CacheClient.is_deterministic(sampling):
             return None
         try:
-            entry = self.registry.get(request.model).entry
+            record = self.registry.get(request.model)
         except ParleyError:
             return None  # generation reports the unknown model with the proper status
         key = cache_pb2.CompletionKey(
-            model=entry.id, model_fingerprint=entry.fingerprint(), sampling=sampling,
+            model=record.entry.id, model_fingerprint=record.fingerprint(), sampling=sampling,
             messages=[structured.message_to_proto(m) for m in request.messages],
             structured=structured.to_proto(request.structure), prompt=request.prompt)
         if request.fit is not None:
@@ -148,8 +148,8 @@ class MeteredCompletions:
                     yield item
                     continue
                 if isinstance(item, Admitted):
-                    entry = item.record.entry
-                    started = Started(entry.id, entry.fingerprint(), False, item.prompt_tokens, item.dropped)
+                    record = item.record
+                    started = Started(record.entry.id, record.fingerprint(), False, item.prompt_tokens, item.dropped)
                     yield started
                     continue
                 pieces += bool(item.text)

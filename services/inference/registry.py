@@ -162,10 +162,19 @@ class ModelRecord:
     last_used: float = 0.0
     load_seconds: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    loaded_fingerprint: str = ""  # the weights' fingerprint when they were loaded
 
     @property
     def memory_mib(self) -> int:
         return self.engine.memory_mib() if self.engine is not None else 0
+
+    def fingerprint(self) -> str:
+        """The fingerprint of the weights that answer: taken at load, since a file replaced on disk
+        changes nothing until the model is loaded again (the response cache keys answers by it). Before
+        a load, the file's. Every request asks, so a loaded model's costs no stat of the file either."""
+        if self.engine is not None and self.loaded_fingerprint:
+            return self.loaded_fingerprint
+        return self.entry.fingerprint()
 
     def status(self) -> tuple[str, str]:
         """The state and error to report: a loaded remote model whose upstreams all failed their
@@ -230,6 +239,7 @@ class ModelRegistry:
             await self._make_room(record, needed)
             record.state, record.error = "loading", ""
             started = time.monotonic()
+            fingerprint = record.entry.fingerprint()  # before the load: the file it reads
             try:
                 engine = create_engine(model_id, record.entry.path(), chosen, record.entry.params, record.entry.task)
                 await engine.load()
@@ -237,7 +247,7 @@ class ModelRegistry:
                 record.state, record.error = "failed", str(exc)
                 log.error("model load failed", extra={"fields": {"model": model_id, "error": str(exc)}})
                 raise Unavailable(f"model {model_id!r} failed to load: {exc}") from exc
-            record.engine, record.settings = engine, chosen
+            record.engine, record.settings, record.loaded_fingerprint = engine, chosen, fingerprint
             record.state, record.last_used = "ready", time.monotonic()
             record.load_seconds = time.monotonic() - started
             metrics.MODEL_LOAD.labels(model_id).observe(record.load_seconds)
@@ -267,7 +277,7 @@ class ModelRegistry:
         if record.active:
             raise ResourceExhausted(f"model {model_id!r} is serving {record.active} request(s); retry later", retry_after=5)
         engine, record.engine = record.engine, None
-        record.state = "available"
+        record.state, record.loaded_fingerprint = "available", ""
         await engine.close()
         log.info("model unloaded", extra={"fields": {"model": model_id}})
         return record

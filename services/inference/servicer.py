@@ -31,7 +31,7 @@ STATES = {
 
 def model_pb(record: ModelRecord) -> pb.Model:
     entry = record.entry
-    fingerprint = entry.fingerprint()
+    fingerprint = record.fingerprint()
     created = int(fingerprint.rsplit("-", 1)[1]) if fingerprint else 0
     context = record.engine.context_length if record.engine else (entry.context_length or 0)
     state, error = record.status()

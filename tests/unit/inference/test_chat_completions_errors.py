@@ -15,7 +15,7 @@ from services.inference.engines.base import Chunk, EngineError
 from services.inference.metered import MeteredCompletions
 from services.inference.service import Admitted
 
-RECORD = SimpleNamespace(entry=SimpleNamespace(id="tiny", fingerprint=lambda: "1-2"))
+RECORD = SimpleNamespace(entry=SimpleNamespace(id="tiny"), fingerprint=lambda: "1-2")
 
 
 class Failing:

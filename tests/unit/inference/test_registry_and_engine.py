@@ -225,3 +225,26 @@ async def test_the_memory_made_room_for_is_the_memory_reported_once_loaded(tmp_p
             assert str(read[key]) == engine._metadata[key]
     finally:
         await registry.close()
+
+
+async def test_a_loaded_model_keeps_the_fingerprint_of_the_weights_it_loaded(tmp_path: Path) -> None:
+    """The response cache keys answers by the weights that wrote them: a file replaced on disk while
+    the model runs changes the fingerprint only once it is loaded again."""
+    entry = copy_of_bundled(tmp_path, "copy")
+    registry, _ = make_registry(tmp_path, [BUNDLED, entry])
+    record = registry.get("copy")
+    before = record.fingerprint()
+    await registry.load("copy")
+    assert record.fingerprint() == before
+    source = Path(entry["source"])
+    replacement = tmp_path / "new.gguf"  # a new file, one byte longer, moved over the old one (as a deploy does)
+    replacement.write_bytes(source.read_bytes() + b"\0")
+    replacement.replace(source)
+    assert record.entry.fingerprint() != before
+    assert record.fingerprint() == before  # still the loaded weights'
+    await registry.unload("copy")
+    after = record.fingerprint()
+    assert after == record.entry.fingerprint() and after != before
+    await registry.load("copy")
+    assert record.fingerprint() == after
+    await registry.close()
