@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from services.stack import Stack
-from tests.integration.conftest import Caller
+from tests.integration.conftest import Caller, new_user
 
 MODEL = "smollm2-135m-instruct"
 TINY = {"role": "user", "content": "a" * 12}
@@ -35,6 +35,18 @@ def post(base_url: str, user: Caller, path: str, body: dict, tries: int = 3) -> 
 def message_of(answer: httpx.Response) -> str:
     body = answer.json()
     return body["error"]["message"] if "error" in body else body["message"]
+
+
+@pytest.fixture(scope="module")
+def user(stack: Stack, admin: Caller) -> Caller:
+    """A user of its own, with room in its rate limit: these tests send each request three times, which
+    would use up the shared user's 60 a minute for the modules after this one."""
+    caller = new_user(stack.url, "bounded")
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        me = http.get("/v1/users/me", headers=caller.headers).json()
+        raised = http.patch(f"/v1/rate-limits/{me['id']}", headers=admin.headers, json={"requests_per_minute": 1000})
+        assert raised.status_code == 200, raised.text
+    return caller
 
 
 @pytest.fixture(scope="module")
