@@ -88,9 +88,12 @@ def start_stack(data_dir: Path, **overrides: str) -> Stack:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One shared stack. Two slots and a queue of two, so that queue-full is reachable."""
+    """One shared stack. Two slots and a queue of two, so that queue-full is reachable. Many modules
+    share its `user`: at the default 60 requests a minute, whether one module's requests leave the next
+    one a 429 would depend on how fast the machine runs them. Tests of the limits set their own."""
     data_dir = tmp_path_factory.mktemp("stack")
-    running = start_stack(data_dir, PARLEY_PARALLEL_SLOTS="2", PARLEY_QUEUE_DEPTH="2", PARLEY_CONTEXT_LENGTH="2048")
+    running = start_stack(data_dir, PARLEY_PARALLEL_SLOTS="2", PARLEY_QUEUE_DEPTH="2", PARLEY_CONTEXT_LENGTH="2048",
+                          PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE="600")
     yield running
     running.stop()
 
