@@ -95,7 +95,11 @@ def test_one_turn_per_session_across_replicas_and_a_killed_replicas_turn(replica
             assert caught.value.code() == grpc.StatusCode.ABORTED
             refused = http.post(f"/v1/sessions/{sid}:chat", json={"content": "Me too."}, headers=user.headers)
             assert refused.status_code == 409, refused.text
-            time.sleep(0.5)  # a checkpoint of what streamed
+            # A checkpoint of what streamed (every 0.2 s here; a loaded machine takes longer).
+            deadline = time.monotonic() + 15
+            while not ((last := messages(http, user, sid)[-1])["role"] == "MESSAGE_ROLE_ASSISTANT" and last["content"]):
+                assert time.monotonic() < deadline, "no checkpoint of the answer within 15 s"
+                time.sleep(0.1)
             killed = replicated.replicas("session")[1]
             killed.popen.kill()
             killed.popen.wait()
