@@ -162,7 +162,7 @@ class ModelRecord:
     last_used: float = 0.0
     load_seconds: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    loaded_fingerprint: str = ""  # the weights' fingerprint when they were loaded
+    loaded_fingerprint: str = ""  # the weights' fingerprint when they were loaded; "" while not loaded
 
     @property
     def memory_mib(self) -> int:
@@ -172,9 +172,7 @@ class ModelRecord:
         """The fingerprint of the weights that answer: taken at load, since a file replaced on disk
         changes nothing until the model is loaded again (the response cache keys answers by it). Before
         a load, the file's. Every request asks, so a loaded model's costs no stat of the file either."""
-        if self.engine is not None and self.loaded_fingerprint:
-            return self.loaded_fingerprint
-        return self.entry.fingerprint()
+        return self.loaded_fingerprint or self.entry.fingerprint()
 
     def status(self) -> tuple[str, str]:
         """The state and error to report: a loaded remote model whose upstreams all failed their
