@@ -15,8 +15,9 @@ from services.core.errors import InvalidArgument
 from services.core.structured import Structure, Tool, ToolCall, check_schema, make_structure, validate_messages
 from services.inference import openai_compat
 from services.inference.service import SamplingInput
+from services.inference.chat_formats.hermes import ToolCallParser
 from services.inference.structured import (
-    ToolCallParser, grammar_for, int_range, integer_bounds, number_range, template_handles_tools,
+    grammar_for, int_range, integer_bounds, number_range, template_handles_tools,
     template_input,
 )
 from tests.unit.inference.test_batch_engine import MODEL, engine, scheduler  # noqa: F401 - a fixture
@@ -198,7 +199,8 @@ def feed_all(parser: ToolCallParser, pieces: list[str], deltas: list | None = No
         text, calls = text + t, calls + c
         if deltas is not None:
             deltas += d
-    return text + parser.flush(), calls
+    rest, more = parser.flush()
+    return text + rest, calls + more
 
 
 def test_calls_split_across_chunks_are_parsed_and_text_around_them_kept() -> None:
@@ -206,7 +208,7 @@ def test_calls_split_across_chunks_are_parsed_and_text_around_them_kept() -> Non
     raw = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n</tool_call>\n' \
           '<tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>'
     for size in (1, 3, 7, len(raw)):
-        parser = ToolCallParser(structure)
+        parser = ToolCallParser(t.name for t in structure.tools)
         text, calls = feed_all(parser, [raw[i:i + size] for i in range(0, len(raw), size)])
         assert text == "Let me check."
         assert [(c.name, json.loads(c.arguments)) for c in calls] == [
@@ -219,7 +221,7 @@ def test_a_call_streams_its_name_then_its_arguments_as_written() -> None:
            '</tool_call><tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>')
     for size in (1, 2, 5, len(raw)):
         deltas: list = []
-        _, calls = feed_all(ToolCallParser(make_structure([WEATHER, CLOCK])), [raw[i:i + size] for i in range(0, len(raw), size)],
+        _, calls = feed_all(ToolCallParser(["get_weather", "get_time"]), [raw[i:i + size] for i in range(0, len(raw), size)],
                             deltas)
         assert [(d.index, d.id, d.name) for d in deltas if d.id] == [(0, calls[0].id, "get_weather"), (1, calls[1].id, "get_time")]
         for index, call in enumerate(calls):
@@ -230,15 +232,20 @@ def test_a_call_streams_its_name_then_its_arguments_as_written() -> None:
 
 def test_what_is_not_a_call_stays_text() -> None:
     structure = make_structure([WEATHER])
-    assert feed_all(ToolCallParser(structure), ["a < b and <tool", "box>"]) == ("a < b and <toolbox>", [])
-    assert feed_all(ToolCallParser(structure), ['<tool_call>{"name": "nope", "arguments": {}}</tool_call>'])[1] == []
-    assert feed_all(ToolCallParser(structure), ["<tool_call>{not json}</tool_call>"]) == ("<tool_call>{not json}</tool_call>", [])
+    assert feed_all(ToolCallParser(t.name for t in structure.tools), ["a < b and <tool", "box>"]) == ("a < b and <toolbox>", [])
+    assert feed_all(ToolCallParser(t.name for t in structure.tools), ['<tool_call>{"name": "nope", "arguments": {}}</tool_call>'])[1] == []
+    assert feed_all(ToolCallParser(t.name for t in structure.tools), ["<tool_call>{not json}</tool_call>"]) == ("<tool_call>{not json}</tool_call>", [])
     # An answer that ran out of tokens inside a call: the unfinished call is text.
-    assert feed_all(ToolCallParser(structure), ['<tool_call>{"name": "get_we']) == ('<tool_call>{"name": "get_we', [])
+    assert feed_all(ToolCallParser(t.name for t in structure.tools), ['<tool_call>{"name": "get_we']) == ('<tool_call>{"name": "get_we', [])
     # After complete calls it is an unfinished call, not content.
-    text, calls = feed_all(ToolCallParser(structure), ['<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+    text, calls = feed_all(ToolCallParser(t.name for t in structure.tools), ['<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
                                                        '\n<tool_call>{"name'])
     assert text == "" and len(calls) == 1
+    # Cut short by max_tokens inside a call whose name is known: that call, with what was written.
+    parser = ToolCallParser(["get_weather"])
+    text, calls, _ = parser.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os')
+    rest, more = parser.flush(truncated=True)
+    assert text + rest == "" and [(c.name, c.arguments) for c in calls + more] == [("get_weather", '{"city": "Os')]
 
 
 # --- with the real model (test_batch_engine's `engine` fixture: the bundled model, loaded) --------

@@ -1,0 +1,27 @@
+"""Chat formats, one per model family (as llama.cpp's common/chat.cpp keeps one handler per family):
+how a chat enters the family's template, and how its output becomes content, reasoning and tool
+calls, whole and streamed. A model's format is chosen once, from its chat template, by the first
+entry of FORMATS that recognises it; Hermes tags are the fallback. A new family is one module and
+one line here.
+"""
+
+from __future__ import annotations
+
+from services.inference.chat_formats.base import ChatFormat, OutputParser, Parsed, parse_whole
+from services.inference.chat_formats.hermes import HermesFormat
+
+# Most specific first: a template may mention another family's markers (Hermes 3 is a Llama 3.1).
+FORMATS: list[type[ChatFormat]] = [
+    HermesFormat,
+]
+
+
+def for_template(template: str) -> ChatFormat:
+    """The format of the family whose template this is."""
+    for family in FORMATS:
+        if family.matches(template):
+            return family(template)
+    return HermesFormat(template)
+
+
+__all__ = ["FORMATS", "ChatFormat", "OutputParser", "Parsed", "for_template", "parse_whole"]
