@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.core.errors import ResourceExhausted
+from services.inference.chat_template import ChatTemplate
 from services.inference.engines.base import Engine, EngineError, Request
 
 END = 0
@@ -45,6 +46,8 @@ class ScriptedEngine(Engine):
     # The blocking hooks
     def _load(self) -> None:
         self.vocab_size = 1000
+        # Prompts render with _render below; the template gives the output format (Hermes, the fallback).
+        self.chat_template = ChatTemplate(params.get("chat_template") if (params := self.params) else None)
 
     def _close(self) -> None:
         for task in self._active:
@@ -63,7 +66,7 @@ class ScriptedEngine(Engine):
         return 0
 
     def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                tools: list[dict[str, Any]] | None = None) -> str:
+                tools: list[dict[str, Any]] | None = None, structure: Any = None) -> str:
         lines = [f"<{m['role']}> {m.get('content') or ''}" for m in messages]
         return "\n".join(lines + (["<assistant>"] if add_generation_prompt else []))
 

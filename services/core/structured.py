@@ -61,9 +61,67 @@ class ToolCall:
         return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+# Variables a chat template gets from the request itself: chat_template_kwargs may not replace them.
+TEMPLATE_VARIABLES = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
+                      "strftime_now"}
+MAX_TEMPLATE_KWARGS_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """What a request passes to the model's chat template beyond its messages and tools: thinking on
+    (the default, as llama-server renders templates) or off, and extra template variables."""
+
+    kwargs: str = ""  # chat_template_kwargs: a JSON object as canonical text; "" none
+    reasoning_effort: str = ""  # "" (the model's default) or one of REASONING_EFFORTS
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the model may think: off with reasoning_effort "none" or enable_thinking false."""
+        if self.reasoning_effort == "none":
+            return False
+        return not self.kwargs or json.loads(self.kwargs).get("enable_thinking", True) is not False
+
+    def variables(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.kwargs) if self.kwargs else {}
+        out["enable_thinking"] = self.thinking
+        if self.reasoning_effort and self.reasoning_effort != "none":
+            out["reasoning_effort"] = self.reasoning_effort
+        return out
+
+    def key(self) -> str:
+        return json.dumps([self.kwargs, self.reasoning_effort])
+
+    @staticmethod
+    def from_key(key: str) -> TemplateOptions:
+        kwargs, effort = json.loads(key)
+        return TemplateOptions(kwargs, effort)
+
+
+def make_template_options(kwargs: Any = None, reasoning_effort: Any = None) -> TemplateOptions:
+    """chat_template_kwargs (a JSON object, or its text) and reasoning_effort, checked
+    (INVALID_ARGUMENT naming the field)."""
+    if isinstance(kwargs, str):
+        kwargs = json_body.loads(kwargs, "chat_template_kwargs") if kwargs else None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise InvalidArgument("chat_template_kwargs must be an object")
+    text = canonical_json(kwargs) if kwargs else ""
+    if len(text) > MAX_TEMPLATE_KWARGS_BYTES:
+        raise InvalidArgument(f"chat_template_kwargs is larger than {MAX_TEMPLATE_KWARGS_BYTES} bytes")
+    for name in kwargs or {}:
+        if name in TEMPLATE_VARIABLES or not name.isidentifier():
+            raise InvalidArgument(f"chat_template_kwargs: {name!r} cannot be set (it is not a template variable "
+                                  "name, or the request sets it)")
+    if reasoning_effort is not None and reasoning_effort not in ("", *REASONING_EFFORTS):
+        raise InvalidArgument(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}")
+    return TemplateOptions(text, reasoning_effort or "")
+
+
 @dataclass(frozen=True)
 class Structure:
-    """Tools the model may call and the format of its answer. The default is plain text."""
+    """Tools the model may call and the format of its answer, and the options its chat template gets.
+    The default is plain text with the template's defaults."""
 
     tools: tuple[Tool, ...] = ()
     tool_choice: str = "auto"  # auto | none | required | function
@@ -71,6 +129,7 @@ class Structure:
     parallel: bool = True  # several calls in one answer
     format: str = "text"  # text | json_object | json_schema
     schema: str = ""  # json_schema: canonical JSON text
+    template: TemplateOptions = TemplateOptions()
 
     @property
     def calls_tools(self) -> bool:
@@ -90,7 +149,7 @@ def canonical_json(value: Any) -> str:
 
 
 def make_structure(tools: Sequence[Tool], tool_choice: str = "", function: str = "", parallel: bool | None = None,
-                   format: str = "", schema: str = "") -> Structure:
+                   format: str = "", schema: str = "", template: TemplateOptions = TemplateOptions()) -> Structure:
     """Checks the parts against one another (INVALID_ARGUMENT naming the field) and applies defaults."""
     if len(tools) > MAX_TOOLS:
         raise InvalidArgument(f"tools: at most {MAX_TOOLS} tools")
@@ -128,7 +187,7 @@ def make_structure(tools: Sequence[Tool], tool_choice: str = "", function: str =
     if schema:
         check_schema(json.loads(schema), "response_format.json_schema.schema")
     return Structure(tools=tuple(tools), tool_choice=tool_choice, function=function,
-                     parallel=True if parallel is None else parallel, format=format, schema=schema)
+                     parallel=True if parallel is None else parallel, format=format, schema=schema, template=template)
 
 
 def check_schema(schema: Any, where: str) -> None:
@@ -172,13 +231,15 @@ def from_proto(given: pb.StructuredOutput) -> Structure:
     return make_structure(
         tools, given.tool_choice, given.tool_choice_function,
         given.parallel_tool_calls if given.HasField("parallel_tool_calls") else None,
-        given.response_format, _schema_text(given.json_schema, "json_schema") if given.json_schema else "")
+        given.response_format, _schema_text(given.json_schema, "json_schema") if given.json_schema else "",
+        make_template_options(given.chat_template_kwargs, given.reasoning_effort))
 
 
 def to_proto(structure: Structure) -> pb.StructuredOutput:
+    template = structure.template
     if structure.plain and not structure.tools:
-        return pb.StructuredOutput()
-    out = pb.StructuredOutput(
+        return pb.StructuredOutput(chat_template_kwargs=template.kwargs, reasoning_effort=template.reasoning_effort)
+    out = pb.StructuredOutput(chat_template_kwargs=template.kwargs, reasoning_effort=template.reasoning_effort,
         tools=[pb.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in structure.tools],
         tool_choice=structure.tool_choice if structure.tools else "",
         tool_choice_function=structure.function, response_format=structure.format, json_schema=structure.schema)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,7 +25,8 @@ from services.inference.fitting import Fit
 from services.inference.metrics import GenerationTelemetry
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
-from services.inference.structured import ToolCallParser, grammar_for
+from services.inference.chat_formats import OutputParser
+from services.inference.structured import after_reasoning, grammar_for
 
 CHARACTERS_PER_TOKEN = 8  # text that fits a context window averages fewer characters a token
 
@@ -58,17 +59,27 @@ def validate_messages(messages: Sequence[dict[str, Any]], prompt: str, structure
     structured.validate_messages(messages)
 
 
-async def with_tool_calls(chunks: AsyncIterator[Chunk], structure: Structure) -> AsyncIterator[Chunk]:
-    """Each choice's text split into content, tool calls and the pieces of calls being written; a
-    choice that made calls finishes with "tool_calls"."""
-    parsers: dict[int, ToolCallParser] = {}
+async def parsed(chunks: AsyncIterator[Chunk], new_parser: Callable[[], OutputParser]) -> AsyncIterator[Chunk]:
+    """Each choice's text split, in the model family's format, into content, reasoning, tool calls and
+    the pieces of calls being written; a choice that made calls finishes with "tool_calls" (one cut
+    short by max_tokens keeps "length", as OpenAI reports it). The usage counts the reasoning's
+    tokens: a piece of reasoning is a token's worth."""
+    parsers: dict[int, OutputParser] = {}
+    reasoning_tokens = 0
     async for chunk in chunks:
-        parser = parsers.setdefault(chunk.index, ToolCallParser(structure))
-        chunk.text, chunk.tool_calls, chunk.call_deltas = parser.feed(chunk.text)
+        parser = parsers.get(chunk.index)
+        if parser is None:
+            parser = parsers[chunk.index] = new_parser()
+        out = parser.feed(chunk.text)
+        if out.reasoning:
+            reasoning_tokens += 1
         if chunk.finish_reason is not None:
-            chunk.text += parser.flush()
+            out += parser.finish(truncated=chunk.finish_reason == "length")
             if parser.calls and chunk.finish_reason == "stop":
                 chunk.finish_reason = "tool_calls"
+        chunk.text, chunk.reasoning, chunk.tool_calls, chunk.call_deltas = out.content, out.reasoning, out.calls, out.deltas
+        if chunk.usage is not None:
+            chunk.usage.reasoning_tokens = min(reasoning_tokens, chunk.usage.completion_tokens)
         yield chunk
 
 
@@ -199,8 +210,14 @@ class GenerationService:
         try:
             engine = record.engine
             assert engine is not None
-            if not engine.sends_chat:
-                sampling = replace(sampling, grammar=grammar_for(structure))  # a remote upstream has its own
+            if not engine.sends_chat:  # a remote upstream has its own grammars
+                grammar = grammar_for(structure)
+                template = engine.chat_template
+                if grammar is not None and template is not None and template.thinking_open(structure.template):
+                    # The prompt opened the reasoning block: the grammar starts where it ends.
+                    assert template.format.thinking is not None
+                    grammar = after_reasoning(grammar, template.format.thinking[1])
+                sampling = replace(sampling, grammar=grammar)
             dropped = 0
             sent = messages  # the chat a remote engine sends: fitted, when asked
             # Template rendering and tokenizing block; keep them off the loop that streams other requests,
@@ -239,8 +256,9 @@ class GenerationService:
                 await engine.admit(request)
                 yield Admitted(record, len(tokens), dropped)
                 chunks = engine.stream(request)
-                if structure.calls_tools and not engine.returns_tool_calls:
-                    chunks = with_tool_calls(chunks, structure)
+                parser = engine.output_parser(structure)
+                if parser is not None:
+                    chunks = parsed(chunks, lambda: engine.output_parser(structure))
                 async with contextlib.aclosing(chunks) as stream:
                     async for chunk in stream:
                         yield chunk

@@ -100,6 +100,18 @@ def grammar_for(structure: Structure) -> Grammar | None:
     return Grammar("\n".join([f"root ::= {root}", *rules, *lines]), triggers, head, bool(head) and forced)
 
 
+def after_reasoning(grammar: Grammar, end: str) -> Grammar:
+    """The grammar for a prompt that opened the model's reasoning block: free text (the reasoning)
+    until the model writes the block's end marker, then the grammar's answer (a lazy grammar that
+    starts at the marker). A grammar that is lazy already waits for its own trigger words."""
+    if grammar.triggers:
+        return grammar
+    first, _, rest = grammar.gbnf.partition("\n")
+    assert first.startswith("root ::= ")
+    root = f'root ::= "{json.dumps(end)[1:-1]}" [ \\t\\n]* ( {first[len("root ::= "):]} )'
+    return Grammar(f"{root}\n{rest}", (end,), grammar.call_head, False)
+
+
 def call_head(tools: Sequence[Tool]) -> str:
     """What every call starts with after `<tool_call>`, as the grammar writes it: up to the name's
     opening quote, or with one tool to call, up to where its arguments begin."""

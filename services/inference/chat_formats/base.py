@@ -195,6 +195,7 @@ class ChatFormat:
 
     name = "generic"
     thinking: tuple[str, str] | None = None  # (start, end) of the reasoning block
+    own_parser = False  # output that needs parsing even without reasoning markers or tools (gpt-oss's channels)
 
     def __init__(self, template: str = "") -> None:
         self.template = template

@@ -6,8 +6,9 @@ streams chunks back. The service above sees only `generate(prompt, sampling) -> 
 chunks`; sequences, contexts and threads stay inside the engine. The per-token logic (stop strings,
 usage, finish reasons, logprobs) lives in services.inference.engines.sequence.Request.
 
-Engines implement a few blocking hooks (`_load`, `_render`, `_tokenize`, `_detokenize`, `_is_end`)
-and `_submit`, which hands a Request to their scheduler.
+Engines implement a few blocking hooks (`_load`, `_tokenize`, `_detokenize`, `_is_end`) and
+`_submit`, which hands a Request to their scheduler; their `_load` sets `chat_template`
+(services.inference.chat_template), which renders chats and knows the model family's chat format.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 from services.core.errors import InvalidArgument
 from services.core.structured import PLAIN, Structure
 from services.inference import fitting
+from services.inference.chat_formats import OutputParser
+from services.inference.chat_template import ChatTemplate
 from services.inference.offloop import checkpoint
 from services.inference.engines.sequence import (
     Chunk, Request, Sampling, StopMatcher, TokenLogprob, Usage, common_prefix,
@@ -95,7 +98,6 @@ class Engine(LoadedModel):
     # What the engine's scheduler can do beyond one plain choice per request.
     supports_choices = False  # n > 1
     supports_logprobs = False
-    returns_tool_calls = False  # tool calls come parsed (a remote engine's upstream); else they are parsed from the text
     sends_chat = False  # takes the chat itself (a remote engine), not its tokens: grammars and the context limit are its own
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
@@ -115,20 +117,38 @@ class Engine(LoadedModel):
         """Requests waiting for room in the engine."""
 
     def info(self) -> dict[str, Any]:
-        return {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length}
+        info = {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length}
+        if self.chat_template is not None:
+            info["chat_format"] = self.chat_template.format.name
+        return info
 
     # --- text <-> tokens -------------------------------------------------------------------
-    @abstractmethod
+    chat_template: ChatTemplate | None = None  # set by _load; None: the model takes raw prompts only
+
+    def _template(self) -> ChatTemplate:
+        if self.chat_template is None:
+            raise InvalidArgument(f"model {self.model_id!r} has no chat template; send a raw prompt instead")
+        return self.chat_template
+
     def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                tools: list[dict[str, Any]] | None = None) -> str:
-        """The chat rendered with the model's own chat template (`tools` only when it handles them:
+                tools: list[dict[str, Any]] | None = None, structure: Structure = PLAIN) -> str:
+        """The chat rendered with the model's chat template (`tools` only when it handles them:
         `native_tools`)."""
+        return self._template().render(messages, add_generation_prompt, tools, structure.template)
 
     @property
     def native_tools(self) -> bool:
-        """Whether the model's chat template renders tools and calls in the format that
-        services.inference.structured parses."""
-        return False
+        """Whether the model's chat template renders tools, past calls and results itself."""
+        return self.chat_template is not None and self.chat_template.native_tools
+
+    def output_parser(self, structure: Structure) -> OutputParser | None:
+        """A parser of one choice's text into content, reasoning and calls, in the model family's
+        format; None when there is nothing to parse (no reasoning block, no tools offered)."""
+        template = self.chat_template
+        if template is None or (template.format.thinking is None and not structure.calls_tools
+                                and not template.format.own_parser):
+            return None
+        return template.format.parser(structure, template.thinking_open(structure.template))
 
     @abstractmethod
     def _tokenize(self, text: str) -> list[int]: ...
@@ -145,7 +165,7 @@ class Engine(LoadedModel):
         if not messages:
             return self._tokenize(prompt or "")
         chat, tools = template_input(messages, structure, self.native_tools)
-        return self._tokenize(self._render(chat, tools=tools))
+        return self._tokenize(self._render(chat, tools=tools, structure=structure))
 
     def fitted_prompt(self, messages: Sequence[dict[str, Any]], structure: Structure, allowed: int,
                       keep_last: int) -> fitting.Fitted:
@@ -196,11 +216,12 @@ class Engine(LoadedModel):
             per_message, previous = [], 0
             for i in range(1, len(chat) + 1):
                 checkpoint()
-                n = len(self._tokenize(self._render(chat[:i], add_generation_prompt=False)))
+                n = len(self._tokenize(self._render(chat[:i], add_generation_prompt=False, structure=structure)))
                 per_message.append(n - previous)
                 previous = n
             return total, per_message
-        return total, self._shares(chat, len(self._tokenize(self._render(chat, add_generation_prompt=False))))
+        return total, self._shares(chat, len(self._tokenize(self._render(chat, add_generation_prompt=False,
+                                                                          structure=structure))))
 
     # --- generation ------------------------------------------------------------------------
     def check_sampling(self, sampling: Sampling) -> None:

@@ -21,13 +21,7 @@ from services.inference.engines.base import Engine, EngineError
 from services.inference.engines.sequence import Request
 from services.inference.engines.weights import gguf_metadata
 from services.inference.hardware import EngineSettings
-from services.inference.structured import template_handles_tools
-
-# The last-resort template when a GGUF carries none (ChatML).
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from services.inference.chat_template import ChatTemplate, TemplateError, template_source
 
 
 class LlamaCppEngine(Engine):
@@ -40,7 +34,6 @@ class LlamaCppEngine(Engine):
             import llama_cpp
             from llama_cpp import _internals
             from llama_cpp._logger import set_verbose
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as exc:  # pragma: no cover - a broken install
             raise EngineError(f"llama-cpp-python is not installed: {exc}") from exc
         from services.inference.engines.batch import BatchScheduler
@@ -90,16 +83,16 @@ class LlamaCppEngine(Engine):
 
         vocab = model.vocab
         self._llama_cpp, self._vocab = llama_cpp, vocab
-        template = self._metadata.get("tokenizer.chat_template") or CHATML
-        self._native_tools = template_handles_tools(template)
         eos_id, bos_id = model.token_eos(), model.token_bos()
-        tokens = {
-            "eos_token": self._piece(eos_id, special=True).decode("utf-8", "replace") if eos_id >= 0 else "",
-            "bos_token": self._piece(bos_id, special=True).decode("utf-8", "replace") if bos_id >= 0 else "",
-        }
-        self._formatters = {
-            flag: Jinja2ChatFormatter(template=template, add_generation_prompt=flag, **tokens) for flag in (True, False)
-        }
+        try:
+            self.chat_template = ChatTemplate(
+                template_source(self.params) or self._metadata.get("tokenizer.chat_template"),
+                bos_token=self._piece(bos_id, special=True).decode("utf-8", "replace") if bos_id >= 0 else "",
+                eos_token=self._piece(eos_id, special=True).decode("utf-8", "replace") if eos_id >= 0 else "")
+        except TemplateError as exc:
+            context.close()
+            model.close()
+            raise EngineError(f"model {self.model_id}: {exc}") from exc
         self._add_bos = str(self._metadata.get("tokenizer.ggml.add_bos_token")).lower() == "true"
         self._pieces: dict[int, bytes] = {}
         self._scheduler = BatchScheduler(
@@ -149,17 +142,6 @@ class LlamaCppEngine(Engine):
         return scheduler.queue_place(request) if scheduler is not None else None
 
     # --- text <-> tokens -------------------------------------------------------------------
-    @property
-    def native_tools(self) -> bool:
-        return self._native_tools
-
-    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                tools: list[dict[str, Any]] | None = None) -> str:
-        try:
-            return self._formatters[add_generation_prompt](messages=list(messages), tools=tools).prompt
-        except ValueError as exc:  # the template's raise_exception(): e.g. roles out of order
-            raise InvalidArgument(f"the chat does not fit the model's chat template: {exc}") from exc
-
     def _tokenize(self, text: str) -> list[int]:
         # The rendered template spells out special tokens; parse them as such.
         return self._model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)

@@ -46,6 +46,7 @@ from services.core import telemetry
 from services.core.errors import InvalidArgument, ParleyError, ResourceExhausted, Unavailable
 from services.core.structured import PLAIN, Structure, ToolCall
 from services.inference import metrics, offloop
+from services.inference.chat_template import ChatTemplate, TemplateError
 from services.inference.engines.base import Chunk, Engine, EngineError, Request, Sampling, Usage
 from services.inference.hardware import EngineSettings
 from services.inference.structured import CallDelta, call_json, tools_json
@@ -354,7 +355,6 @@ class PoolBacked:
 
 class RemoteEngine(PoolBacked, Engine):
     engine_name = "remote"
-    returns_tool_calls = True  # the upstream parses its own tool calls
     sends_chat = True
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
@@ -399,15 +399,19 @@ class RemoteEngine(PoolBacked, Engine):
         if isinstance(size, int) and size > 0:
             self.context_length = min(self.settings.context_length, size)
 
+    def output_parser(self, structure: Structure) -> None:
+        """None: the upstream parses its own output (content, reasoning and calls arrive apart)."""
+        return None
+
     # --- counting ------------------------------------------------------------------------------
     @property
     def native_tools(self) -> bool:
         return True  # tools travel to the upstream as they are
 
     def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                tools: list[dict[str, Any]] | None = None) -> str:
+                tools: list[dict[str, Any]] | None = None, structure: Structure = PLAIN) -> str:
         if self._text is not None:
-            return self._text.render(messages, add_generation_prompt, tools)
+            return self._text.template.render(messages, add_generation_prompt, tools, structure.template)
         text = "".join(f"{m['role']}\n{m.get('content') or ''}\n" for m in messages)
         return text + (json.dumps(tools) if tools else "")
 
@@ -619,9 +623,6 @@ class GgufText:
         import llama_cpp
         from llama_cpp import _internals
         from llama_cpp._logger import set_verbose
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        from services.inference.engines.llama import CHATML
         from services.inference.registry import resolve_source
 
         path = resolve_source(source)
@@ -636,16 +637,11 @@ class GgufText:
         self.vocab_size = self._model.n_vocab()
         metadata = self._model.metadata()
         self._add_bos = str(metadata.get("tokenizer.ggml.add_bos_token")).lower() == "true"
-        template = metadata.get("tokenizer.chat_template") or CHATML
-        self._formatters = {flag: Jinja2ChatFormatter(template=template, add_generation_prompt=flag, eos_token="",
-                                                      bos_token="") for flag in (True, False)}
-
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
-               tools: list[dict[str, Any]] | None) -> str:
         try:
-            return self._formatters[add_generation_prompt](messages=list(messages), tools=tools).prompt
-        except ValueError as exc:
-            raise InvalidArgument(f"the chat does not fit the model's chat template: {exc}") from exc
+            self.template = ChatTemplate(metadata.get("tokenizer.chat_template"))
+        except TemplateError as exc:
+            self._model.close()
+            raise EngineError(f"params.tokenizer: {exc}") from exc
 
     def tokenize(self, text: str) -> list[int]:
         return self._model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)

@@ -57,6 +57,7 @@ class Usage:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     time_to_first_token_ms: float = 0.0
+    reasoning_tokens: int = 0  # of completion_tokens
 
     @property
     def total_tokens(self) -> int:
@@ -68,13 +69,14 @@ class Chunk:
     """A piece of one choice's text. Each choice ends with a chunk whose finish_reason is set; the
     request's very last chunk also carries the usage of all its choices."""
 
-    text: str = ""
+    text: str = ""  # the answer's content (once parsed: services.inference.chat_formats)
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "tool_calls"
     usage: Usage | None = None
     index: int = 0  # the choice (n > 1)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed with this chunk
     call_deltas: list[CallDelta] = field(default_factory=list)  # pieces of calls being written
+    reasoning: str = ""  # the model's thinking, apart from the content
 
 
 class StopMatcher:

@@ -19,7 +19,8 @@ from services.inference.engines.base import EngineError, Sampling, common_prefix
 from services.inference.engines.slots import Slot, SlotEngine
 from services.inference.engines.weights import safetensors_parameters
 from services.inference.hardware import EngineSettings
-from services.inference.structured import Grammar, template_handles_tools
+from services.inference.chat_template import ChatTemplate, TemplateError, template_source
+from services.inference.structured import Grammar
 
 
 BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2, "8bit": 1, "4bit": 0.5}
@@ -76,6 +77,13 @@ class TorchEngine(SlotEngine):
             eos_ids.add(self._tokenizer.eos_token_id)
         self._eos = eos_ids
         self._byte_decoder = _byte_decoder(self._tokenizer)
+        try:
+            source_template = template_source(self.params) or self._tokenizer.chat_template
+            if source_template:
+                self.chat_template = ChatTemplate(source_template, bos_token=self._tokenizer.bos_token or "",
+                                                  eos_token=self._tokenizer.eos_token or "")
+        except TemplateError as exc:
+            raise EngineError(f"model {self.model_id}: {exc}") from exc
         self.vocab_size = len(self._tokenizer)
         self._logits_size = int(model.config.vocab_size)  # the logits row: may be padded beyond the tokenizer
         self._grammar_compiler: Any = None  # built on first use: it indexes the vocabulary (~1 s)
@@ -136,18 +144,6 @@ class TorchEngine(SlotEngine):
             self._grammars.pop(next(iter(self._grammars)))
         self._grammars[grammar.gbnf] = compiled
         return compiled
-
-    @property
-    def native_tools(self) -> bool:
-        return template_handles_tools(self._tokenizer.chat_template)
-
-    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                tools: list[dict[str, Any]] | None = None) -> str:
-        if self._tokenizer.chat_template is None:
-            raise EngineError(f"model {self.model_id} has no chat template; send a raw prompt instead")
-        return self._tokenizer.apply_chat_template(
-            list(messages), tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
 
     def _tokenize(self, text: str) -> list[int]:
         # The chat template already wrote any BOS it wants.
