@@ -8,10 +8,14 @@ one line here.
 from __future__ import annotations
 
 from services.inference.chat_formats.base import ChatFormat, OutputParser, Parsed, parse_whole
+from services.inference.chat_formats.deepseek_r1 import DeepSeekR1Format
+from services.inference.chat_formats.deepseek_v3 import DeepSeekV3Format
 from services.inference.chat_formats.hermes import HermesFormat
 
 # Most specific first: a template may mention another family's markers (Hermes 3 is a Llama 3.1).
 FORMATS: list[type[ChatFormat]] = [
+    DeepSeekR1Format,
+    DeepSeekV3Format,
     HermesFormat,
 ]
 
