@@ -11,11 +11,13 @@ from services.inference.chat_formats.base import ChatFormat, OutputParser, Parse
 from services.inference.chat_formats.deepseek_r1 import DeepSeekR1Format
 from services.inference.chat_formats.deepseek_v3 import DeepSeekV3Format
 from services.inference.chat_formats.hermes import HermesFormat
+from services.inference.chat_formats.qwen3_coder import Qwen3CoderFormat
 
 # Most specific first: a template may mention another family's markers (Hermes 3 is a Llama 3.1).
 FORMATS: list[type[ChatFormat]] = [
     DeepSeekR1Format,
     DeepSeekV3Format,
+    Qwen3CoderFormat,
     HermesFormat,
 ]
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from services.core.structured import ToolCall
 from services.inference.chat_formats.base import ReasoningSplitter, partial_suffix
 from services.inference.chat_formats.hermes import ToolCallParser
-from services.inference.structured import CallDelta
+from services.inference.structured import CLOSE, CallDelta
 
 # What a family's reader says after reading what it could of its markup.
 DONE = "done"  # the markup ended: back to content
@@ -86,9 +86,15 @@ class MarkupCallParser:
         while True:
             if self._markup is None:
                 if self._hermes._body is not None:  # inside a Hermes call: its JSON is not our markup
-                    self._to_hermes(self._pending)
-                    self._pending = ""
-                    break
+                    # Up to the call's end, which may begin in what the Hermes parser holds back.
+                    held = self._hermes._pending
+                    end = (held + self._pending).find(CLOSE)
+                    taken = len(self._pending) if end == -1 else end + len(CLOSE) - len(held)
+                    self._to_hermes(self._pending[:taken])
+                    self._pending = self._pending[taken:]
+                    if end == -1:
+                        break
+                    continue
                 at, opener = self._find_opener()
                 if opener is None:
                     keep = max(partial_suffix(self._pending, o) for o in self.openers)
