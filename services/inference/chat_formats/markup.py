@@ -66,6 +66,7 @@ class MarkupCallParser:
     order). A subclass reads its markup in `_read`, from `_pending`, with the helpers below."""
 
     openers: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()  # markers around content that are not content (`<response>`)
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names = frozenset(names)
@@ -97,12 +98,14 @@ class MarkupCallParser:
                     continue
                 at, opener = self._find_opener()
                 if opener is None:
-                    keep = max(partial_suffix(self._pending, o) for o in self.openers)
+                    keep = max(partial_suffix(self._pending, o) for o in self.openers + self.dropped)
                     self._to_hermes(self._pending[:len(self._pending) - keep])
                     self._pending = self._pending[len(self._pending) - keep:]
                     break
                 self._to_hermes(self._pending[:at])
                 self._pending = self._pending[at + len(opener):]
+                if opener in self.dropped:
+                    continue
                 self._markup = opener
                 self._open(opener)
                 continue
@@ -194,7 +197,7 @@ class MarkupCallParser:
         self._completed.append(call)
 
     def _find_opener(self) -> tuple[int, str | None]:
-        found = [(at, o) for o in self.openers if (at := self._pending.find(o)) != -1]
+        found = [(at, o) for o in self.openers + self.dropped if (at := self._pending.find(o)) != -1]
         return min(found) if found else (-1, None)
 
     def _to_hermes(self, text: str) -> None:
