@@ -67,6 +67,7 @@ class MarkupCallParser:
 
     openers: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()  # markers around content that are not content (`<response>`)
+    blanks_before_markup = True  # whether the blanks before the markup are content
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names = frozenset(names)
@@ -99,10 +100,14 @@ class MarkupCallParser:
                 at, opener = self._find_opener()
                 if opener is None:
                     keep = max(partial_suffix(self._pending, o) for o in self.openers + self.dropped)
+                    if not self.blanks_before_markup:  # held until what follows them shows
+                        safe = self._pending[:len(self._pending) - keep]
+                        keep += len(safe) - len(safe.rstrip())
                     self._to_hermes(self._pending[:len(self._pending) - keep])
                     self._pending = self._pending[len(self._pending) - keep:]
                     break
-                self._to_hermes(self._pending[:at])
+                before = self._pending[:at]
+                self._to_hermes(before if self.blanks_before_markup or opener in self.dropped else before.rstrip())
                 self._pending = self._pending[at + len(opener):]
                 if opener in self.dropped:
                     continue
