@@ -8,10 +8,22 @@ one line here.
 from __future__ import annotations
 
 from services.inference.chat_formats.base import ChatFormat, OutputParser, Parsed, parse_whole
+from services.inference.chat_formats.command_r7b import CommandR7BFormat
+from services.inference.chat_formats.deepseek_dsml import DeepSeekDsmlFormat
+from services.inference.chat_formats.deepseek_r1 import DeepSeekR1Format
+from services.inference.chat_formats.deepseek_v3 import DeepSeekV3Format
+from services.inference.chat_formats.granite import GraniteFormat
 from services.inference.chat_formats.hermes import HermesFormat
+from services.inference.chat_formats.qwen3_coder import Qwen3CoderFormat
 
 # Most specific first: a template may mention another family's markers (Hermes 3 is a Llama 3.1).
 FORMATS: list[type[ChatFormat]] = [
+    DeepSeekR1Format,
+    DeepSeekV3Format,
+    DeepSeekDsmlFormat,
+    Qwen3CoderFormat,
+    CommandR7BFormat,
+    GraniteFormat,
     HermesFormat,
 ]
 
