@@ -8,11 +8,13 @@ one line here.
 from __future__ import annotations
 
 from services.inference.chat_formats.base import ChatFormat, OutputParser, Parsed, parse_whole
+from services.inference.chat_formats.gpt_oss import GptOssFormat
 from services.inference.chat_formats.hermes import HermesFormat
 from services.inference.chat_formats.kimi import KimiFormat
 
 # Most specific first: a template may mention another family's markers (Hermes 3 is a Llama 3.1).
 FORMATS: list[type[ChatFormat]] = [
+    GptOssFormat,
     KimiFormat,
     HermesFormat,
 ]
