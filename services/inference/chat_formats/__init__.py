@@ -8,6 +8,7 @@ one line here.
 from __future__ import annotations
 
 from services.inference.chat_formats.base import ChatFormat, OutputParser, Parsed, parse_whole
+from services.inference.chat_formats.gemma import Gemma2Format, Gemma4Format
 from services.inference.chat_formats.gpt_oss import GptOssFormat
 from services.inference.chat_formats.hermes import HermesFormat
 from services.inference.chat_formats.kimi import KimiFormat
@@ -16,6 +17,8 @@ from services.inference.chat_formats.kimi import KimiFormat
 FORMATS: list[type[ChatFormat]] = [
     GptOssFormat,
     KimiFormat,
+    Gemma4Format,
+    Gemma2Format,
     HermesFormat,
 ]
 
