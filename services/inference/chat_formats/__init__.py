@@ -12,6 +12,7 @@ from services.inference.chat_formats.gemma import Gemma2Format, Gemma4Format
 from services.inference.chat_formats.gpt_oss import GptOssFormat
 from services.inference.chat_formats.hermes import HermesFormat
 from services.inference.chat_formats.kimi import KimiFormat
+from services.inference.chat_formats.phi import PhiFormat
 
 # Most specific first: a template may mention another family's markers (Hermes 3 is a Llama 3.1).
 FORMATS: list[type[ChatFormat]] = [
@@ -19,6 +20,7 @@ FORMATS: list[type[ChatFormat]] = [
     KimiFormat,
     Gemma4Format,
     Gemma2Format,
+    PhiFormat,
     HermesFormat,
 ]
 
