@@ -12,7 +12,7 @@ from typing import Any
 from services.core.structured import Structure, ToolCall
 from services.inference.chat_formats.base import ChatFormat, OutputParser, partial_suffix
 from services.inference.chat_formats.hermes import ToolCallParser
-from services.inference.chat_formats.markup import BlockCallParser
+from services.inference.chat_formats.blocks import BlockCallParser
 from services.inference.structured import CallDelta
 
 CALL_OPEN, CALL_CLOSE, CALL_HEAD = "<|tool_call>", "<tool_call|>", "call:"

@@ -11,7 +11,7 @@ import re
 
 from services.core.structured import Structure, ToolCall
 from services.inference.chat_formats.base import ChatFormat, OutputParser, ReasoningSplitter, partial_suffix
-from services.inference.chat_formats.markup import BlockCallParser
+from services.inference.chat_formats.blocks import BlockCallParser
 from services.inference.structured import CallDelta
 
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"

@@ -11,7 +11,7 @@ from typing import Any
 
 from services.core.structured import ToolCall
 from services.inference.chat_formats.base import ChatFormat
-from services.inference.chat_formats.markup import BlockCallParser
+from services.inference.chat_formats.blocks import BlockCallParser
 from services.inference.structured import CallDelta
 
 CALL_OPEN, CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
