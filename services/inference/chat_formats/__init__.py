@@ -12,18 +12,27 @@ from services.inference.chat_formats.command_r7b import CommandR7BFormat
 from services.inference.chat_formats.deepseek_dsml import DeepSeekDsmlFormat
 from services.inference.chat_formats.deepseek_r1 import DeepSeekR1Format
 from services.inference.chat_formats.deepseek_v3 import DeepSeekV3Format
+from services.inference.chat_formats.gemma import Gemma2Format, Gemma4Format
+from services.inference.chat_formats.gpt_oss import GptOssFormat
 from services.inference.chat_formats.granite import GraniteFormat
 from services.inference.chat_formats.hermes import HermesFormat
+from services.inference.chat_formats.kimi import KimiFormat
+from services.inference.chat_formats.phi import PhiFormat
 from services.inference.chat_formats.qwen3_coder import Qwen3CoderFormat
 
 # Most specific first: a template may mention another family's markers (Hermes 3 is a Llama 3.1).
 FORMATS: list[type[ChatFormat]] = [
+    GptOssFormat,
+    KimiFormat,
     DeepSeekR1Format,
     DeepSeekV3Format,
     DeepSeekDsmlFormat,
     Qwen3CoderFormat,
     CommandR7BFormat,
     GraniteFormat,
+    Gemma4Format,
+    Gemma2Format,
+    PhiFormat,
     HermesFormat,
 ]
 

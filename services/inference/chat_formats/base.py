@@ -71,10 +71,12 @@ class ReasoningSplitter:
     `open_` says the prompt already opened the block (a template whose generation prompt ends with
     `<think>`): then the answer starts inside it. Otherwise a block counts only where it opens the
     answer (leading whitespace aside). A block that never ends is all reasoning, as llama-server
-    reads it. The whitespace after `end` belongs to neither."""
+    reads it. The whitespace after `end` belongs to neither. `answer_starts`: markers that end the
+    block too and are the answer's first text (Kimi K2 may write its calls inside the block)."""
 
-    def __init__(self, start: str, end: str, open_: bool = False) -> None:
+    def __init__(self, start: str, end: str, open_: bool = False, answer_starts: tuple[str, ...] = ()) -> None:
         self.start, self.end = start, end
+        self._answer_starts = answer_starts
         self._state = "inside" if open_ else "before"  # before | inside | after
         self._pending = ""
         self._strip_next = False
@@ -105,18 +107,23 @@ class ReasoningSplitter:
                     if not self._pending:
                         break
                     self._begun = True
-                at = self._pending.find(self.end)
-                if at == -1:
+                markers = (self.end, *self._answer_starts)
+                ends = [(self._pending.find(m), m) for m in markers if m in self._pending]
+                if not ends:
                     # Held back: what may be the start of the end marker, and trailing blanks (the
                     # reasoning's last blanks are not part of it).
-                    safe = self._pending[:len(self._pending) - partial_suffix(self._pending, self.end)]
-                    safe = safe.rstrip()
+                    keep = max(partial_suffix(self._pending, m) for m in markers)
+                    safe = self._pending[:len(self._pending) - keep].rstrip()
                     reasoning += safe
                     self._pending = self._pending[len(safe):]
                     break
+                at, marker = min(ends)
                 reasoning += self._pending[:at].rstrip()
-                self._pending = self._pending[at + len(self.end):]
-                self._state, self._strip_next = "after", True
+                if marker == self.end:
+                    self._pending = self._pending[at + len(self.end):]
+                    self._state, self._strip_next = "after", True
+                else:
+                    self._pending, self._state = self._pending[at:], "after"
                 continue
             if self._strip_next:
                 self._pending = self._pending.lstrip()
