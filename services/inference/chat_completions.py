@@ -46,6 +46,7 @@ class ChatCompletions:
         logprobs = req.top_logprobs is not None
         choices = [openai_compat.ChoiceResult("", None, [] if logprobs else None) for _ in range(req.n)]
         parts: list[list[str]] = [[] for _ in range(req.n)]
+        thoughts: list[list[str]] = [[] for _ in range(req.n)]
         streamed: set[str] = set()  # ids of calls sent piece by piece
         try:
             async with contextlib.aclosing(self.completions.run(completion, timeout)) as items:
@@ -63,9 +64,13 @@ class ChatCompletions:
                     assert writer is not None
                     choice = choices[chunk.index]
                     parts[chunk.index].append(chunk.text)
+                    thoughts[chunk.index].append(chunk.reasoning)
                     if choice.logprobs is not None:
                         choice.logprobs.extend(chunk.logprobs)
                     if req.stream:
+                        if chunk.reasoning:
+                            yield SSE, writer.chunk({"reasoning_content": chunk.reasoning},
+                                                    include_usage=req.include_usage, index=chunk.index)
                         if chunk.text or chunk.logprobs:
                             yield SSE, writer.chunk({"content": chunk.text}, include_usage=req.include_usage,
                                                     index=chunk.index, logprobs=chunk.logprobs if logprobs else None)
@@ -85,6 +90,7 @@ class ChatCompletions:
                     choice.tool_calls += chunk.tool_calls
                     if chunk.finish_reason is not None:
                         choice.finish_reason, choice.text = chunk.finish_reason, "".join(parts[chunk.index])
+                        choice.reasoning = "".join(thoughts[chunk.index])
                     if chunk.usage is not None:  # the request's last chunk
                         if req.stream:
                             if req.include_usage:

@@ -130,10 +130,12 @@ class MeteredCompletions:
             yield Started(key.model, key.model_fingerprint, True, u.prompt_tokens, cached.dropped_messages)
             # The prompt counts as cached, as a fully reused KV cache would.
             yield Chunk(text=cached.text, finish_reason=FINISH_NAMES.get(cached.finish_reason, "stop"),
-                        usage=Usage(u.prompt_tokens, u.completion_tokens, cached_prompt_tokens=u.prompt_tokens),
-                        tool_calls=structured.replayed_calls(cached.tool_calls))
+                        usage=Usage(u.prompt_tokens, u.completion_tokens, cached_prompt_tokens=u.prompt_tokens,
+                                    reasoning_tokens=u.reasoning_tokens),
+                        tool_calls=structured.replayed_calls(cached.tool_calls), reasoning=cached.reasoning)
             return
         parts: list[str] = []
+        reasoning: list[str] = []
         calls: list[ToolCall] = []
         reason: str | None = None  # the first choice's, the one the cache stores
         pieces = 0
@@ -152,31 +154,32 @@ class MeteredCompletions:
                     started = Started(record.entry.id, record.fingerprint(), False, item.prompt_tokens, item.dropped)
                     yield started
                     continue
-                pieces += bool(item.text)
+                pieces += bool(item.text or item.reasoning)
                 if item.index == 0:
                     parts.append(item.text)
+                    reasoning.append(item.reasoning)
                     calls += item.tool_calls
                     reason = item.finish_reason or reason
                 if item.usage is not None and started is not None:
                     # The answer is complete: its bookkeeping starts before the caller sends the last
                     # bytes, so that the same request right after finds it cached.
                     settled = True
-                    self._settle(key, started, "".join(parts), calls, reason, item.usage)
+                    self._settle(key, started, "".join(parts), "".join(reasoning), calls, reason, item.usage)
                 yield item
         finally:
             if self.cache is not None and started is not None and not settled:
                 # An answer that did not end (its usage never came): about a token a piece.
                 self._background.later(self.cache.record_usage(pieces))
 
-    def _settle(self, key: cache_pb2.CompletionKey | None, started: Started, text: str, calls: list[ToolCall],
-                reason: str | None, usage: Usage) -> None:
+    def _settle(self, key: cache_pb2.CompletionKey | None, started: Started, text: str, reasoning: str,
+                calls: list[ToolCall], reason: str | None, usage: Usage) -> None:
         """Records a finished answer's tokens and stores it when it is complete and deterministic."""
         if self.cache is None:
             return
         self._background.later(self.cache.record_usage(usage.total_tokens))
         if key is not None and FINISH_REASONS.get(reason or "") in keys.COMPLETE:
             self._background.later(self.cache.store(key, cache_pb2.CachedCompletion(
-                text=text, finish_reason=FINISH_REASONS[reason or ""], tool_calls=structured.calls_to_proto(calls),
-                dropped_messages=started.dropped,
+                text=text, reasoning=reasoning, finish_reason=FINISH_REASONS[reason or ""],
+                tool_calls=structured.calls_to_proto(calls), dropped_messages=started.dropped,
                 usage=pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                               total_tokens=usage.total_tokens))))
+                               total_tokens=usage.total_tokens, reasoning_tokens=usage.reasoning_tokens))))

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import InvalidArgument
-from services.core.structured import PLAIN, ROLES, Structure, Tool, ToolCall, canonical_json, make_structure
+from services.core.structured import (
+    PLAIN, ROLES, Structure, Tool, ToolCall, canonical_json, make_structure, make_template_options,
+)
 from services.core.json_body import number, parse_object, text_parts
 from services.inference.engines.base import TokenLogprob, Usage
 from services.inference.service import SamplingInput
@@ -142,8 +144,10 @@ def _past_call(call: Any, where: str) -> ToolCall:
     if not isinstance(function, dict) or not isinstance(call.get("id"), str):
         raise InvalidArgument(f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
     name, arguments = function.get("name"), function.get("arguments", "{}")
+    if isinstance(arguments, dict):  # as some clients send them (llama-server takes both)
+        arguments = json.dumps(arguments, ensure_ascii=False)
     if not isinstance(name, str) or not isinstance(arguments, str):
-        raise InvalidArgument(f"{where}.function.name and .arguments must be strings")
+        raise InvalidArgument(f"{where}.function.name must be a string and .arguments a JSON object or its text")
     return ToolCall(call["id"], name, arguments)
 
 
@@ -189,7 +193,8 @@ def _structure(body: dict[str, Any]) -> Structure:
             schema = _schema(spec.get("schema"), "response_format.json_schema.schema")
             if not schema:
                 kind = "json_object"  # a schema is optional: any JSON object then
-    return make_structure(tools, choice, function_name, parallel, kind, schema)
+    return make_structure(tools, choice, function_name, parallel, kind, schema,
+                          make_template_options(body.get("chat_template_kwargs"), body.get("reasoning_effort")))
 
 
 def _schema(value: Any, where: str) -> str:
@@ -224,6 +229,7 @@ def usage_json(usage: Usage | None) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
@@ -263,10 +269,13 @@ class ChoiceResult:
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
+    reasoning: str = ""
 
     def message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": self.text or (None if self.tool_calls else ""),
                                    "refusal": None}
+        if self.reasoning:  # the field llama-server, vLLM and DeepSeek use
+            message["reasoning_content"] = self.reasoning
         if self.tool_calls:
             message["tool_calls"] = tool_calls_json(self.tool_calls)
         return message

@@ -49,7 +49,7 @@ def usage_pb(usage: Usage | None) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens, cached_prompt_tokens=usage.cached_prompt_tokens,
-        time_to_first_token_ms=usage.time_to_first_token_ms,
+        time_to_first_token_ms=usage.time_to_first_token_ms, reasoning_tokens=usage.reasoning_tokens,
     )
 
 
@@ -110,9 +110,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 continue
             calls = structured.calls_to_proto(item.tool_calls)
             if item.finish_reason is None:
-                yield pb.GenerateResponse(text=item.text, tool_calls=calls)
+                yield pb.GenerateResponse(text=item.text, reasoning=item.reasoning, tool_calls=calls)
             else:
-                yield pb.GenerateResponse(text=item.text, finish_reason=FINISH_REASONS[item.finish_reason],
+                yield pb.GenerateResponse(text=item.text, reasoning=item.reasoning,
+                                          finish_reason=FINISH_REASONS[item.finish_reason],
                                           usage=usage_pb(item.usage), tool_calls=calls)
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
