@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from services.inference.chat_formats.base import ChatFormat, OutputParser, Parsed, parse_whole
 from services.inference.chat_formats.firefunction import FireFunctionFormat
+from services.inference.chat_formats.functionary import FunctionaryV31Format, FunctionaryV32Format
 from services.inference.chat_formats.hermes import HermesFormat
 from services.inference.chat_formats.llama3 import Llama3Format
 
 # Most specific first: a template may mention another family's markers (Hermes 3 is a Llama 3.1).
 FORMATS: list[type[ChatFormat]] = [
+    FunctionaryV32Format,
+    FunctionaryV31Format,
     FireFunctionFormat,
     Llama3Format,
     HermesFormat,
