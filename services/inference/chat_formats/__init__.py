@@ -12,12 +12,14 @@ from services.inference.chat_formats.firefunction import FireFunctionFormat
 from services.inference.chat_formats.functionary import FunctionaryV31Format, FunctionaryV32Format
 from services.inference.chat_formats.hermes import HermesFormat
 from services.inference.chat_formats.llama3 import Llama3Format
+from services.inference.chat_formats.mistral import MistralFormat
 
 # Most specific first: a template may mention another family's markers (Hermes 3 is a Llama 3.1).
 FORMATS: list[type[ChatFormat]] = [
     FunctionaryV32Format,
     FunctionaryV31Format,
     FireFunctionFormat,
+    MistralFormat,
     Llama3Format,
     HermesFormat,
 ]
