@@ -67,8 +67,9 @@ def test_ministral_reasons_then_calls() -> None:
     check(fmt, '[TOOL_CALLS]special_function[ARGS]{"arg1":1}', calls=[ARG1])
     check(fmt, "[THINK]I'm\nthinking[/THINK]" '[TOOL_CALLS]special_function[ARGS]{"arg1":1}', reasoning="I'm\nthinking",
           calls=[ARG1])
-    check(fmt, '[TOOL_CALLS]special_function[ARGS]{"arg1": 1}[TOOL_CALLS]special_function_with_opt[ARGS]{"arg1": 1, "arg2": 2}',
-          tools=WITH_OPT, calls=[ARG1, ("special_function_with_opt", {"arg1": 1, "arg2": 2})])
+    check(fmt, '[TOOL_CALLS]special_function[ARGS]{"arg1": 1}'
+          '[TOOL_CALLS]special_function_with_opt[ARGS]{"arg1": 1, "arg2": 2}', tools=WITH_OPT,
+          calls=[ARG1, ("special_function_with_opt", {"arg1": 1, "arg2": 2})])
     # A call's markup inside the reasoning is reasoning.
     check(fmt, '[THINK]Let me think about [TOOL_CALLS]special_function[ARGS]{"arg1":1} and more[/THINK]'
           '[TOOL_CALLS]special_function[ARGS]{"arg1": 1}',
