@@ -5,12 +5,12 @@ marker, ` functools[{"name": …, "arguments": {…}}, …]`.
 from __future__ import annotations
 
 from services.inference.chat_formats.base import ChatFormat
-from services.inference.chat_formats.markup import MarkupCallParser, State
+from services.inference.chat_formats.json_markup import JsonMarkupCallParser, State
 
 FUNCTOOLS = "functools["
 
 
-class FireFunctionCallParser(MarkupCallParser):
+class FireFunctionCallParser(JsonMarkupCallParser):
     markers = (FUNCTOOLS,)
 
     def _opened(self, marker: str) -> State:

@@ -13,7 +13,7 @@ from typing import Any
 from services.core.structured import Structure
 from services.inference.chat_formats.base import ChatFormat, OutputParser
 from services.inference.chat_formats.llama3 import PythonTagCallParser
-from services.inference.chat_formats.markup import MAX_HEAD, MarkupCallParser, State
+from services.inference.chat_formats.json_markup import MAX_HEAD, JsonMarkupCallParser, State
 
 FUNCTION, END_FUNCTION = "<function=", "</function>"
 RECIPIENT = ">>>"
@@ -39,7 +39,7 @@ class FunctionaryV31CallParser(PythonTagCallParser):
         return self._expect(END_FUNCTION)
 
 
-class FunctionaryV32CallParser(MarkupCallParser):
+class FunctionaryV32CallParser(JsonMarkupCallParser):
     markers = (RECIPIENT,)
 
     def __init__(self, names: Iterable[str]) -> None:

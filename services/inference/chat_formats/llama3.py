@@ -14,7 +14,7 @@ from typing import Any
 
 from services.core.structured import ToolCall
 from services.inference.chat_formats.base import ChatFormat
-from services.inference.chat_formats.markup import CALL_HEAD, MarkupCallParser, State, arguments_object, unquote
+from services.inference.chat_formats.json_markup import CALL_HEAD, JsonMarkupCallParser, State, arguments_object, unquote
 
 PYTHON_TAG = "<|python_tag|>"
 BUILTIN_CALL = re.compile(r"([A-Za-z_]\w*)\.call\(.*\)", re.S)  # brave_search.call(query="…")
@@ -57,7 +57,7 @@ def _keywords(call: str) -> dict[str, Any] | None:
         return None
 
 
-class PythonTagCallParser(MarkupCallParser):
+class PythonTagCallParser(JsonMarkupCallParser):
     """`<|python_tag|>` and what follows it to the end of the answer (the model then stops with
     <|eom_id|>): read once the answer ends, so not streamed."""
 

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.inference.chat_formats.base import ChatFormat
-from services.inference.chat_formats.markup import MAX_HEAD, MarkupCallParser, State
+from services.inference.chat_formats.json_markup import MAX_HEAD, JsonMarkupCallParser, State
 
 TOOL_CALLS, CALL_ID, ARGS = "[TOOL_CALLS]", "[CALL_ID]", "[ARGS]"
 ID_ALPHABET = string.ascii_letters + string.digits
 
 
-class MistralCallParser(MarkupCallParser):
+class MistralCallParser(JsonMarkupCallParser):
     markers = (TOOL_CALLS,)
 
     def _opened(self, marker: str) -> State:

@@ -85,7 +85,7 @@ def arguments_object(value: object) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-class MarkupCallParser:
+class JsonMarkupCallParser:
     """The base of the families' CallParsers. Content is scanned for `markers` (and Hermes's
     `<tool_call>`); `_opened` gives the state that reads what follows each. Blanks just before
     markup, and just after a call, are not content."""
