@@ -12,11 +12,15 @@ from services.inference.chat_formats.command_r7b import CommandR7BFormat
 from services.inference.chat_formats.deepseek_dsml import DeepSeekDsmlFormat
 from services.inference.chat_formats.deepseek_r1 import DeepSeekR1Format
 from services.inference.chat_formats.deepseek_v3 import DeepSeekV3Format
+from services.inference.chat_formats.firefunction import FireFunctionFormat
+from services.inference.chat_formats.functionary import FunctionaryV31Format, FunctionaryV32Format
 from services.inference.chat_formats.gemma import Gemma2Format, Gemma4Format
 from services.inference.chat_formats.gpt_oss import GptOssFormat
 from services.inference.chat_formats.granite import GraniteFormat
 from services.inference.chat_formats.hermes import HermesFormat
 from services.inference.chat_formats.kimi import KimiFormat
+from services.inference.chat_formats.llama3 import Llama3Format
+from services.inference.chat_formats.mistral import MistralFormat
 from services.inference.chat_formats.phi import PhiFormat
 from services.inference.chat_formats.qwen3_coder import Qwen3CoderFormat
 
@@ -33,6 +37,11 @@ FORMATS: list[type[ChatFormat]] = [
     Gemma4Format,
     Gemma2Format,
     PhiFormat,
+    FunctionaryV32Format,
+    FunctionaryV31Format,
+    FireFunctionFormat,
+    MistralFormat,
+    Llama3Format,
     HermesFormat,
 ]
 
