@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jinja2
@@ -54,7 +54,15 @@ class _Generation(jinja2.ext.Extension):
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys,
+                      default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    """What Jinja's filters hand tojson besides plain data: `map(...)` gives a generator."""
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _raise(message: str) -> None:
@@ -70,7 +78,9 @@ class ChatTemplate:
 
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "") -> None:
         self.source = source or CHATML
-        environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        # Sandboxed, but lists the template builds may grow (Kimi K2's `.append`, as llama.cpp's own
+        # Jinja engine allows); the messages it reads are copies.
+        environment = jinja2.sandbox.SandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
         environment.filters["tojson"] = _tojson
         try:
