@@ -117,12 +117,19 @@ class ChatTemplate:
         chat = self.format.template_messages(messages)
         if not self.system_role:
             chat = fold_system(chat)
+        options = options or TemplateOptions()
         try:
-            return self._render(chat, add_generation_prompt, tools, (options or TemplateOptions()).variables())
+            prompt = self._render(chat, add_generation_prompt, tools, options.variables())
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
             # ValueError: the template's raise_exception(); the others: the template tripping on input
             # it did not expect. Either way the chat does not fit this model's template.
             raise InvalidArgument(f"the chat does not fit the model's chat template: {exc}") from exc
+        thinking = self.format.thinking
+        if add_generation_prompt and not options.thinking and thinking and prompt.rstrip().endswith(thinking[0]):
+            # A template that opens the reasoning block whatever it is told (QwQ, DeepSeek-R1 distills):
+            # thinking off closes it, as Qwen3's own template does for enable_thinking=false.
+            prompt = f"{prompt.rstrip()}\n\n{thinking[1]}\n\n"
+        return prompt
 
     def thinking_open(self, options: TemplateOptions | None = None) -> bool:
         """Whether the generation prompt opens the reasoning block (QwQ, DeepSeek-R1 distills), so

@@ -67,6 +67,12 @@ def test_thinking_is_on_unless_the_request_turns_it_off() -> None:
         assert qwen3.render(chat, options=off).rstrip().endswith("</think>")  # an empty block: no thinking
     qwq = chat_template("Qwen-QwQ-32B.jinja")
     assert qwq.thinking_open() and not qwen3.thinking_open()
+    off = make_template_options(None, "none")
+    assert not qwq.thinking_open(off)  # this QwQ template closes the block itself when told
+    # A template that opens the block whatever it is told (the original R1 distills'): thinking off closes it.
+    forced = ChatTemplate("{{ messages[0].content }}{% if add_generation_prompt %}<think>\n{% endif %}")
+    assert forced.thinking_open() and not forced.thinking_open(off)
+    assert forced.render(chat, options=off) == "Hi<think>\n\n</think>\n\n"
 
 
 def test_the_templates_own_refusal_is_a_400_naming_it() -> None:
