@@ -36,11 +36,12 @@ def model_pb(record: ModelRecord) -> pb.Model:
     context = record.engine.context_length if record.engine else (entry.context_length or 0)
     state, error = record.status()
     dimensions = record.engine.dimensions if isinstance(record.engine, EmbeddingEngine) else 0
+    template = getattr(record.engine, "chat_template", None)
     return pb.Model(
         id=entry.id, object="model", created=created, owned_by=entry.owned_by, state=STATES[state],
         engine=record.settings.engine if record.settings else entry.engine, source=entry.source,
         context_length=context, memory_mib=record.memory_mib, error=error, fingerprint=fingerprint,
-        task=entry.task, dimensions=dimensions,
+        task=entry.task, dimensions=dimensions, chat_format=template.format.name if template is not None else "",
     )
 
 

@@ -168,7 +168,13 @@ class OutputParser:
             out.reasoning = reasoning
             out = self._answer(text, out)
         if self.call_parser is not None:
+            complete = len(self.call_parser.calls)
             content, calls = self.call_parser.flush(truncated)
+            if truncated and calls and complete:
+                # Cut short after complete calls: those are the answer; the fragment is dropped (a lone
+                # call cut short is returned, as OpenAI does, so that a forced call is never lost).
+                del self.call_parser.calls[complete:]
+                calls = []
             out.content += content
             out.calls += calls
         return out

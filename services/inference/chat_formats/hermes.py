@@ -77,7 +77,7 @@ class ToolCallParser:
             self._advance()
             name, body, self._body, self._pending = self._name, self._body, None, ""
             if name and self._from >= 0:
-                call = ToolCall(self._id, name, body[self._from:])
+                call = ToolCall(self._id, name, body[self._from:self._to if self._to >= 0 else None])
                 self.calls.append(call)
                 return "", [call]
             return "", []

@@ -46,8 +46,9 @@ def test_hermes_tags_too() -> None:
 def test_a_call_cut_short_is_a_call_with_what_was_written() -> None:
     check(firefunction(), ' functools[{"name": "get_weather", "arguments": {"city": "Pa', truncated=True,
           calls=[("get_weather", '{"city": "Pa')])
+    # After a complete call the fragment is dropped: the complete calls are the answer.
     check(firefunction(), f' functools[{CALL}, {{"name": "get_weather", "arguments": {{"ci', truncated=True,
-          calls=[("special_function", {"arg1": 1}), ("get_weather", '{"ci')])
+          calls=[("special_function", {"arg1": 1})])
     check(firefunction(), " functools[{", truncated=True)  # nothing named yet: nothing shows
 
 
