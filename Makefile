@@ -95,10 +95,13 @@ lint-protos: $(BUF) $(GENERATED)
 PEER_DIR ?= $(HOME)/.cache/parley-peer
 LLAMA_SERVER_BIN := $(PEER_DIR)/llama-server
 LLAMA_SDIST := llama_cpp_python-0.3.36
-$(LLAMA_SERVER_BIN): | $(INSTALLED)
+# The sdist is test data too: real models' chat templates and llama.cpp's expected parses (tests/llama_sdist.py).
+LLAMA_SDIST_FILE := $(PEER_DIR)/$(LLAMA_SDIST).tar.gz
+$(LLAMA_SDIST_FILE): | $(INSTALLED)
 	mkdir -p $(PEER_DIR)
-	test -f $(PEER_DIR)/$(LLAMA_SDIST).tar.gz || $(PY) -m pip download --quiet --no-deps --no-binary :all: \
-	  -d $(PEER_DIR) llama-cpp-python==0.3.36
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(PEER_DIR) llama-cpp-python==0.3.36
+
+$(LLAMA_SERVER_BIN): | $(LLAMA_SDIST_FILE)
 	rm -rf $(PEER_DIR)/build-src && mkdir -p $(PEER_DIR)/build-src
 	tar -xzf $(PEER_DIR)/$(LLAMA_SDIST).tar.gz -C $(PEER_DIR)/build-src
 	cd $(PEER_DIR)/build-src/$(LLAMA_SDIST)/vendor/llama.cpp && \
@@ -109,7 +112,7 @@ $(LLAMA_SERVER_BIN): | $(INSTALLED)
 
 llama-server: $(LLAMA_SERVER_BIN)
 
-test: setup lint-protos $(CHECKOV) $(CHROMIUM) postgres $(LLAMA_SERVER_BIN)
+test: setup lint-protos $(CHECKOV) $(CHROMIUM) postgres $(LLAMA_SDIST_FILE) $(LLAMA_SERVER_BIN)
 	PARLEY_LLAMA_SERVER=$(LLAMA_SERVER_BIN) PARLEY_REQUIRE_LLAMA_SERVER=1 $(PY) tools/run_pytest.py tests
 
 test-unit: setup postgres

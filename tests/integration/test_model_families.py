@@ -95,7 +95,7 @@ def test_a_family_serves_chat_tools_schemas_and_streams(model: str, client: open
 
         # A forced tool call: a call, never markup in the content.
         forced = client.chat.completions.create(messages=[SYSTEM, QUESTION], tools=[WEATHER], tool_choice="required",
-                                                extra_body=OFF, **{**short, "max_tokens": 48})
+                                                parallel_tool_calls=False, extra_body=OFF, **{**short, "max_tokens": 48})
         choice = forced.choices[0]
         assert choice.finish_reason == "tool_calls", choice
         [call] = choice.message.tool_calls
