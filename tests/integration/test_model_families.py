@@ -21,22 +21,17 @@ from tests.integration.conftest import ADMIN_PASSWORD, Caller, new_user, sign_in
 from tests.llama_sdist import template
 from tests.llama_server import BUNDLED
 
+# One of each kind of template (the whole collection renders in tests/unit/inference/test_chat_template.py,
+# and every family's parser has its own unit tests): kept to eight, ~11 s each on two cores.
 FAMILIES = {
-    "hermes2": "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja",
     "hermes3": "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja",
-    "qwen25": "Qwen-Qwen2.5-7B-Instruct.jinja",
     "qwen3": "Qwen-Qwen3-0.6B.jinja",
     "qwq": "Qwen-QwQ-32B.jinja",
     "llama31": "meta-llama-Llama-3.1-8B-Instruct.jinja",
-    "llama32": "meta-llama-Llama-3.2-3B-Instruct.jinja",
     "mistral-nemo": "mistralai-Mistral-Nemo-Instruct-2407.jinja",
     "r1-distill": "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
     "gpt-oss": "openai-gpt-oss-120b.jinja",
-    "functionary32": "meetkai-functionary-medium-v3.2.jinja",
-    "command-r7b": "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja",
-    "granite33": "ibm-granite-granite-3.3-2B-Instruct.jinja",
     "gemma2": "google-gemma-2-2b-it.jinja",
-    "phi35": "microsoft-Phi-3.5-mini-instruct.jinja",
 }
 # Families whose generation prompt opens the reasoning block (thinking on): the tiny model never
 # closes it, so its whole answer is reasoning.
@@ -61,7 +56,7 @@ def families_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         catalogue.append({"id": model, "source": BUNDLED, "params": {"chat_template": str(path)}})
     models_file = Path(data_dir) / "models.json"
     models_file.write_text(json.dumps(catalogue))
-    running = start_stack(data_dir, PARLEY_MODELS_FILE=str(models_file), PARLEY_DEFAULT_MODEL="hermes2",
+    running = start_stack(data_dir, PARLEY_MODELS_FILE=str(models_file), PARLEY_DEFAULT_MODEL="hermes3",
                           PARLEY_CONTEXT_LENGTH="2048", PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE="1000")
     yield running
     running.stop()
