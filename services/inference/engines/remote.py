@@ -483,6 +483,11 @@ class RemoteEngine(PoolBacked, Engine):
         elif st.format == "json_schema":
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "response", "schema": json.loads(st.schema)}}
+        # The template options, as vLLM and llama-server take them (others ignore what they lack).
+        if st.template.kwargs:
+            body["chat_template_kwargs"] = json.loads(st.template.kwargs)
+        if st.template.reasoning_effort:
+            body["reasoning_effort"] = st.template.reasoning_effort
         return body
 
     def _pick(self, affinity: str, tried: set[int]) -> Upstream | None:
@@ -517,6 +522,7 @@ class RemoteEngine(PoolBacked, Engine):
         calls = StreamedCalls()
         reason: str | None = None
         text: list[str] = []
+        thoughts: list[str] = []
         upstream_usage: dict[str, Any] | None = None
         outcome, error = "ok", ""
         try:
@@ -538,13 +544,19 @@ class RemoteEngine(PoolBacked, Engine):
                 for choice in event.get("choices") or ():
                     delta = choice.get("delta") or {}
                     piece = delta.get("content") or choice.get("text") or ""  # chat, or legacy completions
+                    # llama-server, vLLM and DeepSeek name it reasoning_content; vLLM's newer, OpenRouter
+                    # and Ollama's OpenAI API `reasoning`.
+                    thought = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                    if not isinstance(thought, str):
+                        thought = ""
                     deltas = [d for call in delta.get("tool_calls") or () if (d := calls.feed(call)) is not None]
-                    if piece or deltas:
+                    if piece or thought or deltas:
                         if not usage.time_to_first_token_ms:
                             usage.time_to_first_token_ms = (time.monotonic() - request.started) * 1000
                         tick()
                         text.append(piece)
-                        yield Chunk(text=piece, call_deltas=deltas)
+                        thoughts.append(thought)
+                        yield Chunk(text=piece, reasoning=thought, call_deltas=deltas)
                     if choice.get("finish_reason"):
                         reason = FINISH.get(choice["finish_reason"], "stop")
             if reason is None:
@@ -558,7 +570,7 @@ class RemoteEngine(PoolBacked, Engine):
                 chat = request.chat
                 usage.prompt_tokens = len(await offloop.run(self.prompt_tokens, chat.messages, chat.prompt,
                                                             chat.structure))
-            self._usage(usage, upstream_usage, "".join(text), finished)
+            self._usage(usage, upstream_usage, "".join(text), "".join(thoughts), finished)
             yield Chunk(finish_reason=reason, usage=usage, tool_calls=finished)
         except (httpx.HTTPError, ValueError) as exc:
             outcome, error = "cut", _describe(exc)
@@ -574,7 +586,8 @@ class RemoteEngine(PoolBacked, Engine):
                 outcome = "cancelled"  # the consumer left
             await self._release(request, outcome, error)
 
-    def _usage(self, usage: Usage, given: dict[str, Any] | None, text: str, calls: list[ToolCall]) -> None:
+    def _usage(self, usage: Usage, given: dict[str, Any] | None, text: str, reasoning: str,
+               calls: list[ToolCall]) -> None:
         """The upstream's usage when it sent one, else counted here."""
         if _has_usage(given):
             assert given is not None
@@ -582,9 +595,16 @@ class RemoteEngine(PoolBacked, Engine):
             usage.completion_tokens = int(given["completion_tokens"])
             details = given.get("prompt_tokens_details") or {}
             usage.cached_prompt_tokens = int(details.get("cached_tokens") or 0)
+            completion = given.get("completion_tokens_details") or {}
+            usage.reasoning_tokens = int(completion.get("reasoning_tokens") or 0)
+            if reasoning and not usage.reasoning_tokens:  # llama-server sends no such detail
+                usage.reasoning_tokens = min(len(self._tokenize(reasoning)) - len(self._tokenize("")),
+                                             usage.completion_tokens)
             return
-        written = text + "".join(json.dumps(call_json(c)) for c in calls)
+        written = text + reasoning + "".join(json.dumps(call_json(c)) for c in calls)
         usage.completion_tokens = len(self._tokenize(written)) - len(self._tokenize(""))
+        if reasoning:
+            usage.reasoning_tokens = len(self._tokenize(reasoning)) - len(self._tokenize(""))
 
 
 class StreamedCalls:

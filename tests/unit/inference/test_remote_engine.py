@@ -15,7 +15,7 @@ import pytest
 from services.core import config
 from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.core.structured import Tool, make_structure
+from services.core.structured import Tool, make_structure, make_template_options
 from services.inference.embeddings import EmbeddingService
 from services.inference.engines.remote import Chat, RemoteEngine, UpstreamPool
 from services.inference.engines.remote_embedding import PROBE, RemoteEmbeddingEngine
@@ -344,4 +344,26 @@ async def test_a_kept_alive_connection_closed_under_a_request_is_retried(tmp_pat
     _, text, _ = await run(generation)
     assert text == "Hello there" and registry.records["far"].status() == ("ready", "")
     assert registry.records["far"].engine.upstreams[0].outstanding == 0
+    await registry.close()
+
+
+async def test_an_upstreams_reasoning_passes_through_and_template_options_are_forwarded(
+        tmp_path: Path, upstreams: Upstreams) -> None:
+    thinking = [{"choices": [{"index": 0, "delta": {"reasoning_content": w}, "finish_reason": None}]}
+                for w in ("Let me ", "think.")]
+    vllm_style = {"choices": [{"index": 0, "delta": {"reasoning": " More."}, "finish_reason": None}]}
+    words = [{"choices": [{"index": 0, "delta": {"content": "Paris."}, "finish_reason": None}]},
+             {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+             {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 6,
+                                       "completion_tokens_details": {"reasoning_tokens": 4}}}]
+    upstreams.reply["a.test"] = httpx.Response(200, content=sse(*thinking, vllm_style, *words))
+    registry, generation = remote_registry(tmp_path, [A])
+    structure = make_structure([], template=make_template_options({"enable_thinking": True, "style": "x"}, "low"))
+    items = [i async for i in generation.generate("far", [{"role": "user", "content": "Capital?"}], "",
+                                                  SamplingInput(), structure=structure)]
+    chunks = items[1:]
+    assert "".join(c.reasoning for c in chunks) == "Let me think. More."
+    assert "".join(c.text for c in chunks) == "Paris." and chunks[-1].usage.reasoning_tokens == 4
+    body = upstreams.seen[-1][1]
+    assert body["chat_template_kwargs"] == {"enable_thinking": True, "style": "x"} and body["reasoning_effort"] == "low"
     await registry.close()
