@@ -1,10 +1,11 @@
 """Structured output and tool calls inside inference: the grammar that enforces them, the prompt
 that tells the model about its tools, and the parser that turns what it writes into tool calls.
 
-One wire format for calls, whatever the model: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-(Hermes/Qwen style). A chat template that renders tools in that format gets them natively; for any
-other template the tools are described in the system message (GENERIC_TOOLS_PROMPT) and past calls
-and results are written into the messages in the same format.
+The grammar writes calls in one format, whatever the model: `<tool_call>{"name": ..., "arguments":
+{...}}</tool_call>` (Hermes/Qwen style), which every family's parser reads besides its own syntax
+(services.inference.chat_formats). A chat template that renders tools itself gets them natively; for
+any other template the tools are described in the system message (GENERIC_TOOLS_PROMPT) and past
+calls and results are written into the messages in the Hermes format.
 
 Grammars are GBNF, from llama.cpp's JSON-schema converter (llama_cpp.llama_grammar, taught integer
 bounds here), and enforced
@@ -328,11 +329,6 @@ def _same_width(lo: str, hi: str) -> tuple[str, str]:
 
 
 # --- the prompt ----------------------------------------------------------------------------------
-def template_handles_tools(template: str | None) -> bool:
-    """Whether a chat template renders `tools` and writes calls the way this module parses them."""
-    return bool(template) and "tools" in template and OPEN in template  # type: ignore[operator]
-
-
 def tools_json(tools: Sequence[Tool]) -> list[dict[str, Any]]:
     """The tools in OpenAI's shape, as templates expect them."""
     return [{"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.schema()}}

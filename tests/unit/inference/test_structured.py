@@ -15,9 +15,9 @@ from services.core.errors import InvalidArgument
 from services.core.structured import Structure, Tool, ToolCall, check_schema, make_structure, validate_messages
 from services.inference import openai_compat
 from services.inference.service import SamplingInput
-from services.inference.chat_formats.hermes import ToolCallParser
+from services.inference.chat_formats.hermes import HermesFormat, ToolCallParser
 from services.inference.structured import (
-    grammar_for, int_range, integer_bounds, number_range, template_handles_tools,
+    grammar_for, int_range, integer_bounds, number_range,
     template_input,
 )
 from tests.unit.inference.test_batch_engine import MODEL, engine, scheduler  # noqa: F401 - a fixture
@@ -188,7 +188,7 @@ def test_templates_without_tools_get_them_in_the_system_message() -> None:
     assert native[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
     plain, tools = template_input(history[1:2], make_structure([WEATHER], "none"), native=False)
     assert tools is None and plain == history[1:2]
-    assert template_handles_tools("{% if tools %}<tool_call>{% endif %}") and not template_handles_tools("{{ x }}")
+    assert HermesFormat("{% if tools %}<tool_call>{% endif %}").native_tools and not HermesFormat("{{ x }}").native_tools
 
 
 # --- the call parser ----------------------------------------------------------------------------
