@@ -38,11 +38,11 @@ ID_PREFIX = "resp_"
 MAX_ITEMS = 4096
 MAX_METADATA_PAIRS = 16
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
-# Fields that would change what a response means and that Parley does not serve: a clear 400, not
-# silence. Other unknown fields (include, truncation, service_tier…) are accepted and ignored.
 # reasoning.effort values beyond the most a chat template knows ("high").
 STRONGEST_EFFORT = {"xhigh": "high", "max": "high"}
 SUMMARIES = (None, "auto", "concise", "detailed")
+# Fields that would change what a response means and that Parley does not serve: a clear 400, not
+# silence. Other unknown fields (include, truncation, service_tier…) are accepted and ignored.
 UNSUPPORTED = {
     "background": "background responses are not supported: omit background (or set it to false) and "
                   "read the answer as it streams",
