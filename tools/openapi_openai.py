@@ -252,6 +252,12 @@ RESPONSE_REQUEST = {
         "tool_choice": {"anyOf": [STRING, {"type": "object"}]},
         "parallel_tool_calls": BOOLEAN,
         "text": {"type": "object", "properties": {"format": {"type": "object"}}},
+        "reasoning": _nullable({"type": "object", "description": "effort \"none\" turns a reasoning model's "
+                                "thinking off; its thinking is answered as a `reasoning` output item.",
+                                "properties": {
+                                    "effort": _nullable({"enum": ["none", "minimal", "low", "medium", "high", "xhigh",
+                                                                  "max"]}),
+                                    "summary": _nullable({"enum": ["auto", "concise", "detailed"]})}}),
         "metadata": _nullable({"type": "object", "additionalProperties": {**STRING, "maxLength": 512}}),
         "user": _nullable(STRING),
     },

@@ -5,19 +5,26 @@ import { explain, explainStreamError, ApiError } from "./api.js";
 import { h, replace, uid } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
 
+const THINKING = "Thinking…";
 const ROLE_NAMES = { MESSAGE_ROLE_USER: "You", MESSAGE_ROLE_ASSISTANT: "Assistant", MESSAGE_ROLE_TOOL: "Tool" };
 
 // Tool calls and tool results come from API clients that pass tools (the composer sends none):
 // an answer's calls are shown as code under its text, a tool result as code labelled "Tool".
+// A reasoning model's thinking is folded above its answer: a <details> whose summary says
+// "Thinking…" while it streams, then how long it took ("Reasoning" for one loaded from history);
+// its text is plain text, never markup.
 function messageView(role, { status = "", error = "" } = {}) {
   const assistant = role === "MESSAGE_ROLE_ASSISTANT";
   const tool = role === "MESSAGE_ROLE_TOOL";
+  const thoughtLabel = h("summary", { text: "Reasoning" });
+  const thoughtText = h("p", { class: "plain msg-thought-text" });
+  const thought = h("details", { class: "msg-thought", hidden: true }, thoughtLabel, thoughtText);
   const body = h("div", { class: "msg-body" });
   const calls = h("div", { class: "msg-calls" });
   const note = h("p", { class: "msg-note" });
   const kind = assistant ? "assistant" : tool ? "tool" : "user";
   const el = h("article", { class: `msg ${kind}`, "aria-label": ROLE_NAMES[role] || "Message" },
-    h("h2", { class: tool ? "msg-role" : "sr-only", text: ROLE_NAMES[role] || "Message" }), body, calls, note);
+    h("h2", { class: tool ? "msg-role" : "sr-only", text: ROLE_NAMES[role] || "Message" }), thought, body, calls, note);
   const view = {
     el,
     body,
@@ -27,6 +34,13 @@ function messageView(role, { status = "", error = "" } = {}) {
       if (assistant) renderMarkdown(body, text);
       else if (tool) replace(body, h("pre", {}, h("code", { text })));
       else replace(body, h("p", { class: "plain", text }));
+    },
+    // The reasoning so far and what its summary says; hidden while there is none.
+    think(text, label = "Reasoning") {
+      thought.hidden = !text;
+      thought.dataset.state = label === THINKING ? "thinking" : "done";
+      if (thoughtText.textContent !== text) thoughtText.textContent = text;
+      if (thoughtLabel.textContent !== label) thoughtLabel.textContent = label;
     },
     addCalls(list) {
       for (const call of list || []) {
@@ -116,6 +130,7 @@ export class ChatView {
       for (const m of messages) {
         const view = messageView(m.role, { status: m.status, error: m.error });
         view.set(m.content);
+        view.think(m.reasoning || "");
         view.addCalls(m.tool_calls);
         this.log.append(view.el);
       }
@@ -233,12 +248,19 @@ export class ChatView {
     this.status.textContent = "Generating an answer…";
 
     let text = "";
+    let reasoning = "";
+    let thinkingSince = 0; // when the first reasoning arrived
+    let thoughtMs = null; // how long it lasted, once the answer proper began (or the turn ended)
     let painted = 0;
+    let paintedLabel = "";
     let frame = 0;
     const paint = () => {
       frame = 0;
-      if (painted === text.length) return;
-      painted = text.length;
+      const label = thoughtMs === null ? THINKING : `Thought for ${Math.max(1, Math.round(thoughtMs / 1000))} s`;
+      if (painted === text.length + reasoning.length && paintedLabel === label) return;
+      painted = text.length + reasoning.length;
+      paintedLabel = label;
+      answer.think(reasoning, label);
       answer.set(text);
       this.scroll();
     };
@@ -254,6 +276,13 @@ export class ChatView {
           answer.say(words);
           this.status.textContent = words;
         } else if (event.delta) {
+          if (event.delta.reasoning) {
+            thinkingSince ||= performance.now();
+            reasoning += event.delta.reasoning;
+          }
+          if (thinkingSince && thoughtMs === null && (event.delta.text || event.delta.tool_calls?.length)) {
+            thoughtMs = performance.now() - thinkingSince;
+          }
           text += event.delta.text || "";
           answer.addCalls(event.delta.tool_calls);
           // One render per frame however fast tokens come.
@@ -298,6 +327,7 @@ export class ChatView {
       }
     } finally {
       if (frame) cancelAnimationFrame(frame);
+      if (thinkingSince && thoughtMs === null) thoughtMs = performance.now() - thinkingSince;
       painted = -1;
       paint();
       answer.el.removeAttribute("aria-busy");

@@ -135,7 +135,8 @@ class Responses:
                         continue
                     assert writer is not None
                     if kind == "delta":
-                        parts = writer.delta(event.delta.text, structured.calls_from_proto(event.delta.tool_calls))
+                        parts = writer.delta(event.delta.text, structured.calls_from_proto(event.delta.tool_calls),
+                                             event.delta.reasoning)
                     elif kind == "done":
                         parts = writer.finish(event.done.finish_reason, event.done.usage)
                         if req.store:
@@ -173,10 +174,12 @@ class Responses:
             status = "in_progress"
         else:
             status = "incomplete"
-        usage = inference_pb2.Usage(prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens)
+        usage = inference_pb2.Usage(prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens,
+                                     reasoning_tokens=m.reasoning_tokens)
         return wire.response_json(
             wire.ID_PREFIX + m.id, created_at=m.created_at, model=m.model, status=status, echo=echo,
-            output=wire.output_items(m.id, m.content, m.tool_calls, "completed" if status == "completed" else "incomplete"),
+            output=wire.output_items(m.id, m.content, m.tool_calls, "completed" if status == "completed" else "incomplete",
+                                     m.reasoning),
             usage=usage, error=wire.server_error(m.error) if status == "failed" else None,
             incomplete_reason=wire.incomplete_reason(finish))
 

@@ -8,8 +8,10 @@ What maps to what: a response is one answer of a conversation. Input items becom
 messages (user and assistant messages, `function_call` items as the assistant's tool calls,
 `function_call_output` items as tool messages); `instructions` and system or developer messages
 become the system prompt; function `tools`, `tool_choice`, `parallel_tool_calls` and `text.format`
-become a services.core.structured Structure; `temperature`, `top_p` and `max_output_tokens` the
-sampling. Output: a `message` item with the text (if any, or if there are no calls) and a
+become a services.core.structured Structure, and `reasoning.effort` its reasoning_effort
+("none" turns thinking off); `temperature`, `top_p` and `max_output_tokens` the sampling. Output: a
+`reasoning` item with a reasoning model's thinking (its text as `reasoning_text` content; Parley
+writes no summaries), a `message` item with the text (if any, or if there are no calls) and a
 `function_call` item per call.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,10 @@ from parley.inference.v1 import inference_pb2 as pb
 
 from services.core import sampling as sampling_rules
 from services.core.errors import InvalidArgument, NotFound
-from services.core.structured import PLAIN, Structure, Tool, ToolCall, canonical_json, make_structure
+from services.core.structured import (
+    PLAIN, REASONING_EFFORTS, Structure, TemplateOptions, Tool, ToolCall, canonical_json, make_structure,
+    make_template_options,
+)
 from services.core.json_body import number, parse_object, text_parts
 from services.session.history import Turn
 
@@ -33,8 +38,11 @@ ID_PREFIX = "resp_"
 MAX_ITEMS = 4096
 MAX_METADATA_PAIRS = 16
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
+# reasoning.effort values beyond the most a chat template knows ("high").
+STRONGEST_EFFORT = {"xhigh": "high", "max": "high"}
+SUMMARIES = (None, "auto", "concise", "detailed")
 # Fields that would change what a response means and that Parley does not serve: a clear 400, not
-# silence. Other unknown fields (include, truncation, reasoning, service_tier…) are accepted and ignored.
+# silence. Other unknown fields (include, truncation, service_tier…) are accepted and ignored.
 UNSUPPORTED = {
     "background": "background responses are not supported: omit background (or set it to false) and "
                   "read the answer as it streams",
@@ -139,8 +147,25 @@ def _schema(value: Any, where: str) -> str:
     return canonical_json(value)
 
 
+def _reasoning(value: Any) -> tuple[TemplateOptions, dict[str, Any]]:
+    """`reasoning` ({"effort", "summary"}) as the chat template's options, and as the response echoes it.
+    Summaries are accepted, never written: the reasoning item holds the model's own reasoning text."""
+    if value is None:
+        return TemplateOptions(), {"effort": None, "summary": None}
+    if not isinstance(value, dict):
+        raise InvalidArgument('reasoning must be an object such as {"effort": "low"}')
+    effort, summary = value.get("effort"), value.get("summary", value.get("generate_summary"))
+    if effort is not None and effort not in (*REASONING_EFFORTS, *STRONGEST_EFFORT):
+        raise InvalidArgument(f"reasoning.effort must be one of {', '.join((*REASONING_EFFORTS, *STRONGEST_EFFORT))}, "
+                              f"got {effort!r}")
+    if summary not in SUMMARIES:
+        raise InvalidArgument(f'reasoning.summary must be "auto", "concise" or "detailed", got {summary!r}')
+    return make_template_options(None, STRONGEST_EFFORT.get(effort, effort)), {"effort": effort, "summary": summary}
+
+
 def _structure(body: dict[str, Any]) -> tuple[Structure, dict[str, Any]]:
-    """tools, tool_choice, parallel_tool_calls and text.format, and how the response echoes them."""
+    """tools, tool_choice, parallel_tool_calls, text.format and reasoning, and how the response echoes
+    them."""
     raw_tools = body.get("tools") or []
     if not isinstance(raw_tools, list):
         raise InvalidArgument("tools must be an array")
@@ -186,11 +211,12 @@ def _structure(body: dict[str, Any]) -> tuple[Structure, dict[str, Any]]:
                          "strict": bool(fmt.get("strict", False)), "description": fmt.get("description")}
         if not schema:
             kind = "json_object"  # a schema is optional: any JSON object then
-    structure = make_structure(tools, choice, function, parallel, kind, schema)
+    template, reasoning = _reasoning(body.get("reasoning"))
+    structure = make_structure(tools, choice, function, parallel, kind, schema, template)
     echo = {"tools": echoed,
             "tool_choice": {"type": "function", "name": function} if choice == "function" else choice,
             "parallel_tool_calls": True if parallel is None else parallel,
-            "text": {"format": echoed_format}}
+            "text": {"format": echoed_format}, "reasoning": reasoning}
     return structure, echo
 
 
@@ -258,7 +284,8 @@ def json_bytes(value: Any) -> bytes:
 def usage_json(usage: pb.Usage | None) -> dict[str, Any]:
     usage = usage or pb.Usage()
     return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
-            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
@@ -268,15 +295,22 @@ def message_item(item_id: str, text: str, status: str, role: str = "assistant") 
     return {"id": item_id, "type": "message", "role": role, "status": status, "content": [part]}
 
 
+def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": text}],
+            "status": status}
+
+
 def call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
     return {"id": call_item_id(call.id), "type": "function_call", "call_id": call.id, "name": call.name,
             "arguments": call.arguments, "status": status}
 
 
-def output_items(message_id: str, text: str, calls: Sequence[ToolCall], status: str) -> list[dict[str, Any]]:
-    """An answer's output: its text as a message (also an empty one, when it made no calls), then
-    one function_call item per call."""
-    items = [message_item(f"msg_{message_id}", text, status)] if text or not calls else []
+def output_items(message_id: str, text: str, calls: Sequence[ToolCall], status: str,
+                 reasoning: str = "") -> list[dict[str, Any]]:
+    """An answer's output: its reasoning (if any), its text as a message (also an empty one, when it
+    made no calls), then one function_call item per call."""
+    items = [reasoning_item(f"rs_{message_id}", reasoning, status)] if reasoning else []
+    items += [message_item(f"msg_{message_id}", text, status)] if text or not calls else []
     return items + [call_item(c) for c in calls]
 
 
@@ -295,7 +329,8 @@ def response_json(response_id: str, *, created_at: float, model: str, status: st
         "incomplete_details": {"reason": incomplete_reason} if status == "incomplete" and incomplete_reason else None,
         "instructions": echo.get("instructions"), "max_output_tokens": echo.get("max_output_tokens"),
         "model": model, "output": output, "parallel_tool_calls": echo.get("parallel_tool_calls", True),
-        "previous_response_id": echo.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+        "previous_response_id": echo.get("previous_response_id"),
+        "reasoning": echo.get("reasoning", {"effort": None, "summary": None}),
         "store": echo.get("store", True), "temperature": echo.get("temperature"),
         "text": echo.get("text", {"format": {"type": "text"}}), "tool_choice": echo.get("tool_choice", "auto"),
         "tools": echo.get("tools", []), "top_p": echo.get("top_p"), "truncation": "auto",
@@ -315,9 +350,11 @@ def server_error(message: str, code: str = "server_error") -> dict[str, Any]:
 class EventWriter:
     """One response's stream of semantic events, as OpenAI sends them: response.created and
     .in_progress; per output item .output_item.added, its content (.content_part.added,
-    .output_text.delta…, .output_text.done, .content_part.done — or .function_call_arguments.delta
-    and .done), .output_item.done; then .completed, .incomplete or .failed. Every event carries its
-    sequence_number. Also accumulates the final Response object (the non-streamed answer)."""
+    .output_text.delta… or .reasoning_text.delta…, .output_text.done or .reasoning_text.done,
+    .content_part.done — or .function_call_arguments.delta and .done), .output_item.done; then
+    .completed, .incomplete or .failed. The reasoning item comes first and closes when the text or a
+    call begins. Every event carries its sequence_number. Also accumulates the final Response object
+    (the non-streamed answer)."""
 
     def __init__(self, response_id: str, message_id: str, model: str, echo: dict[str, Any]) -> None:
         self.response_id = response_id
@@ -328,7 +365,9 @@ class EventWriter:
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
         self.text: list[str] = []
+        self.reasoning: list[str] = []
         self._message_open = False
+        self._reasoning_at: int | None = None  # the open reasoning item's output index
         self.final: dict[str, Any] | None = None  # the Response once finished or failed
 
     def _event(self, kind: str, **fields: Any) -> bytes:
@@ -367,8 +406,42 @@ class EventWriter:
                             part=part),
                 self._event("response.output_item.done", output_index=index, item=item)]
 
-    def delta(self, text: str, calls: Iterable[ToolCall]) -> list[bytes]:
+    def _open_reasoning(self) -> list[bytes]:
+        item = reasoning_item(f"rs_{self.message_id}", "", "in_progress")
+        item["content"] = []
+        self.output.append(item)
+        self._reasoning_at = index = len(self.output) - 1
+        return [self._event("response.output_item.added", output_index=index, item=item),
+                self._event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                            part={"type": "reasoning_text", "text": ""})]
+
+    def _close_reasoning(self, status: str) -> list[bytes]:
+        if self._reasoning_at is None:
+            return []
+        index, self._reasoning_at = self._reasoning_at, None
+        text = "".join(self.reasoning)
+        item = reasoning_item(self.output[index]["id"], text, status)
+        self.output[index] = item
+        return [self._event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                            text=text),
+                self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                            part=item["content"][0]),
+                self._event("response.output_item.done", output_index=index, item=item)]
+
+    def delta(self, text: str, calls: Sequence[ToolCall], reasoning: str = "") -> list[bytes]:
         events: list[bytes] = []
+        if reasoning and (self._reasoning_at is not None or not self.output):
+            # Reasoning opens an answer (chat formats split it off the front); any after the text or
+            # a call began is the stored message's, not a second item of this stream.
+            if self._reasoning_at is None:
+                events += self._open_reasoning()
+            at = self._reasoning_at
+            assert at is not None
+            self.reasoning.append(reasoning)
+            events.append(self._event("response.reasoning_text.delta", item_id=self.output[at]["id"], output_index=at,
+                                      content_index=0, delta=reasoning))
+        if text or calls:
+            events += self._close_reasoning("completed")
         if text:
             if not self._message_open and not any(i["type"] == "message" for i in self.output):
                 events += self._open_message()
@@ -396,9 +469,9 @@ class EventWriter:
 
     def finish(self, finish_reason: int, usage: pb.Usage) -> list[bytes]:
         status = STATUS_OF_FINISH.get(finish_reason, "completed")
-        events: list[bytes] = []
-        if not self.output:  # an answer with neither text nor calls is still an (empty) message
-            events += self._open_message()
+        events = self._close_reasoning(status)
+        if not any(i["type"] != "reasoning" for i in self.output):
+            events += self._open_message()  # an answer with neither text nor calls is still an (empty) message
         if self._message_open:
             events += self._close_message(status)
         self.final = self.response(status, usage=usage, incomplete_reason=incomplete_reason(finish_reason))
@@ -406,7 +479,7 @@ class EventWriter:
         return events + [self._event(kind, response=self.final)]
 
     def fail(self, message: str) -> list[bytes]:
-        events: list[bytes] = []
+        events = self._close_reasoning("incomplete")
         if self._message_open:
             events += self._close_message("incomplete")
         self.final = self.response("failed", error=server_error(message))

@@ -10,6 +10,11 @@ stream ends, however it ends: complete; incomplete with the partial text when th
 error with the partial text when inference fails. While it streams, the partial text is saved every
 few seconds, so even a crash of this service keeps most of it.
 
+A reasoning model's thinking streams as `delta.reasoning`, apart from the text, and is stored apart
+from the assistant message's content (partial reasoning too): it is shown, never sent back — later
+turns send each answer's content only. A turn's `structured` may turn thinking off
+(`reasoning_effort` "none", or `chat_template_kwargs` {"enable_thinking": false}).
+
 Tool turns follow OpenAI's shape: a turn's tools and response format (ChatRequest.structured) go to
 inference and into the cache key; the answer's tool calls are streamed and stored with the assistant
 message; the next turn answers them with tool_results, stored as tool messages.
@@ -28,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -126,6 +131,32 @@ class Generation:
     affinity: str
     # Pass on where the answer waits for room in the engine (`queued` events before `start`).
     report_queue: bool = False
+
+
+@dataclass
+class PartialAnswer:
+    """What an answer has said so far — its text, its reasoning apart, its tool calls — as the
+    stored assistant message keeps it: the one accumulator of a streamed answer."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    pieces: int = 0  # pieces that said something: about a token each, for an answer cut short
+
+    def add(self, response: inference_pb2.GenerateResponse) -> session_pb2.ChatDelta | None:
+        """Takes one piece of inference's stream; the delta to pass on, if it says anything."""
+        if not (response.text or response.reasoning or response.tool_calls):
+            return None
+        self.pieces += 1
+        self.text.append(response.text)
+        self.reasoning.append(response.reasoning)
+        self.calls += structured.calls_from_proto(response.tool_calls)
+        return session_pb2.ChatDelta(text=response.text, reasoning=response.reasoning, tool_calls=response.tool_calls)
+
+    def saved(self, **fields: Any) -> dict[str, Any]:
+        """store.save_answer's arguments: what was said so far, and `fields` (status, usage…)."""
+        return {"content": "".join(self.text), "reasoning": "".join(self.reasoning), "tool_calls": self.calls,
+                **fields}
 
 
 def encode_cursor(kind: str, *values: Any) -> str:
@@ -362,50 +393,46 @@ class SessionService:
 
     async def _answer(self, answer: MessageRecord | None, call: grpc.aio.UnaryStreamCall, cached: bool,
                       session_id: str) -> AsyncIterator[session_pb2.ChatResponse]:
-        """Streams the answer after `start` and saves it however it ends (nothing without `answer`)."""
-        parts: list[str] = []
-        calls: list[ToolCall] = []
+        """Streams the answer after `start` and saves it however it ends (nothing without `answer`).
+        Reasoning streams and is saved apart from the text; a cut answer keeps both."""
+        said = PartialAnswer()
         last: inference_pb2.GenerateResponse | None = None
         checkpoint = time.monotonic()
         try:
             while (response := await call.read()) is not grpc.aio.EOF:
-                if response.text or response.tool_calls:
-                    parts.append(response.text)
-                    calls += structured.calls_from_proto(response.tool_calls)
-                    yield session_pb2.ChatResponse(delta=session_pb2.ChatDelta(text=response.text,
-                                                                               tool_calls=response.tool_calls))
+                if (delta := said.add(response)) is not None:
+                    yield session_pb2.ChatResponse(delta=delta)
                 if response.HasField("usage"):
                     last = response
                 if time.monotonic() - checkpoint >= self.settings.checkpoint_seconds:
-                    await asyncio.to_thread(self._save, answer, content="".join(parts),
-                                            status=STATUS_INCOMPLETE, tool_calls=calls)
+                    await asyncio.to_thread(self._save, answer, **said.saved(status=STATUS_INCOMPLETE))
                     checkpoint = time.monotonic()
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: cancelled while waiting for inference, or closed while this
             # waited at a `yield`. Cancelling the call ends the generation (inference records what
             # it used). Save synchronously: an await here could be cancelled again.
             call.cancel()
-            self._save(answer, content="".join(parts), status=STATUS_INCOMPLETE,
-                                   completion_tokens=len(parts), tool_calls=calls)
+            self._save(answer, **said.saved(status=STATUS_INCOMPLETE, completion_tokens=said.pieces))
             raise
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or exc.code().name
             log.warning("generation failed", extra={"fields": {"code": code.name, "session_id": session_id}})
-            await asyncio.to_thread(self._save, answer, content="".join(parts), status=STATUS_ERROR,
-                                    completion_tokens=len(parts), error=f"{code.name}: {details}", tool_calls=calls)
+            await asyncio.to_thread(self._save, answer, **said.saved(
+                status=STATUS_ERROR, completion_tokens=said.pieces, error=f"{code.name}: {details}"))
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code=code.name, message=details))
             return
         if last is None:
             # A stream that ended without its final message: keep what arrived, as incomplete.
-            await asyncio.to_thread(self._save, answer, content="".join(parts), status=STATUS_INCOMPLETE,
-                                    completion_tokens=len(parts), tool_calls=calls)
+            await asyncio.to_thread(self._save, answer, **said.saved(status=STATUS_INCOMPLETE,
+                                                                     completion_tokens=said.pieces))
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code="UNAVAILABLE",
                                                                        message="the answer ended unexpectedly"))
             return
         # A cancelled answer is incomplete; one that ended with tool calls is complete like any other.
         status = STATUS_INCOMPLETE if last.finish_reason == inference_pb2.FINISH_REASON_CANCELLED else STATUS_COMPLETE
-        await asyncio.to_thread(self._save, answer, content="".join(parts), status=status,
-                                prompt_tokens=last.usage.prompt_tokens, completion_tokens=last.usage.completion_tokens,
-                                tool_calls=calls)
-        yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=last.usage, finish_reason=last.finish_reason,
+        usage = last.usage
+        await asyncio.to_thread(self._save, answer, **said.saved(
+            status=status, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            reasoning_tokens=usage.reasoning_tokens))
+        yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=usage, finish_reason=last.finish_reason,
                                                                  cached=cached))

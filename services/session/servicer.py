@@ -49,6 +49,7 @@ def message_pb(record: MessageRecord) -> session_pb2.Message:
         model=record.model, prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
         status=STATUSES[record.status], error=record.error, create_time=timestamp(record.created_at),
         tool_calls=calls_to_proto(record.tool_calls), tool_call_id=record.tool_call_id,
+        reasoning=record.reasoning, reasoning_tokens=record.reasoning_tokens,
     )
 
 

@@ -5,7 +5,7 @@ session of someone else is NOT_FOUND, exactly as a session that does not exist.
 
 A turn stores, in one transaction: the tool messages that answer the previous answer's calls, the
 user's message, and the assistant's (empty, incomplete) message; an assistant message keeps the tool
-calls it made.
+calls it made, and a reasoning model's reasoning apart from its content.
 
 A Responses API response (services/session/responses.py) is an assistant message too: start_response
 stores, in one transaction, the session it starts (new, or a fork holding a copy of another's history),
@@ -102,6 +102,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         finish_reason TEXT NOT NULL DEFAULT ''
     );
     """,
+    # Reasoning models: an assistant message's reasoning, kept apart from its content (shown, never
+    # sent back to the model), and how many of its completion tokens it took.
+    """
+    ALTER TABLE messages ADD COLUMN reasoning TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -132,6 +138,8 @@ class MessageRecord:
     error: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str = ""
+    reasoning: str = ""  # an assistant message's thinking, apart from its content
+    reasoning_tokens: int = 0
     seq: int = field(default=0, compare=False)
 
 
@@ -207,8 +215,10 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     def save_answer(self, message_id: str, *, content: str, status: str, prompt_tokens: int = 0,
-                    completion_tokens: int = 0, error: str = "", tool_calls: Sequence[ToolCall] = ()) -> None:
-        """Overwrites an assistant message with its (partial or final) text, tool calls and status."""
+                    completion_tokens: int = 0, error: str = "", tool_calls: Sequence[ToolCall] = (),
+                    reasoning: str = "", reasoning_tokens: int = 0) -> None:
+        """Overwrites an assistant message with its (partial or final) text, reasoning, tool calls and
+        status."""
 
     @abc.abstractmethod
     def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]: ...
@@ -263,7 +273,8 @@ def _message(row: Any) -> MessageRecord:
     return MessageRecord(row["id"], row["session_id"], row["role"], row["content"], row["model"], row["status"],
                          row["created_at"], row["prompt_tokens"], row["completion_tokens"], row["error"],
                          tool_calls=tuple(ToolCall(**c) for c in json.loads(row["tool_calls"])),
-                         tool_call_id=row["tool_call_id"], seq=row["seq"])
+                         tool_call_id=row["tool_call_id"], reasoning=row["reasoning"],
+                         reasoning_tokens=row["reasoning_tokens"], seq=row["seq"])
 
 
 def _calls_json(calls: Sequence[ToolCall]) -> str:
@@ -370,11 +381,13 @@ class SqlSessionStore(SessionStore):
         return TurnMessages(user, assistant, tools)
 
     def save_answer(self, message_id: str, *, content: str, status: str, prompt_tokens: int = 0,
-                    completion_tokens: int = 0, error: str = "", tool_calls: Sequence[ToolCall] = ()) -> None:
+                    completion_tokens: int = 0, error: str = "", tool_calls: Sequence[ToolCall] = (),
+                    reasoning: str = "", reasoning_tokens: int = 0) -> None:
         with self.db.transaction() as db:
             db.execute("UPDATE messages SET content = ?, status = ?, prompt_tokens = ?, completion_tokens = ?, error = ?, "
-                       "tool_calls = ? WHERE id = ?",
-                       (content, status, prompt_tokens, completion_tokens, error, _calls_json(tool_calls), message_id))
+                       "tool_calls = ?, reasoning = ?, reasoning_tokens = ? WHERE id = ?",
+                       (content, status, prompt_tokens, completion_tokens, error, _calls_json(tool_calls), reasoning,
+                        reasoning_tokens, message_id))
 
     def list_messages(self, owner: str, session_id: str, limit: int | None = None, after_seq: int = 0) -> list[MessageRecord]:
         self.get_session(owner, session_id)  # the ownership check
@@ -419,9 +432,10 @@ class SqlSessionStore(SessionStore):
     @staticmethod
     def _insert(db: Any, session_id: str, m: MessageRecord, now: float) -> None:
         db.execute("INSERT INTO messages (id, session_id, role, content, model, prompt_tokens, completion_tokens, "
-                   "status, error, created_at, tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   "status, error, created_at, tool_calls, tool_call_id, reasoning, reasoning_tokens) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (m.id, session_id, m.role, m.content, m.model, m.prompt_tokens, m.completion_tokens, m.status,
-                    m.error, now, _calls_json(m.tool_calls), m.tool_call_id))
+                    m.error, now, _calls_json(m.tool_calls), m.tool_call_id, m.reasoning, m.reasoning_tokens))
 
     def finish_response(self, message_id: str, finish_reason: str) -> None:
         with self.db.transaction() as db:

