@@ -110,7 +110,9 @@ class HarmonyParser(OutputParser):
             if recipients[-1].startswith("functions.") and name in self._names:
                 self._route, self._call_id, self._name, self._arguments = "call", ToolCall.new_id(), name, ""
                 out.deltas.append(CallDelta(len(self.calls), self._call_id, name))
-            else:
+            elif recipients[-1] in ("user", "all"):  # addressed to the reader: it is the answer
+                self._route = "content"
+            else:  # a built-in tool (browser, python) or a function not offered
                 self._route = "drop"
         elif channel and channel.group(1) == "analysis":
             self._route = "reasoning"

@@ -116,3 +116,7 @@ def test_template_messages_one_call_per_message_with_its_results_and_thinking() 
     assert out[1]["thinking"] == "Two tools." and out[1]["content"] == ""
     assert out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert out[3]["tool_calls"][0]["function"]["name"] == "get_time"
+
+
+def test_a_message_to_the_user_is_content() -> None:
+    check(GptOssFormat(""), " to=user<|message|>It is sunny.", content="It is sunny.")
