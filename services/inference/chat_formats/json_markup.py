@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from services.core.structured import ToolCall
 from services.inference.chat_formats.base import partial_suffix
+from services.inference.chat_formats.markup import JsonEnd
 from services.inference.structured import CLOSE, OPEN, CallDelta
 
 # A call object up to its arguments' value. Llama writes "parameters", and at times a "type" first.
@@ -24,37 +25,6 @@ NOT_AN_OBJECT = re.compile(r'\s*(?:[^\s{]|\{\s*[^\s"])')
 MAX_HEAD = 256  # a name in markup is no longer than this (past it, the markup is content)
 
 State = Callable[[], bool]  # takes what it can of the text held back; False: it waits for more
-
-
-class JsonEnd:
-    """Where a JSON object or array written piece by piece ends: brackets counted outside strings
-    (the finished text is parsed, not this)."""
-
-    def __init__(self) -> None:
-        self.done = False
-        self._depth = 0
-        self._in_string = self._escaped = False
-
-    def scan(self, text: str) -> int:
-        """How much of `text` belongs to the value: all of it until the value ends."""
-        for i, c in enumerate(text):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif c == "\\":
-                    self._escaped = True
-                elif c == '"':
-                    self._in_string = False
-            elif c == '"':
-                self._in_string = True
-            elif c in "{[":
-                self._depth += 1
-            elif c in "}]":
-                self._depth -= 1
-                if self._depth <= 0:
-                    self.done = True
-                    return i + 1
-        return len(text)
 
 
 @dataclass
@@ -240,7 +210,7 @@ class JsonMarkupCallParser:
         """Adds the arguments' next characters from `text` to the call; how many there were."""
         call = self._call
         assert call is not None
-        n = call.end.scan(text)
+        n = call.end.take(text)
         if n:
             call.arguments += text[:n]
             if call.streamed:
@@ -260,7 +230,7 @@ class JsonMarkupCallParser:
             if NOT_AN_OBJECT.match(self._body + self._pending):
                 return self._not_a_call()
             self._shaped = OBJECT_START.match(self._body + self._pending) is not None
-        self._body += self._take(self._body_end.scan(self._pending))
+        self._body += self._take(self._body_end.take(self._pending))
         if self._args_at < 0 and self._shaped and not self._head():
             return self._not_a_call()
         call = self._call

@@ -33,9 +33,10 @@ def unquote(text: str) -> str:
 
 class JsonEnd:
     """Finds where a JSON object or array ends, in text that starts at its first bracket and arrives
-    piece by piece."""
+    piece by piece: brackets counted outside strings (the finished text is parsed, not this)."""
 
     def __init__(self) -> None:
+        self.done = False
         self._depth = 0
         self._in_string = self._escaped = False
 
@@ -55,9 +56,15 @@ class JsonEnd:
                 self._depth += 1
             elif c in "}]":
                 self._depth -= 1
-                if self._depth == 0:
+                if self._depth <= 0:
+                    self.done = True
                     return i + 1
         return -1
+
+    def take(self, text: str) -> int:
+        """How much of `text` belongs to the value: all of it until the value ends (then `done`)."""
+        n = self.scan(text)
+        return len(text) if n == -1 else n
 
 
 class MarkupCallParser:
