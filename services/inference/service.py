@@ -256,8 +256,8 @@ class GenerationService:
                 await engine.admit(request)
                 yield Admitted(record, len(tokens), dropped)
                 chunks = engine.stream(request)
-                parser = engine.output_parser(structure)
-                if parser is not None:
+                # A chat's answer is read in the model family's format; a raw prompt's text is as written.
+                if messages and engine.output_parser(structure) is not None:
                     chunks = parsed(chunks, lambda: engine.output_parser(structure))
                 async with contextlib.aclosing(chunks) as stream:
                     async for chunk in stream:

@@ -323,3 +323,32 @@ async def test_counting_tokens_is_within_the_rate_limit(flow: Flow) -> None:
     flow.cache.limited = True
     with pytest.raises(ResourceExhausted):
         await flow.metered.count_tokens("", [{"role": "user", "content": "one two"}])
+
+
+async def test_a_chats_reasoning_is_apart_and_a_raw_prompts_text_is_as_written(flow: Flow) -> None:
+    """A template whose generation prompt opens a <think> block: a chat's answer up to </think> is
+    reasoning (message.reasoning_content, reasoning_tokens, cached with it), a raw prompt's is text."""
+    from services.inference.chat_template import ChatTemplate
+    from services.inference.text_completions import TextCompletions
+
+    await flow.metered.count_tokens("", [{"role": "user", "content": "load"}])  # loads the engine
+    flow.engine.chat_template = ChatTemplate("{{ messages[0].content }}{% if add_generation_prompt %}<think>\n{% endif %}")
+    flow.engine.script = Script(words=["Let", "me", "see.", "</think>", "Paris."])
+
+    async def mark(value: str) -> None:
+        pass
+
+    chat = ChatCompletions(flow.metered)
+    body = json.dumps({"model": "", "messages": [{"role": "user", "content": "Capital?"}], "temperature": 0}).encode()
+    for _ in range(2):  # generated, then replayed from the cache
+        [(_, data)] = [part async for part in chat.create(body, None, mark)]
+        await flow.settled()
+        answer = json.loads(data)
+        message = answer["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == ("Let me see.", "Paris.")
+        assert answer["usage"]["completion_tokens_details"]["reasoning_tokens"] == 3
+    assert len(flow.engine.requests) == 1
+    text = TextCompletions(flow.metered)
+    raw = json.dumps({"model": "", "prompt": "Capital?", "temperature": 0.5}).encode()
+    [(_, data)] = [part async for part in text.create(raw, None, mark)]
+    assert json.loads(data)["choices"][0]["text"] == " Let me see. </think> Paris."
