@@ -9,6 +9,8 @@ never leaks into the content."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 from services.stack import Stack
 from tests.integration.conftest import ADMIN_PASSWORD, Caller, new_user, sign_in, start_stack
 from tests.llama_sdist import template
-from tests.llama_server import BUNDLED
+from tests.llama_server import BUNDLED, model_path
 
 # One of each kind of template (the whole collection renders in tests/unit/inference/test_chat_template.py,
 # and every family's parser has its own unit tests): kept to eight, ~11 s each on two cores.
@@ -54,6 +56,14 @@ def families_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         path = Path(data_dir) / name
         path.write_text(template(name))
         catalogue.append({"id": model, "source": BUNDLED, "params": {"chat_template": str(path)}})
+    # The bundled GGUF relabelled with Llama 3.1's template (gguf-py's gguf_new_metadata, as a team
+    # fixes a model's template): the template comes from the file's own metadata.
+    template_file = Path(data_dir) / "llama31.jinja"
+    template_file.write_text(template(FAMILIES["llama31"]))
+    relabelled = Path(data_dir) / "relabelled.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template-file", str(template_file),
+                    "--force", model_path(), str(relabelled)], check=True, capture_output=True, timeout=120)
+    catalogue.append({"id": "relabelled", "source": str(relabelled)})
     models_file = Path(data_dir) / "models.json"
     models_file.write_text(json.dumps(catalogue))
     running = start_stack(data_dir, PARLEY_MODELS_FILE=str(models_file), PARLEY_DEFAULT_MODEL="hermes3",
@@ -134,10 +144,15 @@ def test_a_family_serves_chat_tools_schemas_and_streams(model: str, client: open
         httpx.post(f"{families_stack.url}/v1/models/{model}:unload", headers=admin.headers, timeout=30)
 
 
-def test_the_model_says_its_chat_format(families_stack: Stack, caller: Caller, client: openai.OpenAI) -> None:
-    client.chat.completions.create(model="gpt-oss", messages=[QUESTION], max_tokens=2)
-    answer = httpx.get(f"{families_stack.url}/v1/models/gpt-oss", headers=caller.headers, timeout=30)
-    assert answer.status_code == 200 and "gpt-oss" in json.dumps(answer.json()), answer.text
+@pytest.mark.parametrize(("model", "chat_format"), [("gpt-oss", "gpt-oss"), ("relabelled", "llama3")])
+def test_the_model_says_its_chat_format(model: str, chat_format: str, families_stack: Stack, caller: Caller,
+                                        client: openai.OpenAI) -> None:
+    client.chat.completions.create(model=model, messages=[SYSTEM, QUESTION], max_tokens=2)
+    answer = httpx.get(f"{families_stack.url}/v1/models/{model}", headers=caller.headers, timeout=30)
+    assert answer.status_code == 200 and answer.json()["chat_format"] == chat_format, answer.text
+    forced = client.chat.completions.create(model=model, messages=[QUESTION], tools=[WEATHER], tool_choice="required",
+                                            parallel_tool_calls=False, max_tokens=48, temperature=0)
+    assert forced.choices[0].finish_reason == "tool_calls" and forced.choices[0].message.tool_calls
 
 
 def test_bad_template_options_are_a_400(client: openai.OpenAI) -> None:
