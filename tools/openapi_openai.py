@@ -130,12 +130,17 @@ CHAT_REQUEST = {
             "type": {"enum": ["text", "json_object", "json_schema"]},
             "json_schema": {"type": "object", "required": ["name"],
                             "properties": {"name": STRING, "schema": {"type": "object"}, "strict": BOOLEAN}}}},
+        "chat_template_kwargs": {"type": "object", "description": "Extra variables for the model's chat template "
+                                 "(e.g. {\"enable_thinking\": false}); request variables cannot be replaced."},
+        "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high"],
+                             "description": "\"none\" turns a reasoning model's thinking off."},
     },
 }
 
 USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
     "prompt_tokens": INTEGER, "completion_tokens": INTEGER, "total_tokens": INTEGER,
     "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": INTEGER}},
+    "completion_tokens_details": {"type": "object", "properties": {"reasoning_tokens": INTEGER}},
 }}
 FINISH = _nullable({"enum": ["stop", "length", "tool_calls", "content_filter"]})
 LOGPROBS = _nullable({"type": "object"})
@@ -152,6 +157,7 @@ CHAT_COMPLETION = {
                 "index": INTEGER,
                 "message": {"type": "object", "required": ["role", "content"], "properties": {
                     "role": {"const": "assistant"}, "content": _nullable(STRING), "refusal": _nullable(STRING),
+                    "reasoning_content": {**STRING, "description": "A reasoning model's thinking, apart."},
                     "tool_calls": {"type": "array", "items": TOOL_CALL}}},
                 "logprobs": LOGPROBS,
                 "finish_reason": FINISH}}},
@@ -168,7 +174,7 @@ CHAT_COMPLETION_CHUNK = {
             "type": "object", "required": ["index", "delta"], "properties": {
                 "index": INTEGER,
                 "delta": {"type": "object", "properties": {
-                    "role": STRING, "content": _nullable(STRING),
+                    "role": STRING, "content": _nullable(STRING), "reasoning_content": STRING,
                     "tool_calls": {"type": "array", "items": {"type": "object"}}}},
                 "logprobs": LOGPROBS,
                 "finish_reason": FINISH}}},
