@@ -1,5 +1,6 @@
 """What survives: a SIGKILLed session service under write load, an inference crash mid-answer (on a
-conversation's stream and on the OpenAI-compatible ones), and a restart of the whole stack. Nothing acknowledged to a client may be lost."""
+conversation's stream and on the OpenAI-compatible ones), and a restart of the whole stack. Nothing
+acknowledged to a client may be lost."""
 
 from __future__ import annotations
 

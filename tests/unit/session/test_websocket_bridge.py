@@ -1,6 +1,7 @@
 """The WebSocket bridge's own logic, without the rest of the stack: client messages to Converse
-requests, upgrades from a foreign Origin refused (4403), and a client that stops reading is closed (4429) with its call cancelled, having held a
-bounded amount of data. The whole protocol runs end to end in tests/integration/test_websocket_api.py."""
+requests, upgrades from a foreign Origin refused (4403), and a client that stops reading is closed
+(4429) with its call cancelled, having held a bounded amount of data. The whole protocol runs end to
+end in tests/integration/test_websocket_api.py."""
 
 from __future__ import annotations
 
@@ -95,13 +96,15 @@ async def test_a_client_that_stops_reading_is_closed_and_its_call_cancelled() ->
 
 def test_origin_is_the_requests_own_host_or_a_listed_one() -> None:
     allowed = ("https://chat.example.com",)
-    for origin, host in [(None, "x"), ("http://127.0.0.1:8080", "127.0.0.1:8080"), ("https://Parley.Example", "parley.example"),
-                         ("https://parley.example", "parley.example:443"), ("http://parley.example", "parley.example:80"),
-                         ("https://chat.example.com", "parley.example"), ("https://chat.example.com/", "x")]:
+    for origin, host in [(None, "x"), ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+                         ("https://Parley.Example", "parley.example"), ("https://parley.example", "parley.example:443"),
+                         ("http://parley.example", "parley.example:80"), ("https://chat.example.com", "parley.example"),
+                         ("https://chat.example.com/", "x")]:
         assert origin_allowed(origin, host, allowed), (origin, host)
     for origin, host in [("https://evil.example", "parley.example"), ("http://127.0.0.1:9999", "127.0.0.1:8080"),
                          ("https://parley.example", "parley.example:80"), ("null", "parley.example"),
-                         ("http://127.0.0.1:8080", None), ("file://", "x"), ("https://parley.example:x", "parley.example"),
+                         ("http://127.0.0.1:8080", None), ("file://", "x"),
+                         ("https://parley.example:x", "parley.example"),
                          ("https://chat.example.com.evil.example", "x")]:
         assert not origin_allowed(origin, host, allowed), (origin, host)
 
