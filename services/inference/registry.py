@@ -280,8 +280,9 @@ class ModelRegistry:
         log.info("model unloaded", extra={"fields": {"model": model_id}})
         return record
 
-    async def acquire(self, model_id: str, task: str = CHAT) -> ModelRecord:
-        """A ready model of the task, loaded now if needed. The caller must call `done()` when finished."""
+    def find(self, model_id: str, task: str = CHAT) -> ModelRecord:
+        """The model of the task that `acquire` would serve, loaded or not: what a request is checked
+        against before anything is loaded for it."""
         if model_id and not MODEL_ID.match(model_id):
             raise InvalidArgument(f"model id {model_id!r} is malformed")
         record = self.get(model_id, task)
@@ -292,6 +293,11 @@ class ModelRegistry:
                                       "lists each model's task)")
             raise InvalidArgument(f"model {record.entry.id!r} is a {record.entry.task} model; embeddings need an "
                                   "embedding model (GET /v1/models lists each model's task)")
+        return record
+
+    async def acquire(self, model_id: str, task: str = CHAT) -> ModelRecord:
+        """A ready model of the task, loaded now if needed. The caller must call `done()` when finished."""
+        record = self.find(model_id, task)
         if record.state != "ready":
             record = await self.load(record.entry.id)
         state, error = record.status()

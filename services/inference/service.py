@@ -120,11 +120,15 @@ class GenerationService:
         self.settings = settings
 
     def _character_limit(self, record: ModelRecord) -> tuple[int, str]:
-        """The most characters a request's messages may hold for this model, and what sets it."""
+        """The most characters a request's messages may hold for this model, and what sets it. Before
+        the model is loaded, the window its load asks for (the catalogue's context_length, else
+        PARLEY_CONTEXT_LENGTH): the loaded engine's is never larger, so a request refused now would be
+        refused after a load too."""
         if self.settings.max_prompt_characters:
             return self.settings.max_prompt_characters, "PARLEY_MAX_PROMPT_CHARACTERS"
-        assert record.engine is not None
-        context = record.engine.context_length
+        engine = record.engine
+        context = engine.context_length if engine is not None else (
+            record.entry.context_length or self.settings.context_length)
         return context * CHARACTERS_PER_TOKEN, (f"{CHARACTERS_PER_TOKEN} per token of model {record.entry.id!r}'s "
                                                 f"{context}-token context window")
 
@@ -139,10 +143,11 @@ class GenerationService:
     async def count_tokens(self, model_id: str, messages: Sequence[dict[str, Any]],
                            structure: Structure = PLAIN) -> tuple[int, list[int], int]:
         validate_messages(messages, "")
+        self._check_characters(self.registry.find(model_id), messages, "")  # before a load
         record = await self.registry.acquire(model_id)
         try:
             assert record.engine is not None
-            self._check_characters(record, messages, "")
+            self._check_characters(record, messages, "")  # the loaded model's own window
             total, per_message = await offloop.run(record.engine.count_tokens, messages, structure)
             return total, per_message, record.engine.context_length
         finally:
@@ -206,6 +211,13 @@ class GenerationService:
         validate_messages(messages, prompt, structure)
         if fit is not None and not messages:
             raise InvalidArgument("fitting a chat to the context window needs messages, not a raw prompt")
+        # What a request can make large is refused before anything is loaded for it (the message
+        # count: validate_messages). A fitted chat drops old turns instead: only its newest must fit.
+        unloaded = self.registry.find(model_id)
+        if fit is None:
+            self._check_characters(unloaded, messages, prompt)
+        else:
+            fitting.within_characters(messages, fit.keep_last, *self._character_limit(unloaded))
         record = await self.registry.acquire(model_id)
         try:
             engine = record.engine

@@ -28,6 +28,10 @@ class SessionSettings:
     websocket_send_timeout_seconds: float = setting(
         10.0, min=0.1, help="how long a send may wait for a slow client (its buffer full) before the socket closes")
     websocket_max_message_bytes: int = setting(1_048_576, min=1024, help="largest message a WebSocket client may send")
+    # The gateway's CORS list (the same PARLEY_CORS_ORIGINS): a page from one of these origins may
+    # call the REST API, so it may open a WebSocket too. The gateway's own origin always may.
+    cors_origins: tuple[str, ...] = setting(
+        (), help="comma-separated origins whose pages may open a WebSocket besides the gateway's own")
     turn_lease_seconds: float = setting(
         30.0, min=1, max=3600, help="lifetime of a running turn's lease (renewed while it runs): how long a "
                                     "session stays busy after the replica running its turn dies")

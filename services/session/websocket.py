@@ -10,11 +10,18 @@ Authentication: the `Authorization: Bearer` header of the upgrade request, or �
 cannot set it — a first message {"type": "auth", "token": ...} within PARLEY_WEBSOCKET_AUTH_SECONDS.
 A token is never read from the URL.
 
+Origin: browsers send the page's origin with the upgrade, and a WebSocket is not bound by CORS, so a
+page from anywhere could open one (and a browser's stored credential would follow). An upgrade whose
+Origin is neither the origin the request came to (its Host, which Envoy passes on unchanged) nor one
+of PARLEY_CORS_ORIGINS is closed with 4403 before anything is read — browsers show a close code and
+reason to the page, where a refused handshake is only 1006. Clients that send no Origin (non-browser
+clients, e.g. the `websockets` library) are not affected.
+
 Client messages: {"type": "chat", "content", "model"?, "sampling"?, "structured"?, "tool_results"?}
 (ChatRequest's JSON), {"type": "stop"}, {"type": "ping"}. Server messages: ready, queued, start,
 delta, done, error (the fields of ConverseResponse's events, snake_case) and pong.
 
-Close codes (CLOSE_CODES): 4401 no or bad credentials, 4403 not allowed, 4404 no such session of
+Close codes (CLOSE_CODES): 4401 no or bad credentials, 4403 a foreign Origin or not allowed, 4404 no such session of
 the caller's, 4408 idle, 4429 the client reads too slowly (its send buffer stayed full), 1013 the
 session service is unavailable, 1001 the server is shutting down, 1011 an internal error.
 """
@@ -43,10 +50,10 @@ from services.session.settings import SessionSettings
 log = logging.getLogger("parley.session")
 
 PATH = re.compile(r"^/v1/sessions/([^/:]+):connect$")
-UNAUTHENTICATED, NOT_FOUND, IDLE, TOO_SLOW, INTERNAL = 4401, 4404, 4408, 4429, 1011
+UNAUTHENTICATED, FORBIDDEN, NOT_FOUND, IDLE, TOO_SLOW, INTERNAL = 4401, 4403, 4404, 4408, 4429, 1011
 CLOSE_CODES = {
     grpc.StatusCode.UNAUTHENTICATED: UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED: 4403,
+    grpc.StatusCode.PERMISSION_DENIED: FORBIDDEN,
     grpc.StatusCode.NOT_FOUND: NOT_FOUND,
     grpc.StatusCode.INVALID_ARGUMENT: 4400,
     grpc.StatusCode.UNAVAILABLE: 1013,
@@ -59,6 +66,7 @@ FORWARDED_HEADERS = ("x-request-id", "traceparent", "tracestate")
 QUIET = logging.getLogger("websockets.server")
 QUIET.setLevel(logging.WARNING)
 CLOSE_TIMEOUT_SECONDS = 2.0  # a close frame stuck behind a full buffer: the connection is dropped
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 class TooSlow(Exception):
@@ -102,6 +110,29 @@ def client_request(data: str | bytes) -> session_pb2.ConverseRequest | str:
     raise ValueError('"type" must be chat, stop or ping')
 
 
+def _host_port(netloc: str, scheme: str) -> tuple[str, int] | None:
+    """(host, port) of `netloc`, the scheme's default port when it names none; None if malformed."""
+    try:
+        parts = urlsplit(f"//{netloc}")
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except (ValueError, KeyError):
+        return None
+    return (parts.hostname, port) if parts.hostname else None
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a page of `origin` may open a socket on a request that came to `host` (its Host
+    header): no Origin (not a browser), the same host and port, or a listed origin."""
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in {entry.strip().rstrip("/").lower() for entry in allowed}:
+        return True
+    scheme, _, netloc = origin.partition("://")
+    own = _host_port(netloc, scheme) if netloc and "/" not in netloc else None
+    return own is not None and host is not None and own == _host_port(host.strip(), scheme)
+
+
 class WebSocketBridge:
     def __init__(self, common: CommonSettings, settings: SessionSettings) -> None:
         self.settings = settings
@@ -139,6 +170,11 @@ class WebSocketBridge:
     async def _handle(self, ws: ServerConnection) -> None:
         match = PATH.match(urlsplit(ws.request.path).path)
         assert match is not None  # _process_request refused other paths
+        origin = ws.request.headers.get("origin")
+        if not origin_allowed(origin, ws.request.headers.get("host"), self.settings.cors_origins):
+            log.warning("websocket refused: foreign origin", extra={"fields": {"origin": origin}})
+            await _close(ws, FORBIDDEN, f"a page of origin {origin} may not open this WebSocket (PARLEY_CORS_ORIGINS)")
+            return
         credential = await self._credential(ws)
         if credential is None:
             return

@@ -298,6 +298,27 @@ def test_load_and_unload_through_rest(base_url: str, admin: Caller, user: Caller
     assert httpx.post(f"{base_url}/v1/models/nope:load", json={}, headers=admin.headers).status_code == 404
 
 
+def test_a_request_too_large_for_an_unloaded_model_is_400_and_loads_nothing(base_url: str, admin: Caller,
+                                                                          user: Caller) -> None:
+    """Size is checked against the window the model would load with (2,048 tokens here: 16,384
+    characters), before the load: a request that could never fit costs no model load."""
+    huge = [{"role": "user", "content": "a" * 20_000}]
+    unloaded = httpx.post(f"{base_url}/v1/models/{MODEL}:unload", json={}, timeout=60, headers=admin.headers)
+    assert unloaded.status_code == 200 and unloaded.json()["state"] == "MODEL_STATE_AVAILABLE"
+    try:
+        for path, body in [(f"/v1/models/{MODEL}:countTokens", {"messages": huge}),
+                           (f"/v1/models/{MODEL}:generate", {"messages": huge}),
+                           ("/v1/chat/completions", {"model": MODEL, "messages": huge})]:
+            refused = httpx.post(f"{base_url}{path}", json=body, timeout=60, headers=user.headers)
+            assert refused.status_code == 400, (path, refused.text)
+            assert "20000 characters; at most 16384" in refused.text, refused.text
+            state = httpx.get(f"{base_url}/v1/models/{MODEL}", headers=user.headers).json()["state"]
+            assert state == "MODEL_STATE_AVAILABLE", path
+    finally:
+        loaded = httpx.post(f"{base_url}/v1/models/{MODEL}:load", json={}, timeout=120, headers=admin.headers)
+        assert loaded.status_code == 200 and loaded.json()["state"] == "MODEL_STATE_READY"
+
+
 def test_hardware_report_is_for_admins(base_url: str, admin: Caller, user: Caller) -> None:
     assert httpx.get(f"{base_url}/v1/admin/hardware", headers=user.headers).status_code == 403
     report = httpx.get(f"{base_url}/v1/admin/hardware", headers=admin.headers).json()

@@ -1,5 +1,6 @@
-"""What survives: a SIGKILLed session service under write load, an inference crash mid-answer, and
-a restart of the whole stack. Nothing acknowledged to a client may be lost."""
+"""What survives: a SIGKILLed session service under write load, an inference crash mid-answer (on a
+conversation's stream and on the OpenAI-compatible ones), and a restart of the whole stack. Nothing
+acknowledged to a client may be lost."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from services.stack import Stack
@@ -174,6 +176,38 @@ def test_inference_crash_mid_answer_is_an_error_event_and_keeps_the_partial_text
             assert time.monotonic() < deadline, answer.text
             time.sleep(0.2)
         assert answer.status_code == 200 and '"done"' in answer.text, answer.text
+
+
+def test_an_openai_stream_cut_by_an_inference_crash_is_an_error_not_a_short_answer(durable: Stack,
+                                                                                  owner: Caller) -> None:
+    """Chat completions stream from inference itself, through Envoy: when inference dies nobody is
+    left to write an error event, so Envoy must not end the response cleanly — it closes the
+    connection without the last chunk, and the SDK raises. The Responses API is served by session,
+    which outlives inference: its stream ends with response.failed."""
+    client = openai.OpenAI(base_url=f"{durable.url}/v1", api_key=owner.api_key, max_retries=0, timeout=60)
+    story = [{"role": "user", "content": "Write a long story about a dog."}]
+    received: list[object] = []
+    stream = client.chat.completions.create(model="smollm2-135m-instruct", stream=True, max_tokens=400,
+                                            temperature=0.8, messages=story)
+    with pytest.raises(openai.APIConnectionError) as raised:
+        for chunk in stream:
+            received.append(chunk)
+            if len(received) == 5:
+                kill(durable, "inference")
+    # The transport's own words (httpx's RemoteProtocolError): the body ended before its last chunk.
+    assert "incomplete chunked read" in str(raised.value.__cause__), repr(raised.value.__cause__)
+    assert all(c.choices[0].finish_reason is None for c in received if c.choices), received[-1]
+    restart(durable, "inference")
+
+    events = []
+    with client.responses.create(model="smollm2-135m-instruct", stream=True, max_output_tokens=400,
+                                 input="Write a long story about a dog.") as responses:
+        for event in responses:
+            events.append(event)
+            if len(events) == 6:
+                kill(durable, "inference")
+    assert events[-1].type == "response.failed" and events[-1].response.error.message, events[-1]
+    restart(durable, "inference")
 
 
 def test_history_survives_a_restart_of_the_whole_stack(durable: Stack, env: dict[str, str], owner: Caller) -> None:

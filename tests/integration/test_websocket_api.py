@@ -1,6 +1,6 @@
 """GET /v1/sessions/{id}:connect: a real WebSocket client (the `websockets` package) through Envoy to
 the session service's bridge and the real model — several turns on one socket, stop mid-answer,
-ownership and credentials as close codes, queue positions (also on the SSE :chat stream) while
+ownership, credentials and a foreign Origin as close codes, queue positions (also on the SSE :chat stream) while
 other streams run, and a vanished client's generation freed at once."""
 
 from __future__ import annotations
@@ -134,6 +134,24 @@ async def test_another_users_session_closes_with_4404(ws_stack: Stack, caller: C
     async with connect(ws_url(ws_stack, "no-such-session"), additional_headers=caller.headers) as ws:
         assert await close_code(ws) == 4404
     assert messages(http, other, theirs) == []
+
+
+async def test_a_foreign_origin_closes_with_4403_and_the_gateways_own_origin_is_served(
+        ws_stack: Stack, caller: Caller, http: httpx.Client) -> None:
+    """A page elsewhere cannot open a socket (a browser would bring the user's credential); the page
+    the gateway serves can: its Origin matches the Host that Envoy passes on to the bridge."""
+    sid = create_session(http, caller)["id"]
+    own = f"http://127.0.0.1:{ws_stack.gateway.http_port}"
+    for origin in ("https://evil.example", f"http://localhost:{ws_stack.gateway.http_port}"):
+        async with connect(ws_url(ws_stack, sid), origin=origin, additional_headers=caller.headers) as ws:
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+                raise AssertionError(f"{origin}: the socket was served")
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 4403, closed
+                assert origin in closed.rcvd.reason
+    async with connect(ws_url(ws_stack, sid), origin=own, additional_headers=caller.headers) as ws:
+        assert await receive(ws) == {"type": "ready", "session_id": sid}
 
 
 @pytest.mark.parametrize("how", ["header", "message", "nothing", "not-json"])

@@ -14,6 +14,7 @@ import pytest
 from services.core import config
 from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.inference.engines.base import EXACT_COUNT_MESSAGES
+from services.inference.fitting import Fit
 from services.inference.hardware import probe
 from services.inference.registry import BUNDLED, CatalogueEntry, ModelRegistry
 from services.inference.service import Admitted, GenerationService, SamplingInput
@@ -172,6 +173,22 @@ async def test_long_chats_are_counted_in_linear_time_and_add_up(tmp_path: Path) 
     assert all(abs(a - b) <= 3 for a, b in zip(exact[1:], shares[1:EXACT_COUNT_MESSAGES])), (exact, shares)
     with pytest.raises(InvalidArgument, match="at most 4096 messages"):
         await generation.count_tokens(MODEL, [{"role": "user", "content": "x"}] * 4097)
+    await registry.close()
+
+
+async def test_a_request_too_large_for_an_unloaded_model_is_refused_without_loading_it(tmp_path: Path) -> None:
+    """The bound before a load is the window the load would ask for (1,024 tokens here: 8,192
+    characters); nothing is loaded for a request that could never fit."""
+    registry, generation = make_registry(tmp_path)
+    huge = [{"role": "user", "content": "a" * 9000}]
+    with pytest.raises(InvalidArgument, match="9000 characters; at most 8192"):
+        await generation.count_tokens(MODEL, huge)
+    with pytest.raises(InvalidArgument, match="9000 characters; at most 8192"):
+        await collect(generation, MODEL, "a" * 9000)
+    with pytest.raises(InvalidArgument, match="the newest message and the system prompt hold 9000"):
+        async for _ in generation.generate(MODEL, huge, "", SamplingInput(), fit=Fit(keep_last=1)):
+            pass
+    assert registry.get(MODEL).state == "available" and registry.get(MODEL).engine is None
     await registry.close()
 
 
