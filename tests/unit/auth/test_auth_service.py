@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 import jwt
 import pytest
 from tests.unit.auth.auth_testing import FAST, PASSWORD, settings
 
+from services.auth import app as auth_app
 from services.auth.service import AuthService
 from services.auth.store import AuthStore
-from services.core.config import ConfigError
+from services.core.config import CommonSettings, ConfigError
 from services.core.errors import (AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
                                   Unauthenticated)
 from services.core.identity import CredentialVerifier, Identity, IdentitySettings
+from services.core.sqlite import SqliteDatabase
 
 
 def verifier(service: AuthService) -> CredentialVerifier:
@@ -289,3 +292,31 @@ def test_defaults_are_closed_and_secrets_are_masked() -> None:
     with pytest.raises(ConfigError, match="PARLEY_LOGIN_LOCKOUT_AFTER"):
         config.load(AuthSettings, {"PARLEY_LOGIN_LOCKOUT_AFTER": "1", "PARLEY_LOGIN_SLOWDOWN_AFTER": "3"})
 
+
+async def test_no_database_call_runs_on_the_event_loop(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database call on the loop (a slow SQLite lock, a PostgreSQL outage: up to the pool timeout)
+    would stall every other call the service is serving; from start-up to close, none is made there."""
+    on_loop: list[str] = []
+    loop_thread = threading.get_ident()
+
+    def watched(name: str) -> None:
+        real = getattr(SqliteDatabase, name)
+
+        def call(self: SqliteDatabase, *args: object, **kwargs: object) -> object:
+            if threading.get_ident() == loop_thread:
+                on_loop.append(name)
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(SqliteDatabase, name, call)
+
+    for name in ("transaction", "read", "close"):
+        watched(name)
+    spec = await auth_app.build(CommonSettings(data_dir=tmp_path), settings(admin_password=PASSWORD),
+                                IdentitySettings())
+    service: AuthService = spec.registrations[0].servicer._service
+    _, pair = await service.register("alice", PASSWORD)
+    await service.refresh(pair.refresh_token)
+    with pytest.raises(Unauthenticated):
+        await service.login("alice", "Wrong-password-1", "10.0.0.1")
+    await service.login("alice", PASSWORD, "10.0.0.1")
+    await spec.close()
+    assert on_loop == []
