@@ -185,7 +185,7 @@ class AuthService:
         candidate = password if len(password) <= passwords.MAX_LENGTH else ""
         ok = await self._hash(self.hasher.verify, user.password_hash if user else None, candidate)
         if not ok or user is None:
-            self.throttle.failed(attempt)
+            await asyncio.to_thread(self.throttle.failed, attempt)
             log.info("login failed", extra={"fields": {"client": address}})
             raise Unauthenticated("wrong username or password")
         await asyncio.to_thread(self.throttle.succeeded, attempt)

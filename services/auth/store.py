@@ -81,11 +81,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     # A used refresh token keeps the random salt its successor was derived with (HMAC of the old
     # token, services/auth/service.py), so a concurrent refresh with the same token within the grace
     # window gets the same successor; neither token is stored, only their hashes. A sign-in attempt
-    # is counted before its password is checked: its row names the attempt, so that a success
-    # removes its own row only.
+    # is counted before its password is checked: its row names the attempt while it is in flight,
+    # so that a success removes its own row only (a failure clears the name).
     """
     ALTER TABLE refresh_tokens ADD COLUMN successor_salt TEXT;
-    ALTER TABLE login_failures ADD COLUMN attempt TEXT
+    ALTER TABLE login_failures ADD COLUMN attempt TEXT;
+    CREATE INDEX login_failures_attempt ON login_failures(attempt)
     """,
 )
 
@@ -112,8 +113,10 @@ class RefreshRecord:
 
 @dataclass(frozen=True)
 class LoginAttempt:
-    """A sign-in attempt counted in advance (reserve_login_attempt): `failures` per key before it,
-    and the keys whose lockout it started (being the last attempt allowed)."""
+    """A sign-in attempt counted in advance (reserve_login_attempt): per key, the failures before it
+    (attempts still in flight count towards a lockout but not here, so concurrent sign-ins from one
+    address do not slow each other down), and the keys whose lockout it started (being the last
+    attempt allowed)."""
 
     id: str
     keys: tuple[str, ...]
@@ -321,13 +324,19 @@ class AuthStore:
                 return locked_until
             for key in keys:
                 db.execute("DELETE FROM login_failures WHERE key = ? AND at < ?", (key, since))
-                failures[key] = int(db.execute("SELECT COUNT(*) AS n FROM login_failures WHERE key = ?",
-                                               (key,)).fetchall()[0]["n"])
+                counts = db.execute("SELECT COUNT(*) AS n, COUNT(attempt) AS pending FROM login_failures"
+                                    " WHERE key = ?", (key,)).fetchall()[0]
+                failures[key] = int(counts["n"]) - int(counts["pending"])
                 db.execute("INSERT INTO login_failures (key, at, attempt) VALUES (?, ?, ?)", (key, now, attempt_id))
-                if failures[key] + 1 >= limits[key]:
+                if int(counts["n"]) + 1 >= limits[key]:
                     started.append(key)
                     db.execute("UPDATE login_lockouts SET locked_until = ? WHERE key = ?", (lock_until, key))
         return LoginAttempt(attempt_id, keys, failures, tuple(started))
+
+    def login_failed(self, attempt: LoginAttempt) -> None:
+        """The attempt was a failure: no longer in flight, its rows now slow the next attempts down."""
+        with self._tx() as db:
+            db.execute("UPDATE login_failures SET attempt = NULL WHERE attempt = ?", (attempt.id,))
 
     def login_succeeded(self, attempt: LoginAttempt, cleared: str) -> None:
         """The attempt was not a failure: its rows go, the failures of key `cleared` (the username)

@@ -80,8 +80,9 @@ class LoginThrottle:
         return Attempt(delay, reserved, user)
 
     def failed(self, attempt: Attempt) -> None:
-        """The attempt stays counted; the lockouts it started are counted now."""
+        """The attempt stays counted, and now slows the next ones down."""
         LOGIN_FAILURES.inc()
+        self._store.login_failed(attempt.reserved)
         for key in attempt.reserved.started:
             LOCKOUTS.labels("username" if key == attempt.user_key else "address").inc()
 

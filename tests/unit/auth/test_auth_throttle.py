@@ -107,3 +107,14 @@ async def test_grpc_lockout_uses_forwarded_address_and_sends_retry_after(tmp_pat
             assert ok.user.username == "alice" and time.monotonic() - started < 1
     finally:
         await server.stop(0)
+
+
+def test_sign_ins_in_flight_from_one_address_do_not_slow_each_other_down(store: AuthStore) -> None:
+    """Colleagues behind one NAT signing in at once: attempts still being checked count towards a
+    lockout, not towards the slow-down, which only failures earn."""
+    throttle = LoginThrottle(FAST, store, Clock())
+    pending = [throttle.attempt(f"user{i}", "10.0.0.9") for i in range(FAST.login_address_lockout_after - 1)]
+    assert [a.delay for a in pending] == [0] * len(pending)
+    for attempt in pending:
+        throttle.succeeded(attempt)
+    assert throttle.attempt("user0", "10.0.0.9").delay == 0
