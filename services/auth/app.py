@@ -29,20 +29,25 @@ async def build(common: CommonSettings, settings: AuthSettings | None = None,
     log.info("settings", extra={"fields": {**config.describe(settings), **config.describe(identity_settings),
                                            **config.describe(database_settings)}})
     store = await asyncio.to_thread(AuthStore, database.location(common.data_dir, database_settings, "auth"))
-    service = AuthService(store, settings, identity_settings)
+    # Constructed in a thread too: the password hasher hashes a dummy password to start with.
+    service = await asyncio.to_thread(AuthService, store, settings, identity_settings)
+
+    async def close() -> None:
+        # Closing waits for the SQLite lock or drains the PostgreSQL pool (seconds in an outage):
+        # never on the event loop.
+        service.close()
+        await asyncio.to_thread(store.close)
+
     try:
         await service.start()
     except BaseException:
-        store.close()
+        await close()
         raise
     # The auth service verifies credentials in-process: same checks as every other service, but
     # keys and API keys come straight from its store, so a revoked key stops working at once.
     verifier = CredentialVerifier(service.jwks, service.verify_api_key,
                                   dataclasses.replace(identity_settings, api_key_cache_seconds=0,
                                                       jwks_refetch_seconds=0))
-
-    async def close() -> None:
-        store.close()
 
     descriptor = auth_pb2.DESCRIPTOR.services_by_name
     return ServiceSpec(

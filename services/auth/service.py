@@ -1,7 +1,9 @@
 """AuthService: accounts, sign-in, token rotation, API keys and signing keys — no gRPC in here.
 
-Blocking work (SQLite, argon2) runs in worker threads. Nothing here logs a password, token, secret
-or hash; log lines name users by id.
+Blocking work runs off the event loop: store calls (SQLite or PostgreSQL) in asyncio's default
+threads, argon2 in a pool of its own with one thread per core, so that a burst of sign-ins neither
+queues the database calls behind dozens of hashes nor starts more hashes than there are cores to
+run them. Nothing here logs a password, token, secret or hash; log lines name users by id.
 """
 
 from __future__ import annotations
@@ -9,16 +11,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import logging
+import os
 import secrets
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from services.auth import passwords
 from services.auth.passwords import PasswordHasher
 from services.auth.settings import AuthSettings
-from services.auth.store import ApiKeyRecord, AuthStore, UserRecord
+from services.auth.store import ApiKeyRecord, AuthStore, RefreshRecord, UserRecord
 from services.auth.throttle import LoginThrottle
 from services.auth.tokens import TokenIssuer
 from services.core.config import ConfigError
@@ -37,8 +44,19 @@ MAX_PAGE_SIZE = 100
 LAST_USED_GRANULARITY_SECONDS = 60.0  # an API key's last-used time is written at most this often
 
 
+T = TypeVar("T")
+
+
 def _sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _successor(refresh_token: str, salt: str) -> str:
+    """The refresh token that follows `refresh_token`: whoever presents the old token while the
+    store holds `salt` can derive it again (a concurrent refresh), and nobody else — the store keeps
+    neither token, only their hashes."""
+    digest = hmac.new(bytes.fromhex(salt), refresh_token.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,13 @@ class AuthService:
         self.tokens = TokenIssuer(store, identity.jwt_issuer, identity.jwt_audience,
                                   settings.access_token_ttl_seconds, settings.signing_keys_dir)
         self.throttle = LoginThrottle(settings, store)
+        self._hashing = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="argon2")
+
+    def close(self) -> None:
+        self._hashing.shutdown(wait=False, cancel_futures=True)
+
+    async def _hash(self, work: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._hashing, work, *args)
 
     async def start(self) -> None:
         """Loads (or creates) the signing keys and creates the admin user if asked to."""
@@ -87,7 +112,7 @@ class AuthService:
                 raise InvalidArgument(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
         if await asyncio.to_thread(self.store.user_by_key, passwords.username_key(username)) is not None:
             raise AlreadyExists("that username is taken")
-        password_hash = await asyncio.to_thread(self.hasher.hash, password)
+        password_hash = await self._hash(self.hasher.hash, password)
         user = await asyncio.to_thread(self.store.create_user, username, passwords.username_key(username),
                                        password_hash, roles)
         log.info("user created", extra={"fields": {"user_id": user.id, "roles": list(roles)}})
@@ -129,7 +154,7 @@ class AuthService:
         """Sets a new password and signs the user out everywhere (refresh tokens are revoked)."""
         user = await self.user_by_name(username)
         passwords.check_strength(password, user.username)
-        password_hash = await asyncio.to_thread(self.hasher.hash, password)
+        password_hash = await self._hash(self.hasher.hash, password)
         await asyncio.to_thread(self.store.set_password_hash, user.id, password_hash)
         await asyncio.to_thread(self.store.revoke_user_refresh_tokens, user.id)
         log.info("password reset", extra={"fields": {"user_id": user.id}})
@@ -152,21 +177,21 @@ class AuthService:
 
     async def login(self, username: str, password: str, address: str) -> tuple[UserRecord, TokenPair]:
         key = passwords.username_key(username.strip())
-        delay = await asyncio.to_thread(self.throttle.check, key, address)
-        if delay:
-            await asyncio.sleep(delay)
+        attempt = await asyncio.to_thread(self.throttle.attempt, key, address)  # counted before the check
+        if attempt.delay:
+            await asyncio.sleep(attempt.delay)
         user = await asyncio.to_thread(self.store.user_by_key, key) if len(key) <= 64 else None
         # An unknown user costs the same argon2 verification as a known one with a wrong password.
         candidate = password if len(password) <= passwords.MAX_LENGTH else ""
-        ok = await asyncio.to_thread(self.hasher.verify, user.password_hash if user else None, candidate)
+        ok = await self._hash(self.hasher.verify, user.password_hash if user else None, candidate)
         if not ok or user is None:
-            await asyncio.to_thread(self.throttle.failed, key, address)
+            await asyncio.to_thread(self.throttle.failed, attempt)
             log.info("login failed", extra={"fields": {"client": address}})
             raise Unauthenticated("wrong username or password")
-        await asyncio.to_thread(self.throttle.succeeded, key)
+        await asyncio.to_thread(self.throttle.succeeded, attempt)
         if self.hasher.needs_rehash(user.password_hash):
             # The cost settings changed: upgrade the stored hash while the password is at hand.
-            new_hash = await asyncio.to_thread(self.hasher.hash, password)
+            new_hash = await self._hash(self.hasher.hash, password)
             await asyncio.to_thread(self.store.set_password_hash, user.id, new_hash)
         log.info("login", extra={"fields": {"user_id": user.id}})
         return user, await self._new_session(user)
@@ -176,34 +201,56 @@ class AuthService:
         expires_at = time.time() + self.settings.refresh_token_ttl_seconds
         await asyncio.to_thread(self.store.add_refresh_token, _sha256(refresh), family_id or secrets.token_hex(16),
                                 user.id, expires_at)
-        access = await asyncio.to_thread(self.tokens.issue, user.id, user.username, user.roles)
-        return TokenPair(access.token, access.expires_in, refresh)
+        return await self._pair(user, refresh)
 
     async def refresh(self, refresh_token: str) -> TokenPair:
-        record = await asyncio.to_thread(self.store.refresh_token, _sha256(refresh_token)) if refresh_token else None
+        token_hash = _sha256(refresh_token)
+        record = await asyncio.to_thread(self.store.refresh_token, token_hash) if refresh_token else None
         if record is None:
             raise Unauthenticated("invalid refresh token")
-        if record.used_at is not None or record.revoked_at is not None:
-            await self._revoke_family_on_reuse(record.family_id, record.user_id)
-        if record.expires_at <= time.time():
-            raise Unauthenticated("refresh token has expired; sign in again")
-        user = await asyncio.to_thread(self.store.user_by_id, record.user_id)
-        if user is None:
-            raise Unauthenticated("invalid refresh token")
-        new_token = secrets.token_urlsafe(32)
-        expires_at = time.time() + self.settings.refresh_token_ttl_seconds
-        rotated = await asyncio.to_thread(self.store.rotate_refresh_token, record.id, _sha256(new_token),
-                                          record.family_id, user.id, expires_at)
-        if not rotated:  # a concurrent refresh used it first: that is re-use too
-            await self._revoke_family_on_reuse(record.family_id, record.user_id)
-        access = await asyncio.to_thread(self.tokens.issue, user.id, user.username, user.roles)
-        return TokenPair(access.token, access.expires_in, new_token)
+        if record.used_at is None and record.revoked_at is None:
+            if record.expires_at <= time.time():
+                raise Unauthenticated("refresh token has expired; sign in again")
+            user = await asyncio.to_thread(self.store.user_by_id, record.user_id)
+            if user is None:
+                raise Unauthenticated("invalid refresh token")
+            salt = secrets.token_hex(32)
+            new_token = _successor(refresh_token, salt)
+            expires_at = time.time() + self.settings.refresh_token_ttl_seconds
+            if await asyncio.to_thread(self.store.rotate_refresh_token, record.id, _sha256(new_token),
+                                       record.family_id, user.id, expires_at, salt):
+                return await self._pair(user, new_token)
+            # A concurrent refresh with the same token (another tab, another replica) won.
+            record = await asyncio.to_thread(self.store.refresh_token, token_hash)
+            if record is None:
+                raise Unauthenticated("invalid refresh token")
+        return await self._refresh_again(refresh_token, record)
 
-    async def _revoke_family_on_reuse(self, family_id: str, user_id: str) -> None:
-        # A used or revoked token came back: it may have been stolen, so end the whole session.
-        await asyncio.to_thread(self.store.revoke_family, family_id)
-        log.warning("refresh token re-used; its session is revoked", extra={"fields": {"user_id": user_id}})
-        raise Unauthenticated("refresh token is no longer valid; sign in again")
+    async def _refresh_again(self, refresh_token: str, record: RefreshRecord) -> TokenPair:
+        """A used or revoked token came back. Within the grace window after its use, while its
+        successor is still unused, this is a concurrent refresh (two tabs): it gets the same
+        successor. Otherwise it is re-use."""
+        grace = self.settings.refresh_reuse_grace_seconds
+        if (record.revoked_at is None and record.used_at is not None and record.successor_salt
+                and time.time() - record.used_at <= grace):
+            successor = _successor(refresh_token, record.successor_salt)
+            following = await asyncio.to_thread(self.store.refresh_token, _sha256(successor))
+            if (following is not None and following.family_id == record.family_id and following.used_at is None
+                    and following.revoked_at is None and following.expires_at > time.time()):
+                user = await asyncio.to_thread(self.store.user_by_id, record.user_id)
+                if user is not None:
+                    return await self._pair(user, successor)
+        raise await self._reuse(record)
+
+    async def _pair(self, user: UserRecord, refresh_token: str) -> TokenPair:
+        access = await asyncio.to_thread(self.tokens.issue, user.id, user.username, user.roles)
+        return TokenPair(access.token, access.expires_in, refresh_token)
+
+    async def _reuse(self, record: RefreshRecord) -> Unauthenticated:
+        """Ends the whole session of a re-used token (it may have been stolen); the error to raise."""
+        await asyncio.to_thread(self.store.revoke_family, record.family_id)
+        log.warning("refresh token re-used; its session is revoked", extra={"fields": {"user_id": record.user_id}})
+        return Unauthenticated("refresh token is no longer valid; sign in again")
 
     async def logout(self, identity: Identity, refresh_token: str) -> None:
         record = await asyncio.to_thread(self.store.refresh_token, _sha256(refresh_token)) if refresh_token else None

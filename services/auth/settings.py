@@ -21,6 +21,10 @@ class AuthSettings:
                    "sorts last signs. Unset: keys are made and rotated in the store")
     access_token_ttl_seconds: int = setting(900, min=30, max=86400)
     refresh_token_ttl_seconds: int = setting(30 * 86400, min=60, max=365 * 86400)
+    refresh_reuse_grace_seconds: float = setting(
+        5.0, min=0, max=60, help="a used refresh token presented again this soon after its use, while its successor "
+                                 "is unused, gets that same successor (two tabs refreshing at once); later it is "
+                                 "re-use and revokes the sign-in. 0: never")
     # argon2id: OWASP's baseline (19 MiB, 2 passes, 1 lane). Tests lower these.
     argon2_time_cost: int = setting(2, min=1, max=20)
     argon2_memory_kib: int = setting(19456, min=8, max=4 * 1024 * 1024)

@@ -7,7 +7,8 @@ synchronous methods through asyncio.to_thread.
 
 What must hold across replicas holds in the database: a refresh token is used once (a conditional
 UPDATE; of concurrent refreshes exactly one changes the row), a revoked API key is refused by every
-auth replica at once, and failed sign-ins are counted in one place (login_failures, login_lockouts).
+auth replica at once, and sign-in attempts are counted in one place (login_failures, login_lockouts),
+before the password is checked.
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         locked_until REAL NOT NULL
     );
     """,
+    # A used refresh token keeps the random salt its successor was derived with (HMAC of the old
+    # token, services/auth/service.py), so a concurrent refresh with the same token within the grace
+    # window gets the same successor; neither token is stored, only their hashes. A sign-in attempt
+    # is counted before its password is checked: its row names the attempt while it is in flight,
+    # so that a success removes its own row only (a failure clears the name).
+    """
+    ALTER TABLE refresh_tokens ADD COLUMN successor_salt TEXT;
+    ALTER TABLE login_failures ADD COLUMN attempt TEXT;
+    CREATE INDEX login_failures_attempt ON login_failures(attempt)
+    """,
 )
 
 
@@ -97,6 +108,20 @@ class RefreshRecord:
     expires_at: float
     used_at: float | None
     revoked_at: float | None
+    successor_salt: str | None = None
+
+
+@dataclass(frozen=True)
+class LoginAttempt:
+    """A sign-in attempt counted in advance (reserve_login_attempt): per key, the failures before it
+    (attempts still in flight count towards a lockout but not here, so concurrent sign-ins from one
+    address do not slow each other down), and the keys whose lockout it started (being the last
+    attempt allowed)."""
+
+    id: str
+    keys: tuple[str, ...]
+    failures: Mapping[str, int]
+    started: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -181,7 +206,8 @@ class AuthStore:
 
     def add_refresh_token(self, token_hash: str, family_id: str, user_id: str, expires_at: float) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+            db.execute("INSERT INTO refresh_tokens (id, token_hash, family_id, user_id, created_at, expires_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
                        (uuid.uuid4().hex, token_hash, family_id, user_id, time.time(), expires_at))
 
     def refresh_token(self, token_hash: str) -> RefreshRecord | None:
@@ -189,20 +215,24 @@ class AuthStore:
         if not rows:
             return None
         r = rows[0]
-        return RefreshRecord(r["id"], r["family_id"], r["user_id"], r["expires_at"], r["used_at"], r["revoked_at"])
+        return RefreshRecord(r["id"], r["family_id"], r["user_id"], r["expires_at"], r["used_at"], r["revoked_at"],
+                             r["successor_salt"])
 
     def rotate_refresh_token(self, old_id: str, new_hash: str, family_id: str, user_id: str,
-                             expires_at: float) -> bool:
-        """Marks the old token used and stores its successor, atomically. False if the old one was
-        used or revoked meanwhile (a concurrent refresh won: the caller treats this as re-use)."""
+                             expires_at: float, successor_salt: str | None = None) -> bool:
+        """Marks the old token used (keeping the salt its successor was derived with) and stores its
+        successor, atomically. False if the old one was used or revoked meanwhile (a concurrent
+        refresh won: the caller looks at the old token again)."""
         now = time.time()
         with self._tx() as db:
             cursor = db.execute(
-                "UPDATE refresh_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL AND revoked_at IS NULL",
-                (now, old_id))
+                "UPDATE refresh_tokens SET used_at = ?, successor_salt = ?"
+                " WHERE id = ? AND used_at IS NULL AND revoked_at IS NULL",
+                (now, successor_salt, old_id))
             if cursor.rowcount != 1:
                 return False
-            db.execute("INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+            db.execute("INSERT INTO refresh_tokens (id, token_hash, family_id, user_id, created_at, expires_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
                        (uuid.uuid4().hex, new_hash, family_id, user_id, now, expires_at))
         return True
 
@@ -269,39 +299,54 @@ class AuthStore:
 
     # Failed sign-ins (services/auth/throttle.py keeps the rules; this keeps the counts)
 
-    def login_state(self, keys: Sequence[str], since: float) -> dict[str, tuple[int, float]]:
-        """Per key: failures at or after `since`, and the time its lockout ends (0 when none)."""
-        marks = ", ".join("?" for _ in keys)
-        counts = {r["key"]: int(r["n"]) for r in self._read(
-            f"SELECT key, COUNT(*) AS n FROM login_failures WHERE key IN ({marks}) AND at >= ? GROUP BY key",
-            (*keys, since))}
-        locks = {r["key"]: float(r["locked_until"]) for r in self._read(
-            f"SELECT key, locked_until FROM login_lockouts WHERE key IN ({marks})", tuple(keys))}
-        return {k: (counts.get(k, 0), locks.get(k, 0.0)) for k in keys}
-
-    def record_login_failure(self, limits: Mapping[str, int], now: float, since: float,
-                             lock_until: float) -> list[str]:
-        """Counts a failure for each key; a key that reaches its limit of failures since `since` is
-        locked out until `lock_until`. Returns the keys whose lockout started now. One transaction,
-        so concurrent failures on several replicas are all counted."""
+    def reserve_login_attempt(self, limits: Mapping[str, int], now: float, since: float,
+                              lock_until: float) -> LoginAttempt | float:
+        """Counts an attempt for each key before its password is checked, as a failure until
+        login_succeeded says otherwise. Returns the time the lockout ends if a key is locked out
+        (nothing counted), else the attempt: an attempt that brings a key to its limit of failures
+        since `since` locks that key until `lock_until`, so later attempts are refused while it is
+        checked. Each key's lockout row is locked first (in sorted order), so concurrent attempts on
+        any number of replicas count one after the other: a parallel guesser gets no more attempts
+        than a sequential one."""
+        keys = tuple(sorted(limits))
+        attempt_id = uuid.uuid4().hex
+        failures: dict[str, int] = {}
         started = []
         with self._tx() as db:
-            for key, limit in limits.items():
+            locked_until = 0.0
+            for key in keys:
+                # An upsert that changes nothing but takes the row's lock (PostgreSQL) for this transaction.
+                row = db.execute("INSERT INTO login_lockouts VALUES (?, 0) ON CONFLICT (key) DO UPDATE "
+                                 "SET locked_until = login_lockouts.locked_until RETURNING locked_until",
+                                 (key,)).fetchall()
+                locked_until = max(locked_until, float(row[0]["locked_until"]))
+            if locked_until > now:
+                return locked_until
+            for key in keys:
                 db.execute("DELETE FROM login_failures WHERE key = ? AND at < ?", (key, since))
-                db.execute("INSERT INTO login_failures VALUES (?, ?)", (key, now))
-                failures = db.execute("SELECT COUNT(*) AS n FROM login_failures WHERE key = ?", (key,)).fetchall()
-                if int(failures[0]["n"]) < limit:
-                    continue
-                locked = db.execute("SELECT locked_until FROM login_lockouts WHERE key = ?", (key,)).fetchall()
-                if not locked or float(locked[0]["locked_until"]) <= now:
+                counts = db.execute("SELECT COUNT(*) AS n, COUNT(attempt) AS pending FROM login_failures"
+                                    " WHERE key = ?", (key,)).fetchall()[0]
+                failures[key] = int(counts["n"]) - int(counts["pending"])
+                db.execute("INSERT INTO login_failures (key, at, attempt) VALUES (?, ?, ?)", (key, now, attempt_id))
+                if int(counts["n"]) + 1 >= limits[key]:
                     started.append(key)
-                db.execute("INSERT INTO login_lockouts VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-                           "SET locked_until = excluded.locked_until", (key, lock_until))
-        return started
+                    db.execute("UPDATE login_lockouts SET locked_until = ? WHERE key = ?", (lock_until, key))
+        return LoginAttempt(attempt_id, keys, failures, tuple(started))
 
-    def clear_login_failures(self, key: str) -> None:
+    def login_failed(self, attempt: LoginAttempt) -> None:
+        """The attempt was a failure: no longer in flight, its rows now slow the next attempts down."""
         with self._tx() as db:
-            db.execute("DELETE FROM login_failures WHERE key = ?", (key,))
+            db.execute("UPDATE login_failures SET attempt = NULL WHERE attempt = ?", (attempt.id,))
+
+    def login_succeeded(self, attempt: LoginAttempt, cleared: str) -> None:
+        """The attempt was not a failure: its rows go, the failures of key `cleared` (the username)
+        with them, and the lockouts it started end."""
+        with self._tx() as db:
+            db.execute("DELETE FROM login_failures WHERE key = ?", (cleared,))
+            for key in attempt.keys:
+                db.execute("DELETE FROM login_failures WHERE key = ? AND attempt = ?", (key, attempt.id))
+            for key in attempt.started:
+                db.execute("UPDATE login_lockouts SET locked_until = 0 WHERE key = ?", (key,))
 
     def prune_login_failures(self, since: float, now: float) -> None:
         """Drops failures older than the window and lockouts that have ended (keys never seen again)."""

@@ -5,6 +5,7 @@ and a quick lockout; the last test reads the auth service's log for leaked secre
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import hmac
 import json
@@ -29,6 +30,7 @@ from tests.integration.conftest import start_stack
 ADMIN_PASSWORD = "Integration-Root-Pw-9"
 PASSWORD = "correct-Horse-7"
 LOCKOUT_AFTER = 4
+REFRESH_GRACE_SECONDS = 1
 # Everything secret this module handles; the log test checks that none of it was logged.
 SECRETS: set[str] = {ADMIN_PASSWORD, PASSWORD}
 
@@ -48,6 +50,7 @@ def auth_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         PARLEY_LOGIN_LOCKOUT_AFTER=str(LOCKOUT_AFTER),
         PARLEY_LOGIN_ADDRESS_LOCKOUT_AFTER="500",
         PARLEY_LOGIN_LOCKOUT_SECONDS="30",
+        PARLEY_REFRESH_REUSE_GRACE_SECONDS=str(REFRESH_GRACE_SECONDS),
     )
     yield running
     running.stop()
@@ -199,10 +202,26 @@ def test_refresh_rotation_and_reuse_detection(http: httpx.Client) -> None:
     SECRETS.update({second_tokens["access_token"], second_tokens["refresh_token"]})
     assert second_tokens["refresh_token"] != first["refresh_token"]
     assert http.get("/v1/users/me", headers=auth(second_tokens["access_token"])).status_code == 200
-    # Re-using the first token revokes the whole family, including the one just issued.
+    # Re-using the first token after the grace window revokes the whole family, including the one
+    # just issued.
+    time.sleep(REFRESH_GRACE_SECONDS + 0.2)
     reuse = http.post("/v1/auth/refresh", json={"refresh_token": first["refresh_token"]})
     assert reuse.status_code == 401
     assert http.post("/v1/auth/refresh", json={"refresh_token": second_tokens["refresh_token"]}).status_code == 401
+
+
+def test_two_tabs_refreshing_at_once_stay_signed_in(http: httpx.Client) -> None:
+    first = register(http)["tokens"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: http.post("/v1/auth/refresh", json={"refresh_token": first["refresh_token"]}),
+                                range(4)))
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    tokens = [a.json()["tokens"] for a in answers]
+    SECRETS.update(t[k] for t in tokens for k in ("access_token", "refresh_token"))
+    assert len({t["refresh_token"] for t in tokens}) == 1
+    following = http.post("/v1/auth/refresh", json={"refresh_token": tokens[0]["refresh_token"]})
+    assert following.status_code == 200
+    SECRETS.update(following.json()["tokens"][k] for k in ("access_token", "refresh_token"))
 
 
 def test_logout_revokes_the_refresh_token(http: httpx.Client) -> None:

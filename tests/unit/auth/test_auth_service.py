@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 import jwt
 import pytest
 from tests.unit.auth.auth_testing import FAST, PASSWORD, settings
 
+from services.auth import app as auth_app
 from services.auth.service import AuthService
 from services.auth.store import AuthStore
-from services.core.config import ConfigError
-from services.core.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from services.core.config import CommonSettings, ConfigError
+from services.core.errors import (AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
+                                  Unauthenticated)
 from services.core.identity import CredentialVerifier, Identity, IdentitySettings
+from services.core.sqlite import SqliteDatabase
 
 
 def verifier(service: AuthService) -> CredentialVerifier:
@@ -81,11 +85,52 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(service: AuthService
     await service.refresh(other.refresh_token)
 
 
-async def test_concurrent_refresh_with_one_token_counts_as_reuse(service: AuthService) -> None:
+async def test_concurrent_refreshes_with_one_token_both_get_the_same_new_token(service: AuthService) -> None:
+    """Two tabs refresh at once: both succeed with the same successor, and the sign-in lives on."""
     _, pair = await service.register("alice", PASSWORD)
-    results = await asyncio.gather(service.refresh(pair.refresh_token), service.refresh(pair.refresh_token),
+    results = await asyncio.gather(*(service.refresh(pair.refresh_token) for _ in range(4)))
+    assert len({r.refresh_token for r in results}) == 1 and results[0].refresh_token != pair.refresh_token
+    # Either tab's next refresh works; the one after that with the same token is a concurrent one too.
+    following = await service.refresh(results[1].refresh_token)
+    await service.refresh(following.refresh_token)
+
+
+async def test_reuse_after_the_grace_window_revokes_the_family(service: AuthService, store: AuthStore) -> None:
+    _, pair = await service.register("alice", PASSWORD)
+    second = await service.refresh(pair.refresh_token)
+    with store._tx() as db:  # the first token was used longer ago than the grace window
+        db.execute("UPDATE refresh_tokens SET used_at = used_at - ?", (FAST.refresh_reuse_grace_seconds + 1,))
+    with pytest.raises(Unauthenticated, match="no longer valid"):
+        await service.refresh(pair.refresh_token)
+    with pytest.raises(Unauthenticated, match="no longer valid"):
+        await service.refresh(second.refresh_token)
+
+
+async def test_no_grace_without_the_setting_or_once_the_successor_is_used(store: AuthStore) -> None:
+    strict = AuthService(store, settings(refresh_reuse_grace_seconds=0), IdentitySettings())
+    await strict.start()
+    _, pair = await strict.register("alice", PASSWORD)
+    results = await asyncio.gather(strict.refresh(pair.refresh_token), strict.refresh(pair.refresh_token),
                                    return_exceptions=True)
-    assert sum(isinstance(r, Unauthenticated) for r in results) >= 1
+    assert sum(isinstance(r, Unauthenticated) for r in results) == 1
+    _, pair = await strict.login("alice", PASSWORD, "10.0.0.1")
+    graceful = AuthService(store, FAST, IdentitySettings())
+    await graceful.start()
+    second = await graceful.refresh(pair.refresh_token)
+    await graceful.refresh(second.refresh_token)  # the successor is used: the first token is stale now
+    with pytest.raises(Unauthenticated, match="no longer valid"):
+        await graceful.refresh(pair.refresh_token)
+
+
+async def test_concurrent_wrong_passwords_get_no_more_tries_than_sequential_ones(service: AuthService) -> None:
+    await service.register("alice", PASSWORD)
+    results = await asyncio.gather(*(service.login("alice", f"Wrong-password-{i}", f"10.0.0.{i}") for i in range(30)),
+                                   return_exceptions=True)
+    checked = [r for r in results if isinstance(r, Unauthenticated)]
+    assert len(checked) == FAST.login_lockout_after, results
+    assert all(isinstance(r, (Unauthenticated, ResourceExhausted)) for r in results)
+    with pytest.raises(ResourceExhausted):  # locked out, right password or not
+        await service.login("alice", PASSWORD, "10.0.1.1")
 
 
 async def test_expired_and_unknown_refresh_tokens(store: AuthStore) -> None:
@@ -246,3 +291,32 @@ def test_defaults_are_closed_and_secrets_are_masked() -> None:
     assert (identity.jwt_issuer, identity.jwt_audience) == ("parley", "parley")
     with pytest.raises(ConfigError, match="PARLEY_LOGIN_LOCKOUT_AFTER"):
         config.load(AuthSettings, {"PARLEY_LOGIN_LOCKOUT_AFTER": "1", "PARLEY_LOGIN_SLOWDOWN_AFTER": "3"})
+
+
+async def test_no_database_call_runs_on_the_event_loop(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database call on the loop (a slow SQLite lock, a PostgreSQL outage: up to the pool timeout)
+    would stall every other call the service is serving; from start-up to close, none is made there."""
+    on_loop: list[str] = []
+    loop_thread = threading.get_ident()
+
+    def watched(name: str) -> None:
+        real = getattr(SqliteDatabase, name)
+
+        def call(self: SqliteDatabase, *args: object, **kwargs: object) -> object:
+            if threading.get_ident() == loop_thread:
+                on_loop.append(name)
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(SqliteDatabase, name, call)
+
+    for name in ("transaction", "read", "close"):
+        watched(name)
+    spec = await auth_app.build(CommonSettings(data_dir=tmp_path), settings(admin_password=PASSWORD),
+                                IdentitySettings())
+    service: AuthService = spec.registrations[0].servicer._service
+    _, pair = await service.register("alice", PASSWORD)
+    await service.refresh(pair.refresh_token)
+    with pytest.raises(Unauthenticated):
+        await service.login("alice", "Wrong-password-1", "10.0.0.1")
+    await service.login("alice", PASSWORD, "10.0.0.1")
+    await spec.close()
+    assert on_loop == []

@@ -31,39 +31,54 @@ def test_slowdown_grows_then_lockout_then_release(store: AuthStore) -> None:
     throttle = LoginThrottle(settings(login_slowdown_seconds=0.5, login_slowdown_max_seconds=1.5), store, clock)
     delays = []
     for _ in range(FAST.login_lockout_after):
-        delays.append(throttle.check("alice", "10.0.0.1"))
-        throttle.failed("alice", "10.0.0.1")
+        attempt = throttle.attempt("alice", "10.0.0.1")
+        delays.append(attempt.delay)
+        throttle.failed(attempt)
     assert delays == [0, 0, 0, 0.5, 1.0]  # slow-down after 3 failures, doubling
     with pytest.raises(ResourceExhausted) as caught:
-        throttle.check("alice", "10.0.0.2")  # another address does not help
+        throttle.attempt("alice", "10.0.0.2")  # another address does not help
     assert caught.value.retry_after == pytest.approx(FAST.login_lockout_seconds)
     clock.now += FAST.login_lockout_seconds - 10
     with pytest.raises(ResourceExhausted) as caught:
-        throttle.check("alice", "10.0.0.2")
+        throttle.attempt("alice", "10.0.0.2")
     assert caught.value.retry_after == pytest.approx(10)
     clock.now += 11
-    throttle.check("alice", "10.0.0.2")  # unlocked; failures still inside the window keep it slow
+    # Unlocked: one more attempt, slow (its failures are still inside the window), locks again.
+    assert throttle.attempt("alice", "10.0.0.2").delay == 1.5
+    with pytest.raises(ResourceExhausted):
+        throttle.attempt("alice", "10.0.0.2")
     clock.now += FAST.login_failure_window_seconds
-    assert throttle.check("alice", "10.0.0.2") == 0  # the window has passed
+    assert throttle.attempt("alice", "10.0.0.2").delay == 0  # the window has passed
 
 
 def test_success_clears_the_username_counter(store: AuthStore) -> None:
     throttle = LoginThrottle(FAST, store, Clock())
     for _ in range(FAST.login_lockout_after - 1):
-        throttle.failed("alice", "10.0.0.1")
-    throttle.succeeded("alice")
-    throttle.failed("alice", "10.0.0.1")
-    throttle.check("alice", "10.0.0.1")
+        throttle.failed(throttle.attempt("alice", "10.0.0.1"))
+    throttle.succeeded(throttle.attempt("alice", "10.0.0.1"))  # the last attempt before a lockout, right
+    for _ in range(FAST.login_lockout_after - 1):
+        throttle.failed(throttle.attempt("alice", "10.0.0.1"))
+    throttle.attempt("alice", "10.0.0.1")
 
 
 def test_one_address_spraying_many_usernames_is_locked_out(store: AuthStore) -> None:
     throttle = LoginThrottle(FAST, store, Clock())
     for i in range(FAST.login_address_lockout_after):
-        throttle.check(f"user{i}", "10.0.0.9")
-        throttle.failed(f"user{i}", "10.0.0.9")
+        throttle.failed(throttle.attempt(f"user{i}", "10.0.0.9"))
     with pytest.raises(ResourceExhausted):
-        throttle.check("fresh-name", "10.0.0.9")
-    throttle.check("fresh-name", "10.0.0.10")
+        throttle.attempt("fresh-name", "10.0.0.9")
+    throttle.attempt("fresh-name", "10.0.0.10")
+
+
+def test_attempts_are_counted_before_the_password_is_checked(store: AuthStore) -> None:
+    """Attempts still being checked count: a guesser who sends many at once gets no more than one
+    who waits for each answer, and a right password is not counted."""
+    throttle = LoginThrottle(FAST, store, Clock())
+    pending = [throttle.attempt("alice", f"10.0.0.{i}") for i in range(FAST.login_lockout_after)]
+    with pytest.raises(ResourceExhausted):
+        throttle.attempt("alice", "10.0.1.1")
+    throttle.succeeded(pending[-1])  # the attempt that started the lockout was right: it ends
+    throttle.attempt("alice", "10.0.1.1")
 
 
 async def test_grpc_lockout_uses_forwarded_address_and_sends_retry_after(tmp_path) -> None:
@@ -92,3 +107,14 @@ async def test_grpc_lockout_uses_forwarded_address_and_sends_retry_after(tmp_pat
             assert ok.user.username == "alice" and time.monotonic() - started < 1
     finally:
         await server.stop(0)
+
+
+def test_sign_ins_in_flight_from_one_address_do_not_slow_each_other_down(store: AuthStore) -> None:
+    """Colleagues behind one NAT signing in at once: attempts still being checked count towards a
+    lockout, not towards the slow-down, which only failures earn."""
+    throttle = LoginThrottle(FAST, store, Clock())
+    pending = [throttle.attempt(f"user{i}", "10.0.0.9") for i in range(FAST.login_address_lockout_after - 1)]
+    assert [a.delay for a in pending] == [0] * len(pending)
+    for attempt in pending:
+        throttle.succeeded(attempt)
+    assert throttle.attempt("user0", "10.0.0.9").delay == 0
