@@ -31,6 +31,7 @@ from services.inference.structured import CallDelta
 START, CHANNEL, MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
 HEADER_STARTS = (START, CHANNEL, " to=", "to=")
 MESSAGE_ENDS = ("<|end|>", "<|call|>", "<|return|>", START)
+BUILT_IN_TOOLS = ("python", "browser", "container")  # harmony's own tools, addressed without a namespace
 RECIPIENT = re.compile(r"to=([^\s<]+)")
 CHANNEL_NAME = re.compile(r"\s*(\w+)")
 
@@ -95,9 +96,12 @@ class HarmonyParser(OutputParser):
                 self._end_message(out)
                 self._state = "start"
                 continue
-            keep = 0 if end else max(partial_suffix(self._pending, m) for m in MESSAGE_ENDS)
+            keep = max(partial_suffix(self._pending, m) for m in MESSAGE_ENDS)
+            if end and self._route != "call":
+                keep = 0  # the answer's last characters, not the start of a marker
             self._write(self._pending[:len(self._pending) - keep], out)
-            self._pending = self._pending[len(self._pending) - keep:]
+            # At the end, a call's arguments stop before a marker cut short (`<|` of `<|call|>`).
+            self._pending = "" if end else self._pending[len(self._pending) - keep:]
             break
         return out
 
@@ -107,7 +111,9 @@ class HarmonyParser(OutputParser):
         self._state, self._message_begun = "body", False
         if recipients:
             name = recipients[-1].removeprefix("functions.")
-            if recipients[-1].startswith("functions.") and name in self._names:
+            # An offered function, named as the template names it (functions.NAME) or bare, as small
+            # models write it.
+            if name in self._names and (recipients[-1].startswith("functions.") or name not in BUILT_IN_TOOLS):
                 self._route, self._call_id, self._name, self._arguments = "call", ToolCall.new_id(), name, ""
                 out.deltas.append(CallDelta(len(self.calls), self._call_id, name))
             elif recipients[-1] in ("user", "all"):  # addressed to the reader: it is the answer

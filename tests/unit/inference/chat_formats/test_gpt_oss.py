@@ -120,3 +120,10 @@ def test_template_messages_one_call_per_message_with_its_results_and_thinking() 
 
 def test_a_message_to_the_user_is_content() -> None:
     check(GptOssFormat(""), " to=user<|message|>It is sunny.", content="It is sunny.")
+
+
+def test_an_offered_function_named_without_its_namespace_is_a_call() -> None:
+    check(GptOssFormat(""), ' to=get_weather<|channel|>json<|message|>{"city": "Paris"}<|call|>',
+          calls=[("get_weather", {"city": "Paris"})], tools=["get_weather"])
+    check(GptOssFormat(""), ' to=get_weather<|channel|>json<|message|>{"city": "Paris"}<|', truncated=True,
+          calls=[("get_weather", {"city": "Paris"})], tools=["get_weather"])
