@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 GENERATED := build/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: help setup gen run test test-unit lint-protos bench bench-embeddings bench-families k8s-config browser postgres llama-server clean
+.PHONY: help setup gen run test test-unit lint-protos bench bench-embeddings bench-families soak k8s-config browser postgres llama-server clean
 
 help:
 	@echo "make run    - start auth, session, cache, inference and Envoy on http://127.0.0.1:8080"
@@ -20,6 +20,8 @@ help:
 	@echo "              LLAMA_SERVER=/path/to/llama-server compares against llama-server (README: Benchmark)"
 	@echo "make bench-embeddings - only the embeddings throughput (Envoy vs transformers in-process)"
 	@echo "make bench-families - model families' checks side by side with llama-server; reasoning's cost per token"
+	@echo "make soak   - SOAK_USERS users for SOAK_MINUTES minutes while each process is killed in turn; invariants"
+	@echo "              checked from the stores (README: Soak with faults; SOAK_ARGS=--postgres for PostgreSQL)"
 	@echo "make llama-server - build llama-server (the remote-engine tests' upstream, bench's peer) into PEER_DIR"
 	@echo "make gen    - regenerate Python code, type stubs and Envoy's descriptor set from protos/"
 	@echo "make k8s-config - generate the gateway's Envoy config for the Kubernetes manifests (k8s/)"
@@ -131,6 +133,12 @@ bench-embeddings: setup
 # parsing reasoning on the token path.
 bench-families: setup $(LLAMA_SDIST_FILE)
 	$(PY) bench/families_bench.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
+
+# The soak test with injected faults (bench/soak/): not part of `make test`; 20 minutes by default.
+SOAK_USERS ?= 40
+SOAK_MINUTES ?= 20
+soak: setup
+	$(PY) -m bench.soak --users $(SOAK_USERS) --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 # Envoy config + descriptor set for the gateway's ConfigMap, with the Kubernetes settings in
 # k8s/base/gateway/envoy.env; kustomize's configMapGenerator reads them (the folder is git-ignored).

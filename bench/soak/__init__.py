@@ -1,0 +1,1 @@
+"""Soak test with injected faults (python -m bench.soak; README.md, Benchmark)."""

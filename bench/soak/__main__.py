@@ -1,0 +1,132 @@
+"""Soak test with injected faults: N simulated users for a set time against a whole stack (the bundled
+model, Envoy, a real Redis-protocol server; SQLite, or PostgreSQL with --postgres) while each process
+is SIGKILLed in turn and Redis is killed and started again; then invariants checked from the stores.
+
+    make soak [SOAK_USERS=40] [SOAK_MINUTES=20] [SOAK_ARGS=--postgres]
+    python -m bench.soak --users 10 --minutes 3
+
+Prints one table of invariants (name, value, bound, pass/fail) and the fault log; exits 1 when an
+invariant fails. Not part of `make test`. See README.md, Benchmark: Soak with faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+from bench.soak import faults as faults_module
+from bench.soak import invariants
+from bench.soak.faults import Faults, Series, watch_resources
+from bench.soak.users import Journal, User, now_clock
+from services.stack import Stack
+from tests.integration.test_supervision import stack_processes
+from tests.postgres_server import PostgresServer
+from tests.redis_server import RedisServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/: its modules import each other by name
+from inference_bench import stack_environment  # noqa: E402
+
+KEY_CACHE_SECONDS = 3  # PARLEY_API_KEY_CACHE_SECONDS: a revoked key is checked this long (+1 s) after
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=40)
+    parser.add_argument("--minutes", type=float, default=20)
+    parser.add_argument("--postgres", action="store_true", help="auth and session on a throwaway PostgreSQL")
+    parser.add_argument("--fault-window", type=float, default=10,
+                        help="seconds after a fault within which errors are forgiven (default 10)")
+    parser.add_argument("--p99", type=float, default=15, help="bound of the p99 latency away from faults, seconds")
+    parser.add_argument("--think", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"),
+                        help="seconds a user waits between actions (uniform)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-dir", default=None, help="keep the services' logs here")
+    return parser.parse_args()
+
+
+async def soak(stack: Stack, redis: RedisServer, args: argparse.Namespace) -> tuple[Journal, Faults, dict[int, Series], list]:
+    duration = args.minutes * 60
+    clock = now_clock()
+    journal = Journal(clock)
+    faults = Faults(stack, redis, clock)
+    series: dict[int, Series] = {}
+    users = [User(i, stack.url, journal, random.Random(args.seed * 1000 + i), duration, tuple(args.think),
+                  KEY_CACHE_SECONDS) for i in range(args.users)]
+    stagger = min(20.0, 0.1 * duration)  # sign-ups are argon2 hashes: spread them out
+    done = False
+    background = [asyncio.create_task(faults.supervise(lambda: done)),
+                  asyncio.create_task(watch_resources(stack, clock, max(2.0, duration / 90), lambda: done, series))]
+    schedule = asyncio.create_task(faults.run(faults_module.plan(duration)))
+    try:
+        await asyncio.gather(*(u.run(stagger * i / max(1, args.users)) for i, u in enumerate(users)), schedule)
+        await asyncio.sleep(3)  # answers the clients left are saved
+        probed = [p for found in await asyncio.gather(*(u.probe_sessions() for u in users)) for p in found]
+    finally:
+        done = True
+        schedule.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    return journal, faults, series, probed
+
+
+def main() -> int:
+    args = arguments()
+    with contextlib.ExitStack() as cleanup:
+        data = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="parley-soak-")))
+        redis = RedisServer(data / "redis")
+        redis.start()
+        cleanup.callback(redis.stop)
+        more = {"PARLEY_REDIS_URL": redis.url, "PARLEY_CONTEXT_LENGTH": "2048",
+                "PARLEY_API_KEY_CACHE_SECONDS": str(KEY_CACHE_SECONDS), "PARLEY_HEALTH_CHECK_INTERVAL_SECONDS": "0.5",
+                "PARLEY_SHUTDOWN_GRACE_SECONDS": "2", "PARLEY_ALLOW_REGISTRATION": "true"}
+        database_url = ""
+        if args.postgres:
+            postgres = PostgresServer()
+            cleanup.callback(postgres.close)
+            postgres.start()
+            database_url = more["PARLEY_DATABASE_URL"] = postgres.create_database()
+        stack = Stack(env=stack_environment(str(data), **more), log_dir=Path(args.log_dir) if args.log_dir else None)
+        print(f"soak: {args.users} users for {args.minutes:g} min; starting the stack in {data}…", flush=True)
+        stack.start()
+        try:
+            stack.wait_healthy(timeout=300)
+            print(f"soak: ready at {stack.url}; fault schedule: "
+                  + ", ".join(f"{t} at {at:.0f} s" for at, t in faults_module.plan(args.minutes * 60)), flush=True)
+            journal, faults, series, probed = asyncio.run(soak(stack, redis, args))
+            rows = invariants.stored_messages(stack.common.data_dir, database_url)
+        finally:
+            stack.stop()
+        redis.stop()
+        time.sleep(0.5)
+        left = stack_processes(data) + ([(redis.port, "redis")] if redis.ping() else [])
+        window = args.fault_window
+        checks = [
+            invariants.user_messages(journal, rows),
+            invariants.assistant_messages(rows),
+            invariants.answers_match(journal, rows),
+            invariants.leases(probed),
+            invariants.server_errors(journal, faults.log, window),
+            invariants.refusals(journal, faults.log, window),
+            invariants.latency(journal, faults.log, window, args.p99),
+            invariants.refreshes(journal, faults.log, window),
+            invariants.revoked_keys(journal, faults.log, window),
+            invariants.recovery(faults.log, window),
+            *invariants.growth(series.values(), warm_up=max(30.0, 0.15 * args.minutes * 60)),
+            invariants.Check("no process left after the stack stops", f"{len(left)} {left[:2]}" if left else "0", "0",
+                             not left),
+            invariants.harness(journal),
+        ]
+        invariants.print_report(checks, faults.log, faults.supervision, journal)
+        return 0 if all(c.ok for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
