@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import random
 import sys
 import tempfile
@@ -47,7 +49,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--think", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"),
                         help="seconds a user waits between actions (uniform)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-dir", default=None, help="keep the services' logs here")
+    parser.add_argument("--log-dir", default=None,
+                        help="keep the services' logs here, and the run's requests and resource samples (JSON)")
     return parser.parse_args()
 
 
@@ -75,6 +78,15 @@ async def soak(stack: Stack, redis: RedisServer, args: argparse.Namespace) -> tu
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
     return journal, faults, series, probed
+
+
+def record(folder: Path, journal: Journal, series: dict[int, Series]) -> None:
+    """The raw material of the table, for a closer look: every request and every resource sample."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "soak-requests.json").write_text(json.dumps([dataclasses.asdict(r) for r in journal.requests]))
+    (folder / "soak-turns.json").write_text(json.dumps([dataclasses.asdict(t) for t in journal.turns]))
+    (folder / "soak-resources.json").write_text(json.dumps([dataclasses.asdict(s) for s in series.values()]))
+    print(f"soak: requests, turns and resource samples in {folder}")
 
 
 def main() -> int:
@@ -119,12 +131,14 @@ def main() -> int:
             invariants.refreshes(journal, faults.log, window),
             invariants.revoked_keys(journal, faults.log, window),
             invariants.recovery(faults.log, window),
-            *invariants.growth(series.values(), warm_up=max(30.0, 0.15 * args.minutes * 60)),
+            *invariants.growth(series.values(), warm_up=max(60.0, 0.15 * args.minutes * 60)),
             invariants.Check("no process left after the stack stops", f"{len(left)} {left[:2]}" if left else "0", "0",
                              not left),
             invariants.harness(journal),
         ]
         invariants.print_report(checks, faults.log, faults.supervision, journal)
+        if args.log_dir:
+            record(Path(args.log_dir), journal, series)
         return 0 if all(c.ok for c in checks) else 1
 
 

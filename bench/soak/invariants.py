@@ -156,11 +156,12 @@ def recovery(faults: list[Fault], window: float) -> Check:
                  f"<= {window:g} s", slowest <= window)
 
 
-def growth(series: Iterable[Series], warm_up: float) -> list[Check]:
+def growth(series: Iterable[Series], warm_up: float, span: float = 120.0) -> list[Check]:
     """Per service: RSS, open fds and threads of the last samples (median of three) against the
     highest of the first half after warm-up, over each process's own series (a restarted process
     starts a new one): pools that fill up once and then hold (argon2's memory, executor threads)
-    count as warm-up, a steady climb does not. A series too short to judge is left out."""
+    count as warm-up, a steady climb does not. A series with less than `span` seconds after its
+    warm-up is too short to judge and left out."""
     worst: dict[str, dict[str, float]] = {}
     judged: Counter[str] = Counter()
     for one in series:
@@ -169,7 +170,7 @@ def growth(series: Iterable[Series], warm_up: float) -> list[Check]:
         start = one.samples[0].at + warm_up
         after = [s for s in one.samples if s.at >= start]
         worst.setdefault(one.name, {})
-        if len(after) < 6:
+        if len(after) < 6 or after[-1].at - after[0].at < span:
             continue
         judged[one.name] += 1
         for metric in ("rss_kib", "fds", "threads"):
@@ -180,7 +181,8 @@ def growth(series: Iterable[Series], warm_up: float) -> list[Check]:
     checks = []
     for name, metrics in sorted(worst.items()):
         if not judged[name]:
-            checks.append(Check(f"{name}: RSS, fds, threads growth", "no series long enough", "<= +10% each", True))
+            checks.append(Check(f"{name}: RSS, fds, threads growth", f"no series {span:.0f} s past warm-up",
+                                "<= +10% each", True))
             continue
         value = ", ".join(f"{label} {metrics[m]:+.1%}" for m, label in (("rss_kib", "RSS"), ("fds", "fds"),
                                                                       ("threads", "threads")))

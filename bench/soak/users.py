@@ -142,9 +142,10 @@ class User:
         secret = secret or self.access
         return {"authorization": f"Bearer {secret}"} if secret else {}
 
-    async def call(self, kind: str, method: str, path: str, secret: str = "", **options: Any) -> httpx.Response | None:
-        """One plain request, recorded; None when the connection failed."""
-        request = self.journal.begin(kind)
+    async def call(self, kind: str, method: str, path: str, secret: str = "", *, request: Request | None = None,
+                   **options: Any) -> httpx.Response | None:
+        """One plain request, recorded (in `request` when given); None when the connection failed."""
+        request = request or self.journal.begin(kind)
         try:
             response = await self.http.request(method, path, headers=self.bearer(secret), **options)
         except httpx.HTTPError as exc:
@@ -407,10 +408,11 @@ class User:
         if revoked is None or revoked.status_code != 200:
             return
         await asyncio.sleep(self.key_cache_seconds + 1)
-        used = await self.call("api_key_use_revoked", "GET", "/v1/models", secret)
+        check = self.journal.begin("api_key_use_revoked")
+        used = await self.call(check.kind, "GET", "/v1/models", secret, request=check)
         if used is not None and used.status_code == 401:
-            self.journal.requests[-1].outcome = "ok"  # refused, as it should be
-        self.journal.revoked.append(self.journal.requests[-1])
+            check.outcome = "ok"  # refused, as it should be
+        self.journal.revoked.append(check)
 
     async def probe_sessions(self) -> list[tuple[str, int]]:
         """After the run: a one-token turn on each of this user's sessions (listed by the server) ->
