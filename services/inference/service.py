@@ -140,10 +140,23 @@ class GenerationService:
         if held > limit:
             raise InvalidArgument(f"the request holds {held} characters; at most {limit} are accepted ({what})")
 
+    def _check_before_load(self, model_id: str, messages: Sequence[dict[str, Any]], prompt: str,
+                           fit: Fit | None) -> None:
+        """What a request can make large is refused before anything is loaded for it (the message
+        count: validate_messages); a loaded model's request is checked against its own window once,
+        after acquire. A fitted chat drops old turns instead: only its newest must fit."""
+        record = self.registry.find(model_id)
+        if record.engine is not None:
+            return
+        if fit is None:
+            self._check_characters(record, messages, prompt)
+        else:
+            fitting.within_characters(messages, fit.keep_last, *self._character_limit(record))
+
     async def count_tokens(self, model_id: str, messages: Sequence[dict[str, Any]],
                            structure: Structure = PLAIN) -> tuple[int, list[int], int]:
         validate_messages(messages, "")
-        self._check_characters(self.registry.find(model_id), messages, "")  # before a load
+        self._check_before_load(model_id, messages, "", None)
         record = await self.registry.acquire(model_id)
         try:
             assert record.engine is not None
@@ -211,13 +224,7 @@ class GenerationService:
         validate_messages(messages, prompt, structure)
         if fit is not None and not messages:
             raise InvalidArgument("fitting a chat to the context window needs messages, not a raw prompt")
-        # What a request can make large is refused before anything is loaded for it (the message
-        # count: validate_messages). A fitted chat drops old turns instead: only its newest must fit.
-        unloaded = self.registry.find(model_id)
-        if fit is None:
-            self._check_characters(unloaded, messages, prompt)
-        else:
-            fitting.within_characters(messages, fit.keep_last, *self._character_limit(unloaded))
+        self._check_before_load(model_id, messages, prompt, fit)
         record = await self.registry.acquire(model_id)
         try:
             engine = record.engine
