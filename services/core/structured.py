@@ -90,14 +90,6 @@ class TemplateOptions:
             out["reasoning_effort"] = self.reasoning_effort
         return out
 
-    def key(self) -> str:
-        return json.dumps([self.kwargs, self.reasoning_effort])
-
-    @staticmethod
-    def from_key(key: str) -> TemplateOptions:
-        kwargs, effort = json.loads(key)
-        return TemplateOptions(kwargs, effort)
-
 
 def make_template_options(kwargs: Any = None, reasoning_effort: Any = None) -> TemplateOptions:
     """chat_template_kwargs (a JSON object, or its text) and reasoning_effort, checked

@@ -131,16 +131,12 @@ class ChatTemplate:
             prompt = f"{prompt.rstrip()}\n\n{thinking[1]}\n\n"
         return prompt
 
-    def thinking_open(self, options: TemplateOptions | None = None) -> bool:
+    @functools.lru_cache(maxsize=32)  # noqa: B019 - one template per loaded model, few option sets
+    def thinking_open(self, options: TemplateOptions = TemplateOptions()) -> bool:
         """Whether the generation prompt opens the reasoning block (QwQ, DeepSeek-R1 distills), so
         the answer starts inside it."""
-        return self._thinking_open((options or TemplateOptions()).key())
-
-    @functools.lru_cache(maxsize=32)  # noqa: B019 - one template per loaded model, few option sets
-    def _thinking_open(self, key: str) -> bool:
         if self.format.thinking is None:
             return False
-        options = TemplateOptions.from_key(key)
         try:
             prompt = self.render([{"role": "user", "content": "hi"}], True, None, options)
         except InvalidArgument:
