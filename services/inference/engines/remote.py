@@ -598,13 +598,12 @@ class RemoteEngine(PoolBacked, Engine):
             completion = given.get("completion_tokens_details") or {}
             usage.reasoning_tokens = int(completion.get("reasoning_tokens") or 0)
             if reasoning and not usage.reasoning_tokens:  # llama-server sends no such detail
-                usage.reasoning_tokens = min(len(self._tokenize(reasoning)) - len(self._tokenize("")),
-                                             usage.completion_tokens)
+                usage.reasoning_tokens = min(self._text_tokens(reasoning), usage.completion_tokens)
             return
         written = text + reasoning + "".join(json.dumps(call_json(c)) for c in calls)
         usage.completion_tokens = len(self._tokenize(written)) - len(self._tokenize(""))
         if reasoning:
-            usage.reasoning_tokens = len(self._tokenize(reasoning)) - len(self._tokenize(""))
+            usage.reasoning_tokens = self._text_tokens(reasoning)
 
 
 class StreamedCalls:
