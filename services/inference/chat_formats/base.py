@@ -65,6 +65,42 @@ def partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
+class JsonEnd:
+    """Finds where a JSON object or array ends, in text that starts at its first bracket and arrives
+    piece by piece: brackets counted outside strings (the finished text is parsed, not this)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._depth = 0
+        self._in_string = self._escaped = False
+
+    def scan(self, text: str) -> int:
+        """The length of `text` up to and with the value's last character; -1 while it goes on."""
+        for i, c in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif c == '"':
+                    self._in_string = False
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth <= 0:
+                    self.done = True
+                    return i + 1
+        return -1
+
+    def take(self, text: str) -> int:
+        """How much of `text` belongs to the value: all of it until the value ends (then `done`)."""
+        n = self.scan(text)
+        return len(text) if n == -1 else n
+
+
 class ReasoningSplitter:
     """Takes a reasoning block off the front of an answer: `start` … `end`, the rest is the answer.
 

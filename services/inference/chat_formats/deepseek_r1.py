@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.inference.chat_formats.base import ChatFormat
-from services.inference.chat_formats.markup import DONE, TEXT, JsonEnd, MarkupCallParser
+from services.inference.chat_formats.base import JsonEnd
+from services.inference.chat_formats.markup import DONE, TEXT, MarkupCallParser
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 
 from services.core.structured import ToolCall
-from services.inference.chat_formats.base import ChatFormat, partial_suffix
+from services.inference.chat_formats.base import ChatFormat, JsonEnd, partial_suffix
 from services.inference.structured import CLOSE, OPEN, CallDelta
 
 # The start of a call as the grammar writes it (name first), up to where its arguments begin.
@@ -95,8 +95,7 @@ class ToolCallParser:
         self._scan = 0  # how far the arguments have been read
         self._from = -1  # where they start (their "{")
         self._to = -1  # where they end
-        self._depth = 0
-        self._in_string = self._escaped = False
+        self._json = JsonEnd()
 
     def _advance(self) -> list[CallDelta]:
         """The head once it is complete, then the arguments' next characters, read as JSON."""
@@ -118,32 +117,22 @@ class ToolCallParser:
         if not self._name or self._to >= 0:
             return deltas
         body, i = self._body, self._scan
-        while i < len(body):
-            c = body[i]
-            i += 1
-            if self._from < 0:
-                if c.isspace():
-                    continue
-                if c != "{":  # arguments that are not an object: no streaming, the end decides
-                    self._name = ""
-                    return deltas
-                self._from = i - 1
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif c == "\\":
-                    self._escaped = True
-                elif c == '"':
-                    self._in_string = False
-            elif c == '"':
-                self._in_string = True
-            elif c in "{[":
-                self._depth += 1
-            elif c in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    self._to = i
-                    break
+        if self._from < 0:
+            while i < len(body) and body[i].isspace():
+                i += 1
+            if i == len(body):
+                self._scan = i
+                return deltas
+            if body[i] != "{":  # arguments that are not an object: no streaming, the end decides
+                self._name = ""
+                return deltas
+            self._from = i
+        n = self._json.scan(body[i:])
+        if n == -1:
+            i = len(body)
+        else:
+            i += n
+            self._to = i
         piece = body[max(self._scan, self._from):i] if self._from >= 0 else ""
         self._scan = i
         if piece:

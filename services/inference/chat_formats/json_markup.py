@@ -13,8 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from services.core.structured import ToolCall
-from services.inference.chat_formats.base import partial_suffix
-from services.inference.chat_formats.markup import JsonEnd
+from services.inference.chat_formats.base import JsonEnd, partial_suffix
 from services.inference.structured import CLOSE, OPEN, CallDelta
 
 # A call object up to its arguments' value. Llama writes "parameters", and at times a "type" first.

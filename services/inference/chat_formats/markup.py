@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 
 from services.core.structured import ToolCall
-from services.inference.chat_formats.base import ReasoningSplitter, partial_suffix
+from services.inference.chat_formats.base import JsonEnd, ReasoningSplitter, partial_suffix
 from services.inference.chat_formats.hermes import ToolCallParser
 from services.inference.structured import CLOSE, CallDelta
 
@@ -29,42 +29,6 @@ def unquote(text: str) -> str:
     except ValueError:
         return text
     return value if isinstance(value, str) else text
-
-
-class JsonEnd:
-    """Finds where a JSON object or array ends, in text that starts at its first bracket and arrives
-    piece by piece: brackets counted outside strings (the finished text is parsed, not this)."""
-
-    def __init__(self) -> None:
-        self.done = False
-        self._depth = 0
-        self._in_string = self._escaped = False
-
-    def scan(self, text: str) -> int:
-        """The length of `text` up to and with the value's last character; -1 while it goes on."""
-        for i, c in enumerate(text):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif c == "\\":
-                    self._escaped = True
-                elif c == '"':
-                    self._in_string = False
-            elif c == '"':
-                self._in_string = True
-            elif c in "{[":
-                self._depth += 1
-            elif c in "}]":
-                self._depth -= 1
-                if self._depth <= 0:
-                    self.done = True
-                    return i + 1
-        return -1
-
-    def take(self, text: str) -> int:
-        """How much of `text` belongs to the value: all of it until the value ends (then `done`)."""
-        n = self.scan(text)
-        return len(text) if n == -1 else n
 
 
 class MarkupCallParser:
