@@ -11,6 +11,8 @@ A family whose output does not fit that shape (gpt-oss's channels) gives its own
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -226,6 +228,18 @@ class OutputParser:
         out.calls += calls
         out.deltas += deltas
         return out
+
+
+def object_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """A call as templates that read its arguments as an object want it (a JSON text parsed; text
+    that is not JSON left as it is)."""
+    function = dict(call.get("function", {}))
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": function}
 
 
 def parse_whole(parser: OutputParser, text: str, truncated: bool = False) -> Parsed:

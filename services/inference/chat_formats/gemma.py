@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.core.structured import Structure, ToolCall
-from services.inference.chat_formats.base import ChatFormat, OutputParser, partial_suffix
+from services.inference.chat_formats.base import ChatFormat, OutputParser, object_arguments, partial_suffix
 from services.inference.chat_formats.hermes import ToolCallParser
 from services.inference.chat_formats.blocks import BlockCallParser
 from services.inference.structured import CallDelta
@@ -146,17 +146,8 @@ class Gemma4Format(ChatFormat):
 
 
 def _with_object_arguments(message: dict[str, Any]) -> dict[str, Any]:
-    calls = []
-    for call in message.get("tool_calls") or []:
-        function = dict(call.get("function", {}))
-        if isinstance(function.get("arguments"), str):
-            try:
-                function["arguments"] = json.loads(function["arguments"])
-            except ValueError:
-                pass
-        calls.append({**call, "function": function})
-    if calls:
-        message["tool_calls"] = calls
+    if message.get("tool_calls"):
+        message["tool_calls"] = [object_arguments(call) for call in message["tool_calls"]]
     return message
 
 

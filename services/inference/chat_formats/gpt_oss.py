@@ -18,13 +18,12 @@ file downloaded at first use.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from services.core.structured import Structure, ToolCall
-from services.inference.chat_formats.base import ChatFormat, OutputParser, Parsed, partial_suffix
+from services.inference.chat_formats.base import ChatFormat, OutputParser, Parsed, object_arguments, partial_suffix
 from services.inference.chat_formats.hermes import ToolCallParser
 from services.inference.structured import CallDelta
 
@@ -189,18 +188,8 @@ class GptOssFormat(ChatFormat):
                 i += 1
             for n, call in enumerate(calls):
                 turn = message if n == 0 else {"role": "assistant", "content": ""}
-                out.append({**turn, "tool_calls": [_with_object_arguments(call)]})
+                out.append({**turn, "tool_calls": [object_arguments(call)]})
                 out += [r for r in results if r.get("tool_call_id") == call.get("id")]
             ids = {call.get("id") for call in calls}
             out += [r for r in results if r.get("tool_call_id") not in ids]
         return out
-
-
-def _with_object_arguments(call: dict[str, Any]) -> dict[str, Any]:
-    function = dict(call.get("function", {}))
-    if isinstance(function.get("arguments"), str):
-        try:
-            function["arguments"] = json.loads(function["arguments"])
-        except ValueError:
-            pass
-    return {**call, "function": function}
