@@ -83,6 +83,9 @@ def test_the_templates_own_refusal_is_a_400_naming_it() -> None:
     broken = ChatTemplate("{% for t in tools %}{{ t }}{% endfor %}{{ messages[0].content.missing.deeper }}")
     with pytest.raises(InvalidArgument, match="chat template"):
         broken.render([{"role": "user", "content": "x"}])
+    dividing = ChatTemplate("{{ messages[0].content }}{{ 1 // (messages | length - 1) }}")
+    with pytest.raises(InvalidArgument, match="chat template"):
+        dividing.render([{"role": "user", "content": "x"}])
 
 
 def test_template_options_are_checked() -> None:
