@@ -42,7 +42,9 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--minutes", type=float, default=20)
-    parser.add_argument("--postgres", action="store_true", help="auth and session on a throwaway PostgreSQL")
+    parser.add_argument("--postgres", action="store_true",
+                        help="auth and session on a throwaway PostgreSQL, two session replicas; the second replica"
+                             " is killed and PostgreSQL stopped and started too")
     parser.add_argument("--fault-window", type=float, default=10,
                         help="seconds after a fault within which errors are forgiven (default 10)")
     parser.add_argument("--p99", type=float, default=15, help="bound of the p99 latency away from faults, seconds")
@@ -54,11 +56,12 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-async def soak(stack: Stack, redis: RedisServer, args: argparse.Namespace) -> tuple[Journal, Faults, dict[int, Series], list]:
+async def soak(stack: Stack, redis: RedisServer, postgres: PostgresServer | None,
+               args: argparse.Namespace) -> tuple[Journal, Faults, dict[int, Series], list]:
     duration = args.minutes * 60
     clock = now_clock()
     journal = Journal(clock)
-    faults = Faults(stack, redis, clock)
+    faults = Faults(stack, redis, clock, postgres)
     series: dict[int, Series] = {}
     users = [User(i, stack.url, journal, random.Random(args.seed * 1000 + i), duration, tuple(args.think),
                   KEY_CACHE_SECONDS) for i in range(args.users)]
@@ -68,7 +71,7 @@ async def soak(stack: Stack, redis: RedisServer, args: argparse.Namespace) -> tu
                   # Until the users stop: the lease probe afterwards (a sign-in per user at once) is no workload.
                   asyncio.create_task(watch_resources(stack, clock, max(2.0, duration / 90),
                                                       lambda: done or clock() >= duration, series))]
-    schedule = asyncio.create_task(faults.run(faults_module.plan(duration)))
+    schedule = asyncio.create_task(faults.run(faults_module.plan(duration, targets(args))))
     try:
         await asyncio.gather(*(u.run(stagger * i / max(1, args.users)) for i, u in enumerate(users)), schedule)
         await asyncio.sleep(3)  # answers the clients left are saved
@@ -80,6 +83,10 @@ async def soak(stack: Stack, redis: RedisServer, args: argparse.Namespace) -> tu
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
     return journal, faults, series, probed
+
+
+def targets(args: argparse.Namespace) -> tuple[str, ...]:
+    return faults_module.POSTGRES_TARGETS if args.postgres else faults_module.TARGETS
 
 
 def record(folder: Path, journal: Journal, series: dict[int, Series]) -> None:
@@ -101,20 +108,23 @@ def main() -> int:
         more = {"PARLEY_REDIS_URL": redis.url, "PARLEY_CONTEXT_LENGTH": "2048",
                 "PARLEY_API_KEY_CACHE_SECONDS": str(KEY_CACHE_SECONDS), "PARLEY_HEALTH_CHECK_INTERVAL_SECONDS": "0.5",
                 "PARLEY_SHUTDOWN_GRACE_SECONDS": "2", "PARLEY_ALLOW_REGISTRATION": "true"}
-        database_url = ""
+        database_url, postgres = "", None
         if args.postgres:
             postgres = PostgresServer()
             cleanup.callback(postgres.close)
             postgres.start()
             database_url = more["PARLEY_DATABASE_URL"] = postgres.create_database()
-        stack = Stack(env=stack_environment(str(data), **more), log_dir=Path(args.log_dir) if args.log_dir else None)
-        print(f"soak: {args.users} users for {args.minutes:g} min; starting the stack in {data}…", flush=True)
+        stack = Stack(env=stack_environment(str(data), **more), log_dir=Path(args.log_dir) if args.log_dir else None,
+                      replicas={"session": 2} if args.postgres else None)
+        where = "PostgreSQL, two session replicas" if args.postgres else "SQLite"
+        print(f"soak: {args.users} users for {args.minutes:g} min on {where}; starting the stack in {data}…", flush=True)
         stack.start()
         try:
             stack.wait_healthy(timeout=300)
             print(f"soak: ready at {stack.url}; fault schedule: "
-                  + ", ".join(f"{t} at {at:.0f} s" for at, t in faults_module.plan(args.minutes * 60)), flush=True)
-            journal, faults, series, probed = asyncio.run(soak(stack, redis, args))
+                  + ", ".join(f"{t} at {at:.0f} s" for at, t in faults_module.plan(args.minutes * 60, targets(args))),
+                  flush=True)
+            journal, faults, series, probed = asyncio.run(soak(stack, redis, postgres, args))
             rows = invariants.stored_messages(stack.common.data_dir, database_url)
         finally:
             stack.stop()

@@ -14,10 +14,15 @@ from pathlib import Path
 import httpx
 
 from services.stack import Stack, StackError
+from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 
 TARGETS = ("auth", "session", "cache", "inference", "gateway", "redis")
+# On PostgreSQL, with two session replicas: the second replica is killed too (while it holds turns: the
+# users' turns are balanced over both), and the database is stopped and started again.
+POSTGRES_TARGETS = TARGETS + ("session-2", "postgres")
 REDIS_DOWN_SECONDS = 5.0
+POSTGRES_DOWN_SECONDS = 5.0
 
 
 @dataclass
@@ -29,23 +34,30 @@ class Fault:
     healthy_after: float | None = None  # seconds from `until` to /healthz 200 again
 
 
-def plan(duration: float) -> list[tuple[float, str]]:
+def plan(duration: float, targets: tuple[str, ...] = TARGETS) -> list[tuple[float, str]]:
     """Each target once, evenly spread over the middle of the run (20%-80%): a warm-up before the
     first and a quiet stretch after the last, for the resource series and the lease check."""
-    step = 0.6 * duration / (len(TARGETS) - 1)
-    return [(0.2 * duration + i * step, target) for i, target in enumerate(TARGETS)]
+    step = 0.6 * duration / (len(targets) - 1)
+    return [(0.2 * duration + i * step, target) for i, target in enumerate(targets)]
 
 
 class Faults:
-    def __init__(self, stack: Stack, redis: RedisServer, clock: Callable[[], float]) -> None:
-        self.stack, self.redis, self.clock = stack, redis, clock
+    def __init__(self, stack: Stack, redis: RedisServer, clock: Callable[[], float],
+                 postgres: PostgresServer | None = None) -> None:
+        self.stack, self.redis, self.clock, self.postgres = stack, redis, clock, postgres
         self.log: list[Fault] = []
         self.supervision: list[str] = []
 
     async def run(self, schedule: list[tuple[float, str]]) -> None:
         for at, target in schedule:
             await asyncio.sleep(max(0.0, at - self.clock()))
-            fault = await (self.redis_outage() if target == "redis" else self.kill(target))
+            if target == "redis":
+                fault = await self.outage("redis", self.redis.kill, self.redis.start, REDIS_DOWN_SECONDS)
+            elif target == "postgres":
+                assert self.postgres is not None, "a PostgreSQL fault needs --postgres"
+                fault = await self.outage("postgres", self.postgres.stop, self.postgres.start, POSTGRES_DOWN_SECONDS)
+            else:
+                fault = await self.kill(target)
             self.log.append(fault)
             fault.healthy_after = await self.healthy_again(fault.until)
 
@@ -55,12 +67,16 @@ class Faults:
         at = self.clock()
         return Fault(name, at, at, f"SIGKILL pid {process.popen.pid}")
 
-    async def redis_outage(self) -> Fault:
+    async def outage(self, name: str, stop: Callable[[], None], start: Callable[[], None], seconds: float) -> Fault:
+        """A store down for `seconds`: Redis SIGKILLed, PostgreSQL shut down fast (its sessions cut)."""
         at = self.clock()
-        await asyncio.to_thread(self.redis.kill)
-        await asyncio.sleep(REDIS_DOWN_SECONDS)
-        await asyncio.to_thread(self.redis.start)
-        return Fault("redis", at, self.clock(), f"SIGKILL, started again after {REDIS_DOWN_SECONDS:g} s")
+        await asyncio.to_thread(stop)
+        await asyncio.sleep(seconds)
+        # On this (the main) thread, not a worker's: the server dies with the thread that started it
+        # (PR_SET_PDEATHSIG), and the executor's threads end before the stores are read. A second's pause.
+        start()
+        how = "SIGKILL" if name == "redis" else "fast shutdown"
+        return Fault(name, at, self.clock(), f"{how}, started again after {seconds:g} s")
 
     async def healthy_again(self, since: float, limit: float = 120.0) -> float | None:
         async with httpx.AsyncClient(timeout=2) as http:
