@@ -1,7 +1,7 @@
 """Conversations and the chat turn: the session service's behaviour, apart from gRPC translation.
 
-A turn (DESIGN.md's main data path) is one round trip to inference: check ownership and input, send
-the conversation (system prompt, history, the new turn) to Generate, which checks the rate limit,
+A turn (the main data path, drawn in docs/architecture.md) is one round trip to inference: check
+ownership and input, send the conversation (system prompt, history, the new turn) to Generate, which checks the rate limit,
 resolves the model, leaves out the oldest turns that do not fit its context window, and answers from
 the response cache or admits the generation (services.inference.metered). Only once inference says
 `start` are the tool results, the user's message and an empty assistant message stored, in one
