@@ -1,6 +1,7 @@
-"""Every PARLEY_* variable that k8s/ sets or names is a setting the service it reaches actually
-reads (and every one README.md and docs/ name is a setting, or a variable the benchmarks read), so a renamed or misspelt setting cannot drift silently (a variable nobody reads is ignored
-at start-up, and the pod runs with the default instead).
+"""Every PARLEY_* variable that k8s/ sets or names is a setting the service it reaches actually reads
+(and every one README.md and docs/ name is a setting, or a variable the benchmarks read), so a
+renamed or misspelt setting cannot drift silently (a variable nobody reads is ignored at start-up,
+and the pod runs with the default instead).
 
 Known names come from the settings dataclasses themselves (fields made with
 services.core.config.setting, named by config.env_name): the ones under services/core/ are read by
