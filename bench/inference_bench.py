@@ -87,7 +87,7 @@ DEFAULT_LLAMA_SERVER = Path("/root/.cache/parley-peer/llama-server")
 BUILD_LLAMA_SERVER = (
     "pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:, unpack it, then in vendor/llama.cpp: "
     "cmake -B build -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release && "
-    "cmake --build build --target llama-server -j2 (see README.md, Benchmark)"
+    "cmake --build build --target llama-server -j2 (see docs/benchmarks.md)"
 )
 SYSTEM_PROMPT = (
     "You are Parley, a friendly and knowledgeable assistant for a small team. Answer in plain English, "
@@ -532,8 +532,8 @@ def find_llama_server(option: str | None) -> Path | None:
 @contextlib.contextmanager
 def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 180,
                  cores: set[int] | None = None) -> Iterator[Server]:
-    """llama-server on the bundled model on a free loopback port, as DESIGN.md runs it (on `cores` only,
-    when given); stopped on exit."""
+    """llama-server on the bundled model on a free loopback port, as docs/benchmarks.md describes (on `cores`
+    only, when given); stopped on exit."""
     port = free_port()
     argv = [str(binary), "-m", CatalogueEntry(**BUNDLED).path(), "-t", str(threads), "-np", "8", "-c", "16384",
             # More HTTP threads than the default (slots + 2): 16 streaming conversations otherwise wait for a

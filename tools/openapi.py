@@ -57,7 +57,7 @@ WELL_KNOWN: dict[str, dict[str, Any]] = {
     ".google.protobuf.Value": {},
 }
 
-# Statuses every operation may answer, with what they mean here (README: errors).
+# Statuses every operation may answer, with what they mean here (docs/architecture.md, Errors).
 ERROR_STATUSES = {
     "400": "The request is not valid: the message names the field or limit.",
     "401": "No credential, or one that is not valid (expired, revoked, unknown).",

@@ -1,1 +1,1 @@
-"""Soak test with injected faults (python -m bench.soak; README.md, Benchmark)."""
+"""Soak test with injected faults (python -m bench.soak; docs/benchmarks.md, Soak with faults)."""

@@ -6,7 +6,7 @@ is SIGKILLed in turn and Redis is killed and started again; then invariants chec
     python -m bench.soak --users 10 --minutes 3
 
 Prints one table of invariants (name, value, bound, pass/fail) and the fault log; exits 1 when an
-invariant fails. Not part of `make test`. See README.md, Benchmark: Soak with faults.
+invariant fails. Not part of `make test`. See docs/benchmarks.md, Soak with faults.
 """
 
 from __future__ import annotations

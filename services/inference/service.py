@@ -1,4 +1,4 @@
-"""One generation from request to last chunk, below the metered flow (services.inference.completion).
+"""One generation from request to last chunk, below the metered flow (services.inference.metered).
 
 It validates the request, resolves the model (loading it on first use), renders and counts the
 prompt (fitting a long chat to the context window when asked), has the engine admit it and streams

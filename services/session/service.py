@@ -1,14 +1,14 @@
 """Conversations and the chat turn: the session service's behaviour, apart from gRPC translation.
 
-A turn (DESIGN.md's main data path) is one round trip to inference: check ownership and input, send
-the conversation (system prompt, history, the new turn) to Generate, which checks the rate limit,
-resolves the model, leaves out the oldest turns that do not fit its context window, and answers from
-the response cache or admits the generation (services.inference.metered). Only once inference says
-`start` are the tool results, the user's message and an empty assistant message stored, in one
-transaction: a turn refused for any reason stores nothing. The assistant message is saved when the
-stream ends, however it ends: complete; incomplete with the partial text when the client goes away;
-error with the partial text when inference fails. While it streams, the partial text is saved every
-few seconds, so even a crash of this service keeps most of it.
+A turn (the main data path, drawn in docs/architecture.md) is one round trip to inference: check
+ownership and input, send the conversation (system prompt, history, the new turn) to Generate, which
+checks the rate limit, resolves the model, leaves out the oldest turns that do not fit its context
+window, and answers from the response cache or admits the generation (services.inference.metered).
+Only once inference says `start` are the tool results, the user's message and an empty assistant
+message stored, in one transaction: a turn refused for any reason stores nothing. The assistant
+message is saved when the stream ends, however it ends: complete; incomplete with the partial text
+when the client goes away; error with the partial text when inference fails. While it streams, the
+partial text is saved every few seconds, so even a crash of this service keeps most of it.
 
 A reasoning model's thinking streams as `delta.reasoning`, apart from the text, and is stored apart
 from the assistant message's content (partial reasoning too): it is shown, never sent back — later

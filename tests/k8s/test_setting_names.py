@@ -1,6 +1,7 @@
-"""Every PARLEY_* variable that k8s/ sets or names is a setting the service it reaches actually
-reads, so a renamed or misspelt setting cannot drift silently (a variable nobody reads is ignored
-at start-up, and the pod runs with the default instead).
+"""Every PARLEY_* variable that k8s/ sets or names is a setting the service it reaches actually reads
+(and every one README.md and docs/ name is a setting, or a variable the benchmarks read), so a
+renamed or misspelt setting cannot drift silently (a variable nobody reads is ignored at start-up,
+and the pod runs with the default instead).
 
 Known names come from the settings dataclasses themselves (fields made with
 services.core.config.setting, named by config.env_name): the ones under services/core/ are read by
@@ -98,6 +99,23 @@ def test_every_parley_variable_the_k8s_files_name_exists() -> None:
     for path in sorted(K8S.rglob("*")):
         if path.is_file() and "generated" not in path.parts and path.suffix in (".md", ".yaml", ".env"):
             problems += [f"{path.relative_to(ROOT)}: {n}" for n in NAME.findall(path.read_text()) if n not in every]
+    assert not problems, "unknown settings named:\n" + "\n".join(problems)
+
+
+def read_by_tools() -> set[str]:
+    """Variables the benchmarks and tests read themselves (os.environ), not settings of a service."""
+    names = set()
+    for path in [*(ROOT / "bench").rglob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        names.update(re.findall(r"environ(?:\.get)?[\(\[]\s*\"(PARLEY_\w+)\"", path.read_text()))
+    return names
+
+
+def test_every_parley_variable_the_docs_name_exists() -> None:
+    """README.md and docs/: where a newcomer copies a setting's name from."""
+    every = set().union(*KNOWN.values(), *PENDING.values(), read_by_tools())
+    problems = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        problems += [f"{path.relative_to(ROOT)}: {n}" for n in NAME.findall(path.read_text()) if n not in every]
     assert not problems, "unknown settings named:\n" + "\n".join(problems)
 
 
