@@ -4,14 +4,12 @@ module since renamed). Reads files only: no stack, no imports of the services.""
 
 from __future__ import annotations
 
-import os
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 README_MAX_LINES = 300
-SKIPPED_DIRS = {".git", ".venv", "build", "node_modules", ".parley", "test-artifacts", "__pycache__",
-                ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".ini", ".txt", ".sh", ".proto", ".env",
                  ".js", ".html", ".css", ".json", ".cfg"}
 TEXT_NAMES = {"Makefile", "run"}  # .ci/run
@@ -30,13 +28,13 @@ def markdown_files() -> list[Path]:
 
 
 def text_files() -> list[Path]:
-    """The repository's own text files (not the venv's, the generated code or the tests' output)."""
-    found = []
-    for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS]
-        found += [Path(folder, name) for name in files
-                  if Path(name).suffix in TEXT_SUFFIXES or name in TEXT_NAMES or name.startswith("Dockerfile")]
-    return found
+    """The repository's own text files: what git tracks or would (not ignored virtualenvs, generated
+    code or the tests' output, whatever their names)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    return [ROOT / name for name in listed if name and (ROOT / name).is_file()
+            and (Path(name).suffix in TEXT_SUFFIXES or Path(name).name in TEXT_NAMES
+                 or Path(name).name.startswith("Dockerfile"))]
 
 
 def prose(markdown: str) -> str:
