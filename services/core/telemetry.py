@@ -165,7 +165,8 @@ class _ServerCall:
             method.lstrip("/"), context=propagate.extract(metadata), kind=SpanKind.SERVER,
             attributes=rpc_attributes(method),
         )
-        self._otel_token = otel_context.attach(trace.set_span_in_context(self.span))
+        self._otel_context = trace.set_span_in_context(self.span)
+        self._otel_token = otel_context.attach(self._otel_context)
         request_id = metadata.get(REQUEST_ID)
         self._fields_token = logs.request_fields.set({"request_id": request_id} if request_id else {})
 
@@ -190,7 +191,11 @@ class _ServerCall:
             logs.request_fields.reset(self._fields_token)
         except ValueError:  # finished from another context (a generator closed elsewhere)
             pass
-        otel_context.detach(self._otel_token)
+        # A stream's generator closed from another task (grpc.aio's cancellation, the loop's finalizer)
+        # runs this in a context where the span was never attached: detaching there would fail and
+        # OpenTelemetry would log it at ERROR. The RPC's own context ends with its task anyway.
+        if otel_context.get_current() is self._otel_context:
+            otel_context.detach(self._otel_token)
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
