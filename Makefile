@@ -134,7 +134,8 @@ bench-embeddings: setup
 bench-families: setup $(LLAMA_SDIST_FILE)
 	$(PY) bench/families_bench.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 
-# The soak test with injected faults (bench/soak/): not part of `make test`; 20 minutes by default.
+# The soak test with injected faults (bench/soak/): 40 users for 20 minutes by default; `make test` runs
+# a short one (tests/soak: 10 users, 2 minutes).
 SOAK_USERS ?= 40
 SOAK_MINUTES ?= 20
 soak: setup
