@@ -28,7 +28,7 @@ import jinja2.sandbox
 
 from services.core.errors import InvalidArgument
 from services.core.structured import TemplateOptions
-from services.inference.chat_formats import ChatFormat, for_template
+from services.inference.chat_formats import ChatFormat, conversation, for_template
 
 # The last-resort template when a model carries none (ChatML).
 CHATML = (
@@ -76,7 +76,8 @@ def _now(fmt: str) -> str:
 class ChatTemplate:
     """One model's template, its family's chat format, and what the template can take."""
 
-    def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "") -> None:
+    def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "",
+                 format: ChatFormat | None = None) -> None:
         self.source = source or CHATML
         # Sandboxed, but lists the template builds may grow (Kimi K2's `.append`, as llama.cpp's own
         # Jinja engine allows); the messages it reads are copies.
@@ -88,7 +89,7 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:
             raise TemplateError(f"the chat template does not parse: {exc}") from exc
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
-        self.format: ChatFormat = for_template(self.source)
+        self.format: ChatFormat = format or for_template(self.source)
         self.system_role = self._takes_system_role()
 
     @property
@@ -179,3 +180,23 @@ def template_source(params: dict[str, Any]) -> str | None:
             return handle.read()
     except OSError as exc:
         raise TemplateError(f"params.chat_template: cannot read {given}: {exc.strerror}") from exc
+
+
+def model_template(params: dict[str, Any], own: str | None, fallback: ChatFormat | None,
+                   bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+    """The template a model chats with: the catalogue entry's `params.chat_template`, else its
+    `params.chat_format` (a built-in conversation format, services.inference.chat_formats.conversation),
+    else the template the weights carry (`own`), else `fallback` (a format chosen from the model;
+    None: ChatML). A setting that names nothing usable stops the load with its reason."""
+    chosen: ChatFormat | None = fallback
+    source = template_source(params)
+    if source:
+        return ChatTemplate(source, bos_token, eos_token)
+    if params.get("chat_format"):
+        try:
+            chosen = conversation.named(params["chat_format"])
+        except ValueError as exc:
+            raise TemplateError(str(exc)) from None
+    elif own:
+        return ChatTemplate(own, bos_token, eos_token)
+    return ChatTemplate(chosen.template if chosen else None, bos_token, eos_token, format=chosen)

@@ -237,6 +237,11 @@ class GenerationService:
                     assert template.format.thinking is not None
                     grammar = after_reasoning(grammar, template.format.thinking[1])
                 sampling = replace(sampling, grammar=grammar)
+                if messages and template is not None:
+                    template.format.check(structure, record.entry.id)  # what its format cannot write: a 400
+                    sampling = replace(sampling, stop=(*sampling.stop, *template.format.stop))
+            if fit is None and messages and engine.drops_oldest_turns:
+                fit = Fit()  # BlenderBot's way: the newest turns its encoder takes, not a refusal
             dropped = 0
             sent = messages  # the chat a remote engine sends: fitted, when asked
             # Template rendering and tokenizing block; keep them off the loop that streams other requests,
@@ -250,14 +255,13 @@ class GenerationService:
             elif fit is None:
                 self._check_characters(record, messages, prompt)
                 tokens = await offloop.run(engine.prompt_tokens, messages, prompt, structure)
-                if len(tokens) >= engine.context_length:
+                if engine.answer_room(len(tokens)) <= 0:
                     raise InvalidArgument(
                         f"the prompt is {len(tokens)} tokens but model {record.entry.id!r} has a context window "
                         f"of {engine.context_length} tokens; shorten it"
                     )
             else:
-                allowed = fitting.budget(engine.context_length, given.max_tokens,
-                                         fit.reserve_tokens or self.settings.max_tokens)
+                allowed = engine.prompt_room(given.max_tokens, fit.reserve_tokens or self.settings.max_tokens)
                 limit, what = self._character_limit(record)
                 kept, dropped = fitting.within_characters(messages, fit.keep_last, limit, what)
                 fitted = await offloop.run(engine.fitted_prompt, kept, structure, allowed, fit.keep_last)

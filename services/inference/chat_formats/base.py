@@ -259,6 +259,7 @@ class ChatFormat:
     name = "generic"
     thinking: tuple[str, str] | None = None  # (start, end) of the reasoning block
     own_parser = False  # output that needs parsing even without reasoning markers or tools (gpt-oss's channels)
+    stop: tuple[str, ...] = ()  # text that ends a chat's answer besides the end-of-generation token
 
     def __init__(self, template: str = "") -> None:
         self.template = template
@@ -272,6 +273,9 @@ class ChatFormat:
         """Whether the template renders `tools`, past calls and results itself (else the tools are
         described in a system message and calls written in Hermes tags: services.inference.structured)."""
         return "tools" in self.template
+
+    def check(self, structure: Structure, model_id: str) -> None:
+        """Refuses (INVALID_ARGUMENT, naming it) what a request asks that this format cannot write."""
 
     def call_parser(self, names: frozenset[str]) -> CallParser | None:
         """The parser of this family's tool calls, for a request offering tools named `names`."""

@@ -99,6 +99,7 @@ class Engine(LoadedModel):
     supports_choices = False  # n > 1
     supports_logprobs = False
     sends_chat = False  # takes the chat itself (a remote engine), not its tokens: grammars and the context limit are its own
+    drops_oldest_turns = False  # a chat longer than the prompt's window loses its oldest turns rather than being refused
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
         super().__init__(model_id, path, settings, params)
@@ -223,6 +224,17 @@ class Engine(LoadedModel):
         return total, self._shares(chat, len(self._tokenize(self._render(chat, add_generation_prompt=False,
                                                                           structure=structure))))
 
+    # --- windows ---------------------------------------------------------------------------
+    def answer_room(self, prompt_tokens: int) -> int:
+        """The most tokens an answer to a prompt of `prompt_tokens` may have; 0 or less: the prompt
+        does not fit. A causal model's answer shares the context window with its prompt."""
+        return self.context_length - prompt_tokens
+
+    def prompt_room(self, max_tokens: int | None, reserve_tokens: int) -> int:
+        """The most tokens a fitted chat's prompt may have, room for its answer kept
+        (services.inference.fitting.budget)."""
+        return fitting.budget(self.context_length, max_tokens, reserve_tokens)
+
     # --- generation ------------------------------------------------------------------------
     def check_sampling(self, sampling: Sampling) -> None:
         """Rejects what this engine cannot honour with INVALID_ARGUMENT rather than ignoring it."""
@@ -241,7 +253,7 @@ class Engine(LoadedModel):
         if top_logprobs is not None and not self.supports_logprobs:
             raise InvalidArgument(f"logprobs are not supported by the {self.engine_name} engine")
         request = Request(self.model_id, prompt, sampling, started=started, deadline=deadline,
-                          budget=min(sampling.max_tokens, self.context_length - len(prompt)),
+                          budget=min(sampling.max_tokens, self.answer_room(len(prompt))),
                           detokenize=self._detokenize, is_end=self._is_end, n=n, top_logprobs=top_logprobs)
         self._submit(request)
         return request

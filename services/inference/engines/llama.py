@@ -21,7 +21,7 @@ from services.inference.engines.base import Engine, EngineError
 from services.inference.engines.sequence import Request
 from services.inference.engines.weights import gguf_metadata
 from services.inference.hardware import EngineSettings
-from services.inference.chat_template import ChatTemplate, TemplateError, template_source
+from services.inference.chat_template import TemplateError, model_template
 
 
 class LlamaCppEngine(Engine):
@@ -85,8 +85,8 @@ class LlamaCppEngine(Engine):
         self._llama_cpp, self._vocab = llama_cpp, vocab
         eos_id, bos_id = model.token_eos(), model.token_bos()
         try:
-            self.chat_template = ChatTemplate(
-                template_source(self.params) or self._metadata.get("tokenizer.chat_template"),
+            self.chat_template = model_template(
+                self.params, self._metadata.get("tokenizer.chat_template"), None,
                 bos_token=self._piece(bos_id, special=True).decode("utf-8", "replace") if bos_id >= 0 else "",
                 eos_token=self._piece(eos_id, special=True).decode("utf-8", "replace") if eos_id >= 0 else "")
         except TemplateError as exc:

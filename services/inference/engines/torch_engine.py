@@ -1,9 +1,11 @@
-"""transformers causal LMs on CUDA, MPS or CPU.
+"""transformers causal LMs and encoder-decoders (BlenderBot, T5) on CUDA, MPS or CPU.
 
 `source` is a Hugging Face model folder, or a .gguf file that transformers dequantizes (it needs the
 `gguf` package). Nothing is downloaded: loading is local-only. On CUDA, 8-bit or 4-bit weights come
-from bitsandbytes (PARLEY_QUANTIZATION). Each slot keeps its own KV cache (a DynamicCache) and the
-tokens it holds; a new prompt only evaluates what differs from them.
+from bitsandbytes (PARLEY_QUANTIZATION). Each slot of a causal LM keeps its own KV cache (a
+DynamicCache) and the tokens it holds; a new prompt only evaluates what differs from them. An
+encoder-decoder encodes each prompt whole (its encoder reads the chat both ways: nothing carries
+over) and its decoder writes the answer, sampled like a causal LM's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from services.inference.engines.base import EngineError, Sampling, common_prefix
 from services.inference.engines.slots import Slot, SlotEngine
 from services.inference.engines.weights import safetensors_parameters
 from services.inference.hardware import EngineSettings
-from services.inference.chat_template import ChatTemplate, TemplateError, template_source
+from services.inference.chat_formats.conversation import default_format
+from services.inference.chat_template import TemplateError, model_template
 from services.inference.structured import Grammar
 
 
@@ -28,6 +31,7 @@ BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2, "8bit": 1, "4b
 
 class TorchEngine(SlotEngine):
     engine_name = "torch"
+    encoder_decoder = False  # set by _load
 
     def _load(self) -> None:
         try:
@@ -37,6 +41,33 @@ class TorchEngine(SlotEngine):
             raise EngineError(f"the torch engine needs torch and transformers (pip install -r requirements/torch.txt): {exc}") from exc
         self._torch = torch
         transformers.utils.logging.disable_progress_bar()  # JSON logs only
+        model = self._load_model(transformers)
+        self._model = model.eval()
+        self._windows(model.config)
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self._tokenizer.eos_token_id is not None:
+            eos_ids.add(self._tokenizer.eos_token_id)
+        self._eos = eos_ids
+        self._byte_decoder = _byte_decoder(self._tokenizer)
+        try:
+            self.chat_template = model_template(
+                self.params, self._tokenizer.chat_template, default_format(model.config),
+                bos_token=self._tokenizer.bos_token or "", eos_token=self._tokenizer.eos_token or "")
+        except TemplateError as exc:
+            raise EngineError(f"model {self.model_id}: {exc}") from exc
+        self.vocab_size = len(self._tokenizer)
+        self._logits_size = int(model.config.vocab_size)  # the logits row: may be padded beyond the tokenizer
+        self._grammar_compiler: Any = None  # built on first use: it indexes the vocabulary (~1 s)
+        self._grammar_lock = threading.Lock()
+        self._grammars: dict[str, Any] = {}
+        self.slots = [Slot(index=i) for i in range(self.settings.parallel_slots)]
+
+    def _load_model(self, transformers: Any) -> Any:
+        """The tokenizer (self._tokenizer) and the model on its device: a causal LM, or an
+        encoder-decoder (BlenderBot, T5) when its config says so; the same dtype, quantization and
+        device either way."""
+        torch = self._torch
         path = Path(self.path)
         if not path.exists():
             raise EngineError(f"model not found: {path}")
@@ -62,34 +93,28 @@ class TorchEngine(SlotEngine):
             torch.set_num_threads(self.settings.threads)
         try:
             self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), **source)
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+            config = transformers.AutoConfig.from_pretrained(str(folder), **source)
+            self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+            kind = transformers.AutoModelForSeq2SeqLM if self.encoder_decoder else transformers.AutoModelForCausalLM
+            model = kind.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
             raise EngineError(f"transformers could not load {path}: {exc}") from exc
         if not self.settings.quantization:
             model = model.to(device)
-        self._model = model.eval()
         self._device = device
-        trained = getattr(model.config, "max_position_embeddings", None) or self.settings.context_length
-        self.context_length = min(self.settings.context_length, int(trained))
-        eos = model.generation_config.eos_token_id if model.generation_config else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self._tokenizer.eos_token_id is not None:
-            eos_ids.add(self._tokenizer.eos_token_id)
-        self._eos = eos_ids
-        self._byte_decoder = _byte_decoder(self._tokenizer)
-        try:
-            source_template = template_source(self.params) or self._tokenizer.chat_template
-            if source_template:
-                self.chat_template = ChatTemplate(source_template, bos_token=self._tokenizer.bos_token or "",
-                                                  eos_token=self._tokenizer.eos_token or "")
-        except TemplateError as exc:
-            raise EngineError(f"model {self.model_id}: {exc}") from exc
-        self.vocab_size = len(self._tokenizer)
-        self._logits_size = int(model.config.vocab_size)  # the logits row: may be padded beyond the tokenizer
-        self._grammar_compiler: Any = None  # built on first use: it indexes the vocabulary (~1 s)
-        self._grammar_lock = threading.Lock()
-        self._grammars: dict[str, Any] = {}
-        self.slots = [Slot(index=i) for i in range(self.settings.parallel_slots)]
+        return model
+
+    def _windows(self, config: Any) -> None:
+        """The context window. An encoder-decoder has two: the encoder's (its positions, else the
+        tokenizer's limit: T5's are relative) is the prompt's, and the answer has the decoder's."""
+        trained = getattr(config, "max_position_embeddings", None)
+        if self.encoder_decoder and not trained:
+            limit = getattr(self._tokenizer, "model_max_length", 0) or 0
+            trained = limit if 0 < limit < 1_000_000 else None  # transformers' "no limit" is ~1e30
+        self.context_length = min(self.settings.context_length, int(trained or self.settings.context_length))
+        self._decoder_window = min(self.settings.context_length, int(
+            getattr(config, "max_position_embeddings", None) or self.settings.context_length))
+        self.drops_oldest_turns = self.encoder_decoder
 
     def _close(self) -> None:
         self._model = None
@@ -110,7 +135,16 @@ class TorchEngine(SlotEngine):
         return int(weights) // 2**20 + 64 * settings.parallel_slots
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "dtype": self.settings.dtype, "quantization": self.settings.quantization}
+        return {**super().info(), "dtype": self.settings.dtype, "quantization": self.settings.quantization,
+                "encoder_decoder": self.encoder_decoder}
+
+    def answer_room(self, prompt_tokens: int) -> int:
+        if not self.encoder_decoder:
+            return super().answer_room(prompt_tokens)
+        return self._decoder_window if prompt_tokens <= self.context_length else 0
+
+    def prompt_room(self, max_tokens: int | None, reserve_tokens: int) -> int:
+        return self.context_length if self.encoder_decoder else super().prompt_room(max_tokens, reserve_tokens)
 
     def check_sampling(self, sampling: Sampling) -> None:
         unsupported = [name for name, value in (("min_p", sampling.min_p), ("presence_penalty", sampling.presence_penalty),
@@ -119,6 +153,10 @@ class TorchEngine(SlotEngine):
         if unsupported:
             raise InvalidArgument(f"{', '.join(unsupported)}: not supported by the torch engine; use a llama.cpp model")
         if sampling.grammar is not None:
+            if self.encoder_decoder:
+                # Their vocabularies often cannot write JSON at all (T5's has no braces).
+                raise InvalidArgument(f"response_format and tools: model {self.model_id!r} is an encoder-decoder, "
+                                      "whose answers cannot be held to a schema; send plain text requests")
             self._compiled(sampling.grammar)  # a grammar xgrammar cannot take is a 400 before anything runs
         super().check_sampling(sampling)
 
@@ -163,14 +201,16 @@ class TorchEngine(SlotEngine):
         return token in self._eos
 
     def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        torch = self._torch
-        from transformers import DynamicCache, LogitsProcessorList
-        from transformers.generation.logits_process import (
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+        pick = TokenSampler(self, sampling)
+        with self._torch.inference_mode():
+            if self.encoder_decoder:
+                yield from self._decode_answer(slot, prompt, pick)
+            else:
+                yield from self._continue(slot, prompt, pick)
+
+    def _continue(self, slot: Slot, prompt: list[int], pick: TokenSampler) -> Iterator[int]:
+        """A causal LM: the prompt evaluated after what the slot's cache holds of it, then the answer."""
+        from transformers import DynamicCache
 
         cache = slot.state
         reuse = min(common_prefix(slot.tokens, prompt), len(prompt) - 1) if slot.tokens else 0
@@ -181,6 +221,54 @@ class TorchEngine(SlotEngine):
         else:
             cache, reuse = DynamicCache(), 0
         evaluated = list(prompt[:reuse])
+        pending = prompt[reuse:]
+        try:
+            while True:
+                ids = self._torch.tensor([pending], device=self._device)
+                out = self._model(input_ids=ids, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                evaluated.extend(pending)
+                token = pick(evaluated, out.logits[:, -1, :])
+                yield token
+                pending = [token]
+        finally:
+            slot.state, slot.tokens = cache, evaluated
+
+    def _decode_answer(self, slot: Slot, prompt: list[int], pick: TokenSampler) -> Iterator[int]:
+        """An encoder-decoder: the prompt encoded once, the answer decoded token by token from the
+        decoder's start token (the repetition penalty looks at the answer, as transformers' does)."""
+        torch = self._torch
+        slot.state, slot.tokens = None, []  # nothing of an encoding carries over to another prompt
+        encoded = self._model.get_encoder()(input_ids=torch.tensor([prompt], device=self._device))
+        answer = [self._model.generation_config.decoder_start_token_id
+                  if self._model.generation_config.decoder_start_token_id is not None
+                  else self._model.config.decoder_start_token_id]
+        cache, pending = None, answer[:]
+        while True:
+            out = self._model(encoder_outputs=encoded, decoder_input_ids=torch.tensor([pending], device=self._device),
+                              past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            token = pick(answer, out.logits[:, -1, :])
+            yield token
+            answer.append(token)
+            pending = [token]
+
+
+class TokenSampler:
+    """One request's way from logits to a token: its penalties and warpers (transformers' logits
+    processors), its grammar's mask, and its random generator (seeded when asked)."""
+
+    def __init__(self, engine: TorchEngine, sampling: Sampling) -> None:
+        import torch
+        from transformers import LogitsProcessorList
+        from transformers.generation.logits_process import (
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self._torch, self._device, self._sampling = torch, engine._device, sampling
         processors = LogitsProcessorList()
         if sampling.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
@@ -190,34 +278,30 @@ class TorchEngine(SlotEngine):
                 processors.append(TopKLogitsWarper(sampling.top_k))
             if sampling.top_p < 1.0:
                 processors.append(TopPLogitsWarper(sampling.top_p))
-        mask = GrammarMask(self._compiled(sampling.grammar), sampling.grammar, self._logits_size) \
+        self._processors = processors
+        self._detokenize = engine._detokenize
+        self._mask = GrammarMask(engine._compiled(sampling.grammar), sampling.grammar, engine._logits_size) \
             if sampling.grammar is not None else None
-        generator = torch.Generator(device=self._device if self._device != "mps" else "cpu")
-        generator.manual_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
-        pending = prompt[reuse:]
-        try:
-            with torch.inference_mode():
-                while True:
-                    ids = torch.tensor([pending], device=self._device)
-                    out = self._model(input_ids=ids, past_key_values=cache, use_cache=True)
-                    cache = out.past_key_values
-                    evaluated.extend(pending)
-                    history = torch.tensor([evaluated], device=self._device)
-                    scores = processors(history, out.logits[:, -1, :].float())
-                    if mask is not None:
-                        scores = mask.apply(scores)
-                    if sampling.temperature > 0:
-                        probs = torch.softmax(scores, dim=-1)
-                        token = int(torch.multinomial(probs.cpu() if self._device == "mps" else probs, 1,
-                                                      generator=generator)[0, 0])
-                    else:
-                        token = int(torch.argmax(scores, dim=-1)[0])
-                    if mask is not None:
-                        mask.accept(token, self._detokenize(token))
-                    yield token
-                    pending = [token]
-        finally:
-            slot.state, slot.tokens = cache, evaluated
+        self._generator = torch.Generator(device=self._device if self._device != "mps" else "cpu")
+        self._generator.manual_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
+
+    def __call__(self, history: list[int], logits: Any) -> int:
+        """The next token after `history` (what the penalties look at), from its logits row."""
+        torch = self._torch
+        scores = logits.float()
+        if self._processors:
+            scores = self._processors(torch.tensor([history], device=self._device), scores)
+        if self._mask is not None:
+            scores = self._mask.apply(scores)
+        if self._sampling.temperature > 0:
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs.cpu() if self._device == "mps" else probs, 1,
+                                          generator=self._generator)[0, 0])
+        else:
+            token = int(torch.argmax(scores, dim=-1)[0])
+        if self._mask is not None:
+            self._mask.accept(token, self._detokenize(token))
+        return token
 
 
 class GrammarMask:
