@@ -108,6 +108,7 @@ def make(kind: str, folder: Path, seed: int = 0, taught: bool = False) -> Path:
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     tok = tokenizer(kind)
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in SPECIALS[kind].items()}
