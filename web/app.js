@@ -437,7 +437,7 @@ class App {
         models.removeAttribute("aria-busy");
         replace(models, h("table", {},
           h("caption", { class: "sr-only" }, "Models"),
-          h("thead", {}, h("tr", {}, ["Model", "Task", "State", "Engine", "Memory", ""].map((t) => h("th", { scope: "col", text: t })))),
+          h("thead", {}, h("tr", {}, ["Model", "Task", "State", "Engine", "Chat format", "Memory", ""].map((t) => h("th", { scope: "col", text: t })))),
           h("tbody", {}, list.map((m) => {
             const loaded = m.state === "MODEL_STATE_READY";
             const action = h("button", { type: "button", class: "small", "aria-label": `${loaded ? "Unload" : "Load"} ${m.id}`, onclick: async () => {
@@ -456,7 +456,8 @@ class App {
               h("td", {}, h("code", { text: m.id })),
               h("td", { text: m.task || "chat" }),
               h("td", { class: "model-state", text: m.state === "MODEL_STATE_FAILED" && m.error ? `failed: ${m.error}` : stateWord(m.state) }),
-              h("td", { text: m.engine }), h("td", { text: m.memory_mib ? mib(m.memory_mib) : "" }), h("td", {}, action));
+              h("td", { text: m.engine }), h("td", { text: m.chat_format || "" }),
+              h("td", { text: m.memory_mib ? mib(m.memory_mib) : "" }), h("td", {}, action));
           }))));
       } catch (error) {
         failed(models, error);

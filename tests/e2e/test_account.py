@@ -107,6 +107,7 @@ def test_admin_page_shows_hardware_models_and_metrics_and_loads_models(admin_pag
 
     row = page.locator('tr[data-model-id="smollm2-135m-instruct"]')
     row.get_by_text("ready").wait_for()
+    assert row.get_by_role("cell").nth(4).inner_text() == "hermes"  # the chat format its template was read as
     screenshot(page, "admin-desktop")
     row.get_by_role("button", name="Unload smollm2-135m-instruct").click()
     page.locator('tr[data-model-id="smollm2-135m-instruct"] .model-state', has_text="not loaded").wait_for()
