@@ -49,7 +49,7 @@ class TorchEngine(SlotEngine):
         if self._tokenizer.eos_token_id is not None:
             eos_ids.add(self._tokenizer.eos_token_id)
         self._eos = eos_ids
-        self._byte_decoder = _byte_decoder(self._tokenizer)
+        self._pieces = Pieces(self._tokenizer)
         try:
             self.chat_template = model_template(
                 self.params, self._tokenizer.chat_template, default_format(model.config),
@@ -188,14 +188,7 @@ class TorchEngine(SlotEngine):
         return list(self._tokenizer(text, add_special_tokens=False).input_ids)
 
     def _detokenize(self, token: int) -> bytes:
-        piece = self._tokenizer.convert_ids_to_tokens(token)
-        if self._byte_decoder is not None and piece and all(c in self._byte_decoder for c in piece):
-            return bytes(self._byte_decoder[c] for c in piece)
-        if piece and piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-            return bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
-        if piece and "▁" in piece:
-            return piece.replace("▁", " ").encode()
-        return self._tokenizer.decode([token]).encode()
+        return self._pieces(token)
 
     def _is_end(self, token: int) -> bool:
         return token in self._eos
@@ -339,6 +332,30 @@ class GrammarMask:
         if found:
             self._matcher = self._xgrammar.GrammarMatcher(self._compiled)
             self._matcher.accept_string(self._text[min(found):].decode("utf-8", "replace"))
+
+
+class Pieces:
+    """A token's bytes as the answer streams them, one token at a time: what a whole decode would
+    write at its place, for each way tokenizers mark words (GPT-2's byte-level pieces, SentencePiece's
+    `▁` and byte fallback, BlenderBot-small's `@@` on a piece that a word goes on after)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._byte_decoder = _byte_decoder(tokenizer)
+        vocab = tokenizer.get_vocab()
+        self._joined_by_at = sum(piece.endswith("@@") for piece in vocab) > len(vocab) // 20
+
+    def __call__(self, token: int) -> bytes:
+        piece = self._tokenizer.convert_ids_to_tokens(token)
+        if self._byte_decoder is not None and piece and all(c in self._byte_decoder for c in piece):
+            return bytes(self._byte_decoder[c] for c in piece)
+        if piece and piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            return bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
+        if piece and "▁" in piece:
+            return piece.replace("▁", " ").encode()
+        if piece and self._joined_by_at:  # a word ends where a piece has no "@@"; a space follows it
+            return (piece[:-2] if piece.endswith("@@") else f"{piece} ").encode()
+        return self._tokenizer.decode([token]).encode()
 
 
 def _byte_decoder(tokenizer: Any) -> dict[str, int] | None:

@@ -16,12 +16,14 @@ import pytest_asyncio
 from services.core import config
 from services.core.errors import InvalidArgument
 from services.core.structured import PLAIN, Tool, make_structure
+from services.inference.engines.torch_engine import Pieces
 from services.inference.hardware import probe
 from services.inference.registry import ModelRegistry
 from services.inference.service import Admitted, GenerationService, SamplingInput
 from services.inference.servicer import model_pb
 from services.inference.settings import InferenceSettings
 from tests.tiny_models import ANSWER, ARCHITECTURES, make
+from tests.tiny_models import tokenizer as tiny_tokenizer
 
 DEFAULTS = {"gpt2": "dialogpt", "bloom": "transcript", "blenderbot-small": "blenderbot", "t5": "t5"}
 HI = [{"role": "user", "content": "hi"}]
@@ -159,3 +161,22 @@ async def test_encoder_decoder_requests_wait_their_turn(generation: GenerationSe
     results = await asyncio.gather(*(answer(generation, "blenderbot-small", max_tokens=16) for _ in range(3)))
     assert [text for text, _, _ in results] == [ANSWER] * 3  # one slot, a queue of four: each in turn
     await settled(generation.registry.get("blenderbot-small").engine)
+
+
+def test_blenderbot_small_pieces_stream_as_the_whole_answer_decodes(tmp_path: Path) -> None:
+    from transformers import BlenderbotSmallTokenizer
+
+    # BlenderBot-small's own tokenizer: "@@" ends a piece that its word goes on after.
+    words = ["__start__", "__end__", "__null__", "__unk__", "hel@@", "lo", "there", "ca@@", "t", "a"]
+    (tmp_path / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nh e\nhe l\nl o\n")
+    tokenizer = BlenderbotSmallTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    ids = [4, 5, 6, 9, 7, 8]
+    streamed = b"".join(Pieces(tokenizer)(i) for i in ids).decode()
+    assert streamed.rstrip() == tokenizer.decode(ids) == "hello there a cat"
+
+
+def test_byte_level_pieces_stream_as_the_whole_answer_decodes() -> None:
+    tokenizer = tiny_tokenizer("gpt2")
+    ids = tokenizer("the cat sat on the mat, café ☕", add_special_tokens=False).input_ids
+    assert b"".join(Pieces(tokenizer)(i) for i in ids).decode() == tokenizer.decode(ids)
