@@ -2,7 +2,8 @@
 how a chat enters the family's template, and how its output becomes content, reasoning and tool
 calls, whole and streamed. A model's format is chosen once, from its chat template, by the first
 entry of FORMATS that recognises it; Hermes tags are the fallback. A new family is one module and
-one line here.
+one line here. A model without a chat template chats in one of the built-in conversation formats
+instead (chat_formats.conversation: DialoGPT, a transcript, BlenderBot, T5).
 """
 
 from __future__ import annotations

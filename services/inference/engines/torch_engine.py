@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,11 @@ class TorchEngine(SlotEngine):
             model = kind.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
             raise EngineError(f"transformers could not load {path}: {exc}") from exc
+        if self.encoder_decoder:
+            start = model.generation_config.decoder_start_token_id
+            self._decoder_start = start if start is not None else model.config.decoder_start_token_id
+            if self._decoder_start is None:
+                raise EngineError(f"{path}: the encoder-decoder's config names no decoder_start_token_id")
         if not self.settings.quantization:
             model = model.to(device)
         self._device = device
@@ -233,9 +238,7 @@ class TorchEngine(SlotEngine):
         torch = self._torch
         slot.state, slot.tokens = None, []  # nothing of an encoding carries over to another prompt
         encoded = self._model.get_encoder()(input_ids=torch.tensor([prompt], device=self._device))
-        answer = [self._model.generation_config.decoder_start_token_id
-                  if self._model.generation_config.decoder_start_token_id is not None
-                  else self._model.config.decoder_start_token_id]
+        answer = [self._decoder_start]
         cache, pending = None, answer[:]
         while True:
             out = self._model(encoder_outputs=encoded, decoder_input_ids=torch.tensor([pending], device=self._device),
