@@ -19,7 +19,7 @@ from services.cache.client import CacheClient
 from services.cache.settings import CacheSettings
 from services.core import identity
 from services.core.config import CommonSettings, DatabaseSettings
-from services.core.errors import ResourceExhausted, Unauthenticated
+from services.core.errors import QuotaExceeded, ResourceExhausted, Unauthenticated
 from services.core.identity import CredentialVerifier, Identity, IdentitySettings
 from services.core.server import RunningServer, start_server
 from tests.redis_server import RedisServer, free_port
@@ -191,3 +191,37 @@ async def test_redis_down_is_degraded_not_an_error(tmp_path) -> None:
         await client.close()
         await running.stop(0)
         redis.stop()
+
+
+async def test_budgets_and_usage_over_grpc(client: CacheClient, server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        public = cache_pb2_grpc.CacheServiceStub(channel)
+        bob = (("authorization", "Bearer pk-bob"),)
+        root = (("authorization", "Bearer pk-root"),)
+        budget = cache_pb2.RateLimit(user_id="u-alice", tokens_per_day=50)
+        updated = await public.UpdateRateLimit(cache_pb2.UpdateRateLimitRequest(rate_limit=budget), metadata=root)
+        assert (updated.tokens_per_day, updated.tokens_per_month, updated.overridden) == (50, 0, True)
+        assert [(b.period, b.limit, b.used) for b in updated.budgets] == [("day", 50, 0), ("month", 0, 0)]
+        with signed_in("pk-alice"):
+            await client.check_rate_limit()
+            await client.record_usage("m", 30, 30, cached_prompt_tokens=10)
+            await client.record_usage("m", 5, 5, cached=True)  # a replayed answer: no budget counts it
+            with pytest.raises(QuotaExceeded) as refused:
+                await client.check_rate_limit()
+        assert "50 tokens per day" in refused.value.message and refused.value.retry_after >= 1
+        alice = await public.GetRateLimit(cache_pb2.GetRateLimitRequest(user_id="u-alice"), metadata=root)
+        day = alice.budgets[0]
+        assert (day.used, day.remaining) == (60, 0) and day.reset_time.seconds % 86_400 == 0
+
+        mine = await public.GetUsage(cache_pb2.GetUsageRequest(user_id="u-alice", group_by=["model"]), metadata=root)
+        today = mine.data[-1].results[0]
+        assert (today.model, today.input_tokens, today.output_tokens, today.input_cached_tokens) == ("m", 30, 30, 10)
+        assert (today.num_model_requests, today.num_cached_requests, today.cached_tokens) == (1, 1, 10)
+        assert mine.object == "page" and not mine.has_more and mine.next_page.WhichOneof("kind") == "null_value"
+        assert not (await public.GetUsage(cache_pb2.GetUsageRequest(), metadata=bob)).data[-1].results
+        everyone = await public.GetUsage(cache_pb2.GetUsageRequest(user_id="*", group_by=["user_id"]), metadata=root)
+        assert [r.user_id for r in everyone.data[-1].results] == ["u-alice"]
+        for whose in ("u-alice", "*"):
+            with pytest.raises(grpc.aio.AioRpcError) as hidden:
+                await public.GetUsage(cache_pb2.GetUsageRequest(user_id=whose), metadata=bob)
+            assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
