@@ -1,17 +1,18 @@
-"""The usage ledger on a real SQLite file: the in-memory aggregate and its flush (one row per day,
+"""The usage ledger on a real SQLite file and a real PostgreSQL database: the in-memory aggregate and its flush (one row per day,
 user, key and model; a failed flush loses nothing), and GET /v1/usage's report: daily buckets,
 groups, pages and its checks."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
 from services.cache.ledger import UsageLedger
 from services.cache.usage_report import Query, UsageReports
 from services.cache.usage_store import Counts, UsageStore
+from services.core.database import Location
 from services.core.errors import InvalidArgument
 from tests.unit.cache.conftest import Clock
 
@@ -23,8 +24,10 @@ def at(text: str) -> float:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> UsageStore:
-    return UsageStore(tmp_path / "usage.db")
+def store(database: Location) -> Iterator[UsageStore]:
+    opened = UsageStore(database)
+    yield opened
+    opened.close()
 
 
 def generated(prompt: int, completion: int, reused: int = 0) -> Counts:
@@ -32,7 +35,8 @@ def generated(prompt: int, completion: int, reused: int = 0) -> Counts:
 
 
 def rows(store: UsageStore) -> list[tuple]:
-    return [tuple(r) for r in store.db.read("SELECT * FROM usage_daily ORDER BY day, user_id, api_key_id, model")]
+    found = store.db.read("SELECT * FROM usage_daily ORDER BY day, user_id, api_key_id, model")
+    return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in found]
 
 
 async def test_the_aggregate_flushes_as_one_row_per_day_user_key_and_model(store: UsageStore) -> None:
