@@ -108,7 +108,8 @@ class UsageStore:
     def tokens(self, user_id: str, first: date, stop: date) -> int:
         """A user's generated tokens on the days [first, stop)."""
         rows = self.db.read("SELECT COALESCE(SUM(input_tokens + output_tokens), 0) AS tokens FROM usage_daily "
-                            "WHERE user_id = ? AND day >= ? AND day < ?", (user_id, first.isoformat(), stop.isoformat()))
+                            "WHERE user_id = ? AND day >= ? AND day < ?",
+                            (user_id, first.isoformat(), stop.isoformat()))
         return int(rows[0]["tokens"])
 
     def report(self, first: date, stop: date, group_by: Sequence[str], user_id: str | None) -> list[Line]:

@@ -227,7 +227,8 @@ def test_a_budget_and_the_ledger_hold_across_replicas(replicated: Stack, user: C
             assert http.patch(f"/v1/rate-limits/{whose}", json={"tokens_per_day": used},
                               headers=admin.headers).status_code == 200
             with pytest.raises(grpc.RpcError) as refused:
-                next(iter(b.Chat(session_pb2.ChatRequest(session_id=second, content="More?"), metadata=someone.metadata)))
+                next(iter(b.Chat(session_pb2.ChatRequest(session_id=second, content="More?"),
+                                 metadata=someone.metadata)))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert dict(refused.value.trailing_metadata())["parley-reason"] == "insufficient_quota"
         assert messages(http, someone, second) == []

@@ -85,7 +85,8 @@ def test_a_budget_set_by_an_admin_refuses_the_next_request(budget_stack: Stack, 
     used = first.json()["usage"]["total_tokens"]
     seen = budgets(http, someone, used)
     assert (seen["day"]["used"], seen["day"]["limit"]) == (used, 0)  # no daily budget: unlimited
-    assert (seen["month"]["used"], seen["month"]["limit"], seen["month"]["remaining"]) == (used, 1000000, 1000000 - used)
+    month = seen["month"]
+    assert (month["used"], month["limit"], month["remaining"]) == (used, 1000000, 1000000 - used)
     assert seen["day"]["reset_time"].endswith("T00:00:00Z")
 
     path = f"/v1/rate-limits/{user_id(http, someone)}"

@@ -1,6 +1,6 @@
-"""The usage ledger on a real SQLite file and a real PostgreSQL database: the in-memory aggregate and its flush (one row per day,
-user, key and model; a failed flush loses nothing), and GET /v1/usage's report: daily buckets,
-groups, pages and its checks."""
+"""The usage ledger on a real SQLite file and a real PostgreSQL database: the in-memory aggregate
+and its flush (one row per day, user, key and model; a failed flush loses nothing), and GET
+/v1/usage's report: daily buckets, groups, pages and its checks."""
 
 from __future__ import annotations
 
