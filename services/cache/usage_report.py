@@ -71,8 +71,9 @@ def days_of(query: Query, now: float) -> tuple[date, date, int]:
             raise InvalidArgument(f"{name}: expected unix seconds between 0 and {LATEST}")
     end = query.end_time or min(int(now), LATEST)
     stop = utc_day(end - 1) + DAY if end > 0 else utc_day(0)
-    first = utc_day(query.start_time) if query.start_time else stop - DEFAULT_BUCKETS * DAY
-    if query.end_time and query.start_time >= query.end_time:
+    # Never before 1970: bucket times are unsigned.
+    first = utc_day(query.start_time) if query.start_time else max(utc_day(0), stop - DEFAULT_BUCKETS * DAY)
+    if query.start_time >= end:
         raise InvalidArgument("end_time must be after start_time")
     if query.page:
         try:

@@ -136,12 +136,18 @@ async def test_groups_users_and_pages(reports: UsageReports) -> None:
     assert [len(b.lines) for b in second.buckets] == [0, 1, 0] and second.next_page is None  # up to today
 
 
+async def test_the_default_range_starts_no_earlier_than_1970(reports: UsageReports) -> None:
+    page = await reports.page(Query(end_time=6287), "alice")
+    assert [(b.start, b.end) for b in page.buckets] == [(0, DAY)]
+
+
 @pytest.mark.parametrize("query, message", [
     (Query(bucket_width="1h"), "bucket_width"),
     (Query(limit=32), "limit"),
     (Query(start_time=-1), "start_time"),
     (Query(end_time=10**12), "end_time"),
     (Query(start_time=200, end_time=100), "after start_time"),
+    (Query(start_time=int(at("2027-01-01T00:00:00"))), "after start_time"),  # the default end is now
     (Query(group_by=["project_id"]), "group_by"),
     (Query(page="tomorrow"), "page"),
     (Query(page="1"), "outside"),
