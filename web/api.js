@@ -183,7 +183,7 @@ class ChatSocket {
         if (type === "error" && !started) {
           // Nothing was stored or generated: say it as the HTTP status would be said.
           throw new ApiError(HTTP_STATUS[fields.code] || 500, fields.message, {
-            retryAfter: fields.retry_after_seconds || null });
+            retryAfter: fields.retry_after_seconds || null, reason: fields.reason || "" });
         }
         started ||= type === "start";
         yield { [type]: fields };

@@ -1,11 +1,13 @@
 """Token budgets and the usage ledger through Envoy, on a stack with a real valkey-server: a budget
 an admin sets refuses the next chat completion (429, insufficient_quota, Retry-After until midnight
-UTC) and the next session turn (nothing stored), GET /v1/rate-limits/me shows the use, GET
+UTC) and the next session turn, over SSE and WebSocket (nothing stored), GET /v1/rate-limits/me shows the use, GET
 /v1/usage gives OpenAI's usage shape grouped by model with 404 for another user's, and the ledger
 survives a SIGKILL of the cache service and Redis losing its counters."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import openai
 import pytest
+from websockets.asyncio.client import connect
 
 from services.stack import Stack
 from tests.integration.chat import chat, create_session, messages
@@ -77,6 +80,18 @@ def seconds_to_midnight_utc() -> float:
     return (datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1) - now).total_seconds()
 
 
+async def websocket_turn(stack: Stack, caller: Caller, session_id: str) -> dict[str, str]:
+    """A turn on the session's WebSocket: its refusal's type, code and reason."""
+    url = f"ws://127.0.0.1:{stack.gateway.http_port}/v1/sessions/{session_id}:connect"
+    async with connect(url, additional_headers=caller.headers) as ws:
+        await ws.send(json.dumps({"type": "chat", "content": "Hello?"}))
+        event = {"type": "ready"}
+        while event["type"] in ("ready", "queued"):
+            event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    assert event.get("retry_after_seconds", 0) >= 1 and "tokens per day" in event.get("message", ""), event
+    return {k: event.get(k) for k in ("type", "code", "reason")}
+
+
 def test_a_budget_set_by_an_admin_refuses_the_next_request(budget_stack: Stack, http: httpx.Client,
                                                            admin: Caller) -> None:
     someone = new_user(budget_stack.url)
@@ -108,7 +123,9 @@ def test_a_budget_set_by_an_admin_refuses_the_next_request(budget_stack: Stack, 
     session = create_session(http, someone, title="Over budget")["id"]
     with pytest.raises(AssertionError, match="^429: .*tokens per day"):
         chat(http, someone, session, "Hello?")
-    assert messages(http, someone, session) == []  # nothing stored for the refused turn
+    assert asyncio.run(websocket_turn(budget_stack, someone, session)) == {
+        "type": "error", "code": "RESOURCE_EXHAUSTED", "reason": "insufficient_quota"}
+    assert messages(http, someone, session) == []  # nothing stored for the refused turns
 
     assert http.patch(path, json={"tokens_per_day": 0}, headers=admin.headers).json()["tokens_per_day"] == 0
     assert complete(http, someone, "And now?").status_code == 200  # unlimited again
