@@ -36,14 +36,6 @@ ENDLESS = inference_pb2.SamplingParams(max_tokens=400, temperature=0.8, logit_bi
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("valkey"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def replicated(postgres: PostgresServer, redis: RedisServer,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir: Path = tmp_path_factory.mktemp("replicated")

@@ -26,14 +26,6 @@ MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("valkey"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def budget_stack(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Stack]:
     running = start_stack(tmp_path_factory.mktemp("budget-stack"), PARLEY_REDIS_URL=redis.url,
                           PARLEY_CACHE_REDIS_RETRY_SECONDS="0.2", PARLEY_CONTEXT_LENGTH="2048",
