@@ -13,12 +13,14 @@ when both budgets are used up).
 After the backend has lost its counters (an in-process backend restarted, Redis flushed or
 restarted without persistence), a counter that reads 0 is seeded from the usage ledger (the
 period's durable sum) once, with set-if-absent so that replicas seeding at once agree; the ledger
-is asked at most once a minute per counter and replica while the counter stays at 0.
+is asked at most once a minute per counter and replica while the counter stays at 0. While the
+ledger's database is unreachable, a lost counter starts from 0 (the request is not failed).
 """
 
 from __future__ import annotations
 
 import calendar
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from services.cache.backends import PREFIX, Backend
+
+log = logging.getLogger("parley.cache.budget")
 
 PERIODS = ("day", "month")
 # Long enough for a monthly counter to outlive its month; a daily one is simply read no more.
@@ -130,7 +134,12 @@ class TokenBudgets:
         if len(self._seeded) > 10_000:
             self._seeded = {k: t for k, t in self._seeded.items() if now - t < RESEED_INTERVAL_SECONDS}
         self._seeded[key] = now
-        durable = await self.ledger_sum(user_id, period.start, period.end)
+        try:
+            durable = await self.ledger_sum(user_id, period.start, period.end)
+        except Exception as exc:  # noqa: BLE001 - the ledger's database down: counted from zero, asked again later
+            log.warning("the usage ledger could not seed a token budget",
+                        extra={"fields": {"period": period.name, "error": type(exc).__name__}})
+            return 0
         if durable <= 0:
             return 0
         return await self.backend.seed(key, durable, COUNTER_TTL_SECONDS)

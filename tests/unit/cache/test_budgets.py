@@ -125,3 +125,13 @@ async def test_counters_lost_by_the_backend_are_seeded_from_the_ledger(backend: 
 async def _zero(asked: list) -> int:
     asked.append(("v", ""))
     return 0
+
+
+async def test_a_ledger_that_cannot_answer_fails_no_request() -> None:
+    async def unreachable(user_id: str, start: datetime, end: datetime) -> int:
+        raise OSError("database unreachable")
+
+    rl = limiter(MemoryBackend(10, 10_000), Clock(at("2026-12-06T10:00:00")), unreachable, rate_limit_tokens_per_day=5)
+    assert (await rl.check("u")).allowed
+    await rl.record("u", "", 5)
+    assert (await rl.check("u")).code == INSUFFICIENT_QUOTA  # counted from zero meanwhile
