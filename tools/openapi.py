@@ -66,7 +66,8 @@ ERROR_STATUSES = {
     "409": "A conflicting operation is running (e.g. another turn of the same session).",
     "413": "The request body is larger than the gateway accepts.",
     "414": "The URL is longer than the gateway accepts.",
-    "429": "A rate limit, the generation queue or the memory budget is full; `Retry-After` says when to retry.",
+    "429": "A rate limit, the generation queue or the memory budget is full, or a token budget is used up "
+           "(OpenAI's code `insufficient_quota`); `Retry-After` says when to retry.",
     "503": "A service this needs is not available (starting, restarting, or its dependency is down); retry later.",
 }
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}

@@ -5,12 +5,13 @@
 const STORE = "parley.auth";
 
 export class ApiError extends Error {
-  constructor(status, message, { code = 0, retryAfter = null } = {}) {
+  constructor(status, message, { code = 0, retryAfter = null, reason = "" } = {}) {
     super(message || `HTTP ${status}`);
     this.name = "ApiError";
     this.status = status;
     this.code = code;
     this.retryAfter = retryAfter;
+    this.reason = reason; // e.g. insufficient_quota: a token budget is used up
   }
 }
 
@@ -41,11 +42,17 @@ async function errorOf(response) {
   } catch {
     // Not JSON: an HTML error page from a proxy, say. The status alone is explained.
   }
-  return new ApiError(response.status, message, { code, retryAfter: retryAfter(response) });
+  return new ApiError(response.status, message, { code, retryAfter: retryAfter(response),
+    reason: response.headers.get("parley-reason") || "" });
 }
 
 function seconds(n) {
   return n === 1 ? "1 second" : `${n} seconds`;
+}
+
+function duration(n) {
+  if (n < 120) return seconds(n);
+  return n < 7200 ? `${Math.round(n / 60)} minutes` : `${Math.round(n / 3600)} hours`;
 }
 
 // One sentence a person can act on.
@@ -69,6 +76,9 @@ export function explain(error) {
     case 409:
       return error.message || "That conflicts with something that already exists.";
     case 429:
+      if (error.reason === "insufficient_quota") {
+        return `Your token budget is used up${detail}.${error.retryAfter !== null ? ` It resets in ${duration(error.retryAfter)}.` : ""}`;
+      }
       return error.retryAfter !== null
         ? `Too many requests: the server is busy. Try again in ${seconds(error.retryAfter)}.`
         : `Too many requests: the server is busy. Wait a moment and try again${detail}.`;
@@ -173,7 +183,7 @@ class ChatSocket {
         if (type === "error" && !started) {
           // Nothing was stored or generated: say it as the HTTP status would be said.
           throw new ApiError(HTTP_STATUS[fields.code] || 500, fields.message, {
-            retryAfter: fields.retry_after_seconds || null });
+            retryAfter: fields.retry_after_seconds || null, reason: fields.reason || "" });
         }
         started ||= type === "start";
         yield { [type]: fields };

@@ -1,9 +1,10 @@
-// Parley's web app: routing, sign-in, the list of conversations, API keys and the admin page.
-// Plain ES modules, no build step. Routes live in the hash: #/, #/s/<id>, #/keys, #/admin, #/signin.
+// Parley's web app: routing, sign-in, the list of conversations, API keys, usage and the admin page.
+// Plain ES modules, no build step. Routes live in the hash: #/, #/s/<id>, #/keys, #/usage, #/admin, #/signin.
 
 import { Api, explain } from "./api.js";
 import { ChatView, stateWord } from "./chat.js";
 import { h, icon, replace, when, uid } from "./dom.js";
+import { teamUsage, usageView } from "./usage.js";
 
 class App {
   constructor() {
@@ -99,6 +100,10 @@ class App {
       const view = await this.keysView();
       return stale() ? undefined : this.show("keys", view);
     }
+    if (hash === "/usage") {
+      const view = await usageView(this.api);
+      return stale() ? undefined : this.show("usage", view);
+    }
     if (hash === "/admin" && this.api.isAdmin) return this.show("admin", this.adminView());
     return this.show("missing", h("section", {}, h("h1", { id: "view-title", tabindex: "-1" }, "Page not found"),
       h("p", {}, h("a", { href: "#/" }, "Back to your conversations"))));
@@ -122,6 +127,7 @@ class App {
     const user = this.api.user;
     if (!user) return replace(this.nav);
     replace(this.nav, h("ul", {},
+      h("li", {}, h("a", { href: "#/usage" }, "Usage")),
       h("li", {}, h("a", { href: "#/keys" }, "API keys")),
       this.api.isAdmin ? h("li", {}, h("a", { href: "#/admin" }, "Admin")) : null,
       h("li", {}, h("button", { type: "button", class: "link", onclick: () => this.signOut(),
@@ -406,6 +412,8 @@ class App {
     const hardware = h("div", { class: "panel-body", "aria-busy": "true" }, "Loading…");
     const models = h("div", { class: "panel-body", "aria-busy": "true" }, "Loading…");
     const metrics = h("div", { class: "panel-body", "aria-busy": "true" }, "Loading…");
+    const usage = h("div", { class: "panel-body", "aria-busy": "true" }, "Loading…");
+    teamUsage(this.api, usage);
     const section = (id, title, body, wide = false) => h("section", { class: `card panel${wide ? " wide" : ""}`, "aria-labelledby": id },
       h("h2", { id, text: title }), body);
     const facts = (pairs) => h("dl", { class: "facts" }, pairs.map(([k, v]) => [h("dt", { text: k }), h("dd", { text: String(v) })]));
@@ -483,7 +491,8 @@ class App {
       h("div", { class: "panels" },
         section(uid("hw"), "Hardware", hardware),
         section(uid("models"), "Models", models, true),
-        section(uid("metrics"), "Metrics", metrics)));
+        section(uid("metrics"), "Metrics", metrics),
+        section(uid("usage"), "Usage", usage, true)));
   }
 }
 

@@ -13,6 +13,7 @@ const SHELL = [
   "/chat.js",
   "/dom.js",
   "/markdown.js",
+  "/usage.js",
   "/manifest.webmanifest",
   "/icon.svg",
   "/icon-192.png",

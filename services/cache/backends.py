@@ -70,6 +70,9 @@ class Backend(Protocol):
         """Adds to counters (creating them with the TTL), then returns the values of `read`:
         one round trip, so a check-and-count is atomic per counter."""
 
+    async def seed(self, key: str, value: int, ttl_seconds: float) -> int:
+        """Creates a counter with `value` unless it exists; returns the counter's value."""
+
     async def get_value(self, key: str) -> bytes | None:
         """A durable value (no TTL): limit overrides."""
 
@@ -161,6 +164,14 @@ class MemoryBackend:
             value, expires = self._counters.get(key, (0, 0.0))
             values.append(value if expires > now else 0)
         return values
+
+    async def seed(self, key: str, value: int, ttl_seconds: float) -> int:
+        now = self._clock()
+        current, expires = self._counters.get(key, (0, 0.0))
+        if expires <= now:
+            current, expires = value, now + ttl_seconds
+            self._counters[key] = (current, expires)
+        return current
 
     async def get_value(self, key: str) -> bytes | None:
         return self._values.get(key)
@@ -307,6 +318,15 @@ class RedisBackend:
                 pipe.mget(*read)
             results = await pipe.execute()
             return [int(v or 0) for v in results[-1]] if read else []
+
+        return await self._run("rate limit", op)
+
+    async def seed(self, key: str, value: int, ttl_seconds: float) -> int:
+        async def op() -> int:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(key, value, nx=True, px=max(1, int(ttl_seconds * 1000)))
+            pipe.get(key)
+            return int((await pipe.execute())[-1] or 0)
 
         return await self._run("rate limit", op)
 

@@ -4,7 +4,7 @@ Every call is made on behalf of the current caller (core.identity.current_identi
 credentials forwarded; the cache service verifies them itself. Nothing here fails a chat: when the
 cache service is down or slow, a lookup is a miss, a store is skipped, usage goes unrecorded and the
 rate limit allows the request. Only an actual "over the limit" answer raises (ResourceExhausted,
-which becomes 429 with Retry-After).
+which becomes 429 with Retry-After; QuotaExceeded for a used-up token budget).
 
 Create it inside a running event loop (a service's async build()): it opens a gRPC channel.
 """
@@ -21,7 +21,7 @@ from parley.inference.v1 import inference_pb2
 from services.cache import keys
 from services.core import channels
 from services.core.config import CommonSettings
-from services.core.errors import ResourceExhausted
+from services.core.errors import QuotaExceeded, ResourceExhausted
 from services.core.identity import forward_credentials, optional_identity
 
 log = logging.getLogger("parley.cache.client")
@@ -93,17 +93,23 @@ class CacheClient:
             self._unreachable("check_rate_limit", exc)
             return
         if not answer.allowed:
-            raise ResourceExhausted(answer.reason or "rate limit reached; try again later",
-                                    retry_after=max(1, answer.retry_after_seconds))
+            refusal = QuotaExceeded if answer.code == QuotaExceeded.reason else ResourceExhausted
+            raise refusal(answer.reason or "rate limit reached; try again later",
+                          retry_after=max(1, answer.retry_after_seconds))
 
-    async def record_usage(self, tokens: int) -> None:
-        """Adds `tokens` to the current caller's tokens-per-minute counters."""
-        if tokens <= 0:
-            return
+    async def record_usage(self, model: str, prompt_tokens: int, completion_tokens: int, *,
+                           cached_prompt_tokens: int = 0, cached: bool = False) -> None:
+        """Records one request of the current caller: the usage ledger, and (unless it is an answer
+        replayed from the response cache, `cached`) the per-minute counters and token budgets."""
         user_id, api_key_id = self._subject()
+        size = 2**31 - 1
+        prompt, completion = min(max(0, prompt_tokens), size), min(max(0, completion_tokens), size)
         try:
             await self._limits.RecordUsage(
-                cache_pb2.RecordUsageRequest(user_id=user_id, api_key_id=api_key_id, tokens=min(tokens, 2**31 - 1)),
+                cache_pb2.RecordUsageRequest(
+                    user_id=user_id, api_key_id=api_key_id, tokens=min(prompt + completion, size), model=model,
+                    prompt_tokens=prompt, completion_tokens=completion, cached=cached,
+                    cached_prompt_tokens=min(max(0, cached_prompt_tokens), size)),
                 metadata=forward_credentials(), timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001
             self._unreachable("record_usage", exc)

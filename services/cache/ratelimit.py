@@ -15,6 +15,9 @@ in the same round trip that reads the others (so concurrent requests cannot both
 place), and taken back if the request is refused. Tokens are recorded after the answer, so one
 answer may overshoot the token budget; the next request then waits. Retry-After is the time until
 the estimate has decayed enough to admit one request.
+
+Daily and monthly token budgets (services.cache.budget) are read in the same round trip and refuse
+with their own code (insufficient_quota) until the period ends.
 """
 
 from __future__ import annotations
@@ -26,20 +29,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.cache.backends import PREFIX, Backend
+from services.cache.budget import INSUFFICIENT_QUOTA, BudgetUse, LedgerSum, TokenBudgets, counter_key, refusing
 from services.cache.settings import CacheSettings
 from services.core.errors import InvalidArgument
 
 WINDOW_SECONDS = 60.0
 COUNTER_TTL_SECONDS = 2 * WINDOW_SECONDS + 5
 OVERRIDE_PREFIX = PREFIX + "ratelimit:override:"
+RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
+BUDGET_FIELDS = ("tokens_per_day", "tokens_per_month")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per minute; 0 means unlimited."""
+    """Per minute, and token budgets per UTC day and month; 0 means unlimited."""
 
     requests_per_minute: int
     tokens_per_minute: int
+    tokens_per_day: int = 0
+    tokens_per_month: int = 0
+
+    @property
+    def budgets(self) -> list[int]:
+        """In the order of services.cache.budget.PERIODS."""
+        return [self.tokens_per_day, self.tokens_per_month]
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,7 @@ class Decision:
     allowed: bool
     retry_after_seconds: int = 0
     reason: str = ""
+    code: str = ""  # RATE_LIMIT_EXCEEDED or INSUFFICIENT_QUOTA when refused
 
 
 def estimate(previous: int, current: int, fraction: float) -> int:
@@ -76,14 +90,19 @@ def seconds_until_room(previous: int, current: int, fraction: float, limit: int)
 
 
 class RateLimiter:
-    def __init__(self, backend: Backend, settings: CacheSettings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, backend: Backend, settings: CacheSettings, clock: Callable[[], float] = time.time,
+                 ledger_sum: LedgerSum | None = None) -> None:
+        """`ledger_sum` re-seeds budget counters the backend lost (services.cache.budget)."""
         self.backend = backend
         self.settings = settings
         self._clock = clock
+        self.budgets = TokenBudgets(backend, ledger_sum)
 
     @property
     def defaults(self) -> Limits:
-        return Limits(self.settings.rate_limit_requests_per_minute, self.settings.rate_limit_tokens_per_minute)
+        s = self.settings
+        return Limits(s.rate_limit_requests_per_minute, s.rate_limit_tokens_per_minute,
+                      s.rate_limit_tokens_per_day, s.rate_limit_tokens_per_month)
 
     async def _override(self, user_id: str) -> dict[str, int | None]:
         raw = await self.backend.get_value(OVERRIDE_PREFIX + user_id)
@@ -98,16 +117,16 @@ class RateLimiter:
     async def limits_for(self, user_id: str) -> UserLimits:
         override = await self._override(user_id)
         base = self.defaults
-        limits = Limits(
-            override.get("requests_per_minute", base.requests_per_minute),  # type: ignore[arg-type]
-            override.get("tokens_per_minute", base.tokens_per_minute),  # type: ignore[arg-type]
-        )
+        limits = Limits(**{field: override.get(field, getattr(base, field))  # type: ignore[arg-type]
+                           for field in Limits.__dataclass_fields__})
         return UserLimits(user_id, limits, bool(override))
 
-    async def update(self, user_id: str, requests_per_minute: int, tokens_per_minute: int) -> UserLimits:
-        """A per-user override. Per field: > 0 sets it, 0 keeps what is in force (a PATCH that leaves
-        a field out), < 0 returns it to the configured default. With no field left overridden the
-        override is removed."""
+    async def update(self, user_id: str, requests_per_minute: int, tokens_per_minute: int,
+                     tokens_per_day: int | None = None, tokens_per_month: int | None = None) -> UserLimits:
+        """A per-user override. Per minute: > 0 sets it, 0 keeps what is in force (a PATCH that leaves
+        a field out), < 0 returns it to the configured default. Budgets: None keeps, 0 makes it
+        unlimited, > 0 sets, < 0 returns to the default. With no field left overridden the override
+        is removed."""
         if not user_id:
             raise InvalidArgument("rate_limit.user_id is required")
         override = await self._override(user_id)
@@ -115,6 +134,11 @@ class RateLimiter:
             if value > 0:
                 override[name] = value
             elif value < 0:
+                override.pop(name, None)
+        for name, budget in zip(BUDGET_FIELDS, (tokens_per_day, tokens_per_month), strict=True):
+            if budget is not None and budget >= 0:
+                override[name] = budget
+            elif budget is not None:
                 override.pop(name, None)
         await self.backend.put_value(OVERRIDE_PREFIX + user_id, json.dumps(override).encode() if override else None)
         return await self.limits_for(user_id)
@@ -138,13 +162,28 @@ class RateLimiter:
         subjects = [(f"user:{user_id}", user_limits, "your account")]
         if api_key_id:
             subjects.append((f"key:{api_key_id}", self._key_limits(user_limits), "this API key"))
+        now = self._clock()
         window, fraction = self._window()
         requests = {self._counter("requests", s, window): 1 for s, _, _ in subjects}
         read = []
         for subject, _, _ in subjects:
             read += [self._counter("requests", subject, window - 1), self._counter("requests", subject, window),
                      self._counter("tokens", subject, window - 1), self._counter("tokens", subject, window)]
+        periods = self.budgets.periods(now)
+        read += [counter_key(user_id, p) for p in periods]
         values = await self.backend.add(requests, COUNTER_TTL_SECONDS, read)
+        uses = await self.budgets.uses(user_id, user_limits.budgets, periods, values[4 * len(subjects):])
+        decision = self._per_minute(subjects, values, fraction)
+        over = refusing(uses)
+        if over is not None:
+            decision = Decision(False, over.period.seconds_left(now), over.refusal(), INSUFFICIENT_QUOTA)
+        if not decision.allowed:
+            # Refused requests do not count.
+            await self.backend.add({key: -1 for key in requests}, COUNTER_TTL_SECONDS)
+        return decision
+
+    @staticmethod
+    def _per_minute(subjects: list[tuple[str, Limits, str]], values: list[int], fraction: float) -> Decision:
         wait, reason = 0.0, ""
         for i, (_, limits, who) in enumerate(subjects):
             prev_r, cur_r, prev_t, cur_t = values[4 * i:4 * i + 4]
@@ -157,9 +196,11 @@ class RateLimiter:
                         wait, reason = seconds, f"rate limit of {limit} {what} per minute reached for {who}"
         if not reason:
             return Decision(True)
-        # Refused requests do not count.
-        await self.backend.add({key: -1 for key in requests}, COUNTER_TTL_SECONDS)
-        return Decision(False, max(1, math.ceil(wait)), reason)
+        return Decision(False, max(1, math.ceil(wait)), reason, RATE_LIMIT_EXCEEDED)
+
+    async def budget_uses(self, limits: UserLimits) -> list[BudgetUse]:
+        """Each token budget of the user with what is used of it."""
+        return await self.budgets.read(limits.user_id, limits.limits.budgets, self._clock())
 
     async def record(self, user_id: str, api_key_id: str, tokens: int) -> None:
         if tokens <= 0:
@@ -169,3 +210,4 @@ class RateLimiter:
         if api_key_id:
             increments[self._counter("tokens", f"key:{api_key_id}", window)] = tokens
         await self.backend.add(increments, COUNTER_TTL_SECONDS)
+        await self.budgets.record(user_id, tokens, self._clock())

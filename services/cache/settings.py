@@ -27,6 +27,12 @@ class CacheSettings:
     # Per user (all of their credentials together); 0 = unlimited.
     rate_limit_requests_per_minute: int = setting(60, min=0)
     rate_limit_tokens_per_minute: int = setting(100_000, min=0)
+    # Token budgets per user: prompt + completion tokens per UTC calendar day and month; 0 = unlimited.
+    rate_limit_tokens_per_day: int = setting(0, min=0, max=2**31 - 1)
+    rate_limit_tokens_per_month: int = setting(0, min=0, max=2**31 - 1)
+    usage_flush_seconds: float = setting(1.0, min=0.05, max=60,
+                                         help="how often the usage ledger writes to its database (at most this much "
+                                              "is lost when the process is killed)")
     # Per API key, on top of the user's limit; 0 = the user's limit.
     rate_limit_api_key_requests_per_minute: int = setting(0, min=0)
     rate_limit_api_key_tokens_per_minute: int = setting(0, min=0)

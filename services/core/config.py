@@ -153,7 +153,7 @@ DATABASE_SCHEMES = ("postgresql", "postgres")
 
 @dataclasses.dataclass(frozen=True)
 class DatabaseSettings:
-    """Where auth and session keep their data (services/core/database.py). Unset URL: one SQLite
+    """Where auth, session and the cache's usage ledger keep their data (services/core/database.py). Unset URL: one SQLite
     file each in the data dir (one replica). Set: PostgreSQL, shared by every replica. The URL
     holds a password: it is a secret, never printed or logged."""
 

@@ -1,10 +1,11 @@
-"""The databases auth and session keep their data in: one interface, two engines.
+"""The databases auth, session and the cache's usage ledger keep their data in: one interface, two
+engines.
 
 - SQLite (services/core/sqlite.py), the embedded default: one file per service in the data dir, one
   process writing it, so one replica.
 - PostgreSQL (services/core/postgres.py) when PARLEY_DATABASE_URL is set: every replica of a
   service shares it; each service keeps its tables in a schema of its own (parley_auth,
-  parley_session), so one database can hold both.
+  parley_session, parley_usage), so one database can hold them all.
 
 Stores write their SQL once, with `?` placeholders and SQL that both engines accept; rows are read
 by column name. A service's schema is one list of migrations — versioned, in order, each applied

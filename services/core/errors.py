@@ -10,6 +10,9 @@ class ParleyError(Exception):
     """An expected failure with a message fit for the caller."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # A finer reason than the code, for callers that tell refusals apart (OpenAI's error `code`):
+    # it travels as REASON_METADATA beside the status, also through services that pass it on.
+    reason: str = ""
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -53,12 +56,31 @@ class ResourceExhausted(ParleyError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class QuotaExceeded(ResourceExhausted):
+    """A daily or monthly token budget is used up (HTTP 429 until it resets; OpenAI's
+    insufficient_quota)."""
+
+    reason = "insufficient_quota"
+
+
 class Unavailable(ParleyError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
 class DeadlineExceeded(ParleyError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+REASON_METADATA = "parley-reason"
+
+
+def reason_of(exc: BaseException) -> str:
+    """The exception's reason (ParleyError.reason), also when it came from a downstream service."""
+    if isinstance(exc, ParleyError):
+        return exc.reason
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return next((str(v) for k, v in (exc.trailing_metadata() or ()) if k == REASON_METADATA), "")
+    return ""
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -3,7 +3,8 @@
 Handlers raise domain exceptions (core.errors); this interceptor aborts the call with the precise
 code and message. Anything else is a bug: it is logged once with its traceback and the caller gets
 INTERNAL without internals. ResourceExhausted.retry_after travels as `retry-after` metadata, which
-Envoy turns into a Retry-After header.
+Envoy turns into a Retry-After header; ParleyError.reason as `parley-reason` (the gateway makes it
+the OpenAI error's code).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from services.core.errors import InvalidArgument, ParleyError, status_of
+from services.core.errors import REASON_METADATA, InvalidArgument, ParleyError, reason_of, status_of
 
 log = logging.getLogger("parley.rpc")
 
@@ -27,13 +28,17 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, meth
     if code == grpc.StatusCode.INTERNAL:
         log.error("unhandled error in %s", method, exc_info=exc, extra={"fields": {"method": method}})
     retry_after = getattr(exc, "retry_after", None) if isinstance(exc, ParleyError) else None
+    metadata: list[tuple[str, str]] = []
     if retry_after is not None:
-        context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(retry_after)))),))
+        metadata.append(("retry-after", str(max(1, math.ceil(retry_after)))))
     elif isinstance(exc, grpc.aio.AioRpcError):
         # A downstream service's answer passed on (status_of): its Retry-After goes along.
-        passed = [(k, v) for k, v in (exc.trailing_metadata() or ()) if k == "retry-after"]
-        if passed:
-            context.set_trailing_metadata(tuple(passed))
+        metadata += [(k, v) for k, v in (exc.trailing_metadata() or ()) if k == "retry-after"]
+    reason = reason_of(exc)
+    if reason:
+        metadata.append((REASON_METADATA, reason))
+    if metadata:
+        context.set_trailing_metadata(tuple(metadata))
     await context.abort(code, message)
 
 

@@ -199,6 +199,12 @@ function envoy_on_response(handle)
     end
   end
   local kind = OPENAI_TYPES[status] or "server_error"
+  -- A finer reason from the service (ParleyError.reason, e.g. insufficient_quota for a used-up
+  -- token budget) is OpenAI's type and code for it.
+  local reason = handle:headers():get("parley-reason")
+  if reason ~= nil and string.find(reason, "^[a-z_]+$") then
+    kind = reason
+  end
   local rewritten = '{"error":{"message":' .. message .. ',"type":"' .. kind .. '","param":null,"code":"' .. kind .. '"}}'
   if body then
     body:setBytes(rewritten)
@@ -388,7 +394,7 @@ def _cors(origins: tuple[str, ...]) -> dict[str, Any]:
         "allow_origin_string_match": [{"exact": origin} for origin in origins],
         "allow_methods": "GET, POST, PATCH, DELETE, OPTIONS",
         "allow_headers": "authorization, content-type, x-request-id, traceparent, tracestate, x-grpc-web, grpc-timeout",
-        "expose_headers": "retry-after, x-request-id, x-parley-cache, grpc-status, grpc-message",
+        "expose_headers": "retry-after, x-request-id, x-parley-cache, parley-reason, grpc-status, grpc-message",
         "max_age": "600",
     }
 

@@ -94,7 +94,7 @@ class EmbeddingService:
                 vectors = shorten(vectors, size, normalized)
             result = Embeddings(record.entry.id, vectors, tokens, prompt_tokens)
             if self.cache is not None:
-                self._background.later(self.cache.record_usage(result.prompt_tokens))
+                self._background.later(self.cache.record_usage(result.model, result.prompt_tokens, 0))
             observed.done(len(inputs), result.prompt_tokens, size)
             return result
         except Exception as exc:

@@ -125,8 +125,10 @@ class MeteredCompletions:
             lookups = [self.cache.lookup(key)] if key is not None else []
             _, *found = await asyncio.gather(self.cache.check_rate_limit(), *lookups)
             cached = found[0] if found else None
-        if cached is not None and key is not None:
+        if cached is not None and key is not None and self.cache is not None:
             u = cached.usage
+            self._background.later(self.cache.record_usage(
+                key.model, u.prompt_tokens, u.completion_tokens, cached_prompt_tokens=u.prompt_tokens, cached=True))
             yield Started(key.model, key.model_fingerprint, True, u.prompt_tokens, cached.dropped_messages)
             # The prompt counts as cached, as a fully reused KV cache would.
             yield Chunk(text=cached.text, finish_reason=FINISH_NAMES.get(cached.finish_reason, "stop"),
@@ -169,14 +171,15 @@ class MeteredCompletions:
         finally:
             if self.cache is not None and started is not None and not settled:
                 # An answer that did not end (its usage never came): about a token a piece.
-                self._background.later(self.cache.record_usage(pieces))
+                self._background.later(self.cache.record_usage(started.model, started.prompt_tokens, pieces))
 
     def _settle(self, key: cache_pb2.CompletionKey | None, started: Started, text: str, reasoning: str,
                 calls: list[ToolCall], reason: str | None, usage: Usage) -> None:
         """Records a finished answer's tokens and stores it when it is complete and deterministic."""
         if self.cache is None:
             return
-        self._background.later(self.cache.record_usage(usage.total_tokens))
+        self._background.later(self.cache.record_usage(started.model, usage.prompt_tokens, usage.completion_tokens,
+                                                       cached_prompt_tokens=usage.cached_prompt_tokens))
         if key is not None and FINISH_REASONS.get(reason or "") in keys.COMPLETE:
             self._background.later(self.cache.store(key, cache_pb2.CachedCompletion(
                 text=text, reasoning=reasoning, finish_reason=FINISH_REASONS[reason or ""],

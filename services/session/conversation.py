@@ -25,7 +25,7 @@ import grpc
 from parley.inference.v1 import inference_pb2
 from parley.session.v1 import session_pb2
 
-from services.core.errors import Aborted, InvalidArgument, ParleyError, Unauthenticated, status_of
+from services.core.errors import Aborted, InvalidArgument, ParleyError, Unauthenticated, reason_of, status_of
 from services.core.identity import reauthenticate
 from services.session.service import SessionService
 from services.session.turns import BUSY
@@ -49,7 +49,8 @@ def error_event(exc: BaseException) -> session_pb2.ConverseResponse:
             if key == "retry-after" and str(value).isdigit():
                 retry_after = float(value)
     return session_pb2.ConverseResponse(error=session_pb2.ChatError(
-        code=code.name, message=message, retry_after_seconds=math.ceil(retry_after) if retry_after else 0))
+        code=code.name, message=message, retry_after_seconds=math.ceil(retry_after) if retry_after else 0,
+        reason=reason_of(exc)))
 
 
 def converse_event(event: session_pb2.ChatResponse) -> session_pb2.ConverseResponse:

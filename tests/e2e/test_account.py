@@ -7,7 +7,7 @@ import json
 
 import httpx
 
-from tests.e2e.conftest import register, screenshot
+from tests.e2e.conftest import PASSWORD, register, screenshot
 from tests.e2e.test_chat import new_chat, send
 
 
@@ -130,3 +130,24 @@ def test_wrong_password_is_said_plainly(new_page, web_url: str) -> None:
     page.get_by_role("button", name="Sign in", exact=True).click()
     page.get_by_text("Wrong username or password.").wait_for()
     assert page.get_by_label("Password").evaluate("el => el === document.activeElement")
+
+
+def test_usage_page_shows_budgets_and_use_and_the_admin_sees_the_team(signed_in, admin_page, web_url: str) -> None:
+    username = register(web_url)
+    token = httpx.post(f"{web_url}/v1/auth/login", json={"username": username, "password": PASSWORD},
+                       timeout=30).json()["tokens"]["access_token"]
+    answer = httpx.post(f"{web_url}/v1/chat/completions", headers={"authorization": f"Bearer {token}"}, timeout=60,
+                        json={"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}],
+                              "max_tokens": 4})
+    assert answer.status_code == 200, answer.text
+    used = answer.json()["usage"]
+
+    page = signed_in(username=username)
+    page.get_by_role("link", name="Usage").click()
+    page.get_by_role("heading", name="Usage").wait_for()
+    page.get_by_role("cell", name="Today (UTC)").wait_for()
+    row = page.get_by_role("table", name="Your use per day and model").locator("tr", has_text="smollm2-135m-instruct")
+    assert row.locator("td").all_inner_texts()[2:5] == ["1", str(used["prompt_tokens"]), str(used["completion_tokens"])]
+
+    admin_page.get_by_role("link", name="Admin").click()
+    admin_page.get_by_role("region", name="Usage").locator("tr", has_text=username).wait_for()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from services.stack import Stack, free_port
+from tests.redis_server import RedisServer
 
 
 ADMIN_PASSWORD = "Shared-Stack-Root-Pw-7"
@@ -106,6 +107,15 @@ def start_thinking_stack(data_dir: Path, **overrides: str) -> Stack:
         "params": {"chat_template": THINKING_TEMPLATE}}]))
     return start_stack(data_dir, PARLEY_MODELS_FILE=str(models_file), PARLEY_DEFAULT_MODEL=THINKING_MODEL,
                        PARLEY_CONTEXT_LENGTH="2048", **overrides)
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A valkey-server of the module's own (its tests may kill and restart it)."""
+    server = RedisServer(tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

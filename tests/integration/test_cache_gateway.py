@@ -24,14 +24,6 @@ KEY_REQUESTS_PER_MINUTE = 3
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("valkey"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def cache_stack(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Stack]:
     running = start_stack(
         tmp_path_factory.mktemp("cache-stack"), PARLEY_REDIS_URL=redis.url, PARLEY_CACHE_REDIS_RETRY_SECONDS="0.5",

@@ -105,6 +105,8 @@ def test_accounts_and_admin_pages_answer_as_documented(schema: Any, stack: Stack
               http.delete(f"/v1/api-keys/{key.json()['api_key']['id']}", headers=user.headers))
         me = http.get("/v1/users/me", headers=user.headers).json()["id"]
         check(schema, "/v1/rate-limits/{user_id}", "GET", http.get(f"/v1/rate-limits/{me}", headers=user.headers))
+        check(schema, "/v1/usage", "GET", http.get("/v1/usage", params={"group_by": "model"}, headers=user.headers))
+        check(schema, "/v1/usage", "GET", http.get("/v1/usage", params={"user_id": "*"}, headers=user.headers), 404)
         check(schema, "/v1/auth/logout", "POST",
               http.post("/v1/auth/logout", json={"refresh_token": refreshed.json()["tokens"]["refresh_token"]},
                         headers=user.headers))

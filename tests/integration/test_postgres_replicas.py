@@ -1,8 +1,9 @@
-"""The stack on PostgreSQL with two auth and two session replicas behind Envoy: the full path
+"""The stack on PostgreSQL and Redis with two auth, two session and two cache replicas behind Envoy: the full path
 (register, login, a session, a chat turn with the real model), one running turn per session across
 replicas (409), a replica SIGKILLed mid-turn (the other serves; the partial answer is kept; the
 lease expires), failed sign-ins counted across replicas, concurrent refreshes (one new token for all), an API key
-revoked on one replica refused by the other, and a database outage (503 with Retry-After, then
+revoked on one replica refused by the other, a token budget and the usage ledger seen alike by
+every replica, and a database outage (503 with Retry-After, then
 service again) — with the database URL's password in no log."""
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import grpc
 import httpx
 import pytest
 from parley.auth.v1 import auth_pb2, auth_pb2_grpc
+from parley.cache.v1 import cache_pb2, cache_pb2_grpc
 from parley.inference.v1 import inference_pb2
 from parley.session.v1 import session_pb2, session_pb2_grpc
 
 from services.stack import Stack
 from tests.integration.chat import chat, create_session, messages, text_of
-from tests.integration.conftest import Caller, sign_in, stack_env
+from tests.integration.conftest import ADMIN_PASSWORD, Caller, sign_in, stack_env
 from tests.postgres_server import PostgresServer
+from tests.redis_server import RedisServer
 
 PASSWORD = "Replicated-passphrase-31"
 LEASE_SECONDS = 3.0
@@ -33,15 +36,17 @@ ENDLESS = inference_pb2.SamplingParams(max_tokens=400, temperature=0.8, logit_bi
 
 
 @pytest.fixture(scope="module")
-def replicated(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def replicated(postgres: PostgresServer, redis: RedisServer,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir: Path = tmp_path_factory.mktemp("replicated")
-    env = stack_env(data_dir, PARLEY_DATABASE_URL=postgres.create_database(), PARLEY_PARALLEL_SLOTS="3",
+    env = stack_env(data_dir, PARLEY_DATABASE_URL=postgres.create_database(), PARLEY_REDIS_URL=redis.url,
+                    PARLEY_PARALLEL_SLOTS="3",
                     PARLEY_CONTEXT_LENGTH="1024", PARLEY_CHECKPOINT_SECONDS="0.2",
                     PARLEY_TURN_LEASE_SECONDS=str(LEASE_SECONDS), PARLEY_LOGIN_LOCKOUT_AFTER=str(LOCKOUT_AFTER),
                     PARLEY_LOGIN_SLOWDOWN_AFTER="3", PARLEY_LOGIN_SLOWDOWN_SECONDS="0.01",
                     PARLEY_ARGON2_MEMORY_KIB="1024", PARLEY_ARGON2_TIME_COST="1",
                     PARLEY_DATABASE_POOL_TIMEOUT_SECONDS="2", PARLEY_DATABASE_CONNECT_TIMEOUT_SECONDS="2")
-    stack = Stack(env=env, log_dir=data_dir / "logs", replicas={"auth": 2, "session": 2})
+    stack = Stack(env=env, log_dir=data_dir / "logs", replicas={"auth": 2, "session": 2, "cache": 2})
     stack.start()
     try:
         stack.wait_healthy(timeout=180)
@@ -180,6 +185,45 @@ def test_an_api_key_revoked_on_one_replica_is_refused_everywhere(replicated: Sta
                 c.close()
         time.sleep(1.2)  # other services trust a verified key for PARLEY_API_KEY_CACHE_SECONDS (1 s here)
         assert http.get("/v1/sessions", headers=key).status_code == 401
+
+
+def test_a_budget_and_the_ledger_hold_across_replicas(replicated: Stack, user: Caller) -> None:
+    """Tokens used through session replica a refuse a turn through replica b once an admin's daily
+    budget is reached; both cache replicas report the same use (Redis counters, PostgreSQL ledger)."""
+    admin = sign_in(replicated.url, "admin", ADMIN_PASSWORD)
+    someone = sign_in(replicated.url, f"budget-{uuid.uuid4().hex[:6]}", PASSWORD, register=True)
+    with httpx.Client(base_url=replicated.url, timeout=60) as http:
+        first, second = create_session(http, someone)["id"], create_session(http, someone)["id"]
+        whose = http.get("/v1/users/me", headers=someone.headers).json()["id"]
+        channel_a, a = session_stub(replicated, 0)
+        channel_b, b = session_stub(replicated, 1)
+        with channel_a, channel_b:
+            short = inference_pb2.SamplingParams(max_tokens=8)
+            events = list(a.Chat(session_pb2.ChatRequest(session_id=first, content="Hi!", sampling=short),
+                                 metadata=someone.metadata))
+            used = events[-1].done.usage.total_tokens
+            assert used > 0
+            time.sleep(1.5)  # recorded after the answer; the ledger flushes every second
+            caches = [grpc.insecure_channel(f"127.0.0.1:{p.port}") for p in replicated.replicas("cache")]
+            try:
+                for channel in caches:
+                    stub = cache_pb2_grpc.CacheServiceStub(channel)
+                    limits = stub.GetRateLimit(cache_pb2.GetRateLimitRequest(user_id="me"), metadata=someone.metadata)
+                    assert [u.used for u in limits.budgets] == [used, used]
+                    usage = stub.GetUsage(cache_pb2.GetUsageRequest(group_by=["model"]), metadata=someone.metadata)
+                    (result,) = usage.data[-1].results
+                    assert (result.num_model_requests, result.input_tokens + result.output_tokens) == (1, used)
+            finally:
+                for channel in caches:
+                    channel.close()
+            assert http.patch(f"/v1/rate-limits/{whose}", json={"tokens_per_day": used},
+                              headers=admin.headers).status_code == 200
+            with pytest.raises(grpc.RpcError) as refused:
+                next(iter(b.Chat(session_pb2.ChatRequest(session_id=second, content="More?"),
+                                 metadata=someone.metadata)))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(refused.value.trailing_metadata())["parley-reason"] == "insufficient_quota"
+        assert messages(http, someone, second) == []
 
 
 def test_a_database_outage_is_503_with_retry_after_then_service_resumes(

@@ -145,6 +145,9 @@ def test_sqlite_stores_are_single_replica_on_their_own_volumes(renders: dict[str
         assert render.get("PersistentVolumeClaim", f"{name}-data")["spec"]["accessModes"] == ["ReadWriteOnce"]
         (container,) = containers(deployment)
         assert env_of(container, render)["PARLEY_DATA_DIR"] == "/data"
+    # The cache's usage ledger (usage.db): a writable data dir under a read-only root.
+    (cache,) = containers(render.get("Deployment", "cache"))
+    assert "/data" in {m["mountPath"] for m in cache["volumeMounts"]} and env_of(cache, render)["PARLEY_DATA_DIR"] == "/data"
     redis = render.get("StatefulSet", "redis")
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
 
@@ -156,9 +159,9 @@ def test_postgresql_overlays_run_several_auth_and_session_replicas_without_volum
     hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in render.of_kind("HorizontalPodAutoscaler")}
     assert render.get("Deployment", "auth")["spec"]["replicas"] >= 2
     assert "replicas" not in render.get("Deployment", "session")["spec"] and hpas["session"]["spec"]["minReplicas"] >= 2
-    for name in ("auth", "session"):
+    for name in ("auth", "session", "cache"):  # cache: its usage ledger
         deployment = render.get("Deployment", name)
-        assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+        assert deployment["spec"].get("strategy", {"type": "RollingUpdate"})["type"] == "RollingUpdate"
         assert not [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
         (container,) = containers(deployment)
         url = next(e for e in container["env"] if e["name"] == "PARLEY_DATABASE_URL")
@@ -170,7 +173,8 @@ def test_postgresql_overlays_run_several_auth_and_session_replicas_without_volum
         (container,) = containers(postgres)
         assert env_of(container, render)["POSTGRES_PASSWORD"] == "<from secret>"
         ingress = render.get("NetworkPolicy", "postgres")["spec"]["ingress"][0]["from"]
-        assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in ingress] == ["auth", "session"]
+        assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in ingress] == ["auth", "session",
+                                                                                                 "cache"]
 
 
 def test_secrets_come_from_the_cluster_and_registration_is_off(render: Render) -> None:

@@ -20,7 +20,7 @@ from parley.inference.v1 import inference_pb2_grpc
 from parley.session.v1 import session_pb2
 
 from services.core import config
-from services.core.errors import ResourceExhausted
+from services.core.errors import QuotaExceeded, ResourceExhausted
 from services.core.identity import Identity
 from services.core.server import Registration, ServiceSpec, start_server
 from services.inference.chat_completions import ChatCompletions
@@ -44,7 +44,9 @@ class MemoryCache:
     def __init__(self) -> None:
         self.entries: dict[bytes, cache_pb2.CachedCompletion] = {}
         self.limited = False
-        self.used: list[int] = []
+        self.quota_used_up = False
+        self.used: list[int] = []  # tokens of generated answers
+        self.replayed: list[int] = []  # tokens of answers replayed from the cache
 
     @staticmethod
     def _key(key: cache_pb2.CompletionKey) -> bytes:
@@ -60,9 +62,13 @@ class MemoryCache:
     async def check_rate_limit(self) -> None:
         if self.limited:
             raise ResourceExhausted("rate limit exceeded: 60 requests per minute", retry_after=7)
+        if self.quota_used_up:
+            raise QuotaExceeded("token budget of 10 tokens per day (UTC) is used up", retry_after=3600)
 
-    async def record_usage(self, tokens: int) -> None:
-        self.used.append(tokens)
+    async def record_usage(self, model: str, prompt_tokens: int, completion_tokens: int, *,
+                           cached_prompt_tokens: int = 0, cached: bool = False) -> None:
+        assert model
+        (self.replayed if cached else self.used).append(prompt_tokens + completion_tokens)
 
 
 class Counting:
@@ -180,21 +186,26 @@ async def test_a_message_too_long_even_alone_is_a_400_and_nothing_is_stored(flow
     assert flow.stored(sid) == before
 
 
-@pytest.mark.parametrize("why", ["rate limit", "full engine"])
+@pytest.mark.parametrize("why", ["rate limit", "token budget", "full engine"])
 async def test_a_refused_turn_stores_nothing(flow: Flow, why: str) -> None:
     sid = flow.new_session()
     await flow.turn(sid, "Hi")
     before = flow.stored(sid)
     if why == "rate limit":
         flow.cache.limited = True
+    elif why == "token budget":
+        flow.cache.quota_used_up = True
     else:
         flow.engine.capacity = 0
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await flow.turn(sid, "Hello?")
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert dict(refused.value.trailing_metadata() or ()).get("retry-after") == ("7" if why == "rate limit" else "1")
+    trailers = dict(refused.value.trailing_metadata() or ())
+    assert trailers.get("retry-after") == {"rate limit": "7", "token budget": "3600"}.get(why, "1")
+    # The budget's refusal is told apart (the gateway's insufficient_quota), through inference and session.
+    assert trailers.get("parley-reason") == ("insufficient_quota" if why == "token budget" else None)
     assert flow.stored(sid) == before
-    flow.cache.limited, flow.engine.capacity = False, 4
+    flow.cache.limited, flow.cache.quota_used_up, flow.engine.capacity = False, False, 4
     assert (await flow.turn(sid, "Again"))[-1].HasField("done")  # no 409: the refused turn let the session go
 
 
@@ -258,6 +269,8 @@ async def test_a_deterministic_turn_is_replayed_from_the_cache(flow: Flow) -> No
     assert texts(replayed) == texts(generated)
     assert replayed[-1].done.usage.completion_tokens == generated[-1].done.usage.completion_tokens == 2
     assert flow.stored(second)[-1] == ("assistant", " Hello there.", "complete")
+    await flow.settled()
+    assert len(flow.cache.used) == 1 and flow.cache.replayed == flow.cache.used  # recorded apart
 
 
 async def test_a_cached_call_is_replayed_under_a_new_id(flow: Flow) -> None:

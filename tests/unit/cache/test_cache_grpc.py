@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,8 +18,8 @@ from services.cache.app import build
 from services.cache.client import CacheClient
 from services.cache.settings import CacheSettings
 from services.core import identity
-from services.core.config import CommonSettings
-from services.core.errors import ResourceExhausted, Unauthenticated
+from services.core.config import CommonSettings, DatabaseSettings
+from services.core.errors import QuotaExceeded, ResourceExhausted, Unauthenticated
 from services.core.identity import CredentialVerifier, Identity, IdentitySettings
 from services.core.server import RunningServer, start_server
 from tests.redis_server import RedisServer, free_port
@@ -50,15 +51,16 @@ def signed_in(secret: str) -> Iterator[None]:
         identity._current.reset(token)
 
 
-async def start(settings: CacheSettings) -> RunningServer:
+async def start(settings: CacheSettings, data_dir: Path) -> RunningServer:
     verifier = CredentialVerifier(no_jwks, api_key, IdentitySettings(api_key_cache_seconds=0))
-    spec = await build(CommonSettings(), settings, verifier=verifier)
+    spec = await build(CommonSettings(data_dir=data_dir), settings, verifier=verifier,
+                       database_settings=DatabaseSettings())
     return await start_server(spec, port=0)
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[RunningServer]:
-    running = await start(CacheSettings(rate_limit_requests_per_minute=3, rate_limit_tokens_per_minute=100))
+async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    running = await start(CacheSettings(rate_limit_requests_per_minute=3, rate_limit_tokens_per_minute=100), tmp_path)
     yield running
     await running.stop(0)
 
@@ -108,7 +110,7 @@ async def test_rate_limit_raises_resource_exhausted_with_retry_after(client: Cac
     assert "3 requests per minute" in raised.value.message
     with signed_in("pk-alice"):
         await client.check_rate_limit()
-        await client.record_usage(500)  # over the 100 tokens per minute
+        await client.record_usage("m", 400, 100)  # over the 100 tokens per minute
         with pytest.raises(ResourceExhausted, match="tokens per minute"):
             await client.check_rate_limit()
 
@@ -157,7 +159,7 @@ async def test_client_goes_on_without_the_cache_service() -> None:
             assert await client.lookup(key()) is None
             assert await client.store(key(), ANSWER) is False
             await client.check_rate_limit()  # allowed
-            await client.record_usage(10)
+            await client.record_usage("m", 10, 0)
             assert time.monotonic() - started < 2.0
     finally:
         await client.close()
@@ -166,7 +168,7 @@ async def test_client_goes_on_without_the_cache_service() -> None:
 async def test_redis_down_is_degraded_not_an_error(tmp_path) -> None:
     redis = RedisServer(tmp_path / "redis")
     redis.start()
-    running = await start(CacheSettings(redis_url=redis.url, cache_redis_retry_seconds=0.1))
+    running = await start(CacheSettings(redis_url=redis.url, cache_redis_retry_seconds=0.1), tmp_path)
     client = CacheClient(CommonSettings(cache_port=running.port))
     stats_call = cache_pb2_grpc.CacheServiceStub(grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")).GetCacheStats
     me = (("authorization", "Bearer pk-alice"),)
@@ -189,3 +191,37 @@ async def test_redis_down_is_degraded_not_an_error(tmp_path) -> None:
         await client.close()
         await running.stop(0)
         redis.stop()
+
+
+async def test_budgets_and_usage_over_grpc(client: CacheClient, server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        public = cache_pb2_grpc.CacheServiceStub(channel)
+        bob = (("authorization", "Bearer pk-bob"),)
+        root = (("authorization", "Bearer pk-root"),)
+        budget = cache_pb2.RateLimit(user_id="u-alice", tokens_per_day=50)
+        updated = await public.UpdateRateLimit(cache_pb2.UpdateRateLimitRequest(rate_limit=budget), metadata=root)
+        assert (updated.tokens_per_day, updated.tokens_per_month, updated.overridden) == (50, 0, True)
+        assert [(b.period, b.limit, b.used) for b in updated.budgets] == [("day", 50, 0), ("month", 0, 0)]
+        with signed_in("pk-alice"):
+            await client.check_rate_limit()
+            await client.record_usage("m", 30, 30, cached_prompt_tokens=10)
+            await client.record_usage("m", 5, 5, cached=True)  # a replayed answer: no budget counts it
+            with pytest.raises(QuotaExceeded) as refused:
+                await client.check_rate_limit()
+        assert "50 tokens per day" in refused.value.message and refused.value.retry_after >= 1
+        alice = await public.GetRateLimit(cache_pb2.GetRateLimitRequest(user_id="u-alice"), metadata=root)
+        day = alice.budgets[0]
+        assert (day.used, day.remaining) == (60, 0) and day.reset_time.seconds % 86_400 == 0
+
+        mine = await public.GetUsage(cache_pb2.GetUsageRequest(user_id="u-alice", group_by=["model"]), metadata=root)
+        today = mine.data[-1].results[0]
+        assert (today.model, today.input_tokens, today.output_tokens, today.input_cached_tokens) == ("m", 30, 30, 10)
+        assert (today.num_model_requests, today.num_cached_requests, today.cached_tokens) == (1, 1, 10)
+        assert mine.object == "page" and not mine.has_more and mine.next_page.WhichOneof("kind") == "null_value"
+        assert not (await public.GetUsage(cache_pb2.GetUsageRequest(), metadata=bob)).data[-1].results
+        everyone = await public.GetUsage(cache_pb2.GetUsageRequest(user_id="*", group_by=["user_id"]), metadata=root)
+        assert [r.user_id for r in everyone.data[-1].results] == ["u-alice"]
+        for whose in ("u-alice", "*"):
+            with pytest.raises(grpc.aio.AioRpcError) as hidden:
+                await public.GetUsage(cache_pb2.GetUsageRequest(user_id=whose), metadata=bob)
+            assert hidden.value.code() == grpc.StatusCode.NOT_FOUND

@@ -3,36 +3,15 @@ in-process backend and on a real valkey-server."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
-from services.cache.backends import Backend, MemoryBackend, RedisBackend
+from services.cache.backends import Backend
 from services.cache.ratelimit import RateLimiter, seconds_until_room
 from services.cache.settings import CacheSettings
-from tests.redis_server import RedisServer
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.cache.conftest import Clock
 
 
 MINUTE_START = 1_700_000_040.0  # a multiple of 60
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    if request.param == "memory":
-        yield MemoryBackend(100, 100_000)
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    redis = RedisBackend(CacheSettings(redis_url=server.url))
-    yield redis
-    await redis.close()
 
 
 def limiter(backend: Backend, clock: Clock, **limits: int) -> RateLimiter:
