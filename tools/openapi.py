@@ -12,8 +12,8 @@ non-`optional` scalar, repeated and map field present, message fields and `optio
 when set, 64-bit integers as strings, enums by name. Request schemas (suffix `.input`) require
 nothing: a missing field is its zero value.
 
-What is described by hand (tools/openapi_openai.py): the OpenAI-compatible methods, whose bodies
-are google.api.HttpBody passed through verbatim. A new HttpBody method without a description there
+What is described by hand (tools/openapi_openai.py, tools/openapi_anthropic.py): the OpenAI- and
+Anthropic-compatible methods, whose bodies are google.api.HttpBody passed through verbatim. A new HttpBody method without a description there
 stops the generator.
 """
 
@@ -34,8 +34,8 @@ from google.api import annotations_pb2, http_pb2  # noqa: E402  (registers the h
 from google.protobuf import descriptor_pb2  # noqa: E402
 
 from services.core.identity import PUBLIC_METHODS  # noqa: E402
-from services.gateway.envoy_config import OPENAI_PATH_PREFIXES, PUBLIC_SERVICES  # noqa: E402
-from tools import openapi_openai  # noqa: E402
+from services.gateway.envoy_config import ANTHROPIC_PATH_PREFIXES, OPENAI_PATH_PREFIXES, PUBLIC_SERVICES  # noqa: E402
+from tools import openapi_anthropic, openapi_openai  # noqa: E402
 
 DESCRIPTOR = ROOT / "build" / "parley.pb"
 OUTPUT = ROOT / "build" / "openapi.json"
@@ -335,9 +335,10 @@ def _query_parameters(schemas: Schemas, message: str, taken: set[str], prefix: s
 
 
 def error_responses() -> dict[str, Any]:
-    """components/responses: each error status in both shapes (`Error400`, `OpenAIError400`…)."""
+    """components/responses: each error status in each shape (`Error400`, `OpenAIError400`,
+    `AnthropicError400`…)."""
     responses: dict[str, Any] = {}
-    for shape in ("Error", "OpenAIError"):
+    for shape in ("Error", "OpenAIError", "AnthropicError"):
         for status, meaning in ERROR_STATUSES.items():
             answer: dict[str, Any] = {"description": meaning, "content": {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}}}
@@ -348,7 +349,8 @@ def error_responses() -> dict[str, Any]:
 
 
 def _errors(path: str) -> dict[str, Any]:
-    shape = "OpenAIError" if path.startswith(OPENAI_PATH_PREFIXES) else "Error"
+    shape = ("AnthropicError" if path.startswith(ANTHROPIC_PATH_PREFIXES)
+             else "OpenAIError" if path.startswith(OPENAI_PATH_PREFIXES) else "Error")
     return {status: {"$ref": f"#/components/responses/{shape}{status}"} for status in ERROR_STATUSES}
 
 
@@ -385,7 +387,9 @@ def _operation(protos: Protos, schemas: Schemas, service_name: str, method: desc
         operation["description"] = said
     if full_method in PUBLIC_METHODS:
         operation["security"] = []
-    hand = openapi_openai.OPERATIONS.get(full_method)
+    hand = openapi_openai.OPERATIONS.get(full_method) or openapi_anthropic.OPERATIONS.get(full_method)
+    if full_method in openapi_anthropic.OPERATIONS:
+        operation["security"] = [{"bearer": []}, {"apiKey": []}]
 
     parameters: list[dict[str, Any]] = []
     taken: set[str] = set()
@@ -450,7 +454,8 @@ def build(descriptor_set: bytes) -> dict[str, Any]:
     paths = operations(protos, schemas)
     paths.update(openapi_openai.EXTRA_PATHS)
     components = dict(sorted(schemas.components.items()))
-    components.update(Error=NATIVE_ERROR, OpenAIError=OPENAI_ERROR, **openapi_openai.SCHEMAS)
+    components.update(Error=NATIVE_ERROR, OpenAIError=OPENAI_ERROR, **openapi_openai.SCHEMAS,
+                      **openapi_anthropic.SCHEMAS)
     tags = [{"name": protos.services[name].name,
              "description": protos.comments.get(("service", name), "")}
             for names in PUBLIC_SERVICES.values() for name in names]
@@ -460,8 +465,9 @@ def build(descriptor_set: bytes) -> dict[str, Any]:
             "title": "Parley",
             "version": "v1",
             "description": "Parley's REST API as the Envoy gateway serves it: the native API (transcoded from "
-                           "gRPC; errors as `{\"code\", \"message\"}`) and the OpenAI-compatible paths (errors "
-                           "in OpenAI's shape). Generated from protos/ by tools/openapi.py.",
+                           "gRPC; errors as `{\"code\", \"message\"}`), the OpenAI-compatible paths (errors "
+                           "in OpenAI's shape) and Anthropic's Messages API (errors in Anthropic's shape). "
+                           "Generated from protos/ by tools/openapi.py.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
@@ -472,7 +478,9 @@ def build(descriptor_set: bytes) -> dict[str, Any]:
             "responses": error_responses(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "A JWT access token (POST /v1/auth/login) or an API key "
-                                                          "(POST /v1/api-keys)."}},
+                                                          "(POST /v1/api-keys)."},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                                           "description": "The same credentials, as Anthropic's clients send them."}},
         },
     }
 

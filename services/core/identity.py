@@ -125,6 +125,10 @@ async def reauthenticate() -> Identity:
     return again
 
 
+# Anthropic's SDKs and Claude Code send the key in this header instead of authorization.
+API_KEY_HEADER = "x-api-key"
+
+
 def forward_credentials(identity: Identity | None = None) -> tuple[tuple[str, str], ...]:
     """Metadata for an outgoing call made on the caller's behalf: `stub.Method(req, metadata=...)`."""
     identity = identity or _current.get()
@@ -134,10 +138,18 @@ def forward_credentials(identity: Identity | None = None) -> tuple[tuple[str, st
 
 
 def bearer_credential(metadata: Sequence[Any] | None) -> str:
-    """The credential from `authorization: Bearer <credential>`, or UNAUTHENTICATED."""
+    """The credential from `authorization: Bearer <credential>` or, as Anthropic's clients send it,
+    `x-api-key: <credential>` (authorization wins when both come); else UNAUTHENTICATED."""
     values = [value for key, value in (metadata or ()) if key == "authorization"]
     if not values:
-        raise Unauthenticated("missing credentials: send 'Authorization: Bearer <token or API key>'")
+        keys = [value for key, value in (metadata or ()) if key == API_KEY_HEADER]
+        if len(keys) == 1 and isinstance(keys[0], str) and keys[0].strip() and not any(
+                c.isspace() for c in keys[0].strip()):
+            return keys[0].strip()
+        if keys:
+            raise Unauthenticated(f"malformed {API_KEY_HEADER} header: send exactly one credential")
+        raise Unauthenticated("missing credentials: send 'Authorization: Bearer <token or API key>' "
+                              f"(or '{API_KEY_HEADER}: <API key>')")
     if len(values) > 1 or not isinstance(values[0], str):
         raise Unauthenticated("malformed authorization header: send exactly one 'Bearer <credential>'")
     scheme, _, credential = values[0].strip().partition(" ")

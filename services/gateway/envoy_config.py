@@ -37,6 +37,7 @@ from typing import Any
 from services.core import config
 from services.core.config import setting
 from services.gateway import web_app
+from services.inference.wire.status import ANTHROPIC_ERROR_TYPES
 
 SERVICES = ("auth", "session", "cache", "inference")
 
@@ -55,6 +56,7 @@ STREAMING_METHODS = {
         "/parley.inference.v1.InferenceService/Generate",
         "/parley.inference.v1.InferenceService/CreateChatCompletion",
         "/parley.inference.v1.InferenceService/CreateCompletion",
+        "/parley.inference.v1.InferenceService/CreateMessage",
     ),
 }
 
@@ -65,6 +67,10 @@ INFERENCE_LB_POLICIES = {"round_robin": "ROUND_ROBIN", "ring_hash": "RING_HASH",
 # Errors on these paths take OpenAI's {"error": {...}} shape (the Lua filter; tools/openapi.py
 # documents them so).
 OPENAI_PATH_PREFIXES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/responses")
+# Errors on these paths take Anthropic's {"type": "error", "error": {...}} shape; so do those of the
+# OpenAI paths (GET /v1/models) for a request that sends ANTHROPIC_VERSION_HEADER, as Anthropic's SDKs do.
+ANTHROPIC_PATH_PREFIXES = ("/v1/messages",)
+ANTHROPIC_VERSION_HEADER = "anthropic-version"
 
 UNARY_TIMEOUT = {"auth": "30s", "session": "30s", "cache": "10s", "inference": "600s"}  # loads are slow
 
@@ -75,6 +81,9 @@ GATEWAY_LUA = """
 local CLUSTERS = {%s}
 -- Paths whose errors take OpenAI's shape (OPENAI_PATH_PREFIXES).
 local OPENAI_PREFIXES = {%s}
+-- Paths whose errors take Anthropic's shape (ANTHROPIC_PATH_PREFIXES), and its error types by status.
+local ANTHROPIC_PREFIXES = {%s}
+local ANTHROPIC_TYPES = {%s}
 -- A grpc.health.v1 HealthCheckRequest for the whole server: an empty message, gRPC-framed.
 local HEALTH_REQUEST = "\\0\\0\\0\\0\\0"
 -- No id or page token comes near this; gRPC allows 8 KiB of metadata, the path included.
@@ -136,13 +145,34 @@ local function drop_headers_grpc_refuses(headers)
   end
 end
 
-local function is_openai(path)
-  for _, prefix in ipairs(OPENAI_PREFIXES) do
+local function starts_with_any(path, prefixes)
+  for _, prefix in ipairs(prefixes) do
     if string.find(path, prefix, 1, true) == 1 then
       return true
     end
   end
   return false
+end
+
+-- Whose error shape a path's errors take: "anthropic", "openai" or nil (the native one).
+local function wire_of(headers, path)
+  if starts_with_any(path, ANTHROPIC_PREFIXES) then
+    return "anthropic"
+  elseif starts_with_any(path, OPENAI_PREFIXES) then
+    return headers:get("%s") and "anthropic" or "openai"
+  end
+  return nil
+end
+
+-- An error body in `wire`'s shape; `message` is JSON text (a quoted string), `reason` a finer
+-- OpenAI type (or nil); Anthropic's types go by status alone.
+local function error_body(wire, status, message, reason)
+  if wire == "anthropic" then
+    return '{"type":"error","error":{"type":"' .. (ANTHROPIC_TYPES[status] or "api_error") .. '","message":'
+      .. message .. '}}'
+  end
+  local kind = reason or OPENAI_TYPES[status] or "server_error"
+  return '{"error":{"message":' .. message .. ',"type":"' .. kind .. '","param":null,"code":"' .. kind .. '"}}'
 end
 
 function envoy_on_request(handle)
@@ -159,26 +189,28 @@ function envoy_on_request(handle)
     -- Refused from the header, before Envoy transcodes or buffers the body.
     local message = '"the request body is larger than the gateway accepts: ' .. length .. ' bytes, at most '
       .. MAX_BODY_BYTES .. ' (PARLEY_MAX_REQUEST_BYTES)"'
-    local body = '{"code":3,"message":' .. message .. ',"details":[]}'
-    if is_openai(path) then
-      body = '{"error":{"message":' .. message .. ',"type":"invalid_request_error","param":null,'
-        .. '"code":"invalid_request_error"}}'
-    end
+    local wire = wire_of(handle:headers(), path)
+    local body = wire and error_body(wire, "413", message) or ('{"code":3,"message":' .. message .. ',"details":[]}')
     handle:respond({[":status"] = "413", ["content-type"] = "application/json", ["cache-control"] = "no-store"}, body)
     return
   end
   if path == "/healthz" then
     healthz(handle)
-  elseif is_openai(path) then
-    handle:streamInfo():dynamicMetadata():set("parley", "openai", "1")
+    return
+  end
+  local wire = wire_of(handle:headers(), path)
+  if wire then
+    handle:streamInfo():dynamicMetadata():set("parley", "wire", wire)
   end
 end
 
--- Errors on OpenAI-compatible paths take OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+-- Errors on OpenAI-compatible paths take OpenAI's shape: {"error": {"message", "type", "param", "code"}};
+-- on Anthropic's, Anthropic's: {"type": "error", "error": {"type", "message"}}.
 -- Only error responses are buffered; successful streams pass untouched.
 function envoy_on_response(handle)
   local meta = handle:streamInfo():dynamicMetadata():get("parley")
-  if meta == nil or meta["openai"] ~= "1" then
+  local wire = meta and meta["wire"]
+  if wire == nil then
     return
   end
   local status = handle:headers():get(":status") or "200"
@@ -198,14 +230,13 @@ function envoy_on_response(handle)
       message = (string.gsub(rest, "}%%s*$", ""))
     end
   end
-  local kind = OPENAI_TYPES[status] or "server_error"
   -- A finer reason from the service (ParleyError.reason, e.g. insufficient_quota for a used-up
   -- token budget) is OpenAI's type and code for it.
   local reason = handle:headers():get("parley-reason")
-  if reason ~= nil and string.find(reason, "^[a-z_]+$") then
-    kind = reason
+  if reason ~= nil and string.find(reason, "^[a-z_]+$") == nil then
+    reason = nil
   end
-  local rewritten = '{"error":{"message":' .. message .. ',"type":"' .. kind .. '","param":null,"code":"' .. kind .. '"}}'
+  local rewritten = error_body(wire, status, message, reason)
   if body then
     body:setBytes(rewritten)
   end
@@ -393,7 +424,8 @@ def _cors(origins: tuple[str, ...]) -> dict[str, Any]:
         "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
         "allow_origin_string_match": [{"exact": origin} for origin in origins],
         "allow_methods": "GET, POST, PATCH, DELETE, OPTIONS",
-        "allow_headers": "authorization, content-type, x-request-id, traceparent, tracestate, x-grpc-web, grpc-timeout",
+        "allow_headers": "authorization, content-type, x-request-id, traceparent, tracestate, x-grpc-web, grpc-timeout, "
+                         "x-api-key, anthropic-version, anthropic-beta",
         "expose_headers": "retry-after, x-request-id, x-parley-cache, parley-reason, grpc-status, grpc-message",
         "max_age": "600",
     }
@@ -443,7 +475,9 @@ ACCESS_LOG_FORMAT = {
 def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
     descriptor = str(gateway.descriptor_path.resolve())
     lua = GATEWAY_LUA % (", ".join(f'"{s}"' for s in SERVICES), ", ".join(f'"{p}"' for p in OPENAI_PATH_PREFIXES),
-                         gateway.max_request_bytes)
+                         ", ".join(f'"{p}"' for p in ANTHROPIC_PATH_PREFIXES),
+                         ", ".join(f'["{k}"] = "{v}"' for k, v in ANTHROPIC_ERROR_TYPES.items()),
+                         gateway.max_request_bytes, ANTHROPIC_VERSION_HEADER)
     routes = [_openapi_route(gateway.openapi_path.resolve()), *web_app.routes(gateway.web_dir.resolve()),
               _websocket_route(), *_routes(gateway.inference_lb != "round_robin")]
     virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": routes}

@@ -6,15 +6,11 @@ usage). A replayed answer arrives as the same items as a generated one, so it is
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from services.core.errors import ParleyError
 from services.inference import openai_compat
-from services.inference.engines.base import EngineError
 from services.inference.metered import Completion, MeteredCompletions, Started
-
-log = logging.getLogger("parley.inference")
+from services.inference.wire.errors import stream_failure
 
 CACHE_HEADER = "x-parley-cache"
 SSE = "text/event-stream"
@@ -26,16 +22,6 @@ Mark = Callable[[str], Awaitable[None]]
 class ChatCompletions:
     def __init__(self, completions: MeteredCompletions) -> None:
         self.completions = completions
-
-    @staticmethod
-    def _failure(exc: Exception) -> str:
-        """What a stream cut short by `exc` tells its client; a bug is logged and stays vague."""
-        if isinstance(exc, ParleyError):
-            return exc.message
-        if isinstance(exc, EngineError):
-            return str(exc)
-        log.error("a chat completion stream failed", exc_info=exc)
-        return "internal error"
 
     async def create(self, body: bytes, timeout: float | None, mark: Mark) -> AsyncIterator[tuple[str, bytes]]:
         """Yields (content type, bytes). `mark` sends the x-parley-cache value before the first bytes."""
@@ -104,5 +90,5 @@ class ChatCompletions:
             # The stream is under way (200 and its first chunks are out): it ends with OpenAI's error
             # event, which the SDK raises as an APIError, instead of stopping without a word; then
             # [DONE] as vLLM sends it, so that a client reading lines sees the end it waits for.
-            yield SSE, writer.error_event(self._failure(exc))
+            yield SSE, writer.error_event(stream_failure(exc)[1])
             yield SSE, writer.DONE

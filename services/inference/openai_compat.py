@@ -164,7 +164,7 @@ def _structure(body: dict[str, Any]) -> Structure:
         name, description = function.get("name"), function.get("description") or ""
         if not isinstance(name, str) or not isinstance(description, str):
             raise InvalidArgument(f"tools[{i}].function.name and .description must be strings")
-        tools.append(Tool(name, description, _schema(function.get("parameters"), f"tools[{i}].function.parameters")))
+        tools.append(Tool(name, description, schema_json(function.get("parameters"), f"tools[{i}].function.parameters")))
     choice, function_name = body.get("tool_choice"), ""
     if choice is None:
         choice = "auto" if tools else ""
@@ -190,14 +190,14 @@ def _structure(body: dict[str, Any]) -> Structure:
             spec = fmt.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
                 raise InvalidArgument("response_format.json_schema must be an object with a name")
-            schema = _schema(spec.get("schema"), "response_format.json_schema.schema")
+            schema = schema_json(spec.get("schema"), "response_format.json_schema.schema")
             if not schema:
                 kind = "json_object"  # a schema is optional: any JSON object then
     return make_structure(tools, choice, function_name, parallel, kind, schema,
                           make_template_options(body.get("chat_template_kwargs"), body.get("reasoning_effort")))
 
 
-def _schema(value: Any, where: str) -> str:
+def schema_json(value: Any, where: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, dict):

@@ -3,6 +3,7 @@ registry.py and the engines; this file only converts messages."""
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -12,7 +13,7 @@ from parley.inference.v1 import inference_pb2_grpc
 
 from services.core import sampling, structured
 from services.core.errors import InvalidArgument
-from services.inference import chat_completions, embeddings, metrics, text_completions
+from services.inference import chat_completions, embeddings, messages, metrics, text_completions
 from services.inference.engines import EmbeddingEngine
 from services.inference.engines.base import Usage
 from services.inference.fitting import Fit
@@ -42,6 +43,8 @@ def model_pb(record: ModelRecord) -> pb.Model:
         engine=record.settings.engine if record.settings else entry.engine, source=entry.source,
         context_length=context, memory_mib=record.memory_mib, error=error, fingerprint=fingerprint,
         task=entry.task, dimensions=dimensions, chat_format=template.format.name if template is not None else "",
+        type="model", display_name=entry.id,
+        created_at=datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
 
 
@@ -61,6 +64,15 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else max(0.0, remaining - min(0.5, remaining / 10))
 
 
+def _marker(context: grpc.aio.ServicerContext) -> chat_completions.Mark:
+    """Sends the x-parley-cache value ("hit" or "miss") as initial metadata, which Envoy turns into
+    that HTTP response header."""
+    async def mark(value: str) -> None:
+        await context.send_initial_metadata(((chat_completions.CACHE_HEADER, value),))
+
+    return mark
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, generation: GenerationService, hardware: Hardware,
                  cache_hit_ratio: Callable[[], Awaitable[float | None]] | None = None,
@@ -74,6 +86,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.chat_completions = chat_completions.ChatCompletions(self.metered)
         # POST /v1/completions (legacy): the same flow on a raw prompt.
         self.text_completions = text_completions.TextCompletions(self.metered)
+        # Anthropic's POST /v1/messages (and count_tokens): the same flow in Anthropic's shapes.
+        self.messages = messages.Messages(self.metered)
         # Embed and POST /v1/embeddings: rate limits, batching engine, token usage.
         self.embedder = embedder or embeddings.EmbeddingService(registry, generation.settings, cache=None)
         # Asks the cache service; None when it cannot answer.
@@ -81,7 +95,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         records = sorted(self.registry.records.values(), key=lambda r: r.entry.id)
-        return pb.ListModelsResponse(object="list", data=[model_pb(r) for r in records])
+        data = [model_pb(r) for r in records]
+        return pb.ListModelsResponse(object="list", data=data, has_more=False, first_id=data[0].id if data else "",
+                                     last_id=data[-1].id if data else "")
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
         return model_pb(self.registry.get(request.id))
@@ -127,23 +143,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def CreateChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        async def mark(value: str) -> None:
-            # Initial metadata: Envoy turns it into the HTTP response header x-parley-cache.
-            await context.send_initial_metadata(((chat_completions.CACHE_HEADER, value),))
-
         # Like OpenAI's own API, the body must be JSON whatever content type the client declared.
-        parts = self.chat_completions.create(request.http_body.data, _timeout(context), mark)
+        parts = self.chat_completions.create(request.http_body.data, _timeout(context), _marker(context))
         async for content_type, data in parts:
             yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
 
     async def CreateCompletion(
         self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        async def mark(value: str) -> None:
-            await context.send_initial_metadata(((chat_completions.CACHE_HEADER, value),))
-
-        async for content_type, data in self.text_completions.create(request.http_body.data, _timeout(context), mark):
+        parts = self.text_completions.create(request.http_body.data, _timeout(context), _marker(context))
+        async for content_type, data in parts:
             yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+    async def CreateMessage(
+        self, request: pb.CreateMessageRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        parts = self.messages.create(request.http_body.data, _timeout(context), _marker(context))
+        async for content_type, data in parts:
+            yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+    async def CountMessageTokens(self, request: pb.CountMessageTokensRequest,
+                                 context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        return httpbody_pb2.HttpBody(content_type=chat_completions.JSON,
+                                     data=await self.messages.count_tokens(request.http_body.data))
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         inputs: list[embeddings.Input] = []

@@ -77,6 +77,7 @@ class Chunk:
     tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed with this chunk
     call_deltas: list[CallDelta] = field(default_factory=list)  # pieces of calls being written
     reasoning: str = ""  # the model's thinking, apart from the content
+    stop_sequence: str = ""  # finish_reason "stop": the caller's stop sequence that ended it, if one did
 
 
 class StopMatcher:
@@ -90,13 +91,15 @@ class StopMatcher:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self.stopped = False
+        self.matched = ""  # the stop sequence that ended the text
 
     def feed(self, data: bytes) -> str:
         """Returns the text that is safe to emit now."""
         self._pending += self._decoder.decode(data)
-        found = [at for at in (self._pending.find(stop) for stop in self._stop) if at != -1]
+        found = [(at, stop) for stop in self._stop if (at := self._pending.find(stop)) != -1]
         if found:
-            out, self._pending, self.stopped = self._pending[: min(found)], "", True
+            at, self.matched = min(found, key=lambda pair: pair[0])
+            out, self._pending, self.stopped = self._pending[:at], "", True
             return out
         if self._hold == 0:
             out, self._pending = self._pending, ""
@@ -220,7 +223,8 @@ class Request:
         choice.finish_reason = reason
         tail = "" if choice.matcher.stopped else choice.matcher.flush()
         usage = self.usage if self.done else None
-        self._emit(Chunk(text=tail, finish_reason=reason, usage=usage, index=index, logprobs=self._take(choice)))
+        self._emit(Chunk(text=tail, finish_reason=reason, usage=usage, index=index, logprobs=self._take(choice),
+                         stop_sequence=choice.matcher.matched))
 
     def fail(self, exc: BaseException) -> None:
         for choice in self.choices:

@@ -287,6 +287,22 @@ async def test_api_keys_work_everywhere_and_revocation(env: Env) -> None:
                  env.session.GetSession(session_pb2.GetSessionRequest(id="x"), metadata=bearer(key)))
 
 
+async def test_x_api_key_carries_the_same_credentials_as_anthropic_clients_send_them(env: Env) -> None:
+    user = await env.login("alice")
+    created = await env.auth.CreateApiKey(auth_pb2.CreateApiKeyRequest(name="sdk"), metadata=bearer(user.access_token))
+    for credential in (created.secret, user.access_token):
+        me = await env.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=(("x-api-key", credential),))
+        assert me.username == "alice"
+    # authorization wins when both come: a wrong key beside a valid bearer changes nothing, and the reverse fails.
+    both = (*bearer(created.secret), ("x-api-key", "pk-wrong"))
+    assert (await env.auth.GetCurrentUser(auth_pb2.GetCurrentUserRequest(), metadata=both)).username == "alice"
+    await expect(grpc.StatusCode.UNAUTHENTICATED, env.auth.GetCurrentUser(
+        auth_pb2.GetCurrentUserRequest(), metadata=(*bearer("pk-wrong"), ("x-api-key", created.secret))))
+    said = await expect(grpc.StatusCode.UNAUTHENTICATED, env.auth.GetCurrentUser(
+        auth_pb2.GetCurrentUserRequest(), metadata=(("x-api-key", "two words"),)))
+    assert "x-api-key" in said
+
+
 async def test_api_key_verification_is_cached(env: Env) -> None:
     user = await env.login("alice")
     created = await env.auth.CreateApiKey(auth_pb2.CreateApiKeyRequest(name="ci"), metadata=bearer(user.access_token))
