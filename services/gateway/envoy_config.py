@@ -202,6 +202,12 @@ function envoy_on_request(handle)
   if wire then
     handle:streamInfo():dynamicMetadata():set("parley", "wire", wire)
   end
+  local query = string.find(path, "?", 1, true)
+  if query and starts_with_any(path, ANTHROPIC_PREFIXES) then
+    -- Anthropic's clients add ?beta=true; no field takes it, and the transcoder answers an unknown
+    -- query parameter with a 404.
+    handle:headers():replace(":path", string.sub(path, 1, query - 1))
+  end
 end
 
 -- Errors on OpenAI-compatible paths take OpenAI's shape: {"error": {"message", "type", "param", "code"}};

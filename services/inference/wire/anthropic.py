@@ -8,8 +8,9 @@ assistant turn's text its content and each `tool_use` block one of its tool call
 template does not take them back. `tools` (`input_schema`) and `tool_choice` (`auto`, `any`, `tool`,
 `none`, `disable_parallel_tool_use`) become the same services.core.structured Structure the OpenAI
 path builds, so the same grammars enforce them; `thinking` `disabled` turns a reasoning model's
-thinking off (reasoning_effort "none"), `enabled` keeps it on with an effort from `budget_tokens`,
-and without `thinking` the model's own default holds, as on the OpenAI path. `max_tokens` is
+thinking off (reasoning_effort "none"), `enabled` keeps it on with an effort from `budget_tokens`
+(or `output_config.effort`), and without `thinking` (or with `adaptive`) the model's own default
+holds, as on the OpenAI path; `output_config.format` (a JSON schema) is the answer's response format. `max_tokens` is
 required, as Anthropic requires it. Image and document blocks are a 400: local models take text.
 Unknown top-level fields are ignored, as new clients send new ones.
 """
@@ -38,6 +39,10 @@ TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "function", "none": "
 # thinking.budget_tokens → the reasoning_effort a chat template knows (gpt-oss reads it): below
 # each bound the effort beside it.
 EFFORTS = ((4096, "low"), (16384, "medium"))
+# output_config.effort → reasoning_effort ("xhigh" and "max" are beyond what a chat template knows).
+OUTPUT_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+# "adaptive" and "between_tools" leave thinking to the model, as no `thinking` does.
+THINKING_TYPES = ("enabled", "disabled", "adaptive", "between_tools")
 MAX_METADATA_BYTES = 4096
 
 @dataclass(frozen=True)
@@ -208,22 +213,41 @@ def _structure(body: dict[str, Any]) -> Structure:
         if disable is not None and not isinstance(disable, bool):
             raise InvalidArgument("tool_choice.disable_parallel_tool_use must be a boolean")
         parallel = None if disable is None else not disable
-    return make_structure(tools, kind, name, parallel, template=make_template_options(None, _effort(body)))
+    return make_structure(tools, kind, name, parallel, *_format(body),
+                          template=make_template_options(None, _effort(body)))
 
 
 def _effort(body: dict[str, Any]) -> str:
-    """thinking as a reasoning_effort: "" keeps the model's default."""
+    """thinking and output_config.effort as a reasoning_effort: "" keeps the model's default."""
+    config = body.get("output_config") or {}
+    if not isinstance(config, dict):
+        raise InvalidArgument("output_config must be an object")
+    effort = config.get("effort")
+    if effort is not None and effort not in OUTPUT_EFFORTS:
+        raise InvalidArgument(f"output_config.effort must be one of {', '.join(OUTPUT_EFFORTS)}, got {effort!r}")
     thinking = body.get("thinking")
-    if thinking is None:
-        return ""
     kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if thinking is not None and kind not in THINKING_TYPES:
+        raise InvalidArgument('thinking must be {"type": "enabled", "budget_tokens": N}, {"type": "disabled"} or '
+                              '{"type": "adaptive"}')
     if kind == "disabled":
         return "none"
-    if kind == "adaptive":
-        return ""
+    if effort is not None:
+        return OUTPUT_EFFORTS[effort]
     if kind != "enabled":
-        raise InvalidArgument('thinking must be {"type": "enabled", "budget_tokens": N} or {"type": "disabled"}')
+        return ""
     budget = number(thinking, "budget_tokens", int)
     if budget is None or budget < 1:
         raise InvalidArgument("thinking.budget_tokens must be a positive integer")
     return next((effort for bound, effort in EFFORTS if budget < bound), "high")
+
+
+def _format(body: dict[str, Any]) -> tuple[str, str]:
+    """output_config.format (a JSON schema the answer follows) as the response format and its schema."""
+    config = body.get("output_config") or {}
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if fmt is None:
+        return "", ""
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise InvalidArgument('output_config.format must be {"type": "json_schema", "schema": {...}}')
+    return "json_schema", schema_json(fmt["schema"], "output_config.format.schema")

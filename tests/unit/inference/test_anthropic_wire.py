@@ -78,6 +78,14 @@ def test_thinking_maps_onto_the_template_options(thinking: Any, effort: str, thi
     assert (template.reasoning_effort, template.thinking) == (effort, thinks)
 
 
+def test_output_config_gives_the_effort_and_a_json_schema_format() -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    structure = request(messages=[{"role": "user", "content": "hi"}], thinking={"type": "adaptive"},
+                        output_config={"effort": "max", "format": {"type": "json_schema", "schema": schema}}).structure
+    assert (structure.format, json.loads(structure.schema), structure.template.reasoning_effort) == (
+        "json_schema", schema, "high")
+
+
 @pytest.mark.parametrize("body, says", [
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens is required"),
     ({"model": "tiny", "max_tokens": 8, "messages": []}, "messages"),
