@@ -35,7 +35,7 @@ from tests.integration.conftest import ADMIN_PASSWORD, Caller, artifacts_dir, ne
 MAX_EXAMPLES = 12
 # No answer here takes long with tokens capped; a request still open after this is a hang.
 REQUEST_TIMEOUT_SECONDS = 30
-GENERATING = r"^/v1/(chat/completions|completions|responses)$|:(generate|chat)$"
+GENERATING = r"^/v1/(chat/completions|completions|responses|messages)$|:(generate|chat)$"
 # The most tokens any generated request may ask for.
 MAX_TOKENS = 3
 
@@ -133,6 +133,8 @@ def cap_generation(case: Any) -> None:
             body["n"] = 2  # choices are generated side by side: 16 of them cost 16 answers
     elif path == "/v1/responses":
         _cap(body, "max_output_tokens")
+    elif path == "/v1/messages":
+        _cap(body, "max_tokens")
     elif path.endswith((":generate", ":chat")):
         sampling = body.get("sampling")
         if sampling is None:

@@ -84,6 +84,12 @@ def test_generation_answers_as_documented(schema: Any, stack: Stack, user: Calle
                 "model": EMBEDDING_MODEL, "input": ["a", "b"], "encoding_format": encoding}))
         check(schema, "/v1/chat/completions", "POST",
               http.post("/v1/chat/completions", json={"model": "nope", "messages": messages}), 404)
+        for stream in (False, True):
+            check(schema, "/v1/messages", "POST", http.post("/v1/messages", json={
+                "model": MODEL, "messages": messages, "max_tokens": 3, "stream": stream}))
+        check(schema, "/v1/messages", "POST", http.post("/v1/messages", json={"model": MODEL, "messages": messages}), 400)
+        check(schema, "/v1/messages/count_tokens", "POST",
+              http.post("/v1/messages/count_tokens", json={"model": MODEL, "messages": messages}))
 
 
 def test_accounts_and_admin_pages_answer_as_documented(schema: Any, stack: Stack, user: Caller,

@@ -201,7 +201,7 @@ def _structure(body: dict[str, Any]) -> Structure:
     choice = body.get("tool_choice")
     kind, name, parallel = ("auto" if tools else ""), "", None
     if choice is not None:
-        if not isinstance(choice, dict) or choice.get("type") not in TOOL_CHOICES:
+        if not isinstance(choice, dict) or not isinstance(choice.get("type"), str) or choice["type"] not in TOOL_CHOICES:
             raise InvalidArgument('tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or '
                                   '{"type": "tool", "name": ...}')
         kind = TOOL_CHOICES[choice["type"]]
@@ -223,7 +223,7 @@ def _effort(body: dict[str, Any]) -> str:
     if not isinstance(config, dict):
         raise InvalidArgument("output_config must be an object")
     effort = config.get("effort")
-    if effort is not None and effort not in OUTPUT_EFFORTS:
+    if effort is not None and (not isinstance(effort, str) or effort not in OUTPUT_EFFORTS):
         raise InvalidArgument(f"output_config.effort must be one of {', '.join(OUTPUT_EFFORTS)}, got {effort!r}")
     thinking = body.get("thinking")
     kind = thinking.get("type") if isinstance(thinking, dict) else None

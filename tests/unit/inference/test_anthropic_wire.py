@@ -104,6 +104,10 @@ def test_output_config_gives_the_effort_and_a_json_schema_format() -> None:
       "thinking": {"type": "enabled"}}, "budget_tokens"),
     ({"model": "tiny", "max_tokens": "8", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
     ({"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "metadata": []}, "metadata"),
+    ({"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "tool_choice": {"type": {}}},
+     "tool_choice"),
+    ({"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+      "output_config": {"effort": []}}, "output_config.effort"),
 ])
 def test_bad_requests_are_400_naming_what_is_wrong(body: dict[str, Any], says: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
