@@ -67,9 +67,10 @@ def number(body: dict[str, Any], key: str, kind: type) -> Any:
     return kind(value)
 
 
-def text_parts(content: Any, where: str, types: tuple[str, ...]) -> str:
+def text_parts(content: Any, where: str, types: tuple[str, ...], joiner: str = "") -> str:
     """A message's content as one text: a string, or an array of parts whose type is one of
-    `types` (their "text") or "refusal" (its "refusal"); any other part is a 400 naming it."""
+    `types` (their "text") or "refusal" (its "refusal"), joined by `joiner`; any other part is a
+    400 naming it."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -81,4 +82,4 @@ def text_parts(content: Any, where: str, types: tuple[str, ...]) -> str:
         if (kind not in types and kind != "refusal") or not isinstance(part.get(key), str):
             raise InvalidArgument(f"{where}[{j}]: only text parts are supported ({', '.join(types)}), got {kind!r}")
         texts.append(part[key])
-    return "".join(texts)
+    return joiner.join(texts)

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from services.core.errors import InvalidArgument
-from services.core.json_body import number, parse_object
+from services.core.json_body import number, parse_object, text_parts
 from services.core.sampling import SamplingInput
 from services.core.structured import Structure, Tool, ToolCall, make_structure, make_template_options
 from services.inference.openai_compat import schema_json
@@ -107,19 +107,9 @@ def parse_prompt(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], Struc
 
 
 def _text(content: Any, where: str) -> str:
-    """A string, or text blocks joined (what `system` and a tool result's content are)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidArgument(f"{where} must be a string or an array of text blocks")
-    texts = []
-    for j, block in enumerate(content):
-        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise InvalidArgument(f"{where}[{j}] must be a text block, got {kind!r}"
-                                  + (": this model does not take images" if kind == "image" else ""))
-        texts.append(block["text"])
-    return "\n\n".join(texts) if where == "system" else "".join(texts)
+    """A string, or text blocks (what `system` and a tool result's content are); a system
+    prompt's blocks are paragraphs."""
+    return text_parts(content, where, ("text",), "\n\n" if where == "system" else "")
 
 
 def _turn(message: Any, i: int) -> list[dict[str, Any]]:
