@@ -2,7 +2,8 @@
 given a template that opens a think block (conftest.THINKING_TEMPLATE): a session turn streams and
 stores the reasoning apart from the content and never sends it back, the WebSocket carries it in its
 own field, and the Responses API answers a `reasoning` item (the `openai` SDK reads it, plain,
-streamed and retrieved). Thinking turned off ("none") gives content and no reasoning."""
+streamed and retrieved), as do Anthropic's Messages API's `thinking` blocks. Thinking turned off
+("none", thinking disabled) gives content and no reasoning."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -152,3 +154,25 @@ def test_responses_stream_reasoning_and_can_turn_it_off(client: openai.OpenAI) -
                                     reasoning={"effort": "none"})
     assert [item.type for item in plain.output] == ["message"] and plain.output_text.strip()
     assert plain.reasoning is not None and plain.reasoning.effort == "none"
+
+
+def test_anthropic_messages_answer_thinking_blocks_and_can_turn_them_off(think_stack: Stack, caller: Caller) -> None:
+    client = anthropic.Anthropic(base_url=think_stack.url, api_key=caller.api_key, max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "What is 5 + 5?"}]
+    thought = client.messages.create(model=THINKING_MODEL, max_tokens=16, messages=ask,
+                                     thinking={"type": "enabled", "budget_tokens": 1024})
+    assert [block.type for block in thought.content] == ["thinking"] and thought.content[0].thinking.strip()
+    assert thought.stop_reason == "max_tokens"
+
+    with client.messages.stream(model=THINKING_MODEL, max_tokens=16, messages=[
+            {"role": "user", "content": "Name a planet."}]) as stream:
+        pieces = [event.thinking for event in stream if event.type == "thinking"]
+        final = stream.get_final_message()
+    assert len(pieces) > 1 and final.content[0].type == "thinking" and final.content[0].thinking == "".join(pieces)
+
+    # Turned off: text only; a thinking block from an earlier turn (or another provider) is dropped.
+    plain = client.messages.create(model=THINKING_MODEL, max_tokens=16, thinking={"type": "disabled"}, messages=[
+        *ask, {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "c2ln"},
+                                                {"type": "text", "text": "10."}]},
+        {"role": "user", "content": "And 6 + 6?"}])
+    assert [block.type for block in plain.content] == ["text"] and plain.content[0].text.strip()
