@@ -236,6 +236,10 @@ function envoy_on_response(handle)
       message = (string.gsub(rest, "}%%s*$", ""))
     end
   end
+  if message == '""' then
+    -- Some of Envoy's own replies come without words.
+    message = status == "404" and '"not found"' or '"request failed"'
+  end
   -- A finer reason from the service (ParleyError.reason, e.g. insufficient_quota for a used-up
   -- token budget) is OpenAI's type and code for it.
   local reason = handle:headers():get("parley-reason")

@@ -155,6 +155,9 @@ def test_gateway_errors_take_anthropics_shape(stack: Stack, user: Caller) -> Non
     beta = httpx.post(f"{stack.url}/v1/messages?beta=true", headers=headers, timeout=60,
                       json={"model": MODEL, "max_tokens": 4, "messages": ASK})
     assert beta.status_code == 200, beta.text
+    unknown = httpx.post(f"{stack.url}/v1/messages/batches", headers=headers, json={}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"
+    assert "/v1/messages/batches" in unknown.json()["error"]["message"]
     # GET /v1/models answers an Anthropic client's error in Anthropic's shape, an OpenAI client's in OpenAI's.
     anonymous = httpx.get(f"{stack.url}/v1/models", headers={"anthropic-version": "2023-06-01"}, timeout=30)
     assert anonymous.status_code == 401 and anonymous.json()["type"] == "error"
