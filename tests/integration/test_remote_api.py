@@ -1,5 +1,5 @@
 """Remote models through Envoy: the inference service in front of real llama-servers (the bundled
-model) with engine "remote" — OpenAI chat (stream and not), a session turn, the response cache,
+model) with engine "remote" — OpenAI chat (stream and not), Anthropic's messages, a session turn, the response cache,
 cancellation reaching the upstream, an upstream killed mid-answer, a replica killed while its twin
 serves, and an upstream's 429 passed through (a tiny local server plays that upstream: llama-server
 never answers 429)."""
@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -136,6 +138,32 @@ def test_openai_chat_through_a_remote_model(client: openai.OpenAI, upstreams: di
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == answer.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+
+def test_anthropic_messages_through_a_remote_model(remote_stack: Stack, caller: Caller,
+                                                   upstreams: dict[str, LlamaServer]) -> None:
+    """Anthropic's API on a remote model is translated to the upstream's chat completions: the same
+    answer as the upstream gives that chat, whole and streamed."""
+    def upstream(question: list[dict[str, str]]) -> dict[str, Any]:
+        return httpx.post(f"{upstreams['main'].url}/chat/completions", timeout=60,
+                          json={"messages": question, **SHORT}).json()
+
+    claude = anthropic.Anthropic(base_url=remote_stack.url, api_key=caller.api_key, max_retries=0, timeout=60)
+    river = [{"role": "user", "content": "Name a river."}]
+    message = claude.messages.create(model="remote-smol", max_tokens=8, messages=river, extra_body={"temperature": 0})
+    direct = upstream(river)
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == direct["choices"][0]["message"]["content"]
+    assert message.usage.input_tokens == direct["usage"]["prompt_tokens"]
+
+    lake = [{"role": "user", "content": "Name a lake."}]
+    with claude.messages.stream(model="remote-smol", max_tokens=8, messages=lake,
+                                extra_body={"temperature": 0}) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    direct = upstream(lake)
+    assert text == direct["choices"][0]["message"]["content"]
+    assert final.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[direct["choices"][0]["finish_reason"]]
 
 
 def test_the_upstream_call_is_a_client_span_of_the_request_trace(remote_stack: Stack, caller: Caller,
