@@ -1,2 +1,2 @@
 """Inference service: model registry, hardware-aware engines (llama.cpp, torch), scheduling and
-token streaming, and the OpenAI-compatible chat completions endpoint."""
+token streaming, the OpenAI-compatible endpoints and Anthropic's Messages API."""
