@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tools.openapi_openai import BOOLEAN, INTEGER, MODEL, NUMBER, STRING, STRINGS, _json_body, _nullable, _ref, sse_event
+from tools.openapi_openai import (
+    BOOLEAN, INTEGER, MODEL, NUMBER, STRING, STRINGS, _json_body, _nullable, _ref, sse_event,
+)
 
 ERROR = {
     "type": "object",
@@ -32,7 +34,8 @@ THINKING = {"type": "object", "required": ["type", "thinking"], "properties": {
     "type": {"const": "thinking"}, "thinking": STRING, "signature": STRING}}
 INPUT_MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
     "role": {"enum": ["user", "assistant"]},
-    "content": {"anyOf": [STRING, {"type": "array", "items": {"anyOf": [TEXT_BLOCK, TOOL_USE, TOOL_RESULT, THINKING]}}]},
+    "content": {"anyOf": [STRING, {"type": "array",
+                                   "items": {"anyOf": [TEXT_BLOCK, TOOL_USE, TOOL_RESULT, THINKING]}}]},
 }}
 TOOL = {"type": "object", "required": ["name", "input_schema"], "properties": {
     "name": {**STRING, "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": STRING,

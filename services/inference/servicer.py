@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.api import httpbody_pb2
@@ -71,6 +72,16 @@ def _marker(context: grpc.aio.ServicerContext) -> chat_completions.Mark:
         await context.send_initial_metadata(((chat_completions.CACHE_HEADER, value),))
 
     return mark
+
+
+WireCreate = Callable[[bytes, float | None, chat_completions.Mark], AsyncIterator[tuple[str, bytes]]]
+
+
+async def _pass_through(create: WireCreate, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[httpbody_pb2.HttpBody]:
+    """A wire format's answer to the request's body, as the HttpBody messages Envoy passes through
+    verbatim (the first one's content type is the response's)."""
+    async for content_type, data in create(request.http_body.data, _timeout(context), _marker(context)):
+        yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -144,23 +155,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         # Like OpenAI's own API, the body must be JSON whatever content type the client declared.
-        parts = self.chat_completions.create(request.http_body.data, _timeout(context), _marker(context))
-        async for content_type, data in parts:
-            yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+        async for body in _pass_through(self.chat_completions.create, request, context):
+            yield body
 
     async def CreateCompletion(
         self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        parts = self.text_completions.create(request.http_body.data, _timeout(context), _marker(context))
-        async for content_type, data in parts:
-            yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+        async for body in _pass_through(self.text_completions.create, request, context):
+            yield body
 
     async def CreateMessage(
         self, request: pb.CreateMessageRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        parts = self.messages.create(request.http_body.data, _timeout(context), _marker(context))
-        async for content_type, data in parts:
-            yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+        async for body in _pass_through(self.messages.create, request, context):
+            yield body
 
     async def CountMessageTokens(self, request: pb.CountMessageTokensRequest,
                                  context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:

@@ -81,7 +81,8 @@ def test_stream_sends_anthropics_events_and_the_sdk_assembles_them(client: anthr
 
 
 def test_tool_use_then_a_tool_result_follow_up(client: anthropic.Anthropic) -> None:
-    first = create(client, max_tokens=48, tools=[WEATHER], tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    first = create(client, max_tokens=48, tools=[WEATHER],
+                   tool_choice={"type": "any", "disable_parallel_tool_use": True})
     assert first.stop_reason == "tool_use"
     calls = [block for block in first.content if block.type == "tool_use"]
     assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].id

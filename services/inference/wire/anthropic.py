@@ -191,10 +191,11 @@ def _structure(body: dict[str, Any]) -> Structure:
     choice = body.get("tool_choice")
     kind, name, parallel = ("auto" if tools else ""), "", None
     if choice is not None:
-        if not isinstance(choice, dict) or not isinstance(choice.get("type"), str) or choice["type"] not in TOOL_CHOICES:
+        given = choice.get("type") if isinstance(choice, dict) else None
+        if not isinstance(given, str) or given not in TOOL_CHOICES:
             raise InvalidArgument('tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or '
                                   '{"type": "tool", "name": ...}')
-        kind = TOOL_CHOICES[choice["type"]]
+        kind = TOOL_CHOICES[given]
         if kind == "function":
             name = choice.get("name")
             if not isinstance(name, str):
