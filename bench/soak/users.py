@@ -27,6 +27,11 @@ PASSWORD = "Soak-passphrase-4242"
 SHORT_TOKENS = 16  # a normal answer: the model is tiny and the machine may have 2 cores
 LONG_TOKENS = 96  # an answer the client stops or abandons after its first deltas
 TIMEOUT = 60.0  # a request silent for this long counts as a server failure (a hang)
+REFRESH_AFTER = 600.0  # seconds: a client renews its access token (15 minutes' lifetime) before it expires
+# Requests that run the models; the rest (sign-ins, keys, conversations' records) must stay quick
+# however busy the engine is.
+MODEL_WORK = frozenset({"chat_completion", "chat_completion_stream", "tool_call", "embeddings", "response",
+                        "session_sse", "session_ws"})
 SERVER_CODES = {"UNAVAILABLE", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED", "DATA_LOSS"}
 QUESTIONS = ("What is the capital of France?", "Name a colour.", "Why is the sky blue?", "Tell me a short joke.",
              "How do bees make honey?", "What is two plus two?", "Name a fruit.", "Say hello.")
@@ -121,6 +126,7 @@ class User:
         self.think, self.key_cache_seconds = think, key_cache_seconds
         self.http = httpx.AsyncClient(base_url=url, timeout=TIMEOUT)
         self.access = self.refresh_token = self.api_key = ""
+        self.signed_in_at = 0.0
         self.sessions: list[str] = journal.sessions.setdefault(self.name, [])
         self.previous_response = ""
         self.sent = 0
@@ -158,6 +164,17 @@ class User:
 
     def take_tokens(self, body: dict[str, Any]) -> None:
         self.access, self.refresh_token = body["tokens"]["access_token"], body["tokens"]["refresh_token"]
+        self.signed_in_at = self.journal.clock()
+
+    async def stay_signed_in(self) -> None:
+        """As the web app does: a fresh access token from the refresh token before the old one expires."""
+        if self.journal.clock() - self.signed_in_at < REFRESH_AFTER:
+            return
+        answer = await self.call("refresh", "POST", "/v1/auth/refresh", json={"refresh_token": self.refresh_token})
+        if answer is not None and answer.status_code == 200:
+            self.take_tokens(answer.json())
+        else:
+            await self.sign_in()
 
     async def run(self, start_delay: float) -> None:
         await asyncio.sleep(start_delay)
@@ -167,6 +184,7 @@ class User:
             while self.journal.clock() < self.deadline:
                 action = self.rng.choices([a for a, _ in self.actions], [w for _, w in self.actions])[0]
                 try:
+                    await self.stay_signed_in()
                     await asyncio.wait_for(action(), timeout=3 * TIMEOUT)
                 except Exception as exc:  # noqa: BLE001 - a harness bug must not end the run quietly
                     self.journal.harness_errors.append(f"{self.name} {action.__name__}: {type(exc).__name__}: {exc}")
