@@ -20,7 +20,7 @@ from services.core.structured import (
 from services.core.json_body import number, parse_object, text_parts
 from services.inference.engines.base import TokenLogprob, Usage
 from services.inference.service import SamplingInput
-from services.inference.structured import CallDelta
+from services.inference.grammars import CallDelta
 
 ROLE_ALIASES = {"developer": "system"}
 MAX_CHOICES = 16

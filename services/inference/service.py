@@ -26,7 +26,7 @@ from services.inference.metrics import GenerationTelemetry
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
 from services.inference.chat_formats import OutputParser
-from services.inference.structured import after_reasoning, grammar_for
+from services.inference.grammars import after_reasoning, grammar_for
 
 CHARACTERS_PER_TOKEN = 8  # text that fits a context window averages fewer characters a token
 

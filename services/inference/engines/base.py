@@ -30,7 +30,7 @@ from services.inference.engines.sequence import (
     Chunk, Request, Sampling, StopMatcher, TokenLogprob, Usage, common_prefix,
 )
 from services.inference.hardware import EngineSettings
-from services.inference.structured import call_json, template_input
+from services.inference.grammars import call_json, template_input
 
 __all__ = ["Chunk", "Engine", "EngineError", "LoadedModel", "Request", "Sampling", "StopMatcher", "TokenLogprob", "Usage",
            "common_prefix"]

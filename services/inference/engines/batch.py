@@ -37,7 +37,7 @@ from typing import Any
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError
 from services.inference.engines.sequence import Courier, Request, TokenLogprob, common_prefix
-from services.inference.structured import CallDictation, Grammar
+from services.inference.grammars import CallDictation, Grammar
 from services.inference.hardware import EngineSettings
 
 log = logging.getLogger("parley.engine")

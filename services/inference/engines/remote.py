@@ -49,7 +49,7 @@ from services.inference import metrics, offloop
 from services.inference.chat_template import ChatTemplate, TemplateError
 from services.inference.engines.base import Chunk, Engine, EngineError, Request, Sampling, Usage
 from services.inference.hardware import EngineSettings
-from services.inference.structured import CallDelta, call_json, tools_json
+from services.inference.grammars import CallDelta, call_json, tools_json
 
 log = logging.getLogger("parley.remote")
 

@@ -20,7 +20,7 @@ from typing import Any
 from services.core.errors import DeadlineExceeded
 from services.core.structured import ToolCall
 from services.inference.metrics import token_timer
-from services.inference.structured import CallDelta, Grammar
+from services.inference.grammars import CallDelta, Grammar
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Sampling:
     seed: int | None = None
     max_tokens: int = 1024
     stop: tuple[str, ...] = ()
-    grammar: Grammar | None = None  # structured output and tool calls (services.inference.structured)
+    grammar: Grammar | None = None  # structured output and tool calls (services.inference.grammars)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Engines that run one sequence per slot, each on its own worker thread (the torch engine).
 
 A slot is one sequence's state (a KV cache) plus the tokens that state holds. A request waits for a
-free slot in services.inference.scheduler.SlotPool, which prefers the slot holding the longest
-prefix of its prompt; the slot's worker thread then evaluates the prompt and feeds sampled tokens to
-the request until it ends or is cancelled.
+free slot in SlotPool, in a bounded queue (full -> RESOURCE_EXHAUSTED, HTTP 429). Among free slots
+it takes the one whose cached tokens share the longest prefix with its prompt, so the next turn of a
+conversation lands where its KV cache already is; ties go to the least recently used slot, which
+keeps other conversations' caches warm longest. The slot's worker thread then evaluates the prompt
+and feeds sampled tokens to the request until it ends or is cancelled.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.core.errors import ResourceExhausted
 from services.inference.engines.base import Engine, EngineError
 from services.inference.engines.sequence import Request, Sampling, common_prefix
-from services.inference.scheduler import SlotPool
 
 
 @dataclass
@@ -33,6 +35,71 @@ class Slot:
     # of threads per calling thread, and hopping threads builds extra teams that spin on the cores.
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation"))
+
+
+class SlotPool:
+    """Which request gets which free slot, and the bounded queue of those waiting for one."""
+
+    def __init__(self, slots: Sequence[Slot], queue_depth: int) -> None:
+        self._slots = list(slots)
+        self._queue_depth = queue_depth
+        self._waiting = 0
+        self._changed = asyncio.Condition()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        return sum(slot.busy for slot in self._slots)
+
+    def _best_free(self, prompt: Sequence[int]) -> Slot | None:
+        free = [slot for slot in self._slots if not slot.busy]
+        if not free:
+            return None
+        return max(free, key=lambda slot: (common_prefix(slot.tokens, prompt), -slot.last_used))
+
+    def check_room(self) -> None:
+        """Raises ResourceExhausted when no slot is free and the queue is full."""
+        if self._waiting >= self._queue_depth and all(slot.busy for slot in self._slots):
+            raise ResourceExhausted(
+                f"the server is busy: {len(self._slots)} generations running and "
+                f"{self._waiting} queued (queue depth {self._queue_depth}); retry shortly",
+                retry_after=1,
+            )
+
+    async def acquire(self, prompt: Sequence[int]) -> Slot:
+        async with self._changed:
+            slot = self._best_free(prompt)
+            if slot is None:
+                self.check_room()
+                self._waiting += 1
+                try:
+                    await self._changed.wait_for(lambda: any(not s.busy for s in self._slots))
+                finally:
+                    self._waiting -= 1
+                slot = self._best_free(prompt)
+                assert slot is not None
+            slot.busy = True
+            return slot
+
+    def release(self, slot: Slot) -> None:
+        """Frees the slot once its worker thread has stopped — never earlier, because a llama.cpp
+        context must not be used by two threads. Synchronous, so a cancelled caller cannot skip it."""
+        worker = slot.worker
+        if worker is not None and not worker.done():
+            worker.add_done_callback(lambda _: self._free(slot))
+        else:
+            self._free(slot)
+
+    def _free(self, slot: Slot) -> None:
+        slot.busy, slot.worker = False, None
+        asyncio.ensure_future(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._changed:
+            self._changed.notify()
 
 
 class SlotEngine(Engine):

@@ -23,7 +23,7 @@ from services.inference.engines.weights import safetensors_parameters
 from services.inference.hardware import EngineSettings
 from services.inference.chat_formats.conversation import default_format
 from services.inference.chat_template import TemplateError, model_template
-from services.inference.structured import Grammar
+from services.inference.grammars import Grammar
 
 
 BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2, "8bit": 1, "4bit": 0.5}

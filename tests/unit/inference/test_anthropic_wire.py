@@ -19,7 +19,7 @@ from services.inference.engines.base import Chunk, EngineError, Usage
 from services.inference.messages import Messages
 from services.inference.metered import MeteredCompletions
 from services.inference.service import Admitted, Queued
-from services.inference.structured import CallDelta
+from services.inference.grammars import CallDelta
 from services.inference.wire import anthropic
 from services.inference.wire.anthropic_stream import MessageBuilder
 

@@ -9,7 +9,7 @@ from typing import Any
 from services.core.structured import Tool, ToolCall, make_structure
 from services.inference.chat_formats import ChatFormat
 from services.inference.chat_template import ChatTemplate
-from services.inference.structured import template_input
+from services.inference.grammars import template_input
 
 CALL = ToolCall("call_0123456789abcdefghijklmn", "special_function", '{"arg1": 1}')
 

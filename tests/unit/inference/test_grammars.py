@@ -16,7 +16,7 @@ from services.core.structured import Structure, Tool, ToolCall, check_schema, ma
 from services.inference import openai_compat
 from services.inference.service import SamplingInput
 from services.inference.chat_formats.hermes import HermesFormat, ToolCallParser
-from services.inference.structured import (
+from services.inference.grammars import (
     grammar_for, int_range, integer_bounds, number_range,
     template_input,
 )
@@ -307,7 +307,7 @@ async def test_a_call_the_model_starts_jumps_over_what_the_grammar_dictates(engi
 
     from services.inference.engines.batch import Decoding
     from services.inference.engines.sequence import Request, Sampling
-    from services.inference.structured import CallDictation
+    from services.inference.grammars import CallDictation
 
     registry, _ = engine
     model = registry.get(MODEL).engine

@@ -7,8 +7,7 @@ import asyncio
 import pytest
 
 from services.core.errors import ResourceExhausted
-from services.inference.engines.slots import Slot
-from services.inference.scheduler import SlotPool
+from services.inference.engines.slots import Slot, SlotPool
 
 
 async def test_prefers_the_slot_holding_the_longest_prefix() -> None:
