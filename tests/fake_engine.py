@@ -18,6 +18,7 @@ from typing import Any
 from services.core.errors import ResourceExhausted
 from services.inference.chat_template import ChatTemplate
 from services.inference.engines.base import Engine, EngineError, Request
+from services.inference.engines.local import TokenEngine
 
 END = 0
 BOS = 1
@@ -31,7 +32,7 @@ class Script:
     end: bool = True  # the end-of-turn token after the words (else the answer runs to max_tokens)
 
 
-class ScriptedEngine(Engine):
+class ScriptedEngine(TokenEngine):
     engine_name = "scripted"
 
     def __init__(self, model_id: str, path: str, settings: Any, params: dict) -> None:

@@ -47,6 +47,14 @@ def budget(context: int, max_tokens: int | None, reserve_tokens: int) -> int:
     return context - room
 
 
+def check_characters(messages: Sequence[dict[str, Any]], prompt: str, limit: int, what: str) -> None:
+    """Refuses, before anything renders it, a request that cannot fit the model (more than `limit`
+    characters, set by `what`): its tokens would take longer to count than any answer is worth."""
+    held = len(prompt) + sum(characters(m) for m in messages)
+    if held > limit:
+        raise InvalidArgument(f"the request holds {held} characters; at most {limit} are accepted ({what})")
+
+
 def within_characters(messages: Sequence[dict[str, Any]], keep_last: int, limit: int,
                       what: str) -> tuple[list[dict[str, Any]], int]:
     """The chat with its oldest turns left out until its messages hold at most `limit` characters,

@@ -69,7 +69,7 @@ EMBEDDING_LATENCY = prometheus_client.Histogram(
     "parley_inference_embedding_duration_seconds", "Embedding request arrival to its last vector", ["model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
-# Remote engines (services.inference.engines.remote): each upstream call, by model, upstream and outcome
+# Remote engines (services.inference.engines.upstream): each upstream call, by model, upstream and outcome
 # (ok, cancelled, deadline, cut, unreachable, error or the upstream's HTTP status), and upstreams
 # marked failed (a health check or a request that could not connect).
 UPSTREAM_REQUESTS = prometheus_client.Counter(

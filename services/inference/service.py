@@ -1,32 +1,32 @@
 """One generation from request to last chunk, below the metered flow (services.inference.metered).
 
-It validates the request, resolves the model (loading it on first use), renders and counts the
-prompt (fitting a long chat to the context window when asked), has the engine admit it and streams
-its chunks until the end, the deadline or the caller's cancellation. Scheduling is the engine's.
+It validates the request, refuses what cannot fit before anything loads for it, resolves the model
+(loading it on first use), hands the engine one GenerationRequest (services.inference.engines.request)
+and passes on what the engine's `generate` yields, with a GenAI span and metrics. Rendering,
+tokenizing, fitting a long chat, grammars, scheduling and the model family's output format are the
+engine's (services.inference.engines).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from services.core.errors import InvalidArgument
 from services.core import structured
 from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.core.structured import PLAIN, Structure
+from services.inference import fitting
+from services.inference.engines import request as engine_request
+from services.inference.engines.request import GenerationRequest, Queued
 from services.inference.engines.base import Chunk, Sampling
-from services.inference.engines.remote import Chat
-from services.inference import fitting, offloop
 from services.inference.fitting import Fit
 from services.inference.metrics import GenerationTelemetry
 from services.inference.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
-from services.inference.chat_formats import OutputParser
-from services.inference.grammars import after_reasoning, grammar_for
 
 CHARACTERS_PER_TOKEN = 8  # text that fits a context window averages fewer characters a token
 
@@ -59,59 +59,15 @@ def validate_messages(messages: Sequence[dict[str, Any]], prompt: str, structure
     structured.validate_messages(messages)
 
 
-async def parsed(chunks: AsyncIterator[Chunk], new_parser: Callable[[], OutputParser]) -> AsyncIterator[Chunk]:
-    """Each choice's text split, in the model family's format, into content, reasoning, tool calls and
-    the pieces of calls being written; a choice that made calls finishes with "tool_calls" (one cut
-    short by max_tokens keeps "length", as OpenAI reports it). The usage counts the reasoning's
-    tokens: a piece of reasoning is a token's worth."""
-    parsers: dict[int, OutputParser] = {}
-    reasoning_tokens = 0
-    async for chunk in chunks:
-        parser = parsers.get(chunk.index)
-        if parser is None:
-            parser = parsers[chunk.index] = new_parser()
-        out = parser.feed(chunk.text)
-        if out.reasoning:
-            reasoning_tokens += 1
-        if chunk.finish_reason is not None:
-            out += parser.finish(truncated=chunk.finish_reason == "length")
-            if parser.calls and chunk.finish_reason == "stop":
-                chunk.finish_reason = "tool_calls"
-        chunk.text, chunk.reasoning, chunk.tool_calls, chunk.call_deltas = out.content, out.reasoning, out.calls, out.deltas
-        if chunk.usage is not None:
-            chunk.usage.reasoning_tokens = min(reasoning_tokens, chunk.usage.completion_tokens)
-        yield chunk
-
-
 @dataclass(frozen=True)
 class Admitted:
-    """A generation's first item: the prompt fits and the engine has taken the request."""
+    """A generation's first item (after any Queued): the engine's Admitted
+    (services.inference.engines.request) with the model that runs it, whose id and fingerprint key
+    the cache."""
 
     record: ModelRecord
     prompt_tokens: int
     dropped: int  # history messages left out to fit the context window (fitting.Fit)
-
-
-@dataclass(frozen=True)
-class Queued:
-    """Before Admitted, when the caller asked for it: the request waits for room in the engine."""
-
-    position: int  # 1: it starts when one running answer ends
-    wait_seconds: float  # the engine's estimate
-
-
-# How often a waiting request's place is looked at (only while it waits, and only when reported).
-QUEUE_POLL_SECONDS = 0.05
-
-
-async def queue_places(engine: Any, request: Any) -> AsyncIterator[Queued]:
-    """The request's place in line each time it changes, until the engine runs it."""
-    last = None
-    while (place := engine.queue_place(request)) is not None:
-        if place[0] != last:
-            last = place[0]
-            yield Queued(place[0], place[1])
-        await asyncio.sleep(QUEUE_POLL_SECONDS)
 
 
 class GenerationService:
@@ -135,10 +91,7 @@ class GenerationService:
     def _check_characters(self, record: ModelRecord, messages: Sequence[dict[str, Any]], prompt: str) -> None:
         """Refuses, before anything renders it, a request that cannot fit the model: its tokens would
         take longer to count than any answer is worth."""
-        limit, what = self._character_limit(record)
-        held = len(prompt) + sum(structured.characters(m) for m in messages)
-        if held > limit:
-            raise InvalidArgument(f"the request holds {held} characters; at most {limit} are accepted ({what})")
+        fitting.check_characters(messages, prompt, *self._character_limit(record))
 
     def _check_before_load(self, model_id: str, messages: Sequence[dict[str, Any]], prompt: str,
                            fit: Fit | None) -> None:
@@ -161,7 +114,7 @@ class GenerationService:
         try:
             assert record.engine is not None
             self._check_characters(record, messages, "")  # the loaded model's own window
-            total, per_message = await offloop.run(record.engine.count_tokens, messages, structure)
+            total, per_message = await record.engine.count_tokens(messages, structure)
             return total, per_message, record.engine.context_length
         finally:
             self.registry.done(record)
@@ -229,63 +182,17 @@ class GenerationService:
         try:
             engine = record.engine
             assert engine is not None
-            if not engine.sends_chat:  # a remote upstream has its own grammars
-                grammar = grammar_for(structure)
-                template = engine.chat_template
-                if grammar is not None and template is not None and template.thinking_open(structure.template):
-                    # The prompt opened the reasoning block: the grammar starts where it ends.
-                    assert template.format.thinking is not None
-                    grammar = after_reasoning(grammar, template.format.thinking[1])
-                sampling = replace(sampling, grammar=grammar)
-                if messages and template is not None:
-                    template.format.check(structure, record.entry.id)  # what its format cannot write: a 400
-                    sampling = replace(sampling, stop=(*sampling.stop, *template.format.stop))
-            if fit is None and messages and engine.drops_oldest_turns:
-                fit = Fit()  # BlenderBot's way: the newest turns its encoder takes, not a refusal
-            dropped = 0
-            sent = messages  # the chat a remote engine sends: fitted, when asked
-            # Template rendering and tokenizing block; keep them off the loop that streams other requests,
-            # bounded before they start and stopped when the caller leaves (offloop).
-            if fit is None and engine.sends_chat:
-                # Nothing is counted before the upstream starts: it checks its own context limit (its 400
-                # is a 400) and reports the prompt's tokens in its usage; the engine counts them after
-                # the answer only when it sends none. The start reports 0 prompt tokens.
-                self._check_characters(record, messages, prompt)
-                tokens: list[int] = []
-            elif fit is None:
-                self._check_characters(record, messages, prompt)
-                tokens = await offloop.run(engine.prompt_tokens, messages, prompt, structure)
-                if engine.answer_room(len(tokens)) <= 0:
-                    raise InvalidArgument(
-                        f"the prompt is {len(tokens)} tokens but model {record.entry.id!r} has a context window "
-                        f"of {engine.context_length} tokens; shorten it"
-                    )
-            else:
-                allowed = engine.prompt_room(given.max_tokens, fit.reserve_tokens or self.settings.max_tokens)
-                limit, what = self._character_limit(record)
-                kept, dropped = fitting.within_characters(messages, fit.keep_last, limit, what)
-                fitted = await offloop.run(engine.fitted_prompt, kept, structure, allowed, fit.keep_last)
-                tokens, dropped = fitted.tokens, dropped + fitted.dropped
-                sent = fitting.kept(kept, fitted.dropped)
-            engine.check_sampling(sampling)
-            deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-            chat = Chat(sent, prompt, structure)
-            request = engine.submit(tokens, sampling, started, deadline, n=n, top_logprobs=top_logprobs, chat=chat)
-            try:
-                if report_queue:
-                    async with contextlib.aclosing(queue_places(engine, request)) as places:
-                        async for place in places:
-                            yield place
-                await engine.admit(request)
-                yield Admitted(record, len(tokens), dropped)
-                chunks = engine.stream(request)
-                # A chat's answer is read in the model family's format; a raw prompt's text is as written.
-                if messages and engine.output_parser(structure) is not None:
-                    chunks = parsed(chunks, lambda: engine.output_parser(structure))
-                async with contextlib.aclosing(chunks) as stream:
-                    async for chunk in stream:
-                        yield chunk
-            finally:
-                request.cancelled = True  # the engine drops it at its next step, however this ended
+            asked = GenerationRequest(
+                messages, prompt, sampling, started,
+                deadline=started + (timeout if timeout is not None else self.settings.request_timeout_seconds),
+                characters=self._character_limit(record), asked_max_tokens=given.max_tokens,
+                reserve_tokens=self.settings.max_tokens, structure=structure, n=n, top_logprobs=top_logprobs,
+                fit=fit, report_queue=report_queue)
+            async with contextlib.aclosing(engine.generate(asked)) as stream:
+                async for item in stream:
+                    if isinstance(item, engine_request.Admitted):
+                        yield Admitted(record, item.prompt_tokens, item.dropped)
+                    else:
+                        yield item
         finally:
             self.registry.done(record)

@@ -22,6 +22,7 @@ recently used idle one is parked in host RAM (`llama_state_seq_get_data`), withi
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
 import logging
@@ -166,6 +167,9 @@ class BatchScheduler:
         self._pending: collections.deque[Request] = collections.deque()  # guarded by _cond
         self._active: list[Decoding] = []  # the decode thread's own
         self._cond = threading.Condition()
+        # Waiters told when the line moves (line_moved), and the line as it was last told.
+        self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # guarded by _cond
+        self._line = (0, 0)  # the decode thread's own: (requests waiting, choices running)
         self._closing = False
         self._thread: threading.Thread | None = None
         # How long a choice runs from admission to its end (moving average): what queue positions'
@@ -207,6 +211,28 @@ class BatchScheduler:
         if answer is None:  # no answer has ended yet: the longest a running one may take, at the step rate
             answer = max([request.budget, *(d.request.budget for d in list(self._active))]) * self._step_seconds
         return place, place * answer / self._max_running
+
+    def line_moved(self) -> asyncio.Event:
+        """An event set once the line of waiting requests next moves (one admitted or cancelled, a
+        running choice ended): queue places are pushed to those waiting, not polled."""
+        event = asyncio.Event()
+        with self._cond:
+            self._listeners.append((asyncio.get_running_loop(), event))
+        return event
+
+    def _tell_listeners(self) -> None:
+        """On the decode thread after each step: wakes those waiting for the line to move, if it has."""
+        with self._cond:
+            line = (len(self._pending), self._choices())
+            if line == self._line or not self._listeners:
+                self._line = line
+                return
+            self._line, listeners, self._listeners = line, self._listeners, []
+        for loop, event in listeners:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the event loop has closed: nobody is waiting any more
+                pass
 
     def submit(self, request: Request) -> None:
         with self._cond:
@@ -262,6 +288,7 @@ class BatchScheduler:
             for d in list(self._active):
                 self._end(d)
             self._courier.deliver()
+            self._tell_listeners()
 
     def _step(self) -> None:
         try:
@@ -282,6 +309,7 @@ class BatchScheduler:
                     self._end(d, forget=True)
         finally:
             self._courier.deliver()
+            self._tell_listeners()
 
     def _drop_cancelled(self) -> None:
         with self._cond:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from services.core.errors import DeadlineExceeded, ResourceExhausted
-from services.inference.engines.base import EngineError, LoadedModel
+from services.inference.engines.base import EngineError, LocalModel
 from services.inference.hardware import EngineSettings
 
 MAX_BATCH_INPUTS = 128
@@ -61,7 +61,7 @@ class _Job:
         self.loop.call_soon_threadsafe(settle)
 
 
-class EmbeddingEngine(LoadedModel):
+class EmbeddingEngine(LocalModel):
     """One loaded embedding model behind a batching worker thread."""
 
     task = "embedding"

@@ -11,20 +11,20 @@ evaluated again; evicted conversations park their KV state in host RAM.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
-from collections.abc import Sequence
 from typing import Any
 
-from services.core.errors import InvalidArgument
-from services.inference.engines.base import Engine, EngineError
+from services.inference.engines.base import EngineError
+from services.inference.engines.local import TokenEngine
 from services.inference.engines.sequence import Request
 from services.inference.engines.weights import gguf_metadata
 from services.inference.hardware import EngineSettings
 from services.inference.chat_template import TemplateError, model_template
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(TokenEngine):
     engine_name = "llama.cpp"
     supports_choices = True
     supports_logprobs = True
@@ -140,6 +140,10 @@ class LlamaCppEngine(Engine):
     def queue_place(self, request: Request) -> tuple[int, float] | None:
         scheduler = getattr(self, "_scheduler", None)
         return scheduler.queue_place(request) if scheduler is not None else None
+
+    def line_moved(self) -> asyncio.Event | None:
+        scheduler = getattr(self, "_scheduler", None)
+        return scheduler.line_moved() if scheduler is not None else None
 
     # --- text <-> tokens -------------------------------------------------------------------
     def _tokenize(self, text: str) -> list[int]:

@@ -18,7 +18,7 @@ a conversation (recognised by its opening messages, which every turn resends) st
 that served it, where its prefix is cached. A periodic `GET /models` marks each upstream healthy or
 failed; a failed one is skipped until a check succeeds, and a request that cannot connect tries the
 next one. The model reports failed (with the reasons) only when every upstream has failed. All of this
-is UpstreamPool's, which a remote embedding model (engines.remote_embedding) shares.
+is engines.upstream.UpstreamPool's, which a remote embedding model (engines.remote_embedding) shares.
 
 Prompt tokens are counted here only to check the context window, fit long chats and meter requests
 whose upstream sends no usage: exactly with `params.tokenizer` (the same GGUF the upstream serves, or
@@ -28,40 +28,29 @@ one with the same vocabulary), otherwise estimated at 4 UTF-8 bytes a token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
-import logging
-import os
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.core import telemetry
-from services.core.errors import InvalidArgument, ParleyError, ResourceExhausted, Unavailable
+from services.core.errors import InvalidArgument, ParleyError, Unavailable
 from services.core.structured import PLAIN, Structure, ToolCall
-from services.inference import metrics, offloop
+from services.inference import fitting, metrics, offloop
 from services.inference.chat_template import ChatTemplate, TemplateError
-from services.inference.engines.base import Chunk, Engine, EngineError, Request, Sampling, Usage
+from services.inference.engines.base import Chunk, Engine, EngineError, Sampling, Usage
+from services.inference.engines.request import Admitted, GenerationRequest, Queued
+from services.inference.engines.upstream import PoolBacked, Upstream, UpstreamPool, describe, error_text
 from services.inference.hardware import EngineSettings
 from services.inference.grammars import CallDelta, call_json, tools_json
 
-log = logging.getLogger("parley.remote")
-
-AFFINITY_ENTRIES = 65_536  # conversations remembered for session affinity
 BYTES_PER_TOKEN = 4  # the estimate without a tokenizer
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
           "content_filter": "stop", "eos": "stop"}
-
-
-def upstream_urls(source: str) -> list[str]:
-    """The base URLs of a remote model's source: one URL or several separated by commas."""
-    return [u.strip().rstrip("/") for u in source.split(",") if u.strip()]
 
 
 @dataclass
@@ -72,15 +61,6 @@ class Chat:
     messages: Sequence[dict[str, Any]]
     prompt: str = ""
     structure: Structure = PLAIN
-
-
-@dataclass
-class Upstream:
-    url: str
-    outstanding: int = 0
-    healthy: bool = True
-    reason: str = ""
-    checked: float = 0.0
 
 
 @dataclass
@@ -112,250 +92,12 @@ class RemoteRequest:
             asyncio.ensure_future(self.release(self, "cancelled", ""))
 
 
-@dataclass
-class Call:
-    """One upstream call whose answer has begun (status 200): where it went, its open response, its span."""
-
-    upstream: Upstream
-    response: httpx.Response
-    span: Any
-
-
-class UpstreamPool:
-    """A remote model's upstreams, shared by its chat and embedding engines: one pooled HTTP client,
-    periodic health checks of `GET /models`, least-outstanding balancing with affinity, failover to the
-    next upstream when one cannot be reached, and upstream errors mapped to Parley's."""
-
-    transport: httpx.AsyncBaseTransport | None = None  # unit tests hand in httpx.MockTransport
-
-    def __init__(self, model_id: str, source: str, params: dict[str, Any],
-                 on_model: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.model_id = model_id
-        self.upstreams = [Upstream(u) for u in upstream_urls(source)]
-        self.remote_model = str(params.get("model") or model_id)
-        self.timeout = float(params.get("timeout_seconds", 60))
-        self.health_interval = float(params.get("health_interval_seconds", 5))
-        self._key_env = params.get("api_key_env") or ""
-        self._on_model = on_model  # told the upstream's entry for the model (its context window)
-        self._client: httpx.AsyncClient | None = None
-        self._checker: asyncio.Task[None] | None = None
-        self._affinity: OrderedDict[str, Upstream] = OrderedDict()
-
-    async def open(self) -> None:
-        """Opens the connection pool and checks the upstreams; fails when none answers."""
-        if not self.upstreams:
-            raise EngineError(f"model {self.model_id}: no upstream URL in its source")
-        headers = {}
-        if self._key_env:
-            key = os.environ.get(self._key_env)
-            if not key:
-                raise EngineError(f"model {self.model_id}: the environment variable {self._key_env} "
-                                  "(params.api_key_env) holding the upstream's key is not set")
-            headers["authorization"] = f"Bearer {key}"
-        self._client = httpx.AsyncClient(
-            transport=self.transport, headers=headers, timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
-        await self.check()
-        if not any(u.healthy for u in self.upstreams):
-            reasons = self.failure()
-            await self.close()
-            raise EngineError(reasons)
-        self._checker = asyncio.create_task(self._check_periodically())
-
-    async def close(self) -> None:
-        if self._checker is not None:
-            self._checker.cancel()
-            self._checker = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-    async def check(self) -> None:
-        """One round of health checks: GET /models on every upstream, concurrently."""
-        await asyncio.gather(*(self._check(u) for u in self.upstreams))
-
-    async def _check(self, upstream: Upstream) -> None:
-        assert self._client is not None
-        try:
-            answer = await self._client.get(f"{upstream.url}/models", timeout=min(5.0, self.timeout))
-            if answer.status_code != 200:
-                raise EngineError(f"GET /models answered {answer.status_code}")
-            served = [m.get("id") for m in answer.json().get("data", [])]
-            if served and self.remote_model not in served:
-                raise EngineError(f"it serves {', '.join(map(str, served))}, not {self.remote_model}")
-            for m in answer.json().get("data", []):
-                if m.get("id") == self.remote_model and self._on_model is not None:
-                    self._on_model(m)
-            if not upstream.healthy:
-                log.info("upstream recovered", extra={"fields": {"model": self.model_id, "upstream": upstream.url}})
-            upstream.healthy, upstream.reason = True, ""
-        except (httpx.HTTPError, EngineError, ValueError, AttributeError) as exc:
-            self.mark_failed(upstream, _describe(exc))
-        upstream.checked = time.monotonic()
-
-    def mark_failed(self, upstream: Upstream, reason: str) -> None:
-        if upstream.healthy:
-            log.warning("upstream failed", extra={"fields": {"model": self.model_id, "upstream": upstream.url,
-                                                             "reason": reason}})
-        upstream.healthy, upstream.reason = False, reason
-        metrics.UPSTREAM_FAILURES.labels(self.model_id, upstream.url).inc()
-
-    async def _check_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.health_interval)
-            await self.check()
-
-    def failure(self) -> str:
-        if any(u.healthy for u in self.upstreams):
-            return ""
-        return "; ".join(f"upstream {u.url}: {u.reason}" for u in self.upstreams)
-
-    def info(self) -> dict[str, Any]:
-        return {"upstreams": [{"url": u.url, "healthy": u.healthy, "reason": u.reason, "outstanding": u.outstanding}
-                              for u in self.upstreams],
-                "remote_model": self.remote_model}
-
-    def pick(self, affinity: str, tried: set[int]) -> Upstream | None:
-        """The conversation's upstream while it is healthy, else the healthy one with the fewest
-        requests outstanding. An empty affinity (embeddings) only balances."""
-        known = self._affinity.get(affinity) if affinity else None
-        if known is not None and known.healthy and id(known) not in tried:
-            self._affinity.move_to_end(affinity)
-            return known
-        candidates = [u for u in self.upstreams if u.healthy and id(u) not in tried]
-        if not candidates:
-            return None
-        chosen = min(candidates, key=lambda u: u.outstanding)
-        if affinity:
-            self._affinity[affinity] = chosen
-            self._affinity.move_to_end(affinity)
-            if len(self._affinity) > AFFINITY_ENTRIES:
-                self._affinity.popitem(last=False)
-        return chosen
-
-    async def send(self, path: str, body: dict[str, Any], affinity: str = "") -> Call:
-        """POSTs the body and waits for the answer to begin (its status), trying the next upstream
-        when one cannot be reached or answers 5xx. Raises the mapped error otherwise. The caller
-        reads the response and hands the call back to `end` once."""
-        if self._client is None:
-            raise Unavailable(f"model {self.model_id!r} is not loaded")
-        tried: set[int] = set()
-        stale = False  # a pooled connection was found closed once already
-        while True:
-            upstream = self.pick(affinity, tried)
-            if upstream is None:
-                raise Unavailable(f"model {self.model_id!r}: no upstream is reachable ("
-                                  f"{self.failure() or 'every upstream failed this request'})")
-            tried.add(id(upstream))
-            url = f"{upstream.url}/{path}"
-            span = telemetry.tracer().start_span(
-                f"POST {url}", kind=SpanKind.CLIENT,
-                attributes={"http.request.method": "POST", "url.full": url,
-                            "server.address": upstream.url, "gen_ai.request.model": self.remote_model,
-                            "parley.model": self.model_id})
-            headers: dict[str, str] = {}
-            propagate.inject(headers, context=trace.set_span_in_context(span))
-            upstream.outstanding += 1
-            try:
-                req = self._client.build_request("POST", url, json=body, headers=headers)
-                response = await self._client.send(req, stream=True)
-            except httpx.RemoteProtocolError as exc:
-                if not stale:
-                    # A kept-alive connection the upstream closed as it was reused (llama-server's HTTP
-                    # library closes idle ones after 5 s): nothing was served; once, try again on a new one
-                    # rather than fail the request and mark a healthy upstream failed.
-                    stale = True
-                    self.end(upstream, span, "stale", "")
-                    tried.discard(id(upstream))
-                    continue
-                self.end(upstream, span, "unreachable", _describe(exc))
-                self.mark_failed(upstream, _describe(exc))
-                continue
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                self.end(upstream, span, "unreachable", _describe(exc))
-                self.mark_failed(upstream, _describe(exc))
-                continue  # nothing reached the upstream: another may serve it
-            except httpx.HTTPError as exc:
-                self.end(upstream, span, "error", _describe(exc))
-                raise Unavailable(f"model {self.model_id!r}: upstream {upstream.url} failed: {_describe(exc)}") from exc
-            except BaseException:
-                self.end(upstream, span, "cancelled", "")
-                raise
-            span.set_attribute("http.response.status_code", response.status_code)
-            if response.status_code != 200:
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-                error = self.status_error(response)
-                self.end(upstream, span, str(response.status_code), error.message)
-                if response.status_code >= 500 and len(tried) < len(self.upstreams):
-                    continue  # an upstream in trouble: another may serve it
-                raise error
-            return Call(upstream, response, span)
-
-    def end(self, upstream: Upstream, span: Any, outcome: str, error: str) -> None:
-        """A call's bookkeeping, once: its upstream's count, its metric and span (closing the
-        response is the caller's: it is async)."""
-        upstream.outstanding -= 1
-        metrics.UPSTREAM_REQUESTS.labels(self.model_id, upstream.url, outcome).inc()
-        if error:
-            span.set_status(Status(StatusCode.ERROR, error))
-        span.end()
-
-    def status_error(self, response: httpx.Response) -> ParleyError:
-        message = _error_message(response)
-        code = response.status_code
-        if code == 429:
-            retry = response.headers.get("retry-after")
-            try:
-                after = float(retry) if retry is not None else None
-            except ValueError:
-                after = None
-            return ResourceExhausted(f"model {self.model_id!r} is busy upstream: {message}", retry_after=after)
-        if code in (400, 413, 422):
-            return InvalidArgument(f"model {self.model_id!r} refused the request: {message}")
-        return Unavailable(f"model {self.model_id!r}: upstream answered {code}: {message}")
-
-
-class PoolBacked:
-    """What an engine whose work runs on an UpstreamPool says about itself (chat: RemoteEngine,
-    embeddings: remote_embedding.RemoteEmbeddingEngine): the pool's health and upstreams, and the
-    requests it has in flight; the upstream keeps its own queue."""
-
-    pool: UpstreamPool
-    _running: int
-
-    @property
-    def upstreams(self) -> list[Upstream]:
-        return self.pool.upstreams
-
-    @classmethod
-    def estimate_mib(cls, path: str, settings: EngineSettings) -> int:
-        return 0  # the weights live on the upstream
-
-    async def check(self) -> None:
-        """One round of the pool's health checks, now."""
-        await self.pool.check()
-
-    def failure(self) -> str:
-        return self.pool.failure()
-
-    def info(self) -> dict[str, Any]:
-        return {**super().info(), **self.pool.info()}  # type: ignore[misc]
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def waiting(self) -> int:
-        return 0  # the upstream queues
-
-
 class RemoteEngine(PoolBacked, Engine):
+    """A chat model served upstream: the chat itself is sent (the upstream renders it, applies its
+    own grammars and checks its own context limit); tokens are counted here only to fit long chats
+    and meter upstreams that send no usage."""
+
     engine_name = "remote"
-    sends_chat = True
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict) -> None:
         super().__init__(model_id, path, settings, params)
@@ -385,12 +127,6 @@ class RemoteEngine(PoolBacked, Engine):
             await asyncio.to_thread(self._text.close)
             self._text = None
 
-    def _load(self) -> None:  # pragma: no cover - load() is overridden: nothing to load in a thread
-        raise NotImplementedError
-
-    def _close(self) -> None:  # pragma: no cover - close() is overridden
-        raise NotImplementedError
-
     def _learn_context(self, model: dict[str, Any]) -> None:
         """The context window: the configured one (the catalogue's context_length, else
         PARLEY_CONTEXT_LENGTH), at most what the upstream's model list says (vLLM: max_model_len;
@@ -398,10 +134,6 @@ class RemoteEngine(PoolBacked, Engine):
         size = model.get("max_model_len") or (model.get("meta") or {}).get("n_ctx_train")
         if isinstance(size, int) and size > 0:
             self.context_length = min(self.settings.context_length, size)
-
-    def output_parser(self, structure: Structure) -> None:
-        """None: the upstream parses its own output (content, reasoning and calls arrive apart)."""
-        return None
 
     # --- counting ------------------------------------------------------------------------------
     @property
@@ -420,31 +152,36 @@ class RemoteEngine(PoolBacked, Engine):
             return self._text.tokenize(text)
         return [0] * -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN)  # an estimate: only its length is used
 
-    def _detokenize(self, token: int) -> bytes:  # pragma: no cover - the upstream sends text
-        raise NotImplementedError
-
-    def _is_end(self, token: int) -> bool:  # pragma: no cover
-        raise NotImplementedError
-
-    def check_sampling(self, sampling: Sampling) -> None:
-        """The upstream validates what it accepts (logit_bias ids are its vocabulary's)."""
-
     # --- generation ------------------------------------------------------------------------------
-    def submit(self, prompt: list[int], sampling: Sampling, started: float, deadline: float | None = None,
-               *, n: int = 1, top_logprobs: int | None = None, chat: Chat | None = None) -> Request:
-        if n > 1:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Queued | Admitted | Chunk]:
+        """The chat (fitted, when asked) goes upstream as it is; its grammars, stop strings and
+        parsing of reasoning and calls are the upstream's, which validates the sampling too
+        (logit_bias ids are its vocabulary's). The upstream queues: nothing is Queued here."""
+        tokens: list[int] = []
+        dropped, sent = 0, request.messages
+        if request.fit is None:
+            # Nothing is counted before the upstream starts: it checks its own context limit (its 400
+            # is a 400) and reports the prompt's tokens in its usage; `_stream` counts them after the
+            # answer only when it sends none. Admitted reports 0 prompt tokens.
+            fitting.check_characters(request.messages, request.prompt, *request.characters)
+        else:
+            tokens, dropped, sent = await self._fitted(request, request.fit)
+        if request.n > 1:
             raise InvalidArgument("n > 1 is not supported by the remote engine")
-        if top_logprobs is not None:
+        if request.top_logprobs is not None:
             raise InvalidArgument("logprobs are not supported by the remote engine")
-        if chat is None:
-            raise InvalidArgument("the remote engine needs the chat, not tokens")
-        body = self._body(chat, sampling)
-        request = RemoteRequest(body, chat, _affinity(chat), started, deadline)
-        request.usage.prompt_tokens = len(prompt)  # 0 unless the chat was fitted (counted) before
-        return request  # type: ignore[return-value]
-
-    def _submit(self, request: Request) -> None:  # pragma: no cover - submit is overridden
-        raise NotImplementedError
+        chat = Chat(sent, request.prompt, request.structure)
+        call = RemoteRequest(self._body(chat, request.sampling), chat, _affinity(chat), request.started,
+                             request.deadline)
+        call.usage.prompt_tokens = len(tokens)  # 0 unless the chat was fitted (counted) before
+        try:
+            await self._admit(call)
+            yield Admitted(len(tokens), dropped)
+            async with contextlib.aclosing(self._stream(call)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            call.cancelled = True  # closes an open response now, however this ended
 
     def _body(self, chat: Chat, sampling: Sampling) -> dict[str, Any]:
         s = sampling
@@ -493,7 +230,7 @@ class RemoteEngine(PoolBacked, Engine):
     def _pick(self, affinity: str, tried: set[int]) -> Upstream | None:
         return self.pool.pick(affinity, tried)
 
-    async def admit(self, request: RemoteRequest) -> None:  # type: ignore[override]
+    async def _admit(self, request: RemoteRequest) -> None:
         """Sends the request and waits for the upstream's answer to begin (its status); raises the
         mapped error when no upstream takes it."""
         path = "chat/completions" if "messages" in request.body else "completions"
@@ -512,7 +249,7 @@ class RemoteEngine(PoolBacked, Engine):
         self.pool.end(request.upstream, request.span, outcome, error)
         await request.response.aclose()
 
-    async def stream(self, request: RemoteRequest) -> AsyncIterator[Chunk]:  # type: ignore[override]
+    async def _stream(self, request: RemoteRequest) -> AsyncIterator[Chunk]:
         """The upstream's SSE stream as chunks. A stream cut before its end raises UNAVAILABLE (what
         came before it was already yielded); the deadline ends it with "cancelled"."""
         response, upstream = request.response, request.upstream
@@ -538,7 +275,7 @@ class RemoteEngine(PoolBacked, Engine):
                     break
                 event = json.loads(data)
                 if event.get("error"):
-                    raise Unavailable(f"model {self.model_id!r}: upstream error: {_error_text(event['error'])}")
+                    raise Unavailable(f"model {self.model_id!r}: upstream error: {error_text(event['error'])}")
                 if event.get("usage"):
                     upstream_usage = event["usage"]
                 for choice in event.get("choices") or ():
@@ -573,7 +310,7 @@ class RemoteEngine(PoolBacked, Engine):
             self._usage(usage, upstream_usage, "".join(text), "".join(thoughts), finished)
             yield Chunk(finish_reason=reason, usage=usage, tool_calls=finished)
         except (httpx.HTTPError, ValueError) as exc:
-            outcome, error = "cut", _describe(exc)
+            outcome, error = "cut", describe(exc)
             raise Unavailable(f"model {self.model_id!r}: upstream {upstream.url} failed mid-answer: {error}") from exc
         except ParleyError as exc:
             outcome, error = "cut", exc.message
@@ -696,23 +433,3 @@ def _affinity(chat: Chat) -> str:
     return hashlib.blake2b("\x01".join(opening or [chat.prompt]).encode(), digest_size=12).hexdigest()
 
 
-def _describe(exc: BaseException) -> str:
-    kind = type(exc).__name__
-    text = str(exc)
-    return f"{kind}: {text}" if text else kind
-
-
-def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error)
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:300] or response.reason_phrase
-    if isinstance(body, dict) and "error" in body:
-        return _error_text(body["error"])[:300]
-    return str(body)[:300]

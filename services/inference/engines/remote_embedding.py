@@ -1,6 +1,6 @@
 """A remote embedding model: the vectors come from an OpenAI-compatible upstream's `POST /embeddings`
 (vLLM, llama-server started with --embeddings, TEI, Ollama), through the same upstream pool as remote
-chat models (engines.remote.UpstreamPool: balancing, health checks, failover, error mapping).
+chat models (engines.upstream.UpstreamPool: balancing, health checks, failover, error mapping).
 
 Catalogue entry: {"id": "...", "task": "embedding", "engine": "remote", "source": "http://host:port/v1"
 (or a list of replicas' URLs), "params": {"model": "<upstream model name>", "api_key_env": "...",
@@ -28,7 +28,8 @@ import numpy as np
 from services.core.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.inference.engines.base import EngineError
 from services.inference.engines.embedding import EmbeddingEngine
-from services.inference.engines.remote import BYTES_PER_TOKEN, PoolBacked, UpstreamPool, _describe
+from services.inference.engines.remote import BYTES_PER_TOKEN
+from services.inference.engines.upstream import PoolBacked, UpstreamPool, describe
 from services.inference.hardware import EngineSettings
 
 PROBE = "How long is a vector?"
@@ -51,7 +52,7 @@ class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
             vectors, _ = await self.embed_inputs([PROBE], time.monotonic() + self.pool.timeout)
         except Exception as exc:
             await self.pool.close()
-            message = getattr(exc, "message", None) or _describe(exc)
+            message = getattr(exc, "message", None) or describe(exc)
             raise EngineError(f"model {self.model_id}: the upstream could not embed a probe text: {message}") from exc
         self.dimensions = int(vectors.shape[1])
         self.normalized = abs(float(np.linalg.norm(vectors[0])) - 1.0) < 1e-3
@@ -85,11 +86,11 @@ class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
                     answer = json.loads(await call.response.aread())
                     return _vectors(answer, len(inputs)), _prompt_tokens(answer, inputs)
                 except httpx.HTTPError as exc:
-                    outcome, error = "cut", _describe(exc)
+                    outcome, error = "cut", describe(exc)
                     raise Unavailable(f"model {self.model_id!r}: upstream {call.upstream.url} failed mid-answer: "
                                       f"{error}") from exc
                 except (ValueError, KeyError, TypeError, IndexError) as exc:
-                    outcome, error = "malformed", _describe(exc)
+                    outcome, error = "malformed", describe(exc)
                     raise Unavailable(f"model {self.model_id!r}: upstream {call.upstream.url} answered malformed "
                                       f"embeddings: {error}") from exc
                 except BaseException:

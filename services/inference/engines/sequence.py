@@ -1,9 +1,10 @@
 """One generation request inside an engine, and the per-token logic every engine shares.
 
-A `Request` is created on the event loop by `Engine.generate` and handed to the engine's scheduler,
-which runs on the engine's own thread. The scheduler calls `Request.token()` for every sampled token
-of a choice and `Request.finish()` when it ends a choice itself (cancellation, a full context);
-stop strings, UTF-8 assembly, max_tokens, usage, logprobs and finish reasons live here, once.
+A `Request` is created on the event loop by `TokenEngine.generate` (engines.local) and handed to
+the engine's scheduler, which runs on the engine's own thread. The scheduler calls `Request.token()`
+for every sampled token of a choice and `Request.finish()` when it ends a choice itself
+(cancellation, a full context); stop strings, UTF-8 assembly, max_tokens, usage, logprobs and
+finish reasons live here, once.
 Chunks travel to the event loop through a thread-safe hand-off; `Request.chunks()` reads them there,
 and enforces the deadline.
 """

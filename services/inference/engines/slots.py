@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import ResourceExhausted
-from services.inference.engines.base import Engine, EngineError
+from services.inference.engines.base import EngineError
+from services.inference.engines.local import TokenEngine
 from services.inference.engines.sequence import Request, Sampling, common_prefix
 
 
@@ -102,7 +103,7 @@ class SlotPool:
             self._changed.notify()
 
 
-class SlotEngine(Engine):
+class SlotEngine(TokenEngine):
     """Subclasses create `self.slots` in `_load` and implement `_decode`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

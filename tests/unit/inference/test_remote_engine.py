@@ -17,7 +17,8 @@ from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.core.structured import Tool, make_structure, make_template_options
 from services.inference.embeddings import EmbeddingService
-from services.inference.engines.remote import Chat, RemoteEngine, UpstreamPool
+from services.inference.engines.remote import Chat, RemoteEngine
+from services.inference.engines.upstream import UpstreamPool
 from services.inference.engines.remote_embedding import PROBE, RemoteEmbeddingEngine
 from services.inference.engines.sequence import Sampling
 from services.inference.hardware import probe

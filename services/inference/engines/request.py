@@ -1,0 +1,50 @@
+"""What the service hands an engine and what it gets back (engines.base.Engine.generate): one
+GenerationRequest in; out, Queued while it waits (when asked), Admitted once the engine has taken it,
+then its chunks (engines.sequence.Chunk)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.core.structured import PLAIN, Structure
+from services.inference.engines.sequence import Sampling
+from services.inference.fitting import Fit
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated generation: a chat (messages) or a raw prompt, and how to answer it."""
+
+    messages: Sequence[dict[str, Any]]  # empty with a raw prompt
+    prompt: str
+    sampling: Sampling  # defaults applied (services.inference.service.resolve_sampling)
+    started: float  # time.monotonic() when the request arrived
+    deadline: float
+    # The most characters the messages may hold for this model, and what sets that limit (named in the
+    # error): a chat that cannot fit is refused, or cut when fitted, before anything renders it.
+    characters: tuple[int, str]
+    asked_max_tokens: int | None = None  # max_tokens as given (None: the default): a fitted chat keeps room for it
+    reserve_tokens: int = 0  # room kept for an answer without max_tokens when the fit names none
+    structure: Structure = PLAIN
+    n: int = 1
+    top_logprobs: int | None = None
+    fit: Fit | None = None  # fit a long chat to the context window by leaving out its oldest turns
+    report_queue: bool = False  # yield Queued while the request waits for room
+
+
+@dataclass(frozen=True)
+class Queued:
+    """Before Admitted, when the request asked for it: it waits for room in the engine."""
+
+    position: int  # 1: it starts when one running answer ends
+    wait_seconds: float  # the engine's estimate
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The prompt fits and the engine has taken the request; its chunks follow."""
+
+    prompt_tokens: int  # 0 when an upstream counts them (it reports them in the last chunk's usage)
+    dropped: int  # history messages left out to fit the context window (fitting.Fit)
