@@ -42,25 +42,16 @@ from services.core.errors import InvalidArgument, ParleyError, Unavailable
 from services.core.structured import PLAIN, Structure, ToolCall
 from services.inference import fitting, metrics, offloop
 from services.inference.chat_template import ChatTemplate, TemplateError
-from services.inference.engines.base import Chunk, Engine, EngineError, Sampling, Usage
+from services.inference.engines.base import Chunk, Engine, EngineError, Usage
 from services.inference.engines.request import Admitted, GenerationRequest, Queued
+from services.inference.engines.remote_wire import (
+    FINISH, Chat, StreamedCalls, answer_piece, has_usage, request_body,
+)
 from services.inference.engines.upstream import PoolBacked, Upstream, UpstreamPool, describe, error_text
 from services.inference.hardware import EngineSettings
-from services.inference.grammars import CallDelta, call_json, tools_json
+from services.inference.grammars import call_json
 
 BYTES_PER_TOKEN = 4  # the estimate without a tokenizer
-FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
-          "content_filter": "stop", "eos": "stop"}
-
-
-@dataclass
-class Chat:
-    """What a remote engine sends instead of tokens: the (fitted) chat or raw prompt, its structure,
-    and the key that keeps a conversation on one upstream."""
-
-    messages: Sequence[dict[str, Any]]
-    prompt: str = ""
-    structure: Structure = PLAIN
 
 
 @dataclass
@@ -171,7 +162,7 @@ class RemoteEngine(PoolBacked, Engine):
         if request.top_logprobs is not None:
             raise InvalidArgument("logprobs are not supported by the remote engine")
         chat = Chat(sent, request.prompt, request.structure)
-        call = RemoteRequest(self._body(chat, request.sampling), chat, _affinity(chat), request.started,
+        call = RemoteRequest(request_body(self.remote_model, chat, request.sampling), chat, _affinity(chat), request.started,
                              request.deadline)
         call.usage.prompt_tokens = len(tokens)  # 0 unless the chat was fitted (counted) before
         try:
@@ -182,50 +173,6 @@ class RemoteEngine(PoolBacked, Engine):
                     yield chunk
         finally:
             call.cancelled = True  # closes an open response now, however this ended
-
-    def _body(self, chat: Chat, sampling: Sampling) -> dict[str, Any]:
-        s = sampling
-        body: dict[str, Any] = {
-            "model": self.remote_model, "stream": True, "stream_options": {"include_usage": True},
-            "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-        }
-        if chat.messages:
-            body["messages"] = [_message_json(m) for m in chat.messages]
-        else:
-            body["prompt"] = chat.prompt  # the legacy completions API: no chat template
-        # Beyond OpenAI's parameters only what departs from the neutral value: vLLM and llama-server
-        # both accept top_k, min_p and repetition_penalty; others ignore or refuse what they lack.
-        for name, value, neutral in (("top_k", s.top_k, 0), ("min_p", s.min_p, 0.0),
-                                     ("repetition_penalty", s.repetition_penalty, 1.0),
-                                     ("presence_penalty", s.presence_penalty, 0.0),
-                                     ("frequency_penalty", s.frequency_penalty, 0.0)):
-            if value != neutral:
-                body[name] = value
-        if s.repetition_penalty != 1.0:
-            body["repeat_penalty"] = s.repetition_penalty  # llama-server's name
-        if s.seed is not None:
-            body["seed"] = s.seed
-        if s.stop:
-            body["stop"] = list(s.stop)
-        if s.logit_bias:
-            body["logit_bias"] = {str(t): b for t, b in s.logit_bias}
-        st = chat.structure
-        if st.calls_tools:
-            body["tools"] = tools_json(st.tools)
-            body["tool_choice"] = ({"type": "function", "function": {"name": st.function}}
-                                   if st.tool_choice == "function" else st.tool_choice)
-            body["parallel_tool_calls"] = st.parallel
-        if st.format == "json_object":
-            body["response_format"] = {"type": "json_object"}
-        elif st.format == "json_schema":
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "response", "schema": json.loads(st.schema)}}
-        # The template options, as vLLM and llama-server take them (others ignore what they lack).
-        if st.template.kwargs:
-            body["chat_template_kwargs"] = json.loads(st.template.kwargs)
-        if st.template.reasoning_effort:
-            body["reasoning_effort"] = st.template.reasoning_effort
-        return body
 
     def _pick(self, affinity: str, tried: set[int]) -> Upstream | None:
         return self.pool.pick(affinity, tried)
@@ -279,14 +226,7 @@ class RemoteEngine(PoolBacked, Engine):
                 if event.get("usage"):
                     upstream_usage = event["usage"]
                 for choice in event.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    piece = delta.get("content") or choice.get("text") or ""  # chat, or legacy completions
-                    # llama-server, vLLM and DeepSeek name it reasoning_content; vLLM's newer, OpenRouter
-                    # and Ollama's OpenAI API `reasoning`.
-                    thought = delta.get("reasoning_content") or delta.get("reasoning") or ""
-                    if not isinstance(thought, str):
-                        thought = ""
-                    deltas = [d for call in delta.get("tool_calls") or () if (d := calls.feed(call)) is not None]
+                    piece, thought, deltas = answer_piece(choice, calls)
                     if piece or thought or deltas:
                         if not usage.time_to_first_token_ms:
                             usage.time_to_first_token_ms = (time.monotonic() - request.started) * 1000
@@ -301,7 +241,7 @@ class RemoteEngine(PoolBacked, Engine):
             finished = calls.finished()
             if finished and reason == "stop":
                 reason = "tool_calls"
-            if not _has_usage(upstream_usage) and not usage.prompt_tokens:
+            if not has_usage(upstream_usage) and not usage.prompt_tokens:
                 # Only now, and only for an upstream that sends no usage: counting before the call
                 # delayed its start (rendering and tokenizing compete with every request on the loop).
                 chat = request.chat
@@ -326,7 +266,7 @@ class RemoteEngine(PoolBacked, Engine):
     def _usage(self, usage: Usage, given: dict[str, Any] | None, text: str, reasoning: str,
                calls: list[ToolCall]) -> None:
         """The upstream's usage when it sent one, else counted here."""
-        if _has_usage(given):
+        if has_usage(given):
             assert given is not None
             usage.prompt_tokens = int(given.get("prompt_tokens") or usage.prompt_tokens)
             usage.completion_tokens = int(given["completion_tokens"])
@@ -341,34 +281,6 @@ class RemoteEngine(PoolBacked, Engine):
         usage.completion_tokens = len(self._tokenize(written)) - len(self._tokenize(""))
         if reasoning:
             usage.reasoning_tokens = self._text_tokens(reasoning)
-
-
-class StreamedCalls:
-    """The upstream's tool calls as they stream (OpenAI's `delta.tool_calls`: the first piece of a call
-    carries its index, id and name, the next ones pieces of its arguments), passed on as CallDelta
-    pieces numbered in order of appearance, and the finished calls with the same ids (so that they
-    are not sent twice)."""
-
-    def __init__(self) -> None:
-        self._calls: dict[int, list[str]] = {}  # upstream index -> [id, name, arguments]
-        self._order: dict[int, int] = {}  # upstream index -> the call's place here
-
-    def feed(self, call: dict[str, Any]) -> CallDelta | None:
-        index = int(call.get("index", 0))
-        function = call.get("function") or {}
-        name, arguments = function.get("name") or "", function.get("arguments") or ""
-        slot = self._calls.get(index)
-        if slot is None:
-            # A call's first piece; an upstream that sends no id gets one here.
-            slot = self._calls[index] = [call.get("id") or ToolCall.new_id(), name, arguments]
-            self._order[index] = len(self._order)
-            return CallDelta(self._order[index], slot[0], name, arguments)
-        slot[1] += name  # (a name sent in pieces: the finished call has all of it)
-        slot[2] += arguments
-        return CallDelta(self._order[index], arguments=arguments) if arguments else None
-
-    def finished(self) -> list[ToolCall]:
-        return [ToolCall(c[0], c[1], c[2] or "{}") for _, c in sorted(self._calls.items())]
 
 
 class GgufText:
@@ -404,22 +316,6 @@ class GgufText:
 
     def close(self) -> None:
         self._model.close()
-
-
-def _message_json(m: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
-    if m.get("tool_calls"):
-        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                             for c in m["tool_calls"]]
-        if not out["content"]:
-            out["content"] = None
-    if m.get("tool_call_id"):
-        out["tool_call_id"] = m["tool_call_id"]
-    return out
-
-
-def _has_usage(given: dict[str, Any] | None) -> bool:
-    return bool(given) and given.get("completion_tokens") is not None  # type: ignore[union-attr]
 
 
 def _affinity(chat: Chat) -> str:

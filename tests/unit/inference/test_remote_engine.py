@@ -17,7 +17,8 @@ from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.core.structured import Tool, make_structure, make_template_options
 from services.inference.embeddings import EmbeddingService
-from services.inference.engines.remote import Chat, RemoteEngine
+from services.inference.engines.remote import RemoteEngine
+from services.inference.engines.remote_wire import Chat, request_body
 from services.inference.engines.upstream import UpstreamPool
 from services.inference.engines.remote_embedding import PROBE, RemoteEmbeddingEngine
 from services.inference.engines.sequence import Sampling
@@ -136,11 +137,12 @@ async def test_the_request_forwards_sampling_and_structure(tmp_path: Path, upstr
     assert isinstance(engine, RemoteEngine) and engine.context_length == 512  # capped by the upstream's max_model_len
     tool = Tool("get_weather", "", json.dumps({"type": "object", "properties": {"city": {"type": "string"}}}))
     structure = make_structure([tool], "function", "get_weather")
-    sent = engine._body(Chat([{"role": "user", "content": "x"}], structure=structure), Sampling())
+    sent = request_body(engine.remote_model, Chat([{"role": "user", "content": "x"}], structure=structure), Sampling())
     assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
     assert sent["tools"][0]["function"]["parameters"]["properties"]["city"] == {"type": "string"}
     schema = make_structure([], format="json_schema", schema=json.dumps({"type": "object"}))
-    assert engine._body(Chat([], "x", schema), Sampling())["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    sent = request_body(engine.remote_model, Chat([], "x", schema), Sampling())
+    assert sent["response_format"]["json_schema"]["schema"] == {"type": "object"}
     await registry.close()
 
 
