@@ -37,7 +37,7 @@ from typing import Any
 
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError
-from services.inference.engines.sequence import Courier, Request, TokenLogprob, common_prefix
+from services.inference.engines.sequence import Courier, LineWatch, Request, TokenLogprob, common_prefix
 from services.inference.grammars import CallDictation, Grammar
 from services.inference.hardware import EngineSettings
 
@@ -167,9 +167,7 @@ class BatchScheduler:
         self._pending: collections.deque[Request] = collections.deque()  # guarded by _cond
         self._active: list[Decoding] = []  # the decode thread's own
         self._cond = threading.Condition()
-        # Waiters told when the line moves (line_moved), and the line as it was last told.
-        self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # guarded by _cond
-        self._line = (0, 0)  # the decode thread's own: (requests waiting, choices running)
+        self._line_watch = LineWatch()  # told after each step: queue places are pushed (line_moved)
         self._closing = False
         self._thread: threading.Thread | None = None
         # How long a choice runs from admission to its end (moving average): what queue positions'
@@ -213,26 +211,13 @@ class BatchScheduler:
         return place, place * answer / self._max_running
 
     def line_moved(self) -> asyncio.Event:
-        """An event set once the line of waiting requests next moves (one admitted or cancelled, a
-        running choice ended): queue places are pushed to those waiting, not polled."""
-        event = asyncio.Event()
-        with self._cond:
-            self._listeners.append((asyncio.get_running_loop(), event))
-        return event
+        """An event set once the line of waiting requests next moves (engines.sequence.LineWatch)."""
+        return self._line_watch.listen()
 
     def _tell_listeners(self) -> None:
-        """On the decode thread after each step: wakes those waiting for the line to move, if it has."""
         with self._cond:
             line = (len(self._pending), self._choices())
-            if line == self._line or not self._listeners:
-                self._line = line
-                return
-            self._line, listeners, self._listeners = line, self._listeners, []
-        for loop, event in listeners:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the event loop has closed: nobody is waiting any more
-                pass
+        self._line_watch.tell(line)
 
     def submit(self, request: Request) -> None:
         with self._cond:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,38 @@ class Courier:
 def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+class LineWatch:
+    """Tells waiters on event loops, from a scheduler's thread, that its line of waiting requests
+    moved (one admitted or dropped, a running choice ended): queue places are pushed to those waiting,
+    not polled. A line is whatever identifies its state (requests waiting, choices running)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._line: Any = None
+
+    def listen(self) -> asyncio.Event:
+        """On an event loop: an event set once the line next moves. Listen before reading a place,
+        so that no move in between is missed."""
+        event = asyncio.Event()
+        with self._lock:
+            self._listeners.append((asyncio.get_running_loop(), event))
+        return event
+
+    def tell(self, line: Any) -> None:
+        """On the scheduler's thread: wakes the listeners when `line` differs from the last one told."""
+        with self._lock:
+            if line == self._line or not self._listeners:
+                self._line = line
+                return
+            self._line, listeners, self._listeners = line, self._listeners, []
+        for loop, event in listeners:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the event loop has closed: nobody is waiting any more
+                pass
 
 
 class Choice:
