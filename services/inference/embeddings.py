@@ -11,7 +11,6 @@ its upstream takes the inputs as given, checks them and counts their tokens. Ope
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -74,19 +73,7 @@ class EmbeddingService:
                 assert isinstance(engine, EmbeddingEngine)
                 size = output_size(record.entry.id, engine, bool(record.entry.params.get("matryoshka")), dimensions)
                 deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-                if engine.sends_inputs:
-                    # A remote model: its upstream tokenizes and checks the inputs, and counts them.
-                    if truncate:
-                        raise InvalidArgument(f"model {record.entry.id!r} is remote and cannot truncate inputs; "
-                                              "leave truncate out")
-                    vectors, prompt_tokens = await engine.embed_inputs(inputs, deadline)
-                    tokens = [0] * len(inputs)
-                else:
-                    # Tokenizing thousands of texts blocks; keep it off the loop that serves other requests.
-                    sequences = await asyncio.to_thread(self._sequences, record.entry.id, engine, inputs, truncate)
-                    vectors = await engine.embed(sequences, deadline)
-                    tokens = [len(s) for s in sequences]
-                    prompt_tokens = sum(tokens)
+                vectors, tokens, prompt_tokens = await engine.embed_inputs(inputs, deadline, truncate)
                 normalized = engine.normalized
             finally:
                 self.registry.done(record)
@@ -102,30 +89,6 @@ class EmbeddingService:
             raise
         finally:
             observed.end()
-
-    @staticmethod
-    def _sequences(model_id: str, engine: EmbeddingEngine, inputs: Sequence[Input], truncate: bool) -> list[list[int]]:
-        """Each input's tokens with the model's special tokens, checked against its vocabulary and limit."""
-        texts = [(i, text) for i, text in enumerate(inputs) if isinstance(text, str)]
-        sequences: list[list[int]] = [[] for _ in inputs]
-        for (i, _), tokens in zip(texts, engine.tokenize([text for _, text in texts])):
-            sequences[i] = tokens
-        for i, given in enumerate(inputs):
-            if isinstance(given, str):
-                continue
-            for token in given:
-                if not 0 <= token < engine.vocab_size:
-                    raise InvalidArgument(f"input[{i}]: token {token} is not in the vocabulary of model "
-                                          f"{model_id!r} ({engine.vocab_size} tokens)")
-            sequences[i] = engine.with_special_tokens(list(given))
-        for i, tokens in enumerate(sequences):
-            if len(tokens) > engine.context_length:
-                if not truncate:
-                    raise InvalidArgument(
-                        f"input[{i}] is {len(tokens)} tokens but model {model_id!r} takes at most "
-                        f"{engine.context_length} tokens an input; shorten it, or send \"truncate\": true to cut it")
-                sequences[i] = engine.truncate(tokens)
-        return sequences
 
 
 def check_inputs(inputs: Sequence[Input]) -> None:

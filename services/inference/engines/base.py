@@ -73,6 +73,16 @@ class LoadedModel(ABC):
         """The memory a model holds once loaded, known before it loads (from its files and the
         settings): the registry makes room for this much, and a loaded engine reports it."""
 
+    @property
+    @abstractmethod
+    def running(self) -> int:
+        """Requests running now."""
+
+    @property
+    @abstractmethod
+    def waiting(self) -> int:
+        """Requests waiting for room in the engine."""
+
     def memory_mib(self) -> int:
         """Memory held while loaded (estimate_mib, measured at load); 0 when not loaded."""
         return self._memory_mib
@@ -120,16 +130,6 @@ class Engine(LoadedModel):
         finish_reason, and the last chunk carries the usage. An error before Admitted means nothing
         ran. The request is dropped at the engine's next step however the stream ends (its deadline,
         an error, the consumer leaving)."""
-
-    @property
-    @abstractmethod
-    def running(self) -> int:
-        """Requests generating now."""
-
-    @property
-    @abstractmethod
-    def waiting(self) -> int:
-        """Requests waiting for room in the engine."""
 
     def info(self) -> dict[str, Any]:
         return {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length}

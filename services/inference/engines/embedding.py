@@ -7,8 +7,10 @@ batches: sequences of similar length together (each request's are sorted by leng
 MAX_BATCH_INPUTS of them and about `batch_tokens` padded tokens a batch. A request whose caller
 left or whose deadline passed is dropped at the next batch.
 
-Subclasses fill in `_load`, `_close`, `estimate_mib`, `_tokenize`, `_with_special_tokens` and
-`_forward` (blocking; the worker thread calls `_forward`).
+EmbeddingEngine is the interface every embedding engine implements (`embed_inputs`); local engines
+derive from LocalEmbeddingEngine and fill in `_load`, `_close`, `estimate_mib`, `_tokenize`,
+`_with_special_tokens` and `_forward` (blocking; the worker thread calls `_forward`). A remote one
+(engines.remote_embedding) passes the inputs to its upstream instead.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from services.core.errors import DeadlineExceeded, ResourceExhausted
-from services.inference.engines.base import EngineError, LocalModel
+from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.inference.engines.base import EngineError, LoadedModel, LocalModel
 from services.inference.hardware import EngineSettings
 
 MAX_BATCH_INPUTS = 128
@@ -61,17 +63,34 @@ class _Job:
         self.loop.call_soon_threadsafe(settle)
 
 
-class EmbeddingEngine(LocalModel):
-    """One loaded embedding model behind a batching worker thread."""
+class EmbeddingEngine(LoadedModel):
+    """One loaded embedding model: `embed_inputs` answers a request."""
 
     task = "embedding"
-    sends_inputs = False  # a remote engine takes the inputs as given (embed_inputs), not their tokens
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict[str, Any]) -> None:
         super().__init__(model_id, path, settings, params)
-        self.context_length = 0  # the longest input in tokens, special tokens included; set by _load
-        self.dimensions = 0  # set by _load
-        self.normalized = True  # whether vectors come out with unit length; set by _load
+        self.context_length = 0  # the longest input in tokens, special tokens included; set by load
+        self.dimensions = 0  # set by load
+        self.normalized = True  # whether vectors come out with unit length; set by load
+
+    @abstractmethod
+    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float,
+                           truncate: bool = False) -> tuple[np.ndarray, list[int], int]:
+        """One vector per input (float32 rows, in order), each input's tokens (0s where an upstream
+        counts only the total) and the prompt tokens in all. Inputs are texts or token ids in the
+        model's vocabulary; one longer than `context_length` is refused, or cut with `truncate`."""
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length,
+                "dimensions": self.dimensions}
+
+
+class LocalEmbeddingEngine(LocalModel, EmbeddingEngine):
+    """An embedding model computed here, behind a batching worker thread."""
+
+    def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict[str, Any]) -> None:
+        super().__init__(model_id, path, settings, params)
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -94,17 +113,11 @@ class EmbeddingEngine(LocalModel):
 
     @property
     def running(self) -> int:
-        """Requests being computed now."""
         return self._running
 
     @property
     def waiting(self) -> int:
-        """Requests queued whose computation has not started."""
         return sum(1 for job in list(self._queue) if job.taken == 0)
-
-    def info(self) -> dict[str, Any]:
-        return {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length,
-                "dimensions": self.dimensions}
 
     # --- text -> tokens ----------------------------------------------------------------------
     @abstractmethod
@@ -150,10 +163,35 @@ class EmbeddingEngine(LocalModel):
         finally:
             job.gone = True  # cancelled or finished: the worker skips what is left
 
-    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float) -> tuple[np.ndarray, int]:
-        """Vectors for the inputs as given and the prompt tokens counted, for engines that
-        `sends_inputs` (a remote upstream tokenizes them); local engines take tokens (`embed`)."""
-        raise NotImplementedError(f"the {self.engine_name} engine embeds token sequences")
+    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float,
+                           truncate: bool = False) -> tuple[np.ndarray, list[int], int]:
+        # Tokenizing thousands of texts blocks; keep it off the loop that serves other requests.
+        sequences = await asyncio.to_thread(self._sequences, inputs, truncate)
+        tokens = [len(s) for s in sequences]
+        return await self.embed(sequences, deadline), tokens, sum(tokens)
+
+    def _sequences(self, inputs: Sequence[str | list[int]], truncate: bool) -> list[list[int]]:
+        """Each input's tokens with the model's special tokens, checked against its vocabulary and limit."""
+        texts = [(i, text) for i, text in enumerate(inputs) if isinstance(text, str)]
+        sequences: list[list[int]] = [[] for _ in inputs]
+        for (i, _), tokens in zip(texts, self.tokenize([text for _, text in texts])):
+            sequences[i] = tokens
+        for i, given in enumerate(inputs):
+            if isinstance(given, str):
+                continue
+            for token in given:
+                if not 0 <= token < self.vocab_size:
+                    raise InvalidArgument(f"input[{i}]: token {token} is not in the vocabulary of model "
+                                          f"{self.model_id!r} ({self.vocab_size} tokens)")
+            sequences[i] = self.with_special_tokens(list(given))
+        for i, tokens in enumerate(sequences):
+            if len(tokens) > self.context_length:
+                if not truncate:
+                    raise InvalidArgument(
+                        f"input[{i}] is {len(tokens)} tokens but model {self.model_id!r} takes at most "
+                        f"{self.context_length} tokens an input; shorten it, or send \"truncate\": true to cut it")
+                sequences[i] = self.truncate(tokens)
+        return sequences
 
     def _next_batch(self) -> list[tuple[_Job, int]]:
         """(job, position) pairs for one forward pass; called with the lock held."""

@@ -37,7 +37,6 @@ PROBE = "How long is a vector?"
 
 class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
     engine_name = "remote"
-    sends_inputs = True  # the upstream tokenizes, checks and counts: the service skips its own tokenizing
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict[str, Any]) -> None:
         super().__init__(model_id, path, settings, params)
@@ -49,7 +48,7 @@ class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
         size and length are the model's."""
         await self.pool.open()
         try:
-            vectors, _ = await self.embed_inputs([PROBE], time.monotonic() + self.pool.timeout)
+            vectors, _, _ = await self.embed_inputs([PROBE], time.monotonic() + self.pool.timeout)
         except Exception as exc:
             await self.pool.close()
             message = getattr(exc, "message", None) or describe(exc)
@@ -67,8 +66,11 @@ class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
         if isinstance(size, int) and size > 0:
             self.context_length = size
 
-    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float) -> tuple[np.ndarray, int]:
-        """One vector per input (float32 rows, in order) and the prompt tokens the upstream counted."""
+    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float,
+                           truncate: bool = False) -> tuple[np.ndarray, list[int], int]:
+        """The upstream tokenizes, checks and counts the inputs: it reports only the total."""
+        if truncate:
+            raise InvalidArgument(f"model {self.model_id!r} is remote and cannot truncate inputs; leave truncate out")
         texts = [i for i in inputs if isinstance(i, str)]
         if texts and len(texts) != len(inputs):
             raise InvalidArgument(f"model {self.model_id!r} is remote: send texts or token arrays, not both "
@@ -84,7 +86,7 @@ class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
                 outcome, error = "ok", ""
                 try:
                     answer = json.loads(await call.response.aread())
-                    return _vectors(answer, len(inputs)), _prompt_tokens(answer, inputs)
+                    return _vectors(answer, len(inputs)), [0] * len(inputs), _prompt_tokens(answer, inputs)
                 except httpx.HTTPError as exc:
                     outcome, error = "cut", describe(exc)
                     raise Unavailable(f"model {self.model_id!r}: upstream {call.upstream.url} failed mid-answer: "
@@ -104,22 +106,6 @@ class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
                                    "deadline") from None
         finally:
             self._running -= 1
-
-    # Nothing is tokenized or computed here.
-    def _load(self) -> None:  # pragma: no cover - load() is overridden
-        raise NotImplementedError
-
-    def _close(self) -> None:  # pragma: no cover - close() is overridden
-        raise NotImplementedError
-
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:  # pragma: no cover - sends_inputs
-        raise NotImplementedError
-
-    def _with_special_tokens(self, tokens: list[int]) -> list[int]:  # pragma: no cover - sends_inputs
-        raise NotImplementedError
-
-    def _forward(self, batch: list[list[int]]) -> np.ndarray:  # pragma: no cover - sends_inputs
-        raise NotImplementedError
 
 
 def _vectors(answer: dict[str, Any], count: int) -> np.ndarray:

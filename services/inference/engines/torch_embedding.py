@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from services.inference.engines.base import EngineError
-from services.inference.engines.embedding import EmbeddingEngine
+from services.inference.engines.embedding import LocalEmbeddingEngine
 from services.inference.engines.torch_engine import BYTES_PER_PARAMETER
 from services.inference.engines.weights import safetensors_parameters
 from services.inference.hardware import EngineSettings
@@ -64,7 +64,7 @@ def sentence_transformers_config(folder: Path) -> tuple[str, bool, int | None]:
     return pooling, normalize, int(max_length) if max_length else None
 
 
-class TorchEmbeddingEngine(EmbeddingEngine):
+class TorchEmbeddingEngine(LocalEmbeddingEngine):
     engine_name = "torch"
 
     def _load(self) -> None:

@@ -18,7 +18,7 @@ import pytest_asyncio
 from services.core import config
 from services.core.errors import InvalidArgument, ResourceExhausted
 from services.inference.embeddings import EmbeddingService, parse_openai, render_openai
-from services.inference.engines.embedding import EmbeddingEngine
+from services.inference.engines.embedding import EmbeddingEngine, LocalEmbeddingEngine
 from services.inference.engines.torch_embedding import TorchEmbeddingEngine
 from services.inference.hardware import EngineSettings, probe
 from services.inference.registry import BUNDLED, BUNDLED_EMBEDDING, CatalogueEntry, ModelRegistry
@@ -151,7 +151,7 @@ async def test_each_task_refuses_the_other(service: EmbeddingService, registry: 
     assert registry.get(BUNDLED["id"]).state == "available"  # refused before anything loaded
 
 
-class SlowEngine(EmbeddingEngine):
+class SlowEngine(LocalEmbeddingEngine):
     """A fake model for the scheduler's logic: each pass waits until released."""
 
     engine_name = "fake"
