@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from services.core.errors import ResourceExhausted
 from services.core.structured import PLAIN, Structure
 from services.inference import fitting, offloop
 from services.inference.offloop import checkpoint
@@ -33,7 +34,7 @@ from services.inference.hardware import EngineSettings
 from services.inference.grammars import call_json, template_input
 
 __all__ = ["Admitted", "Chunk", "Engine", "EngineError", "GenerationRequest", "LoadedModel", "LocalModel", "Queued",
-           "Request", "Sampling", "StopMatcher", "TokenLogprob", "Usage", "common_prefix"]
+           "Request", "Sampling", "StopMatcher", "TokenLogprob", "Usage", "common_prefix", "queue_full"]
 
 
 EXACT_COUNT_MESSAGES = 64  # count_tokens renders every prefix up to this many messages…
@@ -43,6 +44,13 @@ COUNTED_TEXTS = 16_384  # message contents whose token counts are remembered (a 
 
 class EngineError(Exception):
     """The engine failed (load or generation)."""
+
+
+def queue_full(what: str, running: int, queued: int, depth: int) -> ResourceExhausted:
+    """Every engine's one refusal when its queue is full: RESOURCE_EXHAUSTED (HTTP 429), retry in a
+    second, saying what runs and waits."""
+    return ResourceExhausted(f"the server is busy: {running} {what} running and {queued} queued "
+                             f"(queue depth {depth}); retry shortly", retry_after=1)
 
 
 class LoadedModel(ABC):

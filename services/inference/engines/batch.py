@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.inference.engines.base import EngineError
+from services.inference.engines.base import EngineError, queue_full
 from services.inference.engines.sequence import Courier, LineWatch, Request, TokenLogprob, common_prefix
 from services.inference.grammars import CallDictation, Grammar
 from services.inference.hardware import EngineSettings
@@ -227,9 +227,7 @@ class BatchScheduler:
             # counted here rather than after admission, which happens on the decode thread later.
             demand = self._choices() + sum(len(r.choices) for r in self._pending)
             if demand and demand + len(request.choices) > self._max_running + self._queue_depth:
-                raise ResourceExhausted(
-                    f"the server is busy: {self.running} generations running and {len(self._pending)} queued "
-                    f"(queue depth {self._queue_depth}); retry shortly", retry_after=1)
+                raise queue_full("generations", self.running, len(self._pending), self._queue_depth)
             self._pending.append(request)
             self._cond.notify()
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from services.inference.engines.base import EngineError, LoadedModel, LocalModel
+from services.core.errors import DeadlineExceeded, InvalidArgument
+from services.inference.engines.base import EngineError, LoadedModel, LocalModel, queue_full
 from services.inference.hardware import EngineSettings
 
 MAX_BATCH_INPUTS = 128
@@ -153,9 +153,8 @@ class LocalEmbeddingEngine(LocalModel, EmbeddingEngine):
                    vectors=[None] * len(sequences), left=len(sequences))
         with self._wake:
             if self.waiting >= self.settings.queue_depth:
-                raise ResourceExhausted(
-                    f"the server is busy: {self.settings.queue_depth} embedding requests are queued for "
-                    f"{self.model_id!r}; retry shortly", retry_after=1)
+                raise queue_full(f"embedding requests for {self.model_id!r}", self.running, self.waiting,
+                                 self.settings.queue_depth)
             self._queue.append(job)
             self._wake.notify()
         try:

@@ -18,8 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.core.errors import ResourceExhausted
-from services.inference.engines.base import EngineError
+from services.inference.engines.base import EngineError, queue_full
 from services.inference.engines.local import TokenEngine
 from services.inference.engines.sequence import Request, Sampling, common_prefix
 
@@ -64,11 +63,7 @@ class SlotPool:
     def check_room(self) -> None:
         """Raises ResourceExhausted when no slot is free and the queue is full."""
         if self._waiting >= self._queue_depth and all(slot.busy for slot in self._slots):
-            raise ResourceExhausted(
-                f"the server is busy: {len(self._slots)} generations running and "
-                f"{self._waiting} queued (queue depth {self._queue_depth}); retry shortly",
-                retry_after=1,
-            )
+            raise queue_full("generations", len(self._slots), self._waiting, self._queue_depth)
 
     async def acquire(self, prompt: Sequence[int]) -> Slot:
         async with self._changed:
