@@ -241,13 +241,7 @@ class RemoteEngine(PoolBacked, Engine):
             finished = calls.finished()
             if finished and reason == "stop":
                 reason = "tool_calls"
-            if not has_usage(upstream_usage) and not usage.prompt_tokens:
-                # Only now, and only for an upstream that sends no usage: counting before the call
-                # delayed its start (rendering and tokenizing compete with every request on the loop).
-                chat = request.chat
-                usage.prompt_tokens = len(await offloop.run(self.prompt_tokens, chat.messages, chat.prompt,
-                                                            chat.structure))
-            self._usage(usage, upstream_usage, "".join(text), "".join(thoughts), finished)
+            await self._usage(request, upstream_usage, "".join(text), "".join(thoughts), finished)
             yield Chunk(finish_reason=reason, usage=usage, tool_calls=finished)
         except (httpx.HTTPError, ValueError) as exc:
             outcome, error = "cut", describe(exc)
@@ -263,9 +257,16 @@ class RemoteEngine(PoolBacked, Engine):
                 outcome = "cancelled"  # the consumer left
             await self._release(request, outcome, error)
 
-    def _usage(self, usage: Usage, given: dict[str, Any] | None, text: str, reasoning: str,
-               calls: list[ToolCall]) -> None:
+    async def _usage(self, request: RemoteRequest, given: dict[str, Any] | None, text: str, reasoning: str,
+                     calls: list[ToolCall]) -> None:
         """The upstream's usage when it sent one, else counted here."""
+        usage = request.usage
+        if not has_usage(given) and not usage.prompt_tokens:
+            # Only now, and only for an upstream that sends no usage: counting before the call
+            # delayed its start (rendering and tokenizing compete with every request on the loop).
+            chat = request.chat
+            usage.prompt_tokens = len(await offloop.run(self.prompt_tokens, chat.messages, chat.prompt,
+                                                        chat.structure))
         if has_usage(given):
             assert given is not None
             usage.prompt_tokens = int(given.get("prompt_tokens") or usage.prompt_tokens)
