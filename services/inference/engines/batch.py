@@ -14,7 +14,7 @@ One thread runs `BatchScheduler._loop`. Each step:
    n > 1 choices fork after their shared prompt (`llama_memory_seq_cp`) and each samples the same
    row with a differently seeded chain. Text that a grammar dictates (the head of a tool call) is
    not sampled token by token: its tokens join the next batch like a prompt chunk ("jump forward"),
-   and count as the answer's.
+   and count as the answer's. Sampling is engines.batch_sampling's.
 
 Sequences that finish keep their cells until the space or the sequence id is needed; then the least
 recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget.
@@ -26,8 +26,6 @@ import asyncio
 import collections
 import ctypes
 import logging
-import random
-import re
 import sys
 import threading
 import time
@@ -35,10 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.core.errors import ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError, queue_full
-from services.inference.engines.sequence import Courier, LineWatch, Request, TokenLogprob, common_prefix
-from services.inference.grammars import CallDictation, Grammar
+from services.inference.engines.batch_sampling import ChoiceSampling, Samplers
+from services.inference.engines.sequence import Courier, LineWatch, Request, common_prefix
+from services.inference.grammars import CallDictation
 from services.inference.hardware import EngineSettings
 
 log = logging.getLogger("parley.engine")
@@ -52,9 +51,6 @@ MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
 WARM_IDLE_CELLS = 512
 PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
 SWITCH_INTERVAL_SECONDS = 0.0005
-# Grammar sampling checks this many best tokens, then this many, before it masks the whole vocabulary.
-SHORTLISTS = (256, 4096)
-TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data
 
 
 @dataclass
@@ -66,22 +62,6 @@ class KvSequence:
     prompt_len: int = 0  # how much of `tokens` was the last request's prompt (the rest is its answer)
     last_used: float = 0.0
     busy: bool = False
-
-
-@dataclass
-class Samplers:
-    """One choice's llama.cpp samplers: `chain` picks the token; with a grammar, `pre` (logit bias and
-    penalties, when asked for) runs before the grammar and `chain` after it."""
-
-    chain: Any
-    pre: Any = None
-    grammar: Any = None
-
-    def free(self, l: Any) -> None:
-        for sampler in (self.chain, self.pre, self.grammar):
-            if sampler is not None:
-                l.llama_sampler_free(sampler)
-        self.chain = self.pre = self.grammar = None
 
 
 @dataclass
@@ -144,12 +124,9 @@ class BatchScheduler:
                  tokenize: Callable[[str], list[int]] | None = None) -> None:
         self._l = llama_cpp
         self._ctx = ctx
-        self._vocab = vocab
-        self._piece = piece  # the engine's token -> bytes (special tokens spelled out when asked)
-        self._tokenize = tokenize  # text -> tokens, no BOS (the text a grammar dictates); None: never jump
-        self._jump_tokens: dict[str, list[int]] = {}
+        self.stats = collections.Counter()  # for tests and logs: parked, restored, copied, reused tokens
+        self.sampling = ChoiceSampling(llama_cpp, ctx, vocab, n_vocab, piece, tokenize, self.stats)
         self._memory = llama_cpp.llama_get_memory(ctx)
-        self._n_vocab = n_vocab
         self._max_running = max(1, settings.parallel_slots)
         self._queue_depth = settings.queue_depth
         self._budget = settings.batch_tokens
@@ -157,13 +134,7 @@ class BatchScheduler:
         self._sequences = [KvSequence(i) for i in range(settings.resident_sequences)]
         self._host = HostKvStore(host_cache_bytes)
         self._batch = llama_cpp.llama_batch_init(self._budget, 0, 1)
-        self._sample_token = _holding_the_gil(llama_cpp)
         self._courier = Courier()  # every chunk of a step reaches the event loop in one wake-up
-        # Grammar sampling's llama_token_data arrays (numpy views of the C struct), made on first use.
-        self._candidates: Any = None
-        self._shortlists: list[Any] = []
-        self._one: Any = None
-        self._ids: Any = None
         self._pending: collections.deque[Request] = collections.deque()  # guarded by _cond
         self._active: list[Decoding] = []  # the decode thread's own
         self._cond = threading.Condition()
@@ -174,7 +145,6 @@ class BatchScheduler:
         # waits are estimated from; before the first answer ends, its token budget at the step rate.
         self._answer_seconds: float | None = None
         self._step_seconds = 0.01
-        self.stats = collections.Counter()  # for tests and logs: parked, restored, copied, reused tokens
 
     # --- the event loop's side -------------------------------------------------------------
     @property
@@ -329,7 +299,7 @@ class BatchScheduler:
         samplers: list[Samplers] = []
         try:  # before any sequence is taken: a grammar that does not parse fails the request here
             for index in range(len(request.choices)):
-                samplers.append(self._samplers(request, index))
+                samplers.append(self.sampling.samplers(request, index))
         except Exception:
             for made in samplers:
                 made.free(self._l)
@@ -341,7 +311,7 @@ class BatchScheduler:
         if len(request.choices) == 1 and request.top_logprobs is None and grammar is not None and grammar.call_head:
             lead.dictation = CallDictation(grammar)
             if grammar.starts_with_call:
-                lead.forced = self._dictated(samplers[0], lead.dictation.start())
+                lead.forced = self.sampling.dictated(samplers[0], lead.dictation.start())
                 lead.todo += lead.forced
                 if not lead.forced:
                     lead.dictation.refused()
@@ -421,60 +391,6 @@ class BatchScheduler:
         self._l.llama_memory_seq_rm(self._memory, seq.id, -1, -1)
         seq.tokens = []
 
-    def _samplers(self, request: Request, index: int) -> Samplers:
-        """The choice's samplers: logit bias and penalties, then greedy or top-k/top-p/min-p/temperature,
-        all in one chain — or, with a grammar, bias and penalties in a chain of their own that runs
-        before the grammar (see _sample_constrained)."""
-        l, s = self._l, request.sampling
-        made = Samplers(l.llama_sampler_chain_init(l.llama_sampler_chain_default_params()))
-        try:
-            if s.grammar is not None:
-                made.grammar = self._grammar(s.grammar)
-                if s.logit_bias or s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
-                    made.pre = l.llama_sampler_chain_init(l.llama_sampler_chain_default_params())
-            adjust = made.pre or made.chain
-            if s.logit_bias:
-                biases = (l.llama_logit_bias * len(s.logit_bias))(*(l.llama_logit_bias(t, b) for t, b in s.logit_bias))
-                l.llama_sampler_chain_add(adjust, l.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
-            if s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
-                penalties = l.llama_sampler_init_penalties(
-                    self._n_vocab, 64, s.repetition_penalty, s.frequency_penalty, s.presence_penalty)
-                for token in request.prompt[-64:]:  # into the penalties only: a grammar must not see the prompt
-                    l.llama_sampler_accept(penalties, token)
-                l.llama_sampler_chain_add(adjust, penalties)
-        except Exception:
-            made.free(l)
-            raise
-        chain = made.chain
-        if s.temperature <= 0:
-            l.llama_sampler_chain_add(chain, l.llama_sampler_init_greedy())
-            return made
-        if s.top_k > 0:
-            l.llama_sampler_chain_add(chain, l.llama_sampler_init_top_k(s.top_k))
-        if s.top_p < 1.0:
-            l.llama_sampler_chain_add(chain, l.llama_sampler_init_top_p(s.top_p, 1))
-        if s.min_p > 0:
-            l.llama_sampler_chain_add(chain, l.llama_sampler_init_min_p(s.min_p, 1))
-        l.llama_sampler_chain_add(chain, l.llama_sampler_init_temp(s.temperature))
-        seed = (s.seed + index) & 0xFFFFFFFF if s.seed is not None else random.getrandbits(32)
-        l.llama_sampler_chain_add(chain, l.llama_sampler_init_dist(seed))
-        return made
-
-    def _grammar(self, grammar: Grammar) -> Any:
-        """A GBNF grammar sampler; lazy (free until a trigger pattern matches) when it has triggers."""
-        l = self._l
-        if grammar.triggers:
-            # llama.cpp matches each pattern against all the text so far; the grammar starts at group 1.
-            patterns = (ctypes.c_char_p * len(grammar.triggers))(
-                *(f"[\\s\\S]*?({re.escape(word)})[\\s\\S]*".encode() for word in grammar.triggers))
-            sampler = l.llama_sampler_init_grammar_lazy_patterns(
-                self._vocab, grammar.gbnf.encode(), b"root", patterns, len(grammar.triggers), None, 0)
-        else:
-            sampler = l.llama_sampler_init_grammar(self._vocab, grammar.gbnf.encode(), b"root")
-        if not sampler:
-            raise InvalidArgument("llama.cpp could not parse the grammar made from the schema")
-        return sampler
-
     # --- one step ----------------------------------------------------------------------------
     def _decode_once(self) -> None:
         batch, l = self._batch, self._l
@@ -549,141 +465,23 @@ class BatchScheduler:
                 l.llama_memory_seq_cp(self._memory, d.seq.id, f.seq.id, -1, -1)
                 f.seq.tokens = list(d.seq.tokens)
                 self._active.append(f)
-                self._accept(f, self._pick(f, i), i)
+                self._accept(f, self.sampling.pick(f.request, f.samplers, i), i)
             d.followers = []
-        self._accept(d, self._pick(d, i), i)
-
-    def _pick(self, d: Decoding, i: int) -> int:
-        made = d.samplers
-        if made.grammar is None:
-            return self._sample_token(made.chain, self._ctx, i)
-        return self._sample_constrained(d.request, made, i)
-
-    def _sample_constrained(self, request: Request, made: Samplers, i: int) -> int:
-        """Samples row i under a grammar without masking the whole vocabulary (~15 ms a token with
-        49k tokens) in the common cases, and with the same result as masking it:
-        1. bias and penalties adjust every logit; the chain picks a token; if the grammar accepts
-           that one token, it is the answer (llama.cpp's common sampler does this too);
-        2. otherwise the grammar checks only the 256 best tokens, then the 4096 best (SHORTLISTS).
-           When enough of them are valid (one for greedy, top_k when sampling), the best valid
-           tokens of the whole vocabulary are all among them, and the chain picks from them;
-        3. otherwise the grammar masks the whole vocabulary and the chain picks again."""
-        import numpy as np
-
-        l = self._l
-        self._make_arrays()
-        full, one, run = self._candidates, self._one, self._apply
-        full["id"] = self._ids
-        full["logit"] = np.ctypeslib.as_array(l.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
-        full["p"] = 0.0
-        if made.pre is not None:
-            run(full, made.pre)  # in place: neither bias nor penalties reorder or drop candidates
-        adjusted = full["logit"].copy()
-        token = run(full, made.chain)
-        one[0] = (token, 0.0, 0.0)
-        run(one, made.grammar)
-        if not np.isfinite(one["logit"][0]):
-            s = request.sampling
-            need = 1 if s.temperature <= 0 else s.top_k  # top_k 0: the whole distribution counts
-            for short in self._shortlists if need else ():
-                best = np.argpartition(-adjusted, len(short) - 1)[: len(short)]
-                short["id"], short["logit"], short["p"] = best, adjusted[best], 0.0
-                run(short, made.grammar)
-                if np.isfinite(short["logit"]).sum() >= need:
-                    token = run(short, made.chain)
-                    self.stats[f"grammar_shortlist_{len(short)}"] += 1
-                    break
-            else:
-                full["id"], full["logit"], full["p"] = self._ids, adjusted, 0.0
-                token = run(full, made.grammar, made.chain)
-                self.stats["grammar_full"] += 1
-        for sampler in (made.grammar, made.pre, made.chain):
-            if sampler is not None:
-                l.llama_sampler_accept(sampler, token)
-        return token
-
-    def _make_arrays(self) -> None:
-        """Grammar sampling's llama_token_data arrays, made on first use."""
-        import numpy as np
-
-        if self._candidates is None:
-            self._candidates = np.zeros(self._n_vocab, dtype=TOKEN_DATA)
-            self._shortlists = [np.zeros(size, dtype=TOKEN_DATA) for size in SHORTLISTS if size < self._n_vocab]
-            self._one = np.zeros(1, dtype=TOKEN_DATA)
-            self._ids = np.arange(self._n_vocab, dtype=np.int32)
-
-    def _apply(self, candidates: Any, *samplers: Any) -> int:
-        """Runs the samplers over the candidates in place; the token they selected, or -1."""
-        l = self._l
-        array = l.llama_token_data_array(candidates.ctypes.data_as(ctypes.POINTER(l.llama_token_data)),
-                                         len(candidates), -1, False)
-        for sampler in samplers:
-            l.llama_sampler_apply(sampler, ctypes.byref(array))
-        return int(candidates["id"][array.selected]) if array.selected >= 0 else -1
+        self._accept(d, self.sampling.pick(d.request, d.samplers, i), i)
 
     def _accept(self, d: Decoding, token: int, i: int) -> None:
-        logprob = self._logprob(i, token, d.request.top_logprobs) if d.request.top_logprobs is not None else None
+        logprob = self.sampling.logprob(i, token, d.request.top_logprobs) if d.request.top_logprobs is not None else None
         if d.request.token(d.index, token, logprob):
             self._end(d)
             return
-        dictated = d.dictation.feed(self._text(token)) if d.dictation else ""
-        forced = self._dictated(d.samplers, dictated) if dictated else []
+        dictated = d.dictation.feed(self.sampling.text(token)) if d.dictation else ""
+        forced = self.sampling.dictated(d.samplers, dictated) if dictated else []
         if dictated and not forced:
             d.dictation.refused()  # type: ignore[union-attr]
         if forced:
             d.todo, d.forced = [token, *forced], forced
         else:
             d.next_token = token
-
-    # --- text a grammar dictates -------------------------------------------------------------
-    def _dictated(self, made: Samplers, text: str) -> list[int]:
-        """`text`'s tokens if the grammar takes them one after another (then every sampler of the
-        choice has accepted them, as if sampled); [] otherwise, and nothing changes."""
-        if self._tokenize is None or not text:
-            return []
-        tokens = self._jump_tokens.get(text)
-        if tokens is None:
-            tokens = self._tokenize(text)
-            if len(self._jump_tokens) < 1024:
-                self._jump_tokens[text] = tokens
-        l = self._l
-        probe = l.llama_sampler_clone(made.grammar)
-        self._make_arrays()
-        one = self._one
-        for token in tokens:
-            one[0] = (token, 0.0, 0.0)
-            self._apply(one, probe)
-            if not one["logit"][0] > float("-inf"):  # the grammar would not take it: sample as usual
-                l.llama_sampler_free(probe)
-                return []
-            l.llama_sampler_accept(probe, token)
-        l.llama_sampler_free(made.grammar)
-        made.grammar = probe
-        for sampler in (made.pre, made.chain):
-            if sampler is not None:
-                for token in tokens:
-                    l.llama_sampler_accept(sampler, token)
-        self.stats["jumped"] += len(tokens)
-        return list(tokens)
-
-    def _logprob(self, i: int, token: int, top: int) -> TokenLogprob:
-        import numpy as np
-
-        logits = np.ctypeslib.as_array(self._l.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
-        peak = float(logits.max())
-        logsum = peak + float(np.log(np.exp(logits - peak).sum()))
-        alternatives: tuple[tuple[str, bytes, float], ...] = ()
-        if top:
-            best = np.argpartition(-logits, top)[:top]
-            best = best[np.argsort(-logits[best])]
-            alternatives = tuple((self._text(int(t)), self._bytes(int(t)), float(logits[t]) - logsum) for t in best)
-        return TokenLogprob(self._text(token), self._bytes(token), float(logits[token]) - logsum, alternatives)
-
-    def _bytes(self, token: int) -> bytes:
-        return self._piece(token, True)
-
-    def _text(self, token: int) -> str:
-        return self._bytes(token).decode("utf-8", "replace")
 
     def _end(self, d: Decoding, forget: bool = False) -> None:
         """Takes a choice out of the loop and frees its sampler; its sequence keeps its cells."""
@@ -718,13 +516,3 @@ class BatchScheduler:
             d.seq.tokens = []
         d.seq.busy = False
         d.seq.last_used = time.monotonic()
-
-
-def _holding_the_gil(llama_cpp: Any) -> Any:
-    """llama_sampler_sample bound without releasing the GIL: it takes ~0.1 ms, and a thread that
-    lets the GIL go waits to get it back while the event loop runs Python (one sample per running
-    choice, every step)."""
-    sample = ctypes.PyDLL(llama_cpp.llama_cpp._lib._name).llama_sampler_sample
-    sample.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
-    sample.restype = ctypes.c_int32
-    return sample

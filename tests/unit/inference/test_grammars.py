@@ -321,19 +321,19 @@ async def test_a_call_the_model_starts_jumps_over_what_the_grammar_dictates(engi
         grammar = grammar_for(make_structure(tools, "auto"))
         request = Request(MODEL, tokenize("Hi"), Sampling(temperature=0, grammar=grammar), started=time.monotonic(),
                           deadline=None, budget=64, detokenize=model._detokenize, is_end=model._is_end)
-        made = batch._samplers(request, 0)
+        made = batch.sampling.samplers(request, 0)
         d = Decoding(request, 0, batch._sequences[0], made, dictation=CallDictation(grammar))
         dictated = []
         try:
             for piece in written:
                 # As if sampled: the grammar takes each token (it would mask the others), then the
                 # scheduler reads it.
-                for token in batch._dictated(made, piece) or pytest.fail(f"the grammar refused {piece!r}"):
+                for token in batch.sampling.dictated(made, piece) or pytest.fail(f"the grammar refused {piece!r}"):
                     batch._accept(d, token, 0)
                     if d.forced:
                         dictated.append("".join(model._detokenize(t).decode() for t in d.forced))
                         d.todo, d.forced = [], []
             assert dictated == expected
-            assert not batch._dictated(made, "x")  # the call is complete: the grammar takes no more text
+            assert not batch.sampling.dictated(made, "x")  # the call is complete: the grammar takes no more text
         finally:
             made.free(batch._l)
