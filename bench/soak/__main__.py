@@ -132,6 +132,7 @@ def main() -> int:
             rows = invariants.stored_messages(stack.common.data_dir, database_url)
         finally:
             stack.stop()
+        recorded = invariants.ledger_requests(stack.common.data_dir, database_url)  # flushed as it stopped
         redis.stop()
         time.sleep(0.5)
         left = stack_processes(data) + ([(redis.port, "redis")] if redis.ping() else [])
@@ -141,6 +142,7 @@ def main() -> int:
             invariants.assistant_messages(rows),
             invariants.answers_match(journal, rows),
             invariants.leases(probed),
+            invariants.ledger(journal, faults.log, window, recorded, len(probed)),
             invariants.server_errors(journal, faults.log, window),
             invariants.refusals(journal, faults.log, window),
             invariants.latency(journal, faults.log, window, args.p99, model_work=True),

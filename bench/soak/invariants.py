@@ -18,6 +18,7 @@ from bench.soak.users import MODEL_WORK, Journal, Request
 
 NONCE = re.compile(r"\[(soak\d{3}-[0-9a-f]{6}#\d+)\]")
 STATUSES = ("complete", "incomplete", "error")
+LEDGER_FLUSH_SECONDS = 1.0  # PARLEY_USAGE_FLUSH_SECONDS: what a killed cache service may lose
 
 
 @dataclass
@@ -28,23 +29,35 @@ class Check:
     ok: bool
 
 
-def stored_messages(data_dir: Path, database_url: str = "") -> list[dict[str, Any]]:
-    """Every message in the session store, read from the store itself (SQLite opened read-only, or
-    PostgreSQL's parley_session schema)."""
-    sql = "SELECT id, session_id, role, content, status, error, tool_calls FROM messages ORDER BY seq"
+def query(data_dir: Path, database_url: str, database: str, sql: str) -> list[dict[str, Any]]:
+    """Rows of one service's store, read from the store itself: `<database>.db` opened read-only, or
+    the `parley_<database>` schema on PostgreSQL."""
     if database_url:
         import psycopg
         from psycopg.rows import dict_row
 
         with psycopg.connect(database_url, row_factory=dict_row) as connection:
-            connection.execute("SET search_path TO parley_session")
+            connection.execute(f"SET search_path TO parley_{database}")
             return list(connection.execute(sql).fetchall())
-    connection = sqlite3.connect(f"file:{data_dir / 'session.db'}?mode=ro", uri=True)
+    connection = sqlite3.connect(f"file:{data_dir / f'{database}.db'}?mode=ro", uri=True)
     connection.row_factory = sqlite3.Row
     try:
         return [dict(row) for row in connection.execute(sql)]
     finally:
         connection.close()
+
+
+def stored_messages(data_dir: Path, database_url: str = "") -> list[dict[str, Any]]:
+    """Every message in the session store."""
+    return query(data_dir, database_url, "session",
+                 "SELECT id, session_id, role, content, status, error, tool_calls FROM messages ORDER BY seq")
+
+
+def ledger_requests(data_dir: Path, database_url: str = "") -> int:
+    """The requests the usage ledger holds (cache service), replayed answers included."""
+    rows = query(data_dir, database_url, "usage",
+                 "SELECT COALESCE(SUM(requests + cached_requests), 0) AS n FROM usage_daily")
+    return int(rows[0]["n"])
 
 
 def near(request: Request, faults: Iterable[Fault], window: float) -> bool:
@@ -101,6 +114,19 @@ def answers_match(journal: Journal, rows: list[dict[str, Any]]) -> Check:
     if wrong:
         value += f" (e.g. {wrong[0]})"
     return Check("stored answers = what the client received", value, "0 differ", not wrong)
+
+
+def ledger(journal: Journal, faults: list[Fault], window: float, recorded: int, probes: int) -> Check:
+    """The usage ledger against what the clients saw: at least every model request answered away from
+    the faults that may lose records (the cache killed: the last second's aggregate; inference killed:
+    its records on their way), at most every model request sent (and the probes after the run)."""
+    sent = [r for r in journal.requests if r.kind in MODEL_WORK]
+    lossy = [f for f in faults if f.target in ("cache", "inference")]
+    surely = [r for r in sent if r.outcome == "ok"
+              and not any(f.at - LEDGER_FLUSH_SECONDS <= r.end <= f.until + window for f in lossy)]
+    most = len(sent) + probes
+    return Check("usage ledger's requests: answered <= recorded <= sent", f"{len(surely)} <= {recorded} <= {most}",
+                 "both hold", len(surely) <= recorded <= most)
 
 
 def leases(probed: list[tuple[str, int]]) -> Check:

@@ -156,22 +156,26 @@ def test_responses_stream_reasoning_and_can_turn_it_off(client: openai.OpenAI) -
     assert plain.reasoning is not None and plain.reasoning.effort == "none"
 
 
-def test_anthropic_messages_answer_thinking_blocks_and_can_turn_them_off(think_stack: Stack, caller: Caller) -> None:
-    client = anthropic.Anthropic(base_url=think_stack.url, api_key=caller.api_key, max_retries=0, timeout=120)
+def test_anthropic_messages_answer_thinking_blocks_and_can_turn_them_off(think_stack: Stack, caller: Caller,
+                                                                         client: openai.OpenAI) -> None:
+    claude = anthropic.Anthropic(base_url=think_stack.url, api_key=caller.api_key, max_retries=0, timeout=120)
     ask = [{"role": "user", "content": "What is 5 + 5?"}]
-    thought = client.messages.create(model=THINKING_MODEL, max_tokens=16, messages=ask,
+    thought = claude.messages.create(model=THINKING_MODEL, max_tokens=16, messages=ask, extra_body={"temperature": 0},
                                      thinking={"type": "enabled", "budget_tokens": 1024})
     assert [block.type for block in thought.content] == ["thinking"] and thought.content[0].thinking.strip()
-    assert thought.stop_reason == "max_tokens"
+    # The same (greedy) answer as chat completions: reasoning in a thinking block, the same end.
+    same = client.chat.completions.create(model=THINKING_MODEL, max_tokens=16, messages=ask, temperature=0).choices[0]
+    assert thought.content[0].thinking == same.message.reasoning_content
+    assert thought.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[same.finish_reason]
 
-    with client.messages.stream(model=THINKING_MODEL, max_tokens=16, messages=[
+    with claude.messages.stream(model=THINKING_MODEL, max_tokens=16, extra_body={"temperature": 0}, messages=[
             {"role": "user", "content": "Name a planet."}]) as stream:
         pieces = [event.thinking for event in stream if event.type == "thinking"]
         final = stream.get_final_message()
     assert len(pieces) > 1 and final.content[0].type == "thinking" and final.content[0].thinking == "".join(pieces)
 
     # Turned off: text only; a thinking block from an earlier turn (or another provider) is dropped.
-    plain = client.messages.create(model=THINKING_MODEL, max_tokens=16, thinking={"type": "disabled"}, messages=[
+    plain = claude.messages.create(model=THINKING_MODEL, max_tokens=16, thinking={"type": "disabled"}, messages=[
         *ask, {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "c2ln"},
                                                 {"type": "text", "text": "10."}]},
         {"role": "user", "content": "And 6 + 6?"}])
