@@ -40,7 +40,9 @@ function inline(parent, text) {
       const label = rule.kind === "link" ? match[1] : match[0];
       if (SAFE_URL.test(href)) {
         const a = h("a", { href, rel: "noopener noreferrer nofollow", target: "_blank" });
-        inline(a, label);
+        // A bare URL is its own label, and would match itself again: it stays text.
+        if (rule.kind === "url") a.append(label);
+        else inline(a, label);
         parent.append(a);
       } else {
         parent.append(match[0]);

@@ -260,6 +260,7 @@ MARKDOWN_CASES = """async () => {
     '[ok](https://example.com) <a href="javascript:1">a</a>\\n\\n```html\\n<script>window.__xss=4</script>\\n```');
   const rich = render("# Title\\n\\nSome **bold**, *italic* and `code`.\\n\\n- one\\n- two\\n\\n1. first\\n2. second\\n\\n> quoted\\n\\n---");
   const streaming = render("Here:\\n\\n```python\\nprint('hi')");
+  const bare = render("See https://example.org/a_b and **https://example.net**.");
   return {
     tags: [...hostile.querySelectorAll("*")].map((el) => el.tagName),
     links: [...hostile.querySelectorAll("a")].map((a) => a.getAttribute("href")),
@@ -267,6 +268,7 @@ MARKDOWN_CASES = """async () => {
     code: hostile.querySelector("pre code").textContent,
     rich: [...rich.querySelectorAll("*")].map((el) => el.tagName),
     streaming: streaming.querySelector("pre code")?.textContent,
+    bare: [...bare.querySelectorAll("a")].map((a) => [a.getAttribute("href"), a.textContent]),
     xss: window.__xss,
   };
 }"""
@@ -283,6 +285,9 @@ def test_markdown_in_answers_is_rendered_without_html_injection(new_page) -> Non
     assert result["code"] == "<script>window.__xss=4</script>"
     assert {"H3", "STRONG", "EM", "CODE", "UL", "OL", "LI", "BLOCKQUOTE", "HR"} <= set(result["rich"])
     assert result["streaming"] == "print('hi')"  # an unfinished fence renders as code while it streams
+    # A bare URL is a link labelled with itself (it once recursed until the stack overflowed).
+    assert result["bare"] == [["https://example.org/a_b", "https://example.org/a_b"],
+                              ["https://example.net", "https://example.net"]]
 
 
 def test_phone_viewport_chat_fits_the_screen(signed_in) -> None:
