@@ -55,6 +55,7 @@ class EngineSettings:
     batch_tokens: int = 512
     host_cache_mib: int = 0
     flash_attention: bool = False
+    draft_tokens: int = 0  # speculative decoding's longest draft (engines.speculation); 0 = off
     reasons: list[str] = field(default_factory=list)
 
 
@@ -293,6 +294,10 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
         "faster decoding of short contexts, and seeded answers repeat" if flash else
         "set off by PARLEY_FLASH_ATTENTION: long conversations reach their first token sooner"))
 
+    reasons.append(f"draft_tokens={settings.draft_tokens}: " + (
+        "n-gram drafts from each answer's own prompt and text, verified in the batch step (llama.cpp)"
+        if settings.draft_tokens else "speculative decoding off (PARLEY_DRAFT_TOKENS=0)"))
+
     return EngineSettings(
         engine=engine,
         device=device,
@@ -309,5 +314,6 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
         batch_tokens=settings.batch_tokens,
         host_cache_mib=host_mib,
         flash_attention=flash,
+        draft_tokens=settings.draft_tokens,
         reasons=reasons,
     )

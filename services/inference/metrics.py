@@ -8,6 +8,8 @@ Series (all labelled by model id):
 - parley_inference_generated_tokens_total, parley_inference_prompt_tokens_total (counters).
 - parley_inference_generations_total{finish_reason} (counter): stop, length, cancelled, error.
 - parley_inference_model_load_duration_seconds (histogram).
+- parley_inference_draft_tokens_total{outcome} (counter): speculative draft tokens (engines.speculation)
+  verified, accepted or rejected; accepted / (accepted + rejected) is the drafts' acceptance rate.
 - embeddings: parley_inference_embedding_requests_total{outcome} (ok, error), _inputs_total and
   _tokens_total (counters), parley_inference_embedding_duration_seconds (histogram: arrival to the
   last vector, queueing included).
@@ -58,6 +60,9 @@ MODEL_LOAD = prometheus_client.Histogram(
     "parley_inference_model_load_duration_seconds", "Time to load a model into memory", ["model"],
     buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0),
 )
+DRAFT_TOKENS = prometheus_client.Counter(
+    "parley_inference_draft_tokens_total", "Speculative draft tokens verified, by outcome (accepted, rejected)",
+    ["model", "outcome"])
 EMBEDDING_REQUESTS = prometheus_client.Counter(
     "parley_inference_embedding_requests_total", "Embedding requests ended, by outcome (ok, error)",
     ["model", "outcome"])
@@ -244,6 +249,18 @@ class EmbeddingTelemetry:
         EMBEDDING_REQUESTS.labels(self.model, self.outcome).inc()
         self.span.end()
 
+
+
+def draft_counter(model: str) -> Callable[[int, int], None]:
+    """Counts one verified draft of `model`: (accepted, rejected) tokens."""
+    accepted, rejected = DRAFT_TOKENS.labels(model, "accepted"), DRAFT_TOKENS.labels(model, "rejected")
+
+    def count(took: int, refused: int) -> None:
+        if took:
+            accepted.inc(took)
+        if refused:
+            rejected.inc(refused)
+    return count
 
 def token_timer(model_id: str) -> Any:
     """A per-generation callable for the engine's worker thread: call it at each sampled token."""

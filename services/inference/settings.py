@@ -28,6 +28,10 @@ class InferenceSettings:
     flash_attention: str = setting("on", choices=("on", "off"),
                                    help="llama.cpp flash attention (off: long conversations reach their first "
                                         "token sooner on CPU, but seeded answers no longer repeat)")
+    draft_tokens: int = setting(8, min=0, max=64,
+                                help="llama.cpp speculative decoding: the longest draft a choice verifies in one step, "
+                                     "taken from its own prompt and answer (n-gram lookup), shortened as the batch "
+                                     "fills or acceptance drops; 0 = off")
     host_kv_cache_mib: int = setting(512, min=0, help="host RAM for evicted conversations' KV state; 0 = off")
     memory_budget_mib: int = setting(0, min=0, help="memory for loaded models; 0 = 75% of what is free")
     keep_alive_seconds: float = setting(1800.0, min=0, help="idle time before a model unloads; 0 = never")

@@ -15,6 +15,8 @@ One thread runs `BatchScheduler._loop`. Each step:
    row with a differently seeded chain. Text that a grammar dictates (the head of a tool call) is
    not sampled token by token: its tokens join the next batch like a prompt chunk ("jump forward"),
    and count as the answer's. Sampling is engines.batch_sampling's.
+   A choice whose answer repeats its own tokens (copying the prompt) also puts an n-gram draft after
+   its last token, verified by the same step's logits rows (engines.speculation).
 
 Sequences that finish keep their cells until the space or the sequence id is needed; then the least
 recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget.
@@ -37,8 +39,10 @@ from services.core.errors import ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError, queue_full
 from services.inference.engines.batch_sampling import ChoiceSampling, Samplers
 from services.inference.engines.sequence import Courier, LineWatch, Request, common_prefix
+from services.inference.engines.speculation import Drafter, Speculation
 from services.inference.grammars import CallDictation
 from services.inference.hardware import EngineSettings
+from services.inference.metrics import draft_counter
 
 log = logging.getLogger("parley.engine")
 
@@ -78,6 +82,7 @@ class Decoding:
     forced: list[int] = field(default_factory=list)  # the end of todo: answer tokens a grammar dictated
     dictation: CallDictation | None = None  # where the grammar dictates the text of a call
     followers: list["Decoding"] = field(default_factory=list)  # n > 1: choices forked after the prompt
+    draft: Drafter | None = None  # None: this choice does not speculate
 
 
 class HostKvStore:
@@ -118,6 +123,13 @@ class HostKvStore:
         return tokens, data
 
 
+def logits_rows(settings: EngineSettings) -> int:
+    """Logits rows a step may ask for (the context's n_outputs_max): one per running choice (a request
+    with more choices than parallel_slots runs alone, openai_compat.MAX_CHOICES; llama.cpp reserves at
+    least one per sequence), and room for a few choices' speculative drafts."""
+    return max(settings.parallel_slots, settings.resident_sequences, 16) + 4 * settings.draft_tokens
+
+
 class BatchScheduler:
     def __init__(self, llama_cpp: Any, ctx: Any, piece: Callable[[int, bool], bytes], *, vocab: Any, n_vocab: int,
                  settings: EngineSettings, host_cache_bytes: int, name: str,
@@ -126,6 +138,7 @@ class BatchScheduler:
         self._ctx = ctx
         self.stats = collections.Counter()  # for tests and logs: parked, restored, copied, reused tokens
         self.sampling = ChoiceSampling(llama_cpp, ctx, vocab, n_vocab, piece, tokenize, self.stats)
+        self.speculation = Speculation(settings.draft_tokens, logits_rows(settings), self.stats, draft_counter(name))
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._max_running = max(1, settings.parallel_slots)
         self._queue_depth = settings.queue_depth
@@ -320,6 +333,7 @@ class BatchScheduler:
             follower_seq, _ = self._sequence_for(None)
             follower_seq.prompt_len = len(prompt)
             lead.followers.append(Decoding(request, index, follower_seq, samplers[index]))
+        lead.draft = self.speculation.drafter(request, 0)
         request.admitted = True
         self._active.append(lead)
 
@@ -395,7 +409,7 @@ class BatchScheduler:
     def _decode_once(self) -> None:
         batch, l = self._batch, self._l
         n = 0
-        outputs: list[tuple[Decoding, int]] = []
+        outputs: list[tuple[Decoding, int, list[int]]] = []  # a choice, its (first) logits row, its draft
         undo: list[tuple[Decoding, int, int | None, list[int]]] = []
 
         def add(d: Decoding, token: int, logits: bool) -> None:
@@ -408,12 +422,15 @@ class BatchScheduler:
             d.seq.tokens.append(token)
             n += 1
 
-        for d in self._active:
-            if d.next_token is not None:
-                undo.append((d, len(d.seq.tokens), d.next_token, d.todo))
-                add(d, d.next_token, True)
-                outputs.append((d, n - 1))
-                d.next_token = None
+        decoding = [d for d in self._active if d.next_token is not None]
+        for d, draft in zip(decoding, self._drafts(decoding)):
+            undo.append((d, len(d.seq.tokens), d.next_token, d.todo))
+            add(d, d.next_token, True)
+            outputs.append((d, n - 1, draft))
+            for token in draft:
+                add(d, token, True)
+            d.next_token = None
+        decoded = n  # tokens of decoding choices (a step without prompt chunks is timed for speculation)
         for d in self._active:
             if not d.todo or n >= self._budget:
                 continue
@@ -422,10 +439,11 @@ class BatchScheduler:
             for i, token in enumerate(take):
                 add(d, token, not d.todo and i == len(take) - 1)
             if not d.todo:
-                outputs.append((d, n - 1))
+                outputs.append((d, n - 1, []))
         if n == 0:
             return
         batch.n_tokens = n
+        began = time.perf_counter()
         rc = l.llama_decode(self._ctx, batch)
         if rc != 0:
             for d, length, token, todo in undo:
@@ -435,8 +453,40 @@ class BatchScheduler:
             if rc == 1 and self._make_room():
                 return  # the next step tries again
             raise RuntimeError(f"llama_decode returned {rc}" + (" (the KV cache is full)" if rc == 1 else ""))
-        for d, i in outputs:
-            self._sample(d, i)
+        for d, i, draft in outputs:
+            if draft:
+                self._verify(d, i, draft)
+            else:
+                self._sample(d, i)
+        if decoded == n:
+            self.speculation.cost.observe(n, time.perf_counter() - began)
+
+    def _drafts(self, decoding: list[Decoding]) -> list[list[int]]:
+        """The decoding choices' speculative drafts, in the room the step's prompt chunks leave."""
+        offered = [(d.draft, [*d.seq.tokens, d.next_token], d.request.budget - d.request.choices[d.index].completion_tokens)
+                   for d in decoding if d.draft is not None]
+        if not offered:
+            return [[] for _ in decoding]
+        prefill = min(sum(len(d.todo) for d in self._active), self._budget - len(decoding))
+        drafts = iter(self.speculation.plan(offered, tokens=len(decoding) + prefill, room=self._budget - len(decoding) - prefill,
+                                            outputs=len(decoding) + sum(bool(d.todo) for d in self._active)))
+        return [next(drafts) if d.draft is not None else [] for d in decoding]
+
+    def _verify(self, d: Decoding, i: int, draft: list[int]) -> None:
+        """Emits what a verified draft yields, one token at a time (each may end the choice), and
+        removes the cells of the draft tokens that were not accepted."""
+        tokens = self.speculation.verify(
+            d.draft, draft, d.request.sampling.temperature <= 0,  # type: ignore[arg-type]
+            lambda j: self.sampling.pick(d.request, d.samplers, i + j),
+            lambda j: self.sampling.distribution(d.samplers, i + j))
+        cells = len(d.seq.tokens) - len(draft)  # the last sampled token's cell and those before it
+        for m, token in enumerate(tokens):
+            if d.request.token(d.index, token):
+                self._truncate(d.seq, cells + m)
+                self._end(d)
+                return
+        self._truncate(d.seq, cells + len(tokens) - 1)
+        d.next_token = tokens[-1]
 
     def _make_room(self) -> bool:
         """Frees the least recently used idle sequence's cells (parking them). False if none."""

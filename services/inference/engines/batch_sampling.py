@@ -25,17 +25,19 @@ TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data
 @dataclass
 class Samplers:
     """One choice's llama.cpp samplers: `chain` picks the token; with a grammar, `pre` (logit bias and
-    penalties, when asked for) runs before the grammar and `chain` after it."""
+    penalties, when asked for) runs before the grammar and `chain` after it. `shape` is `chain` without
+    its final draw, made when speculation needs the distribution itself (engines.speculation)."""
 
     chain: Any
     pre: Any = None
     grammar: Any = None
+    shape: Any = None
 
     def free(self, l: Any) -> None:
-        for sampler in (self.chain, self.pre, self.grammar):
+        for sampler in (self.chain, self.pre, self.grammar, self.shape):
             if sampler is not None:
                 l.llama_sampler_free(sampler)
-        self.chain = self.pre = self.grammar = None
+        self.chain = self.pre = self.grammar = self.shape = None
 
 
 class ChoiceSampling:
@@ -160,6 +162,27 @@ class ChoiceSampling:
             if sampler is not None:
                 l.llama_sampler_accept(sampler, token)
         return token
+
+    def distribution(self, made: Samplers, i: int) -> tuple[Any, Any]:
+        """Row i's distribution as the choice's chain would draw from it (bias, top-k, top-p, min-p,
+        temperature; no grammar): (token ids, probabilities). For a chain that ends in a draw."""
+        import numpy as np
+
+        l = self._l
+        if made.shape is None:  # the chain's samplers but its last, the draw
+            made.shape = l.llama_sampler_clone(made.chain)
+            l.llama_sampler_free(l.llama_sampler_chain_remove(made.shape, l.llama_sampler_chain_n(made.shape) - 1))
+        self._make_arrays()
+        full = self._candidates
+        full["id"] = self._ids
+        full["logit"] = np.ctypeslib.as_array(l.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
+        full["p"] = 0.0
+        array = l.llama_token_data_array(full.ctypes.data_as(ctypes.POINTER(l.llama_token_data)), len(full), -1, False)
+        l.llama_sampler_apply(made.shape, ctypes.byref(array))
+        kept = full[: array.size]
+        logits = kept["logit"].astype(np.float64)
+        weights = np.exp(logits - logits.max())
+        return kept["id"].copy(), weights / weights.sum()
 
     def _make_arrays(self) -> None:
         """Grammar sampling's llama_token_data arrays, made on first use."""

@@ -36,7 +36,7 @@ class LlamaCppEngine(TokenEngine):
             from llama_cpp._logger import set_verbose
         except ImportError as exc:  # pragma: no cover - a broken install
             raise EngineError(f"llama-cpp-python is not installed: {exc}") from exc
-        from services.inference.engines.batch import BatchScheduler
+        from services.inference.engines.batch import BatchScheduler, logits_rows
 
         if not os.path.isfile(self.path):
             raise EngineError(f"model file not found: {self.path}")
@@ -61,11 +61,9 @@ class LlamaCppEngine(TokenEngine):
         ctx_params.n_ctx = kv_tokens
         ctx_params.n_batch = ctx_params.n_ubatch = s.batch_tokens
         ctx_params.n_seq_max = s.resident_sequences
-        # Logits rows a step can ask for: one per running choice, and a request with more choices
-        # than parallel_slots runs alone (openai_compat.MAX_CHOICES); llama.cpp reserves at least one
-        # per sequence. The default (n_batch rows) would size the logits buffers for every token of
-        # a prompt chunk.
-        ctx_params.n_outputs_max = max(s.parallel_slots, s.resident_sequences, 16)
+        # Logits rows a step can ask for (batch.logits_rows). The default (n_batch rows) would size
+        # the logits buffers for every token of a prompt chunk.
+        ctx_params.n_outputs_max = logits_rows(s)
         ctx_params.n_threads = ctx_params.n_threads_batch = s.threads
         ctx_params.kv_unified = True  # sequences share one pool of cells, so seq_cp works across them
         ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attention
