@@ -18,7 +18,9 @@ llama-cpp-python does.
 Then the client patterns that users create, each driven with the official `openai` SDK (streaming,
 greedy, usage counted from `stream_options.include_usage`) against Parley's Envoy gateway and, in
 the same run, against llama-server (the peer: one llama.cpp context, continuous batching; same
-llama.cpp version as Parley links), started here as `-np 8 -c 16384` on the same model and threads:
+llama.cpp version as Parley links), started here as `-np 8 -c 16384` on the same model and threads,
+and against the same llama-server with its draft-free speculative decoding (`--spec-type ngram-mod`,
+its defaults otherwise; off by default in llama-server):
 
   1. 1, 4 and 8 concurrent single-turn streams (64 tokens): aggregate tok/s, TTFT p50
   2. one conversation of 10 turns, each resending the whole history: TTFT p50 of turns 2-10, tok/s
@@ -28,6 +30,8 @@ llama.cpp version as Parley links), started here as `-np 8 -c 16384` on the same
      8 whose answer must be a call of a tool (tool_choice required): the grammar's cost under load,
      and the % of answers that follow the schema or call the tool with valid arguments (the first
      tool-call delta counts as the first token)
+  6. one stream copying a given paragraph (the answer repeats ~100 tokens of its prompt: where
+     speculative decoding's drafts are accepted): tok/s, TTFT p50
 
 Conversations share one system prompt (~100 tokens), open with distinct questions and go on with
 short follow-ups, 48 tokens per answer. The two servers take turns pattern by pattern (never both
@@ -83,6 +87,7 @@ import embeddings_bench  # beside this file: python puts the script's folder on 
 ADMIN_PASSWORD = f"Bench-{uuid.uuid4().hex}"
 MODEL = BUNDLED["id"]
 MAX_TOKENS = 96
+SPECULATIVE = "ngram-mod"  # llama-server's draft-free speculative decoding, the third column
 DEFAULT_LLAMA_SERVER = Path("/root/.cache/parley-peer/llama-server")
 BUILD_LLAMA_SERVER = (
     "pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:, unpack it, then in vendor/llama.cpp: "
@@ -110,6 +115,14 @@ FOLLOW_UPS = ("Go on.", "Say more about that.", "Why is that?", "Give me an exam
 Run = Callable[[int], tuple[float, list[float]]]
 
 
+COPY_SENTENCES = (
+    "The harbour master walked the length of the pier before dawn, counting the boats tied along it.",
+    "Gulls followed the fishing fleet out past the breakwater, calling over the grey and restless water.",
+    "By noon the market square was full of carts selling apples, cheese, wool and hand-carved spoons.",
+    "An old clock above the bakery door had run five minutes slow for as long as anyone could remember.",
+    "In the evening the lamplighter made his rounds, and one by one the narrow streets filled with light.",
+    "Children raced paper boats along the gutter after the rain, shouting whenever one of them capsized.",
+)
 STRUCTURED_ASK = "invent a customer record for our shop, and tell me the weather where they live."
 CUSTOMER = {"type": "object", "additionalProperties": False, "required": ["name", "city", "age", "tier", "tags"],
             "properties": {"name": {"type": "string", "maxLength": 40}, "city": {"type": "string", "maxLength": 30},
@@ -287,12 +300,17 @@ class Pattern:
     max_tokens: int
     chat: bool  # the shared system prompt, topic openings and follow-ups; else one story prompt per stream
     extra: dict[str, Any] = field(default_factory=dict)  # more request fields: response_format, tools
+    copy: bool = False  # the answer repeats a paragraph given in the prompt
 
     def opening(self, k: int, round_: int) -> list[dict[str, str]]:
         """The first messages of conversation k, distinct per pattern and round so that no answer comes from a
         cache and no conversation starts with another's prompt."""
         if self.extra:
             return [{"role": "user", "content": f"Customer {k} of round {round_}: {STRUCTURED_ASK}"}]
+        if self.copy:  # the sentences in an order of its own: no answer comes from a cache
+            start = (round_ * 7 + k) % len(COPY_SENTENCES)
+            paragraph = " ".join(COPY_SENTENCES[start:] + COPY_SENTENCES[:start])
+            return [{"role": "user", "content": f"Copy this paragraph exactly, word for word:\n\n{paragraph}"}]
         if not self.chat:
             return [{"role": "user", "content": prompt(20_000 + 1000 * round_ + 100 * self.conversations + k)}]
         topic = TOPICS[k % len(TOPICS)]
@@ -309,7 +327,8 @@ def patterns(quick: bool) -> list[Pattern]:
             Pattern("8 streams, json_schema", 8, 1, 128, chat=False, extra={"response_format": {
                 "type": "json_schema", "json_schema": {"name": "customer", "strict": True, "schema": CUSTOMER}}}),
             Pattern("8 streams, tool call", 8, 1, 128, chat=False, extra={
-                "tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False})]
+                "tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False}),
+            Pattern("1 stream, copy a paragraph", 1, 1, 160, chat=False, copy=True)]
 
 
 @dataclass(frozen=True)
@@ -531,9 +550,9 @@ def find_llama_server(option: str | None) -> Path | None:
 
 @contextlib.contextmanager
 def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 180,
-                 cores: set[int] | None = None) -> Iterator[Server]:
+                 cores: set[int] | None = None, speculative: bool = False) -> Iterator[Server]:
     """llama-server on the bundled model on a free loopback port, as docs/benchmarks.md describes (on `cores`
-    only, when given); stopped on exit."""
+    only, when given; with its n-gram speculative decoding when `speculative`); stopped on exit."""
     port = free_port()
     argv = [str(binary), "-m", CatalogueEntry(**BUNDLED).path(), "-t", str(threads), "-np", "8", "-c", "16384",
             # More HTTP threads than the default (slots + 2): 16 streaming conversations otherwise wait for a
@@ -541,6 +560,8 @@ def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 18
             "--threads-http", "32", "--host", "127.0.0.1", "--port", str(port),
             "--alias", MODEL,  # the name the clients ask for; a remote model checks the upstream serves it
             "--jinja"]  # chat templates through its Jinja engine, which tools need
+    if speculative:
+        argv += ["--spec-type", SPECULATIVE]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
@@ -551,7 +572,8 @@ def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 18
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
                 raise RuntimeError(f"llama-server did not become healthy ({' '.join(argv)}):\n{tail}")
             time.sleep(0.25)
-        yield Server("llama-server", f"http://127.0.0.1:{port}/v1", "no-key", process.pid)
+        yield Server(f"llama-server {SPECULATIVE}" if speculative else "llama-server",
+                     f"http://127.0.0.1:{port}/v1", "no-key", process.pid)
     finally:
         process.terminate()
         try:
@@ -580,41 +602,45 @@ def inference_pid(stack: Stack) -> int:
 
 def measure_peers(stack: Stack, token: str, threads: int, binary: Path | None, todo: list[Pattern], rounds: int,
                   log_dir: Path) -> tuple[dict[tuple[str, str], tuple[float, float, float]], dict[str, float]]:
-    """The client patterns on Parley (through Envoy) and on llama-server when there is one -> figures, RSS MiB."""
+    """The client patterns on Parley (through Envoy) and on llama-server, by default and with ngram-mod speculative
+    decoding, when there is one -> figures, RSS MiB."""
     parley = Server("Parley", f"{stack.url}/v1", token, inference_pid(stack))
     with contextlib.ExitStack() as running:
         servers = [parley]
         if binary is not None:
             servers.append(running.enter_context(llama_server(binary, threads, log_dir / "llama-server.log")))
+            servers.append(running.enter_context(llama_server(binary, threads, log_dir / "llama-server-spec.log",
+                                                              speculative=True)))
         figures = asyncio.run(measure_patterns(servers, todo, rounds))
         return figures, {server.name: rss_mib(server.pid) for server in servers}
 
 
 def print_patterns(figures: dict[tuple[str, str], tuple[float, float, float]], rss: dict[str, float], todo: list[Pattern],
                    rounds: int, threads: int) -> None:
-    peer = "llama-server" in rss
+    peers = ("llama-server", f"llama-server {SPECULATIVE}")
+    peer = peers[0] in rss
     print(f"\nClient patterns (openai SDK, streaming, greedy) — Parley through Envoy vs llama-server -np 8 -c 16384, "
-          f"{threads} threads")
+          f"by default and with --spec-type {SPECULATIVE}, {threads} threads")
     print(f"tok/s: median of {rounds} round{'s' * (rounds > 1)}, counted from the first request; "
           "TTFT: p50 over all counted turns")
-    print("ratio = Parley / llama-server: for tok/s >= 1.0 is better (Parley faster); "
+    print("ratio = Parley / that llama-server: for tok/s >= 1.0 is better (Parley faster); "
           "for TTFT and RSS <= 1.0 is better\n")
-    print(f"{'pattern':30} {'metric':14} {'Parley':>9} {'llama-server':>13} {'ratio':>7}")
+    print(f"{'pattern':30} {'metric':14} {'Parley':>9} {'llama-server':>13} {'ratio':>7} {SPECULATIVE:>13} {'ratio':>7}")
 
-    def row(pattern: str, metric: str, ours: float, theirs: float | None) -> None:
-        other = f"{theirs:13.1f}" if theirs is not None else f"{'—':>13}"
-        ratio = f"{ours / theirs:7.3f}" if theirs else f"{'—':>7}"
-        print(f"{pattern:30} {metric:14} {ours:9.1f} {other} {ratio}")
+    def row(pattern: str, metric: str, ours: float, *theirs: float | None) -> None:
+        others = "".join((f" {other:13.1f}" if other is not None else f" {'—':>13}")
+                         + (f" {ours / other:7.3f}" if other else f" {'—':>7}") for other in theirs)
+        print(f"{pattern:30} {metric:14} {ours:9.1f}{others}")
 
     for pattern in todo:
         ours = figures[(pattern.name, "Parley")]
-        theirs = figures.get((pattern.name, "llama-server"))
+        theirs = [figures.get((pattern.name, name)) for name in peers]
         ttft = "TTFT p50 ms" if pattern.turns == 1 else f"TTFT p50 2-{pattern.turns}"
-        row(pattern.name, "tok/s", ours[0], theirs[0] if theirs else None)
-        row("", ttft, ours[1], theirs[1] if theirs else None)
+        row(pattern.name, "tok/s", ours[0], *(t[0] if t else None for t in theirs))
+        row("", ttft, ours[1], *(t[1] if t else None for t in theirs))
         if pattern.extra:
-            row("", "% valid", ours[2], theirs[2] if theirs else None)
-    row("RSS after the patterns", "MiB", rss["Parley"], rss.get("llama-server"))
+            row("", "% valid", ours[2], *(t[2] if t else None for t in theirs))
+    row("RSS after the patterns", "MiB", rss["Parley"], *(rss.get(name) for name in peers))
     if not peer:
         print(f"\nllama-server column skipped: no binary (--llama-server PATH, $PARLEY_BENCH_LLAMA_SERVER or "
               f"{DEFAULT_LLAMA_SERVER}). Build it: {BUILD_LLAMA_SERVER}")

@@ -333,7 +333,7 @@ class BatchScheduler:
             follower_seq, _ = self._sequence_for(None)
             follower_seq.prompt_len = len(prompt)
             lead.followers.append(Decoding(request, index, follower_seq, samplers[index]))
-        lead.draft = self.speculation.drafter(request, 0)
+        lead.draft = self.speculation.drafter(request)
         request.admitted = True
         self._active.append(lead)
 
@@ -443,7 +443,6 @@ class BatchScheduler:
         if n == 0:
             return
         batch.n_tokens = n
-        began = time.perf_counter()
         rc = l.llama_decode(self._ctx, batch)
         if rc != 0:
             for d, length, token, todo in undo:
@@ -458,8 +457,7 @@ class BatchScheduler:
                 self._verify(d, i, draft)
             else:
                 self._sample(d, i)
-        if decoded == n:
-            self.speculation.cost.observe(n, time.perf_counter() - began)
+        self.speculation.stepped(n, decoded == n)
 
     def _drafts(self, decoding: list[Decoding]) -> list[list[int]]:
         """The decoding choices' speculative drafts, in the room the step's prompt chunks leave."""

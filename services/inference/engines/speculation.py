@@ -25,7 +25,9 @@ chunks) fill the batch, and stop for a choice whose drafts keep failing — the 
 nothing for them. A choice that stops drafting drifts back to trying now and then.
 
 Not speculated (their state could not be rolled back, or the output differs): grammar-constrained
-choices (json_schema, tools), logprobs, repetition/presence/frequency penalties, n > 1. Stop strings,
+choices (json_schema, tools), logprobs, repetition/presence/frequency penalties, n > 1, and seeded
+sampled choices (a seed promises repeatable output, and how far each step drafts depends on timings,
+which would change which random draws decide). Stop strings,
 end tokens and max_tokens still hold: accepted tokens are emitted one by one and the run stops at the
 first that ends the choice.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +46,7 @@ from services.inference.engines.sequence import Request
 NGRAM_SIZES = (3, 2)  # longest first: a longer match drafts better
 PRIOR_ACCEPTANCE = 0.6  # a new choice's α before it has drafted
 PRIOR_FIXED_SHARE = 1.0  # a / b before the step cost is fitted: a token's share of a 1-token step is 1/2
+MIN_FIXED_SHARE, MAX_FIXED_SHARE = 0.25, 64.0  # a noisy fit stays within these
 MAX_ALPHA = 0.97  # α never reaches 1: every further draft token must be worth a little less
 
 
@@ -112,8 +116,8 @@ class StepCost:
             return PRIOR_FIXED_SHARE
         b = (snt / w - mean_n * mean_t) / var
         if b <= 0:
-            return 64.0  # tokens are free: speculate freely
-        return max(0.0, (mean_t - b * mean_n) / b)
+            return MAX_FIXED_SHARE  # tokens are (nearly) free: speculate freely
+        return min(MAX_FIXED_SHARE, max(MIN_FIXED_SHARE, (mean_t - b * mean_n) / b))
 
     def threshold(self, tokens: int) -> float:
         """The acceptance chance one more token needs in a step of `tokens`: b·N / (a + b·N)."""
@@ -130,14 +134,25 @@ class Speculation:
         self.cost = StepCost()
         self.stats = stats
         self._counted = counted  # (accepted, rejected) -> the Prometheus counter
+        self._last_step: float | None = None  # when the last decode-only step ended
 
-    def drafter(self, request: Request, index: int) -> Drafter | None:
+    def stepped(self, tokens: int, decode_only: bool) -> None:
+        """A step of `tokens` has ended. Back-to-back decode-only steps are timed end to end (the
+        scheduler's own work and the wait for the GIL count as much as llama_decode) for the cost fit;
+        steps with prompt chunks, whose tokens cost less, are not."""
+        now = time.perf_counter()
+        if decode_only and self._last_step is not None:
+            self.cost.observe(tokens, now - self._last_step)
+        self._last_step = now if decode_only else None
+
+    def drafter(self, request: Request) -> Drafter | None:
         """A drafter for a choice that may speculate; None for one that may not (module docstring)."""
         s = request.sampling
         if (self.max_draft <= 0 or len(request.choices) > 1 or request.top_logprobs is not None
-                or s.grammar is not None or s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty):
+                or s.grammar is not None or s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty
+                or (s.seed is not None and s.temperature > 0)):
             return None
-        return Drafter(random.Random(None if s.seed is None else (s.seed + index) * 7919 + 17))
+        return Drafter(random.Random())
 
     def plan(self, choices: Sequence[tuple[Drafter, Sequence[int], int]], tokens: int, outputs: int,
              room: int) -> list[list[int]]:

@@ -135,12 +135,13 @@ def test_only_plain_single_choices_speculate() -> None:
     def request(n: int = 1, logprobs: int | None = None, **sampling: object) -> SimpleNamespace:
         return SimpleNamespace(sampling=replace(Sampling(), **sampling), choices=[None] * n, top_logprobs=logprobs)
 
-    assert spec.drafter(request(temperature=0.0), 0) is not None
-    assert spec.drafter(request(temperature=0.8, top_k=0, logit_bias=((5, 2.0),), stop=("x",)), 0) is not None
+    assert spec.drafter(request(temperature=0.0, seed=3)) is not None
+    assert spec.drafter(request(temperature=0.8, top_k=0, logit_bias=((5, 2.0),), stop=("x",))) is not None
     for refused in (request(n=2), request(logprobs=0), request(repetition_penalty=1.1), request(presence_penalty=0.5),
-                    request(frequency_penalty=0.5), request(grammar=Grammar(gbnf='root ::= "a"'))):
-        assert spec.drafter(refused, 0) is None
-    assert Speculation(0, 64, collections.Counter()).drafter(request(), 0) is None
+                    request(frequency_penalty=0.5), request(grammar=Grammar(gbnf='root ::= "a"')),
+                    request(temperature=0.5, seed=3)):
+        assert spec.drafter(refused) is None
+    assert Speculation(0, 64, collections.Counter()).drafter(request()) is None
 
 
 # --- verification ------------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Speculative decoding in the batched llama.cpp engine with the real bundled model: greedy answers
+are the same with and without drafts (a copy prompt, where drafts are accepted, and a plain one),
+max_tokens and stop strings hold when a step accepts several tokens, rejected drafts leave no KV
+cells behind, and the acceptance shows in the scheduler's stats and the Prometheus counter."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.inference.metrics import DRAFT_TOKENS
+from tests.unit.inference.test_batch_engine import MODEL, make, scheduler, turn
+
+PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He wound the clockwork, "
+             "polished the great lens, and lit the lamp that warned ships away from the rocks below. In winter "
+             "the storms shook the tower, but the light never failed, and sailors along the coast trusted it "
+             "more than any chart.")
+COPY = [{"role": "user", "content": "Copy this paragraph exactly, word for word:\n\n" + PARAGRAPH}]
+PLAIN = [{"role": "user", "content": "Name three things people do on a rainy afternoon."}]
+
+
+async def answers(draft_tokens: str, asks: list[tuple[list[dict], dict]]) -> tuple[list[tuple[str, object]], dict]:
+    registry, generation = make(PARLEY_DRAFT_TOKENS=draft_tokens)
+    try:
+        await registry.load(MODEL)
+        got = [await turn(generation, chat, **sampling) for chat, sampling in asks]
+        sched = scheduler(registry)
+        cells = {s.id: (len(s.tokens), registry.get(MODEL).engine._llama_cpp.llama_memory_seq_pos_max(sched._memory, s.id))
+                 for s in sched._sequences if s.tokens}
+        return got, {**sched.stats, "cells": cells}
+    finally:
+        await registry.close()
+
+
+def accepted_total() -> float:
+    return DRAFT_TOKENS.labels(MODEL, "accepted")._value.get()
+
+
+ASKS = [
+    (COPY, {"max_tokens": 90, "temperature": 0}),
+    (PLAIN, {"max_tokens": 40, "temperature": 0}),
+    (COPY, {"max_tokens": 23, "temperature": 0}),  # ends mid-draft: exactly max_tokens
+    (COPY, {"max_tokens": 90, "temperature": 0, "stop": ["great lens"]}),
+]
+
+
+_RUNS: list[tuple[list, dict, list, dict, float]] = []  # the two engines' answers, made once for the module
+
+
+@pytest.fixture
+async def both() -> tuple[list, dict, list, dict, float]:
+    if not _RUNS:
+        before = accepted_total()
+        on, on_stats = await answers("8", ASKS)
+        counted = accepted_total() - before
+        off, off_stats = await answers("0", ASKS)
+        _RUNS.append((on, on_stats, off, off_stats, counted))
+    return _RUNS[0]
+
+
+async def test_greedy_answers_are_the_same_with_and_without_drafts(both) -> None:
+    on, _, off, _, _ = both
+    for (text_on, last_on), (text_off, last_off), (chat, _) in zip(on, off, ASKS):
+        assert text_on == text_off, chat[0]["content"][:40]
+        assert last_on.finish_reason == last_off.finish_reason
+        assert last_on.usage.completion_tokens == last_off.usage.completion_tokens
+    assert "lighthouse keeper climbed" in on[0][0]  # the model does copy: drafts had something to match
+
+
+async def test_drafts_are_accepted_on_a_copy_and_counted(both) -> None:
+    _, on_stats, _, off_stats, counted = both
+    assert on_stats["accepted"] >= 40, on_stats  # most of ~90 copied tokens came from drafts
+    assert on_stats["accepted"] <= on_stats["drafted"]
+    assert counted == on_stats["accepted"]
+    assert off_stats.get("drafted", 0) == 0
+
+
+async def test_stop_conditions_hold_when_a_step_accepts_several_tokens(both) -> None:
+    on, _, _, _, _ = both
+    _, capped = on[2]
+    assert capped.finish_reason == "length" and capped.usage.completion_tokens == 23
+    text, stopped = on[3]
+    assert stopped.finish_reason == "stop" and "great lens" not in text and text.endswith("polished the ")
+
+
+async def test_rejected_drafts_leave_no_cells_behind(both) -> None:
+    _, on_stats, _, _, _ = both
+    assert on_stats["drafted"] > on_stats["accepted"], "some drafts were rejected: their cells had to go"
+    for seq_id, (tokens, highest) in on_stats["cells"].items():
+        assert highest == tokens - 1, f"sequence {seq_id}: cells up to {highest} for {tokens} tokens"
+
+
+async def test_a_sampled_copy_speculates_and_a_seeded_one_does_not() -> None:
+    registry, generation = make(PARLEY_DRAFT_TOKENS="8")
+    try:
+        await registry.load(MODEL)
+        _, last = await turn(generation, COPY, max_tokens=60, temperature=0.3)
+        assert last.usage.completion_tokens > 20 and scheduler(registry).stats["accepted"] > 10
+        drafted = scheduler(registry).stats["drafted"]
+        # A seed promises repeatable output, and how far a step drafts depends on timings: no drafts.
+        _, seeded = await turn(generation, COPY, max_tokens=40, temperature=0.3, seed=7)
+        assert seeded.usage.completion_tokens > 20 and scheduler(registry).stats["drafted"] == drafted
+    finally:
+        await registry.close()
