@@ -16,10 +16,11 @@ the drafted token x is accepted with probability p(x) under the chain's processe
 renormalised. The first disagreement ends the run; after a fully accepted draft the last row gives
 one more token, sampled as usual. Rejected drafts' KV cells are removed by the scheduler.
 
-Adaptive. A draft token is worth its place in the batch when the chance it is accepted beats the
-share of the step's time it adds: with a step costing a + b·N for N tokens, one more token adds b
-and is worth it when P(accepted) > b·N / (a + b·N). a and b are fitted from the decode-only steps
-the scheduler has timed; a choice's P(accepted) for its j-th draft token is α^j, α its recent
+Adaptive. A draft token is worth its place in the batch when it raises the step's yield, tokens
+per second: with a step of N tokens costing a + b·N and yielding E tokens (one per decoding choice,
+every prompt token, and the drafts' expected accepted tokens), one more token adds b and is worth
+it when P(accepted) > b·E / (a + b·N). a and b are fitted from the decode-only steps the scheduler
+has timed; a choice's P(accepted) for its j-th draft token is α^j, α its recent
 acceptance rate. So drafts grow long for one stream on a GPU, shrink as more sequences (or prompt
 chunks) fill the batch, and stop for a choice whose drafts keep failing — the busy server pays
 nothing for them. A choice that stops drafting drifts back to trying now and then.
@@ -119,9 +120,10 @@ class StepCost:
             return MAX_FIXED_SHARE  # tokens are (nearly) free: speculate freely
         return min(MAX_FIXED_SHARE, max(MIN_FIXED_SHARE, (mean_t - b * mean_n) / b))
 
-    def threshold(self, tokens: int) -> float:
-        """The acceptance chance one more token needs in a step of `tokens`: b·N / (a + b·N)."""
-        return tokens / (self.fixed_share() + tokens)
+    def threshold(self, tokens: int, expected: float | None = None) -> float:
+        """The acceptance chance one more token needs in a step of `tokens` that yields `expected`
+        tokens (default: all of them): b·E / (a + b·N)."""
+        return (tokens if expected is None else expected) / (self.fixed_share() + tokens)
 
 
 class Speculation:
@@ -166,11 +168,12 @@ class Speculation:
             alpha = drafter.alpha
             offers += [(alpha ** (j + 1), c) for j in range(len(drafts[c]))]
         taken = [0] * len(choices)
+        expected = float(tokens)
         for worth, c in sorted(offers, key=lambda offer: -offer[0]):  # stable: a choice's draft stays in order
-            if worth <= self.cost.threshold(tokens) or room <= 0 or outputs >= self.max_outputs:
+            if worth <= self.cost.threshold(tokens, expected) or room <= 0 or outputs >= self.max_outputs:
                 break
             taken[c] += 1
-            tokens, outputs, room = tokens + 1, outputs + 1, room - 1
+            tokens, outputs, room, expected = tokens + 1, outputs + 1, room - 1, expected + worth
         for c, draft in enumerate(drafts):
             del draft[taken[c]:]
             if not draft:
