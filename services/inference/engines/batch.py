@@ -461,13 +461,15 @@ class BatchScheduler:
 
     def _drafts(self, decoding: list[Decoding]) -> list[list[int]]:
         """The decoding choices' speculative drafts, in the room the step's prompt chunks leave."""
-        offered = [(d.draft, [*d.seq.tokens, d.next_token], d.request.budget - d.request.choices[d.index].completion_tokens)
+        offered = [(d.draft, [*d.seq.tokens, d.next_token],
+                    d.request.budget - d.request.choices[d.index].completion_tokens)  # tokens it may still emit
                    for d in decoding if d.draft is not None]
         if not offered:
             return [[] for _ in decoding]
         prefill = min(sum(len(d.todo) for d in self._active), self._budget - len(decoding))
-        drafts = iter(self.speculation.plan(offered, tokens=len(decoding) + prefill, room=self._budget - len(decoding) - prefill,
-                                            outputs=len(decoding) + sum(bool(d.todo) for d in self._active)))
+        outputs = len(decoding) + sum(bool(d.todo) for d in self._active)
+        room = self._budget - len(decoding) - prefill
+        drafts = iter(self.speculation.plan(offered, len(decoding) + prefill, outputs, room))
         return [next(drafts) if d.draft is not None else [] for d in decoding]
 
     def _verify(self, d: Decoding, i: int, draft: list[int]) -> None:

@@ -24,8 +24,8 @@ async def answers(draft_tokens: str, asks: list[tuple[list[dict], dict]]) -> tup
         await registry.load(MODEL)
         got = [await turn(generation, chat, **sampling) for chat, sampling in asks]
         sched = scheduler(registry)
-        cells = {s.id: (len(s.tokens), registry.get(MODEL).engine._llama_cpp.llama_memory_seq_pos_max(sched._memory, s.id))
-                 for s in sched._sequences if s.tokens}
+        highest = registry.get(MODEL).engine._llama_cpp.llama_memory_seq_pos_max
+        cells = {s.id: (len(s.tokens), highest(sched._memory, s.id)) for s in sched._sequences if s.tokens}
         return got, {**sched.stats, "cells": cells}
     finally:
         await registry.close()
