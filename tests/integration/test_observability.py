@@ -240,6 +240,23 @@ def test_inference_metrics_move_with_a_chat_completion(traced: Stack, person: Ca
     assert after[rpc] == before.get(rpc, 0) + 1
 
 
+def test_an_answer_that_copies_its_prompt_is_drafted_and_the_drafts_are_counted(traced: Stack, person: Caller) -> None:
+    """Speculative decoding (on by default): a greedy answer repeating a paragraph of its prompt has
+    n-gram drafts accepted, and parley_inference_draft_tokens_total shows it."""
+    port = traced.env["PARLEY_INFERENCE_METRICS_PORT"]
+    accepted = ("parley_inference_draft_tokens_total", (("model", MODEL), ("outcome", "accepted")))
+    before = scrape(port).get(accepted, 0)
+    paragraph = ("The harbour master walked the length of the pier before dawn, counting the boats tied along it. "
+                 "Gulls followed the fishing fleet out past the breakwater, calling over the grey and restless water.")
+    with httpx.Client(base_url=traced.url, timeout=120) as http:
+        answer = http.post("/v1/chat/completions", headers=person.headers, json={
+            "model": MODEL, "max_tokens": 60, "temperature": 0,
+            "messages": [{"role": "user", "content": f"Copy this paragraph exactly, word for word:\n\n{paragraph}"}]})
+    assert answer.status_code == 200, answer.text
+    assert "counting the boats tied along it" in answer.json()["choices"][0]["message"]["content"]
+    assert scrape(port)[accepted] >= before + 10
+
+
 def test_every_service_serves_metrics_and_auth_counts_failed_logins(traced: Stack) -> None:
     for name in ("auth", "session", "cache", "inference"):
         assert "parley_rpc_server_requests_total" in httpx.get(
