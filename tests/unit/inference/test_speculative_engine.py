@@ -1,12 +1,16 @@
 """Speculative decoding in the batched llama.cpp engine with the real bundled model: greedy answers
 are the same with and without drafts (a copy prompt, where drafts are accepted, and a plain one),
 max_tokens and stop strings hold when a step accepts several tokens, rejected drafts leave no KV
-cells behind, and the acceptance shows in the scheduler's stats and the Prometheus counter."""
+cells behind, the acceptance shows in the scheduler's stats and the Prometheus counter, and the
+distribution sampled drafts are judged by is the one llama.cpp's sampler chain draws from."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 
+from services.inference.engines.sequence import Request, Sampling
 from services.inference.metrics import DRAFT_TOKENS
 from tests.unit.inference.test_batch_engine import MODEL, make, scheduler, turn
 
@@ -99,5 +103,39 @@ async def test_a_sampled_copy_speculates_and_a_seeded_one_does_not() -> None:
         # A seed promises repeatable output, and how far a step drafts depends on timings: no drafts.
         _, seeded = await turn(generation, COPY, max_tokens=40, temperature=0.3, seed=7)
         assert seeded.usage.completion_tokens > 20 and scheduler(registry).stats["drafted"] == drafted
+    finally:
+        await registry.close()
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square value exceeded with probability ~0.001 (z = 3.09), by Wilson and Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+async def test_the_distribution_drafts_are_judged_by_is_the_one_the_chain_draws_from() -> None:
+    """The rejection step's p (the chain without its draw: bias, top-k, top-p, min-p, temperature)
+    against thousands of draws of the real llama.cpp chain from the same logits row."""
+    registry, generation = make(PARLEY_DRAFT_TOKENS="0")
+    try:
+        await registry.load(MODEL)
+        await turn(generation, PLAIN, max_tokens=3, temperature=0)  # leaves a decoding step's row 0
+        engine, sampling = registry.get(MODEL).engine, scheduler(registry).sampling
+        wanted = Sampling(temperature=1.3, top_k=30, top_p=0.97, min_p=0.01, logit_bias=((13, 1.5),))
+        request = Request(MODEL, [1, 2, 3], wanted, started=0.0, deadline=None, budget=8,
+                          detokenize=engine._detokenize, is_end=engine._is_end)
+        made = sampling.samplers(request, 0)
+        try:
+            ids, probs = sampling.distribution(made, 0)
+            draws = collections.Counter(sampling.pick(request, made, 0) for _ in range(6000))
+        finally:
+            made.free(engine._llama_cpp)
+        expected = dict(zip(ids.tolist(), probs.tolist()))
+        assert len(expected) > 5 and set(draws) <= set(expected)
+        big = {t: p for t, p in expected.items() if p * 6000 >= 5}  # the rest pooled into one cell
+        rest = 1 - sum(big.values())
+        statistic = sum((draws[t] - 6000 * p) ** 2 / (6000 * p) for t, p in big.items())
+        if rest * 6000 >= 5:
+            statistic += (sum(c for t, c in draws.items() if t not in big) - 6000 * rest) ** 2 / (6000 * rest)
+        assert statistic < chi_square_critical(len(big) - (rest * 6000 < 5)), (statistic, len(big))
     finally:
         await registry.close()
