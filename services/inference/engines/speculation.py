@@ -21,7 +21,8 @@ per second: with a step of N tokens costing a + b·N and yielding E tokens (one 
 every prompt token, and the drafts' expected accepted tokens), one more token adds b and is worth
 it when P(accepted) > b·E / (a + b·N). a and b are fitted from the decode-only steps the scheduler
 has timed; a choice's P(accepted) for its j-th draft token is α^j, α its recent
-acceptance rate. So drafts grow long for one stream on a GPU, shrink as more sequences (or prompt
+acceptance rate, starting from what the match promises (a match that goes on far back, as in a
+text being copied, promises more than a bare trigram). So drafts grow long for one stream on a GPU, shrink as more sequences (or prompt
 chunks) fill the batch, and stop for a choice whose drafts keep failing — the busy server pays
 nothing for them. A choice that stops drafting drifts back to trying now and then.
 
@@ -45,9 +46,9 @@ from typing import Any
 from services.inference.engines.sequence import Request
 
 NGRAM_SIZES = (3, 2)  # longest first: a longer match drafts better
-PRIOR_ACCEPTANCE = 0.6  # a new choice's α before it has drafted
+MATCH_WINDOW = 32  # how far back a match is followed to judge it
 PRIOR_FIXED_SHARE = 1.0  # a / b before the step cost is fitted: a token's share of a 1-token step is 1/2
-MIN_FIXED_SHARE, MAX_FIXED_SHARE = 0.25, 64.0  # a noisy fit stays within these
+MIN_FIXED_SHARE, MAX_FIXED_SHARE = 0.25, 16.0  # a noisy fit stays within these
 MAX_ALPHA = 0.97  # α never reaches 1: every further draft token must be worth a little less
 
 
@@ -60,11 +61,13 @@ class Drafter:
         self._indexed = 0  # n-grams ending before this position are in the index
         self._hits = 0.0  # decayed counts of accepted and rejected draft tokens
         self._misses = 0.0
+        self._prior = 0.5  # what the last match's length promises (propose)
 
     @property
     def alpha(self) -> float:
-        # Beta-like prior of weight 2.5 centred on PRIOR_ACCEPTANCE, then the recent counts.
-        return min(MAX_ALPHA, (self._hits + 2.5 * PRIOR_ACCEPTANCE) / (self._hits + self._misses + 2.5))
+        """The expected chance that a draft token is accepted: the last match's promise as a prior of
+        weight 2.5, then the choice's recent counts."""
+        return min(MAX_ALPHA, (self._hits + 2.5 * self._prior) / (self._hits + self._misses + 2.5))
 
     def propose(self, history: Sequence[int], limit: int) -> list[int]:
         """Up to `limit` tokens that followed the latest earlier occurrence of history's last n-gram."""
@@ -82,6 +85,12 @@ class Drafter:
                 continue
             at = self._index.get(tuple(history[end - n:]))
             if at is not None:
+                # A text being copied matches far back (m tokens): m / (m + 2) is 0.6 for a bare
+                # trigram, 0.8 after 8 tokens, 0.94 after 32.
+                m = n
+                while m < MATCH_WINDOW and m < at and history[at - 1 - m] == history[end - 1 - m]:
+                    m += 1
+                self._prior = m / (m + 2)
                 return list(history[at:at + limit])
         return []
 
@@ -109,15 +118,15 @@ class StepCost:
     def fixed_share(self) -> float:
         """a / b: how many tokens' worth of a step's time does not grow with its tokens."""
         w, sn, st, snn, snt = self._sums
-        if w < 4:
+        if w < 8:
             return PRIOR_FIXED_SHARE
         mean_n, mean_t = sn / w, st / w
         var = snn / w - mean_n * mean_n
         if var < 0.25:  # every step had (nearly) the same size: nothing to fit
             return PRIOR_FIXED_SHARE
         b = (snt / w - mean_n * mean_t) / var
-        if b <= 0:
-            return MAX_FIXED_SHARE  # tokens are (nearly) free: speculate freely
+        if b <= 0:  # tokens look free: believed once many steps say so, else noise
+            return MAX_FIXED_SHARE if w >= 16 else PRIOR_FIXED_SHARE
         return min(MAX_FIXED_SHARE, max(MIN_FIXED_SHARE, (mean_t - b * mean_n) / b))
 
     def threshold(self, tokens: int, expected: float | None = None) -> float:

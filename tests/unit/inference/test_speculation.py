@@ -63,8 +63,17 @@ def test_the_index_follows_a_growing_history() -> None:
     assert d.propose(history, 5) == [13, 14, 99, 11, 12]  # the latest "11 12" is the second one
 
 
+def test_a_match_that_goes_further_back_promises_more() -> None:
+    text = list(range(100, 140))
+    short, long = drafter(), drafter()
+    assert short.propose([1, 2, 3, 50, 60, 9, 1, 2, 3], 2) == [50, 60]
+    assert long.propose([*text, 7, *text[:30]], 2) == text[30:32]  # 30 tokens copied so far
+    assert 0.55 < short.alpha < 0.65 < 0.9 < long.alpha
+
+
 def test_acceptance_falls_with_rejections_and_recovers_while_idle() -> None:
     d = drafter()
+    assert d.propose([1, 2, 3, 50, 60, 9, 1, 2, 3], 2) == [50, 60]
     start = d.alpha
     for _ in range(6):
         d.learn(4, 0)
