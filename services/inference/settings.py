@@ -29,6 +29,10 @@ class InferenceSettings:
                                    help="llama.cpp flash attention (off: long conversations reach their first "
                                         "token sooner on CPU, but seeded answers no longer repeat)")
     host_kv_cache_mib: int = setting(512, min=0, help="host RAM for evicted conversations' KV state; 0 = off")
+    disk_kv_cache_mib: int = setting(4096, min=0, help="disk for idle conversations' KV state, kept across restarts "
+                                                       "(least recently used dropped first); 0 = off")
+    disk_kv_cache_dir: Path | None = setting(None, help="where idle conversations' KV state is kept; replicas may "
+                                                        "share it; default: <PARLEY_DATA_DIR>/kv")
     memory_budget_mib: int = setting(0, min=0, help="memory for loaded models; 0 = 75% of what is free")
     keep_alive_seconds: float = setting(1800.0, min=0, help="idle time before a model unloads; 0 = never")
     max_tokens: int = setting(1024, min=1, help="default max_tokens when a request sets none")

@@ -17,7 +17,9 @@ One thread runs `BatchScheduler._loop`. Each step:
    and count as the answer's. Sampling is engines.batch_sampling's.
 
 Sequences that finish keep their cells until the space or the sequence id is needed; then the least
-recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget.
+recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget, and
+on disk when a directory is set (engines.kv_store). The disk also gets every conversation that stays
+idle while nothing runs, and at shutdown every warm one, so a restart finds them there.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 from services.core.errors import ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError, queue_full
 from services.inference.engines.batch_sampling import ChoiceSampling, Samplers
+from services.inference.engines.kv_store import DiskKvStore, HostKvStore
 from services.inference.engines.sequence import Courier, LineWatch, Request, common_prefix
 from services.inference.grammars import CallDictation
 from services.inference.hardware import EngineSettings
@@ -50,6 +53,8 @@ MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
 # many cells are parked in host RAM, from where their next turn restores them in milliseconds.
 WARM_IDLE_CELLS = 512
 PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
+SAVE_AFTER_SECONDS = 2.0  # an idle conversation is saved to disk once nothing has run for this long
+SHUTDOWN_SAVE_SECONDS = 10.0  # at most this long writing the warm conversations to disk at shutdown
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 
@@ -62,6 +67,7 @@ class KvSequence:
     prompt_len: int = 0  # how much of `tokens` was the last request's prompt (the rest is its answer)
     last_used: float = 0.0
     busy: bool = False
+    saved: int = 0  # len(tokens) when its state last went to disk (0: never, or changed since)
 
 
 @dataclass
@@ -80,51 +86,13 @@ class Decoding:
     followers: list["Decoding"] = field(default_factory=list)  # n > 1: choices forked after the prompt
 
 
-class HostKvStore:
-    """Parked sequences' KV state in host RAM, keyed by the tokens it holds; least recently parked
-    entries go first when the byte budget is exceeded."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self.bytes = 0
-        self._entries: collections.OrderedDict[int, tuple[list[int], Any]] = collections.OrderedDict()
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def put(self, tokens: list[int], data: Any) -> None:
-        size = len(data)
-        if size > self.budget:
-            return
-        while self.bytes + size > self.budget and self._entries:
-            _, (_, old) = self._entries.popitem(last=False)
-            self.bytes -= len(old)
-        self._next += 1
-        self._entries[self._next] = (tokens, data)
-        self.bytes += size
-
-    def best(self, prompt: list[int]) -> tuple[int | None, int]:
-        best_key, best_k = None, 0
-        for key, (tokens, _) in self._entries.items():
-            k = common_prefix(tokens, prompt)
-            if k > best_k:
-                best_key, best_k = key, k
-        return best_key, best_k
-
-    def take(self, key: int) -> tuple[list[int], Any]:
-        tokens, data = self._entries.pop(key)
-        self.bytes -= len(data)
-        return tokens, data
-
-
 class BatchScheduler:
     def __init__(self, llama_cpp: Any, ctx: Any, piece: Callable[[int, bool], bytes], *, vocab: Any, n_vocab: int,
                  settings: EngineSettings, host_cache_bytes: int, name: str,
-                 tokenize: Callable[[str], list[int]] | None = None) -> None:
+                 tokenize: Callable[[str], list[int]] | None = None, disk: DiskKvStore | None = None) -> None:
         self._l = llama_cpp
         self._ctx = ctx
-        self.stats = collections.Counter()  # for tests and logs: parked, restored, copied, reused tokens
+        self.stats = collections.Counter()  # for tests and logs: parked, saved, restored (from_disk), copied, reused
         self.sampling = ChoiceSampling(llama_cpp, ctx, vocab, n_vocab, piece, tokenize, self.stats)
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._max_running = max(1, settings.parallel_slots)
@@ -133,6 +101,7 @@ class BatchScheduler:
         self._name = name
         self._sequences = [KvSequence(i) for i in range(settings.resident_sequences)]
         self._host = HostKvStore(host_cache_bytes)
+        self._disk = disk
         self._batch = llama_cpp.llama_batch_init(self._budget, 0, 1)
         self._courier = Courier()  # every chunk of a step reaches the event loop in one wake-up
         self._pending: collections.deque[Request] = collections.deque()  # guarded by _cond
@@ -215,6 +184,10 @@ class BatchScheduler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+        if self._disk is not None:  # the conversations still warm: their next turn may come after a restart
+            for seq in self._sequences:
+                self._save(seq, wait=SHUTDOWN_SAVE_SECONDS)
+            self._disk.close(SHUTDOWN_SAVE_SECONDS)
         self._l.llama_batch_free(self._batch)
 
     # --- the decode thread ------------------------------------------------------------------
@@ -228,9 +201,14 @@ class BatchScheduler:
             while True:
                 with self._cond:
                     while not self._closing and not self._pending and not self._active:
-                        self._cond.wait()
+                        if not self._cond.wait(SAVE_AFTER_SECONDS if self._disk is not None else None):
+                            break  # quiet for a while: a conversation not yet on disk goes there
                     if self._closing:
                         break
+                    quiet = not self._pending and not self._active
+                if quiet:
+                    self._save_idle()
+                    continue
                 self._step()
         finally:
             gone = Unavailable(f"model {self._name!r} was unloaded while the request ran; retry")
@@ -345,17 +323,18 @@ class BatchScheduler:
         parked, parked_k = self._host.best(prompt)
         parked_k = min(parked_k, limit)
         target = self._victim(source if k >= MIN_SHARED_PREFIX else None)
+        saved, saved_k = self._disk.best(prompt) if self._disk is not None else (None, 0)
+        saved_k = min(saved_k, limit)
+        if saved is not None and saved_k > max(k, parked_k) and saved_k >= MIN_SHARED_PREFIX:
+            data = self._disk.load(saved)  # type: ignore[union-attr]
+            if data is not None and self._restore(target, saved.tokens, data, saved_k):
+                target.saved = len(target.tokens)
+                self.stats["restored_from_disk"] += 1
+                return target, saved_k
         if parked is not None and parked_k > k and parked_k >= MIN_SHARED_PREFIX:
             tokens, data = self._host.take(parked)
-            self._clear(target)
-            if self._l.llama_state_seq_set_data(self._ctx, data, len(data), target.id):
-                target.tokens = tokens
-                self._truncate(target, parked_k)
-                target.busy = True
-                self.stats["restored"] += 1
-                self.stats["reused"] += parked_k
+            if self._restore(target, tokens, data, parked_k):
                 return target, parked_k
-            self._l.llama_memory_seq_rm(self._memory, target.id, -1, -1)  # no room for it: evaluate instead
         self._clear(target)
         if k >= MIN_SHARED_PREFIX:
             self._l.llama_memory_seq_cp(self._memory, source.id, target.id, 0, k)
@@ -364,6 +343,20 @@ class BatchScheduler:
             self.stats["reused"] += k
         target.busy = True
         return target, len(target.tokens)
+
+    def _restore(self, target: KvSequence, tokens: list[int], data: Any, keep: int) -> bool:
+        """Loads a parked state into `target` and keeps its first `keep` tokens. False when the
+        cache has no room for it (the prompt is evaluated instead)."""
+        self._clear(target)
+        if self._l.llama_state_seq_set_data(self._ctx, data, len(data), target.id):
+            target.tokens = list(tokens)
+            self._truncate(target, keep)
+            target.busy = True
+            self.stats["restored"] += 1
+            self.stats["reused"] += keep
+            return True
+        self._l.llama_memory_seq_rm(self._memory, target.id, -1, -1)
+        return False
 
     def _victim(self, keep: KvSequence | None) -> KvSequence:
         """An idle sequence to reuse: an empty one if any, else the least recently used."""
@@ -376,20 +369,48 @@ class BatchScheduler:
         if keep < len(seq.tokens):
             self._l.llama_memory_seq_rm(self._memory, seq.id, keep, -1)
             del seq.tokens[keep:]
+            seq.saved = 0
 
     def _clear(self, seq: KvSequence) -> None:
         """Empties a sequence, parking its KV state in host RAM first when it is worth keeping."""
         if not seq.tokens:
             return
-        if len(seq.tokens) >= MIN_PARKED_TOKENS and self._host.budget > 0:
-            size = self._l.llama_state_seq_get_size(self._ctx, seq.id)
-            if 0 < size <= self._host.budget:
-                data = (ctypes.c_uint8 * size)()
-                if self._l.llama_state_seq_get_data(self._ctx, data, size, seq.id) == size:
-                    self._host.put(list(seq.tokens), data)
-                    self.stats["parked"] += 1
+        data = self._state(seq) if self._host.budget > 0 else None
+        if data is not None and len(data) <= self._host.budget:
+            self._host.put(list(seq.tokens), data)
+            self.stats["parked"] += 1
+        self._save(seq, data)
         self._l.llama_memory_seq_rm(self._memory, seq.id, -1, -1)
         seq.tokens = []
+        seq.saved = 0
+
+    def _state(self, seq: KvSequence) -> Any | None:
+        """A copy of the sequence's KV state (llama_state_seq_get_data), if it is worth keeping."""
+        if len(seq.tokens) < MIN_PARKED_TOKENS:
+            return None
+        size = self._l.llama_state_seq_get_size(self._ctx, seq.id)
+        data = (ctypes.c_uint8 * size)() if size > 0 else None
+        if data is None or self._l.llama_state_seq_get_data(self._ctx, data, size, seq.id) != size:
+            return None
+        return data
+
+    def _save(self, seq: KvSequence, data: Any | None = None, wait: float = 0.0) -> None:
+        """Queues the sequence's state for the disk writer unless the disk has it already; the
+        decode thread only copies it (`data`, when the caller has the copy)."""
+        if self._disk is None or seq.saved == len(seq.tokens) or len(seq.tokens) < MIN_PARKED_TOKENS:
+            return
+        data = data if data is not None else self._state(seq)
+        if data is not None and self._disk.save(seq.tokens, data, wait):
+            seq.saved = len(seq.tokens)
+            self.stats["saved"] += 1
+
+    def _save_idle(self) -> None:
+        """While nothing runs: saves the least recently used idle conversation not yet on disk."""
+        quiet_since = time.monotonic() - SAVE_AFTER_SECONDS
+        unsaved = [s for s in self._sequences if not s.busy and s.tokens and s.saved != len(s.tokens)
+                   and len(s.tokens) >= MIN_PARKED_TOKENS and s.last_used <= quiet_since]
+        if unsaved:
+            self._save(min(unsaved, key=lambda s: s.last_used))
 
     # --- one step ----------------------------------------------------------------------------
     def _decode_once(self) -> None:

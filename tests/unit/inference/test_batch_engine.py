@@ -261,3 +261,44 @@ async def test_waiting_requests_are_told_their_place_in_line() -> None:
         await first
     finally:
         await registry.close()
+
+
+async def test_a_conversation_restarts_from_its_state_on_disk(tmp_path) -> None:
+    """Three turns, the engine closed (its warm conversations go to disk) and loaded again on the same
+    directory: the fourth turn evaluates only its new tokens, and answers as an engine without a disk
+    that never stopped (greedy)."""
+    kv_dir = str(tmp_path / "kv")
+    questions = ["What is a compiler?", "And an interpreter?", "Which one is faster?", "Name one of each."]
+
+    async def conversation(generation: GenerationService, chat: list[dict], asks: list[str]) -> list:
+        lasts = []
+        for question in asks:
+            chat.append({"role": "user", "content": question})
+            text, last = await turn(generation, chat, max_tokens=16, temperature=0)
+            chat.append({"role": "assistant", "content": text})
+            lasts.append(last)
+        return lasts
+
+    registry, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    chat = [{"role": "system", "content": SYSTEM}]
+    try:
+        before = await conversation(generation, chat, questions[:3])
+    finally:
+        await registry.close()
+    assert [p.suffix for p in (tmp_path / "kv").iterdir()] == [".kv"]  # the warm conversation, saved at close
+
+    registry, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    try:
+        (after,) = await conversation(generation, chat, questions[3:])
+        assert scheduler(registry).stats["restored_from_disk"] == 1
+    finally:
+        await registry.close()
+    assert after.usage.cached_prompt_tokens >= before[-1].usage.prompt_tokens + before[-1].usage.completion_tokens - 2
+
+    registry, generation = make()  # no disk: the same four turns, never stopped
+    reference = [{"role": "system", "content": SYSTEM}]
+    try:
+        await conversation(generation, reference, questions)
+    finally:
+        await registry.close()
+    assert reference == chat
