@@ -185,9 +185,10 @@ class BatchScheduler:
         if self._thread is not None:
             self._thread.join()
         if self._disk is not None:  # the conversations still warm: their next turn may come after a restart
-            for seq in self._sequences:
-                self._save(seq, wait=SHUTDOWN_SAVE_SECONDS)
-            self._disk.close(SHUTDOWN_SAVE_SECONDS)
+            deadline = time.monotonic() + SHUTDOWN_SAVE_SECONDS
+            for seq in sorted(self._sequences, key=lambda s: -s.last_used):  # the most recent first
+                self._save(seq, wait=max(0.0, deadline - time.monotonic()))
+            self._disk.close(max(0.0, deadline - time.monotonic()))
         self._l.llama_batch_free(self._batch)
 
     # --- the decode thread ------------------------------------------------------------------
@@ -323,7 +324,7 @@ class BatchScheduler:
         parked, parked_k = self._host.best(prompt)
         parked_k = min(parked_k, limit)
         target = self._victim(source if k >= MIN_SHARED_PREFIX else None)
-        saved, saved_k = self._disk.best(prompt) if self._disk is not None else (None, 0)
+        saved, saved_k = self._disk.best(prompt, max(k, parked_k)) if self._disk is not None else (None, 0)
         saved_k = min(saved_k, limit)
         if saved is not None and saved_k > max(k, parked_k) and saved_k >= MIN_SHARED_PREFIX:
             data = self._disk.load(saved)  # type: ignore[union-attr]
@@ -405,12 +406,13 @@ class BatchScheduler:
             self.stats["saved"] += 1
 
     def _save_idle(self) -> None:
-        """While nothing runs: saves the least recently used idle conversation not yet on disk."""
+        """While nothing runs: saves the idle conversations not yet on disk, until a request comes."""
         quiet_since = time.monotonic() - SAVE_AFTER_SECONDS
-        unsaved = [s for s in self._sequences if not s.busy and s.tokens and s.saved != len(s.tokens)
-                   and len(s.tokens) >= MIN_PARKED_TOKENS and s.last_used <= quiet_since]
-        if unsaved:
-            self._save(min(unsaved, key=lambda s: s.last_used))
+        unsaved = [s for s in self._sequences if not s.busy and s.saved != len(s.tokens) and s.last_used <= quiet_since]
+        for seq in sorted(unsaved, key=lambda s: -s.last_used):
+            if self._pending or self._closing:
+                return
+            self._save(seq)
 
     # --- one step ----------------------------------------------------------------------------
     def _decode_once(self) -> None:

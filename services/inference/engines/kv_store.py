@@ -190,16 +190,20 @@ class DiskKvStore:
         self._queue.put((list(tokens), state))
         return True
 
-    def best(self, prompt: list[int]) -> tuple[DiskEntry | None, int]:
-        """The loadable entry sharing the longest prefix with `prompt`, and that length."""
-        best, best_k = None, 0
+    def best(self, prompt: list[int], longer_than: int = 0) -> tuple[DiskEntry | None, int]:
+        """The loadable entry sharing the longest prefix with `prompt`, if longer than `longer_than`
+        tokens (what the caller has already), and that length."""
+        best, best_k = None, longer_than
         with self._lock:
             entries = [e for e in self._entries.values() if e.fingerprint == self.fingerprint]
         for entry in entries:
+            # One comparison in C rules out most entries (those that share only a system prompt).
+            if entry.tokens[:best_k + 1] != prompt[:best_k + 1]:
+                continue
             k = common_prefix(entry.tokens, prompt)
             if k > best_k:
                 best, best_k = entry, k
-        return best, best_k
+        return (best, best_k) if best is not None else (None, 0)
 
     def load(self, entry: DiskEntry) -> Any | None:
         """The entry's state as a ctypes byte array, or None when its file is gone or corrupt (then

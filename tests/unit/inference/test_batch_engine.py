@@ -1,5 +1,5 @@
 """The batched llama.cpp engine with the real bundled model: admission, chunked prefill, warm
-conversations, eviction to host RAM and restore, prefix copies, cancellation mid-prefill, n > 1
+conversations, eviction to host RAM and disk and restore (also after a restart), prefix copies, cancellation mid-prefill, n > 1
 forks and logprobs."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 
 from services.core import config
 from services.core.errors import ResourceExhausted
+from services.inference.engines import kv_store
 from services.inference.hardware import probe
 from services.inference.registry import BUNDLED, ModelRegistry
 from services.inference.service import GenerationService, SamplingInput
@@ -302,3 +303,30 @@ async def test_a_conversation_restarts_from_its_state_on_disk(tmp_path) -> None:
     finally:
         await registry.close()
     assert reference == chat
+
+
+async def test_an_idle_conversation_goes_to_disk_where_another_replica_finds_it(tmp_path) -> None:
+    """Nothing runs for a while: the conversation is saved without a shutdown (a crash keeps it), and
+    a second engine on the same directory, a replica sharing the volume, continues it from there."""
+    kv_dir = str(tmp_path / "kv")
+    first, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    second, other = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    try:
+        await second.load(MODEL)  # before anything is on disk: its writer's rescans find what comes
+        chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a compiler?"}]
+        text, last = await turn(generation, chat, max_tokens=16, temperature=0)
+        deadline = time.monotonic() + 15
+        while not list((tmp_path / "kv").glob("*.kv")):
+            assert time.monotonic() < deadline, "the idle conversation was never saved"
+            await asyncio.sleep(0.1)
+        assert scheduler(first).stats["saved"] == 1
+        chat += [{"role": "assistant", "content": text}, {"role": "user", "content": "And an interpreter?"}]
+        while not len(scheduler(second)._disk):
+            assert time.monotonic() < deadline + kv_store.RESCAN_SECONDS, "the other replica never indexed the file"
+            await asyncio.sleep(0.1)
+        _, continued = await turn(other, chat, max_tokens=4, temperature=0)
+        assert scheduler(second).stats["restored_from_disk"] == 1
+        assert continued.usage.cached_prompt_tokens >= last.usage.prompt_tokens + last.usage.completion_tokens - 2
+    finally:
+        await first.close()
+        await second.close()
