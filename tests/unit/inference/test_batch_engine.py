@@ -1,6 +1,6 @@
 """The batched llama.cpp engine with the real bundled model: admission, chunked prefill, warm
-conversations, eviction to host RAM and disk and restore (also after a restart), prefix copies, cancellation mid-prefill, n > 1
-forks and logprobs."""
+conversations, eviction to host RAM and to disk and restore (also after a restart), prefix copies,
+cancellation mid-prefill, n > 1 forks and logprobs."""
 
 from __future__ import annotations
 
