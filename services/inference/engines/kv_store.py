@@ -209,6 +209,7 @@ class DiskKvStore:
         """The entry's state as a ctypes byte array, or None when its file is gone or corrupt (then
         deleted)."""
         path = self.directory / entry.name
+        began = time.monotonic()
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -235,6 +236,8 @@ class DiskKvStore:
         except OSError:
             pass
         self.stats["loaded"] += 1
+        log.info("read a conversation's KV state from disk", extra={"fields": {
+            "tokens": len(tokens), "bytes": len(state), "ms": round((time.monotonic() - began) * 1000, 1)}})
         return (ctypes.c_uint8 * len(state)).from_buffer(state)
 
     def close(self, timeout: float | None = None) -> None:
