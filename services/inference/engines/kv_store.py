@@ -33,6 +33,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
 import queue
 import struct
@@ -207,24 +208,24 @@ class DiskKvStore:
 
     def load(self, entry: DiskEntry) -> Any | None:
         """The entry's state as a ctypes byte array, or None when its file is gone or corrupt (then
-        deleted)."""
+        deleted). The file is mapped, not read: llama.cpp copies the state from the page cache
+        (a copy-on-write mapping; the writer replaces files by renaming, never rewrites one)."""
         path = self.directory / entry.name
         began = time.monotonic()
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 header, tokens, start = read_header(f, size)
-                state = bytearray(size - start)
-                if f.readinto(state) != len(state):
-                    raise CorruptFile("short state")
-            if header["fingerprint"] != self.fingerprint or tokens != entry.tokens:
-                raise CorruptFile("the file changed since it was indexed")
-            if zlib.crc32(state) != header["crc32"]:
-                raise CorruptFile("checksum mismatch")
+                mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+            with memoryview(mapped) as view:
+                crc = zlib.crc32(view[start:])
+            if header["fingerprint"] != self.fingerprint or tokens != entry.tokens or crc != header["crc32"]:
+                mapped.close()
+                raise CorruptFile("checksum mismatch" if tokens == entry.tokens else "changed since it was indexed")
         except FileNotFoundError:
             self._forget(entry.name)
             return None
-        except (CorruptFile, OSError) as exc:
+        except (CorruptFile, OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
             self._discard(entry.name, exc)
             return None
         with self._lock:
@@ -237,8 +238,8 @@ class DiskKvStore:
             pass
         self.stats["loaded"] += 1
         log.info("read a conversation's KV state from disk", extra={"fields": {
-            "tokens": len(tokens), "bytes": len(state), "ms": round((time.monotonic() - began) * 1000, 1)}})
-        return (ctypes.c_uint8 * len(state)).from_buffer(state)
+            "tokens": len(tokens), "bytes": size - start, "ms": round((time.monotonic() - began) * 1000, 1)}})
+        return (ctypes.c_uint8 * (size - start)).from_buffer(mapped, start)
 
     def close(self, timeout: float | None = None) -> None:
         """Writes what is queued (waiting at most `timeout` seconds), then stops the writer."""
