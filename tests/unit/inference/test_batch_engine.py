@@ -330,3 +330,21 @@ async def test_an_idle_conversation_goes_to_disk_where_another_replica_finds_it(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_state_saved_under_another_kv_cache_shape_is_not_restored(tmp_path) -> None:
+    kv_dir = str(tmp_path / "kv")
+    chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a compiler?"}]
+    registry, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    try:
+        text, _ = await turn(generation, chat, max_tokens=8, temperature=0)
+    finally:
+        await registry.close()
+    assert list((tmp_path / "kv").glob("*.kv"))
+    chat += [{"role": "assistant", "content": text}, {"role": "user", "content": "And an interpreter?"}]
+    registry, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir, PARLEY_KV_CACHE_TOKENS="8192")
+    try:
+        _, last = await turn(generation, chat, max_tokens=4, temperature=0)
+        assert scheduler(registry).stats["restored_from_disk"] == 0 and last.usage.cached_prompt_tokens == 0
+    finally:
+        await registry.close()

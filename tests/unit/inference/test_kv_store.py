@@ -188,3 +188,14 @@ def test_a_replica_finds_states_another_wrote_after_it_started(directory: Path,
     assert bytes(reader.load(entry)) == bytes(state(4))
     reader.close()
     writer.close()
+
+
+def test_the_fingerprint_changes_with_the_model_file_and_the_context(tmp_path: Path) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"weights")
+    first = kv_store.fingerprint(str(model), n_ctx=4096, type_k=1)
+    assert kv_store.fingerprint(str(model), n_ctx=4096, type_k=1) == first
+    assert kv_store.fingerprint(str(model), n_ctx=8192, type_k=1) != first
+    assert kv_store.fingerprint(str(model), n_ctx=4096, type_k=8) != first
+    os.utime(model, ns=(1, 1))  # the same name and size, rewritten
+    assert kv_store.fingerprint(str(model), n_ctx=4096, type_k=1) != first
