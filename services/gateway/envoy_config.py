@@ -37,7 +37,7 @@ from typing import Any
 from services.core import config
 from services.core.config import setting
 from services.gateway import web_app
-from services.inference.wire.status import ANTHROPIC_ERROR_TYPES
+from services.wire.status import ANTHROPIC_ERROR_TYPES
 
 SERVICES = ("auth", "session", "cache", "inference")
 

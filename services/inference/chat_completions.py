@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from services.inference import openai_compat
+from services.wire import openai_chat
 from services.inference.metered import Completion, MeteredCompletions, Started
-from services.inference.wire.errors import stream_failure
+from services.wire.errors import stream_failure
 
 CACHE_HEADER = "x-parley-cache"
 SSE = "text/event-stream"
@@ -25,12 +25,12 @@ class ChatCompletions:
 
     async def create(self, body: bytes, timeout: float | None, mark: Mark) -> AsyncIterator[tuple[str, bytes]]:
         """Yields (content type, bytes). `mark` sends the x-parley-cache value before the first bytes."""
-        req = openai_compat.parse_request(body)
+        req = openai_chat.parse_request(body)
         completion = Completion(req.model, req.messages, req.sampling, structure=req.structure, n=req.n,
                                 top_logprobs=req.top_logprobs)
-        writer: openai_compat.CompletionWriter | None = None
+        writer: openai_chat.CompletionWriter | None = None
         logprobs = req.top_logprobs is not None
-        choices = [openai_compat.ChoiceResult("", None, [] if logprobs else None) for _ in range(req.n)]
+        choices = [openai_chat.ChoiceResult("", None, [] if logprobs else None) for _ in range(req.n)]
         parts: list[list[str]] = [[] for _ in range(req.n)]
         thoughts: list[list[str]] = [[] for _ in range(req.n)]
         streamed: set[str] = set()  # ids of calls sent piece by piece
@@ -40,7 +40,7 @@ class ChatCompletions:
                     if isinstance(chunk, Started):
                         # Only once admitted: an error before it stays a plain error status.
                         await mark("hit" if chunk.cached else "miss")
-                        writer = openai_compat.CompletionWriter(chunk.model, chunk.fingerprint)
+                        writer = openai_chat.CompletionWriter(chunk.model, chunk.fingerprint)
                         if req.stream:
                             # The first message fixes the HTTP content type of the whole response.
                             for i in range(req.n):
@@ -63,9 +63,9 @@ class ChatCompletions:
                         # A call's pieces as they are written (its id and name, then its arguments bit by
                         # bit); a call that was not streamed so comes whole once complete. Each carries
                         # its index within the choice, as the SDK assembles them.
-                        calls = [openai_compat.call_delta_json(d) for d in chunk.call_deltas]
+                        calls = [openai_chat.call_delta_json(d) for d in chunk.call_deltas]
                         streamed.update(d.id for d in chunk.call_deltas if d.id)
-                        calls += [openai_compat.tool_calls_json([c], at=len(choice.tool_calls) + k)[0]
+                        calls += [openai_chat.tool_calls_json([c], at=len(choice.tool_calls) + k)[0]
                                   for k, c in enumerate(chunk.tool_calls) if c.id not in streamed]
                         if calls:
                             yield SSE, writer.chunk({"tool_calls": calls}, include_usage=req.include_usage,
