@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from services.wire import openai_chat
+from services.core.structured import Answer
 from services.inference.metered import Completion, MeteredCompletions, Started
 from services.wire.errors import stream_failure
 
@@ -31,8 +32,7 @@ class ChatCompletions:
         writer: openai_chat.CompletionWriter | None = None
         logprobs = req.top_logprobs is not None
         choices = [openai_chat.ChoiceResult("", None, [] if logprobs else None) for _ in range(req.n)]
-        parts: list[list[str]] = [[] for _ in range(req.n)]
-        thoughts: list[list[str]] = [[] for _ in range(req.n)]
+        answers = [Answer() for _ in range(req.n)]
         streamed: set[str] = set()  # ids of calls sent piece by piece
         try:
             async with contextlib.aclosing(self.completions.run(completion, timeout)) as items:
@@ -49,8 +49,7 @@ class ChatCompletions:
                         continue
                     assert writer is not None
                     choice = choices[chunk.index]
-                    parts[chunk.index].append(chunk.text)
-                    thoughts[chunk.index].append(chunk.reasoning)
+                    answer = answers[chunk.index]
                     if choice.logprobs is not None:
                         choice.logprobs.extend(chunk.logprobs)
                     if req.stream:
@@ -65,7 +64,7 @@ class ChatCompletions:
                         # its index within the choice, as the SDK assembles them.
                         calls = [openai_chat.call_delta_json(d) for d in chunk.call_deltas]
                         streamed.update(d.id for d in chunk.call_deltas if d.id)
-                        calls += [openai_chat.tool_calls_json([c], at=len(choice.tool_calls) + k)[0]
+                        calls += [openai_chat.tool_calls_json([c], at=len(answer.calls) + k)[0]
                                   for k, c in enumerate(chunk.tool_calls) if c.id not in streamed]
                         if calls:
                             yield SSE, writer.chunk({"tool_calls": calls}, include_usage=req.include_usage,
@@ -73,10 +72,10 @@ class ChatCompletions:
                         if chunk.finish_reason is not None:
                             yield SSE, writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage,
                                                     index=chunk.index)
-                    choice.tool_calls += chunk.tool_calls
+                    answer.add(chunk.text, chunk.reasoning, chunk.tool_calls)
                     if chunk.finish_reason is not None:
-                        choice.finish_reason, choice.text = chunk.finish_reason, "".join(parts[chunk.index])
-                        choice.reasoning = "".join(thoughts[chunk.index])
+                        choice.finish_reason, choice.text, choice.reasoning = chunk.finish_reason, answer.text, answer.reasoning
+                        choice.tool_calls = answer.calls
                     if chunk.usage is not None:  # the request's last chunk
                         if req.stream:
                             if req.include_usage:

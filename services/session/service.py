@@ -33,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -45,7 +45,7 @@ from services.core import sampling as sampling_rules
 from services.core import structured
 from services.core.errors import InvalidArgument, ParleyError, Unavailable, status_of
 from services.core.identity import Identity, current_identity, forward_credentials
-from services.core.structured import ToolCall
+from services.core.structured import Answer
 from services.session import history
 from services.session.settings import SessionSettings
 from services.session.store import (
@@ -133,30 +133,17 @@ class Generation:
     report_queue: bool = False
 
 
-@dataclass
-class PartialAnswer:
-    """What an answer has said so far — its text, its reasoning apart, its tool calls — as the
-    stored assistant message keeps it: the one accumulator of a streamed answer."""
+def delta_of(said: Answer, response: inference_pb2.GenerateResponse) -> session_pb2.ChatDelta | None:
+    """Takes one piece of inference's stream into what the answer has said; the delta to pass on, if it
+    says anything."""
+    if not said.add(response.text, response.reasoning, structured.calls_from_proto(response.tool_calls)):
+        return None
+    return session_pb2.ChatDelta(text=response.text, reasoning=response.reasoning, tool_calls=response.tool_calls)
 
-    text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    calls: list[ToolCall] = field(default_factory=list)
-    pieces: int = 0  # pieces that said something: about a token each, for an answer cut short
 
-    def add(self, response: inference_pb2.GenerateResponse) -> session_pb2.ChatDelta | None:
-        """Takes one piece of inference's stream; the delta to pass on, if it says anything."""
-        if not (response.text or response.reasoning or response.tool_calls):
-            return None
-        self.pieces += 1
-        self.text.append(response.text)
-        self.reasoning.append(response.reasoning)
-        self.calls += structured.calls_from_proto(response.tool_calls)
-        return session_pb2.ChatDelta(text=response.text, reasoning=response.reasoning, tool_calls=response.tool_calls)
-
-    def saved(self, **fields: Any) -> dict[str, Any]:
-        """store.save_answer's arguments: what was said so far, and `fields` (status, usage…)."""
-        return {"content": "".join(self.text), "reasoning": "".join(self.reasoning), "tool_calls": self.calls,
-                **fields}
+def saved(said: Answer, **fields: Any) -> dict[str, Any]:
+    """store.save_answer's arguments: what was said so far, and `fields` (status, usage…)."""
+    return {"content": said.text, "reasoning": said.reasoning, "tool_calls": said.calls, **fields}
 
 
 def encode_cursor(kind: str, *values: Any) -> str:
@@ -395,35 +382,35 @@ class SessionService:
                       session_id: str) -> AsyncIterator[session_pb2.ChatResponse]:
         """Streams the answer after `start` and saves it however it ends (nothing without `answer`).
         Reasoning streams and is saved apart from the text; a cut answer keeps both."""
-        said = PartialAnswer()
+        said = Answer()
         last: inference_pb2.GenerateResponse | None = None
         checkpoint = time.monotonic()
         try:
             while (response := await call.read()) is not grpc.aio.EOF:
-                if (delta := said.add(response)) is not None:
+                if (delta := delta_of(said, response)) is not None:
                     yield session_pb2.ChatResponse(delta=delta)
                 if response.HasField("usage"):
                     last = response
                 if time.monotonic() - checkpoint >= self.settings.checkpoint_seconds:
-                    await asyncio.to_thread(self._save, answer, **said.saved(status=STATUS_INCOMPLETE))
+                    await asyncio.to_thread(self._save, answer, **saved(said, status=STATUS_INCOMPLETE))
                     checkpoint = time.monotonic()
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: cancelled while waiting for inference, or closed while this
             # waited at a `yield`. Cancelling the call ends the generation (inference records what
             # it used). Save synchronously: an await here could be cancelled again.
             call.cancel()
-            self._save(answer, **said.saved(status=STATUS_INCOMPLETE, completion_tokens=said.pieces))
+            self._save(answer, **saved(said, status=STATUS_INCOMPLETE, completion_tokens=said.pieces))
             raise
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or exc.code().name
             log.warning("generation failed", extra={"fields": {"code": code.name, "session_id": session_id}})
-            await asyncio.to_thread(self._save, answer, **said.saved(
+            await asyncio.to_thread(self._save, answer, **saved(said, 
                 status=STATUS_ERROR, completion_tokens=said.pieces, error=f"{code.name}: {details}"))
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code=code.name, message=details))
             return
         if last is None:
             # A stream that ended without its final message: keep what arrived, as incomplete.
-            await asyncio.to_thread(self._save, answer, **said.saved(status=STATUS_INCOMPLETE,
+            await asyncio.to_thread(self._save, answer, **saved(said, status=STATUS_INCOMPLETE,
                                                                      completion_tokens=said.pieces))
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code="UNAVAILABLE",
                                                                        message="the answer ended unexpectedly"))
@@ -431,7 +418,7 @@ class SessionService:
         # A cancelled answer is incomplete; one that ended with tool calls is complete like any other.
         status = STATUS_INCOMPLETE if last.finish_reason == inference_pb2.FINISH_REASON_CANCELLED else STATUS_COMPLETE
         usage = last.usage
-        await asyncio.to_thread(self._save, answer, **said.saved(
+        await asyncio.to_thread(self._save, answer, **saved(said, 
             status=status, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens))
         yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=usage, finish_reason=last.finish_reason,
