@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from services.wire import openai_chat
 from services.core.structured import Answer
+from services.inference.engines.base import Chunk
 from services.inference.metered import Completion, MeteredCompletions, Started
+from services.wire import openai_chat
 from services.wire.errors import stream_failure
 
 CACHE_HEADER = "x-parley-cache"
@@ -53,25 +54,8 @@ class ChatCompletions:
                     if choice.logprobs is not None:
                         choice.logprobs.extend(chunk.logprobs)
                     if req.stream:
-                        if chunk.reasoning:
-                            yield SSE, writer.chunk({"reasoning_content": chunk.reasoning},
-                                                    include_usage=req.include_usage, index=chunk.index)
-                        if chunk.text or chunk.logprobs:
-                            yield SSE, writer.chunk({"content": chunk.text}, include_usage=req.include_usage,
-                                                    index=chunk.index, logprobs=chunk.logprobs if logprobs else None)
-                        # A call's pieces as they are written (its id and name, then its arguments bit by
-                        # bit); a call that was not streamed so comes whole once complete. Each carries
-                        # its index within the choice, as the SDK assembles them.
-                        calls = [openai_chat.call_delta_json(d) for d in chunk.call_deltas]
-                        streamed.update(d.id for d in chunk.call_deltas if d.id)
-                        calls += [openai_chat.tool_calls_json([c], at=len(answer.calls) + k)[0]
-                                  for k, c in enumerate(chunk.tool_calls) if c.id not in streamed]
-                        if calls:
-                            yield SSE, writer.chunk({"tool_calls": calls}, include_usage=req.include_usage,
-                                                    index=chunk.index)
-                        if chunk.finish_reason is not None:
-                            yield SSE, writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage,
-                                                    index=chunk.index)
+                        for data in _deltas(writer, req, chunk, answer, streamed):
+                            yield SSE, data
                     answer.add(chunk.text, chunk.reasoning, chunk.tool_calls)
                     if chunk.finish_reason is not None:
                         choice.finish_reason, choice.text, choice.reasoning = chunk.finish_reason, answer.text, answer.reasoning
@@ -91,3 +75,28 @@ class ChatCompletions:
             # [DONE] as vLLM sends it, so that a client reading lines sees the end it waits for.
             yield SSE, writer.error_event(stream_failure(exc)[1])
             yield SSE, writer.DONE
+
+
+def _deltas(writer: openai_chat.CompletionWriter, req: openai_chat.ChatCompletionRequest, chunk: Chunk,
+            answer: Answer, streamed: set[str]) -> list[bytes]:
+    """One chunk of a choice as its stream's deltas: reasoning, text (with logprobs), calls, finish."""
+    out = []
+    if chunk.reasoning:
+        out.append(writer.chunk({"reasoning_content": chunk.reasoning}, include_usage=req.include_usage,
+                                index=chunk.index))
+    if chunk.text or chunk.logprobs:
+        out.append(writer.chunk({"content": chunk.text}, include_usage=req.include_usage, index=chunk.index,
+                                logprobs=chunk.logprobs if req.top_logprobs is not None else None))
+    # A call's pieces as they are written (its id and name, then its arguments bit by bit); a call that
+    # was not streamed so comes whole once complete. Each carries its index within the choice, as the
+    # SDK assembles them.
+    calls = [openai_chat.call_delta_json(d) for d in chunk.call_deltas]
+    streamed.update(d.id for d in chunk.call_deltas if d.id)
+    calls += [openai_chat.tool_calls_json([c], at=len(answer.calls) + k)[0]
+              for k, c in enumerate(chunk.tool_calls) if c.id not in streamed]
+    if calls:
+        out.append(writer.chunk({"tool_calls": calls}, include_usage=req.include_usage, index=chunk.index))
+    if chunk.finish_reason is not None:
+        out.append(writer.chunk({}, chunk.finish_reason, final=True, include_usage=req.include_usage,
+                                index=chunk.index))
+    return out

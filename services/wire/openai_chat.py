@@ -59,15 +59,6 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
     n = 1 if n is None else n
     if not 1 <= n <= MAX_CHOICES:
         raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}")
-    stop = body.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
-    else:
-        raise InvalidArgument("stop must be a string or an array of strings")
     if body.get("functions") or body.get("function_call"):
         raise InvalidArgument("functions and function_call are deprecated; send tools and tool_choice")
     modalities = body.get("modalities")
@@ -87,11 +78,35 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidArgument("stream_options must be an object")
+    return ChatCompletionRequest(
+        model=model,
+        messages=messages,
+        sampling=_sampling(body),
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        user=str(body.get("user", "")),
+        n=n,
+        top_logprobs=(top_logprobs or 0) if logprobs else None,
+        structure=structure,
+    )
+
+
+def _sampling(body: dict[str, Any]) -> SamplingInput:
+    """The sampling fields as given (ranges are checked with every API's, services.core.sampling)."""
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise InvalidArgument("stop must be a string or an array of strings")
     max_tokens = number(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = number(body, "max_tokens", int)
     seed = number(body, "seed", int)
-    sampling = SamplingInput(
+    return SamplingInput(
         min_p=number(body, "min_p", float),
         presence_penalty=number(body, "presence_penalty", float),
         frequency_penalty=number(body, "frequency_penalty", float),
@@ -103,17 +118,6 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         seed=None if seed is None else seed & 0xFFFFFFFF,
         max_tokens=max_tokens,
         stop=stops,
-    )
-    return ChatCompletionRequest(
-        model=model,
-        messages=messages,
-        sampling=sampling,
-        stream=stream,
-        include_usage=bool(options.get("include_usage")),
-        user=str(body.get("user", "")),
-        n=n,
-        top_logprobs=(top_logprobs or 0) if logprobs else None,
-        structure=structure,
     )
 
 
