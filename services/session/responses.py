@@ -40,7 +40,7 @@ from services.wire import openai_responses as wire
 from services.session.service import (
     Generation, SessionService, check_sampling, compose, merge_sampling, sampling_from_dict, turn_of,
 )
-from services.session.store import (
+from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, STATUS_COMPLETE, STATUS_ERROR, MessageRecord, SessionDraft, StoredResponse,
     TurnMessages,
 )

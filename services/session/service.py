@@ -48,7 +48,7 @@ from services.core.identity import Identity, current_identity, forward_credentia
 from services.core.structured import Answer
 from services.session import history
 from services.session.settings import SessionSettings
-from services.session.store import (
+from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
     SessionCursor, SessionRecord, SessionStore, TurnMessages,
 )

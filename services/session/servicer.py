@@ -15,7 +15,7 @@ from services.session.conversation import Conversation
 from services.session.responses import Responses
 from services.wire.openai_response_events import JSON
 from services.session.service import SessionService, sampling_from_dict
-from services.session.store import (
+from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
     SessionRecord,
 )
