@@ -37,9 +37,8 @@ from services.core.identity import current_identity
 from services.session import history
 from services.wire import openai_response_events as rendering
 from services.wire import openai_responses as wire
-from services.session.service import (
-    Generation, SessionService, check_sampling, compose, merge_sampling, sampling_from_dict, turn_of,
-)
+from services.session.rules import check_sampling, merge_sampling, sampling_from_dict
+from services.session.service import Generation, SessionService, compose, turn_of
 from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, STATUS_COMPLETE, STATUS_ERROR, MessageRecord, SessionDraft, StoredResponse,
     TurnMessages,

@@ -26,10 +26,7 @@ every answer, whatever shape its caller speaks.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -37,11 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 from parley.session.v1 import session_pb2
 
-from services.core import sampling as sampling_rules
 from services.core import structured
 from services.core.errors import InvalidArgument, ParleyError, Unavailable, status_of
 from services.core.identity import Identity, current_identity, forward_credentials
@@ -52,6 +47,10 @@ from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
     SessionCursor, SessionRecord, SessionStore, TurnMessages,
 )
+from services.session.rules import (
+    REPLACED_FIELDS, SAMPLING_FIELDS, check_sampling, decode_cursor, encode_cursor, merge_sampling, sampling_from_dict,
+    sampling_to_dict,
+)
 from services.session.turns import TurnLeases
 
 log = logging.getLogger("parley.session")
@@ -59,35 +58,7 @@ log = logging.getLogger("parley.session")
 # Inference routes a conversation's turns to the replica (and slot) that holds its KV cache by this
 # header (Envoy's ring hash in Kubernetes; the slot pool's prefix affinity in-process).
 AFFINITY_HEADER = "x-parley-session-id"
-SAMPLING_FIELDS = frozenset(f.name for f in inference_pb2.SamplingParams.DESCRIPTOR.fields)
-REPLACED_FIELDS = ("stop", "logit_bias")  # a list and a map: set whole, never merged entry by entry
 CONTROL_TIMEOUT_SECONDS = 30.0
-
-
-def sampling_to_dict(params: inference_pb2.SamplingParams) -> dict[str, Any]:
-    return json_format.MessageToDict(params, preserving_proto_field_name=True)
-
-
-def sampling_from_dict(values: Mapping[str, Any]) -> inference_pb2.SamplingParams:
-    return json_format.ParseDict(values, inference_pb2.SamplingParams())
-
-
-def merge_sampling(base: inference_pb2.SamplingParams, override: inference_pb2.SamplingParams) -> inference_pb2.SamplingParams:
-    """`base` with every field that `override` sets (a non-empty stop list or logit_bias map replaces
-    the base's)."""
-    merged = inference_pb2.SamplingParams()
-    merged.CopyFrom(base)
-    for descriptor, value in override.ListFields():
-        if descriptor.name in REPLACED_FIELDS:
-            merged.ClearField(descriptor.name)
-            getattr(merged, descriptor.name).MergeFrom(value)
-        else:
-            setattr(merged, descriptor.name, value)
-    return merged
-
-
-def check_sampling(params: inference_pb2.SamplingParams) -> None:
-    sampling_rules.validate(sampling_rules.from_proto(params))
 
 
 def turn_of(record: MessageRecord) -> history.Turn:
@@ -144,27 +115,6 @@ def delta_of(said: Answer, response: inference_pb2.GenerateResponse) -> session_
 def saved(said: Answer, **fields: Any) -> dict[str, Any]:
     """store.save_answer's arguments: what was said so far, and `fields` (status, usage…)."""
     return {"content": said.text, "reasoning": said.reasoning, "tool_calls": said.calls, **fields}
-
-
-def encode_cursor(kind: str, *values: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps([kind, *values]).encode()).decode().rstrip("=")
-
-
-CURSOR_SHAPES = {"s": ((int, float), str), "m": (int,)}  # sessions: (update time, id); messages: (seq,)
-
-
-def decode_cursor(token: str, kind: str) -> list[Any]:
-    """The values of a page token of this kind; a token crafted or cut by hand is INVALID_ARGUMENT."""
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        if not isinstance(decoded, list) or not decoded or decoded[0] != kind:
-            raise ValueError(kind)
-        values, shape = decoded[1:], CURSOR_SHAPES[kind]
-        if len(values) != len(shape) or any(isinstance(v, bool) or not isinstance(v, t) for v, t in zip(values, shape)):
-            raise ValueError(kind)
-        return values
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument("page_token is not valid here; pass the next_page_token of the previous page") from None
 
 
 class SessionService:

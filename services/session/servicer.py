@@ -14,7 +14,8 @@ from services.core.structured import calls_to_proto
 from services.session.conversation import Conversation
 from services.session.responses import Responses
 from services.wire.openai_response_events import JSON
-from services.session.service import SessionService, sampling_from_dict
+from services.session.rules import sampling_from_dict
+from services.session.service import SessionService
 from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
     SessionRecord,
