@@ -157,7 +157,8 @@ class Policy:
     def victim(self, newcomer: Owner, cost: int, running: Shares) -> str | None:
         """The user one of whose running choices should pause for `newcomer`'s entry when no slot is
         free: the most loaded user that would, one choice lighter, still carry at least the
-        newcomer's load with its entry. None with fair share off or when shares are even."""
+        newcomer's load with its entry. None with fair share off or when shares are even (so one
+        running choice is never paused for another: they would swap places every step)."""
         if not self.fair:
             return None
         users = [u for u, n in running.users.items() if n > 0 and u != newcomer.user]
