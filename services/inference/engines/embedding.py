@@ -80,11 +80,12 @@ class EmbeddingEngine(LoadedModel):
         self.normalized = True  # whether vectors come out with unit length; set by load
 
     @abstractmethod
-    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float,
-                           truncate: bool = False) -> tuple[np.ndarray, list[int], int]:
+    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float, truncate: bool = False,
+                           owner: Owner | None = None) -> tuple[np.ndarray, list[int], int]:
         """One vector per input (float32 rows, in order), each input's tokens (0s where an upstream
         counts only the total) and the prompt tokens in all. Inputs are texts or token ids in the
-        model's vocabulary; one longer than `context_length` is refused, or cut with `truncate`."""
+        model's vocabulary; one longer than `context_length` is refused, or cut with `truncate`.
+        `owner`: whom for, in a local engine's fair share (engines.fair; default: the RPC's caller)."""
 
     def info(self) -> dict[str, Any]:
         return {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length,
@@ -169,12 +170,12 @@ class LocalEmbeddingEngine(LocalModel, EmbeddingEngine):
         finally:
             job.gone = True  # cancelled or finished: the worker skips what is left
 
-    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float,
-                           truncate: bool = False) -> tuple[np.ndarray, list[int], int]:
+    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float, truncate: bool = False,
+                           owner: Owner | None = None) -> tuple[np.ndarray, list[int], int]:
         # Tokenizing thousands of texts blocks; keep it off the loop that serves other requests.
         sequences = await asyncio.to_thread(self._sequences, inputs, truncate)
         tokens = [len(s) for s in sequences]
-        return await self.embed(sequences, deadline), tokens, sum(tokens)
+        return await self.embed(sequences, deadline, owner), tokens, sum(tokens)
 
     def _sequences(self, inputs: Sequence[str | list[int]], truncate: bool) -> list[list[int]]:
         """Each input's tokens with the model's special tokens, checked against its vocabulary and limit."""
