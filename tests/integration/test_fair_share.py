@@ -36,6 +36,18 @@ async def stream(http: httpx.AsyncClient, caller: Caller, content: str, max_toke
     return seen
 
 
+def test_an_admin_sets_a_users_share_weight_through_the_gateway(stack: Stack, admin: Caller) -> None:
+    caller = new_user(stack.url, "weighted")
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        me = http.get("/v1/users/me", headers=caller.headers).json()
+        assert http.get("/v1/rate-limits/me", headers=caller.headers).json()["share_weight"] == 1
+        raised = http.patch(f"/v1/rate-limits/{me['id']}", headers=admin.headers, json={"share_weight": 2.5})
+        assert raised.status_code == 200 and raised.json()["share_weight"] == 2.5, raised.text
+        assert http.get("/v1/rate-limits/me", headers=caller.headers).json()["share_weight"] == 2.5
+        refused = http.patch(f"/v1/rate-limits/{me['id']}", headers=caller.headers, json={"share_weight": 9})
+        assert refused.status_code == 403
+
+
 async def test_a_flooding_user_does_not_shut_out_the_next_one(stack: Stack) -> None:
     flooder, other = new_user(stack.url, "flood"), new_user(stack.url, "turn")
     async with httpx.AsyncClient(base_url=stack.url, timeout=120) as http:

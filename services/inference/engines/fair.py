@@ -109,17 +109,17 @@ class Policy:
         ended meanwhile: what admission follows and what queue places are read from."""
         if not self.fair:
             return list(waiting[:limit])
-        left = list(waiting)
+        # Each (user, key) is served in arrival order: only the oldest entry of each can go next.
+        queues: dict[tuple[str, str], collections.deque[tuple[int, E]]] = {}
+        for i, entry in enumerate(waiting):
+            queues.setdefault((entry.owner.user, entry.owner.key), collections.deque()).append((i, entry))
         shares = running.copy()
         order: list[E] = []
-        while left and (limit is None or len(order) < limit):
-            # Only the oldest entry of each (user, key) can go next: each key is served in arrival order.
-            firsts: dict[tuple[str, str], int] = {}
-            for i, entry in enumerate(left):
-                firsts.setdefault((entry.owner.user, entry.owner.key), i)
-            best = min(firsts.values(), key=lambda i: (shares.load(left[i].owner),
-                                                       shares.keys[(left[i].owner.user, left[i].owner.key)], i))
-            entry = left.pop(best)
+        while queues and (limit is None or len(order) < limit):
+            key = min(queues, key=lambda k: (shares.load(queues[k][0][1].owner), shares.keys[k], queues[k][0][0]))
+            _, entry = queues[key].popleft()
+            if not queues[key]:
+                del queues[key]
             shares.add(entry.owner, entry.cost)
             order.append(entry)
         return order
