@@ -78,7 +78,6 @@ class Admission:
             answer = max([request.budget, *(d.request.budget for d in list(self._active))]) * self._step_seconds
         return place, place * answer / self._max_running
 
-
     def submit(self, request: Request) -> None:
         with self._cond:
             if self._closing:
@@ -90,13 +89,11 @@ class Admission:
             self._pending.add(request)
             self._cond.notify()
 
-
     # --- the decode thread ------------------------------------------------------------------
     def _shares(self) -> Shares:
         """The running choices of each owner (engines.fair)."""
         return Shares((d.owner, (d.request.choices[d.index].finish_reason is None) + len(d.followers))
                       for d in list(self._active))
-
 
     @staticmethod
     def _request_of(entry: Request | Decoding) -> Request:
@@ -137,14 +134,16 @@ class Admission:
                     self._resume(head)
             except Exception as exc:  # noqa: BLE001 - the caller's stream raises it
                 self._request_of(head).fail(exc)
+                if not isinstance(head, Request):
+                    head.samplers.free(self._l)
 
     # --- pausing a choice for another user's request (engines.fair) ------------------------------
     def _pause(self, user: str) -> bool:
         """Pauses the user's most recently admitted single choice: its KV state goes to host RAM (not
         the evictable HostKvStore: nothing of it may be lost) and its sequence is freed; it waits in
         line, in front of its user's new requests. False when the user has no choice to pause."""
-        running = [d for d in self._active if d.owner.user == user and len(d.request.choices) == 1 and not d.followers
-                   and d.request.choices[0].finish_reason is None]
+        running = [d for d in self._active if d.owner.user == user and len(d.request.choices) == 1
+                   and not d.followers and d.request.choices[0].finish_reason is None]
         if not running:
             return False
         d = max(running, key=lambda d: d.admitted_at)

@@ -3,21 +3,25 @@ of the queue one owner may hold, which running choice gives way to a newcomer, a
 prompt tokens are split.
 
 An owner is the caller a request runs for: a user, and the API key it came through (engines get it
-from services.core.identity through the GenerationRequest, engines.request), with a weight (1 unless
-set otherwise). Shares are counted per user, weighted: a user's load is what it runs divided by its
-weight. With fair share on (PARLEY_FAIR_SHARE, the default):
+from services.core.identity through the GenerationRequest, engines.request), with the user's weight:
+`share_weight` of the user's rate limits (PATCH /v1/rate-limits/{id}, services.cache.ratelimit; 1
+unless an admin set it), which the rate-limit check of every metered request returns
+(services.inference.metered, services.inference.embeddings). Shares are counted per user, weighted:
+a user's load is what it runs divided by its weight; a user's API keys share the user's. With fair
+share on (PARLEY_FAIR_SHARE, the default):
 - the next request to start is the oldest of the least loaded user that waits (among that user's
   API keys, the key running least), so a newcomer goes before the requests of a user who already
   runs many: it starts at the next step;
 - once the engine's room (running slots plus queue depth) is taken, a request is refused only when
   its user already holds a weighted equal share of that room: one user filling the queue is refused,
   the next user is not;
-- where the engine can pause a running choice without losing it (engines.batch: its KV state goes to
-  host RAM and comes back), a waiting request whose user runs less than another user takes a choice
+- where the engine can pause a running choice without losing it (the batched llama.cpp engine,
+  engines.batch_admission: its KV state goes to host RAM and comes back), a waiting request whose user runs less than another user takes a choice
   of the most loaded one (`victim`), until their shares are equal; engines that cannot pause
   (engines.slots' torch slots, engines.embedding's batches) only order and bound their queues;
-- the prompt tokens a step evaluates are split between the users that have prompts to evaluate by
-  weight (`prefill`), so a long prompt does not hold a newcomer's first token back.
+- the prompt tokens a step of the batched engine evaluates are split between the users that have
+  prompts to evaluate by weight (`prefill`), so a long prompt does not hold a newcomer's first
+  token back.
 Off, every engine serves first come, first served, as llama-server does (the benchmark's baseline).
 
 The policy is pure: engines call it under their own locks with what they run and what waits.
