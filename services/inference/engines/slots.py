@@ -86,6 +86,7 @@ class SlotPool:
         self.check_room(owner)
         waiter = _Waiter(owner, prompt, asyncio.get_running_loop().create_future())
         self._line.add(waiter)
+        self._hand_out()  # a slot may be free with others waiting: the policy says who takes it
         try:
             return await waiter.slot
         except asyncio.CancelledError:
