@@ -32,6 +32,7 @@ from services.core.sampling import SamplingInput
 from services.core.sampling import to_proto as sampling_pb
 from services.core.structured import PLAIN, Structure
 from services.inference.engines.base import Chunk, Usage
+from services.inference.engines.fair import current_owner
 from services.inference.fitting import Fit
 from services.inference.registry import ModelRegistry
 from services.inference.service import Admitted, GenerationService, Queued
@@ -120,10 +121,11 @@ class MeteredCompletions:
         too long, no room in the engine) mean the request did nothing."""
         key = self.key(request)
         cached = None
+        weight = 1.0  # the caller's fair share in the engine, as the rate limits say (engines.fair)
         if self.cache is not None:
             # One round trip's wait instead of two: the lookup does not depend on the limit's answer.
             lookups = [self.cache.lookup(key)] if key is not None else []
-            _, *found = await asyncio.gather(self.cache.check_rate_limit(), *lookups)
+            weight, *found = await asyncio.gather(self.cache.check_rate_limit(), *lookups)
             cached = found[0] if found else None
         if cached is not None and key is not None and self.cache is not None:
             u = cached.usage
@@ -145,7 +147,7 @@ class MeteredCompletions:
             async for item in self.generation.generate(
                     request.model, request.messages, request.prompt, request.sampling, timeout, n=request.n,
                     top_logprobs=request.top_logprobs, structure=request.structure, fit=request.fit,
-                    report_queue=request.report_queue):
+                    report_queue=request.report_queue, owner=current_owner(weight)):
                 if isinstance(item, Queued):
                     yield item
                     continue
