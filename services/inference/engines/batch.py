@@ -149,6 +149,7 @@ class BatchScheduler(Admission):
         self._policy = Policy(settings.fair_share, self._max_running, settings.queue_depth)
         # Requests waiting, and running choices paused for another user's request; guarded by _cond.
         self._pending: Line[Request | Decoding] = Line(self._policy)
+        self._placing = 0
         self._active: list[Decoding] = []  # the decode thread's own
         self._cond = threading.Condition()
         self._line_watch = LineWatch()  # told after each step: queue places are pushed (line_moved)
@@ -280,7 +281,7 @@ class BatchScheduler(Admission):
             follower_seq.prompt_len = len(prompt)
             lead.followers.append(Decoding(request, index, follower_seq, samplers[index]))
         request.admitted = True
-        self._active.append(lead)
+        self._started(lead)
 
     def _sequence_for(self, prompt: list[int] | None) -> tuple[KvSequence, int]:
         """A sequence for a new prompt, holding its longest available prefix (never all of it: the

@@ -43,6 +43,7 @@ class Admission:
     _closing: bool
     _policy: Policy
     _pending: Line[Request | Decoding]
+    _placing: int  # choices taken from the line and not yet running (counted as running meanwhile)
     _active: list[Decoding]
     _courier: Courier
     _max_running: int
@@ -70,7 +71,7 @@ class Admission:
             ahead = self._pending.ahead(request, running)
             if ahead is None or (ahead == 0 and self._policy.victim(request.owner, request.cost, running)):
                 return None
-            place = self._choices() + ahead + request.cost - self._max_running
+            place = self._choices() + self._placing + ahead + request.cost - self._max_running
             if place <= 0:
                 return None
         answer = self._answer_seconds
@@ -120,6 +121,8 @@ class Admission:
                 room = not self._active or self._choices() + head.cost <= self._max_running
                 if room:
                     self._pending.remove(head)
+                    # Neither waiting nor running until placed: places read meanwhile count it as running.
+                    self._placing = head.cost
             if not room:
                 # No room: a lighter user's request takes a choice of the most loaded user, who waits.
                 victim = self._policy.victim(head.owner, head.cost, self._shares())
@@ -136,6 +139,16 @@ class Admission:
                 self._request_of(head).fail(exc)
                 if not isinstance(head, Request):
                     head.samplers.free(self._l)
+            finally:
+                with self._cond:
+                    self._placing = 0
+
+    def _started(self, d: Decoding) -> None:
+        """`d` (and its followers) run from the next step: it counts as running from the moment it is no
+        longer counted as being placed, so that no place read meanwhile moves back."""
+        with self._cond:
+            self._active.append(d)
+            self._placing = 0
 
     # --- pausing a choice for another user's request (engines.fair) ------------------------------
     def _pause(self, user: str) -> bool:
@@ -177,6 +190,6 @@ class Admission:
             self.stats["recomputed"] += 1
         seq.prompt_len, seq.busy = d.seq.prompt_len, True
         d.seq = seq
-        self._active.append(d)
+        self._started(d)
         self.stats["resumed"] += 1
 
