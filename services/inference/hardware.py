@@ -50,6 +50,7 @@ class EngineSettings:
     context_length: int
     parallel_slots: int
     queue_depth: int = 16
+    fair_share: bool = True  # engines.fair: users served in turn; False: first come, first served
     kv_cache_tokens: int = 0
     kv_cache_auto: bool = True  # the engine may lower kv_cache_tokens to fit the model's size
     resident_sequences: int = 1
@@ -310,6 +311,7 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
         context_length=settings.context_length,
         parallel_slots=slots,
         queue_depth=settings.queue_depth,
+        fair_share=settings.fair_share,
         kv_cache_tokens=kv_tokens,
         kv_cache_auto=not settings.kv_cache_tokens,
         resident_sequences=resident,

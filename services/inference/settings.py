@@ -21,6 +21,8 @@ class InferenceSettings:
     context_length: int = setting(4096, min=128, help="context window of one request (prompt + answer), in tokens")
     parallel_slots: int = setting(0, min=0, help="generations decoded together per model; 0 = auto")
     queue_depth: int = setting(16, min=0, help="requests that may wait for the engine before 429")
+    fair_share: bool = setting(True, help="serve users in turn (equal shares of the engine, a newcomer's request "
+                                          "pausing a heavy user's stream); off: first come, first served")
     kv_cache_tokens: int = setting(0, min=0, help="llama.cpp KV cells shared by all sequences of a model; 0 = auto")
     resident_sequences: int = setting(0, min=0, max=256,
                                       help="conversations whose KV stays warm in a llama.cpp model; 0 = auto")

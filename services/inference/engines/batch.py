@@ -3,13 +3,15 @@ warm sequences, prefix copies and a host-RAM store for evicted KV state.
 
 One thread runs `BatchScheduler._loop`. Each step:
 1. drops cancelled requests (their sequences stop at once: at most one decode step later);
-2. admits waiting requests while fewer than `parallel_slots` choices run, placing each on the
+2. admits waiting requests while fewer than `parallel_slots` choices run, in the order of
+   engines.fair's policy (users in turn; with no room, a choice of the most loaded user pauses for a
+   lighter user's request: its KV state goes to host RAM and comes back when it resumes), placing each on the
    sequence whose KV cells share the longest prefix with its prompt (a conversation's next turn
    lands where its previous turn is), or copying a shared prefix from another sequence
    (`llama_memory_seq_cp`), or restoring the conversation's parked state from host RAM;
 3. builds one batch: the last sampled token of every decoding choice, then prompt chunks of the
-   admitted requests in arrival order under the step's token budget (a long prompt never stalls the
-   running streams for more than one budget's worth of prefill);
+   admitted requests under the step's token budget, split between users by engines.fair (a long
+   prompt never stalls the running streams for more than one budget's worth of prefill);
 4. decodes it once and samples each choice from its own logits row with its own sampler chain;
    n > 1 choices fork after their shared prompt (`llama_memory_seq_cp`) and each samples the same
    row with a differently seeded chain. Text that a grammar dictates (the head of a tool call) is
@@ -36,8 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import ResourceExhausted, Unavailable
-from services.inference.engines.base import EngineError, queue_full
+from services.inference.engines.base import EngineError
 from services.inference.engines.batch_sampling import ChoiceSampling, Samplers
+from services.inference.engines.batch_admission import Admission
+from services.inference.engines.fair import Line, Owner, Policy
 from services.inference.engines.kv_store import DiskKvStore, HostKvStore
 from services.inference.engines.sequence import Courier, LineWatch, Request, common_prefix
 from services.inference.grammars import CallDictation
@@ -84,9 +88,16 @@ class Decoding:
     forced: list[int] = field(default_factory=list)  # the end of todo: answer tokens a grammar dictated
     dictation: CallDictation | None = None  # where the grammar dictates the text of a call
     followers: list["Decoding"] = field(default_factory=list)  # n > 1: choices forked after the prompt
+    parked: tuple[list[int], Any] | None = None  # paused for another user: its tokens and KV state
+
+    @property
+    def owner(self) -> Owner:
+        return self.request.owner
+
+    cost = 1  # a paused choice waits for one running slot (engines.fair.Entry)
 
 
-class BatchScheduler:
+class BatchScheduler(Admission):
     def __init__(self, llama_cpp: Any, ctx: Any, piece: Callable[[int, bool], bytes], *, vocab: Any, n_vocab: int,
                  settings: EngineSettings, host_cache_bytes: int, name: str,
                  tokenize: Callable[[str], list[int]] | None = None, disk: DiskKvStore | None = None) -> None:
@@ -104,7 +115,10 @@ class BatchScheduler:
         self._disk = disk
         self._batch = llama_cpp.llama_batch_init(self._budget, 0, 1)
         self._courier = Courier()  # every chunk of a step reaches the event loop in one wake-up
-        self._pending: collections.deque[Request] = collections.deque()  # guarded by _cond
+        self._policy = Policy(settings.fair_share, self._max_running, settings.queue_depth)
+        # Requests waiting, and running choices paused for another user's request; guarded by _cond.
+        self._pending: Line[Request | Decoding] = Line(self._policy)
+        self._placing = 0
         self._active: list[Decoding] = []  # the decode thread's own
         self._cond = threading.Condition()
         self._line_watch = LineWatch()  # told after each step: queue places are pushed (line_moved)
@@ -128,27 +142,6 @@ class BatchScheduler:
     def host_bytes(self) -> int:
         return self._host.bytes
 
-    def queue_place(self, request: Request) -> tuple[int, float] | None:
-        """Where a submitted request waits: its place in line (1: it starts when one running choice
-        ends) and the estimated seconds until it starts; None once it runs or will at the next step.
-        Admission is first come, first served (_admit), so the place is the choices ahead of it,
-        waiting or running, beyond the room parallel_slots gives."""
-        with self._cond:
-            ahead = 0
-            for waiting in self._pending:
-                if waiting is request:
-                    break
-                ahead += len(waiting.choices)
-            else:
-                return None
-            place = self._choices() + ahead + len(request.choices) - self._max_running
-            if place <= 0:
-                return None
-        answer = self._answer_seconds
-        if answer is None:  # no answer has ended yet: the longest a running one may take, at the step rate
-            answer = max([request.budget, *(d.request.budget for d in list(self._active))]) * self._step_seconds
-        return place, place * answer / self._max_running
-
     def line_moved(self) -> asyncio.Event:
         """An event set once the line of waiting requests next moves (engines.sequence.LineWatch)."""
         return self._line_watch.listen()
@@ -157,18 +150,6 @@ class BatchScheduler:
         with self._cond:
             line = (len(self._pending), self._choices())
         self._line_watch.tell(line)
-
-    def submit(self, request: Request) -> None:
-        with self._cond:
-            if self._closing:
-                raise ResourceExhausted("the model is unloading; retry shortly", retry_after=1)
-            # Everything accepted and not yet finished, running or waiting, against the room for it;
-            # counted here rather than after admission, which happens on the decode thread later.
-            demand = self._choices() + sum(len(r.choices) for r in self._pending)
-            if demand and demand + len(request.choices) > self._max_running + self._queue_depth:
-                raise queue_full("generations", self.running, len(self._pending), self._queue_depth)
-            self._pending.append(request)
-            self._cond.notify()
 
     def start(self) -> None:
         # Each native call (decode, sampling) releases the GIL and takes it back afterwards; while the
@@ -214,9 +195,12 @@ class BatchScheduler:
         finally:
             gone = Unavailable(f"model {self._name!r} was unloaded while the request ran; retry")
             with self._cond:
-                waiting, self._pending = list(self._pending), collections.deque()
-            for request in {d.request for d in self._active} | set(waiting):
+                waiting = self._pending.drop(lambda _: True)
+            for request in {d.request for d in self._active} | {self._request_of(e) for e in waiting}:
                 request.fail(gone)
+            for paused in waiting:
+                if isinstance(paused, Decoding):
+                    paused.samplers.free(self._l)
             for d in list(self._active):
                 self._end(d)
             self._courier.deliver()
@@ -242,30 +226,6 @@ class BatchScheduler:
         finally:
             self._courier.deliver()
             self._tell_listeners()
-
-    def _drop_cancelled(self) -> None:
-        with self._cond:
-            if any(r.cancelled for r in self._pending):
-                self._pending = collections.deque(r for r in self._pending if not r.cancelled)
-        for d in [d for d in self._active if d.request.cancelled]:
-            d.request.finish(d.index, "cancelled")
-            self._end(d)
-
-    def _admit(self) -> None:
-        while True:
-            with self._cond:
-                if not self._pending:
-                    return
-                head = self._pending[0]
-                head.courier = self._courier
-                # A request with more choices than parallel_slots runs alone rather than never.
-                if self._active and self._choices() + len(head.choices) > self._max_running:
-                    return
-                self._pending.popleft()
-            try:
-                self._place(head)
-            except Exception as exc:  # noqa: BLE001 - the caller's stream raises it
-                head.fail(exc)
 
     # --- placing a request -----------------------------------------------------------------
     def _place(self, request: Request) -> None:
@@ -300,7 +260,7 @@ class BatchScheduler:
             follower_seq.prompt_len = len(prompt)
             lead.followers.append(Decoding(request, index, follower_seq, samplers[index]))
         request.admitted = True
-        self._active.append(lead)
+        self._started(lead)
 
     def _sequence_for(self, prompt: list[int] | None) -> tuple[KvSequence, int]:
         """A sequence for a new prompt, holding its longest available prefix (never all of it: the
@@ -375,6 +335,7 @@ class BatchScheduler:
     def _clear(self, seq: KvSequence) -> None:
         """Empties a sequence, parking its KV state in host RAM first when it is worth keeping."""
         if not seq.tokens:
+            seq.saved = 0
             return
         data = self._state(seq) if self._host.budget > 0 else None
         if data is not None and len(data) <= self._host.budget:
@@ -437,11 +398,13 @@ class BatchScheduler:
                 add(d, d.next_token, True)
                 outputs.append((d, n - 1))
                 d.next_token = None
-        for d in self._active:
-            if not d.todo or n >= self._budget:
+        prefilling = [d for d in self._active if d.todo]
+        shares = self._policy.prefill([(d.owner, len(d.todo)) for d in prefilling], self._budget - n)
+        for d, share in zip(prefilling, shares):
+            if not share:
                 continue
             undo.append((d, len(d.seq.tokens), None, d.todo))
-            take, d.todo = d.todo[: self._budget - n], d.todo[self._budget - n:]
+            take, d.todo = d.todo[:share], d.todo[share:]
             for i, token in enumerate(take):
                 add(d, token, not d.todo and i == len(take) - 1)
             if not d.todo:

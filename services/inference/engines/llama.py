@@ -67,7 +67,7 @@ class LlamaCppEngine(TokenEngine):
         ctx_params.n_batch = ctx_params.n_ubatch = s.batch_tokens
         ctx_params.n_seq_max = s.resident_sequences
         # Logits rows a step can ask for: one per running choice, and a request with more choices
-        # than parallel_slots runs alone (openai_compat.MAX_CHOICES); llama.cpp reserves at least one
+        # than parallel_slots runs alone (openai_chat.MAX_CHOICES); llama.cpp reserves at least one
         # per sequence. The default (n_batch rows) would size the logits buffers for every token of
         # a prompt chunk.
         ctx_params.n_outputs_max = max(s.parallel_slots, s.resident_sequences, 16)

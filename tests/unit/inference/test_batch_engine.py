@@ -12,6 +12,7 @@ import pytest
 from services.core import config
 from services.core.errors import ResourceExhausted
 from services.inference.engines import kv_store
+from services.inference.engines.fair import Owner
 from services.inference.hardware import probe
 from services.inference.registry import BUNDLED, ModelRegistry
 from services.inference.service import GenerationService, SamplingInput
@@ -260,6 +261,39 @@ async def test_waiting_requests_are_told_their_place_in_line() -> None:
         plain = [item async for item in generation.generate(MODEL, chat, "", SamplingInput(max_tokens=2))]
         assert isinstance(plain[0], Admitted)
         await first
+    finally:
+        await registry.close()
+
+
+async def test_a_paused_stream_resumes_from_its_kv_state_in_host_ram() -> None:
+    """Fair share with the real model: with both slots running user A's streams, user B's request
+    pauses one of them (llama_state_seq_get_data) and it resumes (…set_data) to its full length."""
+    registry, generation = make(PARLEY_PARALLEL_SLOTS="2")
+    try:
+        await registry.load(MODEL)
+        endless = SamplingInput(max_tokens=40, temperature=0, logit_bias=((2, -100.0),))  # no end of turn
+
+        async def answer(owner: Owner, text: str, sampling: SamplingInput) -> tuple[str, object]:
+            parts, last = [], None
+            async for chunk in generated(generation, MODEL, [{"role": "user", "content": text}], "", sampling,
+                                         owner=owner):
+                parts.append(chunk.text)
+                last = chunk
+            return "".join(parts), last
+
+        solo, _ = await answer(Owner("a"), "Count slowly from one to one hundred.", endless)
+        a1 = asyncio.create_task(answer(Owner("a"), "Tell me about the sea, at length.", endless))
+        a2 = asyncio.create_task(answer(Owner("a"), "Count slowly from one to one hundred.", endless))
+        engine = registry.get(MODEL).engine
+        while engine.running < 2:
+            await asyncio.sleep(0.005)
+        _, b = await answer(Owner("b"), "Hi", SamplingInput(max_tokens=3, temperature=0))
+        (_, first), (text, paused) = await asyncio.gather(a1, a2)
+        stats = scheduler(registry).stats
+        assert (stats["paused"], stats["resumed"], stats["recomputed"]) == (1, 1, 0)
+        assert b.finish_reason in ("stop", "length")
+        assert [r.usage.completion_tokens for r in (first, paused)] == [40, 40]
+        assert paused.finish_reason == "length" and text[:12] == solo[:12]
     finally:
         await registry.close()
 
