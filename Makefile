@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 GENERATED := build/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: help setup gen run test test-unit lint-protos bench bench-embeddings bench-families soak k8s-config browser postgres llama-server clean
+.PHONY: help setup gen run test test-unit lint-protos bench bench-embeddings bench-fair bench-restart bench-families soak k8s-config browser postgres llama-server clean
 
 help:
 	@echo "make run    - start auth, session, cache, inference and Envoy on http://127.0.0.1:8080"
@@ -19,6 +19,8 @@ help:
 	@echo "make bench  - benchmark decode speed, time to first token and client patterns (bench/);"
 	@echo "              LLAMA_SERVER=/path/to/llama-server compares against llama-server (docs/benchmarks.md)"
 	@echo "make bench-embeddings - only the embeddings throughput (Envoy vs transformers in-process)"
+	@echo "make bench-fair - fair share: one user's flood against another's short turns, FIFO and llama-server"
+	@echo "make bench-restart - a 40-turn conversation's next turn after a restart, against its warm turns"
 	@echo "make bench-families - model families' checks side by side with llama-server; reasoning's cost per token"
 	@echo "make soak   - SOAK_USERS users for SOAK_MINUTES minutes while each process is killed in turn; invariants"
 	@echo "              checked from the stores (docs/benchmarks.md: Soak with faults; SOAK_ARGS=--postgres for PostgreSQL)"
@@ -128,6 +130,14 @@ bench: setup
 
 bench-embeddings: setup
 	$(PY) bench/inference_bench.py --embeddings-only
+
+# Fair share under a flood (bench/fair_share_bench.py, docs/benchmarks.md: Fair share under a flood).
+bench-fair: setup
+	$(PY) bench/fair_share_bench.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
+
+# A 40-turn conversation's next turn after the whole stack restarts, against its warm turns.
+bench-restart: setup
+	$(PY) bench/restart_bench.py
 
 # Model families side by side with llama-server (real templates from the sdist), and the cost of
 # parsing reasoning on the token path.

@@ -550,11 +550,11 @@ def find_llama_server(option: str | None) -> Path | None:
 
 @contextlib.contextmanager
 def llama_server(binary: Path, threads: int, log_path: Path, timeout: float = 180,
-                 cores: set[int] | None = None, speculative: bool = False) -> Iterator[Server]:
+                 cores: set[int] | None = None, slots: int = 8, speculative: bool = False) -> Iterator[Server]:
     """llama-server on the bundled model on a free loopback port, as docs/benchmarks.md describes (on `cores`
-    only, when given; with its n-gram speculative decoding when `speculative`); stopped on exit."""
+    only, when given; `slots`: -np; with its n-gram speculative decoding when `speculative`); stopped on exit."""
     port = free_port()
-    argv = [str(binary), "-m", CatalogueEntry(**BUNDLED).path(), "-t", str(threads), "-np", "8", "-c", "16384",
+    argv = [str(binary), "-m", CatalogueEntry(**BUNDLED).path(), "-t", str(threads), "-np", str(slots), "-c", "16384",
             # More HTTP threads than the default (slots + 2): 16 streaming conversations otherwise wait for a
             # connection thread, and its keep-alive connections get dropped under the client.
             "--threads-http", "32", "--host", "127.0.0.1", "--port", str(port),

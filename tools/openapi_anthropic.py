@@ -1,6 +1,6 @@
 """The OpenAPI description of Anthropic's Messages API as Parley serves it (tools/openapi.py merges it
 with tools/openapi_openai.py): the service reads and writes these bodies itself
-(services/inference/wire/anthropic.py, anthropic_stream.py), so their shapes are written here, by
+(services/wire/anthropic.py, anthropic_stream.py), so their shapes are written here, by
 hand, as those modules accept and answer them."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The parts of the OpenAPI document that the protos cannot say (tools/openapi.py builds the rest).
 
 The OpenAI-compatible methods take and answer google.api.HttpBody: the service reads OpenAI's JSON
-itself (services/inference/openai_compat.py, openai_text.py, embeddings.py,
-services/session/responses_wire.py), so their shapes are written here, by hand, as those modules
+itself (services/wire/openai_chat.py, openai_text.py, openai_responses.py and
+services/inference/embeddings.py), so their shapes are written here, by hand, as those modules
 accept and answer them. Responses list the fields Parley always sends as required; OpenAI's objects
 may grow fields, so none of them forbids more.
 

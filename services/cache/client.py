@@ -82,8 +82,9 @@ class CacheClient:
             return "", ""
         return identity.user_id, identity.api_key_id or ""
 
-    async def check_rate_limit(self) -> None:
-        """Counts one request for the current caller; ResourceExhausted when over the limit."""
+    async def check_rate_limit(self) -> float:
+        """Counts one request for the current caller; ResourceExhausted when over the limit. Returns
+        the caller's fair-share weight (services.inference.engines.fair; 1 when the cache cannot say)."""
         user_id, api_key_id = self._subject()
         try:
             answer = await self._limits.CheckRateLimit(
@@ -91,11 +92,12 @@ class CacheClient:
                 metadata=forward_credentials(), timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001 - fail open: a cache outage must not stop chats
             self._unreachable("check_rate_limit", exc)
-            return
+            return 1.0
         if not answer.allowed:
             refusal = QuotaExceeded if answer.code == QuotaExceeded.reason else ResourceExhausted
             raise refusal(answer.reason or "rate limit reached; try again later",
                           retry_after=max(1, answer.retry_after_seconds))
+        return answer.share_weight or 1.0
 
     async def record_usage(self, model: str, prompt_tokens: int, completion_tokens: int, *,
                            cached_prompt_tokens: int = 0, cached: bool = False) -> None:

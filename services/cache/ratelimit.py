@@ -22,6 +22,7 @@ with their own code (insufficient_quota) until the period ends.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -38,6 +39,7 @@ COUNTER_TTL_SECONDS = 2 * WINDOW_SECONDS + 5
 OVERRIDE_PREFIX = PREFIX + "ratelimit:override:"
 RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
 BUDGET_FIELDS = ("tokens_per_day", "tokens_per_month")
+MAX_SHARE_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Limits:
     tokens_per_minute: int
     tokens_per_day: int = 0
     tokens_per_month: int = 0
+    share_weight: float = 1.0  # in the inference engines' fair share (services.inference.engines.fair)
 
     @property
     def budgets(self) -> list[int]:
@@ -68,6 +71,7 @@ class Decision:
     retry_after_seconds: int = 0
     reason: str = ""
     code: str = ""  # RATE_LIMIT_EXCEEDED or INSUFFICIENT_QUOTA when refused
+    share_weight: float = 1.0  # the user's, for the request's scheduling
 
 
 def estimate(previous: int, current: int, fraction: float) -> int:
@@ -104,7 +108,7 @@ class RateLimiter:
         return Limits(s.rate_limit_requests_per_minute, s.rate_limit_tokens_per_minute,
                       s.rate_limit_tokens_per_day, s.rate_limit_tokens_per_month)
 
-    async def _override(self, user_id: str) -> dict[str, int | None]:
+    async def _override(self, user_id: str) -> dict[str, float]:
         raw = await self.backend.get_value(OVERRIDE_PREFIX + user_id)
         if not raw:
             return {}
@@ -112,7 +116,9 @@ class RateLimiter:
             data = json.loads(raw)
         except ValueError:
             return {}
-        return {k: v for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     async def limits_for(self, user_id: str) -> UserLimits:
         override = await self._override(user_id)
@@ -122,11 +128,12 @@ class RateLimiter:
         return UserLimits(user_id, limits, bool(override))
 
     async def update(self, user_id: str, requests_per_minute: int, tokens_per_minute: int,
-                     tokens_per_day: int | None = None, tokens_per_month: int | None = None) -> UserLimits:
+                     tokens_per_day: int | None = None, tokens_per_month: int | None = None,
+                     share_weight: float | None = None) -> UserLimits:
         """A per-user override. Per minute: > 0 sets it, 0 keeps what is in force (a PATCH that leaves
         a field out), < 0 returns it to the configured default. Budgets: None keeps, 0 makes it
-        unlimited, > 0 sets, < 0 returns to the default. With no field left overridden the override
-        is removed."""
+        unlimited, > 0 sets, < 0 returns to the default. The fair-share weight: None keeps, > 0 sets,
+        <= 0 returns to 1. With no field left overridden the override is removed."""
         if not user_id:
             raise InvalidArgument("rate_limit.user_id is required")
         override = await self._override(user_id)
@@ -140,6 +147,12 @@ class RateLimiter:
                 override[name] = budget
             elif budget is not None:
                 override.pop(name, None)
+        if share_weight is not None and share_weight > 0:
+            if share_weight > MAX_SHARE_WEIGHT:
+                raise InvalidArgument(f"rate_limit.share_weight must be at most {MAX_SHARE_WEIGHT:g}")
+            override["share_weight"] = share_weight
+        elif share_weight is not None:
+            override.pop("share_weight", None)
         await self.backend.put_value(OVERRIDE_PREFIX + user_id, json.dumps(override).encode() if override else None)
         return await self.limits_for(user_id)
 
@@ -180,7 +193,7 @@ class RateLimiter:
         if not decision.allowed:
             # Refused requests do not count.
             await self.backend.add({key: -1 for key in requests}, COUNTER_TTL_SECONDS)
-        return decision
+        return dataclasses.replace(decision, share_weight=user_limits.share_weight)
 
     @staticmethod
     def _per_minute(subjects: list[tuple[str, Limits, str]], values: list[int], fraction: float) -> Decision:

@@ -40,7 +40,7 @@ def rate_limit_pb(limits: UserLimits, uses: list[BudgetUse] | None = None) -> ca
     return cache_pb2.RateLimit(user_id=limits.user_id, requests_per_minute=given.requests_per_minute,
                                tokens_per_minute=given.tokens_per_minute, overridden=limits.overridden,
                                tokens_per_day=given.tokens_per_day, tokens_per_month=given.tokens_per_month,
-                               budgets=[budget_pb(u) for u in uses or ()])
+                               budgets=[budget_pb(u) for u in uses or ()], share_weight=given.share_weight)
 
 
 def usage_pb(page: Page) -> cache_pb2.GetUsageResponse:
@@ -116,7 +116,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             raise NotFound(f"no user with id {user_id!r}")
         budgets = [getattr(limit, f) if limit.HasField(f) else None for f in ("tokens_per_day", "tokens_per_month")]
         try:
-            updated = await self.limiter.update(user_id, limit.requests_per_minute, limit.tokens_per_minute, *budgets)
+            weight = limit.share_weight if limit.HasField("share_weight") else None
+            updated = await self.limiter.update(user_id, limit.requests_per_minute, limit.tokens_per_minute, *budgets,
+                                                share_weight=weight)
             return rate_limit_pb(updated, await self.limiter.budget_uses(updated))
         except BackendUnavailable:
             raise Unavailable("the cache backend is unavailable; the override was not saved") from None
@@ -166,7 +168,8 @@ class RateLimitServicer(cache_pb2_grpc.RateLimitServiceServicer):
             return cache_pb2.CheckRateLimitResponse(allowed=True, reason="rate limits are not enforced: backend unavailable")
         return cache_pb2.CheckRateLimitResponse(allowed=decision.allowed,
                                                 retry_after_seconds=decision.retry_after_seconds,
-                                                reason=decision.reason, code=decision.code)
+                                                reason=decision.reason, code=decision.code,
+                                                share_weight=decision.share_weight)
 
     async def RecordUsage(self, request: cache_pb2.RecordUsageRequest,
                           context: grpc.aio.ServicerContext) -> cache_pb2.RecordUsageResponse:

@@ -14,7 +14,7 @@ import re
 import secrets
 import string
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from parley.inference.v1 import inference_pb2 as pb
@@ -66,6 +66,37 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 TEMPLATE_VARIABLES = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
                       "strftime_now"}
 MAX_TEMPLATE_KWARGS_BYTES = 16 * 1024
+
+
+@dataclass
+class Answer:
+    """What one answer has said so far — its text, its reasoning apart, its complete tool calls — from
+    a stream of pieces: the one accumulator of a streamed answer (the flow's cache entry, each OpenAI
+    choice, a session's stored message)."""
+
+    parts: list[str] = field(default_factory=list)
+    thoughts: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    pieces: int = 0  # pieces that said something: about a token each, for an answer cut short
+
+    def add(self, text: str, reasoning: str = "", calls: Iterable[ToolCall] = ()) -> bool:
+        """Takes one piece; whether it said anything."""
+        calls = list(calls)
+        if not (text or reasoning or calls):
+            return False
+        self.pieces += 1
+        self.parts.append(text)
+        self.thoughts.append(reasoning)
+        self.calls += calls
+        return True
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self.thoughts)
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import string
 from pathlib import Path
 from typing import Any
 
 from services.core import config
 from services.core.config import setting
 from services.gateway import web_app
-from services.inference.wire.status import ANTHROPIC_ERROR_TYPES
+from services.wire.status import ANTHROPIC_ERROR_TYPES
 
 SERVICES = ("auth", "session", "cache", "inference")
 
@@ -77,182 +78,7 @@ UNARY_TIMEOUT = {"auth": "30s", "session": "30s", "cache": "10s", "inference": "
 # Local replies (Envoy's own 404/503/504…) get the same JSON shape as transcoded gRPC errors.
 LOCAL_REPLY_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 429: 8, 503: 14, 504: 4}
 
-GATEWAY_LUA = """
-local CLUSTERS = {%s}
--- Paths whose errors take OpenAI's shape (OPENAI_PATH_PREFIXES).
-local OPENAI_PREFIXES = {%s}
--- Paths whose errors take Anthropic's shape (ANTHROPIC_PATH_PREFIXES), and its error types by status.
-local ANTHROPIC_PREFIXES = {%s}
-local ANTHROPIC_TYPES = {%s}
--- A grpc.health.v1 HealthCheckRequest for the whole server: an empty message, gRPC-framed.
-local HEALTH_REQUEST = "\\0\\0\\0\\0\\0"
--- No id or page token comes near this; gRPC allows 8 KiB of metadata, the path included.
-local MAX_PATH_BYTES = 4096
--- PARLEY_MAX_REQUEST_BYTES: checked before anything reads the body (Envoy's buffers stop there too).
-local MAX_BODY_BYTES = %d
--- OpenAI error types by HTTP status, for the OpenAI-compatible paths.
-local OPENAI_TYPES = {["400"] = "invalid_request_error", ["401"] = "authentication_error",
-  ["403"] = "permission_error", ["404"] = "not_found_error", ["409"] = "conflict_error",
-  ["413"] = "invalid_request_error", ["429"] = "rate_limit_error"}
-
-local function healthz(handle)
-  local unhealthy = {}
-  for _, cluster in ipairs(CLUSTERS) do
-    local headers, body = handle:httpCall(cluster, {
-      [":method"] = "POST",
-      [":path"] = "/grpc.health.v1.Health/Check",
-      [":authority"] = cluster,
-      ["content-type"] = "application/grpc",
-      ["te"] = "trailers",
-    }, HEALTH_REQUEST, 1000)
-    -- SERVING is status = 1: the message bytes 0x08 0x01 at the end of the frame.
-    if headers == nil or headers[":status"] ~= "200" or body == nil or string.sub(body, -2) ~= "\\8\\1" then
-      table.insert(unhealthy, '"' .. cluster .. '"')
-    end
-  end
-  local headers = {["content-type"] = "application/json", ["cache-control"] = "no-store"}
-  if #unhealthy == 0 then
-    headers[":status"] = "200"
-    handle:respond(headers, '{"status":"SERVING"}')
-  else
-    headers[":status"] = "503"
-    handle:respond(headers, '{"status":"NOT_SERVING","unhealthy":[' .. table.concat(unhealthy, ",") .. ']}')
-  end
-end
-
--- gRPC fails a whole call (INTERNAL, a 500) on a metadata key outside 0-9 a-z _ - ., on a "-bin"
--- value that is not base64 and on a malformed grpc-timeout or an unknown grpc-encoding; HTTP allows
--- all of these. A REST request's headers become the gRPC call's metadata, and no such header means
--- anything to Parley: they are dropped (native gRPC calls pass untouched).
-local function drop_headers_grpc_refuses(headers)
-  local content_type = headers:get("content-type") or ""
-  if string.find(content_type, "application/grpc", 1, true) == 1 then
-    return
-  end
-  local refused = {}
-  for key, value in pairs(headers) do
-    if string.sub(key, 1, 1) ~= ":" then
-      if string.find(key, "[^0-9a-z_.%%-]")
-          or (string.sub(key, -4) == "-bin" and string.find(value, "^[A-Za-z0-9+/_%%-]*=*$") == nil)
-          or (key == "grpc-timeout" and string.find(value, "^%%d%%d?%%d?%%d?%%d?%%d?%%d?%%d?[HMSmun]$") == nil)
-          or key == "grpc-encoding" then
-        table.insert(refused, key)
-      end
-    end
-  end
-  for _, key in ipairs(refused) do
-    headers:remove(key)
-  end
-end
-
-local function starts_with_any(path, prefixes)
-  for _, prefix in ipairs(prefixes) do
-    if string.find(path, prefix, 1, true) == 1 then
-      return true
-    end
-  end
-  return false
-end
-
--- Whose error shape a path's errors take: "anthropic", "openai" or nil (the native one).
-local function wire_of(headers, path)
-  if starts_with_any(path, ANTHROPIC_PREFIXES) then
-    return "anthropic"
-  elseif starts_with_any(path, OPENAI_PREFIXES) then
-    return headers:get("%s") and "anthropic" or "openai"
-  end
-  return nil
-end
-
--- An error body in `wire`'s shape; `message` is JSON text (a quoted string), `reason` a finer
--- OpenAI type (or nil); Anthropic's types go by status alone.
-local function error_body(wire, status, message, reason)
-  if wire == "anthropic" then
-    return '{"type":"error","error":{"type":"' .. (ANTHROPIC_TYPES[status] or "api_error") .. '","message":'
-      .. message .. '}}'
-  end
-  local kind = reason or OPENAI_TYPES[status] or "server_error"
-  return '{"error":{"message":' .. message .. ',"type":"' .. kind .. '","param":null,"code":"' .. kind .. '"}}'
-end
-
-function envoy_on_request(handle)
-  drop_headers_grpc_refuses(handle:headers())
-  local path = handle:headers():get(":path") or ""
-  if #path > MAX_PATH_BYTES then
-    -- Longer paths overflow gRPC's metadata limit upstream (a random 429 without Retry-After).
-    handle:respond({[":status"] = "414", ["content-type"] = "application/json", ["cache-control"] = "no-store"},
-      '{"code":3,"message":"the URL is longer than ' .. MAX_PATH_BYTES .. ' bytes","details":[]}')
-    return
-  end
-  local length = tonumber(handle:headers():get("content-length") or "0") or 0
-  if length > MAX_BODY_BYTES then
-    -- Refused from the header, before Envoy transcodes or buffers the body.
-    local message = '"the request body is larger than the gateway accepts: ' .. length .. ' bytes, at most '
-      .. MAX_BODY_BYTES .. ' (PARLEY_MAX_REQUEST_BYTES)"'
-    local wire = wire_of(handle:headers(), path)
-    local body = wire and error_body(wire, "413", message) or ('{"code":3,"message":' .. message .. ',"details":[]}')
-    handle:respond({[":status"] = "413", ["content-type"] = "application/json", ["cache-control"] = "no-store"}, body)
-    return
-  end
-  if path == "/healthz" then
-    healthz(handle)
-    return
-  end
-  local wire = wire_of(handle:headers(), path)
-  if wire then
-    handle:streamInfo():dynamicMetadata():set("parley", "wire", wire)
-  end
-  local query = string.find(path, "?", 1, true)
-  if query and starts_with_any(path, ANTHROPIC_PREFIXES) then
-    -- Anthropic's clients add ?beta=true; no field takes it, and the transcoder answers an unknown
-    -- query parameter with a 404.
-    handle:headers():replace(":path", string.sub(path, 1, query - 1))
-  end
-end
-
--- Errors on OpenAI-compatible paths take OpenAI's shape: {"error": {"message", "type", "param", "code"}};
--- on Anthropic's, Anthropic's: {"type": "error", "error": {"type", "message"}}.
--- Only error responses are buffered; successful streams pass untouched.
-function envoy_on_response(handle)
-  local meta = handle:streamInfo():dynamicMetadata():get("parley")
-  local wire = meta and meta["wire"]
-  if wire == nil then
-    return
-  end
-  local status = handle:headers():get(":status") or "200"
-  if tonumber(status) < 400 then
-    return
-  end
-  local body = handle:body()
-  local text = body and body:getBytes(0, body:length()) or ""
-  local message = status == "413" and '"the request body is larger than the gateway accepts"' or '"request failed"'
-  local start = string.find(text, '"message":', 1, true)
-  if start then
-    local rest = string.sub(text, start + 10)
-    local stop = string.find(rest, ',"details":', 1, true)
-    if stop then
-      message = string.sub(rest, 1, stop - 1)
-    else
-      message = (string.gsub(rest, "}%%s*$", ""))
-    end
-  end
-  if message == '""' then
-    -- Some of Envoy's own replies come without words.
-    message = status == "404" and '"not found"' or '"request failed"'
-  end
-  -- A finer reason from the service (ParleyError.reason, e.g. insufficient_quota for a used-up
-  -- token budget) is OpenAI's type and code for it.
-  local reason = handle:headers():get("parley-reason")
-  if reason ~= nil and string.find(reason, "^[a-z_]+$") == nil then
-    reason = nil
-  end
-  local rewritten = error_body(wire, status, message, reason)
-  if body then
-    body:setBytes(rewritten)
-  end
-  handle:headers():replace("content-type", "application/json")
-end
-"""
+GATEWAY_LUA = Path(__file__).with_name("gateway.lua")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,12 +308,60 @@ ACCESS_LOG_FORMAT = {
 }
 
 
-def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
-    descriptor = str(gateway.descriptor_path.resolve())
-    lua = GATEWAY_LUA % (", ".join(f'"{s}"' for s in SERVICES), ", ".join(f'"{p}"' for p in OPENAI_PATH_PREFIXES),
-                         ", ".join(f'"{p}"' for p in ANTHROPIC_PATH_PREFIXES),
-                         ", ".join(f'["{k}"] = "{v}"' for k, v in ANTHROPIC_ERROR_TYPES.items()),
-                         gateway.max_request_bytes, ANTHROPIC_VERSION_HEADER)
+def _lua(gateway: GatewaySettings) -> str:
+    """The gateway's Lua filter (gateway.lua) with its ${NAME} placeholders filled in."""
+    lua = string.Template(GATEWAY_LUA.read_text()).safe_substitute(
+        CLUSTERS_LIST=", ".join(f'"{s}"' for s in SERVICES),
+        OPENAI_PREFIX_LIST=", ".join(f'"{p}"' for p in OPENAI_PATH_PREFIXES),
+        ANTHROPIC_PREFIX_LIST=", ".join(f'"{p}"' for p in ANTHROPIC_PATH_PREFIXES),
+        ANTHROPIC_TYPE_TABLE=", ".join(f'["{k}"] = "{v}"' for k, v in ANTHROPIC_ERROR_TYPES.items()),
+        MAX_BODY_BYTES_VALUE=gateway.max_request_bytes, ANTHROPIC_VERSION_HEADER=ANTHROPIC_VERSION_HEADER)
+    if "${" in lua:
+        raise RuntimeError("gateway.lua names a placeholder that envoy_config.py does not fill")
+    return lua
+
+
+def _http_filters(lua: str, descriptor: str) -> list[dict[str, Any]]:
+    """CORS, the gateway's Lua filter, gRPC-JSON transcoding, then the router."""
+    return [
+        {
+            "name": "envoy.filters.http.cors",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+        },
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": lua},
+            },
+        },
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                "proto_descriptor": descriptor,
+                "services": [name for names in PUBLIC_SERVICES.values() for name in names],
+                "print_options": {
+                    "add_whitespace": False,
+                    "always_print_primitive_fields": True,
+                    "always_print_enums_as_ints": False,
+                    "preserve_proto_field_names": True,
+                    "stream_sse_style_delimited": True,
+                },
+                "convert_grpc_status": True,
+                "case_insensitive_enum_parsing": True,
+                "request_validation_options": {"reject_unknown_method": True},
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _connection_manager(gateway: GatewaySettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The HTTP connection manager (routes, filters, logs, tracing) and the clusters its tracing needs."""
     routes = [_openapi_route(gateway.openapi_path.resolve()), *web_app.routes(gateway.web_dir.resolve()),
               _websocket_route(), *_routes(gateway.inference_lb != "round_robin")]
     virtual_host: dict[str, Any] = {"name": "parley", "domains": ["*"], "routes": routes}
@@ -523,46 +397,17 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
                          "response_headers_to_remove": ["x-envoy-upstream-service-time"]},
         # No "server: envoy" on every reply.
         "server_header_transformation": "PASS_THROUGH",
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.cors",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
-            },
-            {
-                "name": "envoy.filters.http.lua",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": lua},
-                },
-            },
-            {
-                "name": "envoy.filters.http.grpc_json_transcoder",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-                    "proto_descriptor": descriptor,
-                    "services": [name for names in PUBLIC_SERVICES.values() for name in names],
-                    "print_options": {
-                        "add_whitespace": False,
-                        "always_print_primitive_fields": True,
-                        "always_print_enums_as_ints": False,
-                        "preserve_proto_field_names": True,
-                        "stream_sse_style_delimited": True,
-                    },
-                    "convert_grpc_status": True,
-                    "case_insensitive_enum_parsing": True,
-                    "request_validation_options": {"reject_unknown_method": True},
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            },
-        ],
+        "http_filters": _http_filters(_lua(gateway), str(gateway.descriptor_path.resolve())),
     }
     tracing_clusters = []
     if gateway.otlp_collector:
         hcm["tracing"], otlp_cluster = _tracing(gateway.otlp_collector)
         tracing_clusters.append(otlp_cluster)
+    return hcm, tracing_clusters
+
+
+def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, Any]:
+    hcm, tracing_clusters = _connection_manager(gateway)
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": gateway.admin_port}}},
         "static_resources": {

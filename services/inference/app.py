@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -45,6 +46,8 @@ async def preload(registry: ModelRegistry, model_id: str) -> None:
 
 async def build(common: CommonSettings, settings: InferenceSettings | None = None) -> ServiceSpec:
     settings = settings or config.load(InferenceSettings)
+    if settings.disk_kv_cache_dir is None:  # conversations' KV state lives with the other services' data
+        settings = dataclasses.replace(settings, disk_kv_cache_dir=common.data_dir / "kv")
     hw = hardware.probe()
     registry = ModelRegistry(settings, hw)
     generation = GenerationService(registry, settings)

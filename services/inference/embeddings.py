@@ -25,6 +25,7 @@ from services.core.background import Background
 from services.core.errors import InvalidArgument
 from services.core.json_body import parse_object
 from services.inference.engines import EMBEDDING, EmbeddingEngine
+from services.inference.engines.fair import current_owner
 from services.inference.metrics import EmbeddingTelemetry
 from services.inference.registry import ModelRegistry
 from services.inference.settings import InferenceSettings
@@ -64,8 +65,7 @@ class EmbeddingService:
             check_inputs(inputs)
             if dimensions is not None and dimensions < 1:
                 raise InvalidArgument("dimensions must be a positive integer")
-            if self.cache is not None:
-                await self.cache.check_rate_limit()
+            weight = await self.cache.check_rate_limit() if self.cache is not None else 1.0
             record = await self.registry.acquire(model_id, EMBEDDING)
             observed.resolved(record.entry.id)
             try:
@@ -73,7 +73,8 @@ class EmbeddingService:
                 assert isinstance(engine, EmbeddingEngine)
                 size = output_size(record.entry.id, engine, bool(record.entry.params.get("matryoshka")), dimensions)
                 deadline = started + (timeout if timeout is not None else self.settings.request_timeout_seconds)
-                vectors, tokens, prompt_tokens = await engine.embed_inputs(inputs, deadline, truncate)
+                vectors, tokens, prompt_tokens = await engine.embed_inputs(inputs, deadline, truncate,
+                                                                           current_owner(weight))
                 normalized = engine.normalized
             finally:
                 self.registry.done(record)

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 
 from services.inference.settings import InferenceSettings
@@ -49,11 +50,14 @@ class EngineSettings:
     context_length: int
     parallel_slots: int
     queue_depth: int = 16
+    fair_share: bool = True  # engines.fair: users served in turn; False: first come, first served
     kv_cache_tokens: int = 0
     kv_cache_auto: bool = True  # the engine may lower kv_cache_tokens to fit the model's size
     resident_sequences: int = 1
     batch_tokens: int = 512
     host_cache_mib: int = 0
+    disk_cache_dir: Path | None = None  # None: conversations' KV state is not kept on disk
+    disk_cache_mib: int = 0
     flash_attention: bool = False
     draft_tokens: int = 0  # speculative decoding's longest draft (engines.speculation); 0 = off
     reasons: list[str] = field(default_factory=list)
@@ -289,6 +293,10 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
     reasons.append(f"host_kv_cache_mib={host_mib}: evicted conversations' KV state"
                    + (" (capped at 1/8 of free memory)" if host_mib < settings.host_kv_cache_mib else ""))
 
+    disk_dir = settings.disk_kv_cache_dir if settings.disk_kv_cache_mib else None
+    reasons.append(f"disk_kv_cache_mib={settings.disk_kv_cache_mib if disk_dir else 0}: idle conversations' KV state"
+                   + (f" in {disk_dir}, kept across restarts" if disk_dir else " is not kept on disk"))
+
     flash = settings.flash_attention == "on"
     reasons.append(f"flash_attention={settings.flash_attention}: " + (
         "faster decoding of short contexts, and seeded answers repeat" if flash else
@@ -308,11 +316,14 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
         context_length=settings.context_length,
         parallel_slots=slots,
         queue_depth=settings.queue_depth,
+        fair_share=settings.fair_share,
         kv_cache_tokens=kv_tokens,
         kv_cache_auto=not settings.kv_cache_tokens,
         resident_sequences=resident,
         batch_tokens=settings.batch_tokens,
         host_cache_mib=host_mib,
+        disk_cache_dir=disk_dir,
+        disk_cache_mib=settings.disk_kv_cache_mib if disk_dir else 0,
         flash_attention=flash,
         draft_tokens=settings.draft_tokens,
         reasons=reasons,

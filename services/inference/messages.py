@@ -1,5 +1,5 @@
 """POST /v1/messages and /v1/messages/count_tokens from request bytes to response bytes: Anthropic's
-rendering (services.inference.wire) of the metered completion flow (services.inference.metered:
+rendering (services.wire) of the metered completion flow (services.inference.metered:
 rate limit, response cache, generation, usage), the flow /v1/chat/completions runs too.
 
 A streamed request reports its place in the queue: each change sends a `ping` event (what
@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from services.inference.chat_completions import JSON, SSE, Mark
 from services.inference.metered import Completion, MeteredCompletions, Started
 from services.inference.service import Queued
-from services.inference.wire import anthropic
-from services.inference.wire.anthropic_stream import PING, MessageBuilder, error_event, sse
-from services.inference.wire.errors import stream_failure
+from services.wire import anthropic
+from services.wire.anthropic_stream import PING, MessageBuilder, error_event, sse
+from services.wire.errors import stream_failure
 
 
 class Messages:

@@ -30,8 +30,9 @@ from services.core import structured
 from services.core.errors import ParleyError
 from services.core.sampling import SamplingInput
 from services.core.sampling import to_proto as sampling_pb
-from services.core.structured import PLAIN, Structure, ToolCall
+from services.core.structured import PLAIN, Structure
 from services.inference.engines.base import Chunk, Usage
+from services.inference.engines.fair import current_owner
 from services.inference.fitting import Fit
 from services.inference.registry import ModelRegistry
 from services.inference.service import Admitted, GenerationService, Queued
@@ -120,10 +121,11 @@ class MeteredCompletions:
         too long, no room in the engine) mean the request did nothing."""
         key = self.key(request)
         cached = None
+        weight = 1.0  # the caller's fair share in the engine, as the rate limits say (engines.fair)
         if self.cache is not None:
             # One round trip's wait instead of two: the lookup does not depend on the limit's answer.
             lookups = [self.cache.lookup(key)] if key is not None else []
-            _, *found = await asyncio.gather(self.cache.check_rate_limit(), *lookups)
+            weight, *found = await asyncio.gather(self.cache.check_rate_limit(), *lookups)
             cached = found[0] if found else None
         if cached is not None and key is not None and self.cache is not None:
             u = cached.usage
@@ -136,10 +138,8 @@ class MeteredCompletions:
                                     reasoning_tokens=u.reasoning_tokens),
                         tool_calls=structured.replayed_calls(cached.tool_calls), reasoning=cached.reasoning)
             return
-        parts: list[str] = []
-        reasoning: list[str] = []
-        calls: list[ToolCall] = []
-        reason: str | None = None  # the first choice's, the one the cache stores
+        answer = structured.Answer()  # the first choice's, the one the cache stores
+        reason: str | None = None
         pieces = 0
         started: Started | None = None
         settled = False
@@ -147,7 +147,7 @@ class MeteredCompletions:
             async for item in self.generation.generate(
                     request.model, request.messages, request.prompt, request.sampling, timeout, n=request.n,
                     top_logprobs=request.top_logprobs, structure=request.structure, fit=request.fit,
-                    report_queue=request.report_queue):
+                    report_queue=request.report_queue, owner=current_owner(weight)):
                 if isinstance(item, Queued):
                     yield item
                     continue
@@ -158,23 +158,21 @@ class MeteredCompletions:
                     continue
                 pieces += bool(item.text or item.reasoning)
                 if item.index == 0:
-                    parts.append(item.text)
-                    reasoning.append(item.reasoning)
-                    calls += item.tool_calls
+                    answer.add(item.text, item.reasoning, item.tool_calls)
                     reason = item.finish_reason or reason
                 if item.usage is not None and started is not None:
                     # The answer is complete: its bookkeeping starts before the caller sends the last
                     # bytes, so that the same request right after finds it cached.
                     settled = True
-                    self._settle(key, started, "".join(parts), "".join(reasoning), calls, reason, item.usage)
+                    self._settle(key, started, answer, reason, item.usage)
                 yield item
         finally:
             if self.cache is not None and started is not None and not settled:
                 # An answer that did not end (its usage never came): about a token a piece.
                 self._background.later(self.cache.record_usage(started.model, started.prompt_tokens, pieces))
 
-    def _settle(self, key: cache_pb2.CompletionKey | None, started: Started, text: str, reasoning: str,
-                calls: list[ToolCall], reason: str | None, usage: Usage) -> None:
+    def _settle(self, key: cache_pb2.CompletionKey | None, started: Started, answer: structured.Answer,
+                reason: str | None, usage: Usage) -> None:
         """Records a finished answer's tokens and stores it when it is complete and deterministic."""
         if self.cache is None:
             return
@@ -182,7 +180,7 @@ class MeteredCompletions:
                                                        cached_prompt_tokens=usage.cached_prompt_tokens))
         if key is not None and FINISH_REASONS.get(reason or "") in keys.COMPLETE:
             self._background.later(self.cache.store(key, cache_pb2.CachedCompletion(
-                text=text, reasoning=reasoning, finish_reason=FINISH_REASONS[reason or ""],
-                tool_calls=structured.calls_to_proto(calls), dropped_messages=started.dropped,
+                text=answer.text, reasoning=answer.reasoning, finish_reason=FINISH_REASONS[reason or ""],
+                tool_calls=structured.calls_to_proto(answer.calls), dropped_messages=started.dropped,
                 usage=pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                                total_tokens=usage.total_tokens, reasoning_tokens=usage.reasoning_tokens))))

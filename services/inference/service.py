@@ -21,6 +21,7 @@ from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.core.structured import PLAIN, Structure
 from services.inference import fitting
 from services.inference.engines import request as engine_request
+from services.inference.engines.fair import Owner, current_owner
 from services.inference.engines.request import GenerationRequest, Queued
 from services.inference.engines.base import Chunk, Sampling
 from services.inference.fitting import Fit
@@ -132,16 +133,18 @@ class GenerationService:
         structure: Structure = PLAIN,
         fit: Fit | None = None,
         report_queue: bool = False,
+        owner: Owner | None = None,
     ) -> AsyncIterator[Queued | Admitted | Chunk]:
         """Yields Queued while the request waits for room (only with `report_queue`), Admitted once the engine has taken the request, then its chunks: each of the n
         choices ends with a chunk that has its finish_reason, and the last chunk carries the usage.
         An error before Admitted means nothing ran. Each generation gets a GenAI span and its
-        metrics (services.inference.metrics)."""
+        metrics (services.inference.metrics). The engine shares its room between owners (engines.fair):
+        `owner` defaults to the caller of the RPC, with an equal share."""
         observed = GenerationTelemetry(model_id or self.settings.default_model, bool(messages), given)
         try:
             async with contextlib.aclosing(
                     self._generate(model_id, messages, prompt, given, timeout, n, top_logprobs, structure,
-                                   fit, report_queue)) as stream:
+                                   fit, report_queue, owner or current_owner())) as stream:
                 async for item in stream:
                     if isinstance(item, Queued):
                         pass
@@ -170,7 +173,8 @@ class GenerationService:
         top_logprobs: int | None,
         structure: Structure,
         fit: Fit | None,
-        report_queue: bool = False,
+        report_queue: bool,
+        owner: Owner,
     ) -> AsyncIterator[Queued | Admitted | Chunk]:
         started = time.monotonic()
         sampling = resolve_sampling(given, self.settings)
@@ -187,7 +191,7 @@ class GenerationService:
                 deadline=started + (timeout if timeout is not None else self.settings.request_timeout_seconds),
                 characters=self._character_limit(record), asked_max_tokens=given.max_tokens,
                 reserve_tokens=self.settings.max_tokens, structure=structure, n=n, top_logprobs=top_logprobs,
-                fit=fit, report_queue=report_queue)
+                fit=fit, report_queue=report_queue, owner=owner)
             async with contextlib.aclosing(engine.generate(asked)) as stream:
                 async for item in stream:
                     if isinstance(item, engine_request.Admitted):

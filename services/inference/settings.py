@@ -21,6 +21,8 @@ class InferenceSettings:
     context_length: int = setting(4096, min=128, help="context window of one request (prompt + answer), in tokens")
     parallel_slots: int = setting(0, min=0, help="generations decoded together per model; 0 = auto")
     queue_depth: int = setting(16, min=0, help="requests that may wait for the engine before 429")
+    fair_share: bool = setting(True, help="serve users in turn (equal shares of the engine, a newcomer's request "
+                                          "pausing a heavy user's stream); off: first come, first served")
     kv_cache_tokens: int = setting(0, min=0, help="llama.cpp KV cells shared by all sequences of a model; 0 = auto")
     resident_sequences: int = setting(0, min=0, max=256,
                                       help="conversations whose KV stays warm in a llama.cpp model; 0 = auto")
@@ -33,6 +35,10 @@ class InferenceSettings:
                                      "taken from its own prompt and answer (n-gram lookup), shortened as the batch "
                                      "fills or acceptance drops; 0 = off")
     host_kv_cache_mib: int = setting(512, min=0, help="host RAM for evicted conversations' KV state; 0 = off")
+    disk_kv_cache_mib: int = setting(4096, min=0, help="disk for idle conversations' KV state, kept across restarts "
+                                                       "(least recently used dropped first); 0 = off")
+    disk_kv_cache_dir: Path | None = setting(None, help="where idle conversations' KV state is kept; replicas may "
+                                                        "share it; default: <PARLEY_DATA_DIR>/kv")
     memory_budget_mib: int = setting(0, min=0, help="memory for loaded models; 0 = 75% of what is free")
     keep_alive_seconds: float = setting(1800.0, min=0, help="idle time before a model unloads; 0 = never")
     max_tokens: int = setting(1024, min=1, help="default max_tokens when a request sets none")

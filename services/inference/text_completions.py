@@ -18,7 +18,7 @@ from typing import Any
 from services.inference.chat_completions import JSON, SSE, ChatCompletions, Mark
 from services.inference.engines.base import Chunk, Usage
 from services.inference.metered import Completion, MeteredCompletions, Started
-from services.inference.openai_text import (
+from services.wire.openai_text import (
     LegacyLogprobs, TextChoice, TextCompletionRequest, TextCompletionWriter, extend, parse_request,
 )
 

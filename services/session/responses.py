@@ -35,11 +35,11 @@ from services.core import structured
 from services.core.errors import ParleyError
 from services.core.identity import current_identity
 from services.session import history
-from services.session import responses_wire as wire
-from services.session.service import (
-    Generation, SessionService, check_sampling, compose, merge_sampling, sampling_from_dict, turn_of,
-)
-from services.session.store import (
+from services.wire import openai_response_events as rendering
+from services.wire import openai_responses as wire
+from services.session.rules import check_sampling, merge_sampling, sampling_from_dict
+from services.session.service import Generation, SessionService, compose, turn_of
+from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, STATUS_COMPLETE, STATUS_ERROR, MessageRecord, SessionDraft, StoredResponse,
     TurnMessages,
 )
@@ -119,7 +119,7 @@ class Responses:
 
     async def _render(self, req: wire.ResponseRequest,
                       events: AsyncIterator[session_pb2.ChatResponse]) -> AsyncIterator[tuple[str, bytes]]:
-        writer: wire.EventWriter | None = None
+        writer: rendering.EventWriter | None = None
         async with contextlib.aclosing(events) as stream:
             try:
                 async for event in stream:
@@ -128,10 +128,10 @@ class Responses:
                         message_id = event.start.assistant_message_id or uuid.uuid4().hex
                         if event.start.assistant_message_id:
                             self._streaming.add(message_id)
-                        writer = wire.EventWriter(wire.ID_PREFIX + message_id, message_id, event.start.model, req.echo)
+                        writer = rendering.EventWriter(wire.ID_PREFIX + message_id, message_id, event.start.model, req.echo)
                         if req.stream:  # the first message fixes the HTTP content type
                             for part in writer.start():
-                                yield wire.SSE, part
+                                yield rendering.SSE, part
                         continue
                     assert writer is not None
                     if kind == "delta":
@@ -148,19 +148,19 @@ class Responses:
                         parts = writer.fail(event.error.message)
                     if req.stream:
                         for part in parts:
-                            yield wire.SSE, part
+                            yield rendering.SSE, part
             finally:
                 if writer is not None:
                     self._streaming.discard(writer.message_id)
         if writer is not None and writer.final is not None and not req.stream:
-            yield wire.JSON, wire.json_bytes(writer.final)
+            yield rendering.JSON, rendering.json_bytes(writer.final)
 
     # GET, DELETE and input items
 
     async def get(self, response_id: str) -> bytes:
         found = await asyncio.to_thread(self.store.get_response, current_identity().user_id,
                                         wire.message_id_of(response_id))
-        return wire.json_bytes(self._response_json(found))
+        return rendering.json_bytes(self._response_json(found))
 
     def _response_json(self, found: StoredResponse) -> dict[str, Any]:
         m = found.message
@@ -169,19 +169,19 @@ class Responses:
         if m.status == STATUS_ERROR:
             status = "failed"
         elif m.status == STATUS_COMPLETE:
-            status = wire.STATUS_OF_FINISH.get(finish, "completed")
+            status = rendering.STATUS_OF_FINISH.get(finish, "completed")
         elif m.id in self._streaming:
             status = "in_progress"
         else:
             status = "incomplete"
         usage = inference_pb2.Usage(prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens,
                                      reasoning_tokens=m.reasoning_tokens)
-        return wire.response_json(
+        return rendering.response_json(
             wire.ID_PREFIX + m.id, created_at=m.created_at, model=m.model, status=status, echo=echo,
-            output=wire.output_items(m.id, m.content, m.tool_calls, "completed" if status == "completed" else "incomplete",
+            output=rendering.output_items(m.id, m.content, m.tool_calls, "completed" if status == "completed" else "incomplete",
                                      m.reasoning),
-            usage=usage, error=wire.server_error(m.error) if status == "failed" else None,
-            incomplete_reason=wire.incomplete_reason(finish))
+            usage=usage, error=rendering.server_error(m.error) if status == "failed" else None,
+            incomplete_reason=rendering.incomplete_reason(finish))
 
     async def delete(self, response_id: str) -> bytes:
         who = current_identity()
@@ -189,12 +189,12 @@ class Responses:
         found = await asyncio.to_thread(self.store.get_response, who.user_id, message_id)
         async with self.sessions.hold_turn(found.session.id):  # not while its session is answering
             await asyncio.to_thread(self.store.delete_response, who.user_id, message_id)
-        return wire.json_bytes({"id": response_id, "object": "response", "deleted": True})
+        return rendering.json_bytes({"id": response_id, "object": "response", "deleted": True})
 
     async def input_items(self, response_id: str, limit: int, order: str, after: str) -> bytes:
         inputs = await asyncio.to_thread(self.store.response_inputs, current_identity().user_id,
                                          wire.message_id_of(response_id))
-        return wire.json_bytes(wire.item_list_json(input_items_json(inputs), limit, order, after))
+        return rendering.json_bytes(rendering.item_list_json(input_items_json(inputs), limit, order, after))
 
 
 def input_items_json(messages: list[MessageRecord]) -> list[dict[str, Any]]:
@@ -205,7 +205,7 @@ def input_items_json(messages: list[MessageRecord]) -> list[dict[str, Any]]:
                           "output": m.content, "status": "completed"})
             continue
         if m.content or not m.tool_calls:
-            items.append(wire.message_item(f"msg_{m.id}", m.content, "completed", role=m.role))
+            items.append(rendering.message_item(f"msg_{m.id}", m.content, "completed", role=m.role))
         if m.role == ROLE_ASSISTANT:
-            items += [wire.call_item(c) for c in m.tool_calls]
+            items += [rendering.call_item(c) for c in m.tool_calls]
     return items

@@ -26,31 +26,30 @@ every answer, whatever shape its caller speaks.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 from parley.session.v1 import session_pb2
 
-from services.core import sampling as sampling_rules
 from services.core import structured
 from services.core.errors import InvalidArgument, ParleyError, Unavailable, status_of
 from services.core.identity import Identity, current_identity, forward_credentials
-from services.core.structured import ToolCall
+from services.core.structured import Answer
 from services.session import history
 from services.session.settings import SessionSettings
-from services.session.store import (
+from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
     SessionCursor, SessionRecord, SessionStore, TurnMessages,
+)
+from services.session.rules import (
+    REPLACED_FIELDS, SAMPLING_FIELDS, check_sampling, decode_cursor, encode_cursor, merge_sampling, sampling_from_dict,
+    sampling_to_dict,
 )
 from services.session.turns import TurnLeases
 
@@ -59,35 +58,7 @@ log = logging.getLogger("parley.session")
 # Inference routes a conversation's turns to the replica (and slot) that holds its KV cache by this
 # header (Envoy's ring hash in Kubernetes; the slot pool's prefix affinity in-process).
 AFFINITY_HEADER = "x-parley-session-id"
-SAMPLING_FIELDS = frozenset(f.name for f in inference_pb2.SamplingParams.DESCRIPTOR.fields)
-REPLACED_FIELDS = ("stop", "logit_bias")  # a list and a map: set whole, never merged entry by entry
 CONTROL_TIMEOUT_SECONDS = 30.0
-
-
-def sampling_to_dict(params: inference_pb2.SamplingParams) -> dict[str, Any]:
-    return json_format.MessageToDict(params, preserving_proto_field_name=True)
-
-
-def sampling_from_dict(values: Mapping[str, Any]) -> inference_pb2.SamplingParams:
-    return json_format.ParseDict(values, inference_pb2.SamplingParams())
-
-
-def merge_sampling(base: inference_pb2.SamplingParams, override: inference_pb2.SamplingParams) -> inference_pb2.SamplingParams:
-    """`base` with every field that `override` sets (a non-empty stop list or logit_bias map replaces
-    the base's)."""
-    merged = inference_pb2.SamplingParams()
-    merged.CopyFrom(base)
-    for descriptor, value in override.ListFields():
-        if descriptor.name in REPLACED_FIELDS:
-            merged.ClearField(descriptor.name)
-            getattr(merged, descriptor.name).MergeFrom(value)
-        else:
-            setattr(merged, descriptor.name, value)
-    return merged
-
-
-def check_sampling(params: inference_pb2.SamplingParams) -> None:
-    sampling_rules.validate(sampling_rules.from_proto(params))
 
 
 def turn_of(record: MessageRecord) -> history.Turn:
@@ -133,51 +104,17 @@ class Generation:
     report_queue: bool = False
 
 
-@dataclass
-class PartialAnswer:
-    """What an answer has said so far — its text, its reasoning apart, its tool calls — as the
-    stored assistant message keeps it: the one accumulator of a streamed answer."""
-
-    text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    calls: list[ToolCall] = field(default_factory=list)
-    pieces: int = 0  # pieces that said something: about a token each, for an answer cut short
-
-    def add(self, response: inference_pb2.GenerateResponse) -> session_pb2.ChatDelta | None:
-        """Takes one piece of inference's stream; the delta to pass on, if it says anything."""
-        if not (response.text or response.reasoning or response.tool_calls):
-            return None
-        self.pieces += 1
-        self.text.append(response.text)
-        self.reasoning.append(response.reasoning)
-        self.calls += structured.calls_from_proto(response.tool_calls)
-        return session_pb2.ChatDelta(text=response.text, reasoning=response.reasoning, tool_calls=response.tool_calls)
-
-    def saved(self, **fields: Any) -> dict[str, Any]:
-        """store.save_answer's arguments: what was said so far, and `fields` (status, usage…)."""
-        return {"content": "".join(self.text), "reasoning": "".join(self.reasoning), "tool_calls": self.calls,
-                **fields}
+def delta_of(said: Answer, response: inference_pb2.GenerateResponse) -> session_pb2.ChatDelta | None:
+    """Takes one piece of inference's stream into what the answer has said; the delta to pass on, if it
+    says anything."""
+    if not said.add(response.text, response.reasoning, structured.calls_from_proto(response.tool_calls)):
+        return None
+    return session_pb2.ChatDelta(text=response.text, reasoning=response.reasoning, tool_calls=response.tool_calls)
 
 
-def encode_cursor(kind: str, *values: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps([kind, *values]).encode()).decode().rstrip("=")
-
-
-CURSOR_SHAPES = {"s": ((int, float), str), "m": (int,)}  # sessions: (update time, id); messages: (seq,)
-
-
-def decode_cursor(token: str, kind: str) -> list[Any]:
-    """The values of a page token of this kind; a token crafted or cut by hand is INVALID_ARGUMENT."""
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        if not isinstance(decoded, list) or not decoded or decoded[0] != kind:
-            raise ValueError(kind)
-        values, shape = decoded[1:], CURSOR_SHAPES[kind]
-        if len(values) != len(shape) or any(isinstance(v, bool) or not isinstance(v, t) for v, t in zip(values, shape)):
-            raise ValueError(kind)
-        return values
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument("page_token is not valid here; pass the next_page_token of the previous page") from None
+def saved(said: Answer, **fields: Any) -> dict[str, Any]:
+    """store.save_answer's arguments: what was said so far, and `fields` (status, usage…)."""
+    return {"content": said.text, "reasoning": said.reasoning, "tool_calls": said.calls, **fields}
 
 
 class SessionService:
@@ -395,35 +332,35 @@ class SessionService:
                       session_id: str) -> AsyncIterator[session_pb2.ChatResponse]:
         """Streams the answer after `start` and saves it however it ends (nothing without `answer`).
         Reasoning streams and is saved apart from the text; a cut answer keeps both."""
-        said = PartialAnswer()
+        said = Answer()
         last: inference_pb2.GenerateResponse | None = None
         checkpoint = time.monotonic()
         try:
             while (response := await call.read()) is not grpc.aio.EOF:
-                if (delta := said.add(response)) is not None:
+                if (delta := delta_of(said, response)) is not None:
                     yield session_pb2.ChatResponse(delta=delta)
                 if response.HasField("usage"):
                     last = response
                 if time.monotonic() - checkpoint >= self.settings.checkpoint_seconds:
-                    await asyncio.to_thread(self._save, answer, **said.saved(status=STATUS_INCOMPLETE))
+                    await asyncio.to_thread(self._save, answer, **saved(said, status=STATUS_INCOMPLETE))
                     checkpoint = time.monotonic()
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: cancelled while waiting for inference, or closed while this
             # waited at a `yield`. Cancelling the call ends the generation (inference records what
             # it used). Save synchronously: an await here could be cancelled again.
             call.cancel()
-            self._save(answer, **said.saved(status=STATUS_INCOMPLETE, completion_tokens=said.pieces))
+            self._save(answer, **saved(said, status=STATUS_INCOMPLETE, completion_tokens=said.pieces))
             raise
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or exc.code().name
             log.warning("generation failed", extra={"fields": {"code": code.name, "session_id": session_id}})
-            await asyncio.to_thread(self._save, answer, **said.saved(
+            await asyncio.to_thread(self._save, answer, **saved(said, 
                 status=STATUS_ERROR, completion_tokens=said.pieces, error=f"{code.name}: {details}"))
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code=code.name, message=details))
             return
         if last is None:
             # A stream that ended without its final message: keep what arrived, as incomplete.
-            await asyncio.to_thread(self._save, answer, **said.saved(status=STATUS_INCOMPLETE,
+            await asyncio.to_thread(self._save, answer, **saved(said, status=STATUS_INCOMPLETE,
                                                                      completion_tokens=said.pieces))
             yield session_pb2.ChatResponse(error=session_pb2.ChatError(code="UNAVAILABLE",
                                                                        message="the answer ended unexpectedly"))
@@ -431,7 +368,7 @@ class SessionService:
         # A cancelled answer is incomplete; one that ended with tool calls is complete like any other.
         status = STATUS_INCOMPLETE if last.finish_reason == inference_pb2.FINISH_REASON_CANCELLED else STATUS_COMPLETE
         usage = last.usage
-        await asyncio.to_thread(self._save, answer, **said.saved(
+        await asyncio.to_thread(self._save, answer, **saved(said, 
             status=status, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens))
         yield session_pb2.ChatResponse(done=session_pb2.ChatDone(usage=usage, finish_reason=last.finish_reason,

@@ -13,9 +13,10 @@ from parley.session.v1 import session_pb2, session_pb2_grpc
 from services.core.structured import calls_to_proto
 from services.session.conversation import Conversation
 from services.session.responses import Responses
-from services.session.responses_wire import JSON
-from services.session.service import SessionService, sampling_from_dict
-from services.session.store import (
+from services.wire.openai_response_events import JSON
+from services.session.rules import sampling_from_dict
+from services.session.service import SessionService
+from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
     SessionRecord,
 )

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from services.core.errors import Aborted
-from services.session.store import SessionStore
+from services.session.records import SessionStore
 
 log = logging.getLogger("parley.session")
 

@@ -213,6 +213,32 @@ def test_an_openai_stream_cut_by_an_inference_crash_is_an_error_not_a_short_answ
     restart(durable, "inference")
 
 
+def test_a_conversations_kv_state_survives_an_inference_restart(durable: Stack, env: dict[str, str],
+                                                                owner: Caller) -> None:
+    """Inference stopped (SIGTERM: its warm conversations go to <data dir>/kv) and started again: the
+    next turn of a conversation evaluates only its last prompt token, and answers as the engine did
+    before it stopped (greedy)."""
+    client = openai.OpenAI(base_url=f"{durable.url}/v1", api_key=owner.api_key, max_retries=0, timeout=60)
+    chat = [{"role": "system", "content": "You answer in one short sentence."}]
+    for question in ("What is a river?", "Where does one start?", "And where does it end?", "Name a long one."):
+        chat.append({"role": "user", "content": question})
+        answer = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=24, temperature=0,
+                                                messages=chat)
+        chat.append({"role": "assistant", "content": answer.choices[0].message.content})
+    inference = next(p for p in durable.processes if p.name == "inference")
+    inference.popen.terminate()
+    assert inference.popen.wait(timeout=30) == 0
+    assert list((Path(env["PARLEY_DATA_DIR"]) / "kv").glob("*.kv"))
+    restart(durable, "inference")
+
+    # The last turn again; top_p (meaningless at temperature 0) keeps the response cache out of it.
+    again = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=24, temperature=0, top_p=0.5,
+                                           messages=chat[:-1])
+    assert again.usage.prompt_tokens == answer.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # from disk
+    assert again.choices[0].message.content == answer.choices[0].message.content
+
+
 def test_history_survives_a_restart_of_the_whole_stack(durable: Stack, env: dict[str, str], owner: Caller) -> None:
     with httpx.Client(base_url=durable.url, timeout=60) as http:
         sid = create_session(http, owner, system_prompt="Be terse.")["id"]

@@ -152,10 +152,34 @@ def test_sqlite_stores_are_single_replica_on_their_own_volumes(renders: dict[str
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
+def test_inference_keeps_conversations_kv_state_on_a_writable_volume(render: Render) -> None:
+    """PARLEY_DISK_KV_CACHE_DIR defaults to PARLEY_DATA_DIR/kv: a volume there, a budget below its size;
+    shared by every replica where there are several (ReadWriteMany). Remote mode keeps none."""
+    deployment = render.get("Deployment", "inference")
+    (container,) = containers(deployment)
+    env = env_of(container, render)
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    if render.overlay == "vllm":
+        assert env["PARLEY_DISK_KV_CACHE_MIB"] == "0" and "/data/kv" not in mounts
+        return
+    assert env["PARLEY_DATA_DIR"] == "/data" and "PARLEY_DISK_KV_CACHE_DIR" not in env
+    volume = volumes[mounts["/data/kv"]]
+    budget_mib = int(env["PARLEY_DISK_KV_CACHE_MIB"])
+    if render.overlay == "dev":
+        size = volume["emptyDir"]["sizeLimit"]
+    else:
+        claim = render.get("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+        size = claim["spec"]["resources"]["requests"]["storage"]
+    assert size.endswith("Gi") and 0 < budget_mib < int(size[:-2]) * 1024
+
+
 def test_postgresql_overlays_run_several_auth_and_session_replicas_without_volumes(render: Render) -> None:
     if render.overlay not in SCALED_OUT:
         pytest.skip("the dev overlay runs SQLite (test_sqlite_stores_are_single_replica_on_their_own_volumes)")
-    assert [c["metadata"]["name"] for c in render.of_kind("PersistentVolumeClaim")] == ["inference-models"]
+    claims = sorted(c["metadata"]["name"] for c in render.of_kind("PersistentVolumeClaim"))
+    assert claims == (["inference-models"] if render.overlay == "vllm" else ["inference-kv", "inference-models"])
     hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in render.of_kind("HorizontalPodAutoscaler")}
     assert render.get("Deployment", "auth")["spec"]["replicas"] >= 2
     assert "replicas" not in render.get("Deployment", "session")["spec"] and hpas["session"]["spec"]["minReplicas"] >= 2

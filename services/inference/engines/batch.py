@@ -3,13 +3,15 @@ warm sequences, prefix copies and a host-RAM store for evicted KV state.
 
 One thread runs `BatchScheduler._loop`. Each step:
 1. drops cancelled requests (their sequences stop at once: at most one decode step later);
-2. admits waiting requests while fewer than `parallel_slots` choices run, placing each on the
+2. admits waiting requests while fewer than `parallel_slots` choices run, in the order of
+   engines.fair's policy (users in turn; with no room, a choice of the most loaded user pauses for a
+   lighter user's request: its KV state goes to host RAM and comes back when it resumes), placing each on the
    sequence whose KV cells share the longest prefix with its prompt (a conversation's next turn
    lands where its previous turn is), or copying a shared prefix from another sequence
    (`llama_memory_seq_cp`), or restoring the conversation's parked state from host RAM;
 3. builds one batch: the last sampled token of every decoding choice, then prompt chunks of the
-   admitted requests in arrival order under the step's token budget (a long prompt never stalls the
-   running streams for more than one budget's worth of prefill);
+   admitted requests under the step's token budget, split between users by engines.fair (a long
+   prompt never stalls the running streams for more than one budget's worth of prefill);
 4. decodes it once and samples each choice from its own logits row with its own sampler chain;
    n > 1 choices fork after their shared prompt (`llama_memory_seq_cp`) and each samples the same
    row with a differently seeded chain. Text that a grammar dictates (the head of a tool call) is
@@ -19,7 +21,9 @@ One thread runs `BatchScheduler._loop`. Each step:
    its last token, verified by the same step's logits rows (engines.speculation).
 
 Sequences that finish keep their cells until the space or the sequence id is needed; then the least
-recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget.
+recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget, and
+on disk when a directory is set (engines.kv_store). The disk also gets every conversation that stays
+idle while nothing runs, and at shutdown every warm one, so a restart finds them there.
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import ResourceExhausted, Unavailable
-from services.inference.engines.base import EngineError, queue_full
+from services.inference.engines.base import EngineError
 from services.inference.engines.batch_sampling import ChoiceSampling, Samplers
+from services.inference.engines.batch_admission import Admission
+from services.inference.engines.fair import Line, Owner, Policy
+from services.inference.engines.kv_store import DiskKvStore, HostKvStore
 from services.inference.engines.sequence import Courier, LineWatch, Request, common_prefix
 from services.inference.engines.speculation import Drafter, Speculation
 from services.inference.grammars import CallDictation
@@ -54,6 +61,8 @@ MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
 # many cells are parked in host RAM, from where their next turn restores them in milliseconds.
 WARM_IDLE_CELLS = 512
 PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
+SAVE_AFTER_SECONDS = 2.0  # an idle conversation is saved to disk once nothing has run for this long
+SHUTDOWN_SAVE_SECONDS = 10.0  # at most this long writing the warm conversations to disk at shutdown
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 
@@ -66,6 +75,7 @@ class KvSequence:
     prompt_len: int = 0  # how much of `tokens` was the last request's prompt (the rest is its answer)
     last_used: float = 0.0
     busy: bool = False
+    saved: int = 0  # len(tokens) when its state last went to disk (0: never, or changed since)
 
 
 @dataclass
@@ -83,60 +93,29 @@ class Decoding:
     dictation: CallDictation | None = None  # where the grammar dictates the text of a call
     followers: list["Decoding"] = field(default_factory=list)  # n > 1: choices forked after the prompt
     draft: Drafter | None = None  # None: this choice does not speculate
+    parked: tuple[list[int], Any] | None = None  # paused for another user: its tokens and KV state
 
+    @property
+    def owner(self) -> Owner:
+        return self.request.owner
 
-class HostKvStore:
-    """Parked sequences' KV state in host RAM, keyed by the tokens it holds; least recently parked
-    entries go first when the byte budget is exceeded."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self.bytes = 0
-        self._entries: collections.OrderedDict[int, tuple[list[int], Any]] = collections.OrderedDict()
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def put(self, tokens: list[int], data: Any) -> None:
-        size = len(data)
-        if size > self.budget:
-            return
-        while self.bytes + size > self.budget and self._entries:
-            _, (_, old) = self._entries.popitem(last=False)
-            self.bytes -= len(old)
-        self._next += 1
-        self._entries[self._next] = (tokens, data)
-        self.bytes += size
-
-    def best(self, prompt: list[int]) -> tuple[int | None, int]:
-        best_key, best_k = None, 0
-        for key, (tokens, _) in self._entries.items():
-            k = common_prefix(tokens, prompt)
-            if k > best_k:
-                best_key, best_k = key, k
-        return best_key, best_k
-
-    def take(self, key: int) -> tuple[list[int], Any]:
-        tokens, data = self._entries.pop(key)
-        self.bytes -= len(data)
-        return tokens, data
+    cost = 1  # a paused choice waits for one running slot (engines.fair.Entry)
 
 
 def logits_rows(settings: EngineSettings) -> int:
     """Logits rows a step may ask for (the context's n_outputs_max): one per running choice (a request
-    with more choices than parallel_slots runs alone, openai_compat.MAX_CHOICES; llama.cpp reserves at
+    with more choices than parallel_slots runs alone, openai_chat.MAX_CHOICES; llama.cpp reserves at
     least one per sequence), and room for a few choices' speculative drafts."""
     return max(settings.parallel_slots, settings.resident_sequences, 16) + 4 * settings.draft_tokens
 
 
-class BatchScheduler:
+class BatchScheduler(Admission):
     def __init__(self, llama_cpp: Any, ctx: Any, piece: Callable[[int, bool], bytes], *, vocab: Any, n_vocab: int,
                  settings: EngineSettings, host_cache_bytes: int, name: str,
-                 tokenize: Callable[[str], list[int]] | None = None) -> None:
+                 tokenize: Callable[[str], list[int]] | None = None, disk: DiskKvStore | None = None) -> None:
         self._l = llama_cpp
         self._ctx = ctx
-        self.stats = collections.Counter()  # for tests and logs: parked, restored, copied, reused tokens
+        self.stats = collections.Counter()  # for tests and logs: parked, saved, restored (from_disk), copied, reused
         self.sampling = ChoiceSampling(llama_cpp, ctx, vocab, n_vocab, piece, tokenize, self.stats)
         self.speculation = Speculation(settings.draft_tokens, logits_rows(settings), self.stats, draft_counter(name))
         self._memory = llama_cpp.llama_get_memory(ctx)
@@ -146,9 +125,13 @@ class BatchScheduler:
         self._name = name
         self._sequences = [KvSequence(i) for i in range(settings.resident_sequences)]
         self._host = HostKvStore(host_cache_bytes)
+        self._disk = disk
         self._batch = llama_cpp.llama_batch_init(self._budget, 0, 1)
         self._courier = Courier()  # every chunk of a step reaches the event loop in one wake-up
-        self._pending: collections.deque[Request] = collections.deque()  # guarded by _cond
+        self._policy = Policy(settings.fair_share, self._max_running, settings.queue_depth)
+        # Requests waiting, and running choices paused for another user's request; guarded by _cond.
+        self._pending: Line[Request | Decoding] = Line(self._policy)
+        self._placing = 0
         self._active: list[Decoding] = []  # the decode thread's own
         self._cond = threading.Condition()
         self._line_watch = LineWatch()  # told after each step: queue places are pushed (line_moved)
@@ -172,27 +155,6 @@ class BatchScheduler:
     def host_bytes(self) -> int:
         return self._host.bytes
 
-    def queue_place(self, request: Request) -> tuple[int, float] | None:
-        """Where a submitted request waits: its place in line (1: it starts when one running choice
-        ends) and the estimated seconds until it starts; None once it runs or will at the next step.
-        Admission is first come, first served (_admit), so the place is the choices ahead of it,
-        waiting or running, beyond the room parallel_slots gives."""
-        with self._cond:
-            ahead = 0
-            for waiting in self._pending:
-                if waiting is request:
-                    break
-                ahead += len(waiting.choices)
-            else:
-                return None
-            place = self._choices() + ahead + len(request.choices) - self._max_running
-            if place <= 0:
-                return None
-        answer = self._answer_seconds
-        if answer is None:  # no answer has ended yet: the longest a running one may take, at the step rate
-            answer = max([request.budget, *(d.request.budget for d in list(self._active))]) * self._step_seconds
-        return place, place * answer / self._max_running
-
     def line_moved(self) -> asyncio.Event:
         """An event set once the line of waiting requests next moves (engines.sequence.LineWatch)."""
         return self._line_watch.listen()
@@ -201,18 +163,6 @@ class BatchScheduler:
         with self._cond:
             line = (len(self._pending), self._choices())
         self._line_watch.tell(line)
-
-    def submit(self, request: Request) -> None:
-        with self._cond:
-            if self._closing:
-                raise ResourceExhausted("the model is unloading; retry shortly", retry_after=1)
-            # Everything accepted and not yet finished, running or waiting, against the room for it;
-            # counted here rather than after admission, which happens on the decode thread later.
-            demand = self._choices() + sum(len(r.choices) for r in self._pending)
-            if demand and demand + len(request.choices) > self._max_running + self._queue_depth:
-                raise queue_full("generations", self.running, len(self._pending), self._queue_depth)
-            self._pending.append(request)
-            self._cond.notify()
 
     def start(self) -> None:
         # Each native call (decode, sampling) releases the GIL and takes it back afterwards; while the
@@ -228,6 +178,11 @@ class BatchScheduler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+        if self._disk is not None:  # the conversations still warm: their next turn may come after a restart
+            deadline = time.monotonic() + SHUTDOWN_SAVE_SECONDS
+            for seq in sorted(self._sequences, key=lambda s: -s.last_used):  # the most recent first
+                self._save(seq, wait=max(0.0, deadline - time.monotonic()))
+            self._disk.close(max(0.0, deadline - time.monotonic()))
         self._l.llama_batch_free(self._batch)
 
     # --- the decode thread ------------------------------------------------------------------
@@ -241,16 +196,24 @@ class BatchScheduler:
             while True:
                 with self._cond:
                     while not self._closing and not self._pending and not self._active:
-                        self._cond.wait()
+                        if not self._cond.wait(SAVE_AFTER_SECONDS if self._disk is not None else None):
+                            break  # quiet for a while: a conversation not yet on disk goes there
                     if self._closing:
                         break
+                    quiet = not self._pending and not self._active
+                if quiet:
+                    self._save_idle()
+                    continue
                 self._step()
         finally:
             gone = Unavailable(f"model {self._name!r} was unloaded while the request ran; retry")
             with self._cond:
-                waiting, self._pending = list(self._pending), collections.deque()
-            for request in {d.request for d in self._active} | set(waiting):
+                waiting = self._pending.drop(lambda _: True)
+            for request in {d.request for d in self._active} | {self._request_of(e) for e in waiting}:
                 request.fail(gone)
+            for paused in waiting:
+                if isinstance(paused, Decoding):
+                    paused.samplers.free(self._l)
             for d in list(self._active):
                 self._end(d)
             self._courier.deliver()
@@ -276,30 +239,6 @@ class BatchScheduler:
         finally:
             self._courier.deliver()
             self._tell_listeners()
-
-    def _drop_cancelled(self) -> None:
-        with self._cond:
-            if any(r.cancelled for r in self._pending):
-                self._pending = collections.deque(r for r in self._pending if not r.cancelled)
-        for d in [d for d in self._active if d.request.cancelled]:
-            d.request.finish(d.index, "cancelled")
-            self._end(d)
-
-    def _admit(self) -> None:
-        while True:
-            with self._cond:
-                if not self._pending:
-                    return
-                head = self._pending[0]
-                head.courier = self._courier
-                # A request with more choices than parallel_slots runs alone rather than never.
-                if self._active and self._choices() + len(head.choices) > self._max_running:
-                    return
-                self._pending.popleft()
-            try:
-                self._place(head)
-            except Exception as exc:  # noqa: BLE001 - the caller's stream raises it
-                head.fail(exc)
 
     # --- placing a request -----------------------------------------------------------------
     def _place(self, request: Request) -> None:
@@ -335,7 +274,7 @@ class BatchScheduler:
             lead.followers.append(Decoding(request, index, follower_seq, samplers[index]))
         lead.draft = self.speculation.drafter(request)
         request.admitted = True
-        self._active.append(lead)
+        self._started(lead)
 
     def _sequence_for(self, prompt: list[int] | None) -> tuple[KvSequence, int]:
         """A sequence for a new prompt, holding its longest available prefix (never all of it: the
@@ -359,17 +298,18 @@ class BatchScheduler:
         parked, parked_k = self._host.best(prompt)
         parked_k = min(parked_k, limit)
         target = self._victim(source if k >= MIN_SHARED_PREFIX else None)
+        saved, saved_k = self._disk.best(prompt, max(k, parked_k)) if self._disk is not None else (None, 0)
+        saved_k = min(saved_k, limit)
+        if saved is not None and saved_k > max(k, parked_k) and saved_k >= MIN_SHARED_PREFIX:
+            data = self._disk.load(saved)  # type: ignore[union-attr]
+            if data is not None and self._restore(target, saved.tokens, data, saved_k):
+                target.saved = len(target.tokens)
+                self.stats["restored_from_disk"] += 1
+                return target, saved_k
         if parked is not None and parked_k > k and parked_k >= MIN_SHARED_PREFIX:
             tokens, data = self._host.take(parked)
-            self._clear(target)
-            if self._l.llama_state_seq_set_data(self._ctx, data, len(data), target.id):
-                target.tokens = tokens
-                self._truncate(target, parked_k)
-                target.busy = True
-                self.stats["restored"] += 1
-                self.stats["reused"] += parked_k
+            if self._restore(target, tokens, data, parked_k):
                 return target, parked_k
-            self._l.llama_memory_seq_rm(self._memory, target.id, -1, -1)  # no room for it: evaluate instead
         self._clear(target)
         if k >= MIN_SHARED_PREFIX:
             self._l.llama_memory_seq_cp(self._memory, source.id, target.id, 0, k)
@@ -378,6 +318,20 @@ class BatchScheduler:
             self.stats["reused"] += k
         target.busy = True
         return target, len(target.tokens)
+
+    def _restore(self, target: KvSequence, tokens: list[int], data: Any, keep: int) -> bool:
+        """Loads a parked state into `target` and keeps its first `keep` tokens. False when the
+        cache has no room for it (the prompt is evaluated instead)."""
+        self._clear(target)
+        if self._l.llama_state_seq_set_data(self._ctx, data, len(data), target.id):
+            target.tokens = list(tokens)
+            self._truncate(target, keep)
+            target.busy = True
+            self.stats["restored"] += 1
+            self.stats["reused"] += keep
+            return True
+        self._l.llama_memory_seq_rm(self._memory, target.id, -1, -1)
+        return False
 
     def _victim(self, keep: KvSequence | None) -> KvSequence:
         """An idle sequence to reuse: an empty one if any, else the least recently used."""
@@ -390,20 +344,50 @@ class BatchScheduler:
         if keep < len(seq.tokens):
             self._l.llama_memory_seq_rm(self._memory, seq.id, keep, -1)
             del seq.tokens[keep:]
+            seq.saved = 0
 
     def _clear(self, seq: KvSequence) -> None:
         """Empties a sequence, parking its KV state in host RAM first when it is worth keeping."""
         if not seq.tokens:
+            seq.saved = 0
             return
-        if len(seq.tokens) >= MIN_PARKED_TOKENS and self._host.budget > 0:
-            size = self._l.llama_state_seq_get_size(self._ctx, seq.id)
-            if 0 < size <= self._host.budget:
-                data = (ctypes.c_uint8 * size)()
-                if self._l.llama_state_seq_get_data(self._ctx, data, size, seq.id) == size:
-                    self._host.put(list(seq.tokens), data)
-                    self.stats["parked"] += 1
+        data = self._state(seq) if self._host.budget > 0 else None
+        if data is not None and len(data) <= self._host.budget:
+            self._host.put(list(seq.tokens), data)
+            self.stats["parked"] += 1
+        self._save(seq, data)
         self._l.llama_memory_seq_rm(self._memory, seq.id, -1, -1)
         seq.tokens = []
+        seq.saved = 0
+
+    def _state(self, seq: KvSequence) -> Any | None:
+        """A copy of the sequence's KV state (llama_state_seq_get_data), if it is worth keeping."""
+        if len(seq.tokens) < MIN_PARKED_TOKENS:
+            return None
+        size = self._l.llama_state_seq_get_size(self._ctx, seq.id)
+        data = (ctypes.c_uint8 * size)() if size > 0 else None
+        if data is None or self._l.llama_state_seq_get_data(self._ctx, data, size, seq.id) != size:
+            return None
+        return data
+
+    def _save(self, seq: KvSequence, data: Any | None = None, wait: float = 0.0) -> None:
+        """Queues the sequence's state for the disk writer unless the disk has it already; the
+        decode thread only copies it (`data`, when the caller has the copy)."""
+        if self._disk is None or seq.saved == len(seq.tokens) or len(seq.tokens) < MIN_PARKED_TOKENS:
+            return
+        data = data if data is not None else self._state(seq)
+        if data is not None and self._disk.save(seq.tokens, data, wait):
+            seq.saved = len(seq.tokens)
+            self.stats["saved"] += 1
+
+    def _save_idle(self) -> None:
+        """While nothing runs: saves the idle conversations not yet on disk, until a request comes."""
+        quiet_since = time.monotonic() - SAVE_AFTER_SECONDS
+        unsaved = [s for s in self._sequences if not s.busy and s.saved != len(s.tokens) and s.last_used <= quiet_since]
+        for seq in sorted(unsaved, key=lambda s: -s.last_used):
+            if self._pending or self._closing:
+                return
+            self._save(seq)
 
     # --- one step ----------------------------------------------------------------------------
     def _decode_once(self) -> None:
@@ -431,11 +415,13 @@ class BatchScheduler:
                 add(d, token, True)
             d.next_token = None
         decoded = n  # tokens of decoding choices (a step without prompt chunks is timed for speculation)
-        for d in self._active:
-            if not d.todo or n >= self._budget:
+        prefilling = [d for d in self._active if d.todo]
+        shares = self._policy.prefill([(d.owner, len(d.todo)) for d in prefilling], self._budget - n)
+        for d, share in zip(prefilling, shares):
+            if not share:
                 continue
             undo.append((d, len(d.seq.tokens), None, d.todo))
-            take, d.todo = d.todo[: self._budget - n], d.todo[self._budget - n:]
+            take, d.todo = d.todo[:share], d.todo[share:]
             for i, token in enumerate(take):
                 add(d, token, not d.todo and i == len(take) - 1)
             if not d.todo:

@@ -1,9 +1,12 @@
 """Embedding engines: a model that turns token sequences into vectors, and the batching they share.
 
 The engine owns admission and batching, as the generation engines do. A request is a list of token
-sequences; it waits in a bounded queue (full -> RESOURCE_EXHAUSTED, HTTP 429). One worker thread
-per model takes what is queued — from one request or several — and runs it through the model in
-batches: sequences of similar length together (each request's are sorted by length), at most
+sequences; it waits in a bounded queue (full -> RESOURCE_EXHAUSTED, HTTP 429; with fair share, only
+for a caller that holds its share of the queue: engines.fair). One worker thread per model takes
+what is queued — from one request or several, callers in turn (engines.fair: a batch is not paused
+once it runs, but the next one takes one sequence of each caller's in turn rather than a whole
+request first) — and runs it through the model in batches: sequences of similar length together
+(each request's are sorted by length), at most
 MAX_BATCH_INPUTS of them and about `batch_tokens` padded tokens a batch. A request whose caller
 left or whose deadline passed is dropped at the next batch.
 
@@ -16,7 +19,6 @@ derive from LocalEmbeddingEngine and fill in `_load`, `_close`, `estimate_mib`, 
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
 import time
 from abc import abstractmethod
@@ -28,6 +30,7 @@ import numpy as np
 
 from services.core.errors import DeadlineExceeded, InvalidArgument
 from services.inference.engines.base import EngineError, LoadedModel, LocalModel, queue_full
+from services.inference.engines.fair import ANONYMOUS, Line, Owner, Policy, Shares, current_owner
 from services.inference.hardware import EngineSettings
 
 MAX_BATCH_INPUTS = 128
@@ -49,6 +52,8 @@ class _Job:
     taken: int = 0  # sequences handed to a batch so far (in length order)
     left: int = 0  # sequences whose vector has not come back
     gone: bool = False  # the caller left: drop what is not computed
+    owner: Owner = ANONYMOUS  # whom it is computed for (engines.fair)
+    cost = 1
 
     def finish(self, result: np.ndarray | BaseException) -> None:
         def settle() -> None:
@@ -75,11 +80,12 @@ class EmbeddingEngine(LoadedModel):
         self.normalized = True  # whether vectors come out with unit length; set by load
 
     @abstractmethod
-    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float,
-                           truncate: bool = False) -> tuple[np.ndarray, list[int], int]:
+    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float, truncate: bool = False,
+                           owner: Owner | None = None) -> tuple[np.ndarray, list[int], int]:
         """One vector per input (float32 rows, in order), each input's tokens (0s where an upstream
         counts only the total) and the prompt tokens in all. Inputs are texts or token ids in the
-        model's vocabulary; one longer than `context_length` is refused, or cut with `truncate`."""
+        model's vocabulary; one longer than `context_length` is refused, or cut with `truncate`.
+        `owner`: whom for, in a local engine's fair share (engines.fair; default: the RPC's caller)."""
 
     def info(self) -> dict[str, Any]:
         return {"engine": self.engine_name, "device": self.settings.device, "context_length": self.context_length,
@@ -91,7 +97,7 @@ class LocalEmbeddingEngine(LocalModel, EmbeddingEngine):
 
     def __init__(self, model_id: str, path: str, settings: EngineSettings, params: dict[str, Any]) -> None:
         super().__init__(model_id, path, settings, params)
-        self._queue: collections.deque[_Job] = collections.deque()
+        self._queue: Line[_Job] = Line(Policy(settings.fair_share, 0, settings.queue_depth))
         self._wake = threading.Condition()
         self._closing = False
         self._worker: threading.Thread | None = None
@@ -143,31 +149,33 @@ class LocalEmbeddingEngine(LocalModel, EmbeddingEngine):
         return tokens[: self.context_length - tail] + tokens[len(tokens) - tail:]
 
     # --- embedding ---------------------------------------------------------------------------
-    async def embed(self, sequences: Sequence[list[int]], deadline: float) -> np.ndarray:
-        """One vector per sequence (float32 rows, in order). Each sequence must fit context_length."""
+    async def embed(self, sequences: Sequence[list[int]], deadline: float, owner: Owner | None = None) -> np.ndarray:
+        """One vector per sequence (float32 rows, in order). Each sequence must fit context_length.
+        `owner`: whom for (engines.fair); the caller of the RPC unless given."""
         if self._worker is None or self._closing:
             raise EngineError(f"model {self.model_id!r} is not loaded")
         loop = asyncio.get_running_loop()
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         job = _Job([sequences[i] for i in order], order, deadline, loop, loop.create_future(),
-                   vectors=[None] * len(sequences), left=len(sequences))
+                   vectors=[None] * len(sequences), left=len(sequences), owner=owner or current_owner())
         with self._wake:
-            if self.waiting >= self.settings.queue_depth:
+            waiting = Shares((waiter.owner, 1) for waiter in self._queue if waiter.taken == 0)
+            if not self._queue.policy.fits(job.owner, 1, waiting):
                 raise queue_full(f"embedding requests for {self.model_id!r}", self.running, self.waiting,
                                  self.settings.queue_depth)
-            self._queue.append(job)
+            self._queue.add(job)
             self._wake.notify()
         try:
             return await job.future
         finally:
             job.gone = True  # cancelled or finished: the worker skips what is left
 
-    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float,
-                           truncate: bool = False) -> tuple[np.ndarray, list[int], int]:
+    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float, truncate: bool = False,
+                           owner: Owner | None = None) -> tuple[np.ndarray, list[int], int]:
         # Tokenizing thousands of texts blocks; keep it off the loop that serves other requests.
         sequences = await asyncio.to_thread(self._sequences, inputs, truncate)
         tokens = [len(s) for s in sequences]
-        return await self.embed(sequences, deadline), tokens, sum(tokens)
+        return await self.embed(sequences, deadline, owner), tokens, sum(tokens)
 
     def _sequences(self, inputs: Sequence[str | list[int]], truncate: bool) -> list[list[int]]:
         """Each input's tokens with the model's special tokens, checked against its vocabulary and limit."""
@@ -193,25 +201,25 @@ class LocalEmbeddingEngine(LocalModel, EmbeddingEngine):
         return sequences
 
     def _next_batch(self) -> list[tuple[_Job, int]]:
-        """(job, position) pairs for one forward pass; called with the lock held."""
+        """(job, position) pairs for one forward pass, callers' sequences in the policy's turn (first
+        come, first served: the oldest request's first); called with the lock held."""
+        now = time.monotonic()
+        for job in self._queue.drop(lambda job: job.gone or now > job.deadline):
+            if not job.gone:
+                job.finish(DeadlineExceeded("the request's deadline passed before its embeddings were computed"))
         batch: list[tuple[_Job, int]] = []
         longest = 0
-        now = time.monotonic()
-        while self._queue and len(batch) < MAX_BATCH_INPUTS:
-            job = self._queue[0]
-            if job.gone or now > job.deadline:
-                self._queue.popleft()
-                if not job.gone:
-                    job.finish(DeadlineExceeded("the request's deadline passed before its embeddings were computed"))
-                continue
+        taken = Shares()
+        while len(batch) < MAX_BATCH_INPUTS and (job := self._queue.next(taken)) is not None:
             length = len(job.sequences[job.taken])
             if batch and (len(batch) + 1) * max(longest, length) > BATCH_TOKENS:
                 break
             batch.append((job, job.taken))
+            taken.add(job.owner)
             longest = max(longest, length)
             job.taken += 1
             if job.taken == len(job.sequences):
-                self._queue.popleft()
+                self._queue.remove(job)
         return batch
 
     def _work(self) -> None:
@@ -220,9 +228,8 @@ class LocalEmbeddingEngine(LocalModel, EmbeddingEngine):
                 while not self._queue and not self._closing:
                     self._wake.wait()
                 if self._closing:
-                    for job in self._queue:
+                    for job in self._queue.drop(lambda _: True):
                         job.finish(EngineError(f"model {self.model_id!r} was unloaded"))
-                    self._queue.clear()
                     return
                 batch = self._next_batch()
                 jobs = {id(job): job for job, _ in batch}

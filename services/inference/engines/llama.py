@@ -6,13 +6,15 @@ it puts one token of every running choice and chunks of new prompts, up to `batc
 `llama_batch`, decodes it once and samples every choice from its own logits row with its own sampler
 chain. A finished conversation's KV cells stay, tagged by its sequence id, so its next turn only
 evaluates the new tokens; shared prefixes (a system prompt) are copied between sequences instead of
-evaluated again; evicted conversations park their KV state in host RAM.
+evaluated again; evicted conversations park their KV state in host RAM, and idle ones on disk
+(engines.kv_store), where the next turn finds them after a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import os
 from typing import Any
 
@@ -22,6 +24,8 @@ from services.inference.engines.sequence import Request
 from services.inference.engines.weights import gguf_metadata
 from services.inference.hardware import EngineSettings
 from services.inference.chat_template import TemplateError, model_template
+
+log = logging.getLogger("parley.engine")
 
 
 class LlamaCppEngine(TokenEngine):
@@ -37,6 +41,7 @@ class LlamaCppEngine(TokenEngine):
         except ImportError as exc:  # pragma: no cover - a broken install
             raise EngineError(f"llama-cpp-python is not installed: {exc}") from exc
         from services.inference.engines.batch import BatchScheduler, logits_rows
+        from services.inference.engines.kv_store import DiskKvStore, fingerprint
 
         if not os.path.isfile(self.path):
             raise EngineError(f"model file not found: {self.path}")
@@ -93,10 +98,21 @@ class LlamaCppEngine(TokenEngine):
             raise EngineError(f"model {self.model_id}: {exc}") from exc
         self._add_bos = str(self._metadata.get("tokenizer.ggml.add_bos_token")).lower() == "true"
         self._pieces: dict[int, bytes] = {}
+        disk = None
+        if s.disk_cache_dir is not None and s.disk_cache_mib > 0:
+            # What a saved state depends on: the weights, the llama.cpp build, the cache's shape and types.
+            facts = {"llama_cpp": llama_cpp.__version__, "n_ctx": context.n_ctx(), "type_k": ctx_params.type_k,
+                     "type_v": ctx_params.type_v, "flash_attn": ctx_params.flash_attn_type,
+                     "swa_full": ctx_params.swa_full, "kv_unified": ctx_params.kv_unified}
+            try:
+                disk = DiskKvStore(s.disk_cache_dir, s.disk_cache_mib * 2**20, fingerprint(self.path, **facts))
+            except OSError as exc:  # an unwritable directory costs the restart's warm turns, not the model
+                log.warning("conversations' KV state will not be kept on disk",
+                            extra={"fields": {"dir": str(s.disk_cache_dir), "error": str(exc)}})
         self._scheduler = BatchScheduler(
             llama_cpp, context.ctx, self._piece, vocab=vocab, n_vocab=model.n_vocab(), settings=s,
             host_cache_bytes=s.host_cache_mib * 2**20, name=self.model_id,
-            tokenize=lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=True),
+            tokenize=lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=True), disk=disk,
         )
         self._scheduler.start()
 

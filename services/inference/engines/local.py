@@ -25,6 +25,7 @@ from services.inference import fitting, offloop
 from services.inference.chat_formats import OutputParser
 from services.inference.chat_template import ChatTemplate
 from services.inference.engines.base import Engine, LocalModel
+from services.inference.engines.fair import ANONYMOUS, Owner
 from services.inference.engines.request import Admitted, GenerationRequest, Queued
 from services.inference.engines.sequence import Chunk, Request, Sampling
 from services.inference.grammars import after_reasoning, grammar_for
@@ -66,7 +67,7 @@ class TokenEngine(LocalModel, Engine):
             tokens, dropped, _ = await self._fitted(request, fit)
         self.check_sampling(sampling)
         submitted = self.submit(tokens, sampling, request.started, request.deadline, n=request.n,
-                                top_logprobs=request.top_logprobs)
+                                top_logprobs=request.top_logprobs, owner=request.owner)
         try:
             if request.report_queue:
                 async with contextlib.aclosing(self._queue_places(submitted)) as places:
@@ -139,7 +140,7 @@ class TokenEngine(LocalModel, Engine):
                                       f"({self.vocab_size} tokens)")
 
     def submit(self, prompt: list[int], sampling: Sampling, started: float, deadline: float | None = None,
-               *, n: int = 1, top_logprobs: int | None = None) -> Request:
+               *, n: int = 1, top_logprobs: int | None = None, owner: Owner = ANONYMOUS) -> Request:
         """Admits a request: it is queued or running when this returns. Raises ResourceExhausted
         when the engine's queue is full."""
         if n > 1 and not self.supports_choices:
@@ -148,7 +149,8 @@ class TokenEngine(LocalModel, Engine):
             raise InvalidArgument(f"logprobs are not supported by the {self.engine_name} engine")
         request = Request(self.model_id, prompt, sampling, started=started, deadline=deadline,
                           budget=min(sampling.max_tokens, self.answer_room(len(prompt))),
-                          detokenize=self._detokenize, is_end=self._is_end, n=n, top_logprobs=top_logprobs)
+                          detokenize=self._detokenize, is_end=self._is_end, n=n, top_logprobs=top_logprobs,
+                          owner=owner)
         self._submit(request)
         return request
 

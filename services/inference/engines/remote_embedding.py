@@ -28,6 +28,7 @@ import numpy as np
 from services.core.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.inference.engines.base import EngineError
 from services.inference.engines.embedding import EmbeddingEngine
+from services.inference.engines.fair import Owner
 from services.inference.engines.remote import BYTES_PER_TOKEN
 from services.inference.engines.upstream import PoolBacked, UpstreamPool, describe
 from services.inference.hardware import EngineSettings
@@ -66,9 +67,10 @@ class RemoteEmbeddingEngine(PoolBacked, EmbeddingEngine):
         if isinstance(size, int) and size > 0:
             self.context_length = size
 
-    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float,
-                           truncate: bool = False) -> tuple[np.ndarray, list[int], int]:
-        """The upstream tokenizes, checks and counts the inputs: it reports only the total."""
+    async def embed_inputs(self, inputs: Sequence[str | list[int]], deadline: float, truncate: bool = False,
+                           owner: Owner | None = None) -> tuple[np.ndarray, list[int], int]:
+        """The upstream tokenizes, checks and counts the inputs: it reports only the total (and
+        schedules them: `owner` is not its concern)."""
         if truncate:
             raise InvalidArgument(f"model {self.model_id!r} is remote and cannot truncate inputs; leave truncate out")
         texts = [i for i in inputs if isinstance(i, str)]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.core.structured import PLAIN, Structure
+from services.inference.engines.fair import ANONYMOUS, Owner
 from services.inference.engines.sequence import Sampling
 from services.inference.fitting import Fit
 
@@ -32,6 +33,7 @@ class GenerationRequest:
     top_logprobs: int | None = None
     fit: Fit | None = None  # fit a long chat to the context window by leaving out its oldest turns
     report_queue: bool = False  # yield Queued while the request waits for room
+    owner: Owner = ANONYMOUS  # whom it runs for, and the weight of their share (engines.fair)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 from services.core.errors import DeadlineExceeded
 from services.core.structured import ToolCall
+from services.inference.engines.fair import ANONYMOUS, Owner
 from services.inference.metrics import token_timer
 from services.inference.grammars import CallDelta, Grammar
 
@@ -203,8 +204,10 @@ class Request:
 
     def __init__(self, model_id: str, prompt: list[int], sampling: Sampling, *, started: float,
                  deadline: float | None, budget: int, detokenize: Callable[[int], bytes],
-                 is_end: Callable[[int], bool], n: int = 1, top_logprobs: int | None = None) -> None:
+                 is_end: Callable[[int], bool], n: int = 1, top_logprobs: int | None = None,
+                 owner: Owner = ANONYMOUS) -> None:
         self.prompt = prompt
+        self.owner = owner  # whom it runs for: its share of the engine (engines.fair)
         self.sampling = sampling
         self.started = started
         self.deadline = deadline
@@ -222,6 +225,11 @@ class Request:
         self._queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
 
     # --- the engine's side (its own thread) -------------------------------------------------
+    @property
+    def cost(self) -> int:
+        """The running slots it takes (engines.fair.Entry)."""
+        return len(self.choices)
+
     @property
     def done(self) -> bool:
         return all(choice.finish_reason is not None for choice in self.choices)

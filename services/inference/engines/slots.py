@@ -1,7 +1,9 @@
 """Engines that run one sequence per slot, each on its own worker thread (the torch engine).
 
 A slot is one sequence's state (a KV cache) plus the tokens that state holds. A request waits for a
-free slot in SlotPool, in a bounded queue (full -> RESOURCE_EXHAUSTED, HTTP 429). Among free slots
+free slot in SlotPool, in a bounded queue (full -> RESOURCE_EXHAUSTED, HTTP 429); a freed slot goes
+to the waiting request engines.fair's policy picks (users in turn; a running generation is never
+paused here: a slot's worker holds it until its answer ends). Among free slots
 it takes the one whose cached tokens share the longest prefix with its prompt, so the next turn of a
 conversation lands where its KV cache already is; ties go to the least recently used slot, which
 keeps other conversations' caches warm longest. The slot's worker thread then evaluates the prompt
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.inference.engines.base import EngineError, queue_full
+from services.inference.engines.fair import ANONYMOUS, Line, Owner, Policy, Shares
 from services.inference.engines.local import TokenEngine
 from services.inference.engines.sequence import Request, Sampling, common_prefix
 
@@ -30,6 +33,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # what the state holds
     last_used: float = 0.0
     busy: bool = False
+    owner: Owner = ANONYMOUS  # whom its running generation is for (engines.fair)
     worker: "asyncio.Future[None] | None" = None  # the running generation's thread
     # Every generation of a slot runs on this one thread: native thread pools (OpenMP) keep a team
     # of threads per calling thread, and hopping threads builds extra teams that spin on the cores.
@@ -37,18 +41,25 @@ class Slot:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation"))
 
 
+@dataclass(eq=False)
+class _Waiter:
+    owner: Owner
+    prompt: Sequence[int]
+    slot: "asyncio.Future[Slot]"
+    cost = 1
+
+
 class SlotPool:
     """Which request gets which free slot, and the bounded queue of those waiting for one."""
 
-    def __init__(self, slots: Sequence[Slot], queue_depth: int) -> None:
+    def __init__(self, slots: Sequence[Slot], queue_depth: int, fair: bool = True) -> None:
         self._slots = list(slots)
         self._queue_depth = queue_depth
-        self._waiting = 0
-        self._changed = asyncio.Condition()
+        self._line: Line[_Waiter] = Line(Policy(fair, len(self._slots), queue_depth))
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return len(self._line)
 
     @property
     def running(self) -> int:
@@ -60,25 +71,44 @@ class SlotPool:
             return None
         return max(free, key=lambda slot: (common_prefix(slot.tokens, prompt), -slot.last_used))
 
-    def check_room(self) -> None:
-        """Raises ResourceExhausted when no slot is free and the queue is full."""
-        if self._waiting >= self._queue_depth and all(slot.busy for slot in self._slots):
-            raise queue_full("generations", len(self._slots), self._waiting, self._queue_depth)
+    def _running(self) -> Shares:
+        return Shares((slot.owner, 1) for slot in self._slots if slot.busy)
 
-    async def acquire(self, prompt: Sequence[int]) -> Slot:
-        async with self._changed:
-            slot = self._best_free(prompt)
+    def check_room(self, owner: Owner = ANONYMOUS) -> None:
+        """Raises ResourceExhausted when no slot is free and the queue has no room for the owner."""
+        if not self._line.fits(owner, 1, self._running()):
+            raise queue_full("generations", self.running, self.waiting, self._queue_depth)
+
+    async def acquire(self, prompt: Sequence[int], owner: Owner = ANONYMOUS) -> Slot:
+        slot = self._best_free(prompt) if not self._line else None
+        if slot is not None:
+            return self._take(slot, owner)
+        self.check_room(owner)
+        waiter = _Waiter(owner, prompt, asyncio.get_running_loop().create_future())
+        self._line.add(waiter)
+        self._hand_out()  # a slot may be free with others waiting: the policy says who takes it
+        try:
+            return await waiter.slot
+        except asyncio.CancelledError:
+            if waiter.slot.done() and not waiter.slot.cancelled():
+                self.release(waiter.slot.result())  # handed a slot as it was cancelled: pass it on
+            elif waiter in self._line.entries:
+                self._line.remove(waiter)
+            raise
+
+    def _take(self, slot: Slot, owner: Owner) -> Slot:
+        slot.busy, slot.owner = True, owner
+        return slot
+
+    def _hand_out(self) -> None:
+        """Gives free slots to the waiters the policy picks."""
+        while (waiter := self._line.next(self._running())) is not None:
+            slot = self._best_free(waiter.prompt)
             if slot is None:
-                self.check_room()
-                self._waiting += 1
-                try:
-                    await self._changed.wait_for(lambda: any(not s.busy for s in self._slots))
-                finally:
-                    self._waiting -= 1
-                slot = self._best_free(prompt)
-                assert slot is not None
-            slot.busy = True
-            return slot
+                return
+            self._line.remove(waiter)
+            if not waiter.slot.done():
+                waiter.slot.set_result(self._take(slot, waiter.owner))
 
     def release(self, slot: Slot) -> None:
         """Frees the slot once its worker thread has stopped — never earlier, because a llama.cpp
@@ -90,12 +120,8 @@ class SlotPool:
             self._free(slot)
 
     def _free(self, slot: Slot) -> None:
-        slot.busy, slot.worker = False, None
-        asyncio.ensure_future(self._wake())
-
-    async def _wake(self) -> None:
-        async with self._changed:
-            self._changed.notify()
+        slot.busy, slot.worker, slot.owner = False, None, ANONYMOUS
+        self._hand_out()
 
 
 class SlotEngine(TokenEngine):
@@ -109,7 +135,7 @@ class SlotEngine(TokenEngine):
 
     async def load(self) -> None:
         await super().load()
-        self._pool = SlotPool(self.slots, self.settings.queue_depth)
+        self._pool = SlotPool(self.slots, self.settings.queue_depth, self.settings.fair_share)
 
     async def close(self) -> None:
         # A cancelled generation's worker may still be finishing its last token.
@@ -136,14 +162,14 @@ class SlotEngine(TokenEngine):
         unless slot.tokens is empty, and leaves slot.tokens equal to what its state holds."""
 
     def _submit(self, request: Request) -> None:
-        self._pool.check_room()  # ResourceExhausted now, while the caller can still get a 429
+        self._pool.check_room(request.owner)  # ResourceExhausted now, while the caller can still get a 429
         task = asyncio.ensure_future(self._serve(request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, request: Request) -> None:
         try:
-            slot = await self._pool.acquire(request.prompt)
+            slot = await self._pool.acquire(request.prompt, request.owner)
         except BaseException as exc:  # noqa: BLE001 - the caller's stream raises it
             request.fail(exc)
             return

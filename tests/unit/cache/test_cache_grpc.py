@@ -225,3 +225,30 @@ async def test_budgets_and_usage_over_grpc(client: CacheClient, server: RunningS
             with pytest.raises(grpc.aio.AioRpcError) as hidden:
                 await public.GetUsage(cache_pb2.GetUsageRequest(user_id=whose), metadata=bob)
             assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_admin_sets_a_users_share_weight_and_rate_limit_checks_carry_it(client: CacheClient,
+                                                                                 server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        public = cache_pb2_grpc.CacheServiceStub(channel)
+        root = (("authorization", "Bearer pk-root"),)
+
+        async def update(**fields: object) -> cache_pb2.RateLimit:
+            limit = cache_pb2.RateLimit(user_id="u-bob", **fields)
+            return await public.UpdateRateLimit(cache_pb2.UpdateRateLimitRequest(rate_limit=limit), metadata=root)
+
+        with signed_in("pk-bob"):
+            assert await client.check_rate_limit() == 1.0
+        assert (await update(share_weight=2.5)).share_weight == 2.5
+        assert (await update(requests_per_minute=50)).share_weight == 2.5  # left out: kept
+        with signed_in("pk-bob"):
+            assert await client.check_rate_limit() == 2.5
+        with pytest.raises(grpc.aio.AioRpcError) as too_big:
+            await update(share_weight=1e9)
+        assert too_big.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "share_weight" in too_big.value.details()
+        assert (await update(share_weight=0)).share_weight == 1.0
+        bob = (("authorization", "Bearer pk-bob"),)
+        with pytest.raises(grpc.aio.AioRpcError) as not_admin:
+            await public.UpdateRateLimit(cache_pb2.UpdateRateLimitRequest(
+                rate_limit=cache_pb2.RateLimit(user_id="u-bob", share_weight=9)), metadata=bob)
+        assert not_admin.value.code() == grpc.StatusCode.PERMISSION_DENIED

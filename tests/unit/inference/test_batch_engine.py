@@ -1,6 +1,6 @@
 """The batched llama.cpp engine with the real bundled model: admission, chunked prefill, warm
-conversations, eviction to host RAM and restore, prefix copies, cancellation mid-prefill, n > 1
-forks and logprobs."""
+conversations, eviction to host RAM and to disk and restore (also after a restart), prefix copies,
+cancellation mid-prefill, n > 1 forks and logprobs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 
 from services.core import config
 from services.core.errors import ResourceExhausted
+from services.inference.engines import kv_store
+from services.inference.engines.fair import Owner
 from services.inference.hardware import probe
 from services.inference.registry import BUNDLED, ModelRegistry
 from services.inference.service import GenerationService, SamplingInput
@@ -259,5 +261,124 @@ async def test_waiting_requests_are_told_their_place_in_line() -> None:
         plain = [item async for item in generation.generate(MODEL, chat, "", SamplingInput(max_tokens=2))]
         assert isinstance(plain[0], Admitted)
         await first
+    finally:
+        await registry.close()
+
+
+async def test_a_paused_stream_resumes_from_its_kv_state_in_host_ram() -> None:
+    """Fair share with the real model: with both slots running user A's streams, user B's request
+    pauses one of them (llama_state_seq_get_data) and it resumes (…set_data) to its full length."""
+    registry, generation = make(PARLEY_PARALLEL_SLOTS="2")
+    try:
+        await registry.load(MODEL)
+        endless = SamplingInput(max_tokens=40, temperature=0, logit_bias=((2, -100.0),))  # no end of turn
+
+        async def answer(owner: Owner, text: str, sampling: SamplingInput) -> tuple[str, object]:
+            parts, last = [], None
+            async for chunk in generated(generation, MODEL, [{"role": "user", "content": text}], "", sampling,
+                                         owner=owner):
+                parts.append(chunk.text)
+                last = chunk
+            return "".join(parts), last
+
+        solo, _ = await answer(Owner("a"), "Count slowly from one to one hundred.", endless)
+        a1 = asyncio.create_task(answer(Owner("a"), "Tell me about the sea, at length.", endless))
+        a2 = asyncio.create_task(answer(Owner("a"), "Count slowly from one to one hundred.", endless))
+        engine = registry.get(MODEL).engine
+        while engine.running < 2:
+            await asyncio.sleep(0.005)
+        _, b = await answer(Owner("b"), "Hi", SamplingInput(max_tokens=3, temperature=0))
+        (_, first), (text, paused) = await asyncio.gather(a1, a2)
+        stats = scheduler(registry).stats
+        assert (stats["paused"], stats["resumed"], stats["recomputed"]) == (1, 1, 0)
+        assert b.finish_reason in ("stop", "length")
+        assert [r.usage.completion_tokens for r in (first, paused)] == [40, 40]
+        assert paused.finish_reason == "length" and text[:12] == solo[:12]
+    finally:
+        await registry.close()
+
+
+async def test_a_conversation_restarts_from_its_state_on_disk(tmp_path) -> None:
+    """Three turns, the engine closed (its warm conversations go to disk) and loaded again on the same
+    directory: the fourth turn evaluates only its new tokens, and answers as an engine without a disk
+    that never stopped (greedy)."""
+    kv_dir = str(tmp_path / "kv")
+    questions = ["What is a compiler?", "And an interpreter?", "Which one is faster?", "Name one of each."]
+
+    async def conversation(generation: GenerationService, chat: list[dict], asks: list[str]) -> list:
+        lasts = []
+        for question in asks:
+            chat.append({"role": "user", "content": question})
+            text, last = await turn(generation, chat, max_tokens=16, temperature=0)
+            chat.append({"role": "assistant", "content": text})
+            lasts.append(last)
+        return lasts
+
+    registry, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    chat = [{"role": "system", "content": SYSTEM}]
+    try:
+        before = await conversation(generation, chat, questions[:3])
+    finally:
+        await registry.close()
+    assert [p.suffix for p in (tmp_path / "kv").iterdir()] == [".kv"]  # the warm conversation, saved at close
+
+    registry, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    try:
+        (after,) = await conversation(generation, chat, questions[3:])
+        assert scheduler(registry).stats["restored_from_disk"] == 1
+    finally:
+        await registry.close()
+    assert after.usage.cached_prompt_tokens >= before[-1].usage.prompt_tokens + before[-1].usage.completion_tokens - 2
+
+    registry, generation = make()  # no disk: the same four turns, never stopped
+    reference = [{"role": "system", "content": SYSTEM}]
+    try:
+        await conversation(generation, reference, questions)
+    finally:
+        await registry.close()
+    assert reference == chat
+
+
+async def test_an_idle_conversation_goes_to_disk_where_another_replica_finds_it(tmp_path) -> None:
+    """Nothing runs for a while: the conversation is saved without a shutdown (a crash keeps it), and
+    a second engine on the same directory, a replica sharing the volume, continues it from there."""
+    kv_dir = str(tmp_path / "kv")
+    first, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    second, other = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    try:
+        await second.load(MODEL)  # before anything is on disk: its writer's rescans find what comes
+        chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a compiler?"}]
+        text, last = await turn(generation, chat, max_tokens=16, temperature=0)
+        deadline = time.monotonic() + 15
+        while not list((tmp_path / "kv").glob("*.kv")):
+            assert time.monotonic() < deadline, "the idle conversation was never saved"
+            await asyncio.sleep(0.1)
+        assert scheduler(first).stats["saved"] == 1
+        chat += [{"role": "assistant", "content": text}, {"role": "user", "content": "And an interpreter?"}]
+        while not len(scheduler(second)._disk):
+            assert time.monotonic() < deadline + kv_store.RESCAN_SECONDS, "the other replica never indexed the file"
+            await asyncio.sleep(0.1)
+        _, continued = await turn(other, chat, max_tokens=4, temperature=0)
+        assert scheduler(second).stats["restored_from_disk"] == 1
+        assert continued.usage.cached_prompt_tokens >= last.usage.prompt_tokens + last.usage.completion_tokens - 2
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_state_saved_under_another_kv_cache_shape_is_not_restored(tmp_path) -> None:
+    kv_dir = str(tmp_path / "kv")
+    chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a compiler?"}]
+    registry, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir)
+    try:
+        text, _ = await turn(generation, chat, max_tokens=8, temperature=0)
+    finally:
+        await registry.close()
+    assert list((tmp_path / "kv").glob("*.kv"))
+    chat += [{"role": "assistant", "content": text}, {"role": "user", "content": "And an interpreter?"}]
+    registry, generation = make(PARLEY_DISK_KV_CACHE_DIR=kv_dir, PARLEY_KV_CACHE_TOKENS="8192")
+    try:
+        _, last = await turn(generation, chat, max_tokens=4, temperature=0)
+        assert scheduler(registry).stats["restored_from_disk"] == 0 and last.usage.cached_prompt_tokens == 0
     finally:
         await registry.close()

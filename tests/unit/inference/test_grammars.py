@@ -13,7 +13,7 @@ import pytest
 
 from services.core.errors import InvalidArgument
 from services.core.structured import Structure, Tool, ToolCall, check_schema, make_structure, validate_messages
-from services.inference import openai_compat
+from services.wire import openai_chat
 from services.inference.service import SamplingInput
 from services.inference.chat_formats.hermes import HermesFormat, ToolCallParser
 from services.inference.grammars import (
@@ -45,15 +45,15 @@ def body(**fields) -> bytes:
 # --- the OpenAI request -------------------------------------------------------------------------
 def test_tools_tool_choice_and_response_format_are_parsed() -> None:
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}
-    req = openai_compat.parse_request(body(tools=[tool], tool_choice={"type": "function", "function": {
+    req = openai_chat.parse_request(body(tools=[tool], tool_choice={"type": "function", "function": {
         "name": "get_weather"}}, parallel_tool_calls=False, user="u1"))
     assert req.structure.tool_choice == "function" and req.structure.function == "get_weather"
     assert req.structure.parallel is False and json.loads(req.structure.tools[0].parameters) == WEATHER_SCHEMA
-    assert openai_compat.parse_request(body(tools=[tool])).structure.tool_choice == "auto"
-    fmt = openai_compat.parse_request(body(response_format={"type": "json_schema", "json_schema": {
+    assert openai_chat.parse_request(body(tools=[tool])).structure.tool_choice == "auto"
+    fmt = openai_chat.parse_request(body(response_format={"type": "json_schema", "json_schema": {
         "name": "person", "schema": PERSON, "strict": True}})).structure
     assert fmt.format == "json_schema" and json.loads(fmt.schema) == PERSON
-    assert openai_compat.parse_request(body(response_format={"type": "text"})).structure.plain
+    assert openai_chat.parse_request(body(response_format={"type": "text"})).structure.plain
 
 
 def test_tool_turns_in_the_history_are_parsed_and_checked() -> None:
@@ -61,7 +61,7 @@ def test_tool_turns_in_the_history_are_parsed_and_checked() -> None:
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "12 C"}]
-    req = openai_compat.parse_request(json.dumps({"model": "m", "messages": messages}).encode())
+    req = openai_chat.parse_request(json.dumps({"model": "m", "messages": messages}).encode())
     assert req.messages[1]["tool_calls"] == [ToolCall("call_1", "get_weather", '{"city":"Oslo"}')]
     assert req.messages[2] == {"role": "tool", "content": "12 C", "tool_call_id": "call_1"}
     validate_messages(req.messages)
@@ -84,7 +84,7 @@ def test_tool_turns_in_the_history_are_parsed_and_checked() -> None:
 ])
 def test_bad_tools_and_formats_are_400_naming_the_field(fields: dict, words: str) -> None:
     with pytest.raises(InvalidArgument, match=words):
-        openai_compat.parse_request(body(**fields))
+        openai_chat.parse_request(body(**fields))
 
 
 @pytest.mark.parametrize("data", [
@@ -94,13 +94,13 @@ def test_bad_tools_and_formats_are_400_naming_the_field(fields: dict, words: str
 ])
 def test_hostile_values_are_400_not_500(data: bytes) -> None:
     with pytest.raises(InvalidArgument):
-        openai_compat.parse_request(data)
+        openai_chat.parse_request(data)
 
 
 def test_a_tool_message_needs_its_call_id() -> None:
     messages = [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]
     with pytest.raises(InvalidArgument, match=r"messages\[1\].tool_call_id"):
-        openai_compat.parse_request(json.dumps({"model": "m", "messages": messages}).encode())
+        openai_chat.parse_request(json.dumps({"model": "m", "messages": messages}).encode())
 
 
 # --- schemas and grammars -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from services.core.errors import InvalidArgument
 from services.inference.engines.base import TokenLogprob
-from services.inference.openai_text import LegacyLogprobs, parse_request
+from services.wire.openai_text import LegacyLogprobs, parse_request
 
 
 def parse(**body: object):

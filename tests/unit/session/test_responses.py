@@ -17,7 +17,8 @@ from services.core import structured
 from services.core.errors import Aborted, InvalidArgument, NotFound, ParleyError
 from services.core.identity import Identity
 from services.core.structured import ToolCall
-from services.session import responses_wire as wire
+from services.wire import openai_response_events as rendering
+from services.wire import openai_responses as wire
 from services.session.history import Turn
 from services.session.responses import Responses
 from services.session.service import AFFINITY_HEADER, SessionService
@@ -120,7 +121,7 @@ def events_of(chunks: list[bytes]) -> list[dict[str, Any]]:
 
 
 def test_text_then_a_call_streams_items_in_order_with_sequence_numbers() -> None:
-    writer = wire.EventWriter("resp_m1", "m1", "tiny", {"instructions": None})
+    writer = rendering.EventWriter("resp_m1", "m1", "tiny", {"instructions": None})
     chunks = writer.start() + writer.delta("Hel", []) + writer.delta("lo", [])
     chunks += writer.delta("", [ToolCall("call_x", "f", '{"a": 1}')]) + writer.finish(pb.FINISH_REASON_TOOL_CALLS, USAGE)
     events = events_of(chunks)
@@ -133,8 +134,8 @@ def test_text_then_a_call_streams_items_in_order_with_sequence_numbers() -> None
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     final = events[-1]["response"]
     assert final["status"] == "completed" and final["id"] == "resp_m1"
-    assert final["output"] == [wire.message_item("msg_m1", "Hello", "completed"),
-                               wire.call_item(ToolCall("call_x", "f", '{"a": 1}'))]
+    assert final["output"] == [rendering.message_item("msg_m1", "Hello", "completed"),
+                               rendering.call_item(ToolCall("call_x", "f", '{"a": 1}'))]
     assert final["output"][1]["id"] == "fc_x"
     assert final["usage"] == {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 3,
                               "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}
@@ -142,15 +143,15 @@ def test_text_then_a_call_streams_items_in_order_with_sequence_numbers() -> None
 
 
 def test_an_answer_cut_by_max_output_tokens_is_incomplete_and_an_empty_one_is_a_message() -> None:
-    writer = wire.EventWriter("resp_m", "m", "tiny", {})
+    writer = rendering.EventWriter("resp_m", "m", "tiny", {})
     events = events_of(writer.start() + writer.finish(pb.FINISH_REASON_LENGTH, USAGE))
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
-    assert events[-1]["response"]["output"] == [wire.message_item("msg_m", "", "incomplete")]
+    assert events[-1]["response"]["output"] == [rendering.message_item("msg_m", "", "incomplete")]
 
 
 def test_a_failure_mid_stream_is_response_failed() -> None:
-    writer = wire.EventWriter("resp_m", "m", "tiny", {})
+    writer = rendering.EventWriter("resp_m", "m", "tiny", {})
     events = events_of(writer.start() + writer.delta("partial", []) + writer.fail("engine died"))
     assert [e["type"] for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
                                                 "response.output_item.done", "response.failed"]
@@ -159,12 +160,12 @@ def test_a_failure_mid_stream_is_response_failed() -> None:
 
 def test_input_item_pages() -> None:
     items = [{"id": f"i{n}"} for n in range(5)]
-    assert [i["id"] for i in wire.item_list_json(items, 0, "", "")["data"]] == ["i4", "i3", "i2", "i1", "i0"]
-    page = wire.item_list_json(items, 2, "asc", "i1")
+    assert [i["id"] for i in rendering.item_list_json(items, 0, "", "")["data"]] == ["i4", "i3", "i2", "i1", "i0"]
+    page = rendering.item_list_json(items, 2, "asc", "i1")
     assert (page["first_id"], page["last_id"], page["has_more"]) == ("i2", "i3", True)
     for limit, order, after in ((101, "", ""), (1, "up", ""), (1, "asc", "nope")):
         with pytest.raises(InvalidArgument):
-            wire.item_list_json(items, limit, order, after)
+            rendering.item_list_json(items, limit, order, after)
 
 
 # --- the flow over a real store ------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def api(store: SqliteSessionStore, inference: Inference, who: dict[str, Identity
 
 async def create(api: Responses, **body: Any) -> dict[str, Any]:
     parts = [part async for part in api.create(json.dumps(body).encode())]
-    assert [kind for kind, _ in parts] == [wire.JSON]
+    assert [kind for kind, _ in parts] == [rendering.JSON]
     return json.loads(parts[0][1])
 
 
@@ -263,7 +264,7 @@ async def test_a_tool_call_then_its_output(api: Responses, store: SqliteSessionS
     tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
     inference.scripts.append([pb.GenerateResponse(tool_calls=[CALL])])
     asked = await create(api, input="Weather?", tools=tools, tool_choice="required")
-    assert asked["output"] == [wire.call_item(ToolCall("call_abc", "get_weather", '{"city": "Oslo"}'))]
+    assert asked["output"] == [rendering.call_item(ToolCall("call_abc", "get_weather", '{"city": "Oslo"}'))]
     assert inference.requests[0].structured.tool_choice == "required"
     await create(api, previous_response_id=asked["id"], tools=tools,
                  input=[{"type": "function_call_output", "call_id": "call_abc", "output": "18 C"}])
@@ -306,7 +307,7 @@ async def test_streamed_failure_keeps_the_partial_answer(api: Responses, store: 
                                                          inference: Inference) -> None:
     inference.scripts.append([pb.GenerateResponse(text="Once"), Refused()])
     parts = [part async for part in api.create(json.dumps({"input": "Tell", "stream": True}).encode())]
-    assert {kind for kind, _ in parts} == {wire.SSE}
+    assert {kind for kind, _ in parts} == {rendering.SSE}
     events = events_of([data for _, data in parts])
     assert events[-1]["type"] == "response.failed" and events[-1]["response"]["error"]["message"] == "slow down"
     [sid] = session_ids(store)
@@ -348,7 +349,7 @@ def test_reasoning_streams_as_its_own_item_before_the_message() -> None:
     from openai.types.responses import Response, ResponseReasoningItem, ResponseStreamEvent
 
     usage = pb.Usage(prompt_tokens=12, completion_tokens=9, total_tokens=21, reasoning_tokens=6)
-    writer = wire.EventWriter("resp_m1", "m1", "tiny", {"instructions": None})
+    writer = rendering.EventWriter("resp_m1", "m1", "tiny", {"instructions": None})
     chunks = writer.start() + writer.delta("", [], "Greet") + writer.delta("Hel", [], " back.")
     chunks += writer.delta("lo", [], "late") + writer.finish(pb.FINISH_REASON_STOP, usage)
     events = events_of(chunks)
@@ -373,13 +374,13 @@ def test_reasoning_streams_as_its_own_item_before_the_message() -> None:
 
 
 def test_an_answer_that_only_thought_has_its_reasoning_and_an_empty_message() -> None:
-    writer = wire.EventWriter("resp_m1", "m1", "tiny", {"instructions": None})
+    writer = rendering.EventWriter("resp_m1", "m1", "tiny", {"instructions": None})
     events = events_of(writer.start() + writer.delta("", [], "Hmm") + writer.finish(pb.FINISH_REASON_LENGTH, USAGE))
     final = events[-1]
     assert final["type"] == "response.incomplete"
-    assert final["response"]["output"] == [wire.reasoning_item("rs_m1", "Hmm", "incomplete"),
-                                           wire.message_item("msg_m1", "", "incomplete")]
-    assert final["response"]["output"] == wire.output_items("m1", "", [], "incomplete", "Hmm")  # as GET shows it
+    assert final["response"]["output"] == [rendering.reasoning_item("rs_m1", "Hmm", "incomplete"),
+                                           rendering.message_item("msg_m1", "", "incomplete")]
+    assert final["response"]["output"] == rendering.output_items("m1", "", [], "incomplete", "Hmm")  # as GET shows it
 
 
 async def test_a_stored_response_keeps_its_reasoning_apart_and_never_resends_it(

@@ -6,7 +6,7 @@ import pytest
 from parley.inference.v1 import inference_pb2 as pb
 
 from services.core.errors import InvalidArgument
-from services.session.service import (
+from services.session.rules import (
     check_sampling, decode_cursor, encode_cursor, merge_sampling, sampling_from_dict, sampling_to_dict,
 )
 

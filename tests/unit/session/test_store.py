@@ -15,7 +15,8 @@ from services.core.database import Location
 from services.core.errors import NotFound
 from services.core.sqlite import SqliteDatabase
 from services.core.structured import ToolCall
-from services.session.store import MIGRATIONS, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, SessionCursor
+from services.session.records import STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, SessionCursor, SessionDraft
+from services.session.store import MIGRATIONS
 from services.session.store import SqlSessionStore as SqliteSessionStore
 
 
@@ -187,7 +188,6 @@ def test_racing_replicas_get_exactly_one_lease(database: Location) -> None:
 
 def test_responses_start_sessions_append_fork_and_delete(store: SqliteSessionStore) -> None:
     from services.session.history import Turn
-    from services.session.store import SessionDraft
 
     call = ToolCall("call_1", "f", "{}")
     inputs = [Turn("user", "Hi"), Turn("assistant", "", (call,)), Turn("tool", "42", tool_call_id="call_1")]
@@ -240,7 +240,6 @@ def test_responses_start_sessions_append_fork_and_delete(store: SqliteSessionSto
 
 def test_an_answer_keeps_its_reasoning_apart_and_a_fork_copies_it(store: SqliteSessionStore) -> None:
     from services.session.history import Turn
-    from services.session.store import SessionDraft
 
     sid = new(store)
     _, answer = store.start_turn("alice", sid, "Hi", "m", "Hi")

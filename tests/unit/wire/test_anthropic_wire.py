@@ -1,5 +1,5 @@
 """Anthropic's Messages API without a stack: a request's JSON as the completion flow's request
-(services.inference.wire.anthropic), the flow's chunks as Anthropic's events and Message
+(services.wire.anthropic), the flow's chunks as Anthropic's events and Message
 (wire.anthropic_stream), checked against the `anthropic` SDK's own stream accumulator, and the
 flow's queue places, failures and answers as the bytes /v1/messages sends (services.inference.messages)."""
 
@@ -20,8 +20,8 @@ from services.inference.messages import Messages
 from services.inference.metered import MeteredCompletions
 from services.inference.service import Admitted, Queued
 from services.inference.grammars import CallDelta
-from services.inference.wire import anthropic
-from services.inference.wire.anthropic_stream import MessageBuilder
+from services.wire import anthropic
+from services.wire.anthropic_stream import MessageBuilder
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

@@ -22,7 +22,7 @@ from services.core import json_body
 from services.core.structured import ToolCall
 from services.inference.engines.base import Chunk, Usage
 from services.inference.grammars import CallDelta
-from services.inference.wire.anthropic import error_json
+from services.wire.anthropic import error_json
 
 Event = tuple[str, dict[str, Any]]  # (event name, its data)
 

@@ -2,7 +2,7 @@
 JSON and SSE bytes of the answer.
 
 The sampling parameters the two endpoints share (max_tokens, temperature, top_p, stop, seed, n,
-penalties, logit_bias, stream, stream_options, user…) are checked by openai_compat.parse_request,
+penalties, logit_bias, stream, stream_options, user…) are checked by openai_chat.parse_request,
 the one place that knows them; this module adds what is the legacy endpoint's own: `prompt`,
 `echo`, `logprobs` as a number, `best_of`, and the refusal of `suffix`.
 """
@@ -18,7 +18,7 @@ from typing import Any
 from services.core.errors import InvalidArgument
 from services.core.sampling import SamplingInput
 from services.core.json_body import parse_object
-from services.inference import openai_compat
+from services.wire import openai_chat
 from services.inference.engines.base import TokenLogprob, Usage
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
@@ -80,12 +80,12 @@ def parse_request(data: bytes) -> TextCompletionRequest:
     shared["messages"] = [{"role": "user", "content": ""}]
     if shared.get("max_tokens") is None:
         shared["max_tokens"] = DEFAULT_MAX_TOKENS
-    common = openai_compat.parse_request(json.dumps(shared).encode())
+    common = openai_chat.parse_request(json.dumps(shared).encode())
     best_of = body.get("best_of")
     if best_of is not None and best_of != common.n:
         raise InvalidArgument("best_of is not supported (only best_of equal to n)")
-    if len(prompts) * common.n > openai_compat.MAX_CHOICES:
-        raise InvalidArgument(f"prompts × n must be at most {openai_compat.MAX_CHOICES}")
+    if len(prompts) * common.n > openai_chat.MAX_CHOICES:
+        raise InvalidArgument(f"prompts × n must be at most {openai_chat.MAX_CHOICES}")
     return TextCompletionRequest(model=common.model, prompts=prompts, sampling=common.sampling, stream=common.stream,
                                  include_usage=common.include_usage, n=common.n, echo=echo, logprobs=logprobs)
 
@@ -138,16 +138,16 @@ class TextCompletionWriter:
     def complete(self, choices: list[TextChoice], usage: Usage | None) -> bytes:
         body = self._base()
         body["choices"] = [{"text": c.text, "index": i, "logprobs": c.logprobs,
-                            "finish_reason": openai_compat.finish_reason(c.finish_reason)}
+                            "finish_reason": openai_chat.finish_reason(c.finish_reason)}
                            for i, c in enumerate(choices)]
-        body["usage"] = openai_compat.usage_json(usage)
+        body["usage"] = openai_chat.usage_json(usage)
         return json.dumps(body).encode()
 
     def chunk(self, index: int, text: str, *, logprobs: dict[str, list[Any]] | None = None,
               finish_reason: str | None = None, include_usage: bool = False) -> bytes:
         body = self._base()
         body["choices"] = [{"text": text, "index": index, "logprobs": logprobs,
-                            "finish_reason": openai_compat.finish_reason(finish_reason) if finish_reason else None}]
+                            "finish_reason": openai_chat.finish_reason(finish_reason) if finish_reason else None}]
         if include_usage:
             body["usage"] = None
         return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -155,8 +155,8 @@ class TextCompletionWriter:
     def usage_chunk(self, usage: Usage | None) -> bytes:
         body = self._base()
         body["choices"] = []
-        body["usage"] = openai_compat.usage_json(usage)
+        body["usage"] = openai_chat.usage_json(usage)
         return b"data: " + json.dumps(body).encode() + b"\n\n"
 
-    error_event = staticmethod(openai_compat.CompletionWriter.error_event)
-    DONE = openai_compat.CompletionWriter.DONE
+    error_event = staticmethod(openai_chat.CompletionWriter.error_event)
+    DONE = openai_chat.CompletionWriter.DONE

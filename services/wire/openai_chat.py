@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import InvalidArgument
-from services.core.structured import (
-    PLAIN, ROLES, Structure, Tool, ToolCall, canonical_json, make_structure, make_template_options,
-)
+from services.core.structured import PLAIN, ROLES, Structure, ToolCall, make_structure, make_template_options
 from services.core.json_body import number, parse_object, text_parts
 from services.inference.engines.base import TokenLogprob, Usage
-from services.inference.service import SamplingInput
+from services.core.sampling import SamplingInput
 from services.inference.grammars import CallDelta
+from services.wire.tools import (
+    function_tool, json_format, openai_tool_choice, parallel_tool_calls, schema_json, tool_list,
+)
 
 ROLE_ALIASES = {"developer": "system"}
 MAX_CHOICES = 16
@@ -58,15 +59,6 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
     n = 1 if n is None else n
     if not 1 <= n <= MAX_CHOICES:
         raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}")
-    stop = body.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
-    else:
-        raise InvalidArgument("stop must be a string or an array of strings")
     if body.get("functions") or body.get("function_call"):
         raise InvalidArgument("functions and function_call are deprecated; send tools and tool_choice")
     modalities = body.get("modalities")
@@ -86,11 +78,35 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidArgument("stream_options must be an object")
+    return ChatCompletionRequest(
+        model=model,
+        messages=messages,
+        sampling=_sampling(body),
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        user=str(body.get("user", "")),
+        n=n,
+        top_logprobs=(top_logprobs or 0) if logprobs else None,
+        structure=structure,
+    )
+
+
+def _sampling(body: dict[str, Any]) -> SamplingInput:
+    """The sampling fields as given (ranges are checked with every API's, services.core.sampling)."""
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise InvalidArgument("stop must be a string or an array of strings")
     max_tokens = number(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = number(body, "max_tokens", int)
     seed = number(body, "seed", int)
-    sampling = SamplingInput(
+    return SamplingInput(
         min_p=number(body, "min_p", float),
         presence_penalty=number(body, "presence_penalty", float),
         frequency_penalty=number(body, "frequency_penalty", float),
@@ -102,17 +118,6 @@ def parse_request(data: bytes) -> ChatCompletionRequest:
         seed=None if seed is None else seed & 0xFFFFFFFF,
         max_tokens=max_tokens,
         stop=stops,
-    )
-    return ChatCompletionRequest(
-        model=model,
-        messages=messages,
-        sampling=sampling,
-        stream=stream,
-        include_usage=bool(options.get("include_usage")),
-        user=str(body.get("user", "")),
-        n=n,
-        top_logprobs=(top_logprobs or 0) if logprobs else None,
-        structure=structure,
     )
 
 
@@ -153,32 +158,13 @@ def _past_call(call: Any, where: str) -> ToolCall:
 
 def _structure(body: dict[str, Any]) -> Structure:
     """tools, tool_choice, parallel_tool_calls and response_format."""
-    raw_tools = body.get("tools") or []
-    if not isinstance(raw_tools, list):
-        raise InvalidArgument("tools must be an array")
     tools = []
-    for i, tool in enumerate(raw_tools):
+    for i, tool in enumerate(tool_list(body)):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
             raise InvalidArgument(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
-        name, description = function.get("name"), function.get("description") or ""
-        if not isinstance(name, str) or not isinstance(description, str):
-            raise InvalidArgument(f"tools[{i}].function.name and .description must be strings")
-        tools.append(Tool(name, description, schema_json(function.get("parameters"), f"tools[{i}].function.parameters")))
-    choice, function_name = body.get("tool_choice"), ""
-    if choice is None:
-        choice = "auto" if tools else ""
-    elif isinstance(choice, dict):
-        named = choice.get("function")
-        if choice.get("type") != "function" or not isinstance(named, dict) or not isinstance(named.get("name"), str):
-            raise InvalidArgument('tool_choice must be "none", "auto", "required" or '
-                                  '{"type": "function", "function": {"name": ...}}')
-        choice, function_name = "function", named["name"]
-    elif choice not in ("none", "auto", "required"):
-        raise InvalidArgument(f'tool_choice must be "none", "auto", "required" or a function, got {choice!r}')
-    parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise InvalidArgument("parallel_tool_calls must be a boolean")
+        tools.append(function_tool(function, f"tools[{i}].function", "parameters"))
+    choice, function_name = openai_tool_choice(body.get("tool_choice"), "auto" if tools else "", nested=True)
     fmt = body.get("response_format")
     kind, schema = "text", ""
     if fmt is not None:
@@ -191,18 +177,8 @@ def _structure(body: dict[str, Any]) -> Structure:
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
                 raise InvalidArgument("response_format.json_schema must be an object with a name")
             schema = schema_json(spec.get("schema"), "response_format.json_schema.schema")
-            if not schema:
-                kind = "json_object"  # a schema is optional: any JSON object then
-    return make_structure(tools, choice, function_name, parallel, kind, schema,
+    return make_structure(tools, choice, function_name, parallel_tool_calls(body), json_format(kind, schema), schema,
                           make_template_options(body.get("chat_template_kwargs"), body.get("reasoning_effort")))
-
-
-def schema_json(value: Any, where: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{where} must be a JSON Schema object")
-    return canonical_json(value)
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:

@@ -26,9 +26,9 @@ import grpc
 from services.core.errors import InvalidArgument
 from services.core.json_body import number, parse_object, text_parts
 from services.core.sampling import SamplingInput
-from services.core.structured import Structure, Tool, ToolCall, make_structure, make_template_options
-from services.inference.openai_compat import schema_json
-from services.inference.wire.status import ANTHROPIC_ERROR_TYPES, HTTP_STATUS
+from services.core.structured import Structure, ToolCall, make_structure, make_template_options
+from services.wire.tools import function_tool, schema_json, tool_list
+from services.wire.status import ANTHROPIC_ERROR_TYPES, HTTP_STATUS
 
 ROLES = ("user", "assistant")
 # Blocks from another model's turn that a chat template cannot take back: dropped, not a 400.
@@ -175,19 +175,13 @@ def _result(block: dict[str, Any], at: str) -> dict[str, Any]:
 
 
 def _structure(body: dict[str, Any]) -> Structure:
-    raw_tools = body.get("tools") or []
-    if not isinstance(raw_tools, list):
-        raise InvalidArgument("tools must be an array")
     tools = []
-    for i, tool in enumerate(raw_tools):
+    for i, tool in enumerate(tool_list(body)):
         if not isinstance(tool, dict) or tool.get("type") not in CLIENT_TOOL_TYPES:
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise InvalidArgument(f"tools[{i}]: only client tools ({{\"name\", \"description\", \"input_schema\"}}) "
                                   f"are supported, got type {kind!r}")
-        name, description = tool.get("name"), tool.get("description") or ""
-        if not isinstance(name, str) or not isinstance(description, str):
-            raise InvalidArgument(f"tools[{i}].name and .description must be strings")
-        tools.append(Tool(name, description, schema_json(tool.get("input_schema"), f"tools[{i}].input_schema")))
+        tools.append(function_tool(tool, f"tools[{i}]", "input_schema"))
     choice = body.get("tool_choice")
     kind, name, parallel = ("auto" if tools else ""), "", None
     if choice is not None:

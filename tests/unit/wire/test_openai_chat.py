@@ -1,4 +1,4 @@
-"""Parsing an OpenAI chat completion request (services.inference.openai_compat), without a model:
+"""Parsing an OpenAI chat completion request (services.wire.openai_chat), without a model:
 what each field becomes, and the 400 that each wrong value gets."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from services.core.errors import InvalidArgument
-from services.inference.openai_compat import MAX_CHOICES, parse_request
+from services.wire.openai_chat import MAX_CHOICES, parse_request
 
 
 def body(**fields) -> bytes:
