@@ -1,14 +1,11 @@
-"""Continuous batching over one llama.cpp context: admission, chunked prefill, per-choice sampling,
-warm sequences, prefix copies and a host-RAM store for evicted KV state.
+"""Continuous batching over one llama.cpp context: chunked prefill, per-choice sampling and drafts
+in one decode step; admission (engines.batch_admission) and KV memory (engines.batch_memory) apart.
 
 One thread runs `BatchScheduler._loop`. Each step:
 1. drops cancelled requests (their sequences stop at once: at most one decode step later);
 2. admits waiting requests while fewer than `parallel_slots` choices run, in the order of
    engines.fair's policy (users in turn; with no room, a choice of the most loaded user pauses for a
-   lighter user's request: its KV state goes to host RAM and comes back when it resumes), placing each on the
-   sequence whose KV cells share the longest prefix with its prompt (a conversation's next turn
-   lands where its previous turn is), or copying a shared prefix from another sequence
-   (`llama_memory_seq_cp`), or restoring the conversation's parked state from host RAM;
+   lighter user's request), placing each where the most of its prompt is already held;
 3. builds one batch: the last sampled token of every decoding choice, then prompt chunks of the
    admitted requests under the step's token budget, split between users by engines.fair (a long
    prompt never stalls the running streams for more than one budget's worth of prefill);
@@ -20,17 +17,14 @@ One thread runs `BatchScheduler._loop`. Each step:
    A choice whose answer repeats its own tokens (copying the prompt) also puts an n-gram draft after
    its last token, verified by the same step's logits rows (engines.speculation).
 
-Sequences that finish keep their cells until the space or the sequence id is needed; then the least
-recently used idle one is parked in host RAM (`llama_state_seq_get_data`), within a byte budget, and
-on disk when a directory is set (engines.kv_store). The disk also gets every conversation that stays
-idle while nothing runs, and at shutdown every warm one, so a restart finds them there.
+Sequences that finish keep their cells until the space or the sequence id is needed; where prompts
+land and where idle conversations' KV state goes (host RAM, disk) is engines.batch_memory's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import logging
 import sys
 import threading
@@ -43,9 +37,10 @@ from services.core.errors import ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError
 from services.inference.engines.batch_sampling import ChoiceSampling, Samplers
 from services.inference.engines.batch_admission import Admission
+from services.inference.engines.batch_memory import SAVE_AFTER_SECONDS, KvSequence, SequenceMemory
 from services.inference.engines.fair import Line, Owner, Policy
 from services.inference.engines.kv_store import DiskKvStore, HostKvStore
-from services.inference.engines.sequence import Courier, LineWatch, Request, common_prefix
+from services.inference.engines.sequence import Courier, LineWatch, Request
 from services.inference.engines.speculation import Drafter, Speculation
 from services.inference.grammars import CallDictation
 from services.inference.hardware import EngineSettings
@@ -53,29 +48,8 @@ from services.inference.metrics import draft_counter
 
 log = logging.getLogger("parley.engine")
 
-MIN_SHARED_PREFIX = 8  # fewer shared tokens than this are cheaper to evaluate than to copy
-MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
-# Every decoded token attends over the cells up to the highest one in use, whichever sequence holds
-# them (llama.cpp masks the others, which still costs): measured on 2 cores, 8,000 cells held by
-# idle conversations slowed a single stream from ~110 to ~87 tok/s. Idle conversations beyond this
-# many cells are parked in host RAM, from where their next turn restores them in milliseconds.
-WARM_IDLE_CELLS = 512
-PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
-SAVE_AFTER_SECONDS = 2.0  # an idle conversation is saved to disk once nothing has run for this long
 SHUTDOWN_SAVE_SECONDS = 10.0  # at most this long writing the warm conversations to disk at shutdown
 SWITCH_INTERVAL_SECONDS = 0.0005
-
-
-@dataclass
-class KvSequence:
-    """A sequence id of the context and the tokens its KV cells hold (positions 0..len-1)."""
-
-    id: int
-    tokens: list[int] = field(default_factory=list)
-    prompt_len: int = 0  # how much of `tokens` was the last request's prompt (the rest is its answer)
-    last_used: float = 0.0
-    busy: bool = False
-    saved: int = 0  # len(tokens) when its state last went to disk (0: never, or changed since)
 
 
 @dataclass
@@ -109,7 +83,7 @@ def logits_rows(settings: EngineSettings) -> int:
     return max(settings.parallel_slots, settings.resident_sequences, 16) + 4 * settings.draft_tokens
 
 
-class BatchScheduler(Admission):
+class BatchScheduler(Admission, SequenceMemory):
     def __init__(self, llama_cpp: Any, ctx: Any, piece: Callable[[int, bool], bytes], *, vocab: Any, n_vocab: int,
                  settings: EngineSettings, host_cache_bytes: int, name: str,
                  tokenize: Callable[[str], list[int]] | None = None, disk: DiskKvStore | None = None) -> None:
@@ -276,119 +250,6 @@ class BatchScheduler(Admission):
         request.admitted = True
         self._started(lead)
 
-    def _sequence_for(self, prompt: list[int] | None) -> tuple[KvSequence, int]:
-        """A sequence for a new prompt, holding its longest available prefix (never all of it: the
-        last prompt token is evaluated for its logits). Marks it busy."""
-        if prompt is None:
-            seq = self._victim(None)
-            self._clear(seq)
-            seq.busy = True
-            return seq, 0
-        limit = len(prompt) - 1
-        k, source = max(((min(common_prefix(s.tokens, prompt), limit), s) for s in self._sequences),
-                        key=lambda match: (match[0], -match[1].busy, match[1].last_used))
-        # The same conversation (the new prompt holds the sequence's whole last prompt): continue it.
-        # A shorter match (a system prompt that several conversations share) is copied instead,
-        # which keeps the other conversation warm.
-        if not source.busy and k >= MIN_SHARED_PREFIX and k >= min(source.prompt_len, limit):
-            self._truncate(source, k)
-            source.busy = True
-            self.stats["reused"] += k
-            return source, k
-        parked, parked_k = self._host.best(prompt)
-        parked_k = min(parked_k, limit)
-        target = self._victim(source if k >= MIN_SHARED_PREFIX else None)
-        saved, saved_k = self._disk.best(prompt, max(k, parked_k)) if self._disk is not None else (None, 0)
-        saved_k = min(saved_k, limit)
-        if saved is not None and saved_k > max(k, parked_k) and saved_k >= MIN_SHARED_PREFIX:
-            data = self._disk.load(saved)  # type: ignore[union-attr]
-            if data is not None and self._restore(target, saved.tokens, data, saved_k):
-                target.saved = len(target.tokens)
-                self.stats["restored_from_disk"] += 1
-                return target, saved_k
-        if parked is not None and parked_k > k and parked_k >= MIN_SHARED_PREFIX:
-            tokens, data = self._host.take(parked)
-            if self._restore(target, tokens, data, parked_k):
-                return target, parked_k
-        self._clear(target)
-        if k >= MIN_SHARED_PREFIX:
-            self._l.llama_memory_seq_cp(self._memory, source.id, target.id, 0, k)
-            target.tokens = prompt[:k]
-            self.stats["copied"] += 1
-            self.stats["reused"] += k
-        target.busy = True
-        return target, len(target.tokens)
-
-    def _restore(self, target: KvSequence, tokens: list[int], data: Any, keep: int) -> bool:
-        """Loads a parked state into `target` and keeps its first `keep` tokens. False when the
-        cache has no room for it (the prompt is evaluated instead)."""
-        self._clear(target)
-        if self._l.llama_state_seq_set_data(self._ctx, data, len(data), target.id):
-            target.tokens = list(tokens)
-            self._truncate(target, keep)
-            target.busy = True
-            self.stats["restored"] += 1
-            self.stats["reused"] += keep
-            return True
-        self._l.llama_memory_seq_rm(self._memory, target.id, -1, -1)
-        return False
-
-    def _victim(self, keep: KvSequence | None) -> KvSequence:
-        """An idle sequence to reuse: an empty one if any, else the least recently used."""
-        idle = [s for s in self._sequences if not s.busy and s is not keep]
-        if not idle:
-            raise ResourceExhausted("every sequence of the model is busy; retry shortly", retry_after=1)
-        return min(idle, key=lambda s: (bool(s.tokens), s.last_used))
-
-    def _truncate(self, seq: KvSequence, keep: int) -> None:
-        if keep < len(seq.tokens):
-            self._l.llama_memory_seq_rm(self._memory, seq.id, keep, -1)
-            del seq.tokens[keep:]
-            seq.saved = 0
-
-    def _clear(self, seq: KvSequence) -> None:
-        """Empties a sequence, parking its KV state in host RAM first when it is worth keeping."""
-        if not seq.tokens:
-            seq.saved = 0
-            return
-        data = self._state(seq) if self._host.budget > 0 else None
-        if data is not None and len(data) <= self._host.budget:
-            self._host.put(list(seq.tokens), data)
-            self.stats["parked"] += 1
-        self._save(seq, data)
-        self._l.llama_memory_seq_rm(self._memory, seq.id, -1, -1)
-        seq.tokens = []
-        seq.saved = 0
-
-    def _state(self, seq: KvSequence) -> Any | None:
-        """A copy of the sequence's KV state (llama_state_seq_get_data), if it is worth keeping."""
-        if len(seq.tokens) < MIN_PARKED_TOKENS:
-            return None
-        size = self._l.llama_state_seq_get_size(self._ctx, seq.id)
-        data = (ctypes.c_uint8 * size)() if size > 0 else None
-        if data is None or self._l.llama_state_seq_get_data(self._ctx, data, size, seq.id) != size:
-            return None
-        return data
-
-    def _save(self, seq: KvSequence, data: Any | None = None, wait: float = 0.0) -> None:
-        """Queues the sequence's state for the disk writer unless the disk has it already; the
-        decode thread only copies it (`data`, when the caller has the copy)."""
-        if self._disk is None or seq.saved == len(seq.tokens) or len(seq.tokens) < MIN_PARKED_TOKENS:
-            return
-        data = data if data is not None else self._state(seq)
-        if data is not None and self._disk.save(seq.tokens, data, wait):
-            seq.saved = len(seq.tokens)
-            self.stats["saved"] += 1
-
-    def _save_idle(self) -> None:
-        """While nothing runs: saves the idle conversations not yet on disk, until a request comes."""
-        quiet_since = time.monotonic() - SAVE_AFTER_SECONDS
-        unsaved = [s for s in self._sequences if not s.busy and s.saved != len(s.tokens) and s.last_used <= quiet_since]
-        for seq in sorted(unsaved, key=lambda s: -s.last_used):
-            if self._pending or self._closing:
-                return
-            self._save(seq)
-
     # --- one step ----------------------------------------------------------------------------
     def _decode_once(self) -> None:
         batch, l = self._batch, self._l
@@ -530,20 +391,6 @@ class BatchScheduler(Admission):
             self._release(f, forget)
         d.followers = []
         self._release(d, forget)
-
-    def _park_idle(self) -> None:
-        """Parks the least recently used conversations idle for PARK_AFTER_SECONDS while idle ones
-        hold more than WARM_IDLE_CELLS cells (only when there is a host store to park them in)."""
-        if self._host.budget <= 0:
-            return
-        idle = sorted((s for s in self._sequences if not s.busy and s.tokens), key=lambda s: s.last_used)
-        held = sum(len(s.tokens) for s in idle)
-        quiet_since = time.monotonic() - PARK_AFTER_SECONDS
-        for seq in idle:
-            if held <= WARM_IDLE_CELLS or seq.last_used > quiet_since:
-                break
-            held -= len(seq.tokens)
-            self._clear(seq)
 
     def _release(self, d: Decoding, forget: bool = False) -> None:
         d.samplers.free(self._l)

@@ -30,7 +30,8 @@ from services.inference.engines.sequence import Courier, Request
 if TYPE_CHECKING:
     import collections
 
-    from services.inference.engines.batch import Decoding, KvSequence
+    from services.inference.engines.batch import Decoding
+    from services.inference.engines.batch_memory import KvSequence
 
 
 class Admission:
