@@ -19,6 +19,8 @@ import os
 from typing import Any
 
 from services.inference.engines.base import EngineError
+from services.inference.engines.batch import BatchScheduler, logits_rows
+from services.inference.engines.kv_store import DiskKvStore, fingerprint
 from services.inference.engines.local import TokenEngine
 from services.inference.engines.sequence import Request
 from services.inference.engines.weights import gguf_metadata
@@ -40,8 +42,6 @@ class LlamaCppEngine(TokenEngine):
             from llama_cpp._logger import set_verbose
         except ImportError as exc:  # pragma: no cover - a broken install
             raise EngineError(f"llama-cpp-python is not installed: {exc}") from exc
-        from services.inference.engines.batch import BatchScheduler, logits_rows
-        from services.inference.engines.kv_store import DiskKvStore, fingerprint
 
         if not os.path.isfile(self.path):
             raise EngineError(f"model file not found: {self.path}")
@@ -62,20 +62,7 @@ class LlamaCppEngine(TokenEngine):
         trained = model.n_ctx_train()
         self.context_length = min(s.context_length, trained) if trained > 0 else s.context_length
         kv_tokens = _kv_cells(self.path, self._metadata, s)
-        ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = kv_tokens
-        ctx_params.n_batch = ctx_params.n_ubatch = s.batch_tokens
-        ctx_params.n_seq_max = s.resident_sequences
-        # Logits rows a step can ask for (batch.logits_rows). The default (n_batch rows) would size
-        # the logits buffers for every token of a prompt chunk.
-        ctx_params.n_outputs_max = logits_rows(s)
-        ctx_params.n_threads = ctx_params.n_threads_batch = s.threads
-        ctx_params.kv_unified = True  # sequences share one pool of cells, so seq_cp works across them
-        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attention
-                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        ctx_params.no_perf = True
-        for key, value in self.params.get("llama", {}).get("context", {}).items():
-            setattr(ctx_params, key, value)
+        ctx_params = self._context_params(llama_cpp, kv_tokens)
         try:
             context = _internals.LlamaContext(model=model, params=ctx_params, verbose=False)
         except (ValueError, RuntimeError) as exc:
@@ -98,23 +85,48 @@ class LlamaCppEngine(TokenEngine):
             raise EngineError(f"model {self.model_id}: {exc}") from exc
         self._add_bos = str(self._metadata.get("tokenizer.ggml.add_bos_token")).lower() == "true"
         self._pieces: dict[int, bytes] = {}
-        disk = None
-        if s.disk_cache_dir is not None and s.disk_cache_mib > 0:
-            # What a saved state depends on: the weights, the llama.cpp build, the cache's shape and types.
-            facts = {"llama_cpp": llama_cpp.__version__, "n_ctx": context.n_ctx(), "type_k": ctx_params.type_k,
-                     "type_v": ctx_params.type_v, "flash_attn": ctx_params.flash_attn_type,
-                     "swa_full": ctx_params.swa_full, "kv_unified": ctx_params.kv_unified}
-            try:
-                disk = DiskKvStore(s.disk_cache_dir, s.disk_cache_mib * 2**20, fingerprint(self.path, **facts))
-            except OSError as exc:  # an unwritable directory costs the restart's warm turns, not the model
-                log.warning("conversations' KV state will not be kept on disk",
-                            extra={"fields": {"dir": str(s.disk_cache_dir), "error": str(exc)}})
+        disk = self._disk_store(llama_cpp, ctx_params, context.n_ctx())
         self._scheduler = BatchScheduler(
             llama_cpp, context.ctx, self._piece, vocab=vocab, n_vocab=model.n_vocab(), settings=s,
             host_cache_bytes=s.host_cache_mib * 2**20, name=self.model_id,
             tokenize=lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=True), disk=disk,
         )
         self._scheduler.start()
+
+    def _context_params(self, llama_cpp: Any, kv_tokens: int) -> Any:
+        """The llama.cpp context's parameters: the engine settings, then the catalogue's overrides."""
+        s = self.settings
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = kv_tokens
+        ctx_params.n_batch = ctx_params.n_ubatch = s.batch_tokens
+        ctx_params.n_seq_max = s.resident_sequences
+        # Logits rows a step can ask for (batch.logits_rows). The default (n_batch rows) would size
+        # the logits buffers for every token of a prompt chunk.
+        ctx_params.n_outputs_max = logits_rows(s)
+        ctx_params.n_threads = ctx_params.n_threads_batch = s.threads
+        ctx_params.kv_unified = True  # sequences share one pool of cells, so seq_cp works across them
+        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attention
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        ctx_params.no_perf = True
+        for key, value in self.params.get("llama", {}).get("context", {}).items():
+            setattr(ctx_params, key, value)
+        return ctx_params
+
+    def _disk_store(self, llama_cpp: Any, ctx_params: Any, n_ctx: int) -> DiskKvStore | None:
+        """Where conversations' KV state is kept across restarts, if a directory is set and writable."""
+        s = self.settings
+        if s.disk_cache_dir is None or s.disk_cache_mib <= 0:
+            return None
+        # What a saved state depends on: the weights, the llama.cpp build, the cache's shape and types.
+        facts = {"llama_cpp": llama_cpp.__version__, "n_ctx": n_ctx, "type_k": ctx_params.type_k,
+                 "type_v": ctx_params.type_v, "flash_attn": ctx_params.flash_attn_type,
+                 "swa_full": ctx_params.swa_full, "kv_unified": ctx_params.kv_unified}
+        try:
+            return DiskKvStore(s.disk_cache_dir, s.disk_cache_mib * 2**20, fingerprint(self.path, **facts))
+        except OSError as exc:  # an unwritable directory costs the restart's warm turns, not the model
+            log.warning("conversations' KV state will not be kept on disk",
+                        extra={"fields": {"dir": str(s.disk_cache_dir), "error": str(exc)}})
+            return None
 
     def _close(self) -> None:
         scheduler = getattr(self, "_scheduler", None)
