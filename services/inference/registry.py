@@ -23,14 +23,12 @@ torch engine; their context_length (the longest input) defaults to the model's o
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from services.core.config import ConfigError
@@ -38,6 +36,7 @@ from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, U
 from services.inference.engines import (
     CHAT, EMBEDDING, TASKS, EmbeddingEngine, Engine, EngineError, create_engine, engine_class,
 )
+from services.inference.engines.weights import resolve_source
 from services.inference.hardware import EngineSettings, Hardware, choose
 from services.inference import metrics
 from services.inference.settings import InferenceSettings
@@ -88,17 +87,6 @@ class CatalogueEntry:
         except (OSError, EngineError):
             return ""
         return f"{stat.st_size}-{int(stat.st_mtime)}"
-
-
-def resolve_source(source: str, model_id: str = "") -> str:
-    """A local source's path: "package:<module>/<file>" inside an installed package, else a path."""
-    if source.startswith("package:"):
-        module, _, name = source[len("package:"):].partition("/")
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise EngineError(f"package {module!r} is not installed" + (f" (it ships {model_id})" if model_id else ""))
-        return str(Path(list(spec.submodule_search_locations)[0]) / name)
-    return os.path.expanduser(source)
 
 
 def _remote_entry(item: dict[str, Any]) -> dict[str, Any]:

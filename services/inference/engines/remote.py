@@ -48,6 +48,7 @@ from services.inference.engines.remote_wire import (
     FINISH, Chat, StreamedCalls, answer_piece, has_usage, request_body,
 )
 from services.inference.engines.upstream import PoolBacked, Upstream, UpstreamPool, describe, error_text
+from services.inference.engines.weights import resolve_source
 from services.inference.hardware import EngineSettings
 from services.inference.grammars import call_json
 
@@ -292,7 +293,6 @@ class GgufText:
         import llama_cpp
         from llama_cpp import _internals
         from llama_cpp._logger import set_verbose
-        from services.inference.registry import resolve_source
 
         path = resolve_source(source)
         set_verbose(False)

@@ -1,15 +1,18 @@
-"""What a weights file says about itself without loading it: GGUF metadata and safetensors tensor
-sizes. The engines' memory estimates read these before a model loads (to make room for it) and
-after (to report what it holds), so both are the same number."""
+"""Where a weights file is (resolve_source) and what it says about itself without loading it: GGUF
+metadata and safetensors tensor sizes. The engines' memory estimates read these before a model
+loads (to make room for it) and after (to report what it holds), so both are the same number."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from services.inference.engines.base import EngineError
 
 GGUF_MAGIC = b"GGUF"
 # GGUF value types: (struct format, size) for fixed-size ones; 8 is a string, 9 an array.
@@ -94,3 +97,14 @@ def safetensors_parameters(folder: str | Path) -> int:
                     count *= dim
                 total += count
     return total
+
+
+def resolve_source(source: str, model_id: str = "") -> str:
+    """A local source's path: "package:<module>/<file>" inside an installed package, else a path."""
+    if source.startswith("package:"):
+        module, _, name = source[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise EngineError(f"package {module!r} is not installed" + (f" (it ships {model_id})" if model_id else ""))
+        return str(Path(list(spec.submodule_search_locations)[0]) / name)
+    return os.path.expanduser(source)
