@@ -30,18 +30,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError
 from services.inference.engines.batch_sampling import ChoiceSampling, Samplers
 from services.inference.engines.batch_admission import Admission
-from services.inference.engines.batch_memory import SAVE_AFTER_SECONDS, KvSequence, SequenceMemory
-from services.inference.engines.fair import Line, Owner, Policy
+from services.inference.engines.batch_memory import SAVE_AFTER_SECONDS, SequenceMemory
+from services.inference.engines.decoding import Decoding, KvSequence
+from services.inference.engines.fair import Line, Policy
 from services.inference.engines.kv_store import DiskKvStore, HostKvStore
 from services.inference.engines.sequence import Courier, LineWatch, Request
-from services.inference.engines.speculation import Drafter, Speculation
+from services.inference.engines.speculation import Speculation
 from services.inference.grammars import CallDictation
 from services.inference.hardware import EngineSettings
 from services.inference.metrics import draft_counter
@@ -50,30 +50,6 @@ log = logging.getLogger("parley.engine")
 
 SHUTDOWN_SAVE_SECONDS = 10.0  # at most this long writing the warm conversations to disk at shutdown
 SWITCH_INTERVAL_SECONDS = 0.0005
-
-
-@dataclass
-class Decoding:
-    """One running choice: its request, its sequence, what it still has to evaluate, its sampler."""
-
-    request: Request
-    index: int
-    seq: KvSequence
-    samplers: Samplers
-    todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
-    admitted_at: float = field(default_factory=time.monotonic)
-    next_token: int | None = None  # sampled, to be evaluated in the next step
-    forced: list[int] = field(default_factory=list)  # the end of todo: answer tokens a grammar dictated
-    dictation: CallDictation | None = None  # where the grammar dictates the text of a call
-    followers: list["Decoding"] = field(default_factory=list)  # n > 1: choices forked after the prompt
-    draft: Drafter | None = None  # None: this choice does not speculate
-    parked: tuple[list[int], Any] | None = None  # paused for another user: its tokens and KV state
-
-    @property
-    def owner(self) -> Owner:
-        return self.request.owner
-
-    cost = 1  # a paused choice waits for one running slot (engines.fair.Entry)
 
 
 def logits_rows(settings: EngineSettings) -> int:

@@ -24,14 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from services.core.errors import ResourceExhausted
 from services.inference.engines.base import queue_full
+from services.inference.engines.decoding import Decoding, KvSequence
 from services.inference.engines.fair import Line, Policy, Shares
 from services.inference.engines.sequence import Courier, Request
 
 if TYPE_CHECKING:
     import collections
-
-    from services.inference.engines.batch import Decoding
-    from services.inference.engines.batch_memory import KvSequence
 
 
 class Admission:

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from services.core.errors import ResourceExhausted
+from services.inference.engines.decoding import Decoding, KvSequence
 from services.inference.engines.kv_store import DiskKvStore, HostKvStore
 from services.inference.engines.sequence import common_prefix
 
 if TYPE_CHECKING:
     import collections
 
-    from services.inference.engines.batch import Decoding
     from services.inference.engines.fair import Line
     from services.inference.engines.sequence import Request
 
@@ -39,18 +38,6 @@ MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
 WARM_IDLE_CELLS = 512
 PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
 SAVE_AFTER_SECONDS = 2.0  # an idle conversation is saved to disk once nothing has run for this long
-
-
-@dataclass
-class KvSequence:
-    """A sequence id of the context and the tokens its KV cells hold (positions 0..len-1)."""
-
-    id: int
-    tokens: list[int] = field(default_factory=list)
-    prompt_len: int = 0  # how much of `tokens` was the last request's prompt (the rest is its answer)
-    last_used: float = 0.0
-    busy: bool = False
-    saved: int = 0  # len(tokens) when its state last went to disk (0: never, or changed since)
 
 
 class SequenceMemory:

@@ -305,7 +305,7 @@ async def test_a_call_the_model_starts_jumps_over_what_the_grammar_dictates(engi
     name and the arguments. The model writes only the name and the arguments."""
     import time
 
-    from services.inference.engines.batch import Decoding
+    from services.inference.engines.decoding import Decoding
     from services.inference.engines.sequence import Request, Sampling
     from services.inference.grammars import CallDictation
 
