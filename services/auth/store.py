@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.core.database import Conflict, Location, Migration, open_database
+from services.core.database import Conflict, Location, Migration
+from services.core.database_open import open_database
 from services.core.errors import AlreadyExists
 
 MIGRATIONS: tuple[Migration, ...] = (

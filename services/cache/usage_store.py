@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import date
 
-from services.core.database import Location, Migration, Row, open_database
+from services.core.database import Location, Migration, Row
+from services.core.database_open import open_database
 
 MIGRATIONS: tuple[Migration, ...] = (
     """

@@ -87,14 +87,3 @@ Location = Path | DatabaseSettings
 def location(data_dir: Path, settings: DatabaseSettings, service: str) -> Location:
     """Where `service` keeps its data: PostgreSQL when a URL is set, else `<data dir>/<service>.db`."""
     return settings if settings.uses_postgres else data_dir / f"{service}.db"
-
-
-def open_database(where: Location, migrations: Sequence[Migration], service: str) -> Database:
-    """Opens (creating and migrating as needed) `service`'s database at `where`."""
-    if isinstance(where, DatabaseSettings):
-        from services.core.postgres import PostgresDatabase
-
-        return PostgresDatabase(where, f"parley_{service}", migrations)
-    from services.core.sqlite import SqliteDatabase
-
-    return SqliteDatabase(where, migrations)

@@ -35,7 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from services.core.database import Location, Migration, open_database
+from services.core.database import Location, Migration
+from services.core.database_open import open_database
 from services.core.errors import NotFound
 from services.core.structured import ToolCall
 from services.session.history import Turn
