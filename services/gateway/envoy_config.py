@@ -37,7 +37,8 @@ from typing import Any
 
 from services.core import config
 from services.core.config import setting
-from services.gateway import web_app
+from services.gateway import clusters, web_app
+from services.gateway.clusters import INFERENCE_LB_POLICIES, WEBSOCKET_CLUSTER
 from services.wire.status import ANTHROPIC_ERROR_TYPES
 
 SERVICES = ("auth", "session", "cache", "inference")
@@ -63,7 +64,6 @@ STREAMING_METHODS = {
 
 # Set by the session service on its inference calls; the consistent hash key for inference.
 SESSION_HASH_HEADER = "x-parley-session-id"
-INFERENCE_LB_POLICIES = {"round_robin": "ROUND_ROBIN", "ring_hash": "RING_HASH", "maglev": "MAGLEV"}
 
 # Errors on these paths take OpenAI's {"error": {...}} shape (the Lua filter; tools/openapi.py
 # documents them so).
@@ -98,52 +98,6 @@ class GatewaySettings:
     max_request_bytes: int = setting(
         1024 * 1024, min=1024, max=64 * 1024 * 1024,
         help="largest request body the gateway accepts (413 beyond; also the buffer per connection)")
-
-
-def _endpoint(target: str) -> dict[str, Any]:
-    host, _, port = target.strip().rpartition(":")
-    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
-
-
-def _grpc_cluster(name: str, target: str) -> dict[str, Any]:
-    """An HTTP/2 (gRPC) cluster of every address `target` (host:port, or several separated by
-    commas: replicas on one machine) resolves to."""
-    return {
-        "name": name,
-        "type": "STRICT_DNS",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {"lb_endpoints": [_endpoint(t) for t in target.split(",") if t.strip()]}
-            ],
-        },
-    }
-
-
-def _cluster(name: str, target: str, interval: float, lb: str = "round_robin") -> dict[str, Any]:
-    cluster = _grpc_cluster(name, target)
-    cluster["dns_lookup_family"] = "V4_ONLY"
-    cluster["health_checks"] = [
-        {
-            "timeout": "1s",
-            "interval": f"{interval}s",
-            "unhealthy_threshold": 2,
-            "healthy_threshold": 1,
-            "no_traffic_interval": f"{interval}s",
-            "grpc_health_check": {},
-        }
-    ]
-    if lb != "round_robin":
-        # STRICT_DNS makes each resolved address a host; a ring of them survives membership changes.
-        cluster["lb_policy"] = INFERENCE_LB_POLICIES[lb]
-    return cluster
 
 
 def _routes(hash_inference: bool = False) -> list[dict[str, Any]]:
@@ -207,7 +161,6 @@ def _openapi_route(document: Path) -> dict[str, Any]:
 
 # The WebSocket route's path (the query string is not part of what it matches).
 WEBSOCKET_PATH_REGEX = "^/v1/sessions/[^/:]+:connect$"
-WEBSOCKET_CLUSTER = "session_websocket"
 
 
 def _websocket_route() -> dict[str, Any]:
@@ -220,39 +173,6 @@ def _websocket_route() -> dict[str, Any]:
             "envoy.filters.http.grpc_json_transcoder": {
                 "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}},
     }
-
-
-def _websocket_cluster(target: str, interval: float) -> dict[str, Any]:
-    """The session replicas' WebSocket bridges: plain HTTP/1.1, health-checked at /healthz."""
-    return {
-        "name": WEBSOCKET_CLUSTER,
-        "type": "STRICT_DNS",
-        "dns_lookup_family": "V4_ONLY",
-        "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": WEBSOCKET_CLUSTER,
-                            "endpoints": [{"lb_endpoints": [_endpoint(t) for t in target.split(",") if t.strip()]}]},
-        "health_checks": [{"timeout": "1s", "interval": f"{interval}s", "unhealthy_threshold": 2,
-                           "healthy_threshold": 1, "no_traffic_interval": f"{interval}s",
-                           "http_health_check": {"path": "/healthz"}}],
-    }
-
-
-def _tracing(collector: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Envoy's OpenTelemetry tracer: a span per request, exported to `collector`, whose context it
-    sends upstream as traceparent, so the services' spans join Envoy's trace (an incoming
-    traceparent is continued). Without it Envoy forwards a client's traceparent header untouched."""
-    cluster = _grpc_cluster("otlp_collector", collector)
-    tracing = {
-        "provider": {
-            "name": "envoy.tracers.opentelemetry",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
-                "grpc_service": {"envoy_grpc": {"cluster_name": "otlp_collector"}, "timeout": "1s"},
-                "service_name": "parley-gateway",
-            },
-        },
-    }
-    return tracing, cluster
 
 
 def _cors(origins: tuple[str, ...]) -> dict[str, Any]:
@@ -401,7 +321,7 @@ def _connection_manager(gateway: GatewaySettings) -> tuple[dict[str, Any], list[
     }
     tracing_clusters = []
     if gateway.otlp_collector:
-        hcm["tracing"], otlp_cluster = _tracing(gateway.otlp_collector)
+        hcm["tracing"], otlp_cluster = clusters.tracing(gateway.otlp_collector)
         tracing_clusters.append(otlp_cluster)
     return hcm, tracing_clusters
 
@@ -430,10 +350,10 @@ def build(gateway: GatewaySettings, common: config.CommonSettings) -> dict[str, 
                 }
             ],
             "clusters": [
-                _cluster(s, common.target_of(s), gateway.health_check_interval_seconds,
+                clusters.service_cluster(s, common.target_of(s), gateway.health_check_interval_seconds,
                          gateway.inference_lb if s == "inference" else "round_robin")
                 for s in SERVICES
-            ] + [_websocket_cluster(common.target_of("session_websocket"), gateway.health_check_interval_seconds)]
+            ] + [clusters.websocket_cluster(common.target_of("session_websocket"), gateway.health_check_interval_seconds)]
             + tracing_clusters,
         },
     }

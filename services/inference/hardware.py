@@ -206,10 +206,9 @@ def probe() -> Hardware:
     )
 
 
-def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto") -> EngineSettings:
-    """Engine settings for one model. `model_engine` is the catalogue's choice for that model."""
-    reasons: list[str] = []
-
+def _device_and_engine(hw: Hardware, settings: InferenceSettings, model_engine: str,
+                       reasons: list[str]) -> tuple[str, str]:
+    """The device and the engine: as configured, else what this machine runs best."""
     device = settings.device
     if device == "auto":
         if hw.cuda_devices and (hw.llama_gpu_offload or hw.torch_available):
@@ -234,29 +233,13 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
             reasons.append("engine=llama.cpp: fastest for GGUF on this device")
     else:
         reasons.append(f"engine={engine}: set by config")
+    return device, engine
 
-    threads = settings.threads or hw.physical_cores
-    reasons.append(
-        f"threads={threads}: " + ("set by PARLEY_THREADS" if settings.threads else "one per physical core")
-    )
 
-    if settings.gpu_layers is not None:
-        gpu_layers = settings.gpu_layers
-        reasons.append(f"gpu_layers={gpu_layers}: set by PARLEY_GPU_LAYERS")
-    elif device != "cpu" and engine == "llama.cpp" and hw.llama_gpu_offload:
-        gpu_layers = -1
-        reasons.append("gpu_layers=-1: offload every layer")
-    else:
-        gpu_layers = 0
-
-    dtype = settings.dtype
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") or device == "mps" else "float32"
-    quantization = "" if settings.quantization == "none" else settings.quantization
-    if quantization and not device.startswith("cuda"):
-        reasons.append(f"quantization={quantization} ignored: bitsandbytes needs CUDA")
-        quantization = ""
-
+def _capacity(hw: Hardware, settings: InferenceSettings, device: str, engine: str,
+              reasons: list[str]) -> tuple[int, int, int]:
+    """Choices decoded together, sequences kept warm and KV cells: as configured, else sized for the
+    device and engine."""
     slots = settings.parallel_slots
     if slots:
         reasons.append(f"parallel_slots={slots}: set by PARLEY_PARALLEL_SLOTS")
@@ -287,6 +270,42 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
         # Room for every running sequence at a quarter of the context, and at least one whole context.
         kv_tokens = max(settings.context_length, slots * settings.context_length // 4, 8192)
         reasons.append(f"kv_cache_tokens={kv_tokens}: {slots} running sequences at a quarter of the context window")
+    return slots, resident, kv_tokens
+
+
+def _weights(hw: Hardware, settings: InferenceSettings, device: str, engine: str,
+             reasons: list[str]) -> tuple[int, str, str]:
+    """Where the weights go and in what form: GPU layers, dtype, quantization."""
+    if settings.gpu_layers is not None:
+        gpu_layers = settings.gpu_layers
+        reasons.append(f"gpu_layers={gpu_layers}: set by PARLEY_GPU_LAYERS")
+    elif device != "cpu" and engine == "llama.cpp" and hw.llama_gpu_offload:
+        gpu_layers = -1
+        reasons.append("gpu_layers=-1: offload every layer")
+    else:
+        gpu_layers = 0
+
+    dtype = settings.dtype
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") or device == "mps" else "float32"
+    quantization = "" if settings.quantization == "none" else settings.quantization
+    if quantization and not device.startswith("cuda"):
+        reasons.append(f"quantization={quantization} ignored: bitsandbytes needs CUDA")
+        quantization = ""
+    return gpu_layers, dtype, quantization
+
+
+def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto") -> EngineSettings:
+    """Engine settings for one model. `model_engine` is the catalogue's choice for that model."""
+    reasons: list[str] = []
+    device, engine = _device_and_engine(hw, settings, model_engine, reasons)
+    threads = settings.threads or hw.physical_cores
+    reasons.append(
+        f"threads={threads}: " + ("set by PARLEY_THREADS" if settings.threads else "one per physical core")
+    )
+
+    gpu_layers, dtype, quantization = _weights(hw, settings, device, engine, reasons)
+    slots, resident, kv_tokens = _capacity(hw, settings, device, engine, reasons)
 
     host_mib = min(settings.host_kv_cache_mib, hw.available_memory_mib // 8) if hw.available_memory_mib else \
         settings.host_kv_cache_mib

@@ -73,11 +73,9 @@ class TextCompletions:
         req = parse_request(body)
         count = len(req.prompts) * req.n
         prompt_of = [req.prompts[i // req.n] for i in range(count)]
-        choices = [TextChoice(prompt_of[i] if req.echo else "") for i in range(count)]
+        choices = [TextChoice(prompt_of[i] if req.echo else "", logprobs=_empty_logprobs(req.logprobs))
+                   for i in range(count)]
         offsets = [LegacyLogprobs(len(prompt_of[i])) for i in range(count)]
-        if req.logprobs is not None:
-            for choice in choices:
-                choice.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         writer: TextCompletionWriter | None = None
         started: list[Started] = []
         waiting: list[tuple[int, Chunk]] = []  # chunks that came before every prompt was admitted
@@ -115,9 +113,7 @@ class TextCompletions:
                             yield SSE, writer.chunk(i, "", finish_reason=chunk.finish_reason,
                                                     include_usage=req.include_usage)
                     if chunk.usage is not None:  # the last chunk of one prompt's completion
-                        usage.prompt_tokens += chunk.usage.prompt_tokens
-                        usage.completion_tokens += chunk.usage.completion_tokens
-                        usage.cached_prompt_tokens += chunk.usage.cached_prompt_tokens
+                        _add_usage(usage, chunk.usage)
             if writer is None:
                 return
             if req.stream:
@@ -131,3 +127,15 @@ class TextCompletions:
                 raise  # nothing sent yet, or one JSON answer: the status says it
             yield SSE, writer.error_event(ChatCompletions._failure(exc))
             yield SSE, writer.DONE  # as a chat completion stream ends
+
+
+def _add_usage(total: Usage, usage: Usage) -> None:
+    """One prompt's usage added to the request's (every prompt of a batch counts)."""
+    total.prompt_tokens += usage.prompt_tokens
+    total.completion_tokens += usage.completion_tokens
+    total.cached_prompt_tokens += usage.cached_prompt_tokens
+
+
+def _empty_logprobs(asked: int | None) -> dict[str, list[Any]] | None:
+    """A choice's legacy logprobs to fill in, when the request asks for them."""
+    return None if asked is None else {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
