@@ -7,7 +7,8 @@ paused here: a slot's worker holds it until its answer ends). Among free slots
 it takes the one whose cached tokens share the longest prefix with its prompt, so the next turn of a
 conversation lands where its KV cache already is; ties go to the least recently used slot, which
 keeps other conversations' caches warm longest. The slot's worker thread then evaluates the prompt
-and feeds sampled tokens to the request until it ends or is cancelled.
+and feeds sampled tokens to the request until it ends or is cancelled. Requests waiting are told
+their place in line each time it moves (queue_place, line_moved), as in the batched engine.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from services.inference.engines.base import EngineError, queue_full
 from services.inference.engines.fair import ANONYMOUS, Line, Owner, Policy, Shares
 from services.inference.engines.local import TokenEngine
-from services.inference.engines.sequence import Request, Sampling, common_prefix
+from services.inference.engines.sequence import LineWatch, Request, Sampling, common_prefix
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Slot:
     last_used: float = 0.0
     busy: bool = False
     owner: Owner = ANONYMOUS  # whom its running generation is for (engines.fair)
+    taken_at: float = 0.0  # when its running generation took it
     worker: "asyncio.Future[None] | None" = None  # the running generation's thread
     # Every generation of a slot runs on this one thread: native thread pools (OpenMP) keep a team
     # of threads per calling thread, and hopping threads builds extra teams that spin on the cores.
@@ -46,6 +48,7 @@ class _Waiter:
     owner: Owner
     prompt: Sequence[int]
     slot: "asyncio.Future[Slot]"
+    key: object = None  # what the waiter's queue place is asked by (the engine's Request)
     cost = 1
 
 
@@ -56,6 +59,9 @@ class SlotPool:
         self._slots = list(slots)
         self._queue_depth = queue_depth
         self._line: Line[_Waiter] = Line(Policy(fair, len(self._slots), queue_depth))
+        self.line_watch = LineWatch()  # told whenever the line moves: queue places are pushed
+        # How long a slot is held (moving average): what queue places' waits are estimated from.
+        self._held_seconds: float | None = None
 
     @property
     def waiting(self) -> int:
@@ -79,14 +85,21 @@ class SlotPool:
         if not self._line.fits(owner, 1, self._running()):
             raise queue_full("generations", self.running, self.waiting, self._queue_depth)
 
-    async def acquire(self, prompt: Sequence[int], owner: Owner = ANONYMOUS) -> Slot:
+    def enqueue(self, prompt: Sequence[int], owner: Owner = ANONYMOUS, key: object = None) -> _Waiter:
+        """A waiter for a slot, given one at once when one is free and nobody waits, else in line;
+        raises ResourceExhausted when the queue has no room for the owner."""
+        waiter = _Waiter(owner, prompt, asyncio.get_running_loop().create_future(), key)
         slot = self._best_free(prompt) if not self._line else None
         if slot is not None:
-            return self._take(slot, owner)
+            waiter.slot.set_result(self._take(slot, owner))
+            return waiter
         self.check_room(owner)
-        waiter = _Waiter(owner, prompt, asyncio.get_running_loop().create_future())
         self._line.add(waiter)
         self._hand_out()  # a slot may be free with others waiting: the policy says who takes it
+        self._moved()
+        return waiter
+
+    async def wait(self, waiter: _Waiter) -> Slot:
         try:
             return await waiter.slot
         except asyncio.CancelledError:
@@ -94,10 +107,29 @@ class SlotPool:
                 self.release(waiter.slot.result())  # handed a slot as it was cancelled: pass it on
             elif waiter in self._line.entries:
                 self._line.remove(waiter)
+                self._moved()
             raise
 
+    async def acquire(self, prompt: Sequence[int], owner: Owner = ANONYMOUS, key: object = None) -> Slot:
+        return await self.wait(self.enqueue(prompt, owner, key))
+
+    def _moved(self) -> None:
+        self.line_watch.tell((len(self._line), self.running))
+
+    def place(self, key: object) -> tuple[int, float] | None:
+        """Where the waiter for `key` is: (place in line, 1 first; estimated seconds until it gets a
+        slot), or None when it does not wait."""
+        waiter = next((w for w in self._line.entries if w.key is key), None)
+        ahead = self._line.ahead(waiter, self._running()) if waiter is not None else None
+        if ahead is None:
+            return None
+        place = self.running + ahead + 1 - len(self._slots)
+        if place <= 0:
+            return None
+        return place, place * (self._held_seconds or 0.0) / len(self._slots)
+
     def _take(self, slot: Slot, owner: Owner) -> Slot:
-        slot.busy, slot.owner = True, owner
+        slot.busy, slot.owner, slot.taken_at = True, owner, time.monotonic()
         return slot
 
     def _hand_out(self) -> None:
@@ -109,6 +141,7 @@ class SlotPool:
             self._line.remove(waiter)
             if not waiter.slot.done():
                 waiter.slot.set_result(self._take(slot, waiter.owner))
+            self._moved()
 
     def release(self, slot: Slot) -> None:
         """Frees the slot once its worker thread has stopped — never earlier, because a llama.cpp
@@ -120,8 +153,11 @@ class SlotPool:
             self._free(slot)
 
     def _free(self, slot: Slot) -> None:
+        held = time.monotonic() - slot.taken_at
+        self._held_seconds = held if self._held_seconds is None else 0.8 * self._held_seconds + 0.2 * held
         slot.busy, slot.worker, slot.owner = False, None, ANONYMOUS
         self._hand_out()
+        self._moved()
 
 
 class SlotEngine(TokenEngine):
@@ -156,20 +192,28 @@ class SlotEngine(TokenEngine):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "slots": len(self.slots)}
 
+    def queue_place(self, request: Request) -> tuple[int, float] | None:
+        return self._pool.place(request) if self._pool is not None else None
+
+    def line_moved(self) -> asyncio.Event | None:
+        return self._pool.line_watch.listen() if self._pool is not None else None
+
     @abstractmethod
     def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling) -> Iterator[int]:
         """Evaluates `prompt` in `slot` and yields sampled tokens. It reuses what the slot holds
         unless slot.tokens is empty, and leaves slot.tokens equal to what its state holds."""
 
     def _submit(self, request: Request) -> None:
-        self._pool.check_room(request.owner)  # ResourceExhausted now, while the caller can still get a 429
-        task = asyncio.ensure_future(self._serve(request))
+        # In line (or holding a slot) when this returns, so that its queue place can be read at once;
+        # ResourceExhausted now, while the caller can still get a 429.
+        waiter = self._pool.enqueue(request.prompt, request.owner, key=request)
+        task = asyncio.ensure_future(self._serve(request, waiter))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, request: Request) -> None:
+    async def _serve(self, request: Request, waiter: _Waiter) -> None:
         try:
-            slot = await self._pool.acquire(request.prompt, request.owner)
+            slot = await self._pool.wait(waiter)
         except BaseException as exc:  # noqa: BLE001 - the caller's stream raises it
             request.fail(exc)
             return

@@ -59,3 +59,37 @@ async def test_a_slot_stays_busy_until_its_worker_thread_stops() -> None:
     slot.worker.set_result(None)
     await asyncio.sleep(0.01)
     assert not slot.busy and (await pool.acquire([1])) is slot
+
+
+async def test_waiters_are_told_their_place_as_the_line_moves() -> None:
+    pool = SlotPool([Slot(0), Slot(1)], queue_depth=4)
+    held = [await pool.acquire([1]), await pool.acquire([1])]
+    first, second = object(), object()
+    waiters = [pool.enqueue([1], key=first), pool.enqueue([1], key=second)]
+    assert pool.place(first)[0] == 1 and pool.place(second)[0] == 2
+    moved = pool.line_watch.listen()
+    pool.release(held[0])
+    await asyncio.sleep(0)  # the event is set on the loop (LineWatch calls it soon, thread-safe)
+    assert moved.is_set()  # pushed, not polled
+    assert await pool.wait(waiters[0]) is held[0]
+    assert pool.place(first) is None  # it runs
+    assert pool.place(second)[0] == 1
+    moved = pool.line_watch.listen()
+    pool.release(held[1])
+    await asyncio.sleep(0)
+    assert moved.is_set() and pool.place(second) is None
+    assert pool.place(object()) is None  # a request the pool does not know
+
+
+async def test_a_cancelled_waiter_leaves_the_line_and_the_others_move_up() -> None:
+    pool = SlotPool([Slot(0)], queue_depth=4)
+    await pool.acquire([1])
+    first, second = object(), object()
+    waiting = asyncio.ensure_future(pool.acquire([1], key=first))
+    await asyncio.sleep(0)
+    pool.enqueue([1], key=second)
+    assert pool.place(second)[0] == 2
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert pool.place(second)[0] == 1
