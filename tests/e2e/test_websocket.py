@@ -5,7 +5,6 @@ back to SSE where WebSocket is unavailable."""
 from __future__ import annotations
 
 import threading
-import uuid
 
 import httpx
 
@@ -29,7 +28,8 @@ def short_chat(page, web_url: str) -> str:
 
 
 def test_turns_use_the_websocket_and_show_the_place_in_line(signed_in, web_url: str) -> None:
-    page = signed_in()
+    username = register(web_url)
+    page = signed_in(username=username)
     sockets: list[str] = []
     page.on("websocket", lambda ws: sockets.append(ws.url))
     short_chat(page, web_url)
@@ -38,9 +38,10 @@ def test_turns_use_the_websocket_and_show_the_place_in_line(signed_in, web_url: 
     assert first.get_attribute("data-transport") == "websocket"
     assert len(sockets) == 1 and sockets[0].endswith(":connect") and "token" not in sockets[0]
 
-    # Another user's four streams fill both slots and the queue ahead: the next answer says where it
-    # waits, then streams on the same socket.
-    other = sign_in(web_url, f"busy-{uuid.uuid4().hex[:8]}", PASSWORD, register=True)
+    # The same user's four streams from a script fill both slots and the queue ahead: the next answer
+    # says where it waits, then streams on the same socket. (Another user's streams would not make it
+    # wait: fair share starts a user with nothing running first, pausing one of theirs.)
+    other = sign_in(web_url, username, PASSWORD)
     started = [threading.Event() for _ in range(4)]
 
     def stream(ready: threading.Event) -> None:
