@@ -17,7 +17,6 @@ the KV cache are its tokens evaluated again. The stream sees a pause, nothing el
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -58,6 +57,7 @@ class Admission:
         def _place(self, request: Request) -> None: ...
         def _victim(self, keep: KvSequence | None) -> KvSequence: ...
         def _clear(self, seq: KvSequence) -> None: ...
+        def _copy_state(self, seq: KvSequence) -> Any | None: ...
 
     # --- the event loop's side -------------------------------------------------------------
     def queue_place(self, request: Request) -> tuple[int, float] | None:
@@ -159,13 +159,8 @@ class Admission:
         if not running:
             return False
         d = max(running, key=lambda d: d.admitted_at)
-        seq, data = d.seq, None
-        size = self._l.llama_state_seq_get_size(self._ctx, seq.id) if seq.tokens else 0
-        if size > 0:
-            data = (ctypes.c_uint8 * size)()
-            if self._l.llama_state_seq_get_data(self._ctx, data, size, seq.id) != size:
-                data = None  # resumed by evaluating its tokens again
-        d.parked = (list(seq.tokens), data)
+        seq = d.seq
+        d.parked = (list(seq.tokens), self._copy_state(seq))  # no state: resumed by evaluating its tokens again
         self._active.remove(d)
         self._l.llama_memory_seq_rm(self._memory, seq.id, -1, -1)
         seq.tokens, seq.busy, seq.last_used = [], False, time.monotonic()

@@ -138,10 +138,12 @@ class SequenceMemory:
         seq.saved = 0
 
     def _state(self, seq: KvSequence) -> Any | None:
-        """A copy of the sequence's KV state (llama_state_seq_get_data), if it is worth keeping."""
-        if len(seq.tokens) < MIN_PARKED_TOKENS:
-            return None
-        size = self._l.llama_state_seq_get_size(self._ctx, seq.id)
+        """A copy of the sequence's KV state, if it is worth keeping."""
+        return self._copy_state(seq) if len(seq.tokens) >= MIN_PARKED_TOKENS else None
+
+    def _copy_state(self, seq: KvSequence) -> Any | None:
+        """A copy of the sequence's KV state (llama_state_seq_get_data); None if llama.cpp gives none."""
+        size = self._l.llama_state_seq_get_size(self._ctx, seq.id) if seq.tokens else 0
         data = (ctypes.c_uint8 * size)() if size > 0 else None
         if data is None or self._l.llama_state_seq_get_data(self._ctx, data, size, seq.id) != size:
             return None
