@@ -70,6 +70,7 @@ class BatchScheduler(Admission, SequenceMemory):
         self.speculation = Speculation(settings.draft_tokens, logits_rows(settings), self.stats, draft_counter(name))
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._max_running = max(1, settings.parallel_slots)
+        self._spare = max(1, self._max_running // 8) if settings.fair_share else 0
         self._queue_depth = settings.queue_depth
         self._budget = settings.batch_tokens
         self._name = name

@@ -37,6 +37,7 @@ class Admission:
     _l: Any
     _ctx: Any
     _memory: Any
+    _sequences: list[KvSequence]
     _cond: threading.Condition
     _closing: bool
     _policy: Policy
@@ -45,6 +46,7 @@ class Admission:
     _active: list[Decoding]
     _courier: Courier
     _max_running: int
+    _spare: int  # choices beyond _max_running for users that run nothing (fair share, _spare_for)
     _queue_depth: int
     _answer_seconds: float | None
     _step_seconds: float
@@ -68,7 +70,8 @@ class Admission:
         with self._cond:
             running = self._shares()
             ahead = self._pending.ahead(request, running)
-            if ahead is None or (ahead == 0 and self._policy.victim(request.owner, request.cost, running)):
+            if ahead is None or (ahead == 0 and (self._policy.victim(request.owner, request.cost, running)
+                                                 or self._spare_for(request, running))):
                 return None
             place = self._choices() + self._placing + ahead + request.cost - self._max_running
             if place <= 0:
@@ -117,7 +120,8 @@ class Admission:
                 if head is None:
                     return
                 # A request with more choices than parallel_slots runs alone rather than never.
-                room = not self._active or self._choices() + head.cost <= self._max_running
+                room = (not self._active or self._choices() + head.cost <= self._max_running
+                        or self._spare_for(head, self._shares()))
                 if room:
                     self._pending.remove(head)
                     # Neither waiting nor running until placed: places read meanwhile count it as running.
@@ -141,6 +145,15 @@ class Admission:
             finally:
                 with self._cond:
                     self._placing = 0
+
+    def _spare_for(self, entry: Request | Decoding, running: Shares) -> bool:
+        """Whether a user that runs nothing starts beyond parallel_slots, on one of the `_spare` choices
+        fair share keeps for newcomers, rather than by pausing another user's choice: a paused stream
+        finishes late, and a flood's last streams then decode in a thin batch. The total falls back
+        under parallel_slots as choices end: only users that run nothing take a spare."""
+        if running.users[entry.owner.user] or self._choices() + entry.cost > self._max_running + self._spare:
+            return False
+        return sum(not s.busy for s in self._sequences) >= entry.cost  # sequence ids beyond the running ones
 
     def _started(self, d: Decoding) -> None:
         """`d` (and its followers) run from the next step: it counts as running from the moment it is no

@@ -91,12 +91,15 @@ class FakeSampling:
 
 
 def scheduler(*, slots: int = 2, fair: bool = True, queue_depth: int = 4, batch_tokens: int = 64,
-              resident: int = 6) -> tuple[BatchScheduler, FakeLlama]:
-    """A BatchScheduler over FakeLlama; the test drives it with `_step()` (no thread)."""
+              resident: int = 6, spare: int | None = None) -> tuple[BatchScheduler, FakeLlama]:
+    """A BatchScheduler over FakeLlama; the test drives it with `_step()` (no thread). `spare`: the
+    choices beyond `slots` kept for newcomers (default: the engine's own, 1 with fair share)."""
     llama = FakeLlama()
     settings = EngineSettings("llama.cpp", "cpu", 1, 0, "float32", "none", 1024, slots, queue_depth=queue_depth,
                               fair_share=fair, resident_sequences=resident, batch_tokens=batch_tokens)
     with mock.patch("services.inference.engines.batch.ChoiceSampling", lambda *args: FakeSampling(llama)):
         batch = BatchScheduler(llama, object(), lambda token, special: b"", vocab=None, n_vocab=1000,
                                settings=settings, host_cache_bytes=1 << 20, name="fake")
+    if spare is not None:
+        batch._spare = spare
     return batch, llama

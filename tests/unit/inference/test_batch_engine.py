@@ -267,7 +267,8 @@ async def test_waiting_requests_are_told_their_place_in_line() -> None:
 
 async def test_a_paused_stream_resumes_from_its_kv_state_in_host_ram() -> None:
     """Fair share with the real model: with both slots running user A's streams, user B's request
-    pauses one of them (llama_state_seq_get_data) and it resumes (…set_data) to its full length."""
+    starts on the spare choice and user C's pauses one of A's (llama_state_seq_get_data), which
+    resumes (…set_data) to its full length."""
     registry, generation = make(PARLEY_PARALLEL_SLOTS="2")
     try:
         await registry.load(MODEL)
@@ -287,11 +288,12 @@ async def test_a_paused_stream_resumes_from_its_kv_state_in_host_ram() -> None:
         engine = registry.get(MODEL).engine
         while engine.running < 2:
             await asyncio.sleep(0.005)
-        _, b = await answer(Owner("b"), "Hi", SamplingInput(max_tokens=3, temperature=0))
+        short = SamplingInput(max_tokens=3, temperature=0)
+        (_, b), (_, c) = await asyncio.gather(answer(Owner("b"), "Hi", short), answer(Owner("c"), "Hello", short))
         (_, first), (text, paused) = await asyncio.gather(a1, a2)
         stats = scheduler(registry).stats
         assert (stats["paused"], stats["resumed"], stats["recomputed"]) == (1, 1, 0)
-        assert b.finish_reason in ("stop", "length")
+        assert b.finish_reason in ("stop", "length") and c.finish_reason in ("stop", "length")
         assert [r.usage.completion_tokens for r in (first, paused)] == [40, 40]
         assert paused.finish_reason == "length" and text[:12] == solo[:12]
     finally:

@@ -111,7 +111,7 @@ async def test_a_newcomer_pauses_a_heavy_users_choice_which_resumes_with_its_kv_
     alone.submit(reference)
     await run(alone, lambda: reference.done)
 
-    batch, llama = scheduler(slots=2)
+    batch, llama = scheduler(slots=2, spare=0)
     first, second = request(A, list(range(10, 50)), 24), request(A, list(range(60, 90)), 24)
     batch.submit(first)
     batch.submit(second)
@@ -137,6 +137,35 @@ async def test_a_newcomer_pauses_a_heavy_users_choice_which_resumes_with_its_kv_
     assert paused == await answer(again)
 
 
+async def test_a_newcomer_starts_on_a_spare_choice_and_the_next_one_pauses_a_heavy_users() -> None:
+    """A user that runs nothing starts beyond parallel_slots (nobody pauses: the flood's streams keep
+    decoding in a full batch); with the spare taken, the next newcomer pauses a choice; the total
+    falls back under parallel_slots as answers end."""
+    batch, _ = scheduler(slots=2, spare=1)
+    heavy = [request(A, list(range(10 * i, 10 * i + 20)), 12) for i in range(1, 4)]
+    for r in heavy:
+        batch.submit(r)
+    await run(batch, lambda: heavy[0].usage.completion_tokens >= 2)
+    bob = request(B, [7] * 10, 20)
+    batch.submit(bob)
+    assert batch.queue_place(bob) is None
+    await run(batch, lambda: bob.admitted)
+    assert batch._choices() == 3 and batch.stats["paused"] == 0
+    carol = request(C, [8] * 10, 20)
+    batch.submit(carol)
+    await run(batch, lambda: carol.admitted)
+    assert batch.stats["paused"] == 1 and batch._choices() == 3
+    most = 0
+    while not all(r.done for r in [*heavy, bob, carol]):
+        batch._step()
+        await asyncio.sleep(0)
+        most = max(most, batch._choices())
+        if bob.done and carol.done:
+            assert batch._choices() <= 2
+    assert most <= 3 and [len(await answer(r)) for r in heavy] == [12, 12, 12]
+    assert batch.stats["resumed"] == 1 and batch.stats["recomputed"] == 0
+
+
 async def test_first_come_first_served_makes_the_newcomer_wait_for_a_whole_answer() -> None:
     batch, _ = scheduler(slots=2, fair=False)
     first, second = request(A, list(range(10, 50)), 24), request(A, list(range(60, 90)), 24)
@@ -152,7 +181,7 @@ async def test_first_come_first_served_makes_the_newcomer_wait_for_a_whole_answe
 
 
 async def test_queue_places_tell_the_order_requests_start_in() -> None:
-    batch, _ = scheduler(slots=2, queue_depth=8)
+    batch, _ = scheduler(slots=2, queue_depth=8, spare=0)
     a_running, b_running = request(A, [1] * 12, 6), request(B, [2] * 12, 40)
     batch.submit(a_running)
     batch.submit(b_running)
@@ -191,7 +220,7 @@ async def test_the_queue_bound_refuses_the_flooding_user_and_admits_the_other() 
 
 
 async def test_a_cancelled_paused_choice_ends_and_frees_its_place() -> None:
-    batch, _ = scheduler(slots=2)
+    batch, _ = scheduler(slots=2, spare=0)
     other, heavy = request(A, list(range(10, 50)), 30), request(A, list(range(20, 60)), 30)
     batch.submit(other)
     batch.submit(heavy)
