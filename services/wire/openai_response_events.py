@@ -11,7 +11,7 @@ from typing import Any
 from parley.inference.v1 import inference_pb2 as pb
 
 from services.core.errors import InvalidArgument
-from services.core.structured import ToolCall
+from services.core.structured import Answer, ToolCall
 
 SSE = "text/event-stream"
 JSON = "application/json"
@@ -108,8 +108,7 @@ class EventWriter:
         self.created_at = time.time()
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
-        self.text: list[str] = []
-        self.reasoning: list[str] = []
+        self.said = Answer()  # the message's text and the reasoning item's, as they stream
         self._message_open = False
         self._reasoning_at: int | None = None  # the open reasoning item's output index
         self.final: dict[str, Any] | None = None  # the Response once finished or failed
@@ -140,7 +139,7 @@ class EventWriter:
     def _close_message(self, status: str) -> list[bytes]:
         self._message_open = False
         index = next(i for i, item in enumerate(self.output) if item["type"] == "message")
-        text = "".join(self.text)
+        text = self.said.text
         item = message_item(f"msg_{self.message_id}", text, status)
         self.output[index] = item
         part = item["content"][0]
@@ -163,7 +162,7 @@ class EventWriter:
         if self._reasoning_at is None:
             return []
         index, self._reasoning_at = self._reasoning_at, None
-        text = "".join(self.reasoning)
+        text = self.said.reasoning
         item = reasoning_item(self.output[index]["id"], text, status)
         self.output[index] = item
         return [self._event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
@@ -181,7 +180,7 @@ class EventWriter:
                 events += self._open_reasoning()
             at = self._reasoning_at
             assert at is not None
-            self.reasoning.append(reasoning)
+            self.said.add("", reasoning)
             events.append(self._event("response.reasoning_text.delta", item_id=self.output[at]["id"], output_index=at,
                                       content_index=0, delta=reasoning))
         if text or calls:
@@ -190,7 +189,7 @@ class EventWriter:
             if not self._message_open and not any(i["type"] == "message" for i in self.output):
                 events += self._open_message()
             if self._message_open:
-                self.text.append(text)
+                self.said.add(text)
                 index = len(self.output) - 1
                 events.append(self._event("response.output_text.delta", item_id=f"msg_{self.message_id}",
                                           output_index=index, content_index=0, delta=text, logprobs=[]))
