@@ -4,8 +4,8 @@ in one decode step; admission (engines.batch_admission) and KV memory (engines.b
 One thread runs `BatchScheduler._loop`. Each step:
 1. drops cancelled requests (their sequences stop at once: at most one decode step later);
 2. admits waiting requests while fewer than `parallel_slots` choices run, in the order of
-   engines.fair's policy (users in turn; with no room, a choice of the most loaded user pauses for a
-   lighter user's request), placing each where the most of its prompt is already held;
+   engines.fair's policy (users in turn; with no room, a user that runs nothing starts on a spare
+   choice, else a choice of the most loaded user pauses for a lighter user's request), placing each where the most of its prompt is already held;
 3. builds one batch: the last sampled token of every decoding choice, then prompt chunks of the
    admitted requests under the step's token budget, split between users by engines.fair (a long
    prompt never stalls the running streams for more than one budget's worth of prefill);

@@ -5,6 +5,9 @@ another user's request.
 BatchScheduler derives from Admission; the decode thread calls `_drop_cancelled` and `_admit` at
 the start of each step, the event loop `submit` and `queue_place`.
 
+A spare (fair share, when no slot is free): a user that runs nothing starts at once on one of a few
+choices beyond parallel_slots (`_spare_for`); pausing is for when those are taken.
+
 Pausing (fair share, when no slot is free and one user runs more than a waiting user would): the
 most loaded user's most recently admitted single choice gives its sequence up. Its KV state is
 copied to host RAM with llama.cpp's `llama_state_seq_get_data` (as engines.batch parks idle

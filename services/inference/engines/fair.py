@@ -16,8 +16,10 @@ share on (PARLEY_FAIR_SHARE, the default):
   its user already holds a weighted equal share of that room: one user filling the queue is refused,
   the next user is not;
 - where the engine can pause a running choice without losing it (the batched llama.cpp engine,
-  engines.batch_admission: its KV state goes to host RAM and comes back), a waiting request whose user runs less than another user takes a choice
-  of the most loaded one (`victim`), until their shares are equal; engines that cannot pause
+  engines.batch_admission: its KV state goes to host RAM and comes back), a request of a user that
+  runs nothing first starts on one of a few spare choices beyond the engine's slots (nobody pauses
+  for a newcomer's short turn); with those taken, a waiting request whose user runs less than
+  another user takes a choice of the most loaded one (`victim`), until their shares are equal; engines that cannot pause
   (engines.slots' torch slots, engines.embedding's batches) only order and bound their queues;
 - the prompt tokens a step of the batched engine evaluates are split between the users that have
   prompts to evaluate by weight (`prefill`), so a long prompt does not hold a newcomer's first
