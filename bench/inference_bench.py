@@ -541,6 +541,8 @@ def print_remote(measured: tuple[dict[tuple[str, str], tuple[float, float, float
 def find_llama_server(option: str | None) -> Path | None:
     """--llama-server, else $PARLEY_BENCH_LLAMA_SERVER, else the default cache path when it exists."""
     chosen = option or os.environ.get("PARLEY_BENCH_LLAMA_SERVER")
+    if chosen == "none":  # Parley alone (e.g. two versions of it compared run by run)
+        return None
     if chosen:
         if not os.access(chosen, os.X_OK):
             raise SystemExit(f"llama-server {chosen!r} is not an executable file; build it: {BUILD_LLAMA_SERVER}")
@@ -656,7 +658,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=0, help="PARLEY_PARALLEL_SLOTS for the service (0 = auto)")
     parser.add_argument("--llama-server", default=None, metavar="PATH",
                         help=f"llama-server binary to compare against (default: $PARLEY_BENCH_LLAMA_SERVER, else "
-                             f"{DEFAULT_LLAMA_SERVER} when it exists)")
+                             f"{DEFAULT_LLAMA_SERVER} when it exists; 'none': Parley alone)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, fewer turns")
     parser.add_argument("--log-dir", default=None, help="keep the services' and llama-server's logs here")
     parser.add_argument("--turns", type=int, default=None,
