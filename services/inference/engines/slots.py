@@ -9,6 +9,10 @@ conversation lands where its KV cache already is; ties go to the least recently 
 keeps other conversations' caches warm longest. The slot's worker thread then evaluates the prompt
 and feeds sampled tokens to the request until it ends or is cancelled. Requests waiting are told
 their place in line each time it moves (queue_place, line_moved), as in the batched engine.
+
+The remote engine (engines.remote) bounds its requests in flight with the same pool: its slots hold
+no state (an in-flight place each; its prompts are (), so a free one is the least recently used), and
+its requests give their place back however they end (SlotPool.withdraw).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class _Waiter:
     prompt: Sequence[int]
     slot: "asyncio.Future[Slot]"
     key: object = None  # what the waiter's queue place is asked by (the engine's Request)
+    withdrawn: bool = False  # its place or slot was given back (SlotPool.withdraw)
     cost = 1
 
 
@@ -62,6 +67,10 @@ class SlotPool:
         self.line_watch = LineWatch()  # told whenever the line moves: queue places are pushed
         # How long a slot is held (moving average): what queue places' waits are estimated from.
         self._held_seconds: float | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self._slots)
 
     @property
     def waiting(self) -> int:
@@ -103,12 +112,22 @@ class SlotPool:
         try:
             return await waiter.slot
         except asyncio.CancelledError:
-            if waiter.slot.done() and not waiter.slot.cancelled():
-                self.release(waiter.slot.result())  # handed a slot as it was cancelled: pass it on
-            elif waiter in self._line.entries:
-                self._line.remove(waiter)
-                self._moved()
+            self.withdraw(waiter)
             raise
+
+    def withdraw(self, waiter: _Waiter) -> None:
+        """The waiter's request is over, however it ended: its place in line, or the slot it was
+        handed (even as it was cancelled), goes to the next. Once: a second call does nothing."""
+        if waiter.withdrawn:
+            return
+        waiter.withdrawn = True
+        if waiter.slot.done() and not waiter.slot.cancelled():
+            self.release(waiter.slot.result())
+            return
+        waiter.slot.cancel()
+        if waiter in self._line.entries:
+            self._line.remove(waiter)
+            self._moved()
 
     async def acquire(self, prompt: Sequence[int], owner: Owner = ANONYMOUS, key: object = None) -> Slot:
         return await self.wait(self.enqueue(prompt, owner, key))
