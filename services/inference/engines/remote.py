@@ -209,30 +209,24 @@ class RemoteEngine(PoolBacked, Engine):
         if places is None:
             raise Unavailable(f"model {self.model_id!r} is not loaded")
         waiter = places.enqueue((), request.owner, key=call)  # in line (or in flight) now; a full line raises
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, request.deadline - time.monotonic()), places.refuse, waiter,
+            DeadlineExceeded("the deadline passed while the request waited for the engine"))
         try:
             if request.report_queue:
                 async with contextlib.aclosing(queue_places(lambda: places.place(call), self.line_moved)) as queued:
                     async for place in queued:
                         yield place
-            await self._wait(places, waiter, request.deadline)
+            await places.wait(waiter)  # DEADLINE_EXCEEDED when its deadline passes first
             await self._admit(call)
             yield Admitted(len(tokens), dropped)
             async with contextlib.aclosing(self._stream(call)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
+            expiry.cancel()
             call.cancelled = True  # closes an open response now, however this ended
             places.withdraw(waiter)  # its in-flight place, or its place in line, goes to the next
-
-    @staticmethod
-    async def _wait(places: SlotPool, waiter: Any, deadline: float) -> None:
-        """Until the request has an in-flight place; DEADLINE_EXCEEDED when its deadline passes first."""
-        if waiter.slot.done():
-            return
-        try:
-            await asyncio.wait_for(places.wait(waiter), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise DeadlineExceeded("the deadline passed while the request waited for the engine") from None
 
     def _pick(self, affinity: str, tried: set[int]) -> Upstream | None:
         return self.pool.pick(affinity, tried)

@@ -121,10 +121,19 @@ class SlotPool:
         if waiter.withdrawn:
             return
         waiter.withdrawn = True
-        if waiter.slot.done() and not waiter.slot.cancelled():
+        if waiter.slot.done() and not waiter.slot.cancelled() and waiter.slot.exception() is None:
             self.release(waiter.slot.result())
             return
         waiter.slot.cancel()
+        self._leave(waiter)
+
+    def refuse(self, waiter: _Waiter, error: BaseException) -> None:
+        """Takes a waiter out of line with `error` (its deadline passed), unless it has its slot."""
+        if not waiter.slot.done():
+            waiter.slot.set_exception(error)
+            self._leave(waiter)
+
+    def _leave(self, waiter: _Waiter) -> None:
         if waiter in self._line.entries:
             self._line.remove(waiter)
             self._moved()
@@ -174,7 +183,15 @@ class SlotPool:
     def _free(self, slot: Slot) -> None:
         held = time.monotonic() - slot.taken_at
         self._held_seconds = held if self._held_seconds is None else 0.8 * self._held_seconds + 0.2 * held
+        # Its successor is the waiter the line put first while it ran (its owner still counted): the
+        # places told stay true, and a user whose request ended does not win the slot back from
+        # another user's older waiter on a tie (with one slot users would go in arrival order).
+        successor = self._line.next(self._running())
         slot.busy, slot.worker, slot.owner = False, None, ANONYMOUS
+        if successor is not None:
+            self._line.remove(successor)
+            if not successor.slot.done():
+                successor.slot.set_result(self._take(slot, successor.owner))
         self._hand_out()
         self._moved()
 
