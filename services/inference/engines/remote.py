@@ -58,7 +58,7 @@ from services.inference.engines.request import Admitted, GenerationRequest, Queu
 from services.inference.engines.remote_wire import (
     FINISH, Chat, StreamedCalls, answer_piece, has_usage, request_body,
 )
-from services.inference.engines.slots import Slot, SlotPool
+from services.inference.engines.slots import InLine, Slot, SlotPool
 from services.inference.engines.upstream import PoolBacked, Upstream, UpstreamPool, describe, error_text
 from services.inference.engines.weights import resolve_source
 from services.inference.hardware import EngineSettings
@@ -97,7 +97,7 @@ class RemoteRequest:
             asyncio.ensure_future(self.release(self, "cancelled", ""))
 
 
-class RemoteEngine(PoolBacked, Engine):
+class RemoteEngine(InLine, PoolBacked, Engine):
     """A chat model served upstream: the chat itself is sent (the upstream renders it, applies its
     own grammars and checks its own context limit); tokens are counted here only to fit long chats
     and meter upstreams that send no usage."""
@@ -108,25 +108,14 @@ class RemoteEngine(PoolBacked, Engine):
         super().__init__(model_id, path, settings, params)
         self.pool = UpstreamPool(model_id, path, params, self._learn_context)
         self._text: Any = None  # a GGUF vocabulary and chat template, when params.tokenizer names one
-        self._places: SlotPool | None = None  # the in-flight places and the line of those waiting (load)
+        self._slot_pool: SlotPool | None = None  # the in-flight places and the line of those waiting (load)
 
     @property
     def remote_model(self) -> str:
         return self.pool.remote_model
 
-    @property
-    def running(self) -> int:
-        return self._places.running if self._places is not None else 0
-
-    @property
-    def waiting(self) -> int:
-        return self._places.waiting if self._places is not None else 0
-
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "max_in_flight": self._places.size if self._places is not None else 0}
-
-    def line_moved(self) -> asyncio.Event | None:
-        return self._places.line_watch.listen() if self._places is not None else None
+        return {**super().info(), "max_in_flight": self._slot_pool.size if self._slot_pool is not None else 0}
 
     # --- life cycle ----------------------------------------------------------------------------
     async def load(self) -> None:
@@ -140,7 +129,7 @@ class RemoteEngine(PoolBacked, Engine):
         except BaseException:
             await self.close()
             raise
-        self._places = SlotPool([Slot(i) for i in range(limit)], self.settings.queue_depth, self.settings.fair_share)
+        self._slot_pool = SlotPool([Slot(i) for i in range(limit)], self.settings.queue_depth, self.settings.fair_share)
 
     async def _in_flight_limit(self) -> int:
         """The model's in-flight limit: params.max_in_flight per upstream, else what each upstream
@@ -205,7 +194,7 @@ class RemoteEngine(PoolBacked, Engine):
         call = RemoteRequest(request_body(self.remote_model, chat, request.sampling), chat, _affinity(chat), request.started,
                              request.deadline)
         call.usage.prompt_tokens = len(tokens)  # 0 unless the chat was fitted (counted) before
-        places = self._places
+        places = self._slot_pool
         if places is None:
             raise Unavailable(f"model {self.model_id!r} is not loaded")
         waiter = places.enqueue((), request.owner, key=call)  # in line (or in flight) now; a full line raises
@@ -214,7 +203,7 @@ class RemoteEngine(PoolBacked, Engine):
             DeadlineExceeded("the deadline passed while the request waited for the engine"))
         try:
             if request.report_queue:
-                async with contextlib.aclosing(queue_places(lambda: places.place(call), self.line_moved)) as queued:
+                async with contextlib.aclosing(queue_places(lambda: self.queue_place(call), self.line_moved)) as queued:
                     async for place in queued:
                         yield place
             await places.wait(waiter)  # DEADLINE_EXCEEDED when its deadline passes first

@@ -196,18 +196,39 @@ class SlotPool:
         self._moved()
 
 
-class SlotEngine(TokenEngine):
+class InLine:
+    """What an engine whose requests wait in a SlotPool (`_slot_pool`, once loaded) says: what runs
+    and waits (metrics, admin), and when its line moves (queue places)."""
+
+    _slot_pool: SlotPool | None = None
+
+    @property
+    def running(self) -> int:
+        return self._slot_pool.running if self._slot_pool is not None else 0
+
+    @property
+    def waiting(self) -> int:
+        return self._slot_pool.waiting if self._slot_pool is not None else 0
+
+    def queue_place(self, key: object) -> tuple[int, float] | None:
+        """Where the request waiting as `key` stands (SlotPool.place)."""
+        return self._slot_pool.place(key) if self._slot_pool is not None else None
+
+    def line_moved(self) -> asyncio.Event | None:
+        return self._slot_pool.line_watch.listen() if self._slot_pool is not None else None
+
+
+class SlotEngine(InLine, TokenEngine):
     """Subclasses create `self.slots` in `_load` and implement `_decode`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.slots: list[Slot] = []
-        self._pool: SlotPool | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
         await super().load()
-        self._pool = SlotPool(self.slots, self.settings.queue_depth, self.settings.fair_share)
+        self._slot_pool = SlotPool(self.slots, self.settings.queue_depth, self.settings.fair_share)
 
     async def close(self) -> None:
         # A cancelled generation's worker may still be finishing its last token.
@@ -217,22 +238,8 @@ class SlotEngine(TokenEngine):
     def _close(self) -> None:
         self.slots = []
 
-    @property
-    def running(self) -> int:
-        return self._pool.running if self._pool is not None else 0
-
-    @property
-    def waiting(self) -> int:
-        return self._pool.waiting if self._pool is not None else 0
-
     def info(self) -> dict[str, Any]:
         return {**super().info(), "slots": len(self.slots)}
-
-    def queue_place(self, request: Request) -> tuple[int, float] | None:
-        return self._pool.place(request) if self._pool is not None else None
-
-    def line_moved(self) -> asyncio.Event | None:
-        return self._pool.line_watch.listen() if self._pool is not None else None
 
     @abstractmethod
     def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling) -> Iterator[int]:
@@ -242,23 +249,23 @@ class SlotEngine(TokenEngine):
     def _submit(self, request: Request) -> None:
         # In line (or holding a slot) when this returns, so that its queue place can be read at once;
         # ResourceExhausted now, while the caller can still get a 429.
-        waiter = self._pool.enqueue(request.prompt, request.owner, key=request)
+        waiter = self._slot_pool.enqueue(request.prompt, request.owner, key=request)
         task = asyncio.ensure_future(self._serve(request, waiter))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, request: Request, waiter: _Waiter) -> None:
         try:
-            slot = await self._pool.wait(waiter)
+            slot = await self._slot_pool.wait(waiter)
         except BaseException as exc:  # noqa: BLE001 - the caller's stream raises it
             request.fail(exc)
             return
         if request.cancelled:
-            self._pool.release(slot)
+            self._slot_pool.release(slot)
             return
         request.admitted = True
         slot.worker = asyncio.get_running_loop().run_in_executor(slot.executor, self._run, slot, request)
-        self._pool.release(slot)  # frees the slot once the worker has stopped
+        self._slot_pool.release(slot)  # frees the slot once the worker has stopped
 
     def _run(self, slot: Slot, request: Request) -> None:
         try:

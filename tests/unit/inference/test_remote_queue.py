@@ -89,15 +89,18 @@ async def engine_with(sources: str = A, queue_depth: int = 4, **params: object):
         await engine.close()
 
 
+def request(name: str, owner: Owner, deadline: float = 30.0) -> GenerationRequest:
+    return GenerationRequest([{"role": "user", "content": name}], "", Sampling(), time.monotonic(),
+                             time.monotonic() + deadline, (100_000, "test"), report_queue=True, owner=owner)
+
+
 class Caller:
     """One request read to its end in a task: what it got, or the error it ended with."""
 
     def __init__(self, engine: RemoteEngine, name: str, owner: Owner, deadline: float = 30.0) -> None:
         self.items: list[Queued | Admitted | Chunk] = []
         self.error: BaseException | None = None
-        request = GenerationRequest([{"role": "user", "content": name}], "", Sampling(), time.monotonic(),
-                                    time.monotonic() + deadline, (100_000, "test"), report_queue=True, owner=owner)
-        self.stream = engine.generate(request)
+        self.stream = engine.generate(request(name, owner, deadline))
         self.task = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
@@ -126,12 +129,18 @@ async def settle() -> None:
     await asyncio.sleep(0.01)
 
 
+async def start(engine: RemoteEngine, *calls: tuple[str, Owner]) -> list[Caller]:
+    """The requests started in this order, each in flight or in line before the next starts."""
+    callers = []
+    for name, owner in calls:
+        callers.append(Caller(engine, name, owner))
+        await settle()
+    return callers
+
+
 async def test_a_request_beyond_the_limit_waits_is_told_its_place_and_is_then_served(upstream: SlowUpstream) -> None:
     async with engine_with(max_in_flight=1) as engine:
-        first = Caller(engine, "a1", ALICE)
-        await settle()
-        second = Caller(engine, "b1", BOB)
-        await settle()
+        first, second = await start(engine, ("a1", ALICE), ("b1", BOB))
         assert upstream.arrived == ["a1"] and first.admitted and not second.admitted
         assert second.queued == [1] and second.items[0].wait_seconds >= 0
         assert (engine.running, engine.waiting) == (1, 1)
@@ -146,10 +155,7 @@ async def test_a_request_beyond_the_limit_waits_is_told_its_place_and_is_then_se
 
 async def test_another_user_goes_before_a_flooding_users_queued_requests(upstream: SlowUpstream) -> None:
     async with engine_with(max_in_flight=1) as engine:
-        flood = [Caller(engine, f"a{i}", ALICE) for i in range(1, 4)]
-        await settle()
-        other = Caller(engine, "c1", CAROL)
-        await settle()
+        *flood, other = await start(engine, ("a1", ALICE), ("a2", ALICE), ("a3", ALICE), ("c1", CAROL))
         # Carol's request goes ahead of Alice's waiting ones, which are told their new places.
         assert [c.queued for c in flood] == [[], [1, 2], [2, 3]] and other.queued == [1]
         for name in ("a1", "c1", "a2", "a3"):
@@ -162,14 +168,10 @@ async def test_another_user_goes_before_a_flooding_users_queued_requests(upstrea
 
 async def test_a_full_line_refuses_the_flooding_user_and_not_the_other(upstream: SlowUpstream) -> None:
     async with engine_with(max_in_flight=1, queue_depth=2) as engine:
-        flood = [Caller(engine, f"a{i}", ALICE) for i in range(1, 4)]
-        await settle()
-        refused = Caller(engine, "a4", ALICE)
-        await settle()
+        *flood, refused = await start(engine, ("a1", ALICE), ("a2", ALICE), ("a3", ALICE), ("a4", ALICE))
         assert isinstance(refused.error, ResourceExhausted) and refused.error.retry_after
         assert "queue depth 2" in refused.error.message and "a4" not in upstream.arrived
-        other = Caller(engine, "b1", BOB)
-        await settle()
+        [other] = await start(engine, ("b1", BOB))
         assert other.error is None and other.queued == [1] and engine.waiting == 3
         for gate in ("a1", "b1", "a2", "a3"):
             upstream.gate(gate).set()
@@ -179,12 +181,8 @@ async def test_a_full_line_refuses_the_flooding_user_and_not_the_other(upstream:
 
 async def test_a_waiter_that_leaves_frees_its_place(upstream: SlowUpstream) -> None:
     async with engine_with(max_in_flight=1) as engine:
-        first = Caller(engine, "a1", ALICE)
-        await settle()
-        cancelled = Caller(engine, "b1", BOB)
-        await settle()
-        closed = engine.generate(GenerationRequest([{"role": "user", "content": "c1"}], "", Sampling(), time.monotonic(),
-                                                   time.monotonic() + 30, (100_000, "test"), report_queue=True, owner=CAROL))
+        first, cancelled = await start(engine, ("a1", ALICE), ("b1", BOB))
+        closed = engine.generate(request("c1", CAROL))
         assert await closed.__anext__() == Queued(2, 0.0)  # nothing has ended yet: no wait to estimate from
         assert engine.waiting == 2 and cancelled.queued == [1]
         cancelled.task.cancel()  # the caller's task is cancelled as it waits
@@ -221,8 +219,7 @@ async def test_a_failed_or_abandoned_upstream_call_gives_its_place_back(upstream
 
 async def test_a_deadline_passing_in_line_is_deadline_exceeded(upstream: SlowUpstream) -> None:
     async with engine_with(max_in_flight=1) as engine:
-        first = Caller(engine, "a1", ALICE)
-        await settle()
+        [first] = await start(engine, ("a1", ALICE))
         late = Caller(engine, "b1", BOB, deadline=0.05)
         await late.task
         assert isinstance(late.error, DeadlineExceeded) and engine.waiting == 0
