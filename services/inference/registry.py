@@ -103,6 +103,10 @@ def _remote_entry(item: dict[str, Any]) -> dict[str, Any]:
         value = params.get(name)
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             raise ConfigError(f"model {item.get('id')}: params.{name} must be a positive number of seconds")
+    limit = params.get("max_in_flight")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+        raise ConfigError(f"model {item.get('id')}: params.max_in_flight must be a positive whole number "
+                          "(requests sent to each upstream at once)")
     return {**item, "source": ",".join(urls)}
 
 

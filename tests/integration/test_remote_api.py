@@ -1,11 +1,12 @@
 """Remote models through Envoy: the inference service in front of real llama-servers (the bundled
 model) with engine "remote" — OpenAI chat (stream and not), Anthropic's messages, a session turn, the response cache,
 cancellation reaching the upstream, an upstream killed mid-answer, a replica killed while its twin
-serves, and an upstream's 429 passed through (a tiny local server plays that upstream: llama-server
-never answers 429)."""
+serves, an upstream's 429 passed through (a tiny local server plays that upstream: llama-server
+never answers 429), and a request beyond the model's in-flight limit queued in Parley's line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from services.inference.engines.upstream import UpstreamPool
 from services.stack import Stack, free_port
 from tests.integration.chat import chat, create_session, iter_events, messages, text_of
 from tests.integration.conftest import Caller, new_user, start_stack
@@ -88,6 +90,8 @@ def remote_stack(tmp_path_factory: pytest.TempPathFactory, upstreams: dict[str, 
         {"id": "remote-smol", "engine": "remote", "source": upstreams["main"].url, "params": params},
         {"id": "remote-pair", "engine": "remote", "source": [upstreams["main"].url, upstreams["twin"].url],
          "params": params},
+        {"id": "remote-one", "engine": "remote", "source": upstreams["main"].url,
+         "params": {**params, "max_in_flight": 1}},
         {"id": "remote-solo", "engine": "remote", "source": upstreams["solo"].url, "params": params},
         {"id": "remote-busy", "engine": "remote", "source": busy, "params": {"model": "busy"}},
         {"id": "remote-embed", "task": "embedding", "engine": "remote", "source": upstreams["embed"].url,
@@ -341,3 +345,47 @@ def test_a_remote_tool_call_streams_in_pieces(client: openai.OpenAI) -> None:
     assert all(p.index == 0 and not p.id for p in pieces[1:])
     arguments = "".join(p.function.arguments or "" for p in pieces)
     assert json.loads(arguments) == {"city": "Paris"}
+
+
+def test_a_request_beyond_max_in_flight_waits_in_line_then_is_served(remote_stack: Stack, caller: Caller,
+                                                                     http: httpx.Client,
+                                                                     upstreams: dict[str, LlamaServer]) -> None:
+    sid = create_session(http, caller, model="remote-one")["id"]
+    events: list[dict[str, Any]] = []
+
+    def turn() -> None:
+        with httpx.Client(base_url=remote_stack.url, timeout=60) as own, own.stream(
+                "POST", f"/v1/sessions/{sid}:chat", json={"content": "Hi", "sampling": SHORT},
+                headers=caller.headers) as response:
+            events.extend(iter_events(response))
+
+    body = {"model": "remote-one", "messages": [{"role": "user", "content": "Write a long story about a ship."}],
+            "max_tokens": 400, "stream": True}
+    waiter = threading.Thread(target=turn)
+    with httpx.Client(base_url=remote_stack.url, timeout=60) as own, own.stream(
+            "POST", "/v1/chat/completions", json=body, headers=caller.headers) as holder:
+        assert holder.status_code == 200
+        lines = holder.iter_lines()
+        next(line for line in lines if line.startswith("data: ") and '"content"' in line)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert events and events[0].get("queued", {}).get("position") == 1, events[:2]
+        # The upstream has two slots and runs one request: Parley holds the turn back, not llama-server.
+        assert upstreams["main"].processing() == 1
+    waiter.join(60)  # the holder left: its place went to the turn
+    assert any("start" in e for e in events) and "done" in events[-1], events[-2:]
+    assert text_of(events) != ""
+
+
+def test_a_llama_server_says_how_many_requests_it_runs_at_once(upstreams: dict[str, LlamaServer]) -> None:
+    async def told() -> int | None:
+        pool = UpstreamPool("main", upstreams["main"].url, {"model": "smollm2"})
+        await pool.open()
+        try:
+            return await pool.parallel(pool.upstreams[0])
+        finally:
+            await pool.close()
+
+    assert asyncio.run(told()) == 2  # its -np: the in-flight limit of a model without params.max_in_flight

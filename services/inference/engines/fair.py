@@ -1,6 +1,9 @@
 """Fair share: one policy for every engine that queues — which waiting request starts next, how much
 of the queue one owner may hold, which running choice gives way to a newcomer, and how a step's
-prompt tokens are split.
+prompt tokens are split. Its users: the batched llama.cpp engine (engines.batch_admission), slot
+engines (engines.slots.SlotPool: torch slots, and the remote engine's in-flight places,
+engines.remote) and local embedding batches (engines.embedding); each refuses a full queue with
+engines.base.queue_full. Remote embeddings alone go upstream unbounded (the upstream queues them).
 
 An owner is the caller a request runs for: a user, and the API key it came through (engines get it
 from services.core.identity through the GenerationRequest, engines.request), with the user's weight:
@@ -19,8 +22,9 @@ share on (PARLEY_FAIR_SHARE, the default):
   engines.batch_admission: its KV state goes to host RAM and comes back), a request of a user that
   runs nothing first starts on one of a few spare choices beyond the engine's slots (nobody pauses
   for a newcomer's short turn); with those taken, a waiting request whose user runs less than
-  another user takes a choice of the most loaded one (`victim`), until their shares are equal; engines that cannot pause
-  (engines.slots' torch slots, engines.embedding's batches) only order and bound their queues;
+  another user takes a choice of the most loaded one (`victim`), until their shares are equal;
+  engines that cannot pause (engines.slots' torch slots and remote requests in flight,
+  engines.embedding's batches) only order and bound their queues;
 - the prompt tokens a step of the batched engine evaluates are split between the users that have
   prompts to evaluate by weight (`prefill`), so a long prompt does not hold a newcomer's first
   token back.

@@ -26,7 +26,7 @@ from services.inference.chat_formats import OutputParser
 from services.inference.chat_template import ChatTemplate
 from services.inference.engines.base import Engine, LocalModel
 from services.inference.engines.fair import ANONYMOUS, Owner
-from services.inference.engines.request import Admitted, GenerationRequest, Queued
+from services.inference.engines.request import Admitted, GenerationRequest, Queued, queue_places
 from services.inference.engines.sequence import Chunk, Request, Sampling
 from services.inference.grammars import after_reasoning, grammar_for
 
@@ -70,7 +70,7 @@ class TokenEngine(LocalModel, Engine):
                                 top_logprobs=request.top_logprobs, owner=request.owner)
         try:
             if request.report_queue:
-                async with contextlib.aclosing(self._queue_places(submitted)) as places:
+                async with contextlib.aclosing(queue_places(lambda: self.queue_place(submitted), self.line_moved)) as places:
                     async for place in places:
                         yield place
             yield Admitted(len(tokens), dropped)
@@ -174,21 +174,6 @@ class TokenEngine(LocalModel, Engine):
         """An event the scheduler sets once its line of waiting requests next moves; None from a
         scheduler that reports no places."""
         return None
-
-    async def _queue_places(self, request: Request) -> AsyncIterator[Queued]:
-        """The request's place in line each time it changes, until the engine runs it: the place is
-        read again each time the scheduler says its line moved (listening starts before the read,
-        so no move is missed)."""
-        last = None
-        while True:
-            moved = self.line_moved()
-            place = self.queue_place(request)
-            if moved is None or place is None:
-                return
-            if place[0] != last:
-                last = place[0]
-                yield Queued(place[0], place[1])
-            await moved.wait()
 
     @abstractmethod
     def _submit(self, request: Request) -> None:

@@ -4,8 +4,8 @@ Parley stays in front of them — accounts, rate limits, the response cache, con
 Catalogue entry: {"id": "...", "engine": "remote", "source": "http://host:port/v1" (or a list of such
 URLs: replicas of one model), "params": {"model": "<upstream model name; default: the id>",
 "api_key_env": "<env var holding the upstream's key>", "timeout_seconds": 60,
-"health_interval_seconds": 5, "tokenizer": "<GGUF path or package:... whose vocabulary and chat
-template count prompts; default: an estimate>"}}.
+"health_interval_seconds": 5, "max_in_flight": 16, "tokenizer": "<GGUF path or package:... whose
+vocabulary and chat template count prompts; default: an estimate>"}}.
 
 One pooled HTTP client per model streams `POST /chat/completions` (a raw prompt, the legacy
 completions API, `POST /completions`). Errors map to Parley's codes:
@@ -19,6 +19,17 @@ that served it, where its prefix is cached. A periodic `GET /models` marks each 
 failed; a failed one is skipped until a check succeeds, and a request that cannot connect tries the
 next one. The model reports failed (with the reasons) only when every upstream has failed. All of this
 is engines.upstream.UpstreamPool's, which a remote embedding model (engines.remote_embedding) shares.
+
+In flight: at most `params.max_in_flight` requests per upstream (default: what the upstream says it
+runs at once — llama-server's `GET /props` at the server's root answers `total_slots`, asked once at
+load — else 16) go upstream at once; the model's limit is the sum over its upstreams. The others wait
+in the one line every engine queues in (engines.slots.SlotPool, with an in-flight place for a slot,
+ordered and bounded by engines.fair: users in turn, a full queue refused with RESOURCE_EXHAUSTED only
+to the user holding more than its share), are told their place as it moves (Queued), and go upstream
+as places free up; a place is given back however its request ends (answered, failed, cancelled while
+it waited or the caller gone). So one user flooding a remote model cannot shut the others out, which
+an upstream serving first come, first served would. Remote embeddings (engines.remote_embedding)
+are not bounded here: they go upstream at once, and the upstream queues them.
 
 Prompt tokens are counted here only to check the context window, fit long chats and meter requests
 whose upstream sends no usage: exactly with `params.tokenizer` (the same GGUF the upstream serves, or
@@ -38,21 +49,23 @@ from typing import Any
 
 import httpx
 
-from services.core.errors import InvalidArgument, ParleyError, Unavailable
+from services.core.errors import DeadlineExceeded, InvalidArgument, ParleyError, Unavailable
 from services.core.structured import PLAIN, Structure, ToolCall
 from services.inference import fitting, metrics, offloop
 from services.inference.chat_template import ChatTemplate, TemplateError
 from services.inference.engines.base import Chunk, Engine, EngineError, Usage
-from services.inference.engines.request import Admitted, GenerationRequest, Queued
+from services.inference.engines.request import Admitted, GenerationRequest, Queued, queue_places
 from services.inference.engines.remote_wire import (
     FINISH, Chat, StreamedCalls, answer_piece, has_usage, request_body,
 )
+from services.inference.engines.slots import InLine, Slot, SlotPool
 from services.inference.engines.upstream import PoolBacked, Upstream, UpstreamPool, describe, error_text
 from services.inference.engines.weights import resolve_source
 from services.inference.hardware import EngineSettings
 from services.inference.grammars import call_json
 
 BYTES_PER_TOKEN = 4  # the estimate without a tokenizer
+IN_FLIGHT = 16  # requests sent to one upstream at once, unless params.max_in_flight or the upstream says
 
 
 @dataclass
@@ -84,7 +97,7 @@ class RemoteRequest:
             asyncio.ensure_future(self.release(self, "cancelled", ""))
 
 
-class RemoteEngine(PoolBacked, Engine):
+class RemoteEngine(InLine, PoolBacked, Engine):
     """A chat model served upstream: the chat itself is sent (the upstream renders it, applies its
     own grammars and checks its own context limit); tokens are counted here only to fit long chats
     and meter upstreams that send no usage."""
@@ -95,11 +108,14 @@ class RemoteEngine(PoolBacked, Engine):
         super().__init__(model_id, path, settings, params)
         self.pool = UpstreamPool(model_id, path, params, self._learn_context)
         self._text: Any = None  # a GGUF vocabulary and chat template, when params.tokenizer names one
-        self._running = 0
+        self._slot_pool: SlotPool | None = None  # the in-flight places and the line of those waiting (load)
 
     @property
     def remote_model(self) -> str:
         return self.pool.remote_model
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "max_in_flight": self._slot_pool.size if self._slot_pool is not None else 0}
 
     # --- life cycle ----------------------------------------------------------------------------
     async def load(self) -> None:
@@ -109,9 +125,20 @@ class RemoteEngine(PoolBacked, Engine):
             self.vocab_size = self._text.vocab_size
         try:
             await self.pool.open()
+            limit = await self._in_flight_limit()
         except BaseException:
             await self.close()
             raise
+        self._slot_pool = SlotPool([Slot(i) for i in range(limit)], self.settings.queue_depth, self.settings.fair_share)
+
+    async def _in_flight_limit(self) -> int:
+        """The model's in-flight limit: params.max_in_flight per upstream, else what each upstream
+        says it runs at once (llama-server's total_slots), else IN_FLIGHT; summed over the upstreams."""
+        configured = self.params.get("max_in_flight")
+        if configured:
+            return int(configured) * len(self.upstreams)
+        told = await asyncio.gather(*(self.pool.parallel(u) for u in self.upstreams))
+        return sum(n or IN_FLIGHT for n in told)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -148,7 +175,8 @@ class RemoteEngine(PoolBacked, Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Queued | Admitted | Chunk]:
         """The chat (fitted, when asked) goes upstream as it is; its grammars, stop strings and
         parsing of reasoning and calls are the upstream's, which validates the sampling too
-        (logit_bias ids are its vocabulary's). The upstream queues: nothing is Queued here."""
+        (logit_bias ids are its vocabulary's). It waits for an in-flight place first (Queued, when
+        asked); a full line is RESOURCE_EXHAUSTED now."""
         tokens: list[int] = []
         dropped, sent = 0, request.messages
         if request.fit is None:
@@ -166,14 +194,28 @@ class RemoteEngine(PoolBacked, Engine):
         call = RemoteRequest(request_body(self.remote_model, chat, request.sampling), chat, _affinity(chat), request.started,
                              request.deadline)
         call.usage.prompt_tokens = len(tokens)  # 0 unless the chat was fitted (counted) before
+        places = self._slot_pool
+        if places is None:
+            raise Unavailable(f"model {self.model_id!r} is not loaded")
+        waiter = places.enqueue((), request.owner, key=call)  # in line (or in flight) now; a full line raises
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, request.deadline - time.monotonic()), places.refuse, waiter,
+            DeadlineExceeded("the deadline passed while the request waited for the engine"))
         try:
+            if request.report_queue:
+                async with contextlib.aclosing(queue_places(lambda: self.queue_place(call), self.line_moved)) as queued:
+                    async for place in queued:
+                        yield place
+            await places.wait(waiter)  # DEADLINE_EXCEEDED when its deadline passes first
             await self._admit(call)
             yield Admitted(len(tokens), dropped)
             async with contextlib.aclosing(self._stream(call)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
+            expiry.cancel()
             call.cancelled = True  # closes an open response now, however this ended
+            places.withdraw(waiter)  # its in-flight place, or its place in line, goes to the next
 
     def _pick(self, affinity: str, tried: set[int]) -> Upstream | None:
         return self.pool.pick(affinity, tried)
@@ -185,7 +227,6 @@ class RemoteEngine(PoolBacked, Engine):
         call = await self.pool.send(path, request.body, request.affinity)
         request.upstream, request.response, request.span = call.upstream, call.response, call.span
         request.release = self._release
-        self._running += 1
 
     async def _release(self, request: RemoteRequest, outcome: str, error: str) -> None:
         """Closes the upstream response (the upstream sees the disconnect and stops) and ends the
@@ -193,7 +234,6 @@ class RemoteEngine(PoolBacked, Engine):
         if request.ended or request.upstream is None or request.response is None:
             return
         request.ended = True
-        self._running -= 1
         self.pool.end(request.upstream, request.span, outcome, error)
         await request.response.aclose()
 

@@ -12,6 +12,10 @@ tokenizes them and checks them against its limits (its 400 is a 400), and its us
 the per-input token counts of the Embed RPC are 0. At load one probe embedding tells the vectors'
 size and whether the upstream normalises them, so `dimensions` (matryoshka models) and
 `encoding_format` work here as for local models.
+
+Unlike remote chat models (engines.remote: an in-flight limit and the fair-share line), embedding
+requests are not bounded nor queued here: each goes upstream at once and the upstream queues them —
+a batch of inputs is one short call, not a stream that holds its place for long.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """What the service hands an engine and what it gets back (engines.base.Engine.generate): one
 GenerationRequest in; out, Queued while it waits (when asked), Admitted once the engine has taken it,
-then its chunks (engines.sequence.Chunk)."""
+then its chunks (engines.sequence.Chunk). `queue_places` is every engine's way to yield Queued."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,3 +51,22 @@ class Admitted:
 
     prompt_tokens: int  # 0 when an upstream counts them (it reports them in the last chunk's usage)
     dropped: int  # history messages left out to fit the context window (fitting.Fit)
+
+
+async def queue_places(place: Callable[[], tuple[int, float] | None],
+                       line_moved: Callable[[], asyncio.Event | None]) -> AsyncIterator[Queued]:
+    """A waiting request's place in line each time it changes, until the engine takes it: `place` (the
+    engine's queue_place for the request: (place, 1 first; estimated seconds), or None once it runs)
+    is read again each time the engine's `line_moved` event is set — pushed, not polled. Listening
+    starts before each read, so no move in between is missed; an engine that reports no places
+    (line_moved None) yields nothing."""
+    last = None
+    while True:
+        moved = line_moved()
+        where = place()
+        if moved is None or where is None:
+            return
+        if where[0] != last:
+            last = where[0]
+            yield Queued(where[0], where[1])
+        await moved.wait()

@@ -9,6 +9,10 @@ conversation lands where its KV cache already is; ties go to the least recently 
 keeps other conversations' caches warm longest. The slot's worker thread then evaluates the prompt
 and feeds sampled tokens to the request until it ends or is cancelled. Requests waiting are told
 their place in line each time it moves (queue_place, line_moved), as in the batched engine.
+
+The remote engine (engines.remote) bounds its requests in flight with the same pool: its slots hold
+no state (an in-flight place each; its prompts are (), so a free one is the least recently used), and
+its requests give their place back however they end (SlotPool.withdraw).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class _Waiter:
     prompt: Sequence[int]
     slot: "asyncio.Future[Slot]"
     key: object = None  # what the waiter's queue place is asked by (the engine's Request)
+    withdrawn: bool = False  # its place or slot was given back (SlotPool.withdraw)
     cost = 1
 
 
@@ -62,6 +67,10 @@ class SlotPool:
         self.line_watch = LineWatch()  # told whenever the line moves: queue places are pushed
         # How long a slot is held (moving average): what queue places' waits are estimated from.
         self._held_seconds: float | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self._slots)
 
     @property
     def waiting(self) -> int:
@@ -103,12 +112,31 @@ class SlotPool:
         try:
             return await waiter.slot
         except asyncio.CancelledError:
-            if waiter.slot.done() and not waiter.slot.cancelled():
-                self.release(waiter.slot.result())  # handed a slot as it was cancelled: pass it on
-            elif waiter in self._line.entries:
-                self._line.remove(waiter)
-                self._moved()
+            self.withdraw(waiter)
             raise
+
+    def withdraw(self, waiter: _Waiter) -> None:
+        """The waiter's request is over, however it ended: its place in line, or the slot it was
+        handed (even as it was cancelled), goes to the next. Once: a second call does nothing."""
+        if waiter.withdrawn:
+            return
+        waiter.withdrawn = True
+        if waiter.slot.done() and not waiter.slot.cancelled() and waiter.slot.exception() is None:
+            self.release(waiter.slot.result())
+            return
+        waiter.slot.cancel()
+        self._leave(waiter)
+
+    def refuse(self, waiter: _Waiter, error: BaseException) -> None:
+        """Takes a waiter out of line with `error` (its deadline passed), unless it has its slot."""
+        if not waiter.slot.done():
+            waiter.slot.set_exception(error)
+            self._leave(waiter)
+
+    def _leave(self, waiter: _Waiter) -> None:
+        if waiter in self._line.entries:
+            self._line.remove(waiter)
+            self._moved()
 
     async def acquire(self, prompt: Sequence[int], owner: Owner = ANONYMOUS, key: object = None) -> Slot:
         return await self.wait(self.enqueue(prompt, owner, key))
@@ -155,23 +183,52 @@ class SlotPool:
     def _free(self, slot: Slot) -> None:
         held = time.monotonic() - slot.taken_at
         self._held_seconds = held if self._held_seconds is None else 0.8 * self._held_seconds + 0.2 * held
+        # Its successor is the waiter the line put first while it ran (its owner still counted): the
+        # places told stay true, and a user whose request ended does not win the slot back from
+        # another user's older waiter on a tie (with one slot users would go in arrival order).
+        successor = self._line.next(self._running())
         slot.busy, slot.worker, slot.owner = False, None, ANONYMOUS
+        if successor is not None:
+            self._line.remove(successor)
+            if not successor.slot.done():
+                successor.slot.set_result(self._take(slot, successor.owner))
         self._hand_out()
         self._moved()
 
 
-class SlotEngine(TokenEngine):
+class InLine:
+    """What an engine whose requests wait in a SlotPool (`_slot_pool`, once loaded) says: what runs
+    and waits (metrics, admin), and when its line moves (queue places)."""
+
+    _slot_pool: SlotPool | None = None
+
+    @property
+    def running(self) -> int:
+        return self._slot_pool.running if self._slot_pool is not None else 0
+
+    @property
+    def waiting(self) -> int:
+        return self._slot_pool.waiting if self._slot_pool is not None else 0
+
+    def queue_place(self, key: object) -> tuple[int, float] | None:
+        """Where the request waiting as `key` stands (SlotPool.place)."""
+        return self._slot_pool.place(key) if self._slot_pool is not None else None
+
+    def line_moved(self) -> asyncio.Event | None:
+        return self._slot_pool.line_watch.listen() if self._slot_pool is not None else None
+
+
+class SlotEngine(InLine, TokenEngine):
     """Subclasses create `self.slots` in `_load` and implement `_decode`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.slots: list[Slot] = []
-        self._pool: SlotPool | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
         await super().load()
-        self._pool = SlotPool(self.slots, self.settings.queue_depth, self.settings.fair_share)
+        self._slot_pool = SlotPool(self.slots, self.settings.queue_depth, self.settings.fair_share)
 
     async def close(self) -> None:
         # A cancelled generation's worker may still be finishing its last token.
@@ -181,22 +238,8 @@ class SlotEngine(TokenEngine):
     def _close(self) -> None:
         self.slots = []
 
-    @property
-    def running(self) -> int:
-        return self._pool.running if self._pool is not None else 0
-
-    @property
-    def waiting(self) -> int:
-        return self._pool.waiting if self._pool is not None else 0
-
     def info(self) -> dict[str, Any]:
         return {**super().info(), "slots": len(self.slots)}
-
-    def queue_place(self, request: Request) -> tuple[int, float] | None:
-        return self._pool.place(request) if self._pool is not None else None
-
-    def line_moved(self) -> asyncio.Event | None:
-        return self._pool.line_watch.listen() if self._pool is not None else None
 
     @abstractmethod
     def _decode(self, slot: Slot, prompt: list[int], sampling: Sampling) -> Iterator[int]:
@@ -206,23 +249,23 @@ class SlotEngine(TokenEngine):
     def _submit(self, request: Request) -> None:
         # In line (or holding a slot) when this returns, so that its queue place can be read at once;
         # ResourceExhausted now, while the caller can still get a 429.
-        waiter = self._pool.enqueue(request.prompt, request.owner, key=request)
+        waiter = self._slot_pool.enqueue(request.prompt, request.owner, key=request)
         task = asyncio.ensure_future(self._serve(request, waiter))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, request: Request, waiter: _Waiter) -> None:
         try:
-            slot = await self._pool.wait(waiter)
+            slot = await self._slot_pool.wait(waiter)
         except BaseException as exc:  # noqa: BLE001 - the caller's stream raises it
             request.fail(exc)
             return
         if request.cancelled:
-            self._pool.release(slot)
+            self._slot_pool.release(slot)
             return
         request.admitted = True
         slot.worker = asyncio.get_running_loop().run_in_executor(slot.executor, self._run, slot, request)
-        self._pool.release(slot)  # frees the slot once the worker has stopped
+        self._slot_pool.release(slot)  # frees the slot once the worker has stopped
 
     def _run(self, slot: Slot, request: Request) -> None:
         try:

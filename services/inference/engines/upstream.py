@@ -127,6 +127,17 @@ class UpstreamPool:
             self.mark_failed(upstream, describe(exc))
         upstream.checked = time.monotonic()
 
+    async def parallel(self, upstream: Upstream) -> int | None:
+        """How many requests the upstream runs at once, when it says: llama-server's `GET /props` (at
+        the server's root, not under /v1) answers `total_slots`. None from any other answer or failure."""
+        assert self._client is not None
+        try:
+            answer = await self._client.get(f"{upstream.url.removesuffix('/v1')}/props", timeout=min(5.0, self.timeout))
+            slots = answer.json().get("total_slots") if answer.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else None
+
     def mark_failed(self, upstream: Upstream, reason: str) -> None:
         if upstream.healthy:
             log.warning("upstream failed", extra={"fields": {"model": self.model_id, "upstream": upstream.url,
@@ -255,7 +266,8 @@ class UpstreamPool:
 class PoolBacked:
     """What an engine whose work runs on an UpstreamPool says about itself (chat: RemoteEngine,
     embeddings: remote_embedding.RemoteEmbeddingEngine): the pool's health and upstreams, and the
-    requests it has in flight; the upstream keeps its own queue."""
+    requests it has in flight. Embeddings keep no queue here (the upstream queues them); RemoteEngine
+    bounds its chat requests in flight and says what runs and waits itself."""
 
     pool: UpstreamPool
     _running: int
@@ -284,7 +296,7 @@ class PoolBacked:
 
     @property
     def waiting(self) -> int:
-        return 0  # the upstream queues
+        return 0  # the upstream queues (embeddings)
 
 
 def describe(exc: BaseException) -> str:

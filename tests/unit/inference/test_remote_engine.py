@@ -69,6 +69,8 @@ class Upstreams:
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
         if request.url.path.endswith("/models"):
             return httpx.Response(200, json={"data": [{"id": "up-model", "max_model_len": 512}]})
+        if request.url.path == "/props":  # not a llama-server: the in-flight limit is the default
+            return httpx.Response(404)
         self.seen.append((host, json.loads(request.content)))
         self.paths.append(request.url.path)
         reply = self.reply.get(host)

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from services.core.errors import ResourceExhausted
+from services.inference.engines.fair import Owner
 from services.inference.engines.slots import Slot, SlotPool
 
 
@@ -93,3 +94,34 @@ async def test_a_cancelled_waiter_leaves_the_line_and_the_others_move_up() -> No
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert pool.place(second)[0] == 1
+
+
+async def test_a_freed_slot_goes_to_the_waiter_first_in_line_while_it_ran() -> None:
+    # One slot: when Alice's request ends, Bob's waiter (first in line while hers ran, as its place
+    # said) takes the slot, not Alice's older one; then hers, then Alice's last.
+    alice, bob = Owner("alice"), Owner("bob")
+    pool = SlotPool([Slot(0)], queue_depth=4)
+    slot = await pool.acquire([1], alice)
+    second, third = pool.enqueue([1], alice, key="a2"), pool.enqueue([1], alice, key="a3")
+    other = pool.enqueue([1], bob, key="b1")
+    assert (pool.place("b1")[0], pool.place("a2")[0], pool.place("a3")[0]) == (1, 2, 3)
+    pool.release(slot)
+    assert other.slot.done() and not second.slot.done()
+    pool.release(await pool.wait(other))
+    assert second.slot.done() and not third.slot.done()
+
+
+async def test_a_withdrawn_or_refused_waiter_gives_back_what_it_holds_once() -> None:
+    pool = SlotPool([Slot(0)], queue_depth=4)
+    held = pool.enqueue([1])
+    waiting, late = pool.enqueue([1]), pool.enqueue([1])
+    pool.refuse(late, TimeoutError("deadline"))  # out of line with the error its wait raises
+    with pytest.raises(TimeoutError):
+        await pool.wait(late)
+    pool.withdraw(waiting)  # left the line before its turn
+    assert pool.waiting == 0
+    pool.withdraw(held)
+    pool.withdraw(held)  # a second call does not free the slot someone else took meanwhile
+    taken = await pool.acquire([1])
+    pool.withdraw(held)
+    assert taken.busy and pool.running == 1
