@@ -333,16 +333,17 @@ class App {
     const secretBox = h("div", { class: "secret", hidden: true, role: "region", "aria-label": "New API key" });
     const name = h("input", { id: "key-name", required: true, maxlength: "100", placeholder: "laptop" });
     const days = h("input", { id: "key-days", type: "number", min: "1", max: "3650", step: "1", inputmode: "numeric", placeholder: "never" });
+    const weight = h("input", { id: "key-weight", type: "number", min: "0.01", max: "1000", step: "any", inputmode: "decimal", placeholder: "1" });
     const refresh = async () => {
       try {
         const keys = await this.api.all("/v1/api-keys", "api_keys");
         if (!keys.length) return replace(list, h("p", { class: "empty", text: "No API keys yet." }));
         replace(list, h("table", {},
           h("caption", { class: "sr-only" }, "Your API keys"),
-          h("thead", {}, h("tr", {}, ["Name", "Starts with", "Created", "Last used", "Expires", ""].map((t) => h("th", { scope: "col", text: t })))),
+          h("thead", {}, h("tr", {}, ["Name", "Starts with", "Weight", "Created", "Last used", "Expires", ""].map((t) => h("th", { scope: "col", text: t })))),
           h("tbody", {}, keys.map((k) => {
             const row = h("tr", {},
-              h("td", { text: k.name }), h("td", {}, h("code", { text: `${k.prefix}…` })),
+              h("td", { text: k.name }), h("td", {}, h("code", { text: `${k.prefix}…` })), h("td", { text: String(k.share_weight ?? 1) }),
               h("td", { text: when(k.create_time) }), h("td", { text: when(k.last_used_time) || "never" }),
               h("td", { text: when(k.expire_time) || "never" }));
             const cell = h("td");
@@ -372,6 +373,7 @@ class App {
       try {
         const body = { name: name.value.trim() };
         if (days.value) body.ttl_seconds = String(Number(days.value) * 86400);
+        if (weight.value) body.share_weight = Number(weight.value);
         const created = await this.api.request("POST", "/v1/api-keys", body);
         const secret = h("code", { class: "secret-value", text: created.secret, tabindex: "0" });
         const copy = h("button", { type: "button", class: "small", onclick: async () => {
@@ -388,6 +390,7 @@ class App {
         secretBox.hidden = false;
         name.value = "";
         days.value = "";
+        weight.value = "";
         secret.focus();
         await refresh();
       } catch (error) {
@@ -397,6 +400,7 @@ class App {
     h("h2", { id: "new-key-title" }, "Create a key"),
     h("label", { for: "key-name" }, "Name"), name,
     h("label", { for: "key-days" }, "Expires after (days, empty for never)"), days,
+    h("label", { for: "key-weight" }, "Weight among your keys when the server is busy (3: three requests start for each one of a weight-1 key; empty for 1)"), weight,
     h("div", { class: "row" }, h("button", { type: "submit" }, "Create key")));
     await refresh();
     return h("section", { class: "page" },

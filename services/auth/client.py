@@ -40,7 +40,7 @@ def remote_verifier(common: config.CommonSettings, settings: IdentitySettings | 
                 raise Unauthenticated(exc.details() or "invalid API key") from None
             raise
         return Identity(r.user_id, r.username, frozenset(PROTO_TO_ROLE[x] for x in r.roles if x in PROTO_TO_ROLE),
-                        r.api_key_id or None)
+                        r.api_key_id or None, api_key_weight=r.api_key_weight or 1.0)
 
     return CredentialVerifier(fetch_jwks, verify_api_key, settings or config.load(IdentitySettings))
 

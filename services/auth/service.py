@@ -31,7 +31,7 @@ from services.auth.tokens import TokenIssuer
 from services.core.config import ConfigError
 from services.core.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                                   Unauthenticated)
-from services.core.identity import API_KEY_PREFIX, ROLE_ADMIN, ROLE_USER, Identity, IdentitySettings
+from services.core.identity import API_KEY_PREFIX, MAX_SHARE_WEIGHT, ROLE_ADMIN, ROLE_USER, Identity, IdentitySettings
 
 log = logging.getLogger("parley.auth")
 
@@ -272,10 +272,10 @@ class AuthService:
 
     # API keys
 
-    async def create_api_key(self, identity: Identity, name: str, ttl_seconds: int) -> NewApiKey:
-        name = name.strip()
-        if not 1 <= len(name) <= 100:
-            raise InvalidArgument("name must be 1 to 100 characters")
+    async def create_api_key(self, identity: Identity, name: str, ttl_seconds: int,
+                             share_weight: float = 1.0) -> NewApiKey:
+        name = _api_key_name(name)
+        _check_share_weight(share_weight)
         if not 0 <= ttl_seconds <= MAX_API_KEY_TTL_SECONDS:
             raise InvalidArgument(f"ttl_seconds must be between 0 (no expiry) and {MAX_API_KEY_TTL_SECONDS}")
         if await asyncio.to_thread(self.store.count_api_keys, identity.user_id) >= MAX_API_KEYS_PER_USER:
@@ -283,7 +283,7 @@ class AuthService:
         secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
         expires_at = time.time() + ttl_seconds if ttl_seconds else None
         key = await asyncio.to_thread(self.store.add_api_key, identity.user_id, name, secret[:10], _sha256(secret),
-                                      expires_at)
+                                      expires_at, share_weight)
         log.info("API key created", extra={"fields": {"user_id": identity.user_id, "api_key_id": key.id}})
         return NewApiKey(key, secret)
 
@@ -296,6 +296,22 @@ class AuthService:
         keys = await asyncio.to_thread(self.store.list_api_keys, identity.user_id, after, size + 1)
         next_token = _encode_page_token(keys[size - 1]) if len(keys) > size else ""
         return keys[:size], next_token
+
+    async def update_api_key(self, identity: Identity, key_id: str, name: str | None,
+                             share_weight: float | None) -> ApiKeyRecord:
+        """Renames one of the caller's keys or changes its share weight (None: left as it is). The
+        weight splits only the caller's own fair share among their keys, so no admin right is
+        needed; engines see a new weight once other services' cached verification of the key ends
+        (PARLEY_API_KEY_CACHE_SECONDS)."""
+        if name is not None:
+            name = _api_key_name(name)
+        if share_weight is not None:
+            _check_share_weight(share_weight)
+        key = await asyncio.to_thread(self.store.update_api_key, identity.user_id, key_id, name, share_weight)
+        if key is None:
+            raise NotFound("no such API key")
+        log.info("API key updated", extra={"fields": {"user_id": identity.user_id, "api_key_id": key_id}})
+        return key
 
     async def delete_api_key(self, identity: Identity, key_id: str) -> None:
         if not await asyncio.to_thread(self.store.revoke_api_key, identity.user_id, key_id):
@@ -316,7 +332,19 @@ class AuthService:
             raise Unauthenticated("invalid or revoked API key")
         if key.last_used_at is None or now - key.last_used_at >= LAST_USED_GRANULARITY_SECONDS:
             await asyncio.to_thread(self.store.touch_api_key, key.id, now)
-        return Identity(user.id, user.username, frozenset(user.roles), key.id)
+        return Identity(user.id, user.username, frozenset(user.roles), key.id, api_key_weight=key.share_weight)
+
+
+def _api_key_name(name: str) -> str:
+    name = name.strip()
+    if not 1 <= len(name) <= 100:
+        raise InvalidArgument("name must be 1 to 100 characters")
+    return name
+
+
+def _check_share_weight(weight: float) -> None:
+    if not 0 < weight <= MAX_SHARE_WEIGHT:  # NaN fails too
+        raise InvalidArgument(f"share_weight must be greater than 0 and at most {MAX_SHARE_WEIGHT:g}")
 
 
 def _encode_page_token(key: ApiKeyRecord) -> str:

@@ -29,7 +29,8 @@ def tokens_proto(pair: TokenPair) -> auth_pb2.TokenPair:
 
 
 def api_key_proto(key: ApiKeyRecord) -> auth_pb2.ApiKey:
-    message = auth_pb2.ApiKey(id=key.id, name=key.name, prefix=key.prefix, create_time=_timestamp(key.created_at))
+    message = auth_pb2.ApiKey(id=key.id, name=key.name, prefix=key.prefix, create_time=_timestamp(key.created_at),
+                              share_weight=key.share_weight)
     if key.expires_at is not None:
         message.expire_time.CopyFrom(_timestamp(key.expires_at))
     if key.last_used_at is not None:
@@ -92,13 +93,20 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def CreateApiKey(self, request: auth_pb2.CreateApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> auth_pb2.CreateApiKeyResponse:
-        created = await self._service.create_api_key(current_identity(), request.name, request.ttl_seconds)
+        weight = request.share_weight if request.HasField("share_weight") else 1.0
+        created = await self._service.create_api_key(current_identity(), request.name, request.ttl_seconds, weight)
         return auth_pb2.CreateApiKeyResponse(api_key=api_key_proto(created.key), secret=created.secret)
 
     async def ListApiKeys(self, request: auth_pb2.ListApiKeysRequest,
                           context: grpc.aio.ServicerContext) -> auth_pb2.ListApiKeysResponse:
         keys, next_token = await self._service.list_api_keys(current_identity(), request.page_size, request.page_token)
         return auth_pb2.ListApiKeysResponse(api_keys=[api_key_proto(k) for k in keys], next_page_token=next_token)
+
+    async def UpdateApiKey(self, request: auth_pb2.UpdateApiKeyRequest,
+                           context: grpc.aio.ServicerContext) -> auth_pb2.ApiKey:
+        key = request.api_key
+        weight = key.share_weight if key.HasField("share_weight") else None
+        return api_key_proto(await self._service.update_api_key(current_identity(), key.id, key.name or None, weight))
 
     async def DeleteApiKey(self, request: auth_pb2.DeleteApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> auth_pb2.DeleteApiKeyResponse:
@@ -117,4 +125,5 @@ class CredentialServicer(auth_pb2_grpc.CredentialServiceServicer):
         identity = await self._service.verify_api_key(request.secret)
         return auth_pb2.VerifyApiKeyResponse(
             user_id=identity.user_id, username=identity.username, api_key_id=identity.api_key_id or "",
+            api_key_weight=identity.api_key_weight,
             roles=[ROLE_TO_PROTO[r] for r in sorted(identity.roles) if r in ROLE_TO_PROTO])

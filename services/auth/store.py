@@ -89,6 +89,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     ALTER TABLE login_failures ADD COLUMN attempt TEXT;
     CREATE INDEX login_failures_attempt ON login_failures(attempt)
     """,
+    # An API key's weight within its user's fair share (services/inference/engines/fair.py); keys
+    # made before it have weight 1.
+    """
+    ALTER TABLE api_keys ADD COLUMN share_weight REAL NOT NULL DEFAULT 1
+    """,
 )
 
 
@@ -135,6 +140,7 @@ class ApiKeyRecord:
     expires_at: float | None
     last_used_at: float | None
     revoked_at: float | None
+    share_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,7 @@ def _user(row: Mapping[str, Any]) -> UserRecord:
 
 def _api_key(row: Mapping[str, Any]) -> ApiKeyRecord:
     return ApiKeyRecord(row["id"], row["user_id"], row["name"], row["prefix"], row["created_at"],
-                        row["expires_at"], row["last_used_at"], row["revoked_at"])
+                        row["expires_at"], row["last_used_at"], row["revoked_at"], float(row["share_weight"]))
 
 
 def _signing_key(row: Mapping[str, Any]) -> SigningKeyRecord:
@@ -250,12 +256,23 @@ class AuthStore:
     # API keys
 
     def add_api_key(self, user_id: str, name: str, prefix: str, secret_hash: str,
-                    expires_at: float | None) -> ApiKeyRecord:
-        key = ApiKeyRecord(uuid.uuid4().hex, user_id, name, prefix, time.time(), expires_at, None, None)
+                    expires_at: float | None, share_weight: float = 1.0) -> ApiKeyRecord:
+        key = ApiKeyRecord(uuid.uuid4().hex, user_id, name, prefix, time.time(), expires_at, None, None, share_weight)
         with self._tx() as db:
-            db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
-                       (key.id, user_id, name, prefix, secret_hash, key.created_at, expires_at))
+            db.execute("INSERT INTO api_keys (id, user_id, name, prefix, secret_hash, created_at, expires_at,"
+                       " share_weight) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (key.id, user_id, name, prefix, secret_hash, key.created_at, expires_at, share_weight))
         return key
+
+    def update_api_key(self, user_id: str, key_id: str, name: str | None,
+                       share_weight: float | None) -> ApiKeyRecord | None:
+        """Sets what is not None of a live key of `user_id`; None when it has no such key."""
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE api_keys SET name = COALESCE(?, name), share_weight = COALESCE(?, share_weight)"
+                " WHERE id = ? AND user_id = ? AND revoked_at IS NULL RETURNING *",
+                (name, share_weight, key_id, user_id)).fetchall()
+        return _api_key(rows[0]) if rows else None
 
     def count_api_keys(self, user_id: str) -> int:
         return int(self._read("SELECT COUNT(*) AS n FROM api_keys WHERE user_id = ? AND revoked_at IS NULL",

@@ -33,13 +33,13 @@ from services.cache.backends import PREFIX, Backend
 from services.cache.budget import INSUFFICIENT_QUOTA, BudgetUse, LedgerSum, TokenBudgets, counter_key, refusing
 from services.cache.settings import CacheSettings
 from services.core.errors import InvalidArgument
+from services.core.identity import MAX_SHARE_WEIGHT
 
 WINDOW_SECONDS = 60.0
 COUNTER_TTL_SECONDS = 2 * WINDOW_SECONDS + 5
 OVERRIDE_PREFIX = PREFIX + "ratelimit:override:"
 RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
 BUDGET_FIELDS = ("tokens_per_day", "tokens_per_month")
-MAX_SHARE_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)

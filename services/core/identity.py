@@ -47,6 +47,9 @@ ALGORITHM = "EdDSA"
 ROLE_USER = "user"
 ROLE_ADMIN = "admin"
 
+# The largest fair-share weight of a user (services.cache.ratelimit) or of an API key (services.auth).
+MAX_SHARE_WEIGHT = 1000.0
+
 # Methods anyone may call. VerifyApiKey is internal: the gateway does not route it.
 PUBLIC_METHODS: frozenset[str] = frozenset({
     "/parley.auth.v1.AuthService/Register",
@@ -79,13 +82,17 @@ class IdentitySettings:
 @dataclasses.dataclass(frozen=True)
 class Identity:
     """The authenticated caller. `credential` is what the caller presented, kept only to forward it
-    to other services: it never appears in repr() and so never in logs."""
+    to other services: it never appears in repr() and so never in logs. `api_key_weight` is the API
+    key's share weight within its user's fair share (services.inference.engines.fair); like the rest
+    of a key's identity it is cached for api_key_cache_seconds, so a changed weight takes effect
+    within that time."""
 
     user_id: str
     username: str
     roles: frozenset[str]
     api_key_id: str | None = None
     credential: str = dataclasses.field(default="", repr=False, compare=False)
+    api_key_weight: float = 1.0
 
     def has_role(self, role: str) -> bool:
         return role in self.roles

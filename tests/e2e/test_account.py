@@ -74,6 +74,7 @@ def test_api_keys_are_created_shown_once_used_and_revoked(signed_in, web_url: st
     page.get_by_role("link", name="API keys").click()
     page.get_by_role("heading", name="API keys").wait_for()
     page.get_by_label("Name").fill("notebook")
+    page.get_by_label("Weight among your keys").fill("3")
     page.get_by_role("button", name="Create key").click()
     secret = page.locator(".secret-value").inner_text()
     assert secret.startswith("pk-")
@@ -83,6 +84,7 @@ def test_api_keys_are_created_shown_once_used_and_revoked(signed_in, web_url: st
     row = page.locator("tr", has_text="notebook")
     row.wait_for()
     assert secret not in page.locator(".keys").inner_text()  # the list shows only its start
+    assert row.locator("td").nth(2).inner_text() == "3"  # its share weight among the user's keys
 
     page.reload()
     page.locator("tr", has_text="notebook").wait_for()

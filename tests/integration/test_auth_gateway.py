@@ -254,6 +254,30 @@ def test_api_key_create_list_use_revoke(http: httpx.Client) -> None:
     assert http.get("/v1/api-keys", headers=auth(token)).json()["api_keys"] == []
 
 
+def test_api_key_share_weight_is_set_and_changed_by_its_owner_only(http: httpx.Client) -> None:
+    token, other = register(http)["tokens"]["access_token"], register(http)["tokens"]["access_token"]
+    chat = http.post("/v1/api-keys", json={"name": "chat", "share_weight": 3}, headers=auth(token))
+    batch = http.post("/v1/api-keys", json={"name": "batch"}, headers=auth(token))
+    assert chat.status_code == batch.status_code == 200, (chat.text, batch.text)
+    SECRETS.update({chat.json()["secret"], batch.json()["secret"]})
+    assert (chat.json()["api_key"]["share_weight"], batch.json()["api_key"]["share_weight"]) == (3, 1)
+    key_id = batch.json()["api_key"]["id"]
+    changed = http.patch(f"/v1/api-keys/{key_id}", json={"share_weight": 0.5}, headers=auth(token))
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["name"], changed.json()["share_weight"]) == ("batch", 0.5)
+    for body in ({"share_weight": 0}, {"share_weight": 1001}, {"share_weight": -2}):
+        refused = http.patch(f"/v1/api-keys/{key_id}", json=body, headers=auth(token))
+        assert refused.status_code == 400 and "share_weight" in refused.json()["message"], refused.text
+    refused = http.post("/v1/api-keys", json={"name": "x", "share_weight": 0}, headers=auth(token))
+    assert refused.status_code == 400 and "share_weight" in refused.json()["message"], refused.text
+    assert http.patch(f"/v1/api-keys/{key_id}", json={"share_weight": 9}, headers=auth(other)).status_code == 404
+    elsewhere = http.patch(f"/v1/api-keys/{key_id}", json={"id": chat.json()["api_key"]["id"], "share_weight": 9},
+                           headers=auth(token))
+    assert elsewhere.status_code == 400, elsewhere.text
+    listed = http.get("/v1/api-keys", headers=auth(token)).json()["api_keys"]
+    assert {k["name"]: k["share_weight"] for k in listed} == {"chat": 3, "batch": 0.5}
+
+
 def test_admin_rotates_signing_key_without_logging_anyone_out(auth_stack: Stack, http: httpx.Client) -> None:
     user_token = register(http)["tokens"]["access_token"]
     login = http.post("/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD})

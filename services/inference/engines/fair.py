@@ -9,12 +9,15 @@ An owner is the caller a request runs for: a user, and the API key it came throu
 from services.core.identity through the GenerationRequest, engines.request), with the user's weight:
 `share_weight` of the user's rate limits (PATCH /v1/rate-limits/{id}, services.cache.ratelimit; 1
 unless an admin set it), which the rate-limit check of every metered request returns
-(services.inference.metered, services.inference.embeddings). Shares are counted per user, weighted:
-a user's load is what it runs divided by its weight; a user's API keys share the user's. With fair
-share on (PARLEY_FAIR_SHARE, the default):
+(services.inference.metered, services.inference.embeddings), and the API key's weight within its
+user's share: `share_weight` of the key (PATCH /v1/api-keys/{id}, services.auth; 1 unless its owner
+set it), which comes with the caller's Identity (cached for PARLEY_API_KEY_CACHE_SECONDS, so a
+change takes effect within that time). Shares are counted per user, weighted: a user's load is
+what it runs divided by its weight; a user's API keys split the user's share by their weights,
+and never change other users' shares. With fair share on (PARLEY_FAIR_SHARE, the default):
 - the next request to start is the oldest of the least loaded user that waits (among that user's
-  API keys, the key running least), so a newcomer goes before the requests of a user who already
-  runs many: it starts at the next step;
+  API keys, the key whose running count divided by its weight is least, then the oldest), so a
+  newcomer goes before the requests of a user who already runs many: it starts at the next step;
 - once the engine's room (running slots plus queue depth) is taken, a request is refused only when
   its user already holds a weighted equal share of that room: one user filling the queue is refused,
   the next user is not;
@@ -46,11 +49,13 @@ from services.core.identity import optional_identity
 @dataclass(frozen=True)
 class Owner:
     """Whom a request runs for: a user id ("" for calls without one), the API key id ("" when it came
-    with an access token) and the user's share weight (2: twice an equal share)."""
+    with an access token), the user's share weight (2: twice an equal share) and the key's weight
+    within the user's share (3: three starts for each one of the user's keys of weight 1)."""
 
     user: str = ""
     key: str = ""
     weight: float = 1.0
+    key_weight: float = 1.0
 
 
 ANONYMOUS = Owner()
@@ -61,7 +66,7 @@ def current_owner(weight: float = 1.0) -> Owner:
     identity = optional_identity()
     if identity is None:
         return Owner(weight=weight)
-    return Owner(identity.user_id, identity.api_key_id or "", weight)
+    return Owner(identity.user_id, identity.api_key_id or "", weight, identity.api_key_weight)
 
 
 class Entry(Protocol):
@@ -100,6 +105,10 @@ class Shares:
     def load(self, owner: Owner, extra: int = 0) -> float:
         return (self.users[owner.user] + extra) / self.weights.get(owner.user, max(owner.weight, 1e-6))
 
+    def key_load(self, owner: Owner) -> float:
+        """What the owner's API key runs divided by the key's weight: how its user's keys take turns."""
+        return self.keys[(owner.user, owner.key)] / max(owner.key_weight, 1e-6)
+
     @property
     def total(self) -> int:
         return sum(self.users.values())
@@ -126,7 +135,8 @@ class Policy:
         shares = running.copy()
         order: list[E] = []
         while queues and (limit is None or len(order) < limit):
-            key = min(queues, key=lambda k: (shares.load(queues[k][0][1].owner), shares.keys[k], queues[k][0][0]))
+            key = min(queues, key=lambda k: (shares.load(queues[k][0][1].owner),
+                                             shares.key_load(queues[k][0][1].owner), queues[k][0][0]))
             _, entry = queues[key].popleft()
             if not queues[key]:
                 del queues[key]

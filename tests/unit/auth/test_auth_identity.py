@@ -287,6 +287,26 @@ async def test_api_keys_work_everywhere_and_revocation(env: Env) -> None:
                  env.session.GetSession(session_pb2.GetSessionRequest(id="x"), metadata=bearer(key)))
 
 
+async def test_api_key_weight_reaches_other_services_once_their_cache_lapses(env: Env) -> None:
+    user, eve = await env.login("alice"), await env.login("eve")
+    created = await env.auth.CreateApiKey(auth_pb2.CreateApiKeyRequest(name="chat", share_weight=3),
+                                          metadata=bearer(user.access_token))
+    assert created.api_key.share_weight == 3
+    assert (await env.verifier.authenticate(created.secret)).api_key_weight == 3
+    change = auth_pb2.UpdateApiKeyRequest(api_key=auth_pb2.ApiKey(id=created.api_key.id, share_weight=5))
+    await expect(grpc.StatusCode.NOT_FOUND, env.auth.UpdateApiKey(change, metadata=bearer(eve.access_token)))
+    updated = await env.auth.UpdateApiKey(change, metadata=bearer(user.access_token))
+    assert (updated.name, updated.share_weight) == ("chat", 5)
+    bad = auth_pb2.UpdateApiKeyRequest(api_key=auth_pb2.ApiKey(id=created.api_key.id, share_weight=0))
+    said = await expect(grpc.StatusCode.INVALID_ARGUMENT,
+                        env.auth.UpdateApiKey(bad, metadata=bearer(user.access_token)))
+    assert "share_weight" in said
+    # Other services trust their cached verification for api_key_cache_seconds (cleared to skip the wait).
+    assert (await env.verifier.authenticate(created.secret)).api_key_weight == 3
+    env.verifier._api_keys.clear()
+    assert (await env.verifier.authenticate(created.secret)).api_key_weight == 5
+
+
 async def test_x_api_key_carries_the_same_credentials_as_anthropic_clients_send_them(env: Env) -> None:
     user = await env.login("alice")
     created = await env.auth.CreateApiKey(auth_pb2.CreateApiKeyRequest(name="sdk"), metadata=bearer(user.access_token))

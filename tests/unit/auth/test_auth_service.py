@@ -253,6 +253,44 @@ async def test_api_key_expiry_and_validation(service: AuthService, store: AuthSt
         await service.verify_api_key("pk-made-up")
 
 
+async def test_api_key_share_weight_is_set_changed_and_verified(service: AuthService) -> None:
+    user, _ = await service.register("alice", PASSWORD)
+    me = Identity(user.id, "alice", frozenset({"user"}))
+    batch = await service.create_api_key(me, "batch", 0)
+    interactive = await service.create_api_key(me, "chat", 0, share_weight=3)
+    assert (batch.key.share_weight, interactive.key.share_weight) == (1.0, 3.0)
+    assert (await service.verify_api_key(interactive.secret)).api_key_weight == 3.0
+    changed = await service.update_api_key(me, batch.key.id, None, 0.5)
+    assert (changed.name, changed.share_weight) == ("batch", 0.5)
+    assert (await service.verify_api_key(batch.secret)).api_key_weight == 0.5
+    renamed = await service.update_api_key(me, batch.key.id, " nightly ", None)
+    assert (renamed.name, renamed.share_weight) == ("nightly", 0.5)
+    keys, _ = await service.list_api_keys(me, 0, "")
+    assert {k.name: k.share_weight for k in keys} == {"nightly": 0.5, "chat": 3.0}
+    # Only the owner may change a key: another user's key is not found, and stays as it was.
+    eve, _ = await service.register("eve", PASSWORD)
+    with pytest.raises(NotFound):
+        await service.update_api_key(Identity(eve.id, "eve", frozenset({"user"})), interactive.key.id, None, 1000)
+    with pytest.raises(NotFound):
+        await service.update_api_key(me, "no-such-key", None, 2)
+    await service.delete_api_key(me, batch.key.id)
+    with pytest.raises(NotFound):
+        await service.update_api_key(me, batch.key.id, None, 2)
+    assert (await service.verify_api_key(interactive.secret)).api_key_weight == 3.0
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, 1000.5, float("nan"), float("inf")])
+async def test_api_key_share_weight_out_of_range_is_refused(service: AuthService, weight: float) -> None:
+    user, _ = await service.register("alice", PASSWORD)
+    me = Identity(user.id, "alice", frozenset({"user"}))
+    with pytest.raises(InvalidArgument, match="share_weight must be greater than 0 and at most 1000"):
+        await service.create_api_key(me, "bad", 0, share_weight=weight)
+    key = await service.create_api_key(me, "good", 0, share_weight=1000)
+    with pytest.raises(InvalidArgument, match="share_weight"):
+        await service.update_api_key(me, key.key.id, None, weight)
+    assert (await service.list_api_keys(me, 0, ""))[0][0].share_weight == 1000
+
+
 async def test_api_key_pagination(service: AuthService) -> None:
     user, _ = await service.register("alice", PASSWORD)
     me = Identity(user.id, "alice", frozenset({"user"}))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.auth.store import MIGRATIONS, AuthStore
+from services.core.database_open import open_database
 from services.core.errors import AlreadyExists
 
 
@@ -33,6 +34,23 @@ def test_migrations_run_once_and_are_recorded(tmp_path: Path) -> None:
         assert again.user_by_key("alice") is not None
     finally:
         again.close()
+
+
+def test_api_keys_of_a_database_made_before_key_weights_get_weight_1(tmp_path: Path) -> None:
+    older = open_database(tmp_path / "auth.db", MIGRATIONS[:3], "auth")  # before share_weight existed
+    with older.transaction() as db:
+        db.execute("INSERT INTO users VALUES ('u1', 'alice', 'alice', 'h', 'user', 0)")
+        db.execute("INSERT INTO api_keys VALUES ('k1', 'u1', 'old', 'pk-old', 'hash', 0, NULL, NULL, NULL)")
+    older.close()
+    store = AuthStore(tmp_path / "auth.db")
+    try:
+        assert store.schema_version() == len(MIGRATIONS)
+        key = store.api_key_by_hash("hash")
+        assert key is not None and key.share_weight == 1.0
+        updated = store.update_api_key("u1", "k1", None, 2.5)
+        assert updated is not None and (updated.name, updated.share_weight) == ("old", 2.5)
+    finally:
+        store.close()
 
 
 def test_usernames_are_unique_regardless_of_case(store: AuthStore) -> None:

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from services.core import identity
 from services.core.errors import ResourceExhausted
-from services.inference.engines.fair import Owner, Policy, Shares
+from services.core.identity import Identity
+from services.inference.engines.fair import Owner, Policy, Shares, current_owner
 from services.inference.engines.sequence import Request, Sampling
 from services.inference.engines.slots import Slot, SlotPool
 from tests.unit.inference.fake_llama import scheduler
@@ -51,6 +53,30 @@ def test_one_users_api_keys_take_turns_and_weights_scale_shares() -> None:
     waiting = [Item(A, "a1"), Item(A, "a2"), Item(heavy, "b1"), Item(heavy, "b2"), Item(heavy, "b3")]
     # Bob's weight of 2 takes two turns for each of Alice's.
     assert names(Policy(True, 4, 8).line(waiting, Shares())) == ["a1", "b1", "b2", "a2", "b3"]
+
+
+def test_a_heavier_api_key_gets_more_of_its_users_share_and_other_users_keep_theirs() -> None:
+    batch, chat, bob = Owner("alice", "batch"), Owner("alice", "chat", key_weight=3.0), Owner("bob")
+    waiting = ([Item(batch, f"batch{i}") for i in range(8)] + [Item(chat, f"chat{i}") for i in range(8)]
+               + [Item(bob, f"bob{i}") for i in range(8)])
+    for running in (Shares(), Shares([(batch, 1), (bob, 1)])):
+        first = names(Policy(True, 4, 8).line(waiting, running, limit=16))
+        # Bob keeps his half; Alice's half goes three to one to her chat key, each key in arrival order.
+        assert sum(n.startswith("bob") for n in first) == 8
+        assert [n for n in first if n.startswith("chat")] == [f"chat{i}" for i in range(6)]
+        assert [n for n in first if n.startswith("batch")] == ["batch0", "batch1"]
+    # Equal key weights take plain turns, as before.
+    even = [Item(batch, f"batch{i}") for i in range(4)] + [Item(Owner("alice", "chat"), f"chat{i}") for i in range(4)]
+    assert names(Policy(True, 4, 8).line(even, Shares(), limit=4)) == ["batch0", "chat0", "batch1", "chat1"]
+
+
+def test_the_owner_of_a_call_carries_its_api_keys_weight() -> None:
+    token = identity._current.set(Identity("u1", "alice", frozenset({"user"}), "k1", api_key_weight=3.0))
+    try:
+        assert current_owner(2.0) == Owner("u1", "k1", 2.0, 3.0)
+    finally:
+        identity._current.reset(token)
+    assert current_owner() == Owner()
 
 
 def test_a_full_queue_refuses_the_user_who_filled_it_not_the_next_one() -> None:
