@@ -17,7 +17,7 @@ alternating order; the table takes the median round's tokens/s and pools B's TTF
 round's ratio.
 
     make bench-fair [LLAMA_SERVER=/path/to/llama-server]
-    .venv/bin/python bench/fair_share_bench.py [--streams 48] [--tokens 128] [--turns 8] [--slots 16] [--rounds 2]
+    .venv/bin/python bench/fair_share_bench.py [--streams 48] [--tokens 128] [--turns 8] [--slots 16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=8, help="B's turns (idle, and at most this many in the flood)")
     parser.add_argument("--turn-tokens", type=int, default=16, help="tokens of each of B's answers")
     parser.add_argument("--slots", type=int, default=16, help="PARLEY_PARALLEL_SLOTS and llama-server's -np")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="Parley runs of each mode, in alternating order; A's tok/s is the median round's")
     parser.add_argument("--head-start", type=float, default=1.0, help="seconds A's flood runs before B's first turn")
     parser.add_argument("--llama-server", default=None, metavar="PATH",
