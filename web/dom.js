@@ -39,6 +39,17 @@ export function when(iso) {
   return date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
 }
 
+export const number = (n) => Number(n || 0).toLocaleString();
+
+// A table of `rows` (arrays of cells: text, or nodes such as buttons); the caption names it for
+// screen readers.
+export function table(caption, headings, rows) {
+  return h("table", {},
+    h("caption", { class: "sr-only" }, caption),
+    h("thead", {}, h("tr", {}, headings.map((t) => h("th", { scope: "col", text: t })))),
+    h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((c) => h("td", {}, c))))));
+}
+
 let counter = 0;
 export function uid(prefix) {
   counter += 1;

@@ -2,18 +2,10 @@
 // the team's per user and model (a panel of the admin page).
 
 import { explain } from "./api.js";
-import { h, replace, when } from "./dom.js";
+import { h, number, replace, table, when } from "./dom.js";
 
 const DAYS = 7;
-const number = (n) => Number(n || 0).toLocaleString();
 const dayOf = (unix) => new Date(unix * 1000).toISOString().slice(0, 10);
-
-function table(caption, headings, rows) {
-  return h("table", {},
-    h("caption", { class: "sr-only" }, caption),
-    h("thead", {}, h("tr", {}, headings.map((t) => h("th", { scope: "col", text: t })))),
-    h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((c) => h("td", { text: String(c) }))))));
-}
 
 function budgetRows(limits) {
   return (limits.budgets || []).map((b) => [
@@ -58,7 +50,8 @@ export async function usageView(api) {
     body);
 }
 
-// Fills `panel` with the team's use of the last DAYS days per user and model, for admins.
+// Fills `panel` with the team's use of the last DAYS days per user and model, for admins. Resolves
+// to the users it lists (id → username), or null when the use could not be read.
 export async function teamUsage(api, panel) {
   try {
     const usage = await recentUsage(api, ["user_id", "model"], "*");
@@ -84,8 +77,10 @@ export async function teamUsage(api, panel) {
     replace(panel, rows.length
       ? table(`Use per user and model, the last ${DAYS} days`, ["User", "Model", "Requests", "Input tokens", "Output tokens"], rows)
       : h("p", { class: "empty", text: `No use in the last ${DAYS} days.` }));
+    return names;
   } catch (error) {
     panel.removeAttribute("aria-busy");
     replace(panel, h("p", { class: "error-text", text: explain(error) }));
+    return null;
   }
 }
