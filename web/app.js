@@ -4,6 +4,7 @@
 import { Api, explain } from "./api.js";
 import { ChatView, stateWord } from "./chat.js";
 import { h, icon, replace, when, uid } from "./dom.js";
+import { teamLimits } from "./limits.js";
 import { teamUsage, usageView } from "./usage.js";
 
 class App {
@@ -417,7 +418,8 @@ class App {
     const models = h("div", { class: "panel-body", "aria-busy": "true" }, "Loading…");
     const metrics = h("div", { class: "panel-body", "aria-busy": "true" }, "Loading…");
     const usage = h("div", { class: "panel-body", "aria-busy": "true" }, "Loading…");
-    teamUsage(this.api, usage);
+    const limits = h("div", { class: "panel-body", "aria-busy": "true" }, "Loading…");
+    teamUsage(this.api, usage).then((users) => teamLimits(this.api, limits, users));
     const section = (id, title, body, wide = false) => h("section", { class: `card panel${wide ? " wide" : ""}`, "aria-labelledby": id },
       h("h2", { id, text: title }), body);
     const facts = (pairs) => h("dl", { class: "facts" }, pairs.map(([k, v]) => [h("dt", { text: k }), h("dd", { text: String(v) })]));
@@ -496,7 +498,8 @@ class App {
         section(uid("hw"), "Hardware", hardware),
         section(uid("models"), "Models", models, true),
         section(uid("metrics"), "Metrics", metrics),
-        section(uid("usage"), "Usage", usage, true)));
+        section(uid("usage"), "Usage", usage, true),
+        section(uid("limits"), "Limits", limits, true)));
   }
 }
 

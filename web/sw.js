@@ -12,6 +12,7 @@ const SHELL = [
   "/api.js",
   "/chat.js",
   "/dom.js",
+  "/limits.js",
   "/markdown.js",
   "/usage.js",
   "/manifest.webmanifest",
