@@ -19,7 +19,7 @@ import llama_cpp
 from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 
-from services.inference.registry import BUNDLED, CatalogueEntry
+from services.inference.models.registry import BUNDLED, CatalogueEntry
 
 BATCH = 512
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 
-from services.inference.registry import BUNDLED_EMBEDDING, CatalogueEntry
+from services.inference.models.registry import BUNDLED_EMBEDDING, CatalogueEntry
 
 MODEL = BUNDLED_EMBEDDING["id"]
 BATCHES = (1, 32, 256)

@@ -36,7 +36,7 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference_bench import ADMIN_PASSWORD, api_key, find_llama_server, stack_environment  # noqa: E402
-from services.inference.registry import BUNDLED, CatalogueEntry  # noqa: E402
+from services.inference.models.registry import BUNDLED, CatalogueEntry  # noqa: E402
 from services.stack import Stack, free_port  # noqa: E402
 
 SDIST = Path(os.environ.get("PARLEY_LLAMA_SDIST") or Path.home() / ".cache/parley-peer/llama_cpp_python-0.3.36.tar.gz")

@@ -79,7 +79,7 @@ from openai import AsyncOpenAI
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 
-from services.inference.registry import BUNDLED, CatalogueEntry
+from services.inference.models.registry import BUNDLED, CatalogueEntry
 from services.stack import Stack, free_port
 
 import embeddings_bench  # beside this file: python puts the script's folder on sys.path

@@ -8,7 +8,7 @@ import functools
 
 import numpy as np
 
-from services.inference.registry import BUNDLED_EMBEDDING, CatalogueEntry
+from services.inference.models.registry import BUNDLED_EMBEDDING, CatalogueEntry
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.core.errors import ResourceExhausted
-from services.inference.chat_template import ChatTemplate
 from services.inference.engines.base import Engine, EngineError, Request
 from services.inference.engines.local import TokenEngine
+from services.inference.models.chat_template import ChatTemplate
 
 END = 0
 BOS = 1
@@ -123,5 +123,5 @@ def scripted_engines(monkeypatch: Any) -> list[ScriptedEngine]:
         made.append(ScriptedEngine(model_id, path, settings, params))
         return made[-1]
 
-    monkeypatch.setattr("services.inference.registry.create_engine", create)
+    monkeypatch.setattr("services.inference.models.registry.create_engine", create)
     return made

@@ -2,9 +2,9 @@
 
 The OpenAI-compatible methods take and answer google.api.HttpBody: the service reads OpenAI's JSON
 itself (services/wire/openai_chat.py, openai_text.py, openai_responses.py and
-services/inference/embeddings.py), so their shapes are written here, by hand, as those modules
-accept and answer them. Responses list the fields Parley always sends as required; OpenAI's objects
-may grow fields, so none of them forbids more.
+services/inference/endpoints/embeddings.py), so their shapes are written here, by hand, as those
+modules accept and answer them. Responses list the fields Parley always sends as required;
+OpenAI's objects may grow fields, so none of them forbids more.
 
 OPERATIONS is keyed by gRPC method (`/package.Service/Method`): `request` (a requestBody object),
 `responses` (the success answers), `path_examples` (a working value per path parameter).

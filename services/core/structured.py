@@ -3,7 +3,7 @@ from the contract (parley.inference.v1.StructuredOutput, ChatMessage, ToolCall).
 
 A chat message is a dict: {"role", "content"} and, for an assistant message that called tools,
 "tool_calls" (a list of ToolCall), for a tool message "tool_call_id". Inference turns a Structure
-into a grammar and a prompt (services.inference.grammars); session stores tool turns; the cache
+into a grammar and a prompt (services.inference.models.grammars); session stores tool turns; the cache
 keys on all of it.
 """
 

@@ -14,11 +14,12 @@ from services.core import config
 from services.core.config import CommonSettings
 from services.core.errors import Unavailable
 from services.core.server import Registration, ServiceSpec
-from services.inference import hardware, metrics
-from services.inference.embeddings import EmbeddingService
-from services.inference.metered import MeteredCompletions
-from services.inference.registry import ModelRegistry
-from services.inference.service import GenerationService
+from services.inference import metrics
+from services.inference.endpoints.embeddings import EmbeddingService
+from services.inference.flow.metered import MeteredCompletions
+from services.inference.flow.service import GenerationService
+from services.inference.models import hardware
+from services.inference.models.registry import ModelRegistry
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 

@@ -1,5 +1,6 @@
-"""gRPC <-> domain translation for the inference service. Behaviour lives in service.py,
-registry.py and the engines; this file only converts messages."""
+"""gRPC <-> domain translation for the inference service. Behaviour lives in the flow (flow/),
+the model registry (models/registry.py), the endpoints (endpoints/) and the engines; this file only
+converts messages and hands HTTP bodies to their endpoint."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from parley.inference.v1 import inference_pb2_grpc
 
 from services.core import sampling, structured
 from services.core.errors import InvalidArgument
-from services.inference import chat_completions, embeddings, messages, metrics, text_completions
+from services.inference import metrics
+from services.inference.endpoints import chat_completions, embeddings, messages, text_completions
 from services.inference.engines import EmbeddingEngine
 from services.inference.engines.base import Usage
-from services.inference.fitting import Fit
-from services.inference.hardware import Hardware, choose
-from services.inference.metered import FINISH_REASONS, Completion, MeteredCompletions, Started
-from services.inference.registry import ModelRecord, ModelRegistry
-from services.inference.service import GenerationService, Queued
+from services.inference.flow.fitting import Fit
+from services.inference.flow.metered import FINISH_REASONS, Completion, MeteredCompletions, Started
+from services.inference.flow.service import GenerationService, Queued
+from services.inference.models.hardware import Hardware, choose
+from services.inference.models.registry import ModelRecord, ModelRegistry
 
 STATES = {
     "available": pb.MODEL_STATE_AVAILABLE,

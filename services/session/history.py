@@ -88,7 +88,7 @@ MAX_SENT_CHARS = 3_000_000
 def newest(turns: Sequence[Turn], limit: int, chars: int = MAX_SENT_CHARS) -> list[Turn]:
     """At most the `limit` newest turns holding at most `chars` characters, starting with a question
     (inference leaves out more when they do not fit the model's context window:
-    services.inference.fitting)."""
+    services.inference.flow.fitting)."""
     start, held = len(turns), 0
     while start > 0 and len(turns) - start < limit and held + len(turns[start - 1].content) <= chars:
         start -= 1

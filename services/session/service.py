@@ -3,7 +3,7 @@
 A turn (the main data path, drawn in docs/architecture.md) is one round trip to inference: check
 ownership and input, send the conversation (system prompt, history, the new turn) to Generate, which
 checks the rate limit, resolves the model, leaves out the oldest turns that do not fit its context
-window, and answers from the response cache or admits the generation (services.inference.metered).
+window, and answers from the response cache or admits the generation (services.inference.flow.metered).
 Only once inference says `start` are the tool results, the user's message and an empty assistant
 message stored, in one transaction: a turn refused for any reason stores nothing. The assistant
 message is saved when the stream ends, however it ends: complete; incomplete with the partial text
@@ -42,7 +42,6 @@ from services.core.errors import InvalidArgument, ParleyError, Unavailable, stat
 from services.core.identity import Identity, current_identity, forward_credentials
 from services.core.structured import Answer
 from services.session import history
-from services.session.settings import SessionSettings
 from services.session.records import (
     ROLE_ASSISTANT, ROLE_TOOL, ROLE_USER, STATUS_COMPLETE, STATUS_ERROR, STATUS_INCOMPLETE, MessageRecord,
     SessionCursor, SessionRecord, SessionStore, TurnMessages,
@@ -51,6 +50,7 @@ from services.session.rules import (
     REPLACED_FIELDS, SAMPLING_FIELDS, check_sampling, decode_cursor, encode_cursor, merge_sampling, sampling_from_dict,
     sampling_to_dict,
 )
+from services.session.settings import SessionSettings
 from services.session.turns import TurnLeases
 
 log = logging.getLogger("parley.session")

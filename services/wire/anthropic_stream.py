@@ -21,7 +21,7 @@ import grpc
 from services.core import json_body
 from services.core.structured import ToolCall
 from services.inference.engines.base import Chunk, Usage
-from services.inference.grammars import CallDelta
+from services.inference.models.grammars import CallDelta
 from services.wire.anthropic import error_json
 
 Event = tuple[str, dict[str, Any]]  # (event name, its data)

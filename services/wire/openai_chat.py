@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.errors import InvalidArgument
-from services.core.structured import PLAIN, ROLES, Structure, ToolCall, make_structure, make_template_options
 from services.core.json_body import number, parse_object, text_parts
-from services.inference.engines.base import TokenLogprob, Usage
 from services.core.sampling import SamplingInput
-from services.inference.grammars import CallDelta
+from services.core.structured import PLAIN, ROLES, Structure, ToolCall, make_structure, make_template_options
+from services.inference.engines.base import TokenLogprob, Usage
+from services.inference.models.grammars import CallDelta
 from services.wire.tools import (
     function_tool, json_format, openai_tool_choice, parallel_tool_calls, schema_json, tool_list,
 )

@@ -368,7 +368,7 @@ def test_dev_overlay_runs_one_replica_with_small_limits(renders: dict[str, Rende
 
 def test_vllm_overlay_runs_inference_in_remote_mode_in_front_of_vllm_on_a_gpu(renders: dict[str, Render],
                                                                              tmp_path: Path) -> None:
-    from services.inference.registry import load_catalogue
+    from services.inference.models.registry import load_catalogue
     from services.inference.settings import InferenceSettings
 
     render = renders["vllm"]

@@ -23,11 +23,11 @@ from services.core import config
 from services.core.errors import QuotaExceeded, ResourceExhausted
 from services.core.identity import Identity
 from services.core.server import Registration, ServiceSpec, start_server
-from services.inference.chat_completions import ChatCompletions
-from services.inference.hardware import probe
-from services.inference.metered import MeteredCompletions
-from services.inference.registry import ModelRegistry
-from services.inference.service import GenerationService
+from services.inference.endpoints.chat_completions import ChatCompletions
+from services.inference.flow.metered import MeteredCompletions
+from services.inference.flow.service import GenerationService
+from services.inference.models.hardware import probe
+from services.inference.models.registry import ModelRegistry
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from services.session.service import SessionService
@@ -341,8 +341,8 @@ async def test_counting_tokens_is_within_the_rate_limit(flow: Flow) -> None:
 async def test_a_chats_reasoning_is_apart_and_a_raw_prompts_text_is_as_written(flow: Flow) -> None:
     """A template whose generation prompt opens a <think> block: a chat's answer up to </think> is
     reasoning (message.reasoning_content, reasoning_tokens, cached with it), a raw prompt's is text."""
-    from services.inference.chat_template import ChatTemplate
-    from services.inference.text_completions import TextCompletions
+    from services.inference.models.chat_template import ChatTemplate
+    from services.inference.endpoints.text_completions import TextCompletions
 
     await flow.metered.count_tokens("", [{"role": "user", "content": "load"}])  # loads the engine
     flow.engine.chat_template = ChatTemplate("{{ messages[0].content }}{% if add_generation_prompt %}<think>\n{% endif %}")

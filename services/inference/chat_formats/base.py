@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from services.core.structured import Structure, ToolCall
-from services.inference.grammars import CallDelta
+from services.inference.models.grammars import CallDelta
 
 
 @dataclass
@@ -271,7 +271,8 @@ class ChatFormat:
     @property
     def native_tools(self) -> bool:
         """Whether the template renders `tools`, past calls and results itself (else the tools are
-        described in a system message and calls written in Hermes tags: services.inference.grammars)."""
+        described in a system message and calls written in Hermes tags:
+        services.inference.models.grammars)."""
         return "tools" in self.template
 
     def check(self, structure: Structure, model_id: str) -> None:

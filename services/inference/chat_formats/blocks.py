@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from services.core.structured import ToolCall
 from services.inference.chat_formats.base import partial_suffix
 from services.inference.chat_formats.hermes import ToolCallParser
-from services.inference.grammars import CallDelta
+from services.inference.models.grammars import CallDelta
 
 
 class BlockCallParser:

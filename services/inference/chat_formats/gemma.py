@@ -11,9 +11,9 @@ from typing import Any
 
 from services.core.structured import Structure, ToolCall
 from services.inference.chat_formats.base import ChatFormat, OutputParser, object_arguments, partial_suffix
-from services.inference.chat_formats.hermes import ToolCallParser
 from services.inference.chat_formats.blocks import BlockCallParser
-from services.inference.grammars import CallDelta
+from services.inference.chat_formats.hermes import ToolCallParser
+from services.inference.models.grammars import CallDelta
 
 CALL_OPEN, CALL_CLOSE, CALL_HEAD = "<|tool_call>", "<tool_call|>", "call:"
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"

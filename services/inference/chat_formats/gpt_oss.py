@@ -25,7 +25,7 @@ from typing import Any
 from services.core.structured import Structure, ToolCall
 from services.inference.chat_formats.base import ChatFormat, OutputParser, Parsed, object_arguments, partial_suffix
 from services.inference.chat_formats.hermes import ToolCallParser
-from services.inference.grammars import CallDelta
+from services.inference.models.grammars import CallDelta
 
 START, CHANNEL, MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
 HEADER_STARTS = (START, CHANNEL, " to=", "to=")

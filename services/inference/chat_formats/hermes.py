@@ -2,7 +2,7 @@
 template without a format of its own): `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, after
 an optional `<think>…</think>` block where the template knows one.
 
-This is also the syntax the tool grammar writes (services.inference.grammars), so every family's
+This is also the syntax the tool grammar writes (services.inference.models.grammars), so every family's
 parser falls back on it.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from services.core.structured import ToolCall
 from services.inference.chat_formats.base import ChatFormat, JsonEnd, partial_suffix
-from services.inference.grammars import CLOSE, OPEN, CallDelta
+from services.inference.models.grammars import CLOSE, OPEN, CallDelta
 
 # The start of a call as the grammar writes it (name first), up to where its arguments begin.
 CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:')

@@ -1,6 +1,6 @@
 """What the families' call parsers share: a state machine over the text held back, content scanned
 for the markers that open calls, a call's JSON arguments streamed as they are written, and Hermes
-tags understood everywhere (the tool grammar writes them: services.inference.grammars).
+tags understood everywhere (the tool grammar writes them: services.inference.models.grammars).
 
 Markup that turns out not to be a call of an offered tool is content, as written.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from services.core.structured import ToolCall
 from services.inference.chat_formats.base import JsonEnd, partial_suffix
-from services.inference.grammars import CLOSE, OPEN, CallDelta
+from services.inference.models.grammars import CLOSE, OPEN, CallDelta
 
 # A call object up to its arguments' value. Llama writes "parameters", and at times a "type" first.
 CALL_HEAD = re.compile(r'\s*\{\s*(?:"type"\s*:\s*"function"\s*,\s*)?"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*'

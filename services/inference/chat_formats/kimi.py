@@ -12,7 +12,7 @@ import re
 from services.core.structured import Structure, ToolCall
 from services.inference.chat_formats.base import ChatFormat, OutputParser, ReasoningSplitter, partial_suffix
 from services.inference.chat_formats.blocks import BlockCallParser
-from services.inference.grammars import CallDelta
+from services.inference.models.grammars import CallDelta
 
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, ARGUMENTS, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"

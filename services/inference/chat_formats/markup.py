@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from services.core.structured import ToolCall
 from services.inference.chat_formats.base import JsonEnd, ReasoningSplitter, partial_suffix
 from services.inference.chat_formats.hermes import ToolCallParser
-from services.inference.grammars import CLOSE, CallDelta
+from services.inference.models.grammars import CLOSE, CallDelta
 
 # What a family's reader says after reading what it could of its markup.
 DONE = "done"  # the markup ended: back to content

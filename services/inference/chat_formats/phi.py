@@ -12,7 +12,7 @@ from typing import Any
 from services.core.structured import ToolCall
 from services.inference.chat_formats.base import ChatFormat
 from services.inference.chat_formats.blocks import BlockCallParser
-from services.inference.grammars import CallDelta
+from services.inference.models.grammars import CallDelta
 
 CALL_OPEN, CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
 CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from services.inference.engines.base import Engine, EngineError
 from services.inference.engines.embedding import EmbeddingEngine
-from services.inference.hardware import EngineSettings
+from services.inference.models.hardware import EngineSettings
 
 CHAT, EMBEDDING = "chat", "embedding"
 TASKS = (CHAT, EMBEDDING)

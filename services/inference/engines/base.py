@@ -24,14 +24,14 @@ from typing import Any
 
 from services.core.errors import ResourceExhausted
 from services.core.structured import PLAIN, Structure
-from services.inference import fitting, offloop
-from services.inference.offloop import checkpoint
 from services.inference.engines.request import Admitted, GenerationRequest, Queued
 from services.inference.engines.sequence import (
     Chunk, Request, Sampling, StopMatcher, TokenLogprob, Usage, common_prefix,
 )
-from services.inference.hardware import EngineSettings
-from services.inference.grammars import call_json, template_input
+from services.inference.flow import fitting, offloop
+from services.inference.flow.offloop import checkpoint
+from services.inference.models.grammars import call_json, template_input
+from services.inference.models.hardware import EngineSettings
 
 __all__ = ["Admitted", "Chunk", "Engine", "EngineError", "GenerationRequest", "LoadedModel", "LocalModel", "Queued",
            "Request", "Sampling", "StopMatcher", "TokenLogprob", "Usage", "common_prefix", "queue_full"]
@@ -168,7 +168,7 @@ class Engine(LoadedModel):
     def fitted_prompt(self, messages: Sequence[dict[str, Any]], structure: Structure, allowed: int,
                       keep_last: int) -> fitting.Fitted:
         """The chat's prompt tokens with its oldest turns left out until at most `allowed` remain
-        (services.inference.fitting)."""
+        (services.inference.flow.fitting)."""
         return fitting.fit(messages, keep_last, allowed, lambda chat: self.prompt_tokens(chat, None, structure),
                            self._shares)
 
@@ -233,7 +233,7 @@ class Engine(LoadedModel):
 
     def prompt_room(self, max_tokens: int | None, reserve_tokens: int) -> int:
         """The most tokens a fitted chat's prompt may have, room for its answer kept
-        (services.inference.fitting.budget)."""
+        (services.inference.flow.fitting.budget)."""
         return fitting.budget(self.context_length, max_tokens, reserve_tokens)
 
     async def _fitted(self, request: GenerationRequest,

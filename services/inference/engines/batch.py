@@ -34,17 +34,17 @@ from typing import Any
 
 from services.core.errors import ResourceExhausted, Unavailable
 from services.inference.engines.base import EngineError
-from services.inference.engines.batch_sampling import ChoiceSampling, Samplers
 from services.inference.engines.batch_admission import Admission
 from services.inference.engines.batch_memory import SAVE_AFTER_SECONDS, SequenceMemory
+from services.inference.engines.batch_sampling import ChoiceSampling, Samplers
 from services.inference.engines.decoding import Decoding, KvSequence
 from services.inference.engines.fair import Line, Policy
 from services.inference.engines.kv_store import DiskKvStore, HostKvStore
 from services.inference.engines.sequence import Courier, LineWatch, Request
 from services.inference.engines.speculation import Speculation
-from services.inference.grammars import CallDictation
-from services.inference.hardware import EngineSettings
 from services.inference.metrics import draft_counter
+from services.inference.models.grammars import CallDictation
+from services.inference.models.hardware import EngineSettings
 
 log = logging.getLogger("parley.engine")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from services.core.errors import InvalidArgument
 from services.inference.engines.sequence import Request, TokenLogprob
-from services.inference.grammars import Grammar
+from services.inference.models.grammars import Grammar
 
 # Grammar sampling checks this many best tokens, then this many, before it masks the whole vocabulary.
 SHORTLISTS = (256, 4096)

@@ -11,7 +11,7 @@ from services.inference.engines.batch_sampling import Samplers
 from services.inference.engines.fair import Owner
 from services.inference.engines.sequence import Request
 from services.inference.engines.speculation import Drafter
-from services.inference.grammars import CallDictation
+from services.inference.models.grammars import CallDictation
 
 
 @dataclass

@@ -31,7 +31,7 @@ import numpy as np
 from services.core.errors import DeadlineExceeded, InvalidArgument
 from services.inference.engines.base import EngineError, LoadedModel, LocalModel, queue_full
 from services.inference.engines.fair import ANONYMOUS, Line, Owner, Policy, Shares, current_owner
-from services.inference.hardware import EngineSettings
+from services.inference.models.hardware import EngineSettings
 
 MAX_BATCH_INPUTS = 128
 # Padded tokens per forward pass. On 2 CPU cores 32 short sentences a batch ran at ~380 inputs/s and

@@ -9,12 +9,12 @@ An owner is the caller a request runs for: a user, and the API key it came throu
 from services.core.identity through the GenerationRequest, engines.request), with the user's weight:
 `share_weight` of the user's rate limits (PATCH /v1/rate-limits/{id}, services.cache.ratelimit; 1
 unless an admin set it), which the rate-limit check of every metered request returns
-(services.inference.metered, services.inference.embeddings), and the API key's weight within its
-user's share: `share_weight` of the key (PATCH /v1/api-keys/{id}, services.auth; 1 unless its owner
-set it), which comes with the caller's Identity (cached for PARLEY_API_KEY_CACHE_SECONDS, so a
-change takes effect within that time). Shares are counted per user, weighted: a user's load is
-what it runs divided by its weight; a user's API keys split the user's share by their weights,
-and never change other users' shares. With fair share on (PARLEY_FAIR_SHARE, the default):
+(services.inference.flow.metered, services.inference.endpoints.embeddings), and the API key's weight
+within its user's share: `share_weight` of the key (PATCH /v1/api-keys/{id}, services.auth; 1 unless
+its owner set it), which comes with the caller's Identity (cached for PARLEY_API_KEY_CACHE_SECONDS,
+so a change takes effect within that time). Shares are counted per user, weighted: a user's load is
+what it runs divided by its weight; a user's API keys split the user's share by their weights, and
+never change other users' shares. With fair share on (PARLEY_FAIR_SHARE, the default):
 - the next request to start is the oldest of the least loaded user that waits (among that user's
   API keys, the key whose running count divided by its weight is least, then the oldest), so a
   newcomer goes before the requests of a user who already runs many: it starts at the next step;

@@ -24,8 +24,8 @@ from services.inference.engines.kv_store import DiskKvStore, fingerprint
 from services.inference.engines.local import TokenEngine
 from services.inference.engines.sequence import Request
 from services.inference.engines.weights import gguf_metadata
-from services.inference.hardware import EngineSettings
-from services.inference.chat_template import TemplateError, model_template
+from services.inference.models.chat_template import TemplateError, model_template
+from services.inference.models.hardware import EngineSettings
 
 log = logging.getLogger("parley.engine")
 

@@ -1,8 +1,8 @@
 """Engines that run the model in this process (llama.cpp: engines.llama, transformers:
 engines.torch_engine) share one way to answer a request: render the chat with the model's chat
-template (services.inference.chat_template), tokenize it (fitting a long chat to the context window
+template (services.inference.models.chat_template), tokenize it (fitting a long chat to the context window
 when asked), constrain sampling with the grammar of the tools and response format
-(services.inference.grammars), hand the tokens to the engine's scheduler, report the request's place
+(services.inference.models.grammars), hand the tokens to the engine's scheduler, report the request's place
 while it waits, and read the family's output format (content, reasoning, tool calls) as it streams.
 
 Each engine fills in its blocking hooks (`_load`, `_close`, `_tokenize`, `_detokenize`, `_is_end`)
@@ -21,14 +21,14 @@ from typing import Any
 
 from services.core.errors import InvalidArgument
 from services.core.structured import PLAIN, Structure
-from services.inference import fitting, offloop
 from services.inference.chat_formats import OutputParser
-from services.inference.chat_template import ChatTemplate
 from services.inference.engines.base import Engine, LocalModel
 from services.inference.engines.fair import ANONYMOUS, Owner
 from services.inference.engines.request import Admitted, GenerationRequest, Queued, queue_places
 from services.inference.engines.sequence import Chunk, Request, Sampling
-from services.inference.grammars import after_reasoning, grammar_for
+from services.inference.flow import fitting, offloop
+from services.inference.models.chat_template import ChatTemplate
+from services.inference.models.grammars import after_reasoning, grammar_for
 
 class TokenEngine(LocalModel, Engine):
     """A generation engine that renders, tokenizes and schedules here. Subclasses implement the

@@ -51,18 +51,19 @@ import httpx
 
 from services.core.errors import DeadlineExceeded, InvalidArgument, ParleyError, Unavailable
 from services.core.structured import PLAIN, Structure, ToolCall
-from services.inference import fitting, metrics, offloop
-from services.inference.chat_template import ChatTemplate, TemplateError
+from services.inference import metrics
 from services.inference.engines.base import Chunk, Engine, EngineError, Usage
-from services.inference.engines.request import Admitted, GenerationRequest, Queued, queue_places
 from services.inference.engines.remote_wire import (
     FINISH, Chat, StreamedCalls, answer_piece, has_usage, request_body,
 )
+from services.inference.engines.request import Admitted, GenerationRequest, Queued, queue_places
 from services.inference.engines.slots import InLine, Slot, SlotPool
 from services.inference.engines.upstream import PoolBacked, Upstream, UpstreamPool, describe, error_text
 from services.inference.engines.weights import resolve_source
-from services.inference.hardware import EngineSettings
-from services.inference.grammars import call_json
+from services.inference.flow import fitting, offloop
+from services.inference.models.chat_template import ChatTemplate, TemplateError
+from services.inference.models.grammars import call_json
+from services.inference.models.hardware import EngineSettings
 
 BYTES_PER_TOKEN = 4  # the estimate without a tokenizer
 IN_FLIGHT = 16  # requests sent to one upstream at once, unless params.max_in_flight or the upstream says

@@ -35,7 +35,7 @@ from services.inference.engines.embedding import EmbeddingEngine
 from services.inference.engines.fair import Owner
 from services.inference.engines.remote import BYTES_PER_TOKEN
 from services.inference.engines.upstream import PoolBacked, UpstreamPool, describe
-from services.inference.hardware import EngineSettings
+from services.inference.models.hardware import EngineSettings
 
 PROBE = "How long is a vector?"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from services.core.structured import PLAIN, Structure, ToolCall
 from services.inference.engines.sequence import Sampling
-from services.inference.grammars import CallDelta, tools_json
+from services.inference.models.grammars import CallDelta, tools_json
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
           "content_filter": "stop", "eos": "stop"}

@@ -12,7 +12,7 @@ from typing import Any
 from services.core.structured import PLAIN, Structure
 from services.inference.engines.fair import ANONYMOUS, Owner
 from services.inference.engines.sequence import Sampling
-from services.inference.fitting import Fit
+from services.inference.flow.fitting import Fit
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class GenerationRequest:
 
     messages: Sequence[dict[str, Any]]  # empty with a raw prompt
     prompt: str
-    sampling: Sampling  # defaults applied (services.inference.service.resolve_sampling)
+    sampling: Sampling  # defaults applied (services.inference.flow.service.resolve_sampling)
     started: float  # time.monotonic() when the request arrived
     deadline: float
     # The most characters the messages may hold for this model, and what sets that limit (named in the

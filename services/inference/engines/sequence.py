@@ -23,7 +23,7 @@ from services.core.errors import DeadlineExceeded
 from services.core.structured import ToolCall
 from services.inference.engines.fair import ANONYMOUS, Owner
 from services.inference.metrics import token_timer
-from services.inference.grammars import CallDelta, Grammar
+from services.inference.models.grammars import CallDelta, Grammar
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Sampling:
     seed: int | None = None
     max_tokens: int = 1024
     stop: tuple[str, ...] = ()
-    grammar: Grammar | None = None  # structured output and tool calls (services.inference.grammars)
+    grammar: Grammar | None = None  # structured output and tool calls (services.inference.models.grammars)
 
 
 @dataclass(frozen=True)

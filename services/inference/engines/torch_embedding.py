@@ -26,7 +26,7 @@ from services.inference.engines.base import EngineError
 from services.inference.engines.embedding import LocalEmbeddingEngine
 from services.inference.engines.torch_engine import BYTES_PER_PARAMETER
 from services.inference.engines.weights import safetensors_parameters
-from services.inference.hardware import EngineSettings
+from services.inference.models.hardware import EngineSettings
 
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 

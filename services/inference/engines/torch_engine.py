@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from services.core.errors import InvalidArgument
+from services.inference.chat_formats.conversation import default_format
 from services.inference.engines.base import EngineError, Sampling, common_prefix
 from services.inference.engines.slots import Slot, SlotEngine
 from services.inference.engines.weights import safetensors_parameters
-from services.inference.hardware import EngineSettings
-from services.inference.chat_formats.conversation import default_format
-from services.inference.chat_template import TemplateError, model_template
-from services.inference.grammars import Grammar
+from services.inference.models.chat_template import TemplateError, model_template
+from services.inference.models.grammars import Grammar
+from services.inference.models.hardware import EngineSettings
 
 
 BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2, "8bit": 1, "4bit": 0.5}

@@ -25,7 +25,7 @@ from services.core import telemetry
 from services.core.errors import InvalidArgument, ParleyError, ResourceExhausted, Unavailable
 from services.inference import metrics
 from services.inference.engines.base import EngineError
-from services.inference.hardware import EngineSettings
+from services.inference.models.hardware import EngineSettings
 
 log = logging.getLogger("parley.remote")
 

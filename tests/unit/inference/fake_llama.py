@@ -11,7 +11,7 @@ from unittest import mock
 
 from services.inference.engines.batch import BatchScheduler
 from services.inference.engines.batch_sampling import Samplers
-from services.inference.hardware import EngineSettings
+from services.inference.models.hardware import EngineSettings
 
 
 class _Batch:

@@ -13,9 +13,9 @@ from services.core import config
 from services.core.errors import ResourceExhausted
 from services.inference.engines import kv_store
 from services.inference.engines.fair import Owner
-from services.inference.hardware import probe
-from services.inference.registry import BUNDLED, ModelRegistry
-from services.inference.service import GenerationService, SamplingInput
+from services.inference.flow.service import GenerationService, SamplingInput
+from services.inference.models.hardware import probe
+from services.inference.models.registry import BUNDLED, ModelRegistry
 from services.inference.settings import InferenceSettings
 from tests.unit.inference.test_registry_and_engine import generated
 
@@ -225,7 +225,7 @@ async def test_a_full_queue_is_refused() -> None:
 async def test_waiting_requests_are_told_their_place_in_line() -> None:
     """The engine owns admission, so it says where a waiting request stands (report_queue): each
     place once, counting down, all before Admitted; a request that runs at once hears nothing."""
-    from services.inference.service import Admitted, Queued
+    from services.inference.flow.service import Admitted, Queued
 
     registry, generation = make(PARLEY_PARALLEL_SLOTS="1", PARLEY_QUEUE_DEPTH="4")
     chat = [{"role": "user", "content": "Tell a long story."}]

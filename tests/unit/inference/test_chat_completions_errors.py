@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from services.inference.chat_completions import ChatCompletions
+from services.inference.endpoints.chat_completions import ChatCompletions
 from services.inference.engines.base import Chunk, EngineError
-from services.inference.metered import MeteredCompletions
-from services.inference.service import Admitted
+from services.inference.flow.metered import MeteredCompletions
+from services.inference.flow.service import Admitted
 
 RECORD = SimpleNamespace(entry=SimpleNamespace(id="tiny"), fingerprint=lambda: "1-2")
 

@@ -9,8 +9,8 @@ import pytest
 
 from services.core.errors import InvalidArgument
 from services.core.structured import Tool, ToolCall, make_structure, make_template_options
-from services.inference.chat_template import ChatTemplate, fold_system
-from services.inference.grammars import template_input
+from services.inference.models.chat_template import ChatTemplate, fold_system
+from services.inference.models.grammars import template_input
 from tests.llama_sdist import template, template_names
 
 SYSTEM = "You answer in French."

@@ -17,9 +17,9 @@ from services.core import config
 from services.core.errors import InvalidArgument
 from services.core.structured import PLAIN, Tool, make_structure
 from services.inference.engines.torch_engine import Pieces
-from services.inference.hardware import probe
-from services.inference.registry import ModelRegistry
-from services.inference.service import Admitted, GenerationService, SamplingInput
+from services.inference.flow.service import Admitted, GenerationService, SamplingInput
+from services.inference.models.hardware import probe
+from services.inference.models.registry import ModelRegistry
 from services.inference.servicer import model_pb
 from services.inference.settings import InferenceSettings
 from tests.tiny_models import ANSWER, ARCHITECTURES, make

@@ -17,12 +17,12 @@ import pytest_asyncio
 
 from services.core import config
 from services.core.errors import InvalidArgument, ResourceExhausted
-from services.inference.embeddings import EmbeddingService, parse_openai, render_openai
+from services.inference.endpoints.embeddings import EmbeddingService, parse_openai, render_openai
 from services.inference.engines.embedding import EmbeddingEngine, LocalEmbeddingEngine
 from services.inference.engines.torch_embedding import TorchEmbeddingEngine
-from services.inference.hardware import EngineSettings, probe
-from services.inference.registry import BUNDLED, BUNDLED_EMBEDDING, CatalogueEntry, ModelRegistry
-from services.inference.service import GenerationService, SamplingInput
+from services.inference.flow.service import GenerationService, SamplingInput
+from services.inference.models.hardware import EngineSettings, probe
+from services.inference.models.registry import BUNDLED, BUNDLED_EMBEDDING, CatalogueEntry, ModelRegistry
 from services.inference.settings import InferenceSettings
 from tests.embedding_reference import SENTENCES, cosines, reference
 from tests.unit.spans import exporter, named
@@ -254,7 +254,7 @@ def test_openai_request_shapes() -> None:
 
 
 def test_openai_rendering_float_and_base64() -> None:
-    from services.inference.embeddings import Embeddings
+    from services.inference.endpoints.embeddings import Embeddings
 
     vectors = np.array([[0.25, -1.5, 3.0], [1e-8, 0.0, -0.125]], dtype=np.float32)
     result = Embeddings("m", vectors, [3, 4], 7)

@@ -1,4 +1,4 @@
-"""Fitting a long chat to the context window (services.inference.fitting), with a counting renderer:
+"""Fitting a long chat to the context window (services.inference.flow.fitting), with a counting renderer:
 each message's content names its token count, and the template adds 5 tokens."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from services.core.errors import InvalidArgument
-from services.inference.fitting import budget, fit
+from services.inference.flow.fitting import budget, fit
 
 OVERHEAD = 5
 
@@ -97,7 +97,7 @@ def test_the_room_for_the_answer() -> None:
 
 
 def test_a_chat_over_the_character_limit_loses_its_oldest_whole_turns_before_anything_renders() -> None:
-    from services.inference.fitting import within_characters
+    from services.inference.flow.fitting import within_characters
 
     messages = [{"role": "system", "content": "s" * 10}]
     for i in range(5):

@@ -13,13 +13,13 @@ import pytest
 
 from services.core.errors import InvalidArgument
 from services.core.structured import Structure, Tool, ToolCall, check_schema, make_structure, validate_messages
-from services.wire import openai_chat
-from services.inference.service import SamplingInput
 from services.inference.chat_formats.hermes import HermesFormat, ToolCallParser
-from services.inference.grammars import (
+from services.inference.flow.service import SamplingInput
+from services.inference.models.grammars import (
     grammar_for, int_range, integer_bounds, number_range,
     template_input,
 )
+from services.wire import openai_chat
 from tests.unit.inference.test_batch_engine import MODEL, engine, scheduler  # noqa: F401 - a fixture
 from tests.unit.inference.test_registry_and_engine import generated
 
@@ -307,7 +307,7 @@ async def test_a_call_the_model_starts_jumps_over_what_the_grammar_dictates(engi
 
     from services.inference.engines.decoding import Decoding
     from services.inference.engines.sequence import Request, Sampling
-    from services.inference.grammars import CallDictation
+    from services.inference.models.grammars import CallDictation
 
     registry, _ = engine
     model = registry.get(MODEL).engine

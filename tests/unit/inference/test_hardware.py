@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.core import config
-from services.inference.hardware import CudaDevice, Hardware, choose, probe
+from services.inference.models.hardware import CudaDevice, Hardware, choose, probe
 from services.inference.settings import InferenceSettings
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -171,7 +171,7 @@ def test_probe_and_the_inference_service_never_import_torch() -> None:
     """torch adds ~235 MB to the process; only loading a torch model may import it."""
     code = """
 import asyncio, sys
-from services.inference.hardware import probe
+from services.inference.models.hardware import probe
 probe()
 assert 'torch' not in sys.modules, 'probe() imported torch'
 from services.core import config

@@ -1,4 +1,4 @@
-"""A request's blocking work stops when the request is cancelled (services.inference.offloop): the
+"""A request's blocking work stops when the request is cancelled (services.inference.flow.offloop): the
 thread stops at its next checkpoint, not when the work is done (issue 20: abandoned token counts
 held a core for minutes)."""
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from services.inference import offloop
+from services.inference.flow import offloop
 
 
 def work(done: list[float]) -> int:

@@ -14,10 +14,10 @@ import pytest
 from services.core import config
 from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.inference.engines.base import EXACT_COUNT_MESSAGES
-from services.inference.fitting import Fit
-from services.inference.hardware import probe
-from services.inference.registry import BUNDLED, CatalogueEntry, ModelRegistry
-from services.inference.service import Admitted, GenerationService, SamplingInput
+from services.inference.flow.fitting import Fit
+from services.inference.flow.service import Admitted, GenerationService, SamplingInput
+from services.inference.models.hardware import probe
+from services.inference.models.registry import BUNDLED, CatalogueEntry, ModelRegistry
 from services.inference.settings import InferenceSettings
 
 MODEL = BUNDLED["id"]

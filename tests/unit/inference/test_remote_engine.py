@@ -16,15 +16,15 @@ from services.core import config
 from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.core.structured import Tool, make_structure, make_template_options
-from services.inference.embeddings import EmbeddingService
+from services.inference.endpoints.embeddings import EmbeddingService
 from services.inference.engines.remote import RemoteEngine
-from services.inference.engines.remote_wire import Chat, request_body
-from services.inference.engines.upstream import UpstreamPool
 from services.inference.engines.remote_embedding import PROBE, RemoteEmbeddingEngine
+from services.inference.engines.remote_wire import Chat, request_body
 from services.inference.engines.sequence import Sampling
-from services.inference.hardware import probe
-from services.inference.registry import ModelRegistry, load_catalogue
-from services.inference.service import Admitted, GenerationService, SamplingInput
+from services.inference.engines.upstream import UpstreamPool
+from services.inference.flow.service import Admitted, GenerationService, SamplingInput
+from services.inference.models.hardware import probe
+from services.inference.models.registry import ModelRegistry, load_catalogue
 from services.inference.settings import InferenceSettings
 
 A, B = "http://a.test/v1", "http://b.test/v1"

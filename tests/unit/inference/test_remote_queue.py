@@ -22,8 +22,8 @@ from services.inference.engines.remote import IN_FLIGHT, RemoteEngine
 from services.inference.engines.request import Admitted, GenerationRequest, Queued
 from services.inference.engines.sequence import Chunk, Sampling
 from services.inference.engines.upstream import UpstreamPool
-from services.inference.hardware import EngineSettings
-from services.inference.registry import load_catalogue
+from services.inference.models.hardware import EngineSettings
+from services.inference.models.registry import load_catalogue
 from services.inference.settings import InferenceSettings
 
 A, B = "http://a.test/v1", "http://b.test/v1"

@@ -13,7 +13,7 @@ import pytest
 
 from services.inference.engines.sequence import Sampling
 from services.inference.engines.speculation import Drafter, Speculation, StepCost, reject_or_accept
-from services.inference.grammars import Grammar
+from services.inference.models.grammars import Grammar
 
 # Critical values of the chi-square distribution at p = 0.001 (a correct scheme fails 1 run in 1000;
 # the seeds are fixed, so the tests are deterministic).

@@ -17,7 +17,7 @@ from parley.inference.v1 import inference_pb2_grpc
 from services.core import config
 from services.core.server import start_server
 from services.inference.app import build
-from services.inference.registry import BUNDLED
+from services.inference.models.registry import BUNDLED
 from services.inference.settings import InferenceSettings
 
 

@@ -1,7 +1,8 @@
 """Anthropic's Messages API without a stack: a request's JSON as the completion flow's request
 (services.wire.anthropic), the flow's chunks as Anthropic's events and Message
 (wire.anthropic_stream), checked against the `anthropic` SDK's own stream accumulator, and the
-flow's queue places, failures and answers as the bytes /v1/messages sends (services.inference.messages)."""
+flow's queue places, failures and answers as the bytes /v1/messages sends
+(services.inference.endpoints.messages)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from anthropic.lib.streaming._messages import accumulate_event
 
 from services.core.errors import InvalidArgument, NotFound
 from services.core.structured import ToolCall
+from services.inference.endpoints.messages import Messages
 from services.inference.engines.base import Chunk, EngineError, Usage
-from services.inference.messages import Messages
-from services.inference.metered import MeteredCompletions
-from services.inference.service import Admitted, Queued
-from services.inference.grammars import CallDelta
+from services.inference.flow.metered import MeteredCompletions
+from services.inference.flow.service import Admitted, Queued
+from services.inference.models.grammars import CallDelta
 from services.wire import anthropic
 from services.wire.anthropic_stream import MessageBuilder
 

@@ -1,5 +1,6 @@
-"""A chat rendered with a real template the way every engine renders it (services.inference.chat_template,
-which applies the format's `template_messages`): what the model would read."""
+"""A chat rendered with a real template the way every engine renders it
+(services.inference.models.chat_template, which applies the format's `template_messages`): what the
+model would read."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 
 from services.core.structured import Tool, ToolCall, make_structure
 from services.inference.chat_formats import ChatFormat
-from services.inference.chat_template import ChatTemplate
-from services.inference.grammars import template_input
+from services.inference.models.chat_template import ChatTemplate
+from services.inference.models.grammars import template_input
 
 CALL = ToolCall("call_0123456789abcdefghijklmn", "special_function", '{"arg1": 1}')
 

@@ -11,7 +11,7 @@ import pytest
 from services.core.errors import InvalidArgument
 from services.core.structured import Tool, make_structure
 from services.inference.chat_formats.conversation import FORMATS, default_format, named
-from services.inference.chat_template import ChatTemplate, TemplateError, model_template
+from services.inference.models.chat_template import ChatTemplate, TemplateError, model_template
 from tests.unit.inference.chat_formats.harness import check
 
 CHAT = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi!"},

@@ -27,7 +27,7 @@ from services.core.json_body import parse_object
 from services.inference.engines import EMBEDDING, EmbeddingEngine
 from services.inference.engines.fair import current_owner
 from services.inference.metrics import EmbeddingTelemetry
-from services.inference.registry import ModelRegistry
+from services.inference.models.registry import ModelRegistry
 from services.inference.settings import InferenceSettings
 
 MAX_INPUTS = 2048  # OpenAI's limit per request

@@ -25,17 +25,17 @@ from parley.inference.v1 import inference_pb2 as pb
 
 from services.cache import keys
 from services.cache.client import CacheClient
-from services.core.background import Background
 from services.core import structured
+from services.core.background import Background
 from services.core.errors import ParleyError
 from services.core.sampling import SamplingInput
 from services.core.sampling import to_proto as sampling_pb
 from services.core.structured import PLAIN, Structure
 from services.inference.engines.base import Chunk, Usage
 from services.inference.engines.fair import current_owner
-from services.inference.fitting import Fit
-from services.inference.registry import ModelRegistry
-from services.inference.service import Admitted, GenerationService, Queued
+from services.inference.flow.fitting import Fit
+from services.inference.flow.service import Admitted, GenerationService, Queued
+from services.inference.models.registry import ModelRegistry
 
 # The engine's finish reasons as the contract names them (the Generate RPC and cached answers).
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,

@@ -1,4 +1,4 @@
-"""One generation from request to last chunk, below the metered flow (services.inference.metered).
+"""One generation from request to last chunk, below the metered flow (services.inference.flow.metered).
 
 It validates the request, refuses what cannot fit before anything loads for it, resolves the model
 (loading it on first use), hands the engine one GenerationRequest (services.inference.engines.request)
@@ -15,18 +15,18 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.core.errors import InvalidArgument
 from services.core import structured
+from services.core.errors import InvalidArgument
 from services.core.sampling import SamplingInput, validate as validate_sampling
 from services.core.structured import PLAIN, Structure
-from services.inference import fitting
 from services.inference.engines import request as engine_request
+from services.inference.engines.base import Chunk, Sampling
 from services.inference.engines.fair import Owner, current_owner
 from services.inference.engines.request import GenerationRequest, Queued
-from services.inference.engines.base import Chunk, Sampling
-from services.inference.fitting import Fit
+from services.inference.flow import fitting
+from services.inference.flow.fitting import Fit
 from services.inference.metrics import GenerationTelemetry
-from services.inference.registry import ModelRecord, ModelRegistry
+from services.inference.models.registry import ModelRecord, ModelRegistry
 from services.inference.settings import InferenceSettings
 
 CHARACTERS_PER_TOKEN = 8  # text that fits a context window averages fewer characters a token

@@ -1,5 +1,5 @@
 """POST /v1/completions (OpenAI's legacy text completions) from request bytes to response bytes:
-OpenAI's legacy JSON or SSE rendering of the metered completion flow (services.inference.metered:
+OpenAI's legacy JSON or SSE rendering of the metered completion flow (services.inference.flow.metered:
 rate limit, response cache, generation, usage) run on a raw prompt, without a chat template.
 
 Each prompt of the request is one metered completion (a list of prompts counts one request per
@@ -15,9 +15,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.inference.chat_completions import JSON, SSE, ChatCompletions, Mark
+from services.inference.endpoints.chat_completions import JSON, SSE, ChatCompletions, Mark
 from services.inference.engines.base import Chunk, Usage
-from services.inference.metered import Completion, MeteredCompletions, Started
+from services.inference.flow.metered import Completion, MeteredCompletions, Started
 from services.wire.openai_text import (
     LegacyLogprobs, TextChoice, TextCompletionRequest, TextCompletionWriter, extend, parse_request,
 )

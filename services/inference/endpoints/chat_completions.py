@@ -1,5 +1,5 @@
 """POST /v1/chat/completions from request bytes to response bytes: OpenAI's JSON or SSE rendering
-of the metered completion flow (services.inference.metered: rate limit, response cache, generation,
+of the metered completion flow (services.inference.flow.metered: rate limit, response cache, generation,
 usage). A replayed answer arrives as the same items as a generated one, so it is rendered the same.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from services.core.structured import Answer
 from services.inference.engines.base import Chunk
-from services.inference.metered import Completion, MeteredCompletions, Started
+from services.inference.flow.metered import Completion, MeteredCompletions, Started
 from services.wire import openai_chat
 from services.wire.errors import stream_failure
 

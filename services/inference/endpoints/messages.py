@@ -1,5 +1,5 @@
 """POST /v1/messages and /v1/messages/count_tokens from request bytes to response bytes: Anthropic's
-rendering (services.wire) of the metered completion flow (services.inference.metered:
+rendering (services.wire) of the metered completion flow (services.inference.flow.metered:
 rate limit, response cache, generation, usage), the flow /v1/chat/completions runs too.
 
 A streamed request reports its place in the queue: each change sends a `ping` event (what
@@ -13,9 +13,9 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 
-from services.inference.chat_completions import JSON, SSE, Mark
-from services.inference.metered import Completion, MeteredCompletions, Started
-from services.inference.service import Queued
+from services.inference.endpoints.chat_completions import JSON, SSE, Mark
+from services.inference.flow.metered import Completion, MeteredCompletions, Started
+from services.inference.flow.service import Queued
 from services.wire import anthropic
 from services.wire.anthropic_stream import PING, MessageBuilder, error_event, sse
 from services.wire.errors import stream_failure

@@ -33,12 +33,12 @@ from typing import Any
 
 from services.core.config import ConfigError
 from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.inference import metrics
 from services.inference.engines import (
     CHAT, EMBEDDING, TASKS, EmbeddingEngine, Engine, EngineError, create_engine, engine_class,
 )
 from services.inference.engines.weights import resolve_source
-from services.inference.hardware import EngineSettings, Hardware, choose
-from services.inference import metrics
+from services.inference.models.hardware import EngineSettings, Hardware, choose
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("parley.models")
