@@ -34,7 +34,9 @@ class InferenceSettings:
                                 help="llama.cpp speculative decoding: the longest draft a choice verifies in one step, "
                                      "taken from its own prompt and answer (n-gram lookup), shortened as the batch "
                                      "fills or acceptance drops; 0 = off")
-    host_kv_cache_mib: int = setting(512, min=0, help="host RAM for evicted conversations' KV state; 0 = off")
+    # 256: the most recent evictions come back from RAM in a few ms; older ones from the disk tier
+    # (disk_kv_cache_mib) in ~20-30 ms, so more RAM here mostly holds conversations that never return.
+    host_kv_cache_mib: int = setting(256, min=0, help="host RAM for evicted conversations' KV state; 0 = off")
     disk_kv_cache_mib: int = setting(4096, min=0, help="disk for idle conversations' KV state, kept across restarts "
                                                        "(least recently used dropped first); 0 = off")
     disk_kv_cache_dir: Path | None = setting(None, help="where idle conversations' KV state is kept; replicas may "
