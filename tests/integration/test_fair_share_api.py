@@ -1,7 +1,8 @@
 """Fair share through Envoy with the real engine (issue 32): user A floods the shared stack (two
 slots, a queue of two) with concurrent long streams; user B's short request that follows is
 admitted, not refused with 429 as it was when the queue was first come, first served, and its first
-token arrives while A's accepted streams are still queued (it pauses one of A's running streams)."""
+token arrives while A's accepted streams are still queued (it starts on a spare choice, or pauses one
+of A's running streams)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from services.stack import Stack
 from tests.integration.conftest import Caller, new_user
 
 MODEL = "smollm2-135m-instruct"
-LONG = 48  # tokens of each of A's answers: long enough that B's turn comes while A's are queued
+# Tokens of each of A's answers: long enough that B's turn comes while A's are queued, and that all six
+# of A's requests arrive while its first two still run (with 48, a loaded machine let the first end
+# before the sixth arrived, which then fit in the queue: 5 accepted instead of 4).
+LONG = 160
 
 
 async def stream(http: httpx.AsyncClient, caller: Caller, content: str, max_tokens: int) -> dict:
