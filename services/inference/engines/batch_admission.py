@@ -119,12 +119,13 @@ class Admission:
     def _admit(self) -> None:
         while True:
             with self._cond:
-                head = self._pending.next(self._shares())
+                running = self._shares()
+                head = self._pending.next(running)
                 if head is None:
                     return
                 # A request with more choices than parallel_slots runs alone rather than never.
                 room = (not self._active or self._choices() + head.cost <= self._max_running
-                        or self._spare_for(head, self._shares()))
+                        or self._spare_for(head, running))
                 if room:
                     self._pending.remove(head)
                     # Neither waiting nor running until placed: places read meanwhile count it as running.
