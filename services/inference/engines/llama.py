@@ -16,6 +16,7 @@ import asyncio
 import ctypes
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from services.inference.engines.base import EngineError
@@ -28,6 +29,19 @@ from services.inference.models.chat_template import TemplateError, model_templat
 from services.inference.models.hardware import EngineSettings
 
 log = logging.getLogger("parley.engine")
+
+
+def short_step_attention() -> bool:
+    """Whether the llama.cpp in use carries Parley's CPU flash-attention path for short steps over a
+    long KV cache (patches/llama.cpp/, built by tools/patched_llama_cpp.py)."""
+    import llama_cpp
+
+    for lib in sorted((Path(llama_cpp.__file__).parent / "lib").glob("*ggml-cpu*")):
+        try:
+            return hasattr(ctypes.CDLL(str(lib)), "ggml_cpu_parley_fa_runs")
+        except OSError:
+            continue
+    return False
 
 
 class LlamaCppEngine(TokenEngine):

@@ -1,0 +1,96 @@
+"""Parley's patch to llama.cpp's CPU flash attention (patches/llama.cpp/): the installed build carries
+it, and its path for short steps computes what flash attention computes without it.
+
+Each check runs one step in a child process, because llama.cpp reads PARLEY_FA_RUNS once per
+process: a conversation of real text, two more sequences (one sharing its prefix), then one step that
+mixes a 20-token turn of the first (a run, the patched path) with one decoding token of each other
+(lone rows, llama.cpp's own row-by-row path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.inference.engines.llama import short_step_attention
+
+STEP = r'''
+import sys, numpy as np, llama_cpp
+from llama_cpp import _internals
+from llama_cpp._logger import set_verbose
+from services.inference.models.registry import BUNDLED, CatalogueEntry
+
+set_verbose(False)
+llama_cpp.llama_backend_init()
+model = _internals.LlamaModel(path_model=CatalogueEntry(**BUNDLED).path(),
+                              params=llama_cpp.llama_model_default_params(), verbose=False)
+p = llama_cpp.llama_context_default_params()
+p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.n_threads, p.n_threads_batch = 4096, 256, 256, 3, 2, 2
+p.kv_unified = True
+p.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if sys.argv[2] == "on"
+                     else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+ctx = _internals.LlamaContext(model=model, params=p, verbose=False)
+memory = llama_cpp.llama_get_memory(ctx.ctx)
+batch = llama_cpp.llama_batch_init(256, 0, 1)
+n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model.model))
+text = ("The lighthouse keeper climbed the spiral stairs every evening, counting each of the one hundred "
+        "and twelve steps, and lit the lamp that warned the fishing boats away from the rocks. ") * 12
+tokens = model.tokenize(text.encode(), add_bos=True, special=False)[:384]  # steps of 128: llama.cpp's tiled path
+turn = model.tokenize(b" When the storm came in the night, he kept the light burning until dawn and", add_bos=False,
+                      special=False)[:20]
+
+def step(rows):
+    for i, (seq, pos, token, logits) in enumerate(rows):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+        batch.seq_id[i][0] = seq
+    batch.n_tokens = len(rows)
+    assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
+    return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, i), shape=(n_vocab,)).copy()
+            for i, row in enumerate(rows) if row[3]]
+
+for start in range(0, len(tokens), 128):
+    step([(0, start + i, t, False) for i, t in enumerate(tokens[start:start + 128])])
+llama_cpp.llama_memory_seq_cp(memory, 0, 1, -1, -1)  # sequence 1 shares the whole prefix
+step([(2, i, t, False) for i, t in enumerate(tokens[:80])])  # sequence 2: a history of its own
+n = len(tokens)
+rows = [(0, n + j, t, True) for j, t in enumerate(turn)] + [(1, n, tokens[5], True), (2, 80, tokens[81], True)]
+np.save(sys.argv[1], np.array(step(rows)))
+'''
+
+
+def logits(tmp_path: Path, flash: str, runs: str) -> np.ndarray:
+    out = tmp_path / f"{flash}-{runs}.npy"
+    env = {**os.environ, "PARLEY_FA_RUNS": runs}
+    subprocess.run([sys.executable, "-c", STEP, str(out), flash], env=env, check=True, timeout=300,
+                   capture_output=True)
+    return np.load(out)
+
+
+def test_the_installed_llama_cpp_carries_parleys_attention_patch() -> None:
+    assert short_step_attention(), "llama-cpp-python was not built by tools/patched_llama_cpp.py (make setup)"
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    tmp = tmp_path_factory.mktemp("attention")
+    return {"patched": logits(tmp, "on", "1"), "stock": logits(tmp, "on", "0"), "exact": logits(tmp, "off", "1")}
+
+
+def test_lone_decoding_rows_are_computed_as_before(steps: dict[str, np.ndarray]) -> None:
+    assert np.array_equal(steps["patched"][-2:], steps["stock"][-2:])
+
+
+def test_a_turns_rows_are_as_close_to_attention_without_flash_as_stock_flash_attention(
+        steps: dict[str, np.ndarray]) -> None:
+    turn = slice(0, 20)
+    patched = np.abs(steps["patched"][turn] - steps["exact"][turn]).max(axis=1)
+    stock = np.abs(steps["stock"][turn] - steps["exact"][turn]).max(axis=1)
+    assert not np.array_equal(steps["patched"][turn], steps["stock"][turn])  # the patched path ran
+    assert patched.max() <= max(2 * stock.max(), 0.05), (patched, stock)
+    assert np.mean(patched) <= 1.5 * np.mean(stock) + 0.01, (patched, stock)
+    agree = (steps["patched"][turn].argmax(axis=1) == steps["exact"][turn].argmax(axis=1)).mean()
+    assert agree >= (steps["stock"][turn].argmax(axis=1) == steps["exact"][turn].argmax(axis=1)).mean() - 0.1
