@@ -227,38 +227,60 @@ def first_delta(response: httpx.Response, key: Callable[[dict], Any]) -> tuple[f
     return first, "".join(parts)
 
 
+LONG_QUESTION = "Turn {}: name one colour, in one word."
+LONG_SAMPLING = {"max_tokens": 8, "temperature": 0}
+
+
 def long_conversation(http: httpx.Client, url: str, turns: int) -> dict[str, list[float]]:
     """One conversation of `turns` short turns (8-token answers, greedy) as a saved session and, with
     the same questions, through /v1/chat/completions resending the history: TTFT (ms) of each turn."""
-    question = "Turn {}: name one colour, in one word."
-    sampling = {"max_tokens": 8, "temperature": 0}
-    ttfts: dict[str, list[float]] = {"session turn": [], "OpenAI path": []}
+    ttfts: dict[str, list[float]] = {"session turn": []}
     sid = http.post(f"{url}/v1/sessions", json={"system_prompt": SYSTEM_PROMPT}).json()["id"]
     for k in range(turns):
         start = time.perf_counter()
         with http.stream("POST", f"{url}/v1/sessions/{sid}:chat",
-                         json={"content": question.format(k + 1), "sampling": sampling}) as response:
+                         json={"content": LONG_QUESTION.format(k + 1), "sampling": LONG_SAMPLING}) as response:
             first, _ = first_delta(response, lambda e: e.get("delta", {}).get("text"))
         ttfts["session turn"].append((first - start) * 1000)
+    ttfts["OpenAI path"] = openai_turns(http, url, turns, turns)
+    return ttfts
+
+
+def openai_turns(http: httpx.Client, url: str, turns: int, first: int) -> list[float]:
+    """The long conversation through `url`/v1/chat/completions, resending the history: TTFT (ms) of each turn."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    ttfts = []
     for k in range(turns):
-        messages.append({"role": "user", "content": question.format(turns + k + 1)})
+        messages.append({"role": "user", "content": LONG_QUESTION.format(first + k + 1)})
         start = time.perf_counter()
         with http.stream("POST", f"{url}/v1/chat/completions",
-                         json={"model": MODEL, "messages": messages, "stream": True, **sampling}) as response:
-            first, text = first_delta(response, lambda e: (e["choices"] or [{}])[0].get("delta", {}).get("content"))
-        ttfts["OpenAI path"].append((first - start) * 1000)
+                         json={"model": MODEL, "messages": messages, "stream": True, **LONG_SAMPLING}) as response:
+            arrived, text = first_delta(response, lambda e: (e["choices"] or [{}])[0].get("delta", {}).get("content"))
+        ttfts.append((arrived - start) * 1000)
         messages.append({"role": "assistant", "content": text})
     return ttfts
+
+
+def peer_long_conversation(binary: Path, threads: int, turns: int, log_dir: Path) -> list[float]:
+    """The same conversation (the OpenAI path's questions) on llama-server, its default flags."""
+    # A connection per request: llama-server's HTTP library closes a keep-alive connection after a few.
+    with llama_server(binary, threads, log_dir / "llama-server-long.log") as server, \
+            httpx.Client(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+        return openai_turns(http, server.base_url.removesuffix("/v1"), turns, turns)
 
 
 def print_long_conversation(ttfts: dict[str, list[float]]) -> None:
     turns = len(next(iter(ttfts.values())))
     print(f"\nOne conversation of {turns} turns (8-token answers): TTFT p50 in ms, early turns against the last five\n")
-    print(f"{'path':16} {'turns 2-6':>10} {f'turns {turns - 4}-{turns}':>12} {'ratio':>7}   (target: session <= 1.1)")
+    print(f"{'path':16} {'turns 2-6':>10} {f'turns {turns - 4}-{turns}':>12} {'growth':>7}")
+    growth = {}
     for name, values in ttfts.items():
         early, late = statistics.median(values[1:6]), statistics.median(values[-5:])
+        growth[name] = late / early
         print(f"{name:16} {early:10.1f} {late:12.1f} {late / early:7.2f}", flush=True)
+    if "llama-server" in growth:
+        print(f"\ngrowth / llama-server's: session {growth['session turn'] / growth['llama-server']:.3f}, "
+              f"OpenAI path {growth['OpenAI path'] / growth['llama-server']:.3f} (target: <= 0.8)", flush=True)
 
 
 def interleaved(paths: dict[str, Run], runs: int) -> dict[str, tuple[float, float]]:
@@ -713,6 +735,8 @@ def main() -> None:
                         print_paths(measured, cached_ms, threads, hardware, runs)
                         if turns:
                             conversation = long_conversation(http, stack.url, turns)
+                            if binary is not None:
+                                conversation["llama-server"] = peer_long_conversation(binary, threads, turns, logs)
                             print_long_conversation(conversation)
                 if not args.no_patterns:
                     figures, rss = measure_peers(stack, token, threads, binary, todo, rounds, logs)
