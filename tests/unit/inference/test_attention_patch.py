@@ -1,7 +1,8 @@
 """Parley's patch to llama.cpp's CPU flash attention (patches/llama.cpp/): the installed build carries
-it, and its path for short steps computes what flash attention computes without it.
+it, and its path for short steps computes what flash attention computes without it, the same
+whatever rows share a step.
 
-Each check runs one step in a child process, because llama.cpp reads PARLEY_FA_RUNS once per
+Each check runs one step in a child process, because llama.cpp reads GGML_FA_RUNS once per
 process: a conversation of real text, two more sequences (one sharing its prefix), then one step that
 mixes a 20-token turn of the first (a run, the patched path) with one decoding token of each other
 (lone rows, llama.cpp's own row-by-row path)."""
@@ -39,9 +40,10 @@ batch = llama_cpp.llama_batch_init(256, 0, 1)
 n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model.model))
 text = ("The lighthouse keeper climbed the spiral stairs every evening, counting each of the one hundred "
         "and twelve steps, and lit the lamp that warned the fishing boats away from the rocks. ") * 12
-tokens = model.tokenize(text.encode(), add_bos=True, special=False)[:384]  # steps of 128: llama.cpp's tiled path
-turn = model.tokenize(b" When the storm came in the night, he kept the light burning until dawn and", add_bos=False,
-                      special=False)[:20]
+tokens = model.tokenize(text.encode(), add_bos=True, special=False)[:128]  # one step of 128: llama.cpp's tiled path
+turn = model.tokenize(b" When the storm came in the night, he kept the light burning until dawn, and the boats came "
+                      b"home one by one through the rain.", add_bos=False, special=False)[:20]
+assert len(turn) == 20
 
 def step(rows):
     for i, (seq, pos, token, logits) in enumerate(rows):
@@ -55,16 +57,21 @@ def step(rows):
 for start in range(0, len(tokens), 128):
     step([(0, start + i, t, False) for i, t in enumerate(tokens[start:start + 128])])
 llama_cpp.llama_memory_seq_cp(memory, 0, 1, -1, -1)  # sequence 1 shares the whole prefix
-step([(2, i, t, False) for i, t in enumerate(tokens[:80])])  # sequence 2: a history of its own
+step([(2, i, t, False) for i, t in enumerate(tokens[:64])])  # sequence 2: a history of its own
+# fewer than 256 cells in use: a one-token step takes llama.cpp's row-by-row path, not its split one
 n = len(tokens)
-rows = [(0, n + j, t, True) for j, t in enumerate(turn)] + [(1, n, tokens[5], True), (2, 80, tokens[81], True)]
-np.save(sys.argv[1], np.array(step(rows)))
+rows = [(0, n + j, t, True) for j, t in enumerate(turn)] + [(1, n, tokens[5], True), (2, 64, tokens[65], True)]
+out = step(rows)
+# the turn's last token again, alone, over the same cells: what a cached prompt's next request does
+llama_cpp.llama_memory_seq_rm(memory, 0, n + len(turn) - 1, -1)
+out += step([(0, n + len(turn) - 1, turn[-1], True)])
+np.save(sys.argv[1], np.array(out))
 '''
 
 
 def logits(tmp_path: Path, flash: str, runs: str) -> np.ndarray:
     out = tmp_path / f"{flash}-{runs}.npy"
-    env = {**os.environ, "PARLEY_FA_RUNS": runs}
+    env = {**os.environ, "GGML_FA_RUNS": runs}
     subprocess.run([sys.executable, "-c", STEP, str(out), flash], env=env, check=True, timeout=300,
                    capture_output=True)
     return np.load(out)
@@ -81,7 +88,12 @@ def steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
 
 
 def test_lone_decoding_rows_are_computed_as_before(steps: dict[str, np.ndarray]) -> None:
-    assert np.array_equal(steps["patched"][-2:], steps["stock"][-2:])
+    assert np.array_equal(steps["patched"][20:22], steps["stock"][20:22])
+
+
+def test_a_turns_last_token_gives_the_same_logits_evaluated_again_alone(steps: dict[str, np.ndarray]) -> None:
+    """A cached prompt's next request evaluates only its last token: a seeded answer repeats."""
+    assert np.array_equal(steps["patched"][19], steps["patched"][22])
 
 
 def test_a_turns_rows_are_as_close_to_attention_without_flash_as_stock_flash_attention(
