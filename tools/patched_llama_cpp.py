@@ -2,9 +2,9 @@
 
 The sdist from PyPI (the same file `make llama-server` builds the benchmark's peer from, unpatched)
 is unpacked, each `patches/llama.cpp/*.patch` is applied in order with `patch -p1`, and the wheel is
-built once per set of patches into `<peer dir>/wheels/<hash of the patches>/`, then installed over
-whatever llama-cpp-python the environment has. The version stays the one `requirements/base.txt`
-pins, so installing the requirements afterwards keeps this build.
+built once per version and set of patches into `<peer dir>/wheels/<their hash>/`, then installed over
+whatever llama-cpp-python the environment has. The version is the one `requirements/base.txt` pins,
+so installing the requirements afterwards keeps this build.
 
     python tools/patched_llama_cpp.py --peer-dir ~/.cache/parley-peer
 """
@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-VERSION = "0.3.36"
+ROOT = Path(__file__).resolve().parent.parent
+PATCHES = ROOT / "patches" / "llama.cpp"
+VERSION = re.search(r"^llama-cpp-python==(\S+)$", (ROOT / "requirements" / "base.txt").read_text(), re.MULTILINE)[1]
 SDIST = f"llama_cpp_python-{VERSION}"
-PATCHES = Path(__file__).resolve().parent.parent / "patches" / "llama.cpp"
 
 
 def pip(*args: str) -> None:
@@ -31,7 +33,7 @@ def pip(*args: str) -> None:
 def wheel(peer_dir: Path) -> Path:
     """The patched wheel, built unless this set of patches was built before."""
     patches = sorted(PATCHES.glob("*.patch"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in patches)).hexdigest()[:16]
+    digest = hashlib.sha256(VERSION.encode() + b"".join(p.read_bytes() for p in patches)).hexdigest()[:16]
     out = peer_dir / "wheels" / digest
     built = sorted(out.glob("llama_cpp_python-*.whl"))
     if built:
