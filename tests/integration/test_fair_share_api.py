@@ -29,6 +29,7 @@ async def stream(http: httpx.AsyncClient, caller: Caller, content: str, max_toke
     seen: dict = {"status": 0, "first": None, "last": None, "pieces": 0}
     async with http.stream("POST", "/v1/chat/completions", json=body, headers=caller.headers) as response:
         seen["status"] = response.status_code
+        seen["at"] = time.monotonic()  # when its status came: in the message of a failed count
         if response.status_code != 200:
             seen["body"] = (await response.aread()).decode()
             return seen

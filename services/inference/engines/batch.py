@@ -82,7 +82,7 @@ class BatchScheduler(Admission, SequenceMemory):
         self._policy = Policy(settings.fair_share, self._max_running, settings.queue_depth)
         # Requests waiting, and running choices paused for another user's request; guarded by _cond.
         self._pending: Line[Request | Decoding] = Line(self._policy)
-        self._placing = 0
+        self._placing: Request | Decoding | None = None
         self._active: list[Decoding] = []  # the decode thread's own
         self._cond = threading.Condition()
         self._line_watch = LineWatch()  # told after each step: queue places are pushed (line_moved)

@@ -45,7 +45,7 @@ class Admission:
     _closing: bool
     _policy: Policy
     _pending: Line[Request | Decoding]
-    _placing: int  # choices taken from the line and not yet running (counted as running meanwhile)
+    _placing: Request | Decoding | None  # taken from the line and not yet running (counted as running meanwhile)
     _active: list[Decoding]
     _courier: Courier
     _max_running: int
@@ -76,7 +76,8 @@ class Admission:
             if ahead is None or (ahead == 0 and (self._policy.victim(request.owner, request.cost, running)
                                                  or self._spare_for(request, running))):
                 return None
-            place = self._choices() + self._placing + ahead + request.cost - self._max_running
+            placing = self._placing.cost if self._placing is not None else 0
+            place = self._choices() + placing + ahead + request.cost - self._max_running
             if place <= 0:
                 return None
         answer = self._answer_seconds
@@ -88,9 +89,14 @@ class Admission:
         with self._cond:
             if self._closing:
                 raise ResourceExhausted("the model is unloading; retry shortly", retry_after=1)
-            # Everything accepted and not yet finished, running or waiting, against the room for it;
-            # counted here rather than after admission, which happens on the decode thread later.
-            if not self._pending.fits(request.owner, request.cost, self._shares()):
+            # Everything accepted and not yet finished, running, being placed or waiting, against the
+            # room for it; counted here rather than after admission, which happens on the decode thread
+            # later. The one being placed is in neither list meanwhile: left out, a request arriving
+            # then would take its room (a flood got one entry more than its share on a loaded machine).
+            held = self._shares()
+            if self._placing is not None:
+                held.add(self._placing.owner, self._placing.cost)
+            if not self._pending.fits(request.owner, request.cost, held):
                 raise queue_full("generations", self.running, len(self._pending), self._queue_depth)
             self._pending.add(request)
             self._cond.notify()
@@ -129,7 +135,7 @@ class Admission:
                 if room:
                     self._pending.remove(head)
                     # Neither waiting nor running until placed: places read meanwhile count it as running.
-                    self._placing = head.cost
+                    self._placing = head
             if not room:
                 # No room: a lighter user's request takes a choice of the most loaded user, who waits.
                 victim = self._policy.victim(head.owner, head.cost, self._shares())
@@ -148,7 +154,7 @@ class Admission:
                     head.samplers.free(self._l)
             finally:
                 with self._cond:
-                    self._placing = 0
+                    self._placing = None
 
     def _spare_for(self, entry: Request | Decoding, running: Shares) -> bool:
         """Whether a user that runs nothing starts beyond parallel_slots, on one of the `_spare` choices
@@ -164,7 +170,7 @@ class Admission:
         longer counted as being placed, so that no place read meanwhile moves back."""
         with self._cond:
             self._active.append(d)
-            self._placing = 0
+            self._placing = None
 
     # --- pausing a choice for another user's request (engines.fair) ------------------------------
     def _pause(self, user: str) -> bool:
@@ -178,11 +184,11 @@ class Admission:
         d = max(running, key=lambda d: d.admitted_at)
         seq = d.seq
         d.parked = (list(seq.tokens), self._copy_state(seq))  # no state: resumed by evaluating its tokens again
-        self._active.remove(d)
+        with self._cond:  # at once, so that a request submitted meanwhile counts it (submit)
+            self._active.remove(d)
+            self._pending.put_back(d)
         self._l.llama_memory_seq_rm(self._memory, seq.id, -1, -1)
         seq.tokens, seq.busy, seq.last_used = [], False, time.monotonic()
-        with self._cond:
-            self._pending.put_back(d)
         self.stats["paused"] += 1
         return True
 

@@ -245,6 +245,29 @@ async def test_the_queue_bound_refuses_the_flooding_user_and_admits_the_other() 
                 batch.submit(request(B, [2] * 12, 8))
 
 
+async def test_a_request_being_placed_still_counts_against_its_users_share() -> None:
+    """Between leaving the line and running, a request is in neither list; a request arriving then
+    (the event loop submits while the decode thread places) is counted against it all the same: a
+    flood on a loaded machine once got five entries into a room of four."""
+    batch, _ = scheduler(slots=2, queue_depth=2, spare=0)
+    for _ in range(4):
+        batch.submit(request(A, [1] * 12, 8))
+    place, outcomes = batch._place, []
+
+    def placing(req: Request) -> None:
+        try:
+            batch.submit(request(A, [1] * 12, 8))
+            outcomes.append("accepted")
+        except ResourceExhausted:
+            outcomes.append("refused")
+        place(req)
+
+    batch._place = placing
+    batch._step()
+    assert outcomes and set(outcomes) == {"refused"}, outcomes
+    assert batch.running + batch.waiting == 4
+
+
 async def test_a_cancelled_paused_choice_ends_and_frees_its_place() -> None:
     batch, _ = scheduler(slots=2, spare=0)
     other, heavy = request(A, list(range(10, 50)), 30), request(A, list(range(20, 60)), 30)
