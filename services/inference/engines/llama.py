@@ -31,17 +31,26 @@ from services.inference.models.hardware import EngineSettings
 log = logging.getLogger("parley.engine")
 
 
-def short_step_attention() -> bool:
-    """Whether the llama.cpp in use carries Parley's CPU flash-attention path for short steps over a
-    long KV cache (patches/llama.cpp/, built by tools/patched_llama_cpp.py)."""
+def llama_cpp_patches() -> dict[str, bool]:
+    """Parley's patches to llama.cpp (patches/llama.cpp/, built by tools/patched_llama_cpp.py) that the
+    llama.cpp in use carries, each with whether its path is compiled in on this CPU: `fa_runs`, flash
+    attention for short steps over a long KV cache; `q4_1_tiles`, Q4_1 weights times several tokens
+    (x86 with AVX-512 only). Empty for a stock build."""
     import llama_cpp
 
-    for lib in sorted((Path(llama_cpp.__file__).parent / "lib").glob("*ggml-cpu*")):
+    for path in sorted((Path(llama_cpp.__file__).parent / "lib").glob("*ggml-cpu*")):
         try:
-            return hasattr(ctypes.CDLL(str(lib)), "ggml_cpu_parley_fa_runs")
+            lib = ctypes.CDLL(str(path))
         except OSError:
             continue
-    return False
+        found = {}
+        for name in ("fa_runs", "q4_1_tiles"):
+            marker = getattr(lib, f"ggml_cpu_parley_{name}", None)
+            if marker is not None:
+                marker.restype = ctypes.c_int
+                found[name] = bool(marker())
+        return found
+    return {}
 
 
 class LlamaCppEngine(TokenEngine):

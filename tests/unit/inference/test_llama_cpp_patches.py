@@ -1,11 +1,11 @@
-"""Parley's patch to llama.cpp's CPU flash attention (patches/llama.cpp/): the installed build carries
-it, and its path for short steps computes what flash attention computes without it, the same
-whatever rows share a step.
+"""Parley's patches to llama.cpp (patches/llama.cpp/): the installed build carries them; the flash
+attention path for short steps computes what flash attention computes without it, the same whatever
+rows share a step; the Q4_1 tiles compute every logit bit for bit as llama.cpp's own dot product.
 
-Each check runs one step in a child process, because llama.cpp reads GGML_FA_RUNS once per
-process: a conversation of real text, two more sequences (one sharing its prefix), then one step that
-mixes a 20-token turn of the first (a run, the patched path) with one decoding token of each other
-(lone rows, llama.cpp's own row-by-row path)."""
+Each check runs one step in a child process, because llama.cpp reads GGML_FA_RUNS and
+GGML_Q4_1_TILES once per process: a conversation of real text, two more sequences (one sharing its
+prefix), then one step that mixes a 20-token turn of the first (a run, the patched attention path)
+with one decoding token of each other (lone rows, llama.cpp's own row-by-row path)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.inference.engines.llama import short_step_attention
+from services.inference.engines.llama import llama_cpp_patches
 
 STEP = r'''
 import sys, numpy as np, llama_cpp
@@ -69,22 +69,35 @@ np.save(sys.argv[1], np.array(out))
 '''
 
 
-def logits(tmp_path: Path, flash: str, runs: str) -> np.ndarray:
-    out = tmp_path / f"{flash}-{runs}.npy"
-    env = {**os.environ, "GGML_FA_RUNS": runs}
+def logits(tmp_path: Path, flash: str, runs: str, tiles: str = "1") -> np.ndarray:
+    out = tmp_path / f"{flash}-{runs}-{tiles}.npy"
+    env = {**os.environ, "GGML_FA_RUNS": runs, "GGML_Q4_1_TILES": tiles}
     subprocess.run([sys.executable, "-c", STEP, str(out), flash], env=env, check=True, timeout=300,
                    capture_output=True)
     return np.load(out)
 
 
-def test_the_installed_llama_cpp_carries_parleys_attention_patch() -> None:
-    assert short_step_attention(), "llama-cpp-python was not built by tools/patched_llama_cpp.py (make setup)"
+def test_the_installed_llama_cpp_carries_parleys_patches() -> None:
+    patches = llama_cpp_patches()
+    assert set(patches) == {"fa_runs", "q4_1_tiles"}, "llama-cpp-python was not built by tools/patched_llama_cpp.py"
+    assert patches["fa_runs"]
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "f16c", "fma"} <= set(Path("/proc/cpuinfo").read_text().split())
+    assert patches["q4_1_tiles"] == avx512  # built for this CPU (GGML_NATIVE)
 
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     tmp = tmp_path_factory.mktemp("attention")
-    return {"patched": logits(tmp, "on", "1"), "stock": logits(tmp, "on", "0"), "exact": logits(tmp, "off", "1")}
+    return {"patched": logits(tmp, "on", "1"), "stock": logits(tmp, "on", "0"), "exact": logits(tmp, "off", "1"),
+            "untiled": logits(tmp, "on", "1", tiles="0")}
+
+
+def test_q4_1_tiles_compute_every_logit_as_llama_cpps_dot_product(steps: dict[str, np.ndarray]) -> None:
+    """The bundled model's weights are Q4_1: the 20-token turn, both lone rows and the 128-token
+    prefill before them went through the tiles, or through ggml_vec_dot_q4_1_q8_1 with them off."""
+    if not llama_cpp_patches().get("q4_1_tiles"):
+        pytest.skip("the Q4_1 tiles are compiled for x86 with AVX-512 only")
+    assert np.array_equal(steps["patched"], steps["untiled"])
 
 
 def test_lone_decoding_rows_are_computed_as_before(steps: dict[str, np.ndarray]) -> None:
