@@ -28,8 +28,9 @@ class InferenceSettings:
                                       help="conversations whose KV stays warm in a llama.cpp model; 0 = auto")
     batch_tokens: int = setting(512, min=16, help="tokens per decode step (running tokens + prompt chunks)")
     flash_attention: str = setting("on", choices=("on", "off"),
-                                   help="llama.cpp flash attention (off: long conversations reach their first "
-                                        "token sooner on CPU, but seeded answers no longer repeat)")
+                                   help="llama.cpp flash attention (keep it on: with Parley's patch to llama.cpp a "
+                                        "long conversation's turn costs less with it, and off seeded answers no "
+                                        "longer repeat)")
     draft_tokens: int = setting(8, min=0, max=64,
                                 help="llama.cpp speculative decoding: the longest draft a choice verifies in one step, "
                                      "taken from its own prompt and answer (n-gram lookup), shortened as the batch "

@@ -318,8 +318,8 @@ def choose(hw: Hardware, settings: InferenceSettings, model_engine: str = "auto"
 
     flash = settings.flash_attention == "on"
     reasons.append(f"flash_attention={settings.flash_attention}: " + (
-        "faster decoding of short contexts, and seeded answers repeat" if flash else
-        "set off by PARLEY_FLASH_ATTENTION: long conversations reach their first token sooner"))
+        "cheaper turns of long conversations (Parley's llama.cpp patch), and seeded answers repeat" if flash else
+        "set off by PARLEY_FLASH_ATTENTION: long conversations' turns cost more, and seeded answers do not repeat"))
 
     reasons.append(f"draft_tokens={settings.draft_tokens}: " + (
         "n-gram drafts from each answer's own prompt and text, verified in the batch step (llama.cpp)"
