@@ -65,6 +65,11 @@ out = step(rows)
 # the turn's last token again, alone, over the same cells: what a cached prompt's next request does
 llama_cpp.llama_memory_seq_rm(memory, 0, n + len(turn) - 1, -1)
 out += step([(0, n + len(turn) - 1, turn[-1], True)])
+# a step of 64 rows that mixes two sequences: a 40-token turn of sequence 1 and 24 more prompt tokens
+# of sequence 2; with more than 256 cells in use, its last row sees fewer than the cache's cells
+# by 256 or more: the runs path takes it, not llama.cpp's tiled one
+out += step([(1, n + 1 + j, t, True) for j, t in enumerate(tokens[10:50])]
+            + [(2, 65 + j, t, True) for j, t in enumerate(tokens[70:94])])
 np.save(sys.argv[1], np.array(out))
 '''
 
@@ -107,6 +112,19 @@ def test_lone_decoding_rows_are_computed_as_before(steps: dict[str, np.ndarray])
 def test_a_turns_last_token_gives_the_same_logits_evaluated_again_alone(steps: dict[str, np.ndarray]) -> None:
     """A cached prompt's next request evaluates only its last token: a seeded answer repeats."""
     assert np.array_equal(steps["patched"][19], steps["patched"][22])
+
+
+BIG = slice(23, 87)  # the 64-row step: sequence 1's turn (23-62), sequence 2's tokens (63-86)
+
+
+def test_a_step_of_64_rows_mixing_sequences_takes_the_runs_as_close_to_attention_without_flash(
+        steps: dict[str, np.ndarray]) -> None:
+    """llama.cpp's tiled path would compute every cell for every row and head; the runs see their own."""
+    patched, stock, exact = steps["patched"][BIG], steps["stock"][BIG], steps["exact"][BIG]
+    assert not np.array_equal(patched, stock)  # the runs path ran
+    ours, theirs = np.abs(patched - exact).max(axis=1), np.abs(stock - exact).max(axis=1)
+    assert ours.max() <= max(2 * theirs.max(), 0.05), (ours, theirs)
+    assert np.mean(ours) <= 1.5 * np.mean(theirs) + 0.01, (ours, theirs)
 
 
 def test_a_turns_rows_are_as_close_to_attention_without_flash_as_stock_flash_attention(
