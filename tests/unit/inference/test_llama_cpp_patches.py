@@ -70,6 +70,17 @@ out += step([(0, n + len(turn) - 1, turn[-1], True)])
 # by 256 or more: the runs path takes it, not llama.cpp's tiled one
 out += step([(1, n + 1 + j, t, True) for j, t in enumerate(tokens[10:50])]
             + [(2, 65 + j, t, True) for j, t in enumerate(tokens[70:94])])
+# one-token steps with 512 cells or more (llama.cpp's split path, which Parley's patch gives each
+# thread's visible cells once for all heads): a 320-token history of sequence 0 in steps of 256 and
+# 64 rows (alone in the cache: the tiled path, patched or not), then sequence 1 token by token
+for s_ in range(3):
+    llama_cpp.llama_memory_seq_rm(memory, s_, -1, -1)
+history = (tokens * 3)[:320]
+step([(0, i, t, False) for i, t in enumerate(history[:256])])
+step([(0, 256 + i, t, False) for i, t in enumerate(history[256:])])
+for i, t in enumerate(turn[:8]):
+    out += step([(1, i, t, True)])
+out += step([(0, 320, turn[0], True)])
 np.save(sys.argv[1], np.array(out))
 '''
 
@@ -125,6 +136,12 @@ def test_a_step_of_64_rows_mixing_sequences_takes_the_runs_as_close_to_attention
     ours, theirs = np.abs(patched - exact).max(axis=1), np.abs(stock - exact).max(axis=1)
     assert ours.max() <= max(2 * theirs.max(), 0.05), (ours, theirs)
     assert np.mean(ours) <= 1.5 * np.mean(theirs) + 0.01, (ours, theirs)
+
+
+def test_one_token_steps_beside_many_cells_are_computed_as_before(steps: dict[str, np.ndarray]) -> None:
+    """The split path visits only the cells a row sees, listed once per thread: the same bits."""
+    assert len(steps["patched"]) == 96
+    assert np.array_equal(steps["patched"][87:96], steps["stock"][87:96])
 
 
 def test_a_turns_rows_are_as_close_to_attention_without_flash_as_stock_flash_attention(
