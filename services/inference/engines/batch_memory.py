@@ -31,11 +31,14 @@ if TYPE_CHECKING:
 
 MIN_SHARED_PREFIX = 8  # fewer shared tokens than this are cheaper to evaluate than to copy
 MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
-# Every decoded token attends over the cells up to the highest one in use, whichever sequence holds
-# them (llama.cpp masks the others, which still costs): measured on 2 cores, 8,000 cells held by
-# idle conversations slowed a single stream from ~110 to ~87 tok/s. Idle conversations beyond this
-# many cells are parked in host RAM, from where their next turn restores them in milliseconds.
-WARM_IDLE_CELLS = 512
+# Every step's mask covers the cells up to the highest one in use, whichever sequence holds them.
+# Stock llama.cpp reads the mask of each of them per query head (8,000 cells held by idle
+# conversations slowed a single stream from ~110 to ~87 tok/s on 2 cores); with Parley's patch a
+# step's rows visit only the cells they see, and one-token steps measured 7.8-8.6 ms with none idle,
+# 8.1-10.0 ms beside 4,000 and 9.4-10.1 ms beside 8,000. Parking costs the decode thread a copy of
+# the state (~5 ms for 200 tokens) and the next turn a restore, so idle conversations are parked in
+# host RAM only beyond this many cells, from where their next turn restores them in milliseconds.
+WARM_IDLE_CELLS = 4096
 PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
 SAVE_AFTER_SECONDS = 2.0  # an idle conversation is saved to disk once nothing has run for this long
 
@@ -169,15 +172,15 @@ class SequenceMemory:
             self._save(seq)
 
     def _park_idle(self) -> None:
-        """Parks the least recently used conversations idle for PARK_AFTER_SECONDS while idle ones
-        hold more than WARM_IDLE_CELLS cells (only when there is a host store to park them in)."""
+        """Parks the least recently used conversation idle for PARK_AFTER_SECONDS if idle ones hold
+        more than WARM_IDLE_CELLS cells (only when there is a host store to park it in). One a step:
+        each costs the running choices a copy of its state, and a round of conversations that ended
+        together must not stall the next round's first step by the sum of them."""
         if self._host.budget <= 0:
             return
-        idle = sorted((s for s in self._sequences if not s.busy and s.tokens), key=lambda s: s.last_used)
-        held = sum(len(s.tokens) for s in idle)
-        quiet_since = time.monotonic() - PARK_AFTER_SECONDS
-        for seq in idle:
-            if held <= WARM_IDLE_CELLS or seq.last_used > quiet_since:
-                break
-            held -= len(seq.tokens)
-            self._clear(seq)
+        idle = [s for s in self._sequences if not s.busy and s.tokens]
+        if sum(len(s.tokens) for s in idle) <= WARM_IDLE_CELLS:
+            return
+        oldest = min(idle, key=lambda s: s.last_used)
+        if oldest.last_used <= time.monotonic() - PARK_AFTER_SECONDS:
+            self._clear(oldest)

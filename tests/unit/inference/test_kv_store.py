@@ -129,10 +129,10 @@ def test_a_damaged_file_is_ignored_and_deleted(directory: Path, damage: str) -> 
 WRITER_KILLED_MID_WRITE = """
 import os, sys, time
 from services.inference.engines.kv_store import DiskKvStore
-def stall(fd):
+def stall(*args):
     print("writing", flush=True)
     time.sleep(60)
-os.fsync = stall  # the file is written but not yet renamed into place when the process dies
+os.replace = stall  # the file is written but not yet renamed into place when the process dies
 store = DiskKvStore(sys.argv[1], 2**30, "fp")
 store.save(list(range(100, 200)), bytearray(b"x") * 2**20)
 time.sleep(60)
@@ -199,3 +199,19 @@ def test_the_fingerprint_changes_with_the_model_file_and_the_context(tmp_path: P
     assert kv_store.fingerprint(str(model), n_ctx=4096, type_k=8) != first
     os.utime(model, ns=(1, 1))  # the same name and size, rewritten
     assert kv_store.fingerprint(str(model), n_ctx=4096, type_k=1) != first
+
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux's")
+def test_the_writer_yields_the_cpu_to_decoding(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = DiskKvStore(directory, 2**20, "fp")
+    writing, done = threading.Event(), threading.Event()
+    real_write = store._write
+    monkeypatch.setattr(store, "_write", lambda *args: (writing.set(), done.wait(), real_write(*args)))
+    assert store.save(tokens(1), state(1))
+    assert writing.wait(10)
+    assert os.getpriority(os.PRIO_PROCESS, store._writer.native_id) == 19  # the lowest
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0  # this thread's is its own
+    done.set()
+    store.close(timeout=10)
+    assert store.stats["written"] == 1
