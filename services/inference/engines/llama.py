@@ -31,11 +31,11 @@ from services.inference.models.hardware import EngineSettings
 log = logging.getLogger("parley.engine")
 
 
-def llama_cpp_patches() -> dict[str, bool]:
+def llama_cpp_patches() -> dict[str, int]:
     """Parley's patches to llama.cpp (patches/llama.cpp/, built by tools/patched_llama_cpp.py) that the
-    llama.cpp in use carries, each with whether its path is compiled in on this CPU: `fa_runs`, flash
-    attention for short steps over a long KV cache; `q4_1_tiles`, Q4_1 weights times several tokens
-    (x86 with AVX-512 only). Empty for a stock build."""
+    llama.cpp in use carries, each with what of it is compiled in for this CPU: `fa_runs`, flash
+    attention for short steps over a long KV cache (1); `q4_1_tiles`, Q4_1 weights times several
+    tokens: the widest kernel (512: AVX-512, 256: AVX2, 0: none, not x86). Empty for a stock build."""
     import llama_cpp
 
     for path in sorted((Path(llama_cpp.__file__).parent / "lib").glob("*ggml-cpu*")):
@@ -48,7 +48,7 @@ def llama_cpp_patches() -> dict[str, bool]:
             marker = getattr(lib, f"ggml_cpu_parley_{name}", None)
             if marker is not None:
                 marker.restype = ctypes.c_int
-                found[name] = bool(marker())
+                found[name] = int(marker())
         return found
     return {}
 

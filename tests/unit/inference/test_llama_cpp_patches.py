@@ -1,6 +1,7 @@
 """Parley's patches to llama.cpp (patches/llama.cpp/): the installed build carries them; the flash
 attention path for short steps computes what flash attention computes without it, the same whatever
-rows share a step; the Q4_1 tiles compute every logit bit for bit as llama.cpp's own dot product.
+rows share a step; the Q4_1 tiles (AVX-512 and AVX2 kernels) compute every logit bit for bit as
+llama.cpp's own dot product.
 
 Each check runs one step in a child process, because llama.cpp reads GGML_FA_RUNS and
 GGML_Q4_1_TILES once per process: a conversation of real text, two more sequences (one sharing its
@@ -97,23 +98,26 @@ def test_the_installed_llama_cpp_carries_parleys_patches() -> None:
     patches = llama_cpp_patches()
     assert set(patches) == {"fa_runs", "q4_1_tiles"}, "llama-cpp-python was not built by tools/patched_llama_cpp.py"
     assert patches["fa_runs"]
-    avx512 = {"avx512f", "avx512bw", "avx512vl", "f16c", "fma"} <= set(Path("/proc/cpuinfo").read_text().split())
-    assert patches["q4_1_tiles"] == avx512  # built for this CPU (GGML_NATIVE)
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    avx2, avx512 = {"avx2", "f16c", "fma"} <= flags, {"avx512f", "avx512bw", "avx512vl"} <= flags
+    assert patches["q4_1_tiles"] == (512 if avx2 and avx512 else 256 if avx2 else 0)  # built for this CPU (GGML_NATIVE)
 
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     tmp = tmp_path_factory.mktemp("attention")
     return {"patched": logits(tmp, "on", "1"), "stock": logits(tmp, "on", "0"), "exact": logits(tmp, "off", "1"),
-            "untiled": logits(tmp, "on", "1", tiles="0")}
+            "untiled": logits(tmp, "on", "1", tiles="0"), "avx2": logits(tmp, "on", "1", tiles="256")}
 
 
 def test_q4_1_tiles_compute_every_logit_as_llama_cpps_dot_product(steps: dict[str, np.ndarray]) -> None:
     """The bundled model's weights are Q4_1: the 20-token turn, both lone rows and the 128-token
-    prefill before them went through the tiles, or through ggml_vec_dot_q4_1_q8_1 with them off."""
+    prefill before them went through the tiles, or through ggml_vec_dot_q4_1_q8_1 with them off;
+    GGML_Q4_1_TILES=256 takes the AVX2 kernel (what builds for CPUs without AVX-512 run)."""
     if not llama_cpp_patches().get("q4_1_tiles"):
-        pytest.skip("the Q4_1 tiles are compiled for x86 with AVX-512 only")
+        pytest.skip("the Q4_1 tiles are compiled for x86 with AVX2 (and AVX-512) only")
     assert np.array_equal(steps["patched"], steps["untiled"])
+    assert np.array_equal(steps["avx2"], steps["untiled"])
 
 
 def test_lone_decoding_rows_are_computed_as_before(steps: dict[str, np.ndarray]) -> None:
