@@ -120,8 +120,8 @@ def test_errors_are_the_sdks_typed_errors(stack: Stack, client: anthropic.Anthro
             model=MODEL, max_tokens=4, messages=ASK)
     assert caught.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
     with pytest.raises(anthropic.NotFoundError) as caught:
-        create(client, model="claude-sonnet-4-5")
-    assert "claude-sonnet-4-5" in caught.value.message
+        create(client, model="claude-not-served-here")
+    assert "claude-not-served-here" in caught.value.message
     with pytest.raises(anthropic.BadRequestError) as caught:
         create(client, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
