@@ -31,14 +31,14 @@ if TYPE_CHECKING:
 
 MIN_SHARED_PREFIX = 8  # fewer shared tokens than this are cheaper to evaluate than to copy
 MIN_PARKED_TOKENS = 32  # shorter sequences are not worth parking in host RAM
-# Every step's mask covers the cells up to the highest one in use, whichever sequence holds them.
-# Stock llama.cpp reads the mask of each of them per query head (8,000 cells held by idle
-# conversations slowed a single stream from ~110 to ~87 tok/s on 2 cores); with Parley's patch a
-# step's rows visit only the cells they see, and one-token steps measured 7.8-8.6 ms with none idle,
-# 8.1-10.0 ms beside 4,000 and 9.4-10.1 ms beside 8,000. Parking costs the decode thread a copy of
-# the state (~5 ms for 200 tokens) and the next turn a restore, so idle conversations are parked in
-# host RAM only beyond this many cells, from where their next turn restores them in milliseconds.
-WARM_IDLE_CELLS = 4096
+# Every decoded token attends over the cells up to the highest one in use, whichever sequence holds
+# them (llama.cpp masks the others, which still costs): measured on 2 cores, 8,000 cells held by
+# idle conversations slowed a single stream from ~110 to ~87 tok/s. Parley's patch to llama.cpp
+# (rows visit only the cells they see) leaves less of that, not all: after a 60-turn conversation,
+# 1, 4 and 8 streams ran at 80, 110 and 170 tok/s with its ~3,500 cells kept warm, against 89, 123
+# and 192 with it parked. Idle conversations beyond this many cells are parked in host RAM, from
+# where their next turn restores them in milliseconds.
+WARM_IDLE_CELLS = 512
 PARK_AFTER_SECONDS = 1.0  # a conversation between two quick turns stays where it is
 SAVE_AFTER_SECONDS = 2.0  # an idle conversation is saved to disk once nothing has run for this long
 
