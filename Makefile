@@ -103,12 +103,13 @@ lint-protos: $(BUF) $(GENERATED)
 # libraries, so the binary stands alone.
 PEER_DIR ?= $(HOME)/.cache/parley-peer
 LLAMA_SERVER_BIN := $(PEER_DIR)/llama-server
-LLAMA_SDIST := llama_cpp_python-0.3.36
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements/base.txt)
+LLAMA_SDIST := llama_cpp_python-$(LLAMA_VERSION)
 # The sdist is test data too: real models' chat templates and llama.cpp's expected parses (tests/llama_sdist.py).
 LLAMA_SDIST_FILE := $(PEER_DIR)/$(LLAMA_SDIST).tar.gz
 $(LLAMA_SDIST_FILE): | $(INSTALLED)
 	mkdir -p $(PEER_DIR)
-	$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(PEER_DIR) llama-cpp-python==0.3.36
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(PEER_DIR) llama-cpp-python==$(LLAMA_VERSION)
 
 $(LLAMA_SERVER_BIN): | $(LLAMA_SDIST_FILE)
 	rm -rf $(PEER_DIR)/build-src && mkdir -p $(PEER_DIR)/build-src

@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from inference_bench import ADMIN_PASSWORD, api_key, find_llama_server, stack_environment  # noqa: E402
 from services.inference.models.registry import BUNDLED, CatalogueEntry  # noqa: E402
 from services.stack import Stack, free_port  # noqa: E402
+from tools.patched_llama_cpp import SDIST as SDIST_NAME  # noqa: E402
 
-SDIST = Path(os.environ.get("PARLEY_LLAMA_SDIST") or Path.home() / ".cache/parley-peer/llama_cpp_python-0.3.36.tar.gz")
-TEMPLATES = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/"
+SDIST = Path(os.environ.get("PARLEY_LLAMA_SDIST") or Path.home() / f".cache/parley-peer/{SDIST_NAME}.tar.gz")
+TEMPLATES = f"{SDIST_NAME}/vendor/llama.cpp/models/templates/"
 FAMILIES = {
     "hermes2": "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja",
     "hermes3": "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja",

@@ -90,7 +90,8 @@ MAX_TOKENS = 96
 SPECULATIVE = "ngram-mod"  # llama-server's draft-free speculative decoding, the third column
 DEFAULT_LLAMA_SERVER = Path("/root/.cache/parley-peer/llama-server")
 BUILD_LLAMA_SERVER = (
-    "pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:, unpack it, then in vendor/llama.cpp: "
+    "make llama-server, or by hand: pip download llama-cpp-python==<the version in requirements/base.txt> "
+    "--no-deps --no-binary :all:, unpack it, then in vendor/llama.cpp: "
     "cmake -B build -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release && "
     "cmake --build build --target llama-server -j2 (see docs/benchmarks.md)"
 )

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.llama_server import CACHE
+from tools.patched_llama_cpp import SDIST  # the version pinned in requirements/base.txt
 
-SDIST = "llama_cpp_python-0.3.36"
 TEMPLATES = f"{SDIST}/vendor/llama.cpp/models/templates/"
 
 
