@@ -23,9 +23,9 @@ renamed into place once complete, so no reader ever sees half of one; a file tha
 long, or whose header or checksum does not match is deleted when found. Files are not fsynced: the
 checksum already keeps a file that a crash of the machine cut short from being read back, and on
 a VM's disk an fsync took ~30 ms of CPU per 4.6 MB state, taken from decoding on a small machine
-(what a crash loses is a cache). The writer runs at the lowest CPU priority for the same reason. Least recently used (file
-modification time, touched on every load) goes first when the files exceed the budget; a state whose
-tokens extend another's replaces it. Each store indexes the directory when it opens and again every
+(what a crash loses is a cache). The writer runs at the lowest CPU priority for the same reason.
+Least recently used (file modification time, touched on every load) goes first when the files
+exceed the budget; a state whose tokens extend another's replaces it. Each store indexes the directory when it opens and again every
 RESCAN_SECONDS, which is how one replica finds what another wrote.
 """
 

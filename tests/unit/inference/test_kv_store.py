@@ -201,7 +201,6 @@ def test_the_fingerprint_changes_with_the_model_file_and_the_context(tmp_path: P
     assert kv_store.fingerprint(str(model), n_ctx=4096, type_k=1) != first
 
 
-
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux's")
 def test_the_writer_yields_the_cpu_to_decoding(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
